@@ -1,1 +1,211 @@
+//! The layout shared by the kernel observers (fwmark-trace-ebpf) and the daemon (fwmark-trace):
+//! where a mark was seen (`Point`), what the kernel reports (`Event`), per-packet state
+//! (`PacketState`) and the load-time configuration (`Config`). Defined once, `#[repr(C)]`,
+//! plain integers only, so both sides agree byte for byte.
 #![no_std]
+
+/// Which family of kernel observation point produced an event.
+pub mod layer {
+    /// No earlier observation (the packet's first sight).
+    pub const NONE: u8 = 0;
+    /// A tcx program (`hook` = `tc_dir::*`, `slot` = `tc_slot::*`).
+    pub const TC: u8 = 1;
+    /// A BPF netfilter link (`hook` = NF_INET_* number, `family` = NFPROTO_*, `slot` = priority slot).
+    pub const NETFILTER: u8 = 2;
+    /// A tp_btf tracepoint (`hook` = `tracepoint::*`).
+    pub const TRACEPOINT: u8 = 3;
+    /// The mark the packet was born with: its socket's SO_MARK (`sk_mark` equals the mark).
+    pub const SOCKET: u8 = 4;
+}
+
+/// tc direction (`Point::hook` when `layer == TC`).
+pub mod tc_dir {
+    pub const INGRESS: u8 = 0;
+    pub const EGRESS: u8 = 1;
+}
+
+/// Position in the tcx chain (`Point::slot` when `layer == TC`).
+pub mod tc_slot {
+    pub const FIRST: u8 = 0;
+    pub const LAST: u8 = 1;
+}
+
+/// Tracepoints observed (`Point::hook` when `layer == TRACEPOINT`).
+pub mod tracepoint {
+    pub const NETIF_RECEIVE_SKB: u8 = 0;
+    pub const NET_DEV_QUEUE: u8 = 1;
+    pub const KFREE_SKB: u8 = 2;
+    pub const CONSUME_SKB: u8 = 3;
+}
+
+/// Netfilter priority slots: one eBPF program per slot, linked at one priority per
+/// (family, hook); the daemon keeps the slot → priority table. Slot 0 is the first priority
+/// (INT_MIN + 1), slot 1 the last (INT_MAX - 1), the others split the hook into bands.
+pub const NF_SLOTS: usize = 10;
+pub const NF_SLOT_FIRST: u8 = 0;
+pub const NF_SLOT_LAST: u8 = 1;
+
+/// What an event reports (`Event::kind`).
+pub mod kind {
+    /// The mark (or conntrack mark) differs from the previous observation of the packet.
+    pub const TRANSITION: u8 = 1;
+    /// The kernel freed the packet with a drop reason (`kfree_skb`).
+    pub const DROP: u8 = 2;
+    /// Full-path mode: first sight of a packet.
+    pub const FIRST_SEEN: u8 = 3;
+    /// Full-path mode: an observation with no change.
+    pub const OBSERVE: u8 = 4;
+    /// Full-path mode: the packet's normal end of life (`consume_skb`).
+    pub const CONSUME: u8 = 5;
+}
+
+/// An observation point. `slot` and `hook` are interpreted per `layer` (see the modules above).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Point {
+    pub layer: u8,
+    pub hook: u8,
+    pub slot: u8,
+    /// NFPROTO_IPV4 (2) / NFPROTO_IPV6 (10) for netfilter points, else 0.
+    pub family: u8,
+    pub ifindex: u32,
+    /// Network namespace inode number (`net->ns.inum`), 0 when unknown.
+    pub netns: u32,
+}
+
+/// One record in the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Event {
+    pub ts_ns: u64,
+    pub packet_id: u64,
+    /// Where the packet is now, and where it was last observed before.
+    pub at: Point,
+    pub prev: Point,
+    pub old_mark: u32,
+    pub new_mark: u32,
+    pub old_ct_mark: u32,
+    pub new_ct_mark: u32,
+    /// `enum skb_drop_reason` value (names come from kernel BTF), for `kind::DROP`.
+    pub drop_reason: u32,
+    pub kind: u8,
+    /// Bit 0: a conntrack entry is attached now; bit 1: it was attached at `prev`.
+    pub ct_flags: u8,
+    /// `enum ip_conntrack_info` (low 3 bits of `skb->_nfct`): direction and state.
+    pub ct_info: u8,
+    /// 4 or 6 when the IP header was read, 0 otherwise.
+    pub ip_version: u8,
+    pub l4_proto: u8,
+    pub _pad: [u8; 3],
+    pub sport: u16,
+    pub dport: u16,
+    /// IPv4 addresses use the first 4 bytes.
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+pub const CT_NOW: u8 = 1;
+pub const CT_BEFORE: u8 = 2;
+
+/// Per-packet state, keyed by the `struct sk_buff *` value in an LRU hash map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PacketState {
+    pub packet_id: u64,
+    /// `skb->head` when the state was created: a recycled `sk_buff` with another buffer is
+    /// treated as a new packet instead of a transition.
+    pub head: u64,
+    pub last: Point,
+    pub mark: u32,
+    pub ct_mark: u32,
+    pub ct_attached: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Kernel struct field offsets, read from /sys/kernel/btf/vmlinux at start-up.
+/// `u32::MAX` marks a field this kernel lacks (the observer then skips what needs it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Offsets {
+    pub skb_mark: u32,
+    pub skb_nfct: u32,
+    pub skb_dev: u32,
+    pub skb_sk: u32,
+    pub skb_head: u32,
+    pub skb_data: u32,
+    pub skb_network_header: u32,
+    pub skb_protocol: u32,
+    pub dev_ifindex: u32,
+    pub dev_nd_net: u32,
+    pub net_ns_inum: u32,
+    pub nf_conn_mark: u32,
+    pub sock_sk_mark: u32,
+    pub nf_state_hook: u32,
+    pub nf_state_pf: u32,
+    pub nf_state_in: u32,
+    pub nf_state_out: u32,
+    pub nf_state_net: u32,
+}
+
+pub const OFFSET_MISSING: u32 = u32::MAX;
+
+/// Load-time configuration of the observers (a `.rodata` global, frozen once loaded).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    pub offsets: Offsets,
+    /// Emit only events whose old or new mark satisfies `mark & mask == value` (mask 0: all).
+    pub mark_value: u32,
+    pub mark_mask: u32,
+    /// Emit only events in this network namespace (inode number; 0: all).
+    pub netns: u32,
+    /// Non-zero: emit only events whose interface is in the `IFACES` map.
+    pub iface_filter: u32,
+    /// Non-zero: emit every observation (first sight, unchanged points, end of life).
+    pub full_path: u32,
+}
+
+impl Config {
+    pub const ZERO: Config = Config {
+        offsets: Offsets {
+            skb_mark: OFFSET_MISSING,
+            skb_nfct: OFFSET_MISSING,
+            skb_dev: OFFSET_MISSING,
+            skb_sk: OFFSET_MISSING,
+            skb_head: OFFSET_MISSING,
+            skb_data: OFFSET_MISSING,
+            skb_network_header: OFFSET_MISSING,
+            skb_protocol: OFFSET_MISSING,
+            dev_ifindex: OFFSET_MISSING,
+            dev_nd_net: OFFSET_MISSING,
+            net_ns_inum: OFFSET_MISSING,
+            nf_conn_mark: OFFSET_MISSING,
+            sock_sk_mark: OFFSET_MISSING,
+            nf_state_hook: OFFSET_MISSING,
+            nf_state_pf: OFFSET_MISSING,
+            nf_state_in: OFFSET_MISSING,
+            nf_state_out: OFFSET_MISSING,
+            nf_state_net: OFFSET_MISSING,
+        },
+        mark_value: 0,
+        mark_mask: 0,
+        netns: 0,
+        iface_filter: 0,
+        full_path: 0,
+    };
+}
+
+/// Map and global names, shared so neither side spells them twice.
+pub const MAP_EVENTS: &str = "EVENTS";
+pub const MAP_LOST: &str = "LOST";
+pub const MAP_IFACES: &str = "IFACES";
+pub const GLOBAL_CONFIG: &str = "CONFIG";
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are #[repr(C)] structs of integers with explicit padding fields.
+    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::PacketState {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::Point {}
+}

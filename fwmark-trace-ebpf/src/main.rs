@@ -1,7 +1,211 @@
+//! fwmark-trace's kernel observers. Every program reduces to `observe::observe(skb, site)`;
+//! they differ only in how they find the `sk_buff` and describe where they are, which the
+//! macros below turn into data (no per-hook copies):
+//! - tcx: first and last in the ingress and egress chains (the context pointer *is* the skb);
+//! - netfilter: one program per priority slot, linked on every hook of IPv4 and IPv6 by the
+//!   daemon itself (aya 0.14 has no netfilter program type), hook and family read from
+//!   `nf_hook_state`;
+//! - tp_btf: netif_receive_skb, net_dev_queue, kfree_skb (drop reason), consume_skb.
 #![no_std]
 #![no_main]
+
+mod observe;
+mod skb;
+
+use aya_ebpf::{
+    bindings::__sk_buff,
+    macros::{btf_tracepoint, map},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::BtfTracePointContext,
+};
+use fwmark_trace_common::{layer, tc_dir, tc_slot, tracepoint, Config, PacketState, Point};
+use observe::{End, Site};
+use skb::read;
+
+#[unsafe(no_mangle)]
+static CONFIG: Config = Config::ZERO;
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+#[map]
+static PACKETS: LruHashMap<u64, PacketState> = LruHashMap::with_max_entries(65536, 0);
+
+/// Events the ring buffer had no room for.
+#[map]
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU packet id counter.
+#[map]
+static SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Interfaces to report when `Config::iface_filter` is set (ifindex → 1).
+#[map]
+static IFACES: HashMap<u32, u8> = HashMap::with_max_entries(256, 0);
+
+/// A point on the skb's device (tc and tracepoints).
+#[inline(always)]
+fn dev_point(skb: u64, layer: u8, hook: u8, slot: u8) -> Point {
+    let off = &observe::config().offsets;
+    let (ifindex, netns) = skb::dev_ids(read(skb, off.skb_dev), off);
+    Point {
+        layer,
+        hook,
+        slot,
+        family: 0,
+        ifindex,
+        netns,
+    }
+}
+
+// ---- tcx ----------------------------------------------------------------------------------
+
+/// Return value that hands the packet to the next program in the tcx chain.
+const TCX_NEXT: i32 = -1;
+
+macro_rules! tc_observer {
+    ($name:ident, $dir:expr, $slot:expr) => {
+        #[unsafe(no_mangle)]
+        #[unsafe(link_section = "classifier")]
+        pub fn $name(ctx: *mut __sk_buff) -> i32 {
+            let skb = ctx as u64;
+            let site = Site {
+                at: dev_point(skb, layer::TC, $dir, $slot),
+                l3_at_data: false,
+                end: None,
+            };
+            observe::observe(skb, &site);
+            TCX_NEXT
+        }
+    };
+}
+
+tc_observer!(fwm_tc_in_first, tc_dir::INGRESS, tc_slot::FIRST);
+tc_observer!(fwm_tc_in_last, tc_dir::INGRESS, tc_slot::LAST);
+tc_observer!(fwm_tc_eg_first, tc_dir::EGRESS, tc_slot::FIRST);
+tc_observer!(fwm_tc_eg_last, tc_dir::EGRESS, tc_slot::LAST);
+
+// ---- netfilter ----------------------------------------------------------------------------
+
+/// `struct bpf_nf_ctx` (UAPI-stable layout: two pointers).
+#[repr(C)]
+pub struct NfCtx {
+    state: u64,
+    skb: u64,
+}
+
+const NF_ACCEPT: i32 = 1;
+const NF_INET_PRE_ROUTING: u8 = 0;
+const NF_INET_LOCAL_IN: u8 = 1;
+const NF_INET_FORWARD: u8 = 2;
+
+#[inline(always)]
+fn nf_observe(ctx: *const NfCtx, slot: u8) -> i32 {
+    let ctx = unsafe { &*ctx };
+    let off = &observe::config().offsets;
+    let hook: u8 = read(ctx.state, off.nf_state_hook);
+    // Report the device the packet arrived on before routing, and the one it leaves by after.
+    let dev: u64 = match hook {
+        NF_INET_PRE_ROUTING | NF_INET_LOCAL_IN | NF_INET_FORWARD => {
+            read(ctx.state, off.nf_state_in)
+        }
+        _ => read(ctx.state, off.nf_state_out),
+    };
+    let net: u64 = read(ctx.state, off.nf_state_net);
+    let site = Site {
+        at: Point {
+            layer: layer::NETFILTER,
+            hook,
+            slot,
+            family: read(ctx.state, off.nf_state_pf),
+            ifindex: read(dev, off.dev_ifindex),
+            netns: read(net, off.net_ns_inum),
+        },
+        l3_at_data: false,
+        end: None,
+    };
+    observe::observe(ctx.skb, &site);
+    NF_ACCEPT
+}
+
+// Section name: aya's ELF parser must accept it (it is loaded by the daemon, not by aya).
+macro_rules! nf_observers {
+    ($($name:ident = $slot:expr),* $(,)?) => {$(
+        #[unsafe(no_mangle)]
+        #[unsafe(link_section = "classifier")]
+        pub fn $name(ctx: *const NfCtx) -> i32 {
+            nf_observe(ctx, $slot)
+        }
+    )*};
+}
+
+nf_observers!(
+    fwm_nf_0 = 0,
+    fwm_nf_1 = 1,
+    fwm_nf_2 = 2,
+    fwm_nf_3 = 3,
+    fwm_nf_4 = 4,
+    fwm_nf_5 = 5,
+    fwm_nf_6 = 6,
+    fwm_nf_7 = 7,
+    fwm_nf_8 = 8,
+    fwm_nf_9 = 9,
+);
+const _: () = assert!(fwmark_trace_common::NF_SLOTS == 10);
+
+// ---- tracepoints --------------------------------------------------------------------------
+
+macro_rules! tp_observer {
+    ($name:ident, $tp:literal, $id:expr, |$ctx:ident| $end:expr, $l3_at_data:expr) => {
+        #[btf_tracepoint(function = $tp)]
+        pub fn $name($ctx: BtfTracePointContext) -> i32 {
+            let skb: u64 = $ctx.arg::<*const u8>(0) as u64;
+            let site = Site {
+                at: dev_point(skb, layer::TRACEPOINT, $id, 0),
+                l3_at_data: $l3_at_data,
+                end: $end,
+            };
+            observe::observe(skb, &site);
+            0
+        }
+    };
+}
+
+tp_observer!(
+    fwm_rx,
+    "netif_receive_skb",
+    tracepoint::NETIF_RECEIVE_SKB,
+    |ctx| None,
+    true
+);
+tp_observer!(
+    fwm_dev_queue,
+    "net_dev_queue",
+    tracepoint::NET_DEV_QUEUE,
+    |ctx| None,
+    false
+);
+// kfree_skb(skb, location, enum skb_drop_reason reason, rx_sk)
+tp_observer!(
+    fwm_kfree,
+    "kfree_skb",
+    tracepoint::KFREE_SKB,
+    |ctx| Some(End::Drop(ctx.arg::<u64>(2) as u32)),
+    false
+);
+tp_observer!(
+    fwm_consume,
+    "consume_skb",
+    tracepoint::CONSUME_SKB,
+    |ctx| Some(End::Consume),
+    false
+);
 
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -4,3 +4,15 @@
 //! Data path, one module per arrow:
 //! kernel observers (`kernel`) → events (`events`) → tracking (`tracking`) →
 //! attribution (`registry`, `attribution`) → outputs (`output`).
+
+pub mod attribution;
+pub mod cli;
+pub mod demo;
+pub mod events;
+pub mod kernel;
+pub mod lab;
+pub mod netns;
+pub mod nodestate;
+pub mod output;
+pub mod trace;
+pub mod tracking;

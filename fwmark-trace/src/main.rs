@@ -1,1 +1,21 @@
-fn main() {}
+//! fwmark-trace command-line entry point: parse, dispatch, one clear error line on failure.
+use std::process::ExitCode;
+
+use clap::Parser;
+use fwmark_trace::{
+    cli::{Cli, Cmd},
+    demo, trace,
+};
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let res = match &cli.cmd {
+        Cmd::Trace(args) => trace::run(args, || {}).map(|_| ExitCode::SUCCESS),
+        Cmd::Demo(args) => demo::run(args).map(|_| ExitCode::SUCCESS),
+    };
+    res.unwrap_or_else(|err| {
+        eprintln!("fwmark-trace: error: {err:#}");
+        ExitCode::FAILURE
+    })
+}

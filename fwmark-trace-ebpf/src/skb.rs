@@ -1,0 +1,126 @@
+//! Reading `struct sk_buff` and friends from kernel memory. Offsets come from the daemon
+//! (kernel BTF, `Config::offsets`), so nothing here is tied to one kernel build; every read goes
+//! through `bpf_probe_read_kernel`, which the verifier accepts from tc, netfilter and tracing
+//! programs alike.
+use aya_ebpf::helpers::bpf_probe_read_kernel;
+use fwmark_trace_common::{Event, Offsets, OFFSET_MISSING};
+
+/// Reads a `T` at `base + off`; 0 (as `T::default()`) when the field is missing or unreadable.
+#[inline(always)]
+pub fn read<T: Copy + Default>(base: u64, off: u32) -> T {
+    if base == 0 || off == OFFSET_MISSING {
+        return T::default();
+    }
+    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }.unwrap_or_default()
+}
+
+/// The conntrack state attached to a packet.
+pub struct Ct {
+    pub attached: bool,
+    pub mark: u32,
+    pub info: u8,
+}
+
+/// `skb->_nfct` holds `struct nf_conn *` with `enum ip_conntrack_info` in its low 3 bits.
+#[inline(always)]
+pub fn conntrack(skb: u64, off: &Offsets) -> Ct {
+    let nfct: u64 = read(skb, off.skb_nfct);
+    let conn = nfct & !7;
+    Ct {
+        attached: conn != 0,
+        mark: read(conn, off.nf_conn_mark),
+        info: (nfct & 7) as u8,
+    }
+}
+
+/// `dev->ifindex` and `dev_net(dev)->ns.inum`.
+#[inline(always)]
+pub fn dev_ids(dev: u64, off: &Offsets) -> (u32, u32) {
+    let net: u64 = read(dev, off.dev_nd_net);
+    (read(dev, off.dev_ifindex), read(net, off.net_ns_inum))
+}
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Ipv4Hdr {
+    vihl: u8,
+    tos: u8,
+    tot_len: u16,
+    id: u16,
+    frag_off: u16,
+    ttl: u8,
+    proto: u8,
+    check: u16,
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Ipv6Hdr {
+    vtc_flow: u32,
+    payload_len: u16,
+    next: u8,
+    hop_limit: u8,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+}
+
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_SCTP: u8 = 132;
+
+/// Fills the 5-tuple of `ev`. `l3_at_data`: the IP header starts at `skb->data` (true at
+/// `netif_receive_skb`, before the stack resets the network header); elsewhere it is at
+/// `skb->head + skb->network_header`.
+#[inline(always)]
+pub fn fill_tuple(ev: &mut Event, skb: u64, off: &Offsets, l3_at_data: bool) {
+    let proto: u16 = u16::from_be(read(skb, off.skb_protocol));
+    let l3: u64 = if l3_at_data {
+        read(skb, off.skb_data)
+    } else {
+        let head: u64 = read(skb, off.skb_head);
+        let nh: u16 = read(skb, off.skb_network_header);
+        if head == 0 || nh == u16::MAX {
+            return;
+        }
+        head + nh as u64
+    };
+    if l3 == 0 {
+        return;
+    }
+    let l4 = match proto {
+        ETH_P_IP => {
+            let ip: Ipv4Hdr = read(l3, 0);
+            if ip.vihl >> 4 != 4 {
+                return;
+            }
+            ev.ip_version = 4;
+            ev.l4_proto = ip.proto;
+            ev.saddr[..4].copy_from_slice(&ip.saddr);
+            ev.daddr[..4].copy_from_slice(&ip.daddr);
+            // Only the first fragment carries ports.
+            if u16::from_be(ip.frag_off) & 0x1fff != 0 {
+                return;
+            }
+            l3 + ((ip.vihl & 0xf) as u64) * 4
+        }
+        ETH_P_IPV6 => {
+            let ip: Ipv6Hdr = read(l3, 0);
+            ev.ip_version = 6;
+            ev.l4_proto = ip.next;
+            ev.saddr = ip.saddr;
+            ev.daddr = ip.daddr;
+            l3 + 40
+        }
+        _ => return,
+    };
+    if matches!(ev.l4_proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+        let ports: [u16; 2] = read(l4, 0);
+        ev.sport = u16::from_be(ports[0]);
+        ev.dport = u16::from_be(ports[1]);
+    }
+}

@@ -1,0 +1,25 @@
+//! The command line: `trace` (live tracing), `demo` (a self-contained tour in throwaway
+//! namespaces) and `registry` (the owner registry).
+use clap::{Parser, Subcommand};
+
+use crate::{demo::DemoArgs, trace::TraceArgs};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fwmark-trace",
+    version,
+    about = "Trace Linux packet marks (skb->mark) across tc, netfilter, routing and sockets, and name who changed which bits."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Attach the observers and print every mark transition and drop.
+    Trace(TraceArgs),
+    /// Build two throwaway network namespaces with mark-changing rules, trace some traffic
+    /// through them, print the transitions and clean everything up.
+    Demo(DemoArgs),
+}

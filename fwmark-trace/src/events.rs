@@ -1,0 +1,302 @@
+//! Typed events: the kernel's raw `Event` record, decoded and named (points, segment, drop
+//! reason, 5-tuple, conntrack state). Outputs (human, JSON) are written once over these types.
+use std::{
+    collections::{HashMap, HashSet},
+    net::{Ipv4Addr, Ipv6Addr},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{bail, Result};
+use fwmark_trace_common::{kind, layer, Event, CT_BEFORE, CT_NOW};
+use serde::Serialize;
+
+use crate::{
+    attribution::Attribution,
+    tracking::segment::{PointInfo, Segment, Topology},
+};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TraceEvent {
+    /// Wall-clock time (RFC 3339, UTC).
+    pub time: String,
+    /// Kernel monotonic timestamp.
+    pub ts_ns: u64,
+    pub packet_id: u64,
+    pub kind: &'static str,
+    pub at: PointInfo,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segment: Option<Segment>,
+    pub mark: MarkChange,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ct_mark: Option<CtMark>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tuple: Option<Tuple>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drop_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<Attribution>,
+}
+
+/// Marks are shown as hex strings: every owner documents its bits in hex.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct MarkChange {
+    pub old: String,
+    pub new: String,
+    pub set: String,
+    pub cleared: String,
+}
+
+impl MarkChange {
+    pub fn new(old: u32, new: u32) -> Self {
+        Self {
+            old: hex(old),
+            new: hex(new),
+            set: hex(new & !old),
+            cleared: hex(old & !new),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CtMark {
+    pub old: String,
+    pub new: String,
+    pub changed: bool,
+    /// `enum ip_conntrack_info`: new, established, related, established_reply, related_reply.
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Tuple {
+    pub proto: String,
+    pub src: String,
+    pub sport: u16,
+    pub dst: String,
+    pub dport: u16,
+}
+
+pub fn hex(v: u32) -> String {
+    format!("{v:#x}")
+}
+
+/// Parses `VALUE[/MASK]` (hex with 0x, or decimal; no mask = all 32 bits).
+pub fn parse_mark(s: &str) -> Result<(u32, u32)> {
+    let num = |t: &str| -> Result<u32> {
+        let t = t.trim();
+        let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+            Some(h) => u32::from_str_radix(h, 16),
+            None => t.parse(),
+        };
+        parsed.map_err(|_| anyhow::anyhow!("{t:?} is not a 32-bit number (use 0x1234 or 4660)"))
+    };
+    let (v, m) = match s.split_once('/') {
+        Some((v, m)) => (num(v)?, num(m)?),
+        None => (num(s)?, u32::MAX),
+    };
+    if v & !m != 0 {
+        bail!("mark {v:#x} has bits outside its mask {m:#x}");
+    }
+    Ok((v, m))
+}
+
+fn kind_name(k: u8) -> &'static str {
+    match k {
+        kind::TRANSITION => "transition",
+        kind::DROP => "drop",
+        kind::FIRST_SEEN => "first_seen",
+        kind::OBSERVE => "observe",
+        kind::CONSUME => "consume",
+        _ => "unknown",
+    }
+}
+
+fn ct_state(info: u8) -> &'static str {
+    match info {
+        0 => "established",
+        1 => "related",
+        2 => "new",
+        3 => "established_reply",
+        4 => "related_reply",
+        7 => "untracked",
+        _ => "unknown",
+    }
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        58 => "icmpv6".into(),
+        132 => "sctp".into(),
+        n => n.to_string(),
+    }
+}
+
+pub fn tuple(ev: &Event) -> Option<Tuple> {
+    let (src, dst) = match ev.ip_version {
+        4 => {
+            let a = |b: &[u8; 16]| Ipv4Addr::new(b[0], b[1], b[2], b[3]).to_string();
+            (a(&ev.saddr), a(&ev.daddr))
+        }
+        6 => (
+            Ipv6Addr::from(ev.saddr).to_string(),
+            Ipv6Addr::from(ev.daddr).to_string(),
+        ),
+        _ => return None,
+    };
+    Some(Tuple {
+        proto: proto_name(ev.l4_proto),
+        src,
+        sport: ev.sport,
+        dst,
+        dport: ev.dport,
+    })
+}
+
+/// Turns raw records into `TraceEvent`s.
+pub struct Decoder {
+    pub topology: Topology,
+    pub drop_reasons: HashMap<u32, String>,
+    /// Wall clock minus CLOCK_MONOTONIC (what bpf_ktime_get_ns counts).
+    boot: SystemTime,
+    /// Packets whose "mark" is `reserved_tailroom` (see `kernel_tailroom`).
+    tailroom: HashSet<u64>,
+}
+
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_micros(t).to_string()
+}
+
+impl Decoder {
+    pub fn new(topology: Topology, drop_reasons: HashMap<u32, String>) -> Self {
+        let boot = SystemTime::now() - Duration::from_nanos(monotonic_ns());
+        Self {
+            topology,
+            drop_reasons,
+            boot,
+            tailroom: HashSet::new(),
+        }
+    }
+
+    pub fn wall_time(&self, ts_ns: u64) -> String {
+        rfc3339(self.boot + Duration::from_nanos(ts_ns))
+    }
+
+    /// IPv6 neighbour discovery and MLD build their packets with `skb->reserved_tailroom` set,
+    /// which shares its storage with `skb->mark` (a union in `struct sk_buff`): a value that
+    /// appears on a kernel-built ICMPv6 packet before any observer is not a mark.
+    fn kernel_tailroom(&mut self, ev: &Event) -> bool {
+        // MLD packets start with a hop-by-hop header (next header 0).
+        let icmp6 = ev.ip_version == 6 && matches!(ev.l4_proto, 0 | 58);
+        if icmp6 && ev.prev.layer == layer::NONE && ev.new_mark != 0 {
+            if self.tailroom.len() > 4096 {
+                self.tailroom.clear();
+            }
+            self.tailroom.insert(ev.packet_id);
+        }
+        icmp6 && self.tailroom.contains(&ev.packet_id)
+    }
+
+    pub fn decode(&mut self, ev: &Event) -> TraceEvent {
+        let changed = ev.old_mark != ev.new_mark
+            || (ev.ct_flags & (CT_NOW | CT_BEFORE) == CT_NOW | CT_BEFORE
+                && ev.old_ct_mark != ev.new_ct_mark);
+        let mut segment = (ev.kind == kind::TRANSITION || (ev.kind == kind::DROP && changed))
+            .then(|| self.topology.segment(&ev.prev, &ev.at));
+        if let Some(seg) = segment.as_mut().filter(|_| self.kernel_tailroom(ev)) {
+            seg.layer = "kernel";
+            seg.description = "kernel: ICMPv6 ND/MLD packet; skb->reserved_tailroom shares storage with skb->mark".into();
+        }
+        let ct_mark = (ev.ct_flags & CT_NOW != 0).then(|| CtMark {
+            old: hex(ev.old_ct_mark),
+            new: hex(ev.new_ct_mark),
+            changed: ev.ct_flags & CT_BEFORE != 0 && ev.old_ct_mark != ev.new_ct_mark,
+            state: ct_state(ev.ct_info),
+        });
+        TraceEvent {
+            time: self.wall_time(ev.ts_ns),
+            ts_ns: ev.ts_ns,
+            packet_id: ev.packet_id,
+            kind: kind_name(ev.kind),
+            at: self.topology.point(&ev.at),
+            segment,
+            mark: MarkChange::new(ev.old_mark, ev.new_mark),
+            ct_mark,
+            tuple: tuple(ev),
+            drop_reason: (ev.kind == kind::DROP).then(|| {
+                self.drop_reasons
+                    .get(&ev.drop_reason)
+                    .cloned()
+                    .unwrap_or_else(|| format!("reason {}", ev.drop_reason))
+            }),
+            attribution: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fwmark_trace_common::Point;
+
+    #[test]
+    fn mark_change_splits_bits() {
+        let m = MarkChange::new(0x4100, 0x4200);
+        assert_eq!((m.set.as_str(), m.cleared.as_str()), ("0x200", "0x100"));
+    }
+
+    #[test]
+    fn parse_mark_forms() {
+        assert_eq!(parse_mark("0x100").unwrap(), (0x100, u32::MAX));
+        assert_eq!(parse_mark("0x4000/0x4000").unwrap(), (0x4000, 0x4000));
+        assert_eq!(parse_mark("1337").unwrap(), (0x539, u32::MAX));
+        assert!(parse_mark("0x100/0xf").is_err());
+        assert!(parse_mark("zz").is_err());
+        assert!(parse_mark("0x1ffffffff").is_err());
+    }
+
+    #[test]
+    fn decodes_a_drop_with_tuple() {
+        let mut raw = Event {
+            kind: kind::DROP,
+            old_mark: 0x100,
+            new_mark: 0x100,
+            drop_reason: 6,
+            ip_version: 4,
+            l4_proto: 17,
+            sport: 40000,
+            dport: 9999,
+            at: Point {
+                layer: layer::TRACEPOINT,
+                hook: 2,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        raw.saddr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        raw.daddr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        let reasons = HashMap::from([(6, "NETFILTER_DROP".to_string())]);
+        let ev = Decoder::new(Topology::default(), reasons).decode(&raw);
+        assert_eq!(ev.kind, "drop");
+        assert_eq!(ev.drop_reason.as_deref(), Some("NETFILTER_DROP"));
+        assert!(ev.segment.is_none());
+        let t = ev.tuple.unwrap();
+        assert_eq!(
+            (t.proto.as_str(), t.src.as_str(), t.dport),
+            ("udp", "10.0.0.1", 9999)
+        );
+        let json = serde_json::to_value(&ev.mark).unwrap();
+        assert_eq!(json["new"], "0x100");
+    }
+}

@@ -1,0 +1,281 @@
+//! Loads the kernel object and attaches every observer: tp_btf tracepoints (aya), netfilter
+//! links (raw, see `netfilter.rs`) and tcx programs (see `tcx.rs`). An observation point that
+//! cannot attach is reported with the kernel's reason and the run goes on without it.
+use std::{collections::HashMap, os::fd::OwnedFd};
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::BtfTracePoint,
+    Btf, Ebpf, EbpfLoader,
+};
+use fwmark_trace_common::{
+    Config, GLOBAL_CONFIG, MAP_EVENTS, MAP_IFACES, MAP_LOST, OFFSET_MISSING,
+};
+
+use super::{
+    btf::{self, KernelBtf},
+    netfilter::{NfPrograms, NfSite},
+    tcx::{self, TcObservers},
+};
+use crate::nodestate::nft::{self, NfPlan};
+
+/// The kernel object built from fwmark-trace-ebpf (see build.rs).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fwmark-trace"));
+
+/// The tp_btf observers: (program, tracepoint).
+pub const TRACEPOINTS: [(&str, &str); 4] = [
+    ("fwm_rx", "netif_receive_skb"),
+    ("fwm_dev_queue", "net_dev_queue"),
+    ("fwm_kfree", "kfree_skb"),
+    ("fwm_consume", "consume_skb"),
+];
+
+pub struct Options {
+    pub mark: Option<(u32, u32)>,
+    /// Network namespace inode to report (0: all).
+    pub netns: u32,
+    pub ifaces: Option<Vec<String>>,
+    pub full_path: bool,
+    pub ring_bytes: u32,
+}
+
+/// One line of the start-up report.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AttachStatus {
+    pub point: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+pub struct Observers {
+    pub ebpf: Ebpf,
+    pub tc: Option<TcObservers>,
+    pub plan: NfPlan,
+    pub chains: Vec<nft::Chain>,
+    pub drop_reasons: HashMap<u32, String>,
+    pub report: Vec<AttachStatus>,
+    _nf_links: Vec<OwnedFd>,
+}
+
+fn offsets(k: &btf::Offsets) -> fwmark_trace_common::Offsets {
+    fwmark_trace_common::Offsets {
+        skb_mark: k.skb_mark,
+        skb_nfct: k.skb_nfct,
+        skb_dev: k.skb_dev,
+        skb_sk: k.skb_sk,
+        skb_head: k.skb_head,
+        skb_data: k.skb_data,
+        skb_network_header: k.skb_network_header,
+        skb_protocol: k.skb_protocol,
+        dev_ifindex: k.dev_ifindex,
+        dev_nd_net: k.dev_nd_net,
+        net_ns_inum: k.net_ns_inum,
+        nf_conn_mark: k.nf_conn_mark,
+        sock_sk_mark: k.sock_sk_mark,
+        nf_state_hook: k.nf_state_hook,
+        nf_state_pf: k.nf_state_pf,
+        nf_state_in: k.nf_state_in,
+        nf_state_out: k.nf_state_out,
+        nf_state_net: k.nf_state_net,
+    }
+}
+
+impl Observers {
+    /// Loads and attaches everything in the current network namespace (the caller has
+    /// entered the traced one). Fails only when nothing useful could be attached.
+    pub fn start(opts: &Options) -> Result<Self> {
+        if OBJECT.is_empty() {
+            bail!("this binary was built without its eBPF object (AYA_BUILD_SKIP); rebuild with `cargo xtask build`");
+        }
+        let kbtf = KernelBtf::load()
+            .context("reading kernel BTF from /sys/kernel/btf/vmlinux (kernel built without CONFIG_DEBUG_INFO_BTF?)")?;
+        let offs = btf::Offsets::from_btf(&kbtf).context("finding kernel struct offsets in BTF")?;
+        let drop_reasons = btf::drop_reason_names(&kbtf).unwrap_or_default();
+        let (mark_value, mark_mask) = opts.mark.unwrap_or((0, 0));
+        let config = Config {
+            offsets: offsets(&offs),
+            mark_value,
+            mark_mask,
+            netns: opts.netns,
+            iface_filter: opts.ifaces.is_some() as u32,
+            full_path: opts.full_path as u32,
+        };
+        debug_assert!(config.offsets.skb_mark != OFFSET_MISSING);
+        let aya_btf = Btf::from_sys_fs().context("reading kernel BTF for aya")?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&aya_btf))
+            .override_global(GLOBAL_CONFIG, &config, true)
+            .map_max_entries(MAP_EVENTS, opts.ring_bytes)
+            .load(OBJECT)
+            .context("loading the eBPF object (are you root?)")?;
+        if let Err(err) = aya_log::EbpfLogger::init(&mut ebpf) {
+            log::debug!("aya-log not active: {err}");
+        }
+
+        let mut report = Vec::new();
+        if let Some(names) = &opts.ifaces {
+            let present = tcx::list_interfaces()?;
+            let mut map: BpfHashMap<_, u32, u8> =
+                BpfHashMap::try_from(ebpf.map_mut(MAP_IFACES).context("IFACES map")?)?;
+            for name in names {
+                let (index, _) = present.iter().find(|(_, n)| n == name).with_context(|| {
+                    format!("interface {name} not found in the traced network namespace")
+                })?;
+                map.insert(index, 1, 0)?;
+            }
+        }
+
+        for (prog, tp) in TRACEPOINTS {
+            let res = (|| -> Result<()> {
+                let p: &mut BtfTracePoint =
+                    ebpf.program_mut(prog).context("missing")?.try_into()?;
+                p.load(tp, &aya_btf)?;
+                p.attach()?;
+                Ok(())
+            })();
+            report.push(status(format!("tp_btf {tp}"), res));
+        }
+
+        let chains = match nft::read_chains() {
+            Ok(c) => c,
+            Err(err) => {
+                report.push(status("nftables chain bands".into(), Err(err)));
+                Vec::new()
+            }
+        };
+        let mut plan = NfPlan::new(&chains);
+        let mut nf_links = Vec::new();
+        match NfPrograms::load(OBJECT, ebpf.maps()) {
+            Ok(nf) => {
+                let mut failures: HashMap<String, usize> = HashMap::new();
+                for site in plan.sites().to_vec() {
+                    match nf.link(site) {
+                        Ok((fd, prio)) => {
+                            plan.set_priority(site, prio);
+                            nf_links.push(fd)
+                        }
+                        Err(err) => {
+                            *failures
+                                .entry(format!("{}: {err}", site_label(&site)))
+                                .or_default() += 1
+                        }
+                    }
+                }
+                let total = plan.sites().len();
+                let ok = nf_links.len();
+                report.push(AttachStatus {
+                    point: "netfilter ipv4+ipv6 × 5 hooks".into(),
+                    ok: ok > 0,
+                    detail: format!(
+                        "{ok}/{total} links (first, last and {} band observers from nft chain priorities{})",
+                        total.saturating_sub(20),
+                        if plan.merged > 0 { format!(", {} priorities merged", plan.merged) } else { String::new() }
+                    ),
+                });
+                for (why, _) in failures {
+                    report.push(AttachStatus {
+                        point: "netfilter link".into(),
+                        ok: false,
+                        detail: why,
+                    });
+                }
+            }
+            Err(err) => report.push(status("netfilter programs".into(), Err(err))),
+        }
+
+        let tc = match TcObservers::load(&mut ebpf, opts.ifaces.clone()) {
+            Ok(tc) => Some(tc),
+            Err(err) => {
+                report.push(status("tcx".into(), Err(err)));
+                None
+            }
+        };
+        let mut me = Self {
+            ebpf,
+            tc,
+            plan,
+            chains,
+            drop_reasons,
+            report,
+            _nf_links: nf_links,
+        };
+        let changes = me.refresh_interfaces()?;
+        for c in changes {
+            me.report.push(match c {
+                tcx::Change::Attached(n) => AttachStatus {
+                    point: format!("tcx {n}"),
+                    ok: true,
+                    detail: "ingress+egress, first+last".into(),
+                },
+                tcx::Change::Failed(n, why) => AttachStatus {
+                    point: format!("tcx {n}"),
+                    ok: false,
+                    detail: why,
+                },
+                tcx::Change::Detached(n) => AttachStatus {
+                    point: format!("tcx {n}"),
+                    ok: false,
+                    detail: "vanished".into(),
+                },
+            });
+        }
+        if !me.report.iter().any(|s| s.ok) {
+            bail!(
+                "no observation point could be attached:\n{}",
+                me.report
+                    .iter()
+                    .map(|s| format!("  {}: {}", s.point, s.detail))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        Ok(me)
+    }
+
+    pub fn refresh_interfaces(&mut self) -> Result<Vec<tcx::Change>> {
+        match &mut self.tc {
+            Some(tc) => tc.refresh(&mut self.ebpf),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    pub fn take_ring(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self.ebpf.take_map(MAP_EVENTS).context("EVENTS map")?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    /// Events the kernel could not write because the ring buffer was full.
+    pub fn lost(&self) -> u64 {
+        self.ebpf
+            .map(MAP_LOST)
+            .and_then(|m| PerCpuArray::<_, u64>::try_from(m).ok())
+            .and_then(|a| a.get(&0, 0).ok())
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    }
+}
+
+fn site_label(s: &NfSite) -> String {
+    format!(
+        "{} {} prio {}",
+        if s.family == 2 { "ipv4" } else { "ipv6" },
+        nft::hook_name(s.hook),
+        s.priority
+    )
+}
+
+fn status(point: String, res: Result<()>) -> AttachStatus {
+    match res {
+        Ok(()) => AttachStatus {
+            point,
+            ok: true,
+            detail: "attached".into(),
+        },
+        Err(err) => AttachStatus {
+            point,
+            ok: false,
+            detail: format!("{err:#}"),
+        },
+    }
+}

@@ -1,0 +1,226 @@
+//! The nftables base chains of the traced network namespace (`nft -j list chains`), and the
+//! netfilter observer plan derived from them: besides the first and last priority of every hook,
+//! one observer just after each distinct chain priority, so a mark change is pinned to the band
+//! holding one chain priority (e.g. "output ipv4, -150..0: inet fw/mangle_out").
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use fwmark_trace_common::NF_SLOTS;
+use serde_json::Value;
+
+use crate::kernel::netfilter::{NfSite, FAMILIES, HOOKS, PRIO_FIRST, PRIO_LAST};
+
+/// A base chain: it sits on a hook at a priority.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chain {
+    /// nft family: ip, ip6, inet (others never reach the IPv4/IPv6 hooks).
+    pub family: String,
+    pub table: String,
+    pub name: String,
+    pub hook: u8,
+    pub priority: i32,
+}
+
+impl Chain {
+    pub fn label(&self) -> String {
+        format!(
+            "{} {}/{}@{}",
+            self.family, self.table, self.name, self.priority
+        )
+    }
+
+    /// Whether the chain runs for packets of NFPROTO `family` (2 = IPv4, 10 = IPv6).
+    pub fn covers(&self, family: u8) -> bool {
+        matches!(
+            (self.family.as_str(), family),
+            ("inet", _) | ("ip", 2) | ("ip6", 10)
+        )
+    }
+}
+
+pub fn hook_number(name: &str) -> Option<u8> {
+    Some(match name {
+        "prerouting" => 0,
+        "input" => 1,
+        "forward" => 2,
+        "output" => 3,
+        "postrouting" => 4,
+        _ => return None,
+    })
+}
+
+pub fn hook_name(hook: u8) -> &'static str {
+    ["prerouting", "input", "forward", "output", "postrouting"]
+        .get(hook as usize)
+        .copied()
+        .unwrap_or("unknown-hook")
+}
+
+/// Reads the base chains of the current network namespace. No `nft` binary or no permission is
+/// an error; an empty ruleset is not.
+pub fn read_chains() -> Result<Vec<Chain>> {
+    let out = Command::new("nft")
+        .args(["-j", "list", "chains"])
+        .output()
+        .context("running `nft -j list chains` (is nftables installed?)")?;
+    if !out.status.success() {
+        bail!(
+            "`nft -j list chains` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    parse_chains(&out.stdout)
+}
+
+pub fn parse_chains(json: &[u8]) -> Result<Vec<Chain>> {
+    let doc: Value = serde_json::from_slice(json).context("parsing nft JSON output")?;
+    let items = doc["nftables"].as_array().cloned().unwrap_or_default();
+    Ok(items
+        .iter()
+        .filter_map(|item| {
+            let c = item.get("chain")?;
+            let hook = hook_number(c.get("hook")?.as_str()?)?;
+            let family = c.get("family")?.as_str()?;
+            if !matches!(family, "ip" | "ip6" | "inet") {
+                return None;
+            }
+            Some(Chain {
+                family: family.to_owned(),
+                table: c.get("table")?.as_str()?.to_owned(),
+                name: c.get("name")?.as_str()?.to_owned(),
+                hook,
+                priority: i32::try_from(c.get("prio")?.as_i64()?).ok()?,
+            })
+        })
+        .collect())
+}
+
+/// Which priority each netfilter slot program is linked at, per family and hook.
+#[derive(Clone, Debug)]
+pub struct NfPlan {
+    sites: Vec<NfSite>,
+    /// Chain priorities that did not get an observer of their own (more than the slots allow).
+    pub merged: usize,
+}
+
+impl NfPlan {
+    pub fn new(chains: &[Chain]) -> Self {
+        let mut sites = Vec::new();
+        let mut merged = 0;
+        for family in FAMILIES {
+            for hook in HOOKS {
+                let mut prios: Vec<i32> = chains
+                    .iter()
+                    .filter(|c| c.hook == hook && c.covers(family))
+                    .map(|c| c.priority.saturating_add(1))
+                    .filter(|p| *p > PRIO_FIRST && *p < PRIO_LAST)
+                    .collect();
+                prios.sort_unstable();
+                prios.dedup();
+                let interior = NF_SLOTS - 2;
+                merged += prios.len().saturating_sub(interior);
+                // Keep the band boundaries spread over the hook when they do not all fit.
+                let picked: Vec<i32> = if prios.len() <= interior {
+                    prios
+                } else {
+                    (0..interior)
+                        .map(|i| prios[i * prios.len() / interior])
+                        .collect()
+                };
+                let mut site = |slot: usize, priority| {
+                    sites.push(NfSite {
+                        family,
+                        hook,
+                        slot: slot as u8,
+                        priority,
+                    })
+                };
+                site(0, PRIO_FIRST);
+                site(1, PRIO_LAST);
+                for (i, p) in picked.into_iter().enumerate() {
+                    site(i + 2, p);
+                }
+            }
+        }
+        Self { sites, merged }
+    }
+
+    /// Records the priority a site was actually linked at (see `NfPrograms::link`).
+    pub fn set_priority(&mut self, site: NfSite, priority: i32) {
+        if let Some(s) = self.sites.iter_mut().find(|s| **s == site) {
+            s.priority = priority;
+        }
+    }
+
+    pub fn sites(&self) -> &[NfSite] {
+        &self.sites
+    }
+
+    pub fn priority(&self, family: u8, hook: u8, slot: u8) -> Option<i32> {
+        self.sites
+            .iter()
+            .find(|s| s.family == family && s.hook == hook && s.slot == slot)
+            .map(|s| s.priority)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+      {"chain": {"family": "inet", "table": "fw", "name": "mangle_out", "handle": 1,
+                 "type": "route", "hook": "output", "prio": -150, "policy": "accept"}},
+      {"chain": {"family": "ip", "table": "fw", "name": "filter_out", "handle": 2,
+                 "type": "filter", "hook": "output", "prio": 0, "policy": "accept"}},
+      {"chain": {"family": "ip6", "table": "x", "name": "helper", "handle": 3}},
+      {"chain": {"family": "bridge", "table": "b", "name": "c", "handle": 4,
+                 "hook": "output", "prio": 5}}]}"#;
+
+    #[test]
+    fn parses_base_chains_only() {
+        let chains = parse_chains(SAMPLE.as_bytes()).unwrap();
+        assert_eq!(chains.len(), 2);
+        assert_eq!(chains[0].label(), "inet fw/mangle_out@-150");
+        assert_eq!(chains[1].hook, 3);
+        assert!(chains[0].covers(10) && !chains[1].covers(10));
+    }
+
+    #[test]
+    fn plan_places_an_observer_after_each_chain_priority() {
+        let chains = parse_chains(SAMPLE.as_bytes()).unwrap();
+        let plan = NfPlan::new(&chains);
+        // IPv4 output: first, last, after -150, after 0.
+        assert_eq!(plan.priority(2, 3, 0), Some(PRIO_FIRST));
+        assert_eq!(plan.priority(2, 3, 1), Some(PRIO_LAST));
+        assert_eq!(plan.priority(2, 3, 2), Some(-149));
+        assert_eq!(plan.priority(2, 3, 3), Some(1));
+        // IPv6 output only has the inet chain.
+        assert_eq!(plan.priority(10, 3, 2), Some(-149));
+        assert_eq!(plan.priority(10, 3, 3), None);
+        // 2 families × 5 hooks × (first, last) + 3 band observers.
+        assert_eq!(plan.sites().len(), 23);
+        assert_eq!(plan.merged, 0);
+    }
+
+    #[test]
+    fn plan_merges_when_slots_run_out() {
+        let chains: Vec<Chain> = (0..20)
+            .map(|i| Chain {
+                family: "ip".into(),
+                table: "t".into(),
+                name: format!("c{i}"),
+                hook: 0,
+                priority: i * 10,
+            })
+            .collect();
+        let plan = NfPlan::new(&chains);
+        assert_eq!(plan.merged, 20 - (NF_SLOTS - 2));
+        let slots = plan
+            .sites()
+            .iter()
+            .filter(|s| s.family == 2 && s.hook == 0)
+            .count();
+        assert_eq!(slots, NF_SLOTS);
+    }
+}

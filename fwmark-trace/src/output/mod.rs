@@ -1,0 +1,91 @@
+//! Outputs, written once over the typed events: a readable line per event (default) or one
+//! JSON object per line (`--json`), to stdout or a file, plus the end-of-run summary.
+mod human;
+pub mod summary;
+
+use std::{
+    fs::File,
+    io::{self, BufWriter, Write},
+    path::Path,
+};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::events::TraceEvent;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Human,
+    Json,
+}
+
+pub struct Output {
+    format: Format,
+    out: Box<dyn Write + Send>,
+    /// Flush after every event: someone is watching (a terminal, a pipe to jq).
+    live: bool,
+}
+
+/// A userspace-generated record: events the kernel could not deliver.
+#[derive(Serialize)]
+pub struct LostRecord<'a> {
+    pub time: &'a str,
+    pub kind: &'static str,
+    pub lost: u64,
+    pub total_lost: u64,
+}
+
+impl Output {
+    pub fn new(format: Format, path: Option<&Path>) -> Result<Self> {
+        let (out, live): (Box<dyn Write + Send>, bool) = match path {
+            Some(p) => (
+                Box::new(BufWriter::new(File::create(p).with_context(|| {
+                    format!("creating output file {}", p.display())
+                })?)),
+                false,
+            ),
+            None => (Box::new(BufWriter::new(io::stdout())), true),
+        };
+        Ok(Self { format, out, live })
+    }
+
+    pub fn event(&mut self, ev: &TraceEvent) -> Result<()> {
+        match self.format {
+            Format::Json => serde_json::to_writer(&mut self.out, ev)?,
+            Format::Human => self.out.write_all(human::line(ev).as_bytes())?,
+        }
+        self.out.write_all(b"\n")?;
+        self.maybe_flush()
+    }
+
+    pub fn lost(&mut self, rec: &LostRecord) -> Result<()> {
+        match self.format {
+            Format::Json => serde_json::to_writer(&mut self.out, rec)?,
+            Format::Human => write!(
+                self.out,
+                "{} LOST {} events (ring buffer full; {} in total)",
+                rec.time, rec.lost, rec.total_lost
+            )?,
+        }
+        self.out.write_all(b"\n")?;
+        self.maybe_flush()
+    }
+
+    pub fn summary(&mut self, summary: &summary::Summary) -> Result<()> {
+        serde_json::to_writer(&mut self.out, summary)?;
+        self.out.write_all(b"\n")?;
+        self.maybe_flush()
+    }
+
+    fn maybe_flush(&mut self) -> Result<()> {
+        if self.live {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> Result<()> {
+        self.out.flush().context("writing output")
+    }
+}

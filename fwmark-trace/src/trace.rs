@@ -1,0 +1,241 @@
+//! `fwmark-trace trace`: attach the observers, stream events from the ring buffer (tokio),
+//! decode and write them, and on SIGINT/SIGTERM, `--duration` or `--count` stop cleanly with a
+//! summary. Every attachment is owned by a file descriptor of this process, so nothing stays
+//! attached after exit, whatever the exit.
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{bail, Context, Result};
+use aya::maps::{MapData, RingBuf};
+use clap::Args;
+use fwmark_trace_common::Event;
+use tokio::{io::unix::AsyncFd, signal::unix, time};
+
+use crate::{
+    events::{self, Decoder},
+    kernel::observers::{Observers, Options},
+    netns,
+    output::{summary::Summary, Format, LostRecord, Output},
+    tracking::segment::Topology,
+};
+
+#[derive(Args, Clone, Debug, Default)]
+pub struct TraceArgs {
+    /// One JSON object per line instead of readable lines.
+    #[arg(long)]
+    pub json: bool,
+    /// Write events to FILE instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Only events whose old or new mark matches VALUE[/MASK] (hex 0x.. or decimal).
+    #[arg(long, value_name = "VALUE[/MASK]", value_parser = parse_mark_arg)]
+    pub mark: Option<(u32, u32)>,
+    /// Only events on this interface (repeatable); tc observers attach only there.
+    #[arg(long = "iface", value_name = "NAME")]
+    pub ifaces: Vec<String>,
+    /// Trace inside this network namespace (a name under /run/netns, or a path).
+    #[arg(long, value_name = "NAME|PATH")]
+    pub netns: Option<String>,
+    /// Stop after this long (e.g. 10s, 2m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Stop after this many events.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Report every observation point of every packet (first sight, unchanged points, end of
+    /// life), not only transitions and drops.
+    #[arg(long)]
+    pub full_path: bool,
+    /// Ring buffer size in bytes (a power of two, at least one page).
+    #[arg(long, default_value_t = 4 << 20, value_parser = parse_ring_size)]
+    pub ring_size: u32,
+}
+
+fn parse_mark_arg(s: &str) -> Result<(u32, u32), String> {
+    events::parse_mark(s).map_err(|e| e.to_string())
+}
+
+fn parse_ring_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of bytes"))?;
+    if n < 4096 || !n.is_power_of_two() {
+        return Err(format!("{n} is not a power of two of at least 4096"));
+    }
+    Ok(n)
+}
+
+pub fn require_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} needs root (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN): run it with sudo");
+    }
+    Ok(())
+}
+
+/// Attaches everything in the current (or `--netns`) namespace and runs until stopped.
+/// `on_ready` runs once everything is attached (the demo starts its traffic there).
+pub fn run(args: &TraceArgs, on_ready: impl FnOnce()) -> Result<Summary> {
+    require_root("fwmark-trace trace")?;
+    let netns = match &args.netns {
+        Some(spec) => netns::enter(spec)?,
+        None => 0,
+    };
+    let own_netns = netns::current()?;
+    let mut out = Output::new(
+        if args.json {
+            Format::Json
+        } else {
+            Format::Human
+        },
+        args.output.as_deref(),
+    )?;
+    let opts = Options {
+        mark: args.mark,
+        netns,
+        ifaces: (!args.ifaces.is_empty()).then(|| args.ifaces.clone()),
+        full_path: args.full_path,
+        ring_bytes: args.ring_size,
+    };
+    let mut obs = Observers::start(&opts)?;
+    for s in &obs.report {
+        eprintln!(
+            "fwmark-trace: {} {}: {}",
+            if s.ok { "attached" } else { "NOT attached" },
+            s.point,
+            s.detail
+        );
+    }
+    eprintln!(
+        "fwmark-trace: fentry/fexit and kprobes are not used (routing and xfrm are read from tracepoints and netlink)"
+    );
+    let attached = obs.report.iter().filter(|s| s.ok).count();
+    eprintln!("fwmark-trace: tracing ({attached} observation groups attached, netns {own_netns}); Ctrl-C to stop");
+
+    on_ready();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let summary = rt.block_on(stream(&mut obs, &mut out, args, own_netns))?;
+    eprintln!("fwmark-trace: {summary}");
+    Ok(summary)
+}
+
+fn topology(obs: &Observers, own_netns: u32) -> Topology {
+    let mut t = Topology {
+        plan: Some(obs.plan.clone()),
+        chains: obs.chains.clone(),
+        own_netns,
+        ..Default::default()
+    };
+    if let Some(tc) = &obs.tc {
+        for (ifindex, iface) in &tc.interfaces {
+            t.ifnames.insert(*ifindex, iface.name.clone());
+            for (dir, progs) in iface.chain.iter().enumerate() {
+                t.tc_programs.insert(
+                    (*ifindex, dir as u8),
+                    progs
+                        .iter()
+                        .map(|p| format!("{} (id {})", p.name, p.id))
+                        .collect(),
+                );
+            }
+        }
+    }
+    if let Ok(all) = crate::kernel::tcx::list_interfaces() {
+        for (i, n) in all {
+            t.ifnames.entry(i).or_insert(n);
+        }
+    }
+    t
+}
+
+async fn stream(
+    obs: &mut Observers,
+    out: &mut Output,
+    args: &TraceArgs,
+    own_netns: u32,
+) -> Result<Summary> {
+    let started = Instant::now();
+    let mut decoder = Decoder::new(topology(obs, own_netns), obs.drop_reasons.clone());
+    // SAFETY: the AsyncFd owns the ring buffer, so its fd stays open while registered.
+    let mut ring =
+        unsafe { AsyncFd::register(obs.take_ring()?) }.context("polling the ring buffer")?;
+    let mut summary = Summary::new();
+    let mut tick = time::interval(Duration::from_secs(1));
+    let mut sigterm = unix::signal(unix::SignalKind::terminate())?;
+    let mut sigint = unix::signal(unix::SignalKind::interrupt())?;
+    let deadline = time::sleep(args.duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
+    tokio::pin!(deadline);
+    let mut lost_seen = 0u64;
+    let limit = args.count.unwrap_or(u64::MAX);
+
+    'run: loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                let done = drain(guard.get_inner_mut(), &mut decoder, out, &mut summary, limit)?;
+                guard.clear_ready();
+                if done {
+                    break 'run;
+                }
+            }
+            _ = tick.tick() => {
+                let lost = obs.lost();
+                if lost > lost_seen {
+                    let now = events::rfc3339(SystemTime::now());
+                    out.lost(&LostRecord { time: &now, kind: "lost", lost: lost - lost_seen, total_lost: lost })?;
+                    lost_seen = lost;
+                }
+                for change in obs.refresh_interfaces()? {
+                    use crate::kernel::tcx::Change;
+                    match change {
+                        Change::Attached(n) => eprintln!("fwmark-trace: tcx attached to new interface {n}"),
+                        Change::Detached(n) => eprintln!("fwmark-trace: interface {n} vanished"),
+                        Change::Failed(n, why) => eprintln!("fwmark-trace: tcx NOT attached to {n}: {why}"),
+                    }
+                }
+                decoder.topology = topology(obs, own_netns);
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = &mut deadline => break,
+        }
+    }
+    // Whatever the kernel wrote before we stopped is still reported.
+    drain(ring.get_mut(), &mut decoder, out, &mut summary, limit)?;
+    summary.lost = obs.lost();
+    summary.duration_s = started.elapsed().as_secs_f64();
+    if args.json {
+        out.summary(&summary)?;
+    }
+    out.flush()?;
+    Ok(summary)
+}
+
+/// Writes every record waiting in the ring; true when `--count` is reached.
+fn drain(
+    rb: &mut RingBuf<MapData>,
+    decoder: &mut Decoder,
+    out: &mut Output,
+    summary: &mut Summary,
+    limit: u64,
+) -> Result<bool> {
+    while summary.total_events < limit {
+        let Some(item) = rb.next() else {
+            return Ok(false);
+        };
+        if item.len() < std::mem::size_of::<Event>() {
+            continue;
+        }
+        // SAFETY: the kernel wrote a whole `Event`; the ring only guarantees 8-byte alignment.
+        let raw: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        drop(item);
+        let ev = decoder.decode(&raw);
+        out.event(&ev)?;
+        summary.count(ev.kind);
+    }
+    Ok(true)
+}

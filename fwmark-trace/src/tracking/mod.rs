@@ -1,0 +1,2 @@
+//! Following packets: where a change happened (segments).
+pub mod segment;

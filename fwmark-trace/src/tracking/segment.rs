@@ -1,0 +1,366 @@
+//! Where a change happened: between the packet's previous observation point and this one.
+//! The kernel reports the two points; this module turns them into a segment a person can act
+//! on ("netfilter output ipv4, priority -2147483647..-149: inet fw/mangle_out@-150", "tc egress
+//! veth0 between our first and last observers: programs cil_to_netdev (id 42)", "kernel:
+//! crossing into another network namespace scrubs the mark").
+use std::collections::HashMap;
+
+use fwmark_trace_common::{layer, tc_dir, tc_slot, tracepoint, Point};
+use serde::Serialize;
+
+use crate::nodestate::nft::{hook_name, Chain, NfPlan};
+
+/// What the daemon knows about the observation points it placed.
+#[derive(Default)]
+pub struct Topology {
+    pub plan: Option<NfPlan>,
+    pub chains: Vec<Chain>,
+    /// Foreign tcx programs per (ifindex, direction), between our first and last observers.
+    pub tc_programs: HashMap<(u32, u8), Vec<String>>,
+    /// Interface names are those of this namespace (where the daemon attached).
+    pub ifnames: HashMap<u32, String>,
+    pub own_netns: u32,
+}
+
+/// An observation point, named.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct PointInfo {
+    pub layer: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hook: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub family: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position: Option<&'static str>,
+    pub ifindex: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ifname: Option<String>,
+    pub netns: u32,
+}
+
+/// The stretch of the path a change happened in.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Segment {
+    /// netfilter, tc, socket, kernel, routing, path (between different layers), unknown.
+    pub layer: &'static str,
+    pub description: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hook: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub family: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority_range: Option<[i32; 2]>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub chains: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub programs: Vec<String>,
+    pub from: PointInfo,
+}
+
+pub fn family_name(nfproto: u8) -> Option<&'static str> {
+    match nfproto {
+        2 => Some("ipv4"),
+        10 => Some("ipv6"),
+        _ => None,
+    }
+}
+
+fn tp_name(id: u8) -> &'static str {
+    match id {
+        tracepoint::NETIF_RECEIVE_SKB => "netif_receive_skb",
+        tracepoint::NET_DEV_QUEUE => "net_dev_queue",
+        tracepoint::KFREE_SKB => "kfree_skb",
+        tracepoint::CONSUME_SKB => "consume_skb",
+        _ => "tracepoint",
+    }
+}
+
+fn dir_name(dir: u8) -> &'static str {
+    if dir == tc_dir::INGRESS {
+        "ingress"
+    } else {
+        "egress"
+    }
+}
+
+impl Topology {
+    pub fn point(&self, p: &Point) -> PointInfo {
+        let mut info = PointInfo {
+            layer: "unknown",
+            hook: None,
+            family: None,
+            priority: None,
+            position: None,
+            ifindex: p.ifindex,
+            ifname: (p.netns == self.own_netns || p.netns == 0 || self.own_netns == 0)
+                .then(|| self.ifnames.get(&p.ifindex).cloned())
+                .flatten(),
+            netns: p.netns,
+        };
+        match p.layer {
+            layer::TC => {
+                info.layer = "tc";
+                info.hook = Some(dir_name(p.hook));
+                info.position = Some(if p.slot == tc_slot::FIRST {
+                    "first"
+                } else {
+                    "last"
+                });
+            }
+            layer::NETFILTER => {
+                info.layer = "netfilter";
+                info.hook = Some(hook_name(p.hook));
+                info.family = family_name(p.family);
+                info.priority = self.priority(p);
+            }
+            layer::TRACEPOINT => {
+                info.layer = "tracepoint";
+                info.hook = Some(tp_name(p.hook));
+            }
+            layer::SOCKET => info.layer = "socket",
+            layer::NONE => info.layer = "none",
+            _ => {}
+        }
+        info
+    }
+
+    fn priority(&self, p: &Point) -> Option<i32> {
+        self.plan.as_ref()?.priority(p.family, p.hook, p.slot)
+    }
+
+    /// A short human label for a point: "netfilter output ipv4 prio -149", "tc egress veth0 (first)".
+    pub fn label(&self, info: &PointInfo) -> String {
+        let dev = info
+            .ifname
+            .clone()
+            .unwrap_or_else(|| format!("if{}", info.ifindex));
+        match info.layer {
+            "netfilter" => format!(
+                "netfilter {} {} prio {}",
+                info.hook.unwrap_or("?"),
+                info.family.unwrap_or("?"),
+                info.priority.map_or("?".into(), |p| p.to_string())
+            ),
+            "tc" => format!(
+                "tc {} {dev} ({})",
+                info.hook.unwrap_or("?"),
+                info.position.unwrap_or("?")
+            ),
+            "tracepoint" => format!("{} {dev}", info.hook.unwrap_or("?")),
+            "socket" => "socket (SO_MARK)".into(),
+            "none" => "before the first observer".into(),
+            other => other.into(),
+        }
+    }
+
+    /// The segment between `prev` and `at` in which a change was seen.
+    pub fn segment(&self, prev: &Point, at: &Point) -> Segment {
+        let from = self.point(prev);
+        let to = self.point(at);
+        let mut seg = Segment {
+            layer: "path",
+            description: format!("between {} and {}", self.label(&from), self.label(&to)),
+            hook: None,
+            family: None,
+            priority_range: None,
+            chains: Vec::new(),
+            programs: Vec::new(),
+            from,
+        };
+        match (prev.layer, at.layer) {
+            (layer::SOCKET, _) => {
+                seg.layer = "socket";
+                seg.description = "socket: SO_MARK of the sending socket".into();
+            }
+            (layer::NONE, _) => {
+                seg.layer = "unknown";
+                seg.description = format!(
+                    "before the first observer ({}): the mark was already set",
+                    self.label(&to)
+                );
+            }
+            _ if prev.netns != at.netns && prev.netns != 0 && at.netns != 0 => {
+                seg.layer = "kernel";
+                seg.description = format!(
+                    "kernel: the packet crossed from netns {} to {} (veth/dev_forward_skb scrubs skb->mark)",
+                    prev.netns, at.netns
+                );
+            }
+            (layer::NETFILTER, layer::NETFILTER)
+                if prev.hook == at.hook && prev.family == at.family =>
+            {
+                self.netfilter_band(&mut seg, prev, at)
+            }
+            (layer::TC, layer::TC)
+                if prev.hook == at.hook
+                    && prev.ifindex == at.ifindex
+                    && prev.slot == tc_slot::FIRST
+                    && at.slot == tc_slot::LAST =>
+            {
+                seg.layer = "tc";
+                seg.hook = Some(dir_name(at.hook));
+                seg.programs = self
+                    .tc_programs
+                    .get(&(at.ifindex, at.hook))
+                    .cloned()
+                    .unwrap_or_default();
+                let dev = self.label(&to);
+                seg.description = if seg.programs.is_empty() {
+                    format!("{dev}: between our first and last tcx observers")
+                } else {
+                    format!("{dev}: tcx program(s) {}", seg.programs.join(", "))
+                };
+            }
+            (layer::TC, layer::TRACEPOINT)
+                if prev.hook == tc_dir::EGRESS
+                    && at.hook == tracepoint::NET_DEV_QUEUE
+                    && prev.slot == tc_slot::LAST =>
+            {
+                seg.layer = "tc";
+                seg.hook = Some("egress");
+                seg.description = format!(
+                    "tc egress {} after the tcx chain: clsact/cls_bpf filters and actions",
+                    to.ifname.clone().unwrap_or_default()
+                );
+            }
+            (layer::TC, layer::NETFILTER)
+                if prev.hook == tc_dir::INGRESS && prev.slot == tc_slot::LAST =>
+            {
+                seg.layer = "tc";
+                seg.hook = Some("ingress");
+                seg.description = format!(
+                    "tc ingress {} after the tcx chain: clsact/cls_bpf filters, netdev ingress hook",
+                    seg.from.ifname.clone().unwrap_or_default()
+                );
+            }
+            (layer::NETFILTER, layer::NETFILTER) => {
+                seg.layer = "routing";
+                seg.description = format!(
+                    "between netfilter hooks ({} → {}): routing decision, xfrm, or the stack",
+                    self.label(&seg.from),
+                    self.label(&to)
+                );
+            }
+            _ => {}
+        }
+        seg
+    }
+
+    fn netfilter_band(&self, seg: &mut Segment, prev: &Point, at: &Point) {
+        let (lo, hi) = (self.priority(prev), self.priority(at));
+        seg.layer = "netfilter";
+        seg.hook = Some(hook_name(at.hook));
+        seg.family = family_name(at.family);
+        if let (Some(lo), Some(hi)) = (lo, hi) {
+            seg.priority_range = Some([lo, hi]);
+            seg.chains = self
+                .chains
+                .iter()
+                .filter(|c| c.hook == at.hook && c.covers(at.family))
+                .filter(|c| c.priority >= lo && c.priority < hi)
+                .map(Chain::label)
+                .collect();
+        }
+        let range = seg
+            .priority_range
+            .map_or("?".into(), |[a, b]| format!("{a}..{b}"));
+        seg.description = format!(
+            "netfilter {} {}, priority {range}{}",
+            seg.hook.unwrap_or("?"),
+            seg.family.unwrap_or("?"),
+            if seg.chains.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", seg.chains.join(", "))
+            }
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::netfilter::{PRIO_FIRST, PRIO_LAST};
+
+    fn topo() -> Topology {
+        let chains = vec![Chain {
+            family: "inet".into(),
+            table: "fw".into(),
+            name: "mangle_out".into(),
+            hook: 3,
+            priority: -150,
+        }];
+        let mut t = Topology {
+            plan: Some(NfPlan::new(&chains)),
+            chains,
+            ..Default::default()
+        };
+        t.ifnames.insert(7, "veth0".into());
+        t.tc_programs
+            .insert((7, tc_dir::EGRESS), vec!["cil_to_netdev (id 42)".into()]);
+        t
+    }
+
+    fn nf(hook: u8, slot: u8) -> Point {
+        Point {
+            layer: layer::NETFILTER,
+            hook,
+            slot,
+            family: 2,
+            ifindex: 7,
+            netns: 1,
+        }
+    }
+
+    #[test]
+    fn netfilter_band_names_the_chain() {
+        let seg = topo().segment(&nf(3, 0), &nf(3, 2));
+        assert_eq!(seg.layer, "netfilter");
+        assert_eq!(seg.priority_range, Some([PRIO_FIRST, -149]));
+        assert_eq!(seg.chains, vec!["inet fw/mangle_out@-150".to_string()]);
+        let seg = topo().segment(&nf(3, 2), &nf(3, 1));
+        assert_eq!(seg.priority_range, Some([-149, PRIO_LAST]));
+        assert!(seg.chains.is_empty());
+    }
+
+    #[test]
+    fn between_hooks_is_routing() {
+        let seg = topo().segment(&nf(3, 1), &nf(4, 0));
+        assert_eq!(seg.layer, "routing");
+    }
+
+    #[test]
+    fn tc_chain_and_netns_crossing() {
+        let tc = |slot| Point {
+            layer: layer::TC,
+            hook: tc_dir::EGRESS,
+            slot,
+            family: 0,
+            ifindex: 7,
+            netns: 1,
+        };
+        let seg = topo().segment(&tc(tc_slot::FIRST), &tc(tc_slot::LAST));
+        assert_eq!(seg.layer, "tc");
+        assert_eq!(seg.programs, vec!["cil_to_netdev (id 42)".to_string()]);
+        let rx = Point {
+            layer: layer::TRACEPOINT,
+            hook: tracepoint::NETIF_RECEIVE_SKB,
+            slot: 0,
+            family: 0,
+            ifindex: 3,
+            netns: 2,
+        };
+        assert_eq!(topo().segment(&tc(tc_slot::LAST), &rx).layer, "kernel");
+    }
+
+    #[test]
+    fn socket_origin() {
+        let sock = Point {
+            layer: layer::SOCKET,
+            ..nf(3, 0)
+        };
+        assert_eq!(topo().segment(&sock, &nf(3, 0)).layer, "socket");
+    }
+}

@@ -1,0 +1,228 @@
+//! Integration-test harness: a throwaway lab (fwmark_trace::lab), traffic sent from inside a
+//! namespace, and the real daemon run as a child process whose JSON events the tests read.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader},
+    net::UdpSocket,
+    os::fd::AsRawFd,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub use fwmark_trace::lab::{self, Lab};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_fwmark-trace");
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "integration tests attach eBPF programs: run them as root (cargo xtask test)"
+    );
+}
+
+/// A running `fwmark-trace trace --json` writing to a temp file.
+pub struct Daemon {
+    child: Child,
+    pub output: PathBuf,
+    pub stderr: mpsc::Receiver<String>,
+    pub stderr_lines: Vec<String>,
+}
+
+impl Daemon {
+    /// Starts the daemon and waits until it reports that it is tracing.
+    pub fn start(args: &[&str]) -> Daemon {
+        require_root();
+        let output = std::env::temp_dir().join(format!(
+            "fwmark-trace-test-{}-{}.jsonl",
+            std::process::id(),
+            rand_suffix()
+        ));
+        let mut child = Command::new(BIN)
+            .arg("trace")
+            .arg("--json")
+            .arg("--output")
+            .arg(&output)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn fwmark-trace");
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut d = Daemon {
+            child,
+            output,
+            stderr: rx,
+            stderr_lines: Vec::new(),
+        };
+        d.wait_for_stderr("tracing (", Duration::from_secs(30));
+        d
+    }
+
+    pub fn wait_for_stderr(&mut self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            match self.stderr.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => {
+                    let hit = line.contains(needle);
+                    self.stderr_lines.push(line);
+                    if hit {
+                        return;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Ok(Some(st)) = self.child.try_wait() {
+                        panic!(
+                            "fwmark-trace exited ({st}) before {needle:?}: {:#?}",
+                            self.stderr_lines
+                        );
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        panic!(
+            "fwmark-trace did not print {needle:?} in time: {:#?}",
+            self.stderr_lines
+        );
+    }
+
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGINT, wait for a clean exit, return the JSON records it wrote.
+    pub fn stop(mut self) -> Vec<Value> {
+        // Give the ring buffer consumer a moment to catch up with the last packets.
+        thread::sleep(Duration::from_millis(500));
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let status = self.child.wait().expect("wait");
+        self.stderr_lines.extend(self.stderr.try_iter());
+        assert!(
+            status.success(),
+            "fwmark-trace failed: {status}: {:#?}",
+            self.stderr_lines
+        );
+        read_jsonl(&self.output)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.output);
+    }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+pub fn read_jsonl(path: &PathBuf) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+        .collect()
+}
+
+/// Sends `count` UDP datagrams to `dst:port` from inside namespace `ns` (a thread that enters
+/// it), optionally from a socket with SO_MARK. Send errors (a netfilter drop) are ignored.
+pub fn send_udp(ns: &str, dst: &str, port: u16, count: usize, so_mark: Option<u32>) {
+    let (ns, dst) = (ns.to_owned(), dst.to_owned());
+    thread::spawn(move || {
+        fwmark_trace::netns::enter(&ns).expect("enter netns");
+        let bind = if dst.contains(':') {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        };
+        let sock = UdpSocket::bind(bind).expect("bind");
+        if let Some(mark) = so_mark {
+            let rc = unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_MARK,
+                    (&mark as *const u32).cast(),
+                    4,
+                )
+            };
+            assert_eq!(rc, 0, "SO_MARK");
+        }
+        for _ in 0..count {
+            let _ = sock.send_to(b"fwmark-trace test", (dst.as_str(), port));
+            thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .join()
+    .expect("sender thread");
+}
+
+/// Events of one kind whose tuple goes to `dport`.
+pub fn events_to<'a>(events: &'a [Value], kind: &str, dport: u16) -> Vec<&'a Value> {
+    events
+        .iter()
+        .filter(|e| e["kind"] == kind && e["tuple"]["dport"] == dport)
+        .collect()
+}
+
+/// Program names of loaded eBPF programs, from the kernel's own listing.
+pub fn loaded_programs() -> Vec<String> {
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "list"])
+        .output()
+        .expect("bpftool");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn ours_loaded() -> Vec<String> {
+    loaded_programs()
+        .into_iter()
+        .filter(|n| n.starts_with("fwm_"))
+        .collect()
+}
+
+/// Our programs still loaded once the kernel has had time to release them: links close with
+/// the process, programs go after an RCU grace period.
+pub fn wait_unloaded() -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = ours_loaded();
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,351 @@
+//! End to end: real nft/iptables rules change marks at known hooks and priorities inside a
+//! throwaway namespace, the real daemon traces them, and the JSON events must say exactly what
+//! changed, where (hook, family, priority band, chain), and why packets died.
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+const RULES: &str = r#"
+table inet t {
+    chain mangle_out {
+        type route hook output priority mangle; policy accept;
+        udp dport 9999 meta mark set 0x100
+        udp dport 9998 meta mark set 0x8000
+        udp dport 9996 meta mark set 0x100
+    }
+    chain filter_out {
+        type filter hook output priority filter; policy accept;
+        meta mark & 0x8000 == 0x8000 drop
+    }
+    chain post {
+        type filter hook postrouting priority 0; policy accept;
+        udp dport 9999 meta mark set meta mark | 0x4000
+    }
+}
+"#;
+
+fn lab_with_rules(tag: &str) -> Lab {
+    let lab = Lab::new(tag).expect("lab");
+    lab.nft(&lab.a, RULES).expect("nft rules");
+    lab
+}
+
+fn first<'a>(evs: &[&'a Value], what: &str) -> &'a Value {
+    evs.first()
+        .copied()
+        .unwrap_or_else(|| panic!("no {what} event"))
+}
+
+#[test]
+fn transitions_carry_hook_band_chain_and_values() {
+    let lab = lab_with_rules("tr");
+    let d = Daemon::start(&["--netns", &lab.a]);
+    send_udp(&lab.a, lab::ADDR_B, 9999, 3, None);
+    let events = d.stop();
+    let tr = events_to(&events, "transition", 9999);
+
+    let set = first(
+        &tr.iter()
+            .copied()
+            .filter(|e| e["mark"]["new"] == "0x100")
+            .collect::<Vec<_>>(),
+        "0x0→0x100",
+    );
+    assert_eq!(set["mark"]["old"], "0x0");
+    assert_eq!(set["mark"]["set"], "0x100");
+    let seg = &set["segment"];
+    assert_eq!(seg["layer"], "netfilter", "{set}");
+    assert_eq!(seg["hook"], "output");
+    assert_eq!(seg["family"], "ipv4");
+    assert_eq!(
+        seg["priority_range"],
+        serde_json::json!([i32::MIN + 1, -149])
+    );
+    assert_eq!(seg["chains"], serde_json::json!(["inet t/mangle_out@-150"]));
+    assert_eq!(set["tuple"]["proto"], "udp");
+    assert_eq!(set["tuple"]["src"], lab::ADDR_A);
+    assert_eq!(set["tuple"]["dst"], lab::ADDR_B);
+
+    let or = first(
+        &tr.iter()
+            .copied()
+            .filter(|e| e["mark"]["new"] == "0x4100")
+            .collect::<Vec<_>>(),
+        "0x100→0x4100",
+    );
+    assert_eq!(or["mark"]["old"], "0x100");
+    assert_eq!(or["mark"]["set"], "0x4000");
+    assert_eq!(or["mark"]["cleared"], "0x0");
+    assert_eq!(or["segment"]["hook"], "postrouting");
+    assert_eq!(
+        or["segment"]["priority_range"],
+        serde_json::json!([i32::MIN + 1, 1])
+    );
+    assert_eq!(
+        or["segment"]["chains"],
+        serde_json::json!(["inet t/post@0"])
+    );
+    // Same packet: the second transition follows the first.
+    assert!(tr
+        .iter()
+        .any(|e| e["packet_id"] == or["packet_id"] && e["mark"]["new"] == "0x100"));
+    // Only transitions were reported for this flow (no full-path noise).
+    assert!(events_to(&events, "observe", 9999).is_empty());
+}
+
+#[test]
+fn netfilter_drop_reports_reason_and_mark() {
+    let lab = lab_with_rules("drop");
+    let d = Daemon::start(&["--netns", &lab.a]);
+    send_udp(&lab.a, lab::ADDR_B, 9998, 2, None);
+    let events = d.stop();
+    let drops = events_to(&events, "drop", 9998);
+    let drop = first(&drops, "drop");
+    assert_eq!(drop["drop_reason"], "NETFILTER_DROP", "{drop}");
+    assert_eq!(drop["mark"]["new"], "0x8000");
+    // The mark that doomed it was reported being set, in the mangle band, before the drop.
+    assert!(events_to(&events, "transition", 9998)
+        .iter()
+        .any(|e| e["mark"]["new"] == "0x8000" && e["segment"]["hook"] == "output"));
+}
+
+#[test]
+fn tc_egress_sees_the_mark_set_in_netfilter() {
+    let lab = lab_with_rules("tc");
+    let d = Daemon::start(&["--netns", &lab.a, "--full-path"]);
+    send_udp(&lab.a, lab::ADDR_B, 9996, 2, None);
+    let events = d.stop();
+    let at_tc: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["tuple"]["dport"] == 9996 && e["at"]["layer"] == "tc")
+        .collect();
+    assert!(!at_tc.is_empty(), "no tc observation of the packet");
+    for e in &at_tc {
+        assert_eq!(e["at"]["hook"], "egress");
+        assert_eq!(e["at"]["ifname"], lab::VETH_A);
+        assert_eq!(e["mark"]["new"], "0x100", "{e}");
+    }
+    let positions: Vec<&str> = at_tc
+        .iter()
+        .filter_map(|e| e["at"]["position"].as_str())
+        .collect();
+    assert!(
+        positions.contains(&"first") && positions.contains(&"last"),
+        "{positions:?}"
+    );
+    // net_dev_queue runs after the tcx chain and still sees it.
+    assert!(events.iter().any(|e| e["tuple"]["dport"] == 9996
+        && e["at"]["hook"] == "net_dev_queue"
+        && e["mark"]["new"] == "0x100"));
+}
+
+#[test]
+fn iptables_mark_is_seen_in_its_table_band() {
+    let lab = Lab::new("ipt").expect("lab");
+    lab.exec(
+        &lab.a,
+        &[
+            "iptables",
+            "-t",
+            "mangle",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "udp",
+            "--dport",
+            "9995",
+            "-j",
+            "MARK",
+            "--set-xmark",
+            "0x2000/0x2000",
+        ],
+    )
+    .expect("iptables");
+    let d = Daemon::start(&["--netns", &lab.a]);
+    send_udp(&lab.a, lab::ADDR_B, 9995, 2, None);
+    let events = d.stop();
+    let tr = events_to(&events, "transition", 9995);
+    let e = first(&tr, "iptables transition");
+    assert_eq!(e["mark"]["new"], "0x2000");
+    assert_eq!(e["segment"]["hook"], "output");
+    let range = e["segment"]["priority_range"].as_array().expect("range");
+    let (lo, hi) = (range[0].as_i64().unwrap(), range[1].as_i64().unwrap());
+    assert!(
+        lo < -150 && -150 < hi,
+        "mangle priority -150 not inside {range:?}"
+    );
+}
+
+#[test]
+fn ipv6_transitions_are_reported_as_ipv6() {
+    let lab = lab_with_rules("v6");
+    let d = Daemon::start(&["--netns", &lab.a]);
+    send_udp(&lab.a, lab::ADDR6_B, 9999, 2, None);
+    let events = d.stop();
+    let tr = events_to(&events, "transition", 9999);
+    let e = first(&tr, "ipv6 transition");
+    assert_eq!(e["segment"]["family"], "ipv6");
+    assert_eq!(e["tuple"]["dst"], lab::ADDR6_B);
+}
+
+#[test]
+fn socket_mark_is_attributed_to_so_mark() {
+    let lab = Lab::new("sock").expect("lab");
+    let d = Daemon::start(&["--netns", &lab.a]);
+    send_udp(&lab.a, lab::ADDR_B, 9994, 2, Some(0xCA6C));
+    let events = d.stop();
+    let tr = events_to(&events, "transition", 9994);
+    let e = first(&tr, "SO_MARK transition");
+    assert_eq!(e["mark"]["old"], "0x0");
+    assert_eq!(e["mark"]["new"], "0xca6c");
+    assert_eq!(e["segment"]["layer"], "socket", "{e}");
+}
+
+#[test]
+fn mark_filter_keeps_only_matching_events() {
+    let lab = lab_with_rules("filter");
+    let d = Daemon::start(&["--netns", &lab.a, "--mark", "0x4000/0x4000"]);
+    send_udp(&lab.a, lab::ADDR_B, 9999, 2, None);
+    send_udp(&lab.a, lab::ADDR_B, 9998, 2, None);
+    let events = d.stop();
+    let evs: Vec<&Value> = events.iter().filter(|e| e["kind"] != "summary").collect();
+    assert!(
+        !evs.is_empty(),
+        "the 0x4000 transition should pass the filter"
+    );
+    for e in evs {
+        let old = u32::from_str_radix(
+            e["mark"]["old"].as_str().unwrap().trim_start_matches("0x"),
+            16,
+        )
+        .unwrap();
+        let new = u32::from_str_radix(
+            e["mark"]["new"].as_str().unwrap().trim_start_matches("0x"),
+            16,
+        )
+        .unwrap();
+        assert!(old & 0x4000 != 0 || new & 0x4000 != 0, "{e}");
+    }
+}
+
+#[test]
+fn nothing_stays_attached_after_sigint_or_sigkill() {
+    let lab = Lab::new("clean").expect("lab");
+    let d = Daemon::start(&["--netns", &lab.a]);
+    assert!(
+        !ours_loaded().is_empty(),
+        "programs should be loaded while tracing"
+    );
+    let events = d.stop();
+    assert_eq!(
+        events.last().map(|e| e["kind"].clone()),
+        Some(Value::from("summary"))
+    );
+    assert_eq!(
+        wait_unloaded(),
+        Vec::<String>::new(),
+        "left loaded after SIGINT"
+    );
+
+    let d = Daemon::start(&["--netns", &lab.a]);
+    unsafe { libc::kill(d.pid() as i32, libc::SIGKILL) };
+    drop(d);
+    assert_eq!(
+        wait_unloaded(),
+        Vec::<String>::new(),
+        "left loaded after SIGKILL"
+    );
+}
+
+fn run_bad(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_input_gets_one_clear_error_and_nothing_attached() {
+    require_root();
+    let lab = Lab::new("bad").expect("lab");
+    let cases: [(&[&str], &str); 4] = [
+        (&["trace", "--mark", "zz"], "not a 32-bit number"),
+        (&["trace", "--netns", "fwmt-no-such-netns"], "not found"),
+        (
+            &["trace", "--netns", &lab.a, "--iface", "nosuch0"],
+            "interface nosuch0 not found",
+        ),
+        (&["trace", "--ring-size", "1000"], "power of two"),
+    ];
+    for (args, expect) in cases {
+        let (code, err) = run_bad(args);
+        assert_ne!(code, 0, "{args:?} should fail");
+        assert!(err.contains(expect), "{args:?}: {err}");
+        assert!(
+            err.lines().filter(|l| l.contains("error")).count() == 1,
+            "{args:?}: {err}"
+        );
+        assert!(wait_unloaded().is_empty(), "{args:?} left programs loaded");
+    }
+}
+
+#[test]
+fn new_interfaces_are_picked_up_and_iface_filter_applies() {
+    let lab = lab_with_rules("churn");
+    let mut d = Daemon::start(&["--netns", &lab.a, "--full-path"]);
+    lab.exec(
+        &lab.a,
+        &[
+            "ip", "link", "add", "late0", "type", "veth", "peer", "name", "late1",
+        ],
+    )
+    .expect("veth");
+    d.wait_for_stderr(
+        "tcx attached to new interface late",
+        std::time::Duration::from_secs(10),
+    );
+    lab.exec(&lab.a, &["ip", "link", "del", "late0"])
+        .expect("del veth");
+    d.wait_for_stderr("vanished", std::time::Duration::from_secs(10));
+    let events = d.stop();
+    assert!(events.iter().any(|e| e["kind"] == "summary"));
+
+    // With --iface only that interface's events are reported.
+    let d = Daemon::start(&["--netns", &lab.a, "--full-path", "--iface", "lo"]);
+    send_udp(&lab.a, lab::ADDR_B, 9999, 2, None);
+    let events = d.stop();
+    let evs: Vec<&Value> = events.iter().filter(|e| e["kind"] != "summary").collect();
+    assert!(
+        evs.iter()
+            .all(|e| e["at"]["ifname"] == "lo" || e["segment"]["from"]["ifname"] == "lo"),
+        "events outside lo: {evs:?}"
+    );
+}
+
+#[test]
+fn count_stops_after_n_events() {
+    let lab = lab_with_rules("count");
+    let d = Daemon::start(&["--netns", &lab.a, "--count", "2"]);
+    send_udp(&lab.a, lab::ADDR_B, 9999, 5, None);
+    let mut d = d;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = d.try_wait() {
+            break st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "--count 2 did not stop the daemon"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(status.success());
+    let events = read_jsonl(&d.output);
+    let n = events.iter().filter(|e| e["kind"] != "summary").count();
+    assert_eq!(n, 2);
+}
