@@ -58,10 +58,8 @@ fn transitions_carry_hook_band_chain_and_values() {
     assert_eq!(seg["layer"], "netfilter", "{set}");
     assert_eq!(seg["hook"], "output");
     assert_eq!(seg["family"], "ipv4");
-    assert_eq!(
-        seg["priority_range"],
-        serde_json::json!([i32::MIN + 1, -149])
-    );
+    // The band starts just after conntrack (-200), which bounds a band of its own.
+    assert_eq!(seg["priority_range"], serde_json::json!([-199, -149]));
     assert_eq!(seg["chains"], serde_json::json!(["inet t/mangle_out@-150"]));
     assert_eq!(set["tuple"]["proto"], "udp");
     assert_eq!(set["tuple"]["src"], lab::ADDR_A);
@@ -348,4 +346,71 @@ fn count_stops_after_n_events() {
     let events = read_jsonl(&d.output);
     let n = events.iter().filter(|e| e["kind"] != "summary").count();
     assert_eq!(n, 2);
+}
+
+#[test]
+fn tcx_program_between_observers_is_named() {
+    let lab = Lab::new("tcx").expect("lab");
+    let d = Daemon::start(&["--netns", &lab.a]);
+    let (_link, id) = attach_mark_setter(&lab.a, lab::VETH_A, 0x77);
+    // The daemon re-reads tcx chains every second.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    send_udp(&lab.a, lab::ADDR_B, 9993, 2, None);
+    let events = d.stop();
+    let tr = events_to(&events, "transition", 9993);
+    let e = first(&tr, "tcx transition");
+    assert_eq!(e["mark"]["new"], "0x77");
+    assert_eq!(e["segment"]["layer"], "tc", "{e}");
+    assert_eq!(e["segment"]["hook"], "egress");
+    assert_eq!(
+        e["segment"]["programs"],
+        serde_json::json!([format!("test_setmark (id {id})")])
+    );
+    assert_eq!(e["at"]["position"], "last");
+}
+
+#[test]
+fn ring_overflow_is_counted_and_reported() {
+    let lab = lab_with_rules("lost");
+    // One page of ring (~39 events) against a burst of thousands of observations.
+    let d = Daemon::start(&["--netns", &lab.a, "--full-path", "--ring-size", "4096"]);
+    send_udp_burst(&lab.a, lab::ADDR_B, 9999, 3000);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let events = d.stop();
+    let summary = events.last().expect("summary");
+    assert_eq!(summary["kind"], "summary");
+    let lost = summary["lost"].as_u64().unwrap();
+    assert!(lost > 0, "a 4 KiB ring should overflow: {summary}");
+    let reported: u64 = events
+        .iter()
+        .filter(|e| e["kind"] == "lost")
+        .map(|e| e["lost"].as_u64().unwrap())
+        .sum();
+    assert!(
+        reported > 0 && reported <= lost,
+        "lost records {reported} vs summary {lost}"
+    );
+    // The daemon kept running and delivered events after the overflow.
+    assert!(summary["total_events"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn conntrack_mark_changes_are_transitions() {
+    let lab = Lab::new("ct").expect("lab");
+    lab.nft(
+        &lab.a,
+        "table ip c {\n chain out {\n type filter hook output priority 0; policy accept;\n udp dport 9992 ct mark set 0x42\n }\n}\n",
+    )
+    .expect("nft");
+    let d = Daemon::start(&["--netns", &lab.a]);
+    send_udp(&lab.a, lab::ADDR_B, 9992, 1, None);
+    let events = d.stop();
+    let tr = events_to(&events, "transition", 9992);
+    let e = first(&tr, "ct mark transition");
+    assert_eq!(e["mark"]["old"], e["mark"]["new"], "skb mark untouched");
+    assert_eq!(e["ct_mark"]["old"], "0x0");
+    assert_eq!(e["ct_mark"]["new"], "0x42");
+    assert_eq!(e["ct_mark"]["changed"], true);
+    assert_eq!(e["ct_mark"]["state"], "new");
+    assert_eq!(e["segment"]["chains"], serde_json::json!(["ip c/out@0"]));
 }

@@ -226,3 +226,95 @@ pub fn wait_unloaded() -> Vec<String> {
         thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Attaches, inside `ns`, a foreign tcx egress program on `ifname` that sets `skb->mark = mark`,
+/// placed just before fwmark-trace's last egress observer (so between our first and last).
+/// Returns the link fd (detached when dropped) and the program id.
+pub fn attach_mark_setter(ns: &str, ifname: &str, mark: u32) -> (std::os::fd::OwnedFd, u32) {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_prog_type};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    let (ns, ifname) = (ns.to_owned(), ifname.to_owned());
+    thread::spawn(move || {
+        fwmark_trace::netns::enter(&ns).expect("enter netns");
+        let (_, progs) =
+            SchedClassifier::query_tcx(&ifname, TcAttachType::Egress).expect("query tcx");
+        let last = progs
+            .iter()
+            .find(|p| p.name_as_str() == Some("fwm_tc_eg_last"))
+            .expect("fwmark-trace's last egress observer")
+            .id();
+        // r2 = mark; *(u32 *)(r1 + offsetof(__sk_buff, mark)) = r2; r0 = TCX_NEXT; exit
+        let insn = |code: u64, dst: u64, src: u64, off: i16, imm: i32| {
+            code | (dst | src << 4) << 8 | ((off as u16) as u64) << 16 | ((imm as u32) as u64) << 32
+        };
+        let prog = [
+            insn(0xb7, 2, 0, 0, mark as i32),
+            insn(0x63, 1, 2, 8, 0),
+            insn(0xb7, 0, 0, 0, -1),
+            insn(0x95, 0, 0, 0, 0),
+        ];
+        let license = b"GPL\0";
+        let sys = |cmd: bpf_cmd, attr: &mut bpf_attr| -> OwnedFd {
+            let fd = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    cmd as i64,
+                    attr as *mut bpf_attr,
+                    std::mem::size_of::<bpf_attr>(),
+                )
+            };
+            assert!(fd >= 0, "{cmd:?}: {}", std::io::Error::last_os_error());
+            unsafe { OwnedFd::from_raw_fd(fd as i32) }
+        };
+        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        let load = unsafe { &mut attr.__bindgen_anon_3 };
+        load.prog_type = bpf_prog_type::BPF_PROG_TYPE_SCHED_CLS as u32;
+        load.expected_attach_type = bpf_attach_type::BPF_TCX_EGRESS as u32;
+        load.insns = prog.as_ptr() as u64;
+        load.insn_cnt = prog.len() as u32;
+        load.license = license.as_ptr() as u64;
+        for (d, s) in load.prog_name.iter_mut().zip(b"test_setmark") {
+            *d = *s as libc::c_char;
+        }
+        let prog_fd = sys(bpf_cmd::BPF_PROG_LOAD, &mut attr);
+        let ifindex = unsafe {
+            libc::if_nametoindex(std::ffi::CString::new(ifname.as_str()).unwrap().as_ptr())
+        };
+        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        let lc = unsafe { &mut attr.link_create };
+        lc.__bindgen_anon_1.prog_fd = prog_fd.as_raw_fd() as u32;
+        lc.__bindgen_anon_2.target_ifindex = ifindex;
+        lc.attach_type = bpf_attach_type::BPF_TCX_EGRESS as u32;
+        const BPF_F_BEFORE: u32 = 1 << 3;
+        const BPF_F_ID: u32 = 1 << 5;
+        lc.flags = BPF_F_BEFORE | BPF_F_ID;
+        lc.__bindgen_anon_3.tcx.__bindgen_anon_1.relative_id = last;
+        let link = sys(bpf_cmd::BPF_LINK_CREATE, &mut attr);
+        let (_, progs) =
+            SchedClassifier::query_tcx(&ifname, TcAttachType::Egress).expect("query tcx");
+        let id = progs
+            .iter()
+            .find(|p| p.name_as_str() == Some("test_setmark"))
+            .expect("attached")
+            .id();
+        (link, id)
+    })
+    .join()
+    .expect("tcx attach thread")
+}
+
+/// Sends `count` UDP datagrams as fast as possible from inside `ns`.
+pub fn send_udp_burst(ns: &str, dst: &str, port: u16, count: usize) {
+    let (ns, dst) = (ns.to_owned(), dst.to_owned());
+    thread::spawn(move || {
+        fwmark_trace::netns::enter(&ns).expect("enter netns");
+        let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        for _ in 0..count {
+            let _ = sock.send_to(b"burst", (dst.as_str(), port));
+        }
+    })
+    .join()
+    .expect("burst thread");
+}

@@ -137,13 +137,14 @@ impl Observers {
             report.push(status(format!("tp_btf {tp}"), res));
         }
 
-        let chains = match nft::read_chains() {
+        let mut chains = match nft::read_chains() {
             Ok(c) => c,
             Err(err) => {
                 report.push(status("nftables chain bands".into(), Err(err)));
                 Vec::new()
             }
         };
+        chains.extend(nft::kernel_users());
         let mut plan = NfPlan::new(&chains);
         let mut nf_links = Vec::new();
         match NfPrograms::load(OBJECT, ebpf.maps()) {

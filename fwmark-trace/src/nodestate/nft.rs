@@ -21,8 +21,31 @@ pub struct Chain {
     pub priority: i32,
 }
 
+/// Table name of the kernel's own hook users (not nft chains, but they bound bands too).
+pub const KERNEL: &str = "kernel";
+
+/// Kernel hook users worth a band boundary: conntrack attaches the `nf_conn` (and with it the
+/// ct mark) at NF_IP_PRI_CONNTRACK = -200 on prerouting and output
+/// (include/uapi/linux/netfilter_ipv4.h); an observer just after it separates the ct mark a
+/// connection starts with from one a rule sets later.
+pub fn kernel_users() -> Vec<Chain> {
+    [0, 3]
+        .into_iter()
+        .map(|hook| Chain {
+            family: "inet".into(),
+            table: KERNEL.into(),
+            name: "conntrack".into(),
+            hook,
+            priority: -200,
+        })
+        .collect()
+}
+
 impl Chain {
     pub fn label(&self) -> String {
+        if self.table == KERNEL {
+            return format!("{}@{} (kernel)", self.name, self.priority);
+        }
         format!(
             "{} {}/{}@{}",
             self.family, self.table, self.name, self.priority
