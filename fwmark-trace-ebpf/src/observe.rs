@@ -2,6 +2,7 @@
 //! mark with what the previous observer saw (per-packet state keyed by the `sk_buff` pointer),
 //! and emit a transition, a drop, or (in full-path mode) every observation.
 use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns};
+use aya_log_ebpf::debug;
 use fwmark_trace_common::{
     kind, layer, Config, Event, PacketState, Point, CT_BEFORE, CT_NOW, OFFSET_MISSING,
 };
@@ -115,7 +116,19 @@ pub fn observe(skb: u64, site: &Site) {
             st.ct_attached = ct.attached as u8;
             true
         }
-        _ => first_sight(skb, site, &mut ev, head, cfg),
+        Some(_) => {
+            let emit = first_sight(skb, site, &mut ev, head, cfg);
+            // Scalars only: the verifier refuses formatting kernel pointers.
+            debug!(
+                &(),
+                "sk_buff recycled with a new buffer; packet {} starts fresh (layer {}, hook {})",
+                ev.packet_id,
+                at.layer,
+                at.hook
+            );
+            emit
+        }
+        None => first_sight(skb, site, &mut ev, head, cfg),
     };
     if site.end.is_some() {
         let _ = PACKETS.remove(skb);

@@ -2,16 +2,27 @@
 //! (kernel BTF, `Config::offsets`), so nothing here is tied to one kernel build; every read goes
 //! through `bpf_probe_read_kernel`, which the verifier accepts from tc, netfilter and tracing
 //! programs alike.
-use aya_ebpf::helpers::bpf_probe_read_kernel;
+use core::ffi::c_void;
+
+use aya_ebpf::helpers::generated;
 use fwmark_trace_common::{Event, Offsets, OFFSET_MISSING};
 
 /// Reads a `T` at `base + off`; 0 (as `T::default()`) when the field is missing or unreadable.
+/// The helper zeroes the destination when the read faults, so its result is not checked: an
+/// error branch per read multiplies the paths the verifier walks (seconds of load time).
 #[inline(always)]
 pub fn read<T: Copy + Default>(base: u64, off: u32) -> T {
-    if base == 0 || off == OFFSET_MISSING {
-        return T::default();
+    let mut v = T::default();
+    if off != OFFSET_MISSING {
+        unsafe {
+            generated::bpf_probe_read_kernel(
+                (&mut v as *mut T).cast(),
+                size_of::<T>() as u32,
+                (base + off as u64) as *const c_void,
+            )
+        };
     }
-    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }.unwrap_or_default()
+    v
 }
 
 /// The conntrack state attached to a packet.

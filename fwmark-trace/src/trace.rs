@@ -183,6 +183,7 @@ async fn stream(
                 }
             }
             _ = tick.tick() => {
+                obs.flush_log();
                 let lost = obs.lost();
                 if lost > lost_seen {
                     let now = events::rfc3339(SystemTime::now());

@@ -55,6 +55,8 @@ pub struct Observers {
     pub chains: Vec<nft::Chain>,
     pub drop_reasons: HashMap<u32, String>,
     pub report: Vec<AttachStatus>,
+    /// Kernel-side log records (aya-log); keeping it keeps its ring buffer alive.
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     _nf_links: Vec<OwnedFd>,
 }
 
@@ -107,11 +109,16 @@ impl Observers {
             .btf(Some(&aya_btf))
             .override_global(GLOBAL_CONFIG, &config, true)
             .map_max_entries(MAP_EVENTS, opts.ring_bytes)
+            // Kernel-side log statements below the daemon's log level are skipped in the kernel.
+            .override_global("AYA_LOG_LEVEL", &(log::max_level() as u8), false)
             .load(OBJECT)
             .context("loading the eBPF object (are you root?)")?;
-        if let Err(err) = aya_log::EbpfLogger::init(&mut ebpf) {
-            log::debug!("aya-log not active: {err}");
-        }
+        // Relocate the netfilter programs while every map is still in `ebpf` (the logger takes
+        // its ring buffer out); they are linked further down.
+        let nf = NfPrograms::load(OBJECT, ebpf.maps());
+        let logger = aya_log::EbpfLogger::init(&mut ebpf)
+            .map_err(|err| log::debug!("aya-log not active: {err}"))
+            .ok();
 
         let mut report = Vec::new();
         if let Some(names) = &opts.ifaces {
@@ -147,7 +154,7 @@ impl Observers {
         chains.extend(nft::kernel_users());
         let mut plan = NfPlan::new(&chains);
         let mut nf_links = Vec::new();
-        match NfPrograms::load(OBJECT, ebpf.maps()) {
+        match nf {
             Ok(nf) => {
                 let mut failures: HashMap<String, usize> = HashMap::new();
                 for site in plan.sites().to_vec() {
@@ -199,6 +206,7 @@ impl Observers {
             chains,
             drop_reasons,
             report,
+            logger,
             _nf_links: nf_links,
         };
         let changes = me.refresh_interfaces()?;
@@ -238,6 +246,13 @@ impl Observers {
         match &mut self.tc {
             Some(tc) => tc.refresh(&mut self.ebpf),
             None => Ok(Vec::new()),
+        }
+    }
+
+    /// Writes pending kernel log records to the daemon's log.
+    pub fn flush_log(&mut self) {
+        if let Some(logger) = &mut self.logger {
+            logger.flush();
         }
     }
 
