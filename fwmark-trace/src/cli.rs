@@ -2,7 +2,7 @@
 //! namespaces) and `registry` (the owner registry).
 use clap::{Parser, Subcommand};
 
-use crate::{demo::DemoArgs, trace::TraceArgs};
+use crate::{demo::DemoArgs, pipeline_bench::BenchPipelineArgs, trace::TraceArgs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -22,4 +22,7 @@ pub enum Cmd {
     /// Build two throwaway network namespaces with mark-changing rules, trace some traffic
     /// through them, print the transitions and clean everything up.
     Demo(DemoArgs),
+    /// Measure the userspace pipeline (decode, attribution, JSON) on synthetic events.
+    #[command(hide = true)]
+    BenchPipeline(BenchPipelineArgs),
 }

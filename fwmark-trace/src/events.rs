@@ -3,11 +3,12 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{Ipv4Addr, Ipv6Addr},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use anyhow::{bail, Result};
-use fwmark_trace_common::{kind, layer, Event, CT_BEFORE, CT_NOW};
+use fwmark_trace_common::{kind, layer, Event, Point, CT_BEFORE, CT_NOW};
 use serde::Serialize;
 
 use crate::{
@@ -23,9 +24,9 @@ pub struct TraceEvent {
     pub ts_ns: u64,
     pub packet_id: u64,
     pub kind: &'static str,
-    pub at: PointInfo,
+    pub at: Arc<PointInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub segment: Option<Segment>,
+    pub segment: Option<Arc<Segment>>,
     pub mark: MarkChange,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ct_mark: Option<CtMark>,
@@ -162,6 +163,9 @@ pub struct Decoder {
     boot: SystemTime,
     /// Packets whose "mark" is `reserved_tailroom` (see `kernel_tailroom`).
     tailroom: HashSet<u64>,
+    /// Named points and segments depend only on the points and the topology: built once each.
+    points: HashMap<Point, Arc<PointInfo>>,
+    segments: HashMap<(Point, Point), Arc<Segment>>,
 }
 
 pub fn monotonic_ns() -> u64 {
@@ -186,7 +190,32 @@ impl Decoder {
             drop_reasons,
             boot,
             tailroom: HashSet::new(),
+            points: HashMap::new(),
+            segments: HashMap::new(),
         }
+    }
+
+    /// Replaces the topology (interfaces, tcx chains, nft chains changed).
+    pub fn set_topology(&mut self, topology: Topology) {
+        self.topology = topology;
+        self.points.clear();
+        self.segments.clear();
+    }
+
+    fn point(&mut self, p: &Point) -> Arc<PointInfo> {
+        let topo = &self.topology;
+        self.points
+            .entry(*p)
+            .or_insert_with(|| Arc::new(topo.point(p)))
+            .clone()
+    }
+
+    fn segment(&mut self, prev: &Point, at: &Point) -> Arc<Segment> {
+        let topo = &self.topology;
+        self.segments
+            .entry((*prev, *at))
+            .or_insert_with(|| Arc::new(topo.segment(prev, at)))
+            .clone()
     }
 
     pub fn wall_time(&self, ts_ns: u64) -> String {
@@ -213,10 +242,12 @@ impl Decoder {
             || (ev.ct_flags & (CT_NOW | CT_BEFORE) == CT_NOW | CT_BEFORE
                 && ev.old_ct_mark != ev.new_ct_mark);
         let mut segment = (ev.kind == kind::TRANSITION || (ev.kind == kind::DROP && changed))
-            .then(|| self.topology.segment(&ev.prev, &ev.at));
-        if let Some(seg) = segment.as_mut().filter(|_| self.kernel_tailroom(ev)) {
+            .then(|| self.segment(&ev.prev, &ev.at));
+        if segment.is_some() && self.kernel_tailroom(ev) {
+            let mut seg = (*segment.take().unwrap_or_default()).clone();
             seg.layer = "kernel";
             seg.description = "kernel: ICMPv6 ND/MLD packet; skb->reserved_tailroom shares storage with skb->mark".into();
+            segment = Some(Arc::new(seg));
         }
         let ct_mark = (ev.ct_flags & CT_NOW != 0).then(|| CtMark {
             old: hex(ev.old_ct_mark),
@@ -229,7 +260,7 @@ impl Decoder {
             ts_ns: ev.ts_ns,
             packet_id: ev.packet_id,
             kind: kind_name(ev.kind),
-            at: self.topology.point(&ev.at),
+            at: self.point(&ev.at),
             segment,
             mark: MarkChange::new(ev.old_mark, ev.new_mark),
             ct_mark,
@@ -248,7 +279,6 @@ impl Decoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fwmark_trace_common::Point;
 
     #[test]
     fn mark_change_splits_bits() {

@@ -14,5 +14,6 @@ pub mod lab;
 pub mod netns;
 pub mod nodestate;
 pub mod output;
+pub mod pipeline_bench;
 pub mod trace;
 pub mod tracking;

@@ -198,7 +198,7 @@ async fn stream(
                         Change::Failed(n, why) => eprintln!("fwmark-trace: tcx NOT attached to {n}: {why}"),
                     }
                 }
-                decoder.topology = topology(obs, own_netns);
+                decoder.set_topology(topology(obs, own_netns));
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,

@@ -41,3 +41,33 @@ pub fn line(ev: &TraceEvent) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{events::Decoder, pipeline_bench::synthetic, tracking::segment::Topology};
+
+    #[test]
+    fn transition_line_shows_values_bits_segment_and_flow() {
+        let mut d = Decoder::new(Topology::default(), Default::default());
+        let ev = d.decode(&synthetic(1));
+        let text = line(&ev);
+        assert!(
+            text.contains("TRANSITION mark 0x0 -> 0x80000 (+0x80000 -0x0)"),
+            "{text}"
+        );
+        assert!(text.contains("\n    in   netfilter output ipv4"), "{text}");
+        assert!(
+            text.contains("\n    flow udp 10.77.0.1:40001 -> 10.77.0.2:5201"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn drop_line_names_the_reason() {
+        let mut d = Decoder::new(Topology::default(), [(12, "NETFILTER_DROP".into())].into());
+        let text = line(&d.decode(&synthetic(4)));
+        assert!(text.contains("DROP"), "{text}");
+        assert!(text.contains("reason NETFILTER_DROP"), "{text}");
+    }
+}

@@ -25,6 +25,9 @@ pub struct Output {
     out: Box<dyn Write + Send>,
     /// Flush after every event: someone is watching (a terminal, a pipe to jq).
     live: bool,
+    /// One record is serialised here, then written in one call (serde_json's many small
+    /// writes through a `dyn Write` cost more than the serialisation itself).
+    line: Vec<u8>,
 }
 
 /// A userspace-generated record: events the kernel could not deliver.
@@ -37,6 +40,16 @@ pub struct LostRecord<'a> {
 }
 
 impl Output {
+    /// Writes to any sink (benchmarks use `io::sink()`), flushing only at the end.
+    pub fn to_writer(format: Format, out: Box<dyn Write + Send>) -> Self {
+        Self {
+            format,
+            out,
+            live: false,
+            line: Vec::with_capacity(1024),
+        }
+    }
+
     pub fn new(format: Format, path: Option<&Path>) -> Result<Self> {
         let (out, live): (Box<dyn Write + Send>, bool) = match path {
             Some(p) => (
@@ -47,15 +60,22 @@ impl Output {
             ),
             None => (Box::new(BufWriter::new(io::stdout())), true),
         };
-        Ok(Self { format, out, live })
+        Ok(Self {
+            format,
+            out,
+            live,
+            line: Vec::with_capacity(1024),
+        })
     }
 
     pub fn event(&mut self, ev: &TraceEvent) -> Result<()> {
+        self.line.clear();
         match self.format {
-            Format::Json => serde_json::to_writer(&mut self.out, ev)?,
-            Format::Human => self.out.write_all(human::line(ev).as_bytes())?,
+            Format::Json => serde_json::to_writer(&mut self.line, ev)?,
+            Format::Human => self.line.extend_from_slice(human::line(ev).as_bytes()),
         }
-        self.out.write_all(b"\n")?;
+        self.line.push(b'\n');
+        self.out.write_all(&self.line)?;
         self.maybe_flush()
     }
 

@@ -23,7 +23,7 @@ pub struct Topology {
 }
 
 /// An observation point, named.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct PointInfo {
     pub layer: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -41,7 +41,7 @@ pub struct PointInfo {
 }
 
 /// The stretch of the path a change happened in.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct Segment {
     /// netfilter, tc, socket, kernel, routing, path (between different layers), unknown.
     pub layer: &'static str,
