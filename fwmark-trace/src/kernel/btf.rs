@@ -1,61 +1,498 @@
-// TEMPORARY STUB (replaced by the real BTF reader)
-use anyhow::Result;
-pub struct KernelBtf;
+//! A small reader of the kernel's BTF (/sys/kernel/btf/vmlinux): struct member offsets and
+//! enum names, so the observers get this kernel's `sk_buff` layout and drop-reason names at run
+//! time instead of numbers baked in for one build. Format: Documentation/bpf/btf.rst (header,
+//! type section of `struct btf_type` records with kind-specific trailers, string section).
+use std::collections::HashMap;
+
+use anyhow::{anyhow, bail, Context, Result};
+use fwmark_trace_common::{Offsets, OFFSET_MISSING};
+
+const MAGIC: u16 = 0xeb9f;
+
+// BTF_KIND_* (include/uapi/linux/btf.h).
+const INT: u8 = 1;
+const PTR: u8 = 2;
+const ARRAY: u8 = 3;
+const STRUCT: u8 = 4;
+const UNION: u8 = 5;
+const ENUM: u8 = 6;
+const TYPEDEF: u8 = 8;
+const VOLATILE: u8 = 9;
+const CONST: u8 = 10;
+const RESTRICT: u8 = 11;
+const FUNC_PROTO: u8 = 13;
+const VAR: u8 = 14;
+const DATASEC: u8 = 15;
+const FLOAT: u8 = 16;
+const DECL_TAG: u8 = 17;
+const TYPE_TAG: u8 = 18;
+const ENUM64: u8 = 19;
+
+#[derive(Clone, Debug)]
+struct Member {
+    name: String,
+    type_id: u32,
+    bit_offset: u32,
+    bitfield_size: u32,
+}
+
+#[derive(Clone, Debug)]
+struct Type {
+    kind: u8,
+    name: String,
+    /// `size` for sized kinds, the referenced type id for modifiers/typedefs/pointers.
+    size_or_type: u32,
+    members: Vec<Member>,
+    enumerators: Vec<(String, i64)>,
+    /// Element type and count, for arrays.
+    array: Option<(u32, u32)>,
+}
+
+pub struct KernelBtf {
+    /// Index = type id (0 is `void`).
+    types: Vec<Type>,
+    by_name: HashMap<String, Vec<u32>>,
+}
+
+struct Reader<'a> {
+    data: &'a [u8],
+}
+
+impl Reader<'_> {
+    fn u32_at(&self, off: usize) -> Result<u32> {
+        let b = self
+            .data
+            .get(off..off + 4)
+            .ok_or_else(|| anyhow!("BTF truncated at byte {off}"))?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+}
+
 impl KernelBtf {
     pub fn load() -> Result<Self> {
-        Ok(KernelBtf)
+        let path = "/sys/kernel/btf/vmlinux";
+        let data = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+        Self::from_bytes(&data)
     }
-}
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Offsets {
-    pub skb_mark: u32,
-    pub skb_nfct: u32,
-    pub skb_dev: u32,
-    pub skb_sk: u32,
-    pub skb_head: u32,
-    pub skb_data: u32,
-    pub skb_network_header: u32,
-    pub skb_transport_header: u32,
-    pub skb_protocol: u32,
-    pub dev_ifindex: u32,
-    pub dev_nd_net: u32,
-    pub net_ns_inum: u32,
-    pub nf_conn_mark: u32,
-    pub sock_sk_mark: u32,
-    pub nf_state_hook: u32,
-    pub nf_state_pf: u32,
-    pub nf_state_in: u32,
-    pub nf_state_out: u32,
-    pub nf_state_net: u32,
-}
-impl Offsets {
-    pub fn from_btf(_b: &KernelBtf) -> Result<Self> {
-        Ok(Offsets {
-            skb_mark: 164,
-            skb_nfct: 104,
-            skb_dev: 16,
-            skb_sk: 24,
-            skb_head: 192,
-            skb_data: 200,
-            skb_network_header: 180,
-            skb_transport_header: 0,
-            skb_protocol: 176,
-            dev_ifindex: 224,
-            dev_nd_net: 264,
-            net_ns_inum: 176,
-            nf_conn_mark: 168,
-            sock_sk_mark: 524,
-            nf_state_hook: 0,
-            nf_state_pf: 1,
-            nf_state_in: 8,
-            nf_state_out: 16,
-            nf_state_net: 32,
+
+    pub fn from_bytes(data: &[u8]) -> Result<Self> {
+        if data.len() < 24 || u16::from_le_bytes([data[0], data[1]]) != MAGIC {
+            bail!("not raw BTF (bad magic or too short)");
+        }
+        let r = Reader { data };
+        let hdr_len = r.u32_at(4)? as usize;
+        let (type_off, type_len) = (r.u32_at(8)? as usize, r.u32_at(12)? as usize);
+        let (str_off, str_len) = (r.u32_at(16)? as usize, r.u32_at(20)? as usize);
+        let section = |off: usize, len: usize| -> Result<&[u8]> {
+            hdr_len
+                .checked_add(off)
+                .and_then(|s| Some(s..s.checked_add(len)?))
+                .and_then(|range| data.get(range))
+                .ok_or_else(|| anyhow!("BTF section out of bounds"))
+        };
+        let strings = section(str_off, str_len)?;
+        let types_raw = section(type_off, type_len)?;
+        let name = |off: u32| -> Result<String> {
+            let rest = strings
+                .get(off as usize..)
+                .ok_or_else(|| anyhow!("BTF string offset {off} out of bounds"))?;
+            let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+            Ok(String::from_utf8_lossy(&rest[..end]).into_owned())
+        };
+
+        let r = Reader { data: types_raw };
+        let mut types = vec![Type {
+            kind: 0,
+            name: String::new(),
+            size_or_type: 0,
+            members: vec![],
+            enumerators: vec![],
+            array: None,
+        }];
+        let mut off = 0usize;
+        while off < types_raw.len() {
+            let info = r.u32_at(off + 4)?;
+            let (vlen, kind, kind_flag) = (
+                (info & 0xffff) as usize,
+                ((info >> 24) & 0x1f) as u8,
+                info >> 31 == 1,
+            );
+            let mut t = Type {
+                kind,
+                name: name(r.u32_at(off)?)?,
+                size_or_type: r.u32_at(off + 8)?,
+                members: vec![],
+                enumerators: vec![],
+                array: None,
+            };
+            off += 12;
+            match kind {
+                INT | VAR | DECL_TAG => off += 4,
+                ARRAY => {
+                    t.array = Some((r.u32_at(off)?, r.u32_at(off + 8)?));
+                    off += 12;
+                }
+                STRUCT | UNION => {
+                    for i in 0..vlen {
+                        let at = off + i * 12;
+                        let raw = r.u32_at(at + 8)?;
+                        t.members.push(Member {
+                            name: name(r.u32_at(at)?)?,
+                            type_id: r.u32_at(at + 4)?,
+                            bit_offset: if kind_flag { raw & 0xff_ffff } else { raw },
+                            bitfield_size: if kind_flag { raw >> 24 } else { 0 },
+                        });
+                    }
+                    off += vlen * 12;
+                }
+                ENUM => {
+                    for i in 0..vlen {
+                        let at = off + i * 8;
+                        let v = r.u32_at(at + 4)?;
+                        // kind_flag marks a signed enum.
+                        let v = if kind_flag { v as i32 as i64 } else { v as i64 };
+                        t.enumerators.push((name(r.u32_at(at)?)?, v));
+                    }
+                    off += vlen * 8;
+                }
+                ENUM64 => {
+                    for i in 0..vlen {
+                        let at = off + i * 12;
+                        let v = (r.u32_at(at + 4)? as u64) | (r.u32_at(at + 8)? as u64) << 32;
+                        t.enumerators.push((name(r.u32_at(at)?)?, v as i64));
+                    }
+                    off += vlen * 12;
+                }
+                FUNC_PROTO => off += vlen * 8,
+                DATASEC => off += vlen * 12,
+                0 | 20.. => bail!("unknown BTF kind {kind} at type {}", types.len()),
+                _ => {}
+            }
+            types.push(t);
+        }
+        let mut by_name: HashMap<String, Vec<u32>> = HashMap::new();
+        for (id, t) in types.iter().enumerate().skip(1) {
+            if !t.name.is_empty() {
+                by_name.entry(t.name.clone()).or_default().push(id as u32);
+            }
+        }
+        Ok(Self { types, by_name })
+    }
+
+    fn get(&self, id: u32) -> Result<&Type> {
+        self.types
+            .get(id as usize)
+            .ok_or_else(|| anyhow!("BTF type id {id} out of range"))
+    }
+
+    /// Follows typedefs and qualifiers to the underlying type.
+    fn resolve(&self, mut id: u32) -> Result<u32> {
+        for _ in 0..32 {
+            match self.get(id)?.kind {
+                TYPEDEF | VOLATILE | CONST | RESTRICT | TYPE_TAG => id = self.get(id)?.size_or_type,
+                _ => return Ok(id),
+            }
+        }
+        bail!("BTF type {id}: modifier chain too long")
+    }
+
+    fn size_of(&self, id: u32) -> Result<u32> {
+        let t = self.get(self.resolve(id)?)?;
+        Ok(match t.kind {
+            INT | STRUCT | UNION | ENUM | ENUM64 | FLOAT => t.size_or_type,
+            PTR => 8,
+            ARRAY => {
+                let (elem, n) = t.array.unwrap_or_default();
+                self.size_of(elem)? * n
+            }
+            k => bail!("BTF type {id} of kind {k} has no size"),
         })
     }
+
+    /// The struct (not a forward declaration) with this name.
+    fn find_struct(&self, name: &str) -> Result<u32> {
+        self.by_name
+            .get(name)
+            .into_iter()
+            .flatten()
+            .copied()
+            .find(|&id| {
+                let t = &self.types[id as usize];
+                matches!(t.kind, STRUCT | UNION) && !(t.members.is_empty() && t.size_or_type == 0)
+            })
+            .ok_or_else(|| anyhow!("kernel BTF has no struct {name}"))
+    }
+
+    /// (bit offset, member) of `name` in composite `id`, searching anonymous members too.
+    fn find_member(&self, id: u32, name: &str) -> Result<Option<(u32, Member)>> {
+        let t = self.get(self.resolve(id)?)?;
+        for m in &t.members {
+            if m.name == name {
+                return Ok(Some((m.bit_offset, m.clone())));
+            }
+            if m.name.is_empty() {
+                if let Some((inner, found)) = self.find_member(m.type_id, name)? {
+                    return Ok(Some((m.bit_offset + inner, found)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn walk(&self, struct_name: &str, path: &str) -> Result<(u32, Member)> {
+        let mut id = self.find_struct(struct_name)?;
+        let mut bits = 0;
+        let mut last = None;
+        for part in path.split('.') {
+            let (off, m) = self
+                .find_member(id, part)?
+                .ok_or_else(|| anyhow!("kernel BTF: struct {struct_name} has no member {path}"))?;
+            if m.bitfield_size != 0 || (bits + off) % 8 != 0 {
+                bail!("kernel BTF: {struct_name}.{path} is a bitfield");
+            }
+            bits += off;
+            id = m.type_id;
+            last = Some(m);
+        }
+        Ok((bits / 8, last.ok_or_else(|| anyhow!("empty member path"))?))
+    }
+
+    /// Byte offset of a (possibly nested, dotted) member, looking through anonymous
+    /// structs/unions: `member_offset("sk_buff", "mark")`, `member_offset("net", "ns.inum")`.
+    pub fn member_offset(&self, struct_name: &str, path: &str) -> Result<u32> {
+        Ok(self.walk(struct_name, path)?.0)
+    }
+
+    /// Byte size of a member's type.
+    pub fn member_size(&self, struct_name: &str, path: &str) -> Result<u32> {
+        self.size_of(self.walk(struct_name, path)?.1.type_id)
+    }
+
+    /// (name, value) of every enumerator of a named enum.
+    pub fn enum_values(&self, enum_name: &str) -> Result<Vec<(String, i64)>> {
+        self.by_name
+            .get(enum_name)
+            .into_iter()
+            .flatten()
+            .map(|&id| &self.types[id as usize])
+            .find(|t| matches!(t.kind, ENUM | ENUM64) && !t.enumerators.is_empty())
+            .map(|t| t.enumerators.clone())
+            .ok_or_else(|| anyhow!("kernel BTF has no enum {enum_name}"))
+    }
+
+    /// Whether any type of that name exists (e.g. `btf_trace_fib_table_lookup`: the tracepoint
+    /// exists; `bpf_nf_ctx`: netfilter programs exist).
+    pub fn has_type(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
 }
-pub fn drop_reason_names(_b: &KernelBtf) -> Result<std::collections::HashMap<u32, String>> {
-    Ok(std::collections::HashMap::from([(
-        6u32,
-        "NETFILTER_DROP".to_string(),
-    )]))
+
+/// The kernel struct offsets the observers need (their `Config::offsets`). Every field is
+/// required except the conntrack mark (CONFIG_NF_CONNTRACK_MARK) and `sk_mark`, which become
+/// `OFFSET_MISSING` (the observers then skip them).
+pub fn offsets(btf: &KernelBtf) -> Result<Offsets> {
+    let off = |s: &str, p: &str| btf.member_offset(s, p);
+    let optional = |s: &str, p: &str| off(s, p).unwrap_or(OFFSET_MISSING);
+    Ok(Offsets {
+        skb_mark: off("sk_buff", "mark")?,
+        skb_nfct: off("sk_buff", "_nfct")?,
+        skb_dev: off("sk_buff", "dev")?,
+        skb_sk: off("sk_buff", "sk")?,
+        skb_head: off("sk_buff", "head")?,
+        skb_data: off("sk_buff", "data")?,
+        skb_network_header: off("sk_buff", "network_header")?,
+        skb_protocol: off("sk_buff", "protocol")?,
+        dev_ifindex: off("net_device", "ifindex")?,
+        dev_nd_net: off("net_device", "nd_net.net")?,
+        net_ns_inum: off("net", "ns.inum")?,
+        nf_conn_mark: optional("nf_conn", "mark"),
+        sock_sk_mark: optional("sock", "sk_mark"),
+        nf_state_hook: off("nf_hook_state", "hook")?,
+        nf_state_pf: off("nf_hook_state", "pf")?,
+        nf_state_in: off("nf_hook_state", "in")?,
+        nf_state_out: off("nf_hook_state", "out")?,
+        nf_state_net: off("nf_hook_state", "net")?,
+    })
+}
+
+/// `enum skb_drop_reason` values → names without the `SKB_DROP_REASON_` prefix.
+pub fn drop_reason_names(btf: &KernelBtf) -> Result<HashMap<u32, String>> {
+    Ok(btf
+        .enum_values("skb_drop_reason")?
+        .into_iter()
+        .map(|(name, v)| {
+            let short = name.strip_prefix("SKB_DROP_REASON_").unwrap_or(&name);
+            (v as u32, short.to_owned())
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds raw BTF from (kind, name, size_or_type, kind_flag, trailer words).
+    #[derive(Default)]
+    struct Builder {
+        types: Vec<u32>,
+        strings: Vec<u8>,
+    }
+
+    impl Builder {
+        fn new() -> Self {
+            Self {
+                types: vec![],
+                strings: vec![0],
+            }
+        }
+        fn s(&mut self, name: &str) -> u32 {
+            if name.is_empty() {
+                return 0;
+            }
+            let off = self.strings.len() as u32;
+            self.strings.extend_from_slice(name.as_bytes());
+            self.strings.push(0);
+            off
+        }
+        fn ty(
+            &mut self,
+            kind: u8,
+            name: &str,
+            vlen: usize,
+            flag: bool,
+            size: u32,
+            trailer: &[u32],
+        ) {
+            let n = self.s(name);
+            let info = (vlen as u32) | (kind as u32) << 24 | (flag as u32) << 31;
+            self.types.extend([n, info, size]);
+            self.types.extend_from_slice(trailer);
+        }
+        fn composite(&mut self, kind: u8, name: &str, size: u32, members: &[(&str, u32, u32)]) {
+            let mut trailer = vec![];
+            for (n, t, off) in members {
+                let n = self.s(n);
+                trailer.extend([n, *t, *off]);
+            }
+            self.ty(kind, name, members.len(), false, size, &trailer);
+        }
+        fn bytes(&self) -> Vec<u8> {
+            let types: Vec<u8> = self.types.iter().flat_map(|w| w.to_le_bytes()).collect();
+            let mut out = vec![];
+            out.extend(MAGIC.to_le_bytes());
+            out.extend([1u8, 0]);
+            for w in [
+                24u32,
+                0,
+                types.len() as u32,
+                types.len() as u32,
+                self.strings.len() as u32,
+            ] {
+                out.extend(w.to_le_bytes());
+            }
+            out.extend(types);
+            out.extend(&self.strings);
+            out
+        }
+    }
+
+    /// [1] int u32, [2] typedef __u32 → 1, [3] anon union { mark: 2 },
+    /// [4] struct inner { inum: 1 @32 }, [5] struct sk_buff { anon(3) @64, ns: 4 @128, bf: 1 bitfield },
+    /// [6] enum drop { A=0, B=6 }, [7] enum64 big { X = 1<<40 }, [8] const → 5.
+    fn sample() -> KernelBtf {
+        let mut b = Builder::new();
+        b.ty(INT, "unsigned int", 0, false, 4, &[32]);
+        b.ty(TYPEDEF, "__u32", 0, false, 1, &[]);
+        b.composite(UNION, "", 4, &[("mark", 2, 0)]);
+        b.composite(STRUCT, "inner", 8, &[("pad", 1, 0), ("inum", 1, 32)]);
+        let mut trailer = vec![];
+        for (n, t, off) in [
+            ("", 3u32, 64u32),
+            ("ns", 4, 128),
+            ("bf", 1, (3 << 24) | 256),
+        ] {
+            let n = b.s(n);
+            trailer.extend([n, t, off]);
+        }
+        b.ty(STRUCT, "sk_buff", 3, true, 48, &trailer);
+        let (a, bb) = (
+            b.s("SKB_DROP_REASON_A"),
+            b.s("SKB_DROP_REASON_NETFILTER_DROP"),
+        );
+        b.ty(ENUM, "skb_drop_reason", 2, false, 4, &[a, 0, bb, 6]);
+        let x = b.s("X");
+        b.ty(ENUM64, "big", 1, false, 8, &[x, 0, 1 << 8]);
+        b.ty(CONST, "", 0, false, 5, &[]);
+        KernelBtf::from_bytes(&b.bytes()).unwrap()
+    }
+
+    #[test]
+    fn offsets_through_anonymous_unions_and_paths() {
+        let btf = sample();
+        assert_eq!(btf.member_offset("sk_buff", "mark").unwrap(), 8);
+        assert_eq!(btf.member_size("sk_buff", "mark").unwrap(), 4);
+        assert_eq!(btf.member_offset("sk_buff", "ns.inum").unwrap(), 20);
+        assert_eq!(btf.member_size("sk_buff", "ns").unwrap(), 8);
+    }
+
+    #[test]
+    fn errors_name_what_is_missing() {
+        let btf = sample();
+        let e = btf
+            .member_offset("sk_buff", "nope")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sk_buff") && e.contains("nope"), "{e}");
+        assert!(btf.member_offset("nf_conn", "mark").is_err());
+        let e = btf.member_offset("sk_buff", "bf").unwrap_err().to_string();
+        assert!(e.contains("bitfield"), "{e}");
+    }
+
+    #[test]
+    fn enums_and_names() {
+        let btf = sample();
+        let names = drop_reason_names(&btf).unwrap();
+        assert_eq!(names[&6], "NETFILTER_DROP");
+        assert_eq!(
+            btf.enum_values("big").unwrap(),
+            vec![("X".into(), 1i64 << 40)]
+        );
+        assert!(btf.has_type("__u32") && !btf.has_type("nope"));
+    }
+
+    #[test]
+    fn truncated_or_garbage_input_is_an_error_not_a_panic() {
+        let mut b = Builder::new();
+        b.ty(INT, "int", 0, false, 4, &[32]);
+        b.composite(STRUCT, "s", 4, &[("a", 1, 0)]);
+        let good = b.bytes();
+        for len in 0..good.len() {
+            let _ = KernelBtf::from_bytes(&good[..len]);
+        }
+        let mut bad = good.clone();
+        bad[0] = 0;
+        assert!(KernelBtf::from_bytes(&bad).is_err());
+        for i in 24..good.len() {
+            let mut flipped = good.clone();
+            flipped[i] ^= 0xff;
+            let _ = KernelBtf::from_bytes(&flipped).map(|btf| btf.member_offset("s", "a"));
+        }
+    }
+
+    #[test]
+    fn live_kernel_offsets() {
+        let Ok(btf) = KernelBtf::load() else {
+            panic!("/sys/kernel/btf/vmlinux is required (kernel with CONFIG_DEBUG_INFO_BTF)");
+        };
+        let o = offsets(&btf).unwrap();
+        println!("{o:#?}");
+        assert_eq!(btf.member_size("sk_buff", "mark").unwrap(), 4);
+        assert_eq!(btf.member_size("sk_buff", "_nfct").unwrap(), 8);
+        assert!(o.skb_mark > 0 && o.skb_mark < 256);
+        let reasons = drop_reason_names(&btf).unwrap();
+        for r in ["NETFILTER_DROP", "IP_RPFILTER", "XFRM_POLICY", "NO_SOCKET"] {
+            assert!(reasons.values().any(|n| n == r), "{r} missing");
+        }
+        assert!(btf.has_type("bpf_nf_ctx"));
+    }
 }

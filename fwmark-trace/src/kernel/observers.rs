@@ -60,29 +60,6 @@ pub struct Observers {
     _nf_links: Vec<OwnedFd>,
 }
 
-fn offsets(k: &btf::Offsets) -> fwmark_trace_common::Offsets {
-    fwmark_trace_common::Offsets {
-        skb_mark: k.skb_mark,
-        skb_nfct: k.skb_nfct,
-        skb_dev: k.skb_dev,
-        skb_sk: k.skb_sk,
-        skb_head: k.skb_head,
-        skb_data: k.skb_data,
-        skb_network_header: k.skb_network_header,
-        skb_protocol: k.skb_protocol,
-        dev_ifindex: k.dev_ifindex,
-        dev_nd_net: k.dev_nd_net,
-        net_ns_inum: k.net_ns_inum,
-        nf_conn_mark: k.nf_conn_mark,
-        sock_sk_mark: k.sock_sk_mark,
-        nf_state_hook: k.nf_state_hook,
-        nf_state_pf: k.nf_state_pf,
-        nf_state_in: k.nf_state_in,
-        nf_state_out: k.nf_state_out,
-        nf_state_net: k.nf_state_net,
-    }
-}
-
 impl Observers {
     /// Loads and attaches everything in the current network namespace (the caller has
     /// entered the traced one). Fails only when nothing useful could be attached.
@@ -92,11 +69,11 @@ impl Observers {
         }
         let kbtf = KernelBtf::load()
             .context("reading kernel BTF from /sys/kernel/btf/vmlinux (kernel built without CONFIG_DEBUG_INFO_BTF?)")?;
-        let offs = btf::Offsets::from_btf(&kbtf).context("finding kernel struct offsets in BTF")?;
+        let offsets = btf::offsets(&kbtf).context("finding kernel struct offsets in BTF")?;
         let drop_reasons = btf::drop_reason_names(&kbtf).unwrap_or_default();
         let (mark_value, mark_mask) = opts.mark.unwrap_or((0, 0));
         let config = Config {
-            offsets: offsets(&offs),
+            offsets,
             mark_value,
             mark_mask,
             netns: opts.netns,
