@@ -38,7 +38,7 @@ pub fn synthetic(i: u64) -> Event {
         layer: layer::NETFILTER,
         hook,
         slot,
-        family: if i % 4 == 0 { 10 } else { 2 },
+        family: if i.is_multiple_of(4) { 10 } else { 2 },
         ifindex: 2,
         netns: 1,
     };
@@ -87,8 +87,8 @@ pub fn synthetic(i: u64) -> Event {
         new_mark: ((i as u32) & 0x4000) | 0x80000,
         kind: k,
         drop_reason: 12,
-        ip_version: if i % 4 == 0 { 6 } else { 4 },
-        l4_proto: if i % 2 == 0 { 6 } else { 17 },
+        ip_version: if i.is_multiple_of(4) { 6 } else { 4 },
+        l4_proto: if i.is_multiple_of(2) { 6 } else { 17 },
         sport: 40000 + (i % 1000) as u16,
         dport: 5201,
         ..Default::default()

@@ -1,1 +1,198 @@
-fn main() {}
+//! Build steps that are not plain `cargo build`: machine set-up, building and running the
+//! daemon as root, the demo, the full test run and the benchmark. `cargo xtask --help`.
+mod cmd;
+mod setup;
+
+use std::{
+    path::PathBuf,
+    process::{Command, ExitCode},
+    time::Instant,
+};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "fwmark-trace build tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what this machine lacks (apt packages, nightly rust-src, bpf-linker, mounts).
+    Setup,
+    /// Set up, then build the daemon (and its eBPF object).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, build, and run the daemon as root with these arguments.
+    Run {
+        #[arg(long)]
+        release: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build and run the self-contained demo (the main job).
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then run every check and test: fmt, clippy (userspace and eBPF), unit and
+    /// integration tests (as root).
+    Test {
+        /// Passed to the test binaries (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Lint the eBPF crate with the nightly toolchain for the BPF target.
+    ClippyEbpf,
+}
+
+/// The userspace packages (the eBPF crate is built for the BPF target by fwmark-trace's build.rs).
+const PACKAGES: [&str; 6] = [
+    "-p",
+    "fwmark-trace",
+    "-p",
+    "fwmark-trace-common",
+    "-p",
+    "xtask",
+];
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn timed(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    let start = Instant::now();
+    let res = f();
+    println!(
+        "xtask: {name} {} in {:.1}s",
+        if res.is_ok() { "done" } else { "FAILED" },
+        start.elapsed().as_secs_f64()
+    );
+    res
+}
+
+/// Builds the daemon and returns the path of its binary (asks cargo, so CARGO_TARGET_DIR
+/// and profiles are respected).
+fn build(release: bool) -> Result<PathBuf> {
+    let mut c = cargo();
+    c.args([
+        "build",
+        "-p",
+        "fwmark-trace",
+        "--bin",
+        "fwmark-trace",
+        "--message-format=json-render-diagnostics",
+    ]);
+    if release {
+        c.arg("--release");
+    }
+    let out = c
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running cargo build")?;
+    if !out.status.success() {
+        anyhow::bail!("cargo build failed");
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .find(|p| p.file_name().is_some_and(|n| n == "fwmark-trace"))
+        .context("cargo build did not report the fwmark-trace binary")
+}
+
+fn run_daemon(release: bool, args: &[String]) -> Result<()> {
+    cmd::require_root("run")?;
+    let bin = build(release)?;
+    cmd::run(Command::new(bin).args(args))
+}
+
+fn test(args: &[String]) -> Result<()> {
+    cmd::require_root("test")?;
+    timed("fmt", || {
+        cmd::run(cargo().args(["fmt", "--all", "--", "--check"]))
+    })?;
+    timed("clippy", || {
+        cmd::run(cargo().arg("clippy").args(PACKAGES).args([
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    })?;
+    timed("clippy (eBPF)", clippy_ebpf)?;
+    timed("tests", || {
+        // Integration tests share the kernel's hooks and program list: one at a time.
+        cmd::run(
+            cargo()
+                .arg("test")
+                .args(PACKAGES)
+                .arg("--")
+                .arg("--test-threads=1")
+                .args(args),
+        )
+    })
+}
+
+fn clippy_ebpf() -> Result<()> {
+    cmd::run(
+        Command::new("rustup")
+            .args([
+                "run",
+                "nightly",
+                "cargo",
+                "clippy",
+                "-p",
+                "fwmark-trace-ebpf",
+            ])
+            .args([
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--release",
+            ])
+            .args(["--", "-D", "warnings"])
+            .env("CARGO_TARGET_DIR", target_dir().join("ebpf-clippy"))
+            .env(
+                "CARGO_ENCODED_RUSTFLAGS",
+                "--cfg=bpf_target_arch=\"x86_64\"",
+            )
+            .env_remove("RUSTC")
+            .env_remove("CARGO"),
+    )
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.task {
+        Task::Setup => timed("setup", setup::run),
+        Task::Build { release } => setup::run().and_then(|_| build(release).map(|_| ())),
+        Task::Run { release, args } => setup::run().and_then(|_| run_daemon(release, &args)),
+        Task::Demo { args } => setup::run().and_then(|_| {
+            let mut all = vec!["demo".to_string()];
+            all.extend(args);
+            run_daemon(true, &all)
+        }),
+        Task::Test { args } => timed("setup", setup::run).and_then(|_| test(&args)),
+        Task::ClippyEbpf => clippy_ebpf(),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -125,21 +125,20 @@ impl TcObservers {
             changes.push(Change::Detached(iface.name));
         }
         for (ifindex, name) in wanted {
-            if !self.interfaces.contains_key(&ifindex) {
-                match attach_all(ebpf, &name) {
-                    Ok(links) => {
-                        changes.push(Change::Attached(name.clone()));
-                        self.interfaces.insert(
-                            ifindex,
-                            Interface {
-                                name,
-                                links,
-                                chain: Default::default(),
-                            },
-                        );
-                    }
-                    Err(err) => changes.push(Change::Failed(name, format!("{err:#}"))),
+            let std::collections::btree_map::Entry::Vacant(slot) = self.interfaces.entry(ifindex)
+            else {
+                continue;
+            };
+            match attach_all(ebpf, &name) {
+                Ok(links) => {
+                    changes.push(Change::Attached(name.clone()));
+                    slot.insert(Interface {
+                        name,
+                        links,
+                        chain: Default::default(),
+                    });
                 }
+                Err(err) => changes.push(Change::Failed(name, format!("{err:#}"))),
             }
         }
         for iface in self.interfaces.values_mut() {
