@@ -2,7 +2,12 @@
 //! namespaces) and `registry` (the owner registry).
 use clap::{Parser, Subcommand};
 
-use crate::{demo::DemoArgs, pipeline_bench::BenchPipelineArgs, trace::TraceArgs};
+use crate::{
+    demo::DemoArgs,
+    pipeline_bench::BenchPipelineArgs,
+    registry::{cli::RegistryCmd, RegistryArgs},
+    trace::TraceArgs,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -22,6 +27,13 @@ pub enum Cmd {
     /// Build two throwaway network namespaces with mark-changing rules, trace some traffic
     /// through them, print the transitions and clean everything up.
     Demo(DemoArgs),
+    /// The mark-owner registry: list owners, show one's layout, check owners for overlaps.
+    Registry {
+        #[command(subcommand)]
+        cmd: RegistryCmd,
+        #[command(flatten)]
+        args: RegistryArgs,
+    },
     /// Measure the userspace pipeline (decode, attribution, JSON) on synthetic events.
     #[command(hide = true)]
     BenchPipeline(BenchPipelineArgs),

@@ -1,8 +1,9 @@
 //! `fwmark-trace demo`: a self-contained tour. Builds a lab (namespaces A and B over a veth),
 //! installs nft rules in A that set, OR and clear mark bits the way real owners do (kube-proxy's
-//! masquerade bit, Tailscale's bypass bit, Calico clearing its per-packet bits, the legacy
-//! kubelet drop bit), an `ip rule` by fwmark, a socket with SO_MARK (wg-quick's 0xCA6C), sends
-//! a little UDP from A to B, traces it inside A and cleans everything up.
+//! masquerade bit, the legacy kubelet drop bit and KUBE-FIREWALL, Calico clearing its per-packet
+//! bits), an `ip rule` by fwmark, sockets with SO_MARK (wg-quick's 0xCA6C, Tailscale's bypass
+//! 0x80000), sends a little UDP from A to B, traces it inside A with the owner profile of such a
+//! node, and cleans everything up. Two documented collisions show up as warnings.
 use std::{net::UdpSocket, os::fd::AsRawFd, thread, time::Duration};
 
 use anyhow::Result;
@@ -10,6 +11,7 @@ use clap::Args;
 
 use crate::{
     lab::{self, Lab},
+    registry::RegistryArgs,
     trace::{self, TraceArgs},
 };
 
@@ -23,59 +25,81 @@ pub struct DemoArgs {
     pub duration: Duration,
 }
 
-/// The rules the demo installs in namespace A (one table, removed with the namespace).
+/// The rules the demo installs in namespace A, one table per owner named the way the owner
+/// names its own (removed with the namespace).
 pub const RULESET: &str = r#"
-table inet fwmark_demo {
-    chain out_mangle {
+table ip kube-proxy {
+    chain mark-for-masquerade {
+        type filter hook output priority -100; policy accept;
+        udp dport 5201 meta mark set meta mark | 0x4000
+    }
+    chain masquerading {
+        type filter hook postrouting priority 100; policy accept;
+        meta mark & 0x4000 == 0x4000 meta mark set meta mark ^ 0x4000
+    }
+}
+table ip kubelet {
+    chain KUBE-MARK-DROP {
         type route hook output priority mangle; policy accept;
-        udp dport 5201 meta mark set meta mark | 0x4000 comment "kube-proxy: masquerade bit"
-        udp dport 5202 meta mark set meta mark | 0x8000 comment "legacy kubelet: KUBE-MARK-DROP"
+        udp dport 5202 meta mark set meta mark | 0x8000
     }
-    chain out_filter {
+    chain KUBE-FIREWALL {
         type filter hook output priority filter; policy accept;
-        udp dport 5201 meta mark set meta mark | 0x80000 comment "tailscale: bypass bit"
-        udp dport 5201 ct mark set meta mark comment "connmark save"
-        meta mark & 0x8000 == 0x8000 drop comment "legacy KUBE-FIREWALL: drop marked"
+        meta mark & 0x8000 == 0x8000 drop
     }
-    chain post_mangle {
+}
+table inet calico {
+    chain cali-POSTROUTING {
         type filter hook postrouting priority mangle; policy accept;
-        meta mark set meta mark & 0xffe4ffff comment "calico: clear accept/pass/scratch bits 0x1b0000"
-    }
-    chain post_srcnat {
-        type filter hook postrouting priority srcnat; policy accept;
-        meta mark & 0x4000 == 0x4000 meta mark set meta mark ^ 0x4000 comment "kube-proxy: clear masquerade bit"
+        meta mark set meta mark & 0xffe4ffff
     }
 }
 "#;
 
-/// wg-quick's default fwmark (51820).
-const SOCKET_MARK: u32 = 0xCA6C;
+/// The software the demo pretends the node runs (`--owners`).
+pub const PROFILE: [&str; 4] = ["kube-proxy", "tailscale", "calico", "wg-quick"];
 
-/// Sends the demo traffic from the calling thread's namespace (A).
-fn traffic() -> Result<()> {
-    let plain = UdpSocket::bind("0.0.0.0:0")?;
-    let marked = UdpSocket::bind("0.0.0.0:0")?;
-    // SAFETY: setsockopt on an open socket with a u32 value.
-    let rc = unsafe {
-        libc::setsockopt(
-            marked.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_MARK,
-            (&SOCKET_MARK as *const u32).cast(),
-            4,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    for _ in 0..3 {
-        for port in [5201, 5202] {
-            // A drop by netfilter surfaces as EPERM to the sender: expected here.
-            let _ = plain.send_to(b"fwmark-trace demo", (lab::ADDR_B, port));
+/// wg-quick's default fwmark (51820) and tailscaled's bypass mark, as SO_MARK.
+const WG_QUICK_MARK: u32 = 0xCA6C;
+const TAILSCALE_BYPASS: u32 = 0x80000;
+
+fn socket(mark: u32) -> Result<UdpSocket> {
+    let sock = UdpSocket::bind("0.0.0.0:0")?;
+    if mark != 0 {
+        // SAFETY: setsockopt on an open socket with a u32 value.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_MARK,
+                (&mark as *const u32).cast(),
+                4,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error().into());
         }
-        // 0xCA6C contains 0x8000: the legacy KUBE-FIREWALL rule drops it (collision #7 in the
-        // owner notes), so this send fails too.
-        let _ = marked.send_to(b"fwmark-trace demo", (lab::ADDR_B, 5203));
+    }
+    Ok(sock)
+}
+
+/// Sends the demo traffic from the calling thread's namespace (A). Sends that netfilter drops
+/// fail with EPERM: expected here.
+fn traffic() -> Result<()> {
+    let (plain, wg, ts) = (
+        socket(0)?,
+        socket(WG_QUICK_MARK)?,
+        socket(TAILSCALE_BYPASS)?,
+    );
+    for _ in 0..3 {
+        // kube-proxy marks for masquerade, then clears the bit before masquerading.
+        let _ = plain.send_to(b"fwmark-trace demo", (lab::ADDR_B, 5201));
+        // The legacy kubelet drop bit: KUBE-FIREWALL drops it.
+        let _ = plain.send_to(b"fwmark-trace demo", (lab::ADDR_B, 5202));
+        // 0xCA6C contains 0x8000: KUBE-FIREWALL drops wg-quick's traffic (collision #7).
+        let _ = wg.send_to(b"fwmark-trace demo", (lab::ADDR_B, 5203));
+        // Calico's postrouting clear of 0x1B0000 strips Tailscale's bypass bit (collision #1).
+        let _ = ts.send_to(b"fwmark-trace demo", (lab::ADDR_B, 5204));
         thread::sleep(Duration::from_millis(300));
     }
     Ok(())
@@ -113,14 +137,18 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         ],
     )?;
     eprintln!(
-        "fwmark-trace demo: namespaces {} and {} joined by {}/{}; nft table inet fwmark_demo and `ip rule fwmark 0x4000/0x4000 lookup 100` in {}",
-        lab.a, lab.b, lab::VETH_A, lab::VETH_B, lab.a
+        "fwmark-trace demo: namespaces {} and {} joined by {}/{}; in {}: nft tables kube-proxy, kubelet, calico, `ip rule fwmark 0x4000/0x4000 lookup 100`, sockets with SO_MARK {WG_QUICK_MARK:#x} (wg-quick) and {TAILSCALE_BYPASS:#x} (tailscale); owners: {}",
+        lab.a, lab.b, lab::VETH_A, lab::VETH_B, lab.a, PROFILE.join(",")
     );
     let targs = TraceArgs {
         json: args.json,
         netns: Some(lab.a.clone()),
         duration: Some(args.duration),
         ring_size: 4 << 20,
+        registry: RegistryArgs {
+            owners: PROFILE.map(String::from).to_vec(),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let sender = std::cell::RefCell::new(None);

@@ -12,7 +12,8 @@ use fwmark_trace_common::{kind, layer, Event, Point, CT_BEFORE, CT_NOW};
 use serde::Serialize;
 
 use crate::{
-    attribution::Attribution,
+    attribution::{attribute, Attribution, Change, ClobberCounter},
+    registry::Registry,
     tracking::segment::{PointInfo, Segment, Topology},
 };
 
@@ -35,7 +36,7 @@ pub struct TraceEvent {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drop_reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub attribution: Option<Attribution>,
+    pub attribution: Option<Arc<Attribution>>,
 }
 
 /// Marks are shown as hex strings: every owner documents its bits in hex.
@@ -155,6 +156,9 @@ pub fn tuple(ev: &Event) -> Option<Tuple> {
     })
 }
 
+/// (old mark, new mark, conntrack marks, segment identity).
+type AttributionKey = (u32, u32, Option<(u32, u32)>, usize);
+
 /// Turns raw records into `TraceEvent`s.
 pub struct Decoder {
     pub topology: Topology,
@@ -166,6 +170,11 @@ pub struct Decoder {
     /// Named points and segments depend only on the points and the topology: built once each.
     points: HashMap<Point, Arc<PointInfo>>,
     segments: HashMap<(Point, Point), Arc<Segment>>,
+    /// Owner registry for attribution (none: events carry no `attribution`).
+    pub registry: Option<Registry>,
+    /// Attributions depend only on the marks and the segment: computed once each.
+    attributions: HashMap<AttributionKey, Arc<Attribution>>,
+    pub clobbers: ClobberCounter,
 }
 
 pub fn monotonic_ns() -> u64 {
@@ -192,6 +201,9 @@ impl Decoder {
             tailroom: HashSet::new(),
             points: HashMap::new(),
             segments: HashMap::new(),
+            registry: None,
+            attributions: HashMap::new(),
+            clobbers: ClobberCounter::default(),
         }
     }
 
@@ -200,6 +212,7 @@ impl Decoder {
         self.topology = topology;
         self.points.clear();
         self.segments.clear();
+        self.attributions.clear();
     }
 
     fn point(&mut self, p: &Point) -> Arc<PointInfo> {
@@ -228,7 +241,9 @@ impl Decoder {
     fn kernel_tailroom(&mut self, ev: &Event) -> bool {
         // MLD packets start with a hop-by-hop header (next header 0).
         let icmp6 = ev.ip_version == 6 && matches!(ev.l4_proto, 0 | 58);
-        if icmp6 && ev.prev.layer == layer::NONE && ev.new_mark != 0 {
+        // First sight with a value, or the value vanishing as the packet leaves its namespace.
+        let scrubbed = ev.new_mark == 0 && ev.prev.netns != ev.at.netns;
+        if icmp6 && ((ev.prev.layer == layer::NONE && ev.new_mark != 0) || scrubbed) {
             if self.tailroom.len() > 4096 {
                 self.tailroom.clear();
             }
@@ -255,6 +270,30 @@ impl Decoder {
             changed: ev.ct_flags & CT_BEFORE != 0 && ev.old_ct_mark != ev.new_ct_mark,
             state: ct_state(ev.ct_info),
         });
+        let attribution = match (&self.registry, &segment) {
+            // Changes the kernel makes (netns scrub, ND/MLD tailroom) are nobody's bits.
+            (Some(reg), Some(seg)) if changed && seg.layer != "kernel" => {
+                let both_ct = ev.ct_flags & (CT_NOW | CT_BEFORE) == CT_NOW | CT_BEFORE;
+                let ct = both_ct.then_some((ev.old_ct_mark, ev.new_ct_mark));
+                let key = (ev.old_mark, ev.new_mark, ct, Arc::as_ptr(seg) as usize);
+                if self.attributions.len() > 65536 {
+                    self.attributions.clear();
+                }
+                let a = self.attributions.entry(key).or_insert_with(|| {
+                    let change = Change {
+                        old: ev.old_mark,
+                        new: ev.new_mark,
+                        ct,
+                        chains: &seg.chains,
+                        socket: seg.layer == "socket",
+                    };
+                    Arc::new(attribute(reg, &change))
+                });
+                self.clobbers.add(a);
+                Some(a.clone())
+            }
+            _ => None,
+        };
         TraceEvent {
             time: self.wall_time(ev.ts_ns),
             ts_ns: ev.ts_ns,
@@ -271,7 +310,7 @@ impl Decoder {
                     .cloned()
                     .unwrap_or_else(|| format!("reason {}", ev.drop_reason))
             }),
-            attribution: None,
+            attribution,
         }
     }
 }

@@ -15,5 +15,6 @@ pub mod netns;
 pub mod nodestate;
 pub mod output;
 pub mod pipeline_bench;
+pub mod registry;
 pub mod trace;
 pub mod tracking;

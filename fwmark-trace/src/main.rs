@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use fwmark_trace::{
     cli::{Cli, Cmd},
-    demo, pipeline_bench, trace,
+    demo, pipeline_bench, registry, trace,
 };
 
 fn main() -> ExitCode {
@@ -13,6 +13,7 @@ fn main() -> ExitCode {
     let res = match &cli.cmd {
         Cmd::Trace(args) => trace::run(args, || {}).map(|_| ExitCode::SUCCESS),
         Cmd::Demo(args) => demo::run(args).map(|_| ExitCode::SUCCESS),
+        Cmd::Registry { cmd, args } => registry::cli::run(cmd, args),
         Cmd::BenchPipeline(args) => pipeline_bench::run(args).map(|r| {
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
             ExitCode::SUCCESS

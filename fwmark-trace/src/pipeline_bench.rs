@@ -15,6 +15,7 @@ use crate::{
     events::Decoder,
     nodestate::nft::{self, Chain, NfPlan},
     output::{Format, Output},
+    registry::Registry,
     tracking::segment::Topology,
 };
 
@@ -114,6 +115,7 @@ pub fn run(args: &BenchPipelineArgs) -> Result<PipelineResult> {
     };
     topology.ifnames.insert(2, "veth-a".into());
     let mut decoder = Decoder::new(topology, [(12, "NETFILTER_DROP".to_string())].into());
+    decoder.registry = Some(Registry::builtin()?);
     let mut out = Output::to_writer(Format::Json, Box::new(io::BufWriter::new(io::sink())));
     let raw: Vec<Event> = (0..4096).map(synthetic).collect();
     let start = Instant::now();

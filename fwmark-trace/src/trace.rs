@@ -18,6 +18,7 @@ use crate::{
     kernel::observers::{Observers, Options},
     netns,
     output::{summary::Summary, Format, LostRecord, Output},
+    registry::{Registry, RegistryArgs},
     tracking::segment::Topology,
 };
 
@@ -51,6 +52,8 @@ pub struct TraceArgs {
     /// Ring buffer size in bytes (a power of two, at least one page).
     #[arg(long, default_value_t = 4 << 20, value_parser = parse_ring_size)]
     pub ring_size: u32,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
 }
 
 fn parse_mark_arg(s: &str) -> Result<(u32, u32), String> {
@@ -78,6 +81,8 @@ pub fn require_root(what: &str) -> Result<()> {
 /// Attaches everything in the current (or `--netns`) namespace and runs until stopped.
 /// `on_ready` runs once everything is attached (the demo starts its traffic there).
 pub fn run(args: &TraceArgs, on_ready: impl FnOnce()) -> Result<Summary> {
+    // Bad registry files or owner names fail before anything is attached.
+    let registry = Registry::load(&args.registry)?;
     require_root("fwmark-trace trace")?;
     let netns = match &args.netns {
         Some(spec) => netns::enter(spec)?,
@@ -118,7 +123,7 @@ pub fn run(args: &TraceArgs, on_ready: impl FnOnce()) -> Result<Summary> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let summary = rt.block_on(stream(&mut obs, &mut out, args, own_netns))?;
+    let summary = rt.block_on(stream(&mut obs, &mut out, args, own_netns, registry))?;
     eprintln!("fwmark-trace: {summary}");
     Ok(summary)
 }
@@ -157,9 +162,11 @@ async fn stream(
     out: &mut Output,
     args: &TraceArgs,
     own_netns: u32,
+    registry: Registry,
 ) -> Result<Summary> {
     let started = Instant::now();
     let mut decoder = Decoder::new(topology(obs, own_netns), obs.drop_reasons.clone());
+    decoder.registry = Some(registry);
     // SAFETY: the AsyncFd owns the ring buffer, so its fd stays open while registered.
     let mut ring =
         unsafe { AsyncFd::register(obs.take_ring()?) }.context("polling the ring buffer")?;
@@ -208,6 +215,7 @@ async fn stream(
     // Whatever the kernel wrote before we stopped is still reported.
     drain(ring.get_mut(), &mut decoder, out, &mut summary, limit)?;
     summary.lost = obs.lost();
+    summary.clobbers = decoder.clobbers.summary();
     summary.duration_s = started.elapsed().as_secs_f64();
     if args.json {
         out.summary(&summary)?;

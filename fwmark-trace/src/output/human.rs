@@ -33,6 +33,41 @@ pub fn line(ev: &TraceEvent) -> String {
     if let Some(ifname) = &ev.at.ifname {
         s += &format!(" [{ifname}]");
     }
+    if let Some(a) = &ev.attribution {
+        let mut who: Vec<String> = a
+            .owners
+            .iter()
+            .map(|o| {
+                let what = o
+                    .field
+                    .as_deref()
+                    .map_or(String::new(), |f| format!(" {f}"));
+                let meaning = o
+                    .meaning
+                    .as_deref()
+                    .map_or(String::new(), |m| format!(" \"{m}\""));
+                format!("{}{what} {}{meaning}", o.owner, o.bits)
+            })
+            .collect();
+        if let Some(u) = &a.unowned_bits {
+            who.push(format!("unowned {u}"));
+        }
+        for r in &a.recognized {
+            who.push(format!(
+                "{} {} = {} \"{}\"",
+                r.side, r.value, r.owner, r.meaning
+            ));
+        }
+        if !who.is_empty() {
+            s += &format!("\n    bits {}", who.join("; "));
+        }
+        if let Some(w) = &a.writer {
+            s += &format!(" (written by {w})");
+        }
+        for w in &a.warnings {
+            s += &format!("\n    !! {}: {}", w.kind, w.message);
+        }
+    }
     if let Some(t) = &ev.tuple {
         s += &format!(
             "\n    flow {} {}:{} -> {}:{}",

@@ -3,6 +3,8 @@ use std::{collections::BTreeMap, fmt};
 
 use serde::Serialize;
 
+use crate::attribution::ClobberCount;
+
 #[derive(Debug, Default, Serialize)]
 pub struct Summary {
     pub kind: &'static str,
@@ -10,6 +12,8 @@ pub struct Summary {
     pub events: BTreeMap<&'static str, u64>,
     pub total_events: u64,
     pub lost: u64,
+    /// Clobber/conflict warnings per owner pair.
+    pub clobbers: Vec<ClobberCount>,
 }
 
 impl Summary {
@@ -36,6 +40,10 @@ impl fmt::Display for Summary {
         for (k, n) in &self.events {
             write!(f, ", {k} {n}")?;
         }
-        write!(f, "; lost {}", self.lost)
+        write!(f, "; lost {}", self.lost)?;
+        for c in &self.clobbers {
+            write!(f, "\n  {} {}: {}", c.kind, c.owners, c.count)?;
+        }
+        Ok(())
     }
 }

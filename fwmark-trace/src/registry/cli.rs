@@ -1,0 +1,244 @@
+//! `fwmark-trace registry list | show NAME | check [OWNER…]`: browse the registry and check a
+//! set of owners for overlapping bits (exit code 1 when they overlap, for a platform team's CI).
+use std::{fmt::Write as _, process::ExitCode};
+
+use anyhow::{bail, Result};
+use clap::Subcommand;
+
+use super::{Owner, Registry, RegistryArgs, Style};
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum RegistryCmd {
+    /// Every owner: id, style, mask, description.
+    List,
+    /// One owner's layout as a bit map, with fields, named values, ct mask and source.
+    Show { name: String },
+    /// Overlapping bits between owners (all when none are named); exits 1 on any overlap.
+    Check { owners: Vec<String> },
+}
+
+pub fn run(cmd: &RegistryCmd, args: &RegistryArgs) -> Result<ExitCode> {
+    let reg = Registry::load(args)?;
+    let out = match cmd {
+        RegistryCmd::List => list(&reg),
+        RegistryCmd::Show { name } => {
+            let owners = reg.get(name);
+            if owners.is_empty() {
+                bail!("unknown owner {name:?}; `fwmark-trace registry list` shows every owner");
+            }
+            owners
+                .iter()
+                .map(|o| show(o))
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+        RegistryCmd::Check { owners } => {
+            let sel = if owners.is_empty() {
+                reg
+            } else {
+                reg.select(owners)?
+            };
+            let (text, overlaps) = check(&sel.owners);
+            print!("{text}");
+            return Ok(if overlaps {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            });
+        }
+    };
+    print!("{out}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn style(o: &Owner) -> &'static str {
+    match o.style {
+        Style::Bitwise => "bitwise",
+        Style::WholeMark => "whole-mark",
+    }
+}
+
+pub fn list(reg: &Registry) -> String {
+    let width = reg.owners.iter().map(|o| o.id().len()).max().unwrap_or(0);
+    let mut s = String::new();
+    for o in &reg.owners {
+        let _ = writeln!(
+            s,
+            "{:<width$}  {:<10}  {:#010x}  {}",
+            o.id(),
+            style(o),
+            o.mask,
+            o.description
+        );
+    }
+    s
+}
+
+/// A 32-bit ruler (bit 31 on the left) with one letter per bit naming the field that owns it.
+pub fn bitmap(o: &Owner) -> String {
+    let mut s = String::from("bit   31      24      16       8       0\n      ");
+    let mut legend = String::new();
+    let letters: Vec<char> = ('a'..='z').collect();
+    for bit in (0..32).rev() {
+        let m = 1u32 << bit;
+        let c = match o.fields.iter().position(|f| f.mask & m != 0) {
+            Some(i) => letters[i % letters.len()],
+            None if o.mask & m != 0 => '#',
+            None => '.',
+        };
+        s.push(c);
+        if bit % 8 == 0 && bit != 0 {
+            s.push(' ');
+        }
+    }
+    s.push('\n');
+    for (i, f) in o.fields.iter().enumerate() {
+        let _ = writeln!(
+            legend,
+            "      {} = {} ({:#x}{})",
+            letters[i % letters.len()],
+            f.name,
+            f.mask,
+            if f.number { ", a number" } else { "" }
+        );
+    }
+    if o.mask & !o.fields.iter().fold(0, |a, f| a | f.mask) != 0 {
+        legend.push_str("      # = owned, no named field\n");
+    }
+    s + &legend
+}
+
+pub fn show(o: &Owner) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "{} ({}, mask {:#010x})", o.id(), style(o), o.mask);
+    let _ = writeln!(s, "  {}", o.description);
+    s += &bitmap(o);
+    for f in &o.fields {
+        for (v, name) in &f.values {
+            let _ = writeln!(s, "  {}: {v:#x} = {name}", f.name);
+        }
+    }
+    for (v, name) in &o.values {
+        let _ = writeln!(s, "  value {v:#x} = {name}");
+    }
+    if let Some(ct) = o.ct_mask {
+        let _ = writeln!(s, "  conntrack mark: {ct:#x}");
+    }
+    if o.reads_exact {
+        let _ = writeln!(
+            s,
+            "  matches whole values: any foreign bit breaks its rules"
+        );
+    }
+    if !o.chains.is_empty() {
+        let _ = writeln!(s, "  rules: {}", o.chains.join(", "));
+    }
+    if !o.aliases.is_empty() {
+        let _ = writeln!(s, "  aliases: {}", o.aliases.join(", "));
+    }
+    let _ = writeln!(s, "  source: {} [{}]", o.source, o.origin);
+    s
+}
+
+/// Pairwise overlaps of skb-mark masks (versions of one owner are not compared with each
+/// other): a conflict matrix, then one line per overlapping pair with the exact mask.
+pub fn check(owners: &[Owner]) -> (String, bool) {
+    let ids: Vec<String> = owners.iter().map(Owner::id).collect();
+    let w = ids.iter().map(String::len).max().unwrap_or(0).max(5);
+    let mut s = format!("{:w$}", "");
+    for i in 0..owners.len() {
+        let _ = write!(s, " {:>3}", i + 1);
+    }
+    s.push('\n');
+    let mut pairs = Vec::new();
+    for (i, a) in owners.iter().enumerate() {
+        let _ = write!(s, "{:<w$}", format!("{} {}", i + 1, ids[i]));
+        for (j, b) in owners.iter().enumerate() {
+            let overlap = a.mask & b.mask;
+            let cell = if i == j || a.name == b.name {
+                "  -"
+            } else if overlap != 0 {
+                if i < j {
+                    pairs.push((i, j, overlap));
+                }
+                "  X"
+            } else {
+                "  ."
+            };
+            s.push(' ');
+            s.push_str(cell);
+        }
+        s.push('\n');
+    }
+    if pairs.is_empty() {
+        s.push_str("no overlapping bits\n");
+    }
+    for (i, j, m) in &pairs {
+        let _ = writeln!(s, "overlap {} × {}: {m:#010x}", ids[*i], ids[*j]);
+    }
+    (s, !pairs.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cilium_and_calico_overlap_on_calicos_bits() {
+        let reg = Registry::builtin()
+            .unwrap()
+            .select(&["cilium".into(), "calico".into()])
+            .unwrap();
+        let (text, overlaps) = check(&reg.owners);
+        assert!(overlaps);
+        let calico = reg.get("calico")[0].mask;
+        assert!(
+            text.contains(&format!(
+                "overlap cilium × calico: {:#010x}",
+                reg.get("cilium")[0].mask & calico
+            )),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn disjoint_owners_pass() {
+        let reg = Registry::builtin()
+            .unwrap()
+            .select(&[
+                "kube-proxy@current".into(),
+                "cni-portmap".into(),
+                "aws-vpc-cni@iptables".into(),
+            ])
+            .unwrap();
+        let (text, overlaps) = check(&reg.owners);
+        assert!(!overlaps, "{text}");
+    }
+
+    #[test]
+    fn check_is_symmetric() {
+        let reg = Registry::builtin().unwrap();
+        let (fwd, a) = check(
+            &reg.select(&["tailscale".into(), "weave".into()])
+                .unwrap()
+                .owners,
+        );
+        let (rev, b) = check(
+            &reg.select(&["weave".into(), "tailscale".into()])
+                .unwrap()
+                .owners,
+        );
+        assert_eq!(a, b);
+        assert!(fwd.contains("0x00060000") && rev.contains("0x00060000"));
+    }
+
+    #[test]
+    fn bitmap_marks_fields() {
+        let reg = Registry::builtin().unwrap();
+        let text = bitmap(reg.get("cilium")[0]);
+        assert!(
+            text.contains("aaaa ") && text.contains("a = magic"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,209 @@
+//! Owner attribution end to end: real rules in a throwaway namespace reproduce collisions
+//! documented in the owner research (mark-owners.md), and the JSON events must name the owners,
+//! the writer and the clobber; plus the `registry` command as a platform team's CI uses it.
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+fn warnings<'a>(e: &'a Value, kind: &str) -> Vec<&'a Value> {
+    e["attribution"]["warnings"]
+        .as_array()
+        .map(|w| w.iter().filter(|w| w["kind"] == kind).collect())
+        .unwrap_or_default()
+}
+
+/// Collision 1: Tailscale's bypass mark (SO_MARK 0x80000 on tailscaled's sockets) is cleared by
+/// Calico's chain-entry clear of 0x1B0000.
+#[test]
+fn calico_clearing_tailscale_bypass_is_flagged() {
+    let lab = Lab::new("ts-cali").expect("lab");
+    lab.nft(
+        &lab.a,
+        "table inet calico {\n chain cali-POSTROUTING {\n type filter hook postrouting priority mangle; policy accept;\n meta mark set meta mark & 0xffe4ffff\n }\n}\n",
+    )
+    .expect("nft");
+    let d = Daemon::start(&["--netns", &lab.a, "--owners", "tailscale,calico"]);
+    send_udp(&lab.a, lab::ADDR_B, 9981, 2, Some(0x80000));
+    let events = d.stop();
+    let tr = events_to(&events, "transition", 9981);
+
+    let born = tr
+        .iter()
+        .find(|e| e["segment"]["layer"] == "socket")
+        .expect("SO_MARK transition");
+    let ts = born["attribution"]["owners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["owner"] == "tailscale")
+        .expect("tailscale bits");
+    assert_eq!(ts["bits"], "0x80000");
+    assert_eq!(ts["meaning"], "bypass");
+
+    let cleared = tr
+        .iter()
+        .find(|e| e["mark"]["cleared"] == "0x80000")
+        .expect("the clear");
+    assert_eq!(
+        cleared["segment"]["chains"],
+        serde_json::json!(["inet calico/cali-POSTROUTING@-150"])
+    );
+    assert_eq!(cleared["attribution"]["writer"], "calico");
+    let w = warnings(cleared, "clobber");
+    assert_eq!(w.len(), 1, "{cleared}");
+    assert_eq!(w[0]["owners"], serde_json::json!(["calico", "tailscale"]));
+    assert!(w[0]["message"].as_str().unwrap().contains("bypass"));
+
+    let summary = events.last().unwrap();
+    let c = summary["clobbers"].as_array().unwrap();
+    assert!(
+        c.iter().any(|c| c["kind"] == "clobber"
+            && c["owners"] == "calico × tailscale"
+            && c["count"].as_u64() >= Some(2)),
+        "{summary}"
+    );
+}
+
+/// Collision 5: AWS VPC CNI's nft backend restores `meta mark set ct mark & 0x80`, which
+/// assigns the whole mark and wipes Calico eBPF's "seen" mark 0x01000000.
+#[test]
+fn aws_cni_nft_restore_wipes_calico_ebpf_mark() {
+    let lab = Lab::new("aws").expect("lab");
+    lab.nft(
+        &lab.b,
+        r#"
+table inet calico {
+    chain cali-ebpf-seen {
+        type filter hook prerouting priority raw; policy accept;
+        udp dport 9982 meta mark set meta mark | 0x1000000
+    }
+}
+table ip aws-cni {
+    chain mangle-prerouting {
+        type filter hook prerouting priority mangle; policy accept;
+        udp dport 9982 ct mark set ct mark | 0x80
+    }
+    chain nat-prerouting {
+        type nat hook prerouting priority -90; policy accept;
+        ct mark & 0x80 == 0x80 meta mark set ct mark & 0x80
+    }
+}
+"#,
+    )
+    .expect("nft");
+    let d = Daemon::start(&["--netns", &lab.b]);
+    send_udp(&lab.a, lab::ADDR_B, 9982, 1, None);
+    let events = d.stop();
+    let tr = events_to(&events, "transition", 9982);
+    let restore = tr
+        .iter()
+        .find(|e| e["mark"]["new"] == "0x80")
+        .expect("the restore");
+    assert_eq!(restore["mark"]["old"], "0x1000000");
+    assert_eq!(restore["segment"]["hook"], "prerouting");
+    assert_eq!(
+        restore["attribution"]["writer"],
+        "aws-vpc-cni@nftables>=1.23"
+    );
+    let w = warnings(restore, "whole-overwrite");
+    assert!(
+        w.iter()
+            .any(|w| w["owners"] == serde_json::json!(["aws-vpc-cni", "calico-ebpf"])),
+        "{restore}"
+    );
+    // The mark it wiped was recognised as Calico eBPF's when it was set.
+    let seen = tr
+        .iter()
+        .find(|e| e["mark"]["new"] == "0x1000000")
+        .expect("the seen mark");
+    assert!(seen["attribution"]["owners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|o| o["owner"] == "calico-ebpf" && o["meaning"] == "seen"));
+}
+
+fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn registry_check_exits_nonzero_on_overlap() {
+    let (code, out, _) = cli(&["registry", "check", "cilium", "calico"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("overlap cilium × calico: 0xffff0000"), "{out}");
+    let (code, out, _) = cli(&[
+        "registry",
+        "check",
+        "kube-proxy@current",
+        "cni-portmap",
+        "aws-vpc-cni@iptables",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("no overlapping bits"));
+    let (code, out, _) = cli(&["registry", "show", "tailscale"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("0x80000 = bypass") && out.contains("source: tailscale/tailscale"),
+        "{out}"
+    );
+}
+
+#[test]
+fn user_registry_files_extend_and_bad_ones_are_rejected() {
+    let dir = std::env::temp_dir().join(format!("fwmark-trace-reg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(&good, "[[owner]]\nname = \"myapp\"\nstyle = \"bitwise\"\nmask = \"0x3\"\ndescription = \"ours\"\nsource = \"us\"\n").unwrap();
+    let (code, out, err) = cli(&[
+        "registry",
+        "check",
+        "--registry",
+        good.to_str().unwrap(),
+        "myapp",
+        "kube-proxy",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, _) = cli(&[
+        "registry",
+        "check",
+        "--owner",
+        "mine=0x4001",
+        "mine",
+        "kube-proxy@current",
+    ]);
+    assert_eq!(code, 1);
+    assert!(out.contains("0x00004000"), "{out}");
+
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[owner]]\nname = \"x\"\nstyle = \"bitwise\"\nmask = \"0xZZ\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = cli(&["registry", "list", "--registry", bad.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains(&format!("registry {}, line 4: mask", bad.display())),
+        "{err}"
+    );
+    // A bad registry stops `trace` before anything is attached.
+    require_root();
+    let (code, _, err) = cli(&["trace", "--registry", bad.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("line 4"), "{err}");
+    let (code, _, err) = cli(&["trace", "--owners", "calicoo"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("unknown owner \"calicoo\""), "{err}");
+    assert!(wait_unloaded().is_empty());
+    std::fs::remove_dir_all(&dir).ok();
+}
