@@ -4,7 +4,7 @@
 //! bits), an `ip rule` by fwmark, sockets with SO_MARK (wg-quick's 0xCA6C, Tailscale's bypass
 //! 0x80000), sends a little UDP from A to B, traces it inside A with the owner profile of such a
 //! node, and cleans everything up. Two documented collisions show up as warnings.
-use std::{net::UdpSocket, os::fd::AsRawFd, thread, time::Duration};
+use std::{thread, time::Duration};
 
 use anyhow::Result;
 use clap::Args;
@@ -63,29 +63,10 @@ pub const PROFILE: [&str; 4] = ["kube-proxy", "tailscale", "calico", "wg-quick"]
 const WG_QUICK_MARK: u32 = 0xCA6C;
 const TAILSCALE_BYPASS: u32 = 0x80000;
 
-fn socket(mark: u32) -> Result<UdpSocket> {
-    let sock = UdpSocket::bind("0.0.0.0:0")?;
-    if mark != 0 {
-        // SAFETY: setsockopt on an open socket with a u32 value.
-        let rc = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_MARK,
-                (&mark as *const u32).cast(),
-                4,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-    }
-    Ok(sock)
-}
-
 /// Sends the demo traffic from the calling thread's namespace (A). Sends that netfilter drops
 /// fail with EPERM: expected here.
 fn traffic() -> Result<()> {
+    let socket = |mark| lab::udp_socket(false, mark);
     let (plain, wg, ts) = (
         socket(0)?,
         socket(WG_QUICK_MARK)?,

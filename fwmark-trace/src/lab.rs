@@ -3,6 +3,8 @@
 //! Used by `demo`, the integration tests and the benchmark, so they all build the same thing.
 use std::{
     io::Write,
+    net::UdpSocket,
+    os::fd::AsRawFd,
     process::{Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -16,6 +18,27 @@ pub const ADDR6_B: &str = "fd77::2";
 /// Interface names (each lives in its own namespace, so they never clash between labs).
 pub const VETH_A: &str = "veth-a";
 pub const VETH_B: &str = "veth-b";
+
+/// A UDP socket (IPv4, or IPv6 when `v6`) whose packets start with `SO_MARK` = `mark` (0: none).
+pub fn udp_socket(v6: bool, mark: u32) -> Result<UdpSocket> {
+    let sock = UdpSocket::bind(if v6 { "[::]:0" } else { "0.0.0.0:0" })?;
+    if mark != 0 {
+        // SAFETY: setsockopt on an open socket with a u32 value.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_MARK,
+                (&mark as *const u32).cast(),
+                4,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("setting SO_MARK");
+        }
+    }
+    Ok(sock)
+}
 
 pub struct Lab {
     pub a: String,

@@ -5,7 +5,6 @@
 use std::{
     io::{BufRead, BufReader},
     net::UdpSocket,
-    os::fd::AsRawFd,
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -156,24 +155,7 @@ pub fn send_udp(ns: &str, dst: &str, port: u16, count: usize, so_mark: Option<u3
     let (ns, dst) = (ns.to_owned(), dst.to_owned());
     thread::spawn(move || {
         fwmark_trace::netns::enter(&ns).expect("enter netns");
-        let bind = if dst.contains(':') {
-            "[::]:0"
-        } else {
-            "0.0.0.0:0"
-        };
-        let sock = UdpSocket::bind(bind).expect("bind");
-        if let Some(mark) = so_mark {
-            let rc = unsafe {
-                libc::setsockopt(
-                    sock.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_MARK,
-                    (&mark as *const u32).cast(),
-                    4,
-                )
-            };
-            assert_eq!(rc, 0, "SO_MARK");
-        }
+        let sock = lab::udp_socket(dst.contains(':'), so_mark.unwrap_or(0)).expect("socket");
         for _ in 0..count {
             let _ = sock.send_to(b"fwmark-trace test", (dst.as_str(), port));
             thread::sleep(Duration::from_millis(20));
@@ -232,8 +214,9 @@ pub fn wait_unloaded() -> Vec<String> {
 /// Returns the link fd (detached when dropped) and the program id.
 pub fn attach_mark_setter(ns: &str, ifname: &str, mark: u32) -> (std::os::fd::OwnedFd, u32) {
     use aya::programs::{SchedClassifier, TcAttachType};
-    use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_prog_type};
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use aya_obj::generated::{bpf_attach_type, bpf_cmd, bpf_prog_type};
+    use fwmark_trace::kernel::sys;
+    use std::os::fd::AsRawFd;
 
     let (ns, ifname) = (ns.to_owned(), ifname.to_owned());
     thread::spawn(move || {
@@ -255,34 +238,20 @@ pub fn attach_mark_setter(ns: &str, ifname: &str, mark: u32) -> (std::os::fd::Ow
             insn(0xb7, 0, 0, 0, -1),
             insn(0x95, 0, 0, 0, 0),
         ];
-        let license = b"GPL\0";
-        let sys = |cmd: bpf_cmd, attr: &mut bpf_attr| -> OwnedFd {
-            let fd = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    cmd as i64,
-                    attr as *mut bpf_attr,
-                    std::mem::size_of::<bpf_attr>(),
-                )
-            };
-            assert!(fd >= 0, "{cmd:?}: {}", std::io::Error::last_os_error());
-            unsafe { OwnedFd::from_raw_fd(fd as i32) }
-        };
-        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-        let load = unsafe { &mut attr.__bindgen_anon_3 };
-        load.prog_type = bpf_prog_type::BPF_PROG_TYPE_SCHED_CLS as u32;
-        load.expected_attach_type = bpf_attach_type::BPF_TCX_EGRESS as u32;
-        load.insns = prog.as_ptr() as u64;
-        load.insn_cnt = prog.len() as u32;
-        load.license = license.as_ptr() as u64;
-        for (d, s) in load.prog_name.iter_mut().zip(b"test_setmark") {
-            *d = *s as libc::c_char;
-        }
-        let prog_fd = sys(bpf_cmd::BPF_PROG_LOAD, &mut attr);
+        // SAFETY: bpf_insn is 8 plain bytes, the layout of the u64s above.
+        let insns: &[aya_obj::generated::bpf_insn] =
+            unsafe { std::slice::from_raw_parts(prog.as_ptr().cast(), prog.len()) };
+        let prog_fd = sys::prog_load(
+            bpf_prog_type::BPF_PROG_TYPE_SCHED_CLS,
+            bpf_attach_type::BPF_TCX_EGRESS,
+            "test_setmark",
+            insns,
+        )
+        .expect("load test_setmark");
         let ifindex = unsafe {
             libc::if_nametoindex(std::ffi::CString::new(ifname.as_str()).unwrap().as_ptr())
         };
-        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        let mut attr = sys::attr();
         let lc = unsafe { &mut attr.link_create };
         lc.__bindgen_anon_1.prog_fd = prog_fd.as_raw_fd() as u32;
         lc.__bindgen_anon_2.target_ifindex = ifindex;
@@ -291,7 +260,7 @@ pub fn attach_mark_setter(ns: &str, ifname: &str, mark: u32) -> (std::os::fd::Ow
         const BPF_F_ID: u32 = 1 << 5;
         lc.flags = BPF_F_BEFORE | BPF_F_ID;
         lc.__bindgen_anon_3.tcx.__bindgen_anon_1.relative_id = last;
-        let link = sys(bpf_cmd::BPF_LINK_CREATE, &mut attr);
+        let link = sys::bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr).expect("link test_setmark");
         let (_, progs) =
             SchedClassifier::query_tcx(&ifname, TcAttachType::Egress).expect("query tcx");
         let id = progs

@@ -3,4 +3,5 @@
 pub mod btf;
 pub mod netfilter;
 pub mod observers;
+pub mod sys;
 pub mod tcx;

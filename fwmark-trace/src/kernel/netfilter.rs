@@ -6,15 +6,16 @@
 //! the process dying) detaches them.
 use std::{
     collections::{HashMap, HashSet},
-    ffi::CString,
     io,
-    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
 };
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use aya::maps::{Map, MapData};
-use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_insn, bpf_prog_type};
+use aya_obj::generated::{bpf_attach_type, bpf_cmd, bpf_prog_type};
 use fwmark_trace_common::NF_SLOTS;
+
+use super::sys;
 
 /// NFPROTO_IPV4 / NFPROTO_IPV6 (include/uapi/linux/netfilter.h).
 pub const FAMILIES: [u8; 2] = [2, 10];
@@ -40,23 +41,6 @@ pub struct NfSite {
     pub hook: u8,
     pub slot: u8,
     pub priority: i32,
-}
-
-fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<OwnedFd> {
-    // SAFETY: attr is a fully initialised bpf_attr; the kernel reads at most its size.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd as libc::c_long,
-            attr as *mut bpf_attr,
-            std::mem::size_of::<bpf_attr>(),
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: on success BPF_PROG_LOAD and BPF_LINK_CREATE return a new file descriptor.
-    Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })
 }
 
 /// The `MapData` behind any `aya::maps::Map` variant (aya 0.14 has no accessor for it).
@@ -123,7 +107,6 @@ impl NfPrograms {
         obj.relocate_calls(&text_sections)
             .context("relocating calls of the netfilter programs")?;
 
-        let license = CString::new("GPL")?;
         let progs = (0..NF_SLOTS)
             .map(|slot| {
                 let name = slot_program_name(slot);
@@ -132,7 +115,12 @@ impl NfPrograms {
                     .get(&name)
                     .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
                 let insns = &obj.functions[&prog.function_key()].instructions;
-                load_one(&name, insns, &license)
+                sys::prog_load(
+                    bpf_prog_type::BPF_PROG_TYPE_NETFILTER,
+                    bpf_attach_type::BPF_NETFILTER,
+                    &name,
+                    insns,
+                )
             })
             .collect::<Result<_>>()?;
         Ok(Self { progs })
@@ -159,8 +147,8 @@ impl NfPrograms {
 
     fn link_at(&self, site: NfSite, priority: i32) -> io::Result<OwnedFd> {
         let prog = &self.progs[site.slot as usize];
-        // SAFETY: zeroed is a valid bpf_attr; we fill the link_create variant.
-        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        let mut attr = sys::attr();
+        // SAFETY: the link_create variant of the union is the one BPF_LINK_CREATE reads.
         let lc = unsafe { &mut attr.link_create };
         lc.__bindgen_anon_1.prog_fd = prog.as_raw_fd() as u32;
         lc.attach_type = bpf_attach_type::BPF_NETFILTER as u32;
@@ -168,46 +156,6 @@ impl NfPrograms {
         nf.pf = site.family as u32;
         nf.hooknum = site.hook as u32;
         nf.priority = priority;
-        bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr)
-    }
-}
-
-fn load_one(name: &str, insns: &[bpf_insn], license: &CString) -> Result<OwnedFd> {
-    let mut log = vec![0u8; 1 << 20];
-    let attempt = |log_level: u32, log: &mut [u8]| {
-        // SAFETY: zeroed is a valid bpf_attr; we fill the prog-load variant.
-        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-        let a = unsafe { &mut attr.__bindgen_anon_3 };
-        a.prog_type = bpf_prog_type::BPF_PROG_TYPE_NETFILTER as u32;
-        a.expected_attach_type = bpf_attach_type::BPF_NETFILTER as u32;
-        a.insns = insns.as_ptr() as u64;
-        a.insn_cnt = insns.len() as u32;
-        a.license = license.as_ptr() as u64;
-        for (dst, src) in a.prog_name.iter_mut().zip(name.bytes().take(15)) {
-            *dst = src as libc::c_char;
-        }
-        if log_level > 0 {
-            a.log_level = log_level;
-            a.log_buf = log.as_mut_ptr() as u64;
-            a.log_size = log.len() as u32;
-        }
-        bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr)
-    };
-    match attempt(0, &mut log) {
-        Ok(fd) => Ok(fd),
-        Err(err) => {
-            // Load again with the verifier log so the error says why.
-            let _ = attempt(1, &mut log);
-            let text = String::from_utf8_lossy(&log);
-            let tail: Vec<&str> = text.trim_end_matches('\0').lines().rev().take(8).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            if tail.is_empty() {
-                bail!("loading netfilter program {name}: {err}");
-            }
-            bail!(
-                "loading netfilter program {name}: {err}; verifier: {}",
-                tail.join(" | ")
-            )
-        }
+        sys::bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr)
     }
 }
