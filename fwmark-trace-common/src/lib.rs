@@ -163,6 +163,9 @@ pub struct Config {
     pub iface_filter: u32,
     /// Non-zero: emit every observation (first sight, unchanged points, end of life).
     pub full_path: u32,
+    /// The namespace the tc and netfilter observers are attached in (they only ever see its
+    /// packets, so they need not read it from the packet).
+    pub own_netns: u32,
 }
 
 impl Config {
@@ -192,6 +195,7 @@ impl Config {
         netns: 0,
         iface_filter: 0,
         full_path: 0,
+        own_netns: 0,
     };
 }
 

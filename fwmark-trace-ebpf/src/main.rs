@@ -28,8 +28,9 @@ static CONFIG: Config = Config::ZERO;
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
+/// BPF_F_NO_COMMON_LRU: per-CPU LRU lists, no shared lock on insert at every first sight.
 #[map]
-static PACKETS: LruHashMap<u64, PacketState> = LruHashMap::with_max_entries(65536, 0);
+static PACKETS: LruHashMap<u64, PacketState> = LruHashMap::with_max_entries(65536, 2);
 
 /// Events the ring buffer had no room for.
 #[map]
@@ -68,13 +69,22 @@ macro_rules! tc_observer {
         #[unsafe(no_mangle)]
         #[unsafe(link_section = "classifier")]
         pub fn $name(ctx: *mut __sk_buff) -> i32 {
-            let skb = ctx as u64;
+            // `__sk_buff` fields are direct loads (no helper call): this runs for every packet.
+            let (mark, ifindex) = unsafe { ((*ctx).mark, (*ctx).ifindex) };
             let site = Site {
-                at: dev_point(skb, layer::TC, $dir, $slot),
+                at: Point {
+                    layer: layer::TC,
+                    hook: $dir,
+                    slot: $slot,
+                    family: 0,
+                    ifindex,
+                    netns: observe::config().own_netns,
+                },
                 l3_at_data: false,
                 end: None,
+                mark: Some(mark),
             };
-            observe::observe(skb, &site);
+            observe::observe(ctx as u64, &site);
             TCX_NEXT
         }
     };
@@ -102,8 +112,10 @@ const NF_INET_FORWARD: u8 = 2;
 #[inline(always)]
 fn nf_observe(ctx: *const NfCtx, slot: u8) -> i32 {
     let ctx = unsafe { &*ctx };
-    let off = &observe::config().offsets;
-    let hook: u8 = read(ctx.state, off.nf_state_hook);
+    let cfg = observe::config();
+    let off = &cfg.offsets;
+    // `hook` and `pf` are adjacent u8s: one read for both.
+    let [hook, family]: [u8; 2] = read(ctx.state, off.nf_state_hook);
     // Report the device the packet arrived on before routing, and the one it leaves by after.
     let dev: u64 = match hook {
         NF_INET_PRE_ROUTING | NF_INET_LOCAL_IN | NF_INET_FORWARD => {
@@ -111,18 +123,18 @@ fn nf_observe(ctx: *const NfCtx, slot: u8) -> i32 {
         }
         _ => read(ctx.state, off.nf_state_out),
     };
-    let net: u64 = read(ctx.state, off.nf_state_net);
     let site = Site {
         at: Point {
             layer: layer::NETFILTER,
             hook,
             slot,
-            family: read(ctx.state, off.nf_state_pf),
+            family,
             ifindex: read(dev, off.dev_ifindex),
-            netns: read(net, off.net_ns_inum),
+            netns: cfg.own_netns,
         },
         l3_at_data: false,
         end: None,
+        mark: None,
     };
     observe::observe(ctx.skb, &site);
     NF_ACCEPT
@@ -152,6 +164,7 @@ nf_observers!(
     fwm_nf_9 = 9,
 );
 const _: () = assert!(fwmark_trace_common::NF_SLOTS == 10);
+// `nf_observe` reads `hook` and `pf` together; the daemon checks they are adjacent.
 
 // ---- tracepoints --------------------------------------------------------------------------
 
@@ -164,6 +177,7 @@ macro_rules! tp_observer {
                 at: dev_point(skb, layer::TRACEPOINT, $id, 0),
                 l3_at_data: $l3_at_data,
                 end: $end,
+                mark: None,
             };
             observe::observe(skb, &site);
             0

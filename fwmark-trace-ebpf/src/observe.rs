@@ -19,6 +19,8 @@ pub struct Site {
     pub l3_at_data: bool,
     /// Set by `kfree_skb`/`consume_skb`: the packet's life ends here.
     pub end: Option<End>,
+    /// The mark, when the observer can read it without a helper call (tc's `__sk_buff`).
+    pub mark: Option<u32>,
 }
 
 pub enum End {
@@ -67,7 +69,16 @@ pub fn observe(skb: u64, site: &Site) {
     let cfg = config();
     let off = &cfg.offsets;
     let mut at = site.at;
-    let mark: u32 = read(skb, off.skb_mark);
+    // Cheap exits first (this runs for every packet at every observer): a packet we do not
+    // follow ends without work, and one first seen outside the traced namespace is not ours.
+    let known = PACKETS.get_ptr_mut(skb).is_some();
+    if !known {
+        let foreign = cfg.netns != 0 && at.netns != 0 && at.netns != cfg.netns;
+        if foreign || matches!(site.end, Some(End::Consume)) {
+            return;
+        }
+    }
+    let mark: u32 = site.mark.unwrap_or_else(|| read(skb, off.skb_mark));
     let ct = skb::conntrack(skb, off);
     let head: u64 = read(skb, off.skb_head);
 

@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 use crate::{
+    bench::BenchArgs,
     demo::DemoArgs,
     pipeline_bench::BenchPipelineArgs,
     registry::{cli::RegistryCmd, RegistryArgs},
@@ -34,6 +35,8 @@ pub enum Cmd {
         #[command(flatten)]
         args: RegistryArgs,
     },
+    /// Measure tracing overhead against the alternatives (run by `cargo xtask bench`).
+    Bench(BenchArgs),
     /// Measure the userspace pipeline (decode, attribution, JSON) on synthetic events.
     #[command(hide = true)]
     BenchPipeline(BenchPipelineArgs),

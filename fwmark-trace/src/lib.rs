@@ -6,6 +6,7 @@
 //! attribution (`registry`, `attribution`) → outputs (`output`).
 
 pub mod attribution;
+pub mod bench;
 pub mod cli;
 pub mod demo;
 pub mod events;

@@ -3,6 +3,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use fwmark_trace::{
+    bench,
     cli::{Cli, Cmd},
     demo, pipeline_bench, registry, trace,
 };
@@ -14,6 +15,7 @@ fn main() -> ExitCode {
         Cmd::Trace(args) => trace::run(args, || {}).map(|_| ExitCode::SUCCESS),
         Cmd::Demo(args) => demo::run(args).map(|_| ExitCode::SUCCESS),
         Cmd::Registry { cmd, args } => registry::cli::run(cmd, args),
+        Cmd::Bench(args) => bench::run(args).map(|_| ExitCode::SUCCESS),
         Cmd::BenchPipeline(args) => pipeline_bench::run(args).map(|r| {
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
             ExitCode::SUCCESS

@@ -26,7 +26,7 @@ pub struct BenchPipelineArgs {
     pub events: u64,
 }
 
-#[derive(Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct PipelineResult {
     pub events: u64,
     pub seconds: f64,

@@ -15,9 +15,10 @@ use tokio::{io::unix::AsyncFd, signal::unix, time};
 
 use crate::{
     events::{self, Decoder},
+    kernel::features::Feature,
     kernel::observers::{Observers, Options},
     netns,
-    output::{summary::Summary, Format, LostRecord, Output},
+    output::{summary::Summary, Format, LostRecord, Output, StatsRecord},
     registry::{Registry, RegistryArgs},
     tracking::segment::Topology,
 };
@@ -52,6 +53,12 @@ pub struct TraceArgs {
     /// Ring buffer size in bytes (a power of two, at least one page).
     #[arg(long, default_value_t = 4 << 20, value_parser = parse_ring_size)]
     pub ring_size: u32,
+    /// Every SECS seconds, write a `stats` record (RSS, events, lost, tracked packets).
+    #[arg(long, value_name = "SECS")]
+    pub stats: Option<u64>,
+    /// Fail instead of degrading when this kernel feature is unavailable (repeatable).
+    #[arg(long, value_enum, value_name = "FEATURE")]
+    pub require: Vec<Feature>,
     #[command(flatten)]
     pub registry: RegistryArgs,
 }
@@ -103,19 +110,17 @@ pub fn run(args: &TraceArgs, on_ready: impl FnOnce()) -> Result<Summary> {
         ifaces: (!args.ifaces.is_empty()).then(|| args.ifaces.clone()),
         full_path: args.full_path,
         ring_bytes: args.ring_size,
+        require: args.require.clone(),
     };
     let mut obs = Observers::start(&opts)?;
     for s in &obs.report {
         eprintln!(
-            "fwmark-trace: {} {}: {}",
-            if s.ok { "attached" } else { "NOT attached" },
+            "fwmark-trace: [{}] {}: {}",
+            if s.ok { "ok" } else { "--" },
             s.point,
             s.detail
         );
     }
-    eprintln!(
-        "fwmark-trace: fentry/fexit and kprobes are not used (routing and xfrm are read from tracepoints and netlink)"
-    );
     let attached = obs.report.iter().filter(|s| s.ok).count();
     eprintln!("fwmark-trace: tracing ({attached} observation groups attached, netns {own_netns}); Ctrl-C to stop");
 
@@ -178,6 +183,7 @@ async fn stream(
     tokio::pin!(deadline);
     let mut lost_seen = 0u64;
     let limit = args.count.unwrap_or(u64::MAX);
+    let mut last_stats = Instant::now();
 
     'run: loop {
         tokio::select! {
@@ -206,6 +212,25 @@ async fn stream(
                     }
                 }
                 decoder.set_topology(topology(obs, own_netns));
+                if let Some(spec) = args.netns.as_deref().filter(|s| !netns::path_of(s).exists()) {
+                    // We hold the namespace alive ourselves; what we traced is gone for everyone else.
+                    eprintln!("fwmark-trace: network namespace {spec} was deleted; stopping");
+                    break;
+                }
+                if let Some(every) = args.stats.filter(|s| *s > 0) {
+                    if last_stats.elapsed() >= Duration::from_secs(every) {
+                        last_stats = Instant::now();
+                        out.stats(&StatsRecord {
+                            time: events::rfc3339(SystemTime::now()),
+                            kind: "stats",
+                            rss_kb: rss_kb(),
+                            events: summary.total_events,
+                            lost: obs.lost(),
+                            tracked_packets: obs.tracked_packets(),
+                            interfaces: obs.tc.as_ref().map_or(0, |t| t.interfaces.len()),
+                        })?;
+                    }
+                }
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -222,6 +247,18 @@ async fn stream(
     }
     out.flush()?;
     Ok(summary)
+}
+
+/// Resident set size of this process (kB), from /proc.
+pub fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Writes every record waiting in the ring; true when `--count` is reached.

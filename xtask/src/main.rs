@@ -49,6 +49,12 @@ enum Task {
     },
     /// Lint the eBPF crate with the nightly toolchain for the BPF target.
     ClippyEbpf,
+    /// Set up, build (release) and benchmark against baseline, nft monitor trace and bpftrace;
+    /// prints a table and writes target/bench/latest.json.
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 /// The userspace packages (the eBPF crate is built for the BPF target by fwmark-trace's build.rs).
@@ -187,6 +193,14 @@ fn main() -> ExitCode {
         }),
         Task::Test { args } => timed("setup", setup::run).and_then(|_| test(&args)),
         Task::ClippyEbpf => clippy_ebpf(),
+        Task::Bench { args } => setup::run().and_then(|_| {
+            let dir = target_dir().join("bench");
+            std::fs::create_dir_all(&dir)?;
+            let mut all = vec!["bench".to_string(), "--output".into()];
+            all.push(dir.join("latest.json").display().to_string());
+            all.extend(args);
+            run_daemon(true, &all)
+        }),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

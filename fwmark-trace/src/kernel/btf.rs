@@ -20,6 +20,7 @@ const TYPEDEF: u8 = 8;
 const VOLATILE: u8 = 9;
 const CONST: u8 = 10;
 const RESTRICT: u8 = 11;
+const FUNC: u8 = 12;
 const FUNC_PROTO: u8 = 13;
 const VAR: u8 = 14;
 const DATASEC: u8 = 15;
@@ -278,6 +279,15 @@ impl KernelBtf {
             .find(|t| matches!(t.kind, ENUM | ENUM64) && !t.enumerators.is_empty())
             .map(|t| t.enumerators.clone())
             .ok_or_else(|| anyhow!("kernel BTF has no enum {enum_name}"))
+    }
+
+    /// The BTF id of a kernel function (what fentry/fexit programs attach to).
+    pub fn func_id(&self, name: &str) -> Option<u32> {
+        self.by_name
+            .get(name)?
+            .iter()
+            .copied()
+            .find(|&id| self.types[id as usize].kind == FUNC)
     }
 
     /// Whether any type of that name exists (e.g. `btf_trace_fib_table_lookup`: the tracepoint

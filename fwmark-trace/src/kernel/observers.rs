@@ -15,6 +15,7 @@ use fwmark_trace_common::{
 
 use super::{
     btf::{self, KernelBtf},
+    features::{self, Feature},
     netfilter::{NfPrograms, NfSite},
     tcx::{self, TcObservers},
 };
@@ -38,6 +39,8 @@ pub struct Options {
     pub ifaces: Option<Vec<String>>,
     pub full_path: bool,
     pub ring_bytes: u32,
+    /// Features that must be available (else: an error instead of degrading).
+    pub require: Vec<Feature>,
 }
 
 /// One line of the start-up report.
@@ -71,6 +74,30 @@ impl Observers {
             .context("reading kernel BTF from /sys/kernel/btf/vmlinux (kernel built without CONFIG_DEBUG_INFO_BTF?)")?;
         let offsets = btf::offsets(&kbtf).context("finding kernel struct offsets in BTF")?;
         let drop_reasons = btf::drop_reason_names(&kbtf).unwrap_or_default();
+        let mut report = Vec::new();
+        for feature in [Feature::Fentry] {
+            let probed = features::probe(feature, &kbtf);
+            if let (Err(why), true) = (&probed, opts.require.contains(&feature)) {
+                bail!("this kernel lacks {feature} ({why}), which --require asked for");
+            }
+            report.push(AttachStatus {
+                point: feature.to_string(),
+                ok: probed.is_ok(),
+                detail: match probed {
+                    Ok(()) => {
+                        "available (not needed: tracepoints and hooks cover every point)".into()
+                    }
+                    Err(why) => format!(
+                        "unavailable ({why}); degraded to tracepoints and netfilter/tcx hooks"
+                    ),
+                },
+            });
+        }
+        for feature in opts.require.iter().filter(|f| **f != Feature::Fentry) {
+            if let Err(why) = features::probe(*feature, &kbtf) {
+                bail!("this kernel lacks {feature} ({why}), which --require asked for");
+            }
+        }
         let (mark_value, mark_mask) = opts.mark.unwrap_or((0, 0));
         let config = Config {
             offsets,
@@ -79,7 +106,11 @@ impl Observers {
             netns: opts.netns,
             iface_filter: opts.ifaces.is_some() as u32,
             full_path: opts.full_path as u32,
+            own_netns: crate::netns::current()?,
         };
+        if offsets.nf_state_pf != offsets.nf_state_hook + 1 {
+            bail!("this kernel's nf_hook_state has `pf` apart from `hook`: unsupported layout");
+        }
         debug_assert!(config.offsets.skb_mark != OFFSET_MISSING);
         let aya_btf = Btf::from_sys_fs().context("reading kernel BTF for aya")?;
         let mut ebpf = EbpfLoader::new()
@@ -97,7 +128,6 @@ impl Observers {
             .map_err(|err| log::debug!("aya-log not active: {err}"))
             .ok();
 
-        let mut report = Vec::new();
         if let Some(names) = &opts.ifaces {
             let present = tcx::list_interfaces()?;
             let mut map: BpfHashMap<_, u32, u8> =
@@ -236,6 +266,16 @@ impl Observers {
     pub fn take_ring(&mut self) -> Result<RingBuf<MapData>> {
         let map = self.ebpf.take_map(MAP_EVENTS).context("EVENTS map")?;
         Ok(RingBuf::try_from(map)?)
+    }
+
+    /// Packets with per-packet state in the kernel (LRU map occupancy).
+    pub fn tracked_packets(&self) -> usize {
+        self.ebpf
+            .map("PACKETS")
+            .and_then(|m| {
+                aya::maps::HashMap::<_, u64, fwmark_trace_common::PacketState>::try_from(m).ok()
+            })
+            .map_or(0, |m| m.keys().count())
     }
 
     /// Events the kernel could not write because the ring buffer was full.

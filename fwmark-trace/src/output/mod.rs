@@ -39,6 +39,18 @@ pub struct LostRecord<'a> {
     pub total_lost: u64,
 }
 
+/// A periodic health record (`--stats`): the metrics output.
+#[derive(Serialize)]
+pub struct StatsRecord {
+    pub time: String,
+    pub kind: &'static str,
+    pub rss_kb: u64,
+    pub events: u64,
+    pub lost: u64,
+    pub tracked_packets: usize,
+    pub interfaces: usize,
+}
+
 impl Output {
     /// Writes to any sink (benchmarks use `io::sink()`), flushing only at the end.
     pub fn to_writer(format: Format, out: Box<dyn Write + Send>) -> Self {
@@ -90,6 +102,19 @@ impl Output {
         }
         self.out.write_all(b"\n")?;
         self.maybe_flush()
+    }
+
+    pub fn stats(&mut self, rec: &StatsRecord) -> Result<()> {
+        match self.format {
+            Format::Json => serde_json::to_writer(&mut self.out, rec)?,
+            Format::Human => write!(
+                self.out,
+                "{} STATS rss {} kB, {} events, {} lost, {} packets tracked, {} interfaces",
+                rec.time, rec.rss_kb, rec.events, rec.lost, rec.tracked_packets, rec.interfaces
+            )?,
+        }
+        self.out.write_all(b"\n")?;
+        self.flush()
     }
 
     pub fn summary(&mut self, summary: &summary::Summary) -> Result<()> {

@@ -1,0 +1,523 @@
+//! `fwmark-trace bench` (run through `cargo xtask bench`): what tracing costs, side by side
+//! with what a user would use instead, in one run. Traffic crosses a lab veth (namespace A to
+//! B) with nft rules changing the mark twice per packet; every round runs every mode on every
+//! workload, interleaved, and each mode is reported as a ratio to the baseline of the same
+//! round (median and spread over rounds), with the events each tool emitted and lost. The
+//! userspace pipeline alone is measured on synthetic records.
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::{
+    lab::{self, Lab},
+    pipeline_bench::{self, BenchPipelineArgs},
+};
+
+#[derive(Args, Clone, Debug)]
+pub struct BenchArgs {
+    /// Rounds of every mode × workload (median and spread are over rounds).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Seconds of traffic per measurement.
+    #[arg(long, default_value_t = 3)]
+    pub seconds: u64,
+    /// Write the full results as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Mode {
+    Baseline,
+    FwmarkTrace,
+    FwmarkTraceNoMatch,
+    FwmarkTraceFullPath,
+    NftMonitorTrace,
+    Bpftrace,
+}
+
+const MODES: [Mode; 6] = [
+    Mode::Baseline,
+    Mode::FwmarkTrace,
+    Mode::FwmarkTraceNoMatch,
+    Mode::FwmarkTraceFullPath,
+    Mode::NftMonitorTrace,
+    Mode::Bpftrace,
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Workload {
+    /// TCP stream, Gbit/s.
+    Tcp,
+    /// UDP with 64-byte payloads, received packets/s.
+    Udp64,
+}
+
+/// Two mark changes per packet: OR a bit at output (mangle), clear it at postrouting.
+const RULES: &str = r#"
+table inet bench {
+    chain out {
+        type route hook output priority mangle; policy accept;
+        meta mark set meta mark | 0x4000
+    }
+    chain post {
+        type filter hook postrouting priority 0; policy accept;
+        meta mark set meta mark & 0xffffbfff
+    }
+}
+"#;
+
+/// Every packet traced by nftables (what `nft monitor trace` needs).
+const NFTRACE: &str = r#"
+table inet benchtrace {
+    chain out { type filter hook output priority -350; policy accept; meta nftrace set 1; }
+    chain pre { type filter hook prerouting priority -350; policy accept; meta nftrace set 1; }
+}
+"#;
+
+const BPFTRACE: &str = "tracepoint:net:net_dev_queue { printf(\"%x\\n\", ((struct sk_buff *)args->skbaddr)->mark); } \
+                        tracepoint:net:netif_receive_skb { printf(\"%x\\n\", ((struct sk_buff *)args->skbaddr)->mark); }";
+
+#[derive(Clone, Debug, Serialize)]
+struct Sample {
+    round: usize,
+    workload: Workload,
+    mode: Mode,
+    /// Gbit/s (tcp) or packets/s (udp64).
+    value: f64,
+    events: Option<u64>,
+    lost: Option<u64>,
+    /// fwmark-trace default mode on TCP: the daemon's CPU (% of one core) and peak RSS.
+    cpu_percent: Option<f64>,
+    rss_kb: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    workload: Workload,
+    mode: Mode,
+    median_ratio: f64,
+    min_ratio: f64,
+    max_ratio: f64,
+    median_value: f64,
+    events_median: Option<u64>,
+    lost_total: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    machine: String,
+    kernel: String,
+    rounds: usize,
+    seconds: u64,
+    rows: Vec<Row>,
+    samples: Vec<Sample>,
+    pipeline: pipeline_bench::PipelineResult,
+    daemon_cpu_percent: Option<f64>,
+    daemon_rss_kb: Option<u64>,
+}
+
+/// A running tracer and how to read what it emitted.
+struct Tracer {
+    child: Child,
+    out: PathBuf,
+    mode: Mode,
+}
+
+fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str, child: &mut Child) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) if line.contains(needle) => return Ok(()),
+            Ok(_) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if let Some(st) = child.try_wait()? {
+                    bail!("tracer exited early ({st})");
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                bail!("tracer closed its output before {needle:?}")
+            }
+        }
+    }
+    bail!("tracer did not start in time")
+}
+
+/// Lines of a pipe, forwarded to a channel (and, when given, appended to a file).
+fn lines_of(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+fn start(mode: Mode, lab: &Lab, dir: &Path) -> Result<Option<Tracer>> {
+    let out = dir.join(format!("{mode:?}.out"));
+    let me = std::env::current_exe()?;
+    let daemon = |extra: &[&str]| -> Result<Child> {
+        let mut c = Command::new(&me)
+            .args(["trace", "--json", "--netns", &lab.a, "--output"])
+            .arg(&out)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let rx = lines_of(c.stderr.take().context("stderr")?);
+        wait_for_line(&rx, "tracing (", &mut c)?;
+        Ok(c)
+    };
+    let child = match mode {
+        Mode::Baseline => return Ok(None),
+        Mode::FwmarkTrace => daemon(&[])?,
+        Mode::FwmarkTraceNoMatch => daemon(&["--mark", "0xdead0000/0xffff0000"])?,
+        Mode::FwmarkTraceFullPath => daemon(&["--full-path"])?,
+        Mode::NftMonitorTrace => {
+            lab.nft(&lab.a, NFTRACE)?;
+            let c = Command::new("ip")
+                .args(["netns", "exec", &lab.a, "nft", "monitor", "trace"])
+                .stdout(fs::File::create(&out)?)
+                .stderr(Stdio::null())
+                .spawn()?;
+            // nft subscribes to the trace group at once; give it a moment.
+            thread::sleep(Duration::from_millis(500));
+            c
+        }
+        Mode::Bpftrace => {
+            let mut c = Command::new("bpftrace")
+                .args(["-e", BPFTRACE, "-o"])
+                .arg(&out)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !fs::read_to_string(&out)
+                .unwrap_or_default()
+                .contains("Attaching")
+            {
+                if Instant::now() > deadline || c.try_wait()?.is_some() {
+                    bail!("bpftrace did not start");
+                }
+                thread::sleep(Duration::from_millis(200));
+            }
+            c
+        }
+    };
+    Ok(Some(Tracer { child, out, mode }))
+}
+
+/// Stops a tracer; returns (events, lost) as far as the tool tells.
+fn stop(mut t: Tracer, lab: &Lab) -> Result<(Option<u64>, Option<u64>)> {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(t.child.id() as i32, libc::SIGINT) };
+    t.child.wait()?;
+    let text = fs::read_to_string(&t.out).unwrap_or_default();
+    let _ = fs::remove_file(&t.out);
+    Ok(match t.mode {
+        Mode::NftMonitorTrace => {
+            lab.exec(&lab.a, &["nft", "delete", "table", "inet", "benchtrace"])?;
+            (
+                Some(text.lines().filter(|l| l.starts_with("trace id")).count() as u64),
+                None,
+            )
+        }
+        Mode::Bpftrace => {
+            let lost = text
+                .lines()
+                .filter_map(|l| {
+                    l.strip_prefix("Lost ")?
+                        .split_whitespace()
+                        .next()?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .sum();
+            let events = text
+                .lines()
+                .filter(|l| !l.is_empty() && u32::from_str_radix(l, 16).is_ok())
+                .count();
+            (Some(events as u64), Some(lost))
+        }
+        _ => {
+            let summary: Value = text
+                .lines()
+                .last()
+                .and_then(|l| serde_json::from_str(l).ok())
+                .unwrap_or(Value::Null);
+            (summary["total_events"].as_u64(), summary["lost"].as_u64())
+        }
+    })
+}
+
+/// One iperf3 run from A to B; Gbit/s (TCP) or received packets/s (UDP).
+fn iperf(lab: &Lab, w: Workload, seconds: u64) -> Result<f64> {
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &lab.b, "iperf3", "-s", "-1", "-p", "5201"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting iperf3 (is it installed?)")?;
+    thread::sleep(Duration::from_millis(300));
+    let secs = seconds.to_string();
+    let mut args = vec![
+        "netns",
+        "exec",
+        &lab.a,
+        "iperf3",
+        "-c",
+        lab::ADDR_B,
+        "-p",
+        "5201",
+        "-t",
+        &secs,
+        "-J",
+    ];
+    if w == Workload::Udp64 {
+        args.extend(["-u", "-l", "64", "-b", "0"]);
+    }
+    let out = Command::new("ip").args(&args).output()?;
+    let _ = server.wait();
+    let v: Value = serde_json::from_slice(&out.stdout).context("parsing iperf3 JSON")?;
+    if let Some(e) = v["error"].as_str() {
+        bail!("iperf3: {e}");
+    }
+    Ok(match w {
+        Workload::Tcp => {
+            v["end"]["sum_received"]["bits_per_second"]
+                .as_f64()
+                .unwrap_or(0.0)
+                / 1e9
+        }
+        Workload::Udp64 => {
+            let s = &v["end"]["sum"];
+            let got =
+                s["packets"].as_f64().unwrap_or(0.0) - s["lost_packets"].as_f64().unwrap_or(0.0);
+            got / s["seconds"].as_f64().unwrap_or(1.0).max(0.001)
+        }
+    })
+}
+
+/// (utime + stime) clock ticks of a process.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+fn peak_rss_kb(pid: u32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    crate::trace::require_root("fwmark-trace bench")?;
+    let dir = std::env::temp_dir().join(format!("fwmark-trace-bench-{}", std::process::id()));
+    fs::create_dir_all(&dir)?;
+    let lab = Lab::new("bench")?;
+    lab.nft(&lab.a, RULES)?;
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    for round in 0..args.rounds {
+        for workload in [Workload::Tcp, Workload::Udp64] {
+            // Rotate the order each round so no mode always runs first or last.
+            let mut modes = MODES.to_vec();
+            modes.rotate_left(round % MODES.len());
+            for mode in modes {
+                eprint!(
+                    "\rbench: round {}/{} {workload:?} {mode:?}                    ",
+                    round + 1,
+                    args.rounds
+                );
+                let tracer = start(mode, &lab, &dir)?;
+                let pid = tracer.as_ref().map(|t| t.child.id());
+                let ticks0 = pid.and_then(cpu_ticks);
+                let t0 = Instant::now();
+                let value = iperf(&lab, workload, args.seconds)?;
+                let elapsed = t0.elapsed().as_secs_f64();
+                let measured = mode == Mode::FwmarkTrace && workload == Workload::Tcp;
+                let (cpu, rss) = match (pid, measured) {
+                    (Some(pid), true) => {
+                        // SAFETY: sysconf has no preconditions.
+                        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+                        let cpu = cpu_ticks(pid)
+                            .zip(ticks0)
+                            .map(|(b, a)| (b - a) as f64 / hz / elapsed * 100.0);
+                        (cpu, peak_rss_kb(pid))
+                    }
+                    _ => (None, None),
+                };
+                let (events, lost) = match tracer {
+                    Some(t) => stop(t, &lab)?,
+                    None => (None, None),
+                };
+                samples.push(Sample {
+                    round,
+                    workload,
+                    mode,
+                    value,
+                    events,
+                    lost,
+                    cpu_percent: cpu,
+                    rss_kb: rss,
+                });
+            }
+        }
+    }
+    eprintln!(
+        "\rbench: traffic done in {:.0}s; measuring the userspace pipeline",
+        started.elapsed().as_secs_f64()
+    );
+    drop(lab);
+    let _ = fs::remove_dir_all(&dir);
+    let pipeline = pipeline_bench::run(&BenchPipelineArgs { events: 2_000_000 })?;
+
+    let rows = summarize(&samples);
+    let daemon = samples.iter().find(|s| s.cpu_percent.is_some());
+    let report = Report {
+        machine: format!(
+            "{} cores, {} MiB",
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            mem_mib()
+        ),
+        kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        rounds: args.rounds,
+        seconds: args.seconds,
+        rows,
+        samples: samples.clone(),
+        pipeline,
+        daemon_cpu_percent: daemon.and_then(|s| s.cpu_percent),
+        daemon_rss_kb: daemon.and_then(|s| s.rss_kb),
+    };
+    print!("{}", table(&report));
+    if let Some(path) = &args.output {
+        fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("results: {}", path.display());
+    }
+    Ok(())
+}
+
+fn mem_mib() -> u64 {
+    fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kb| kb / 1024)
+}
+
+fn summarize(samples: &[Sample]) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for workload in [Workload::Tcp, Workload::Udp64] {
+        for mode in MODES {
+            let ratios: Vec<f64> = samples
+                .iter()
+                .filter(|s| s.workload == workload && s.mode == mode)
+                .filter_map(|s| {
+                    let base = samples.iter().find(|b| {
+                        b.round == s.round && b.workload == workload && b.mode == Mode::Baseline
+                    })?;
+                    (base.value > 0.0).then(|| s.value / base.value)
+                })
+                .collect();
+            let mine: Vec<&Sample> = samples
+                .iter()
+                .filter(|s| s.workload == workload && s.mode == mode)
+                .collect();
+            let events: Vec<f64> = mine
+                .iter()
+                .filter_map(|s| s.events.map(|e| e as f64))
+                .collect();
+            rows.push(Row {
+                workload,
+                mode,
+                median_ratio: median(ratios.clone()),
+                min_ratio: ratios.iter().copied().fold(f64::INFINITY, f64::min),
+                max_ratio: ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                median_value: median(mine.iter().map(|s| s.value).collect()),
+                events_median: (!events.is_empty()).then(|| median(events) as u64),
+                lost_total: mine.iter().map(|s| s.lost).sum(),
+            });
+        }
+    }
+    rows
+}
+
+fn table(r: &Report) -> String {
+    let mut s = format!(
+        "\nfwmark-trace bench: {} rounds × {} s per run, kernel {}, {}\n\n{:<8} {:<26} {:>12} {:>9} {:>17} {:>12} {:>10}\n",
+        r.rounds, r.seconds, r.kernel, r.machine, "workload", "mode", "median", "vs base", "spread", "events", "lost"
+    );
+    for row in &r.rows {
+        let unit = if row.workload == Workload::Tcp {
+            "Gbit/s"
+        } else {
+            "pkt/s"
+        };
+        let value = if row.workload == Workload::Tcp {
+            format!("{:.2} {unit}", row.median_value)
+        } else {
+            format!("{:.0} {unit}", row.median_value)
+        };
+        s += &format!(
+            "{:<8} {:<26} {:>12} {:>8.1}% {:>8.1}%..{:>5.1}% {:>12} {:>10}\n",
+            format!("{:?}", row.workload).to_lowercase(),
+            serde_json::to_value(row.mode)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            value,
+            (row.median_ratio - 1.0) * 100.0,
+            (row.min_ratio - 1.0) * 100.0,
+            (row.max_ratio - 1.0) * 100.0,
+            row.events_median.map_or("-".into(), |e| e.to_string()),
+            row.lost_total.map_or("?".into(), |l| l.to_string()),
+        );
+    }
+    s += &format!(
+        "\nuserspace pipeline (decode + attribution + JSON, one core): {:.0} events/s\n",
+        r.pipeline.events_per_second
+    );
+    if let (Some(cpu), Some(rss)) = (r.daemon_cpu_percent, r.daemon_rss_kb) {
+        s += &format!(
+            "fwmark-trace during TCP: {cpu:.1}% of one core, peak RSS {} MiB\n",
+            rss / 1024
+        );
+    }
+    s
+}
