@@ -285,7 +285,7 @@ fn bad_input_gets_one_clear_error_and_nothing_attached() {
         assert_ne!(code, 0, "{args:?} should fail");
         assert!(err.contains(expect), "{args:?}: {err}");
         assert!(
-            err.lines().filter(|l| l.contains("error")).count() == 1,
+            err.lines().filter(|l| l.contains("error:")).count() == 1,
             "{args:?}: {err}"
         );
         assert!(wait_unloaded().is_empty(), "{args:?} left programs loaded");

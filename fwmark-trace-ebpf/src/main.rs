@@ -66,6 +66,8 @@ const TCX_NEXT: i32 = -1;
 
 macro_rules! tc_observer {
     ($name:ident, $dir:expr, $slot:expr) => {
+        // Entry point: the kernel passes a valid context pointer.
+        #[allow(clippy::not_unsafe_ptr_arg_deref)]
         #[unsafe(no_mangle)]
         #[unsafe(link_section = "classifier")]
         pub fn $name(ctx: *mut __sk_buff) -> i32 {
@@ -143,6 +145,8 @@ fn nf_observe(ctx: *const NfCtx, slot: u8) -> i32 {
 // Section name: aya's ELF parser must accept it (it is loaded by the daemon, not by aya).
 macro_rules! nf_observers {
     ($($name:ident = $slot:expr),* $(,)?) => {$(
+        // Entry point: the kernel passes a valid context pointer.
+        #[allow(clippy::not_unsafe_ptr_arg_deref)]
         #[unsafe(no_mangle)]
         #[unsafe(link_section = "classifier")]
         pub fn $name(ctx: *const NfCtx) -> i32 {

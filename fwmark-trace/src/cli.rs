@@ -7,6 +7,7 @@ use crate::{
     demo::DemoArgs,
     pipeline_bench::BenchPipelineArgs,
     registry::{cli::RegistryCmd, RegistryArgs},
+    soak::SoakArgs,
     trace::TraceArgs,
 };
 
@@ -37,6 +38,9 @@ pub enum Cmd {
     },
     /// Measure tracing overhead against the alternatives (run by `cargo xtask bench`).
     Bench(BenchArgs),
+    /// Run the daemon under mixed traffic and interface churn; report RSS over time (run by
+    /// `cargo xtask soak`).
+    Soak(SoakArgs),
     /// Measure the userspace pipeline (decode, attribution, JSON) on synthetic events.
     #[command(hide = true)]
     BenchPipeline(BenchPipelineArgs),

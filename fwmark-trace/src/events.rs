@@ -319,6 +319,29 @@ impl Decoder {
 mod tests {
     use super::*;
 
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any bytes the ring buffer could hold decode without panicking.
+            #[test]
+            fn any_raw_record_decodes(bytes in proptest::collection::vec(any::<u8>(), std::mem::size_of::<Event>())) {
+                // SAFETY: Event is plain integers; any bit pattern is a valid value.
+                let raw: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+                let mut d = Decoder::new(Topology::default(), HashMap::new());
+                d.registry = Some(Registry::builtin().unwrap());
+                let ev = d.decode(&raw);
+                prop_assert!(serde_json::to_string(&ev).is_ok());
+            }
+
+            #[test]
+            fn parse_mark_never_panics(s in ".{0,24}") {
+                let _ = parse_mark(&s);
+            }
+        }
+    }
+
     #[test]
     fn mark_change_splits_bits() {
         let m = MarkChange::new(0x4100, 0x4200);

@@ -17,5 +17,6 @@ pub mod nodestate;
 pub mod output;
 pub mod pipeline_bench;
 pub mod registry;
+pub mod soak;
 pub mod trace;
 pub mod tracking;

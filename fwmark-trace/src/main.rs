@@ -5,7 +5,7 @@ use clap::Parser;
 use fwmark_trace::{
     bench,
     cli::{Cli, Cmd},
-    demo, pipeline_bench, registry, trace,
+    demo, pipeline_bench, registry, soak, trace,
 };
 
 fn main() -> ExitCode {
@@ -16,6 +16,7 @@ fn main() -> ExitCode {
         Cmd::Demo(args) => demo::run(args).map(|_| ExitCode::SUCCESS),
         Cmd::Registry { cmd, args } => registry::cli::run(cmd, args),
         Cmd::Bench(args) => bench::run(args).map(|_| ExitCode::SUCCESS),
+        Cmd::Soak(args) => soak::run(args).map(|_| ExitCode::SUCCESS),
         Cmd::BenchPipeline(args) => pipeline_bench::run(args).map(|r| {
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
             ExitCode::SUCCESS

@@ -49,6 +49,12 @@ enum Task {
     },
     /// Lint the eBPF crate with the nightly toolchain for the BPF target.
     ClippyEbpf,
+    /// Set up, build (release) and soak the daemon: mixed traffic and interface churn for N
+    /// minutes, RSS over time, events, lost, map occupancy.
+    Soak {
+        #[arg(long, default_value_t = 5)]
+        minutes: u64,
+    },
     /// Set up, build (release) and benchmark against baseline, nft monitor trace and bpftrace;
     /// prints a table and writes target/bench/latest.json.
     Bench {
@@ -193,6 +199,16 @@ fn main() -> ExitCode {
         }),
         Task::Test { args } => timed("setup", setup::run).and_then(|_| test(&args)),
         Task::ClippyEbpf => clippy_ebpf(),
+        Task::Soak { minutes } => setup::run().and_then(|_| {
+            run_daemon(
+                true,
+                &[
+                    "soak".into(),
+                    "--seconds".into(),
+                    (minutes * 60).to_string(),
+                ],
+            )
+        }),
         Task::Bench { args } => setup::run().and_then(|_| {
             let dir = target_dir().join("bench");
             std::fs::create_dir_all(&dir)?;

@@ -74,30 +74,23 @@ impl Observers {
             .context("reading kernel BTF from /sys/kernel/btf/vmlinux (kernel built without CONFIG_DEBUG_INFO_BTF?)")?;
         let offsets = btf::offsets(&kbtf).context("finding kernel struct offsets in BTF")?;
         let drop_reasons = btf::drop_reason_names(&kbtf).unwrap_or_default();
-        let mut report = Vec::new();
-        for feature in [Feature::Fentry] {
-            let probed = features::probe(feature, &kbtf);
-            if let (Err(why), true) = (&probed, opts.require.contains(&feature)) {
-                bail!("this kernel lacks {feature} ({why}), which --require asked for");
-            }
-            report.push(AttachStatus {
-                point: feature.to_string(),
-                ok: probed.is_ok(),
-                detail: match probed {
-                    Ok(()) => {
-                        "available (not needed: tracepoints and hooks cover every point)".into()
-                    }
-                    Err(why) => format!(
-                        "unavailable ({why}); degraded to tracepoints and netfilter/tcx hooks"
-                    ),
-                },
-            });
-        }
-        for feature in opts.require.iter().filter(|f| **f != Feature::Fentry) {
+        for feature in &opts.require {
             if let Err(why) = features::probe(*feature, &kbtf) {
                 bail!("this kernel lacks {feature} ({why}), which --require asked for");
             }
         }
+        // fentry/fexit would allow function-level observers; say whether this kernel allows it.
+        let fentry = features::probe(Feature::Fentry, &kbtf);
+        let mut report = vec![AttachStatus {
+            point: Feature::Fentry.to_string(),
+            ok: fentry.is_ok(),
+            detail: match fentry {
+                Ok(()) => "available (not needed: tracepoints and hooks cover every point)".into(),
+                Err(why) => {
+                    format!("unavailable ({why}); degraded to tracepoints and netfilter/tcx hooks")
+                }
+            },
+        }];
         let (mark_value, mark_mask) = opts.mark.unwrap_or((0, 0));
         let config = Config {
             offsets,

@@ -200,6 +200,13 @@ mod tests {
       {"chain": {"family": "bridge", "table": "b", "name": "c", "handle": 4,
                  "hook": "output", "prio": 5}}]}"#;
 
+    proptest::proptest! {
+        #[test]
+        fn any_json_is_handled(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let _ = parse_chains(&bytes);
+        }
+    }
+
     #[test]
     fn parses_base_chains_only() {
         let chains = parse_chains(SAMPLE.as_bytes()).unwrap();

@@ -585,6 +585,28 @@ mod tests {
         );
     }
 
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Arbitrary text, and arbitrary edits of the built-in file, never panic the parser.
+            #[test]
+            fn parser_never_panics(text in "(\\PC|\n){0,400}") {
+                let _ = parse(&text, "fuzz");
+            }
+
+            #[test]
+            fn mutated_builtin_never_panics(at in 0usize..BUILTIN.len(), len in 0usize..40, with in "\\PC{0,8}") {
+                let mut text = BUILTIN.to_owned();
+                let start = (0..=at).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+                let end = (start + len..=text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(text.len());
+                text.replace_range(start..end, &with);
+                let _ = parse(&text, "fuzz");
+            }
+        }
+    }
+
     #[test]
     fn chain_patterns() {
         let reg = Registry::builtin().unwrap();

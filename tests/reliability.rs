@@ -1,0 +1,211 @@
+//! Faults a node throws at a tracer: kill -9 and restart, two daemons at once, the traced
+//! namespace deleted mid-run, output that stops accepting data, bad input of every kind, and a
+//! short soak with traffic and interface churn whose RSS must stay flat.
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::*;
+
+const RULES: &str = "table inet t {\n chain out {\n type route hook output priority mangle; policy accept;\n udp dport 9970 meta mark set 0x70\n }\n}\n";
+
+fn lab() -> Lab {
+    let lab = Lab::new("rel").expect("lab");
+    lab.nft(&lab.a, RULES).expect("nft");
+    lab
+}
+
+fn saw_transition(events: &[serde_json::Value]) -> bool {
+    events_to(events, "transition", 9970)
+        .iter()
+        .any(|e| e["mark"]["new"] == "0x70")
+}
+
+#[test]
+fn sigkill_then_restart_and_two_daemons_at_once() {
+    let lab = lab();
+    let d = Daemon::start(&["--netns", &lab.a]);
+    unsafe { libc::kill(d.pid() as i32, libc::SIGKILL) };
+    drop(d);
+    // Restart at once: the new daemon attaches cleanly and traces.
+    let d1 = Daemon::start(&["--netns", &lab.a]);
+    // A second daemon on the same hooks: the kernel refuses two BPF hooks at one priority, so it
+    // takes the next free ones; both must see the change.
+    let d2 = Daemon::start(&["--netns", &lab.a]);
+    send_udp(&lab.a, lab::ADDR_B, 9970, 2, None);
+    let (e1, e2) = (d1.stop(), d2.stop());
+    assert!(saw_transition(&e1), "first daemon missed the transition");
+    assert!(saw_transition(&e2), "second daemon missed the transition");
+    assert!(wait_unloaded().is_empty());
+}
+
+#[test]
+fn deleted_netns_stops_the_run_cleanly() {
+    let lab = lab();
+    let mut d = Daemon::start(&["--netns", &lab.a]);
+    lab::run("ip", &["netns", "del", &lab.a]).expect("delete netns");
+    d.wait_for_stderr("was deleted; stopping", Duration::from_secs(10));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = d.try_wait() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "daemon did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status}");
+    assert!(wait_unloaded().is_empty());
+}
+
+fn one_error_line(stderr: &str, expect: &str) {
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(errors[0].contains(expect), "{stderr}");
+}
+
+#[test]
+fn stdout_closed_early_is_a_clear_error() {
+    require_root();
+    let lab = lab();
+    let mut child = Command::new(BIN)
+        .args(["trace", "--json", "--full-path", "--netns", &lab.a])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    // Like `| head -1`: read one event, then close the pipe while events keep coming.
+    let sender = {
+        let ns = lab.a.clone();
+        std::thread::spawn(move || {
+            for _ in 0..50 {
+                send_udp(&ns, lab::ADDR_B, 9970, 5, None);
+            }
+        })
+    };
+    assert!(lines.next().is_some(), "no event before closing");
+    drop(lines);
+    let out = child.wait_with_output().unwrap();
+    sender.join().unwrap();
+    assert!(!out.status.success());
+    one_error_line(&String::from_utf8_lossy(&out.stderr), "Broken pipe");
+    assert!(wait_unloaded().is_empty());
+}
+
+/// A tmpfs too small for the events, unmounted even when the test fails.
+struct TinyFs(std::path::PathBuf);
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn full_filesystem_is_a_clear_error() {
+    require_root();
+    let lab = lab();
+    let dir = std::env::temp_dir().join(format!("fwmark-trace-tinyfs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fs = TinyFs(dir.clone());
+    lab::run(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=16k",
+            "tmpfs",
+            dir.to_str().unwrap(),
+        ],
+    )
+    .expect("mount tmpfs");
+    let out_file = dir.join("events.jsonl");
+    let mut child = Command::new(BIN)
+        .args([
+            "trace",
+            "--json",
+            "--full-path",
+            "--netns",
+            &lab.a,
+            "--output",
+            out_file.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        send_udp_burst(&lab.a, lab::ADDR_B, 9970, 500);
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "should fail on ENOSPC");
+    one_error_line(
+        &String::from_utf8_lossy(&out.stderr),
+        "No space left on device",
+    );
+    assert!(wait_unloaded().is_empty());
+    drop(fs);
+}
+
+#[test]
+fn bad_input_gets_one_clear_error() {
+    require_root();
+    let cases: [(&[&str], &str); 8] = [
+        (&["trace", "--duration", "soon"], "--duration"),
+        (&["trace", "--count", "many"], "--count"),
+        (&["trace", "--mark", "0x100/0xf"], "outside its mask"),
+        (&["trace", "--require", "warp-drive"], "--require"),
+        (
+            &["trace", "--registry", "/nonexistent/r.toml"],
+            "cannot read",
+        ),
+        (&["trace", "--owner", "x"], "NAME=MASK"),
+        (&["trace", "--require", "fentry"], "lacks fentry"),
+        (&["trace", "--iface"], "--iface"),
+    ];
+    for (args, expect) in cases {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert_ne!(out.status.code(), Some(0), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        one_error_line(&err, expect);
+        assert!(wait_unloaded().is_empty(), "{args:?} left programs loaded");
+    }
+    // Not root: a clear refusal (dropping to nobody with setpriv).
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            BIN,
+            "trace",
+        ])
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    one_error_line(&String::from_utf8_lossy(&out.stderr), "needs root");
+}
+
+#[test]
+fn short_soak_keeps_rss_flat() {
+    require_root();
+    let out = Command::new(BIN)
+        .args(["soak", "--seconds", "30"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("rss flat: yes"), "{text}");
+}
