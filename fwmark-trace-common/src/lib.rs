@@ -16,6 +16,8 @@ pub mod layer {
     pub const TRACEPOINT: u8 = 3;
     /// The mark the packet was born with: its socket's SO_MARK (`sk_mark` equals the mark).
     pub const SOCKET: u8 = 4;
+    /// A FIB lookup (`fib_table_lookup`): `Event::table`, `route_err`, `route_oif`.
+    pub const ROUTING: u8 = 5;
 }
 
 /// tc direction (`Point::hook` when `layer == TC`).
@@ -57,6 +59,8 @@ pub mod kind {
     pub const OBSERVE: u8 = 4;
     /// Full-path mode: the packet's normal end of life (`consume_skb`).
     pub const CONSUME: u8 = 5;
+    /// A routing table lookup (with `Config::routes`); `new_mark` is the flow's mark.
+    pub const ROUTE: u8 = 6;
 }
 
 /// An observation point. `slot` and `hook` are interpreted per `layer` (see the modules above).
@@ -102,6 +106,12 @@ pub struct Event {
     /// IPv4 addresses use the first 4 bytes.
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
+    /// Route events: the table looked up, its result (0 or -errno; -EAGAIN: no match, the
+    /// next rule is tried) and the output interface the flow asked for.
+    pub table: u32,
+    pub route_err: i32,
+    pub route_oif: u32,
+    pub route_iif: u32,
 }
 
 pub const CT_NOW: u8 = 1;
@@ -145,6 +155,15 @@ pub struct Offsets {
     pub nf_state_in: u32,
     pub nf_state_out: u32,
     pub nf_state_net: u32,
+    /// `struct flowi4` (routing lookups) and `fib_nh_common.nhc_dev`.
+    pub fl4_mark: u32,
+    pub fl4_oif: u32,
+    pub fl4_iif: u32,
+    pub fl4_proto: u32,
+    pub fl4_saddr: u32,
+    pub fl4_daddr: u32,
+    pub fl4_ports: u32,
+    pub nhc_dev: u32,
 }
 
 pub const OFFSET_MISSING: u32 = u32::MAX;
@@ -166,6 +185,8 @@ pub struct Config {
     /// The namespace the tc and netfilter observers are attached in (they only ever see its
     /// packets, so they need not read it from the packet).
     pub own_netns: u32,
+    /// Non-zero: report routing table lookups (`kind::ROUTE`).
+    pub routes: u32,
 }
 
 impl Config {
@@ -189,6 +210,14 @@ impl Config {
             nf_state_in: OFFSET_MISSING,
             nf_state_out: OFFSET_MISSING,
             nf_state_net: OFFSET_MISSING,
+            fl4_mark: OFFSET_MISSING,
+            fl4_oif: OFFSET_MISSING,
+            fl4_iif: OFFSET_MISSING,
+            fl4_proto: OFFSET_MISSING,
+            fl4_saddr: OFFSET_MISSING,
+            fl4_daddr: OFFSET_MISSING,
+            fl4_ports: OFFSET_MISSING,
+            nhc_dev: OFFSET_MISSING,
         },
         mark_value: 0,
         mark_mask: 0,
@@ -196,6 +225,7 @@ impl Config {
         iface_filter: 0,
         full_path: 0,
         own_netns: 0,
+        routes: 0,
     };
 }
 

@@ -18,7 +18,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
-use fwmark_trace_common::{layer, tc_dir, tc_slot, tracepoint, Config, PacketState, Point};
+use fwmark_trace_common::{layer, tc_dir, tc_slot, tracepoint, Config, Event, PacketState, Point};
 use observe::{End, Site};
 use skb::read;
 
@@ -218,6 +218,58 @@ tp_observer!(
     |ctx| Some(End::Consume),
     false
 );
+
+// ---- routing ------------------------------------------------------------------------------
+
+/// fib_table_lookup(u32 tb_id, const struct flowi4 *flp, const struct fib_nh_common *nhc,
+/// int err): one event per table tried, so the rule walk and the table that answered show up.
+/// No skb here: userspace joins lookups to flows by their 5-tuple.
+#[btf_tracepoint(function = "fib_table_lookup")]
+pub fn fwm_fib(ctx: BtfTracePointContext) -> i32 {
+    let cfg = observe::config();
+    if cfg.routes == 0 {
+        return 0;
+    }
+    let off = &cfg.offsets;
+    let flp: u64 = ctx.arg::<*const u8>(1) as u64;
+    let nhc: u64 = ctx.arg::<*const u8>(2) as u64;
+    // nhc is NULL when the lookup failed; the verifier wants that checked before any offset.
+    let (ifindex, netns) = if nhc == 0 {
+        (0, 0)
+    } else {
+        skb::dev_ids(read(nhc, off.nhc_dev), off)
+    };
+    if cfg.netns != 0 && netns != 0 && netns != cfg.netns {
+        return 0;
+    }
+    let ports: [u16; 2] = read(flp, off.fl4_ports);
+    let mut ev = Event {
+        kind: fwmark_trace_common::kind::ROUTE,
+        at: Point {
+            layer: layer::ROUTING,
+            hook: 4,
+            slot: 0,
+            family: 2,
+            ifindex,
+            netns,
+        },
+        new_mark: read(flp, off.fl4_mark),
+        table: ctx.arg::<u32>(0),
+        route_err: ctx.arg::<i32>(3),
+        route_oif: read(flp, off.fl4_oif),
+        route_iif: read(flp, off.fl4_iif),
+        ip_version: 4,
+        l4_proto: read(flp, off.fl4_proto),
+        dport: u16::from_be(ports[0]),
+        sport: u16::from_be(ports[1]),
+        ..Event::default()
+    };
+    ev.old_mark = ev.new_mark;
+    ev.saddr[..4].copy_from_slice(&read::<[u8; 4]>(flp, off.fl4_saddr));
+    ev.daddr[..4].copy_from_slice(&read::<[u8; 4]>(flp, off.fl4_daddr));
+    observe::emit(ev);
+    0
+}
 
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -91,7 +91,7 @@ pub fn observe(skb: u64, site: &Site) {
         ..Event::default()
     };
 
-    let emit = match PACKETS.get_ptr_mut(skb) {
+    let report = match PACKETS.get_ptr_mut(skb) {
         Some(state) if unsafe { (*state).head } == head => {
             let st = unsafe { &mut *state };
             // Where the device is unknown (NULL, or UDP reusing skb->dev as scratch space), the
@@ -144,11 +144,17 @@ pub fn observe(skb: u64, site: &Site) {
     if site.end.is_some() {
         let _ = PACKETS.remove(skb);
     }
-    if !emit || !wanted(cfg, &ev) {
+    if !report || !wanted(cfg, &ev) {
         return;
     }
-    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     skb::fill_tuple(&mut ev, skb, off, site.l3_at_data);
+    emit(ev);
+}
+
+/// Timestamps an event and writes it to the ring buffer (counting it lost when full).
+#[inline(always)]
+pub fn emit(mut ev: Event) {
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     match EVENTS.reserve::<Event>(0) {
         Some(mut slot) => {
             slot.write(ev);

@@ -37,6 +37,31 @@ pub struct TraceEvent {
     pub drop_reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attribution: Option<Arc<Attribution>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<Route>,
+}
+
+/// A routing table lookup: which table, with which flow mark, and what it answered.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Route {
+    pub table: u32,
+    /// "ok", "no-match" (-EAGAIN: the next rule is tried) or the errno name/number.
+    pub result: String,
+    pub flow_mark: String,
+    pub oif: u32,
+    pub iif: u32,
+}
+
+fn route_result(err: i32) -> String {
+    match -err {
+        0 => "ok".into(),
+        11 => "no-match".into(),
+        101 => "unreachable".into(),
+        113 => "host-unreachable".into(),
+        1 => "prohibited".into(),
+        22 => "blackhole".into(),
+        e => format!("errno {e}"),
+    }
 }
 
 /// Marks are shown as hex strings: every owner documents its bits in hex.
@@ -108,6 +133,7 @@ fn kind_name(k: u8) -> &'static str {
         kind::FIRST_SEEN => "first_seen",
         kind::OBSERVE => "observe",
         kind::CONSUME => "consume",
+        kind::ROUTE => "route",
         _ => "unknown",
     }
 }
@@ -311,6 +337,13 @@ impl Decoder {
                     .unwrap_or_else(|| format!("reason {}", ev.drop_reason))
             }),
             attribution,
+            route: (ev.kind == kind::ROUTE).then(|| Route {
+                table: ev.table,
+                result: route_result(ev.route_err),
+                flow_mark: hex(ev.new_mark),
+                oif: ev.route_oif,
+                iif: ev.route_iif,
+            }),
         }
     }
 }

@@ -53,6 +53,9 @@ pub struct TraceArgs {
     /// Ring buffer size in bytes (a power of two, at least one page).
     #[arg(long, default_value_t = 4 << 20, value_parser = parse_ring_size)]
     pub ring_size: u32,
+    /// Also report routing table lookups (table, flow mark, result) as `route` events.
+    #[arg(long)]
+    pub routes: bool,
     /// Every SECS seconds, write a `stats` record (RSS, events, lost, tracked packets).
     #[arg(long, value_name = "SECS")]
     pub stats: Option<u64>,
@@ -111,6 +114,7 @@ pub fn run(args: &TraceArgs, on_ready: impl FnOnce()) -> Result<Summary> {
         full_path: args.full_path,
         ring_bytes: args.ring_size,
         require: args.require.clone(),
+        routes: args.routes,
     };
     let mut obs = Observers::start(&opts)?;
     for s in &obs.report {

@@ -322,6 +322,14 @@ pub fn offsets(btf: &KernelBtf) -> Result<Offsets> {
         nf_state_in: off("nf_hook_state", "in")?,
         nf_state_out: off("nf_hook_state", "out")?,
         nf_state_net: off("nf_hook_state", "net")?,
+        fl4_mark: optional("flowi4", "__fl_common.flowic_mark"),
+        fl4_oif: optional("flowi4", "__fl_common.flowic_oif"),
+        fl4_iif: optional("flowi4", "__fl_common.flowic_iif"),
+        fl4_proto: optional("flowi4", "__fl_common.flowic_proto"),
+        fl4_saddr: optional("flowi4", "saddr"),
+        fl4_daddr: optional("flowi4", "daddr"),
+        fl4_ports: optional("flowi4", "uli"),
+        nhc_dev: optional("fib_nh_common", "nhc_dev"),
     })
 }
 

@@ -25,11 +25,12 @@ use crate::nodestate::nft::{self, NfPlan};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fwmark-trace"));
 
 /// The tp_btf observers: (program, tracepoint).
-pub const TRACEPOINTS: [(&str, &str); 4] = [
+pub const TRACEPOINTS: [(&str, &str); 5] = [
     ("fwm_rx", "netif_receive_skb"),
     ("fwm_dev_queue", "net_dev_queue"),
     ("fwm_kfree", "kfree_skb"),
     ("fwm_consume", "consume_skb"),
+    ("fwm_fib", "fib_table_lookup"),
 ];
 
 pub struct Options {
@@ -41,6 +42,8 @@ pub struct Options {
     pub ring_bytes: u32,
     /// Features that must be available (else: an error instead of degrading).
     pub require: Vec<Feature>,
+    /// Report routing table lookups.
+    pub routes: bool,
 }
 
 /// One line of the start-up report.
@@ -100,6 +103,7 @@ impl Observers {
             iface_filter: opts.ifaces.is_some() as u32,
             full_path: opts.full_path as u32,
             own_netns: crate::netns::current()?,
+            routes: opts.routes as u32,
         };
         if offsets.nf_state_pf != offsets.nf_state_hook + 1 {
             bail!("this kernel's nf_hook_state has `pf` apart from `hook`: unsupported layout");
@@ -134,6 +138,9 @@ impl Observers {
         }
 
         for (prog, tp) in TRACEPOINTS {
+            if prog == "fwm_fib" && !opts.routes {
+                continue;
+            }
             let res = (|| -> Result<()> {
                 let p: &mut BtfTracePoint =
                     ebpf.program_mut(prog).context("missing")?.try_into()?;

@@ -8,7 +8,9 @@ pub fn line(ev: &TraceEvent) -> String {
         ev.packet_id,
         ev.kind.to_uppercase()
     );
-    if ev.mark.old != ev.mark.new || ev.kind == "transition" {
+    if let Some(r) = &ev.route {
+        s += &format!(" table {} mark {} -> {}", r.table, r.flow_mark, r.result);
+    } else if ev.mark.old != ev.mark.new || ev.kind == "transition" {
         s += &format!(
             " mark {} -> {} (+{} -{})",
             ev.mark.old, ev.mark.new, ev.mark.set, ev.mark.cleared

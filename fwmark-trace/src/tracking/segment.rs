@@ -120,6 +120,7 @@ impl Topology {
                 info.hook = Some(tp_name(p.hook));
             }
             layer::SOCKET => info.layer = "socket",
+            layer::ROUTING => info.layer = "routing",
             layer::NONE => info.layer = "none",
             _ => {}
         }
