@@ -9,6 +9,7 @@ use crate::{
     registry::{cli::RegistryCmd, RegistryArgs},
     soak::SoakArgs,
     trace::TraceArgs,
+    why::WhyArgs,
 };
 
 #[derive(Parser, Debug)]
@@ -29,6 +30,9 @@ pub enum Cmd {
     /// Build two throwaway network namespaces with mark-changing rules, trace some traffic
     /// through them, print the transitions and clean everything up.
     Demo(DemoArgs),
+    /// Watch flows and say where and why their replies died (rp_filter, netfilter drop,
+    /// connmark restore, xfrm policy…), with the evidence.
+    Why(WhyArgs),
     /// The mark-owner registry: list owners, show one's layout, check owners for overlaps.
     Registry {
         #[command(subcommand)]

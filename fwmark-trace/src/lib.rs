@@ -20,3 +20,4 @@ pub mod registry;
 pub mod soak;
 pub mod trace;
 pub mod tracking;
+pub mod why;

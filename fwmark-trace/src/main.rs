@@ -5,7 +5,7 @@ use clap::Parser;
 use fwmark_trace::{
     bench,
     cli::{Cli, Cmd},
-    demo, pipeline_bench, registry, soak, trace,
+    demo, pipeline_bench, registry, soak, trace, why,
 };
 
 fn main() -> ExitCode {
@@ -17,6 +17,8 @@ fn main() -> ExitCode {
         Cmd::Registry { cmd, args } => registry::cli::run(cmd, args),
         Cmd::Bench(args) => bench::run(args).map(|_| ExitCode::SUCCESS),
         Cmd::Soak(args) => soak::run(args).map(|_| ExitCode::SUCCESS),
+        // Exit 1 when a watched flow lost its reply (scriptable), 0 when all were delivered.
+        Cmd::Why(args) => why::run(args).map(|lost| ExitCode::from(u8::from(lost))),
         Cmd::BenchPipeline(args) => pipeline_bench::run(args).map(|r| {
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
             ExitCode::SUCCESS

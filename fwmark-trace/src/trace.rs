@@ -18,7 +18,7 @@ use crate::{
     kernel::features::Feature,
     kernel::observers::{Observers, Options},
     netns,
-    output::{summary::Summary, Format, LostRecord, Output, StatsRecord},
+    output::{summary::Summary, Format, LostRecord, Output, Sink, StatsRecord},
     registry::{Registry, RegistryArgs},
     tracking::segment::Topology,
 };
@@ -91,14 +91,6 @@ pub fn require_root(what: &str) -> Result<()> {
 /// Attaches everything in the current (or `--netns`) namespace and runs until stopped.
 /// `on_ready` runs once everything is attached (the demo starts its traffic there).
 pub fn run(args: &TraceArgs, on_ready: impl FnOnce()) -> Result<Summary> {
-    // Bad registry files or owner names fail before anything is attached.
-    let registry = Registry::load(&args.registry)?;
-    require_root("fwmark-trace trace")?;
-    let netns = match &args.netns {
-        Some(spec) => netns::enter(spec)?,
-        None => 0,
-    };
-    let own_netns = netns::current()?;
     let mut out = Output::new(
         if args.json {
             Format::Json
@@ -107,6 +99,19 @@ pub fn run(args: &TraceArgs, on_ready: impl FnOnce()) -> Result<Summary> {
         },
         args.output.as_deref(),
     )?;
+    run_into(args, &mut out, on_ready)
+}
+
+/// Like `run`, sending everything to `sink` (`why` collects flows this way).
+pub fn run_into(args: &TraceArgs, sink: &mut dyn Sink, on_ready: impl FnOnce()) -> Result<Summary> {
+    // Bad registry files or owner names fail before anything is attached.
+    let registry = Registry::load(&args.registry)?;
+    require_root("fwmark-trace trace")?;
+    let netns = match &args.netns {
+        Some(spec) => netns::enter(spec)?,
+        None => 0,
+    };
+    let own_netns = netns::current()?;
     let opts = Options {
         mark: args.mark,
         netns,
@@ -132,7 +137,7 @@ pub fn run(args: &TraceArgs, on_ready: impl FnOnce()) -> Result<Summary> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let summary = rt.block_on(stream(&mut obs, &mut out, args, own_netns, registry))?;
+    let summary = rt.block_on(stream(&mut obs, sink, args, own_netns, registry))?;
     eprintln!("fwmark-trace: {summary}");
     Ok(summary)
 }
@@ -168,7 +173,7 @@ fn topology(obs: &Observers, own_netns: u32) -> Topology {
 
 async fn stream(
     obs: &mut Observers,
-    out: &mut Output,
+    out: &mut dyn Sink,
     args: &TraceArgs,
     own_netns: u32,
     registry: Registry,
@@ -269,7 +274,7 @@ pub fn rss_kb() -> u64 {
 fn drain(
     rb: &mut RingBuf<MapData>,
     decoder: &mut Decoder,
-    out: &mut Output,
+    out: &mut dyn Sink,
     summary: &mut Summary,
     limit: u64,
 ) -> Result<bool> {

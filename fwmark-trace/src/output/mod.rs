@@ -39,6 +39,15 @@ pub struct LostRecord<'a> {
     pub total_lost: u64,
 }
 
+/// Where the trace loop sends what it produces: `Output` writes it; `why` collects flows.
+pub trait Sink {
+    fn event(&mut self, ev: &TraceEvent) -> Result<()>;
+    fn lost(&mut self, rec: &LostRecord) -> Result<()>;
+    fn stats(&mut self, rec: &StatsRecord) -> Result<()>;
+    fn summary(&mut self, summary: &summary::Summary) -> Result<()>;
+    fn flush(&mut self) -> Result<()>;
+}
+
 /// A periodic health record (`--stats`): the metrics output.
 #[derive(Serialize)]
 pub struct StatsRecord {
@@ -132,5 +141,23 @@ impl Output {
 
     pub fn flush(&mut self) -> Result<()> {
         self.out.flush().context("writing output")
+    }
+}
+
+impl Sink for Output {
+    fn event(&mut self, ev: &TraceEvent) -> Result<()> {
+        Output::event(self, ev)
+    }
+    fn lost(&mut self, rec: &LostRecord) -> Result<()> {
+        Output::lost(self, rec)
+    }
+    fn stats(&mut self, rec: &StatsRecord) -> Result<()> {
+        Output::stats(self, rec)
+    }
+    fn summary(&mut self, summary: &summary::Summary) -> Result<()> {
+        Output::summary(self, summary)
+    }
+    fn flush(&mut self) -> Result<()> {
+        Output::flush(self)
     }
 }

@@ -1,0 +1,389 @@
+//! `fwmark-trace why` against real kernel state: one scenario per cause of a disappearing
+//! reply. Topology: A and B joined by two veth pairs (veth-a/veth-b and a2/b2); B serves UDP
+//! echo on 10.9.9.9:7; A routes 10.9.9.9 via veth-a in main and via a2 in table 100 for
+//! `fwmark 0x4000/0x4000`; B sends everything for A's 10.77.0.1 back through b2, so replies
+//! arrive on a2. The client in A marks its requests 0x4000 with SO_MARK.
+mod common;
+
+use std::{
+    net::UdpSocket,
+    process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread,
+    time::Duration,
+};
+
+use common::*;
+use serde_json::Value;
+
+const SERVICE: &str = "10.9.9.9";
+
+fn two_path(tag: &str) -> Lab {
+    let lab = Lab::new(tag).expect("lab");
+    let (a, b) = (lab.a.clone(), lab.b.clone());
+    let ip = |args: &[&str]| lab::run("ip", args).unwrap_or_else(|e| panic!("{e:#}"));
+    ip(&[
+        "-n", &a, "link", "add", "a2", "type", "veth", "peer", "name", "b2", "netns", &b,
+    ]);
+    ip(&["-n", &a, "addr", "add", "10.78.0.1/24", "dev", "a2"]);
+    ip(&["-n", &b, "addr", "add", "10.78.0.2/24", "dev", "b2"]);
+    ip(&["-n", &a, "link", "set", "a2", "up"]);
+    ip(&["-n", &b, "link", "set", "b2", "up"]);
+    ip(&[
+        "-n",
+        &b,
+        "addr",
+        "add",
+        &format!("{SERVICE}/32"),
+        "dev",
+        "lo",
+    ]);
+    ip(&[
+        "-n",
+        &a,
+        "route",
+        "add",
+        &format!("{SERVICE}/32"),
+        "via",
+        "10.77.0.2",
+        "dev",
+        lab::VETH_A,
+    ]);
+    ip(&[
+        "-n",
+        &a,
+        "route",
+        "add",
+        &format!("{SERVICE}/32"),
+        "via",
+        "10.78.0.2",
+        "dev",
+        "a2",
+        "table",
+        "100",
+    ]);
+    ip(&[
+        "-n",
+        &a,
+        "rule",
+        "add",
+        "fwmark",
+        "0x4000/0x4000",
+        "lookup",
+        "100",
+        "pref",
+        "1000",
+    ]);
+    ip(&[
+        "-n",
+        &b,
+        "route",
+        "add",
+        "10.77.0.1/32",
+        "via",
+        "10.78.0.1",
+        "dev",
+        "b2",
+    ]);
+    // ARP for A's a2 must come from B's link address: with the service address as sender, A's
+    // rp_filter would refuse the ARP itself and the reply would never leave B.
+    sysctl(
+        &b,
+        &[
+            ("all.rp_filter", "0"),
+            ("b2.rp_filter", "0"),
+            ("default.rp_filter", "0"),
+            ("all.arp_announce", "2"),
+            ("b2.arp_announce", "2"),
+        ],
+    );
+    lab
+}
+
+fn sysctl(ns: &str, kv: &[(&str, &str)]) {
+    for (k, v) in kv {
+        lab::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                &format!("net.ipv4.conf.{k}={v}"),
+            ],
+        )
+        .expect("sysctl");
+    }
+}
+
+/// UDP echo on SERVICE:7 inside B until `stop`.
+fn echo(ns: &str, stop: Arc<AtomicBool>) -> thread::JoinHandle<()> {
+    let ns = ns.to_owned();
+    thread::spawn(move || {
+        fwmark_trace::netns::enter(&ns).expect("enter B");
+        let sock = UdpSocket::bind((SERVICE, 7)).expect("bind echo");
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut buf = [0u8; 512];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                let _ = sock.send_to(&buf[..n], from);
+            }
+        }
+    })
+}
+
+/// Sends marked requests from A's 10.77.0.1; true when any reply came back.
+fn client(ns: &str) -> bool {
+    let ns = ns.to_owned();
+    thread::spawn(move || {
+        fwmark_trace::netns::enter(&ns).expect("enter A");
+        let sock = lab::udp_socket(false, 0x4000).expect("socket");
+        let sock = {
+            // Rebind to the address B routes back through b2.
+            drop(sock);
+            let s = UdpSocket::bind("10.77.0.1:0").expect("bind client");
+            let mark = 0x4000u32;
+            let rc = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&s),
+                    libc::SOL_SOCKET,
+                    libc::SO_MARK,
+                    (&mark as *const u32).cast(),
+                    4,
+                )
+            };
+            assert_eq!(rc, 0);
+            s
+        };
+        sock.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut got = false;
+        for _ in 0..3 {
+            let _ = sock.send_to(b"why?", (SERVICE, 7));
+            let mut buf = [0u8; 64];
+            got |= sock.recv_from(&mut buf).is_ok();
+        }
+        got
+    })
+    .join()
+    .expect("client")
+}
+
+/// Runs `why --json` in A while the client talks to the echo server; returns (report for the
+/// flow, whether the client got a reply).
+fn why(lab: &Lab, extra: &[&str]) -> (Value, bool) {
+    require_root();
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = echo(&lab.b, stop.clone());
+    let mut child = Command::new(BIN)
+        .args([
+            "why",
+            "--netns",
+            &lab.a,
+            "--port",
+            "7",
+            "--duration",
+            "4s",
+            "--json",
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(l);
+        }
+    });
+    let mut log = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("why did not start");
+        let ready = line.contains("tracing (");
+        log.push(line);
+        if ready {
+            break;
+        }
+    }
+    let replied = client(&lab.a);
+    let out = child.wait_with_output().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    server.join().unwrap();
+    log.extend(rx.try_iter());
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "why output is not JSON ({e}): {}\n{log:#?}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let flow = doc["flows"]
+        .as_array()
+        .and_then(|f| {
+            f.iter().find(|f| {
+                f["flow"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("udp 10.77.0.1:"))
+            })
+        })
+        .cloned()
+        .unwrap_or_else(|| panic!("no report for the flow: {doc:#}"));
+    (flow, replied)
+}
+
+#[test]
+fn cause1_policy_routed_request_unmarked_reply_fails_rp_filter() {
+    let lab = two_path("why-rpf");
+    sysctl(
+        &lab.a,
+        &[
+            ("all.rp_filter", "1"),
+            ("a2.rp_filter", "1"),
+            ("all.src_valid_mark", "0"),
+        ],
+    );
+    let (r, replied) = why(&lab, &[]);
+    assert!(!replied, "the reply should die");
+    assert_eq!(r["verdict"], "rp-filter", "{r:#}");
+    assert_eq!(r["drop"]["reason"], "IP_RPFILTER");
+    let summary = r["summary"].as_str().unwrap();
+    assert!(
+        summary.contains("`1000: fwmark 0x4000/0x4000 lookup 100` did not match"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("table main → reverse path to 10.9.9.9 via veth-a"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("≠ arrival a2") && summary.contains("src_valid_mark=0"),
+        "{summary}"
+    );
+    assert_eq!(r["mark_diff"]["bits"], "0x4000");
+    // The request's routing lookup found table 100.
+    assert!(
+        r["request"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["table"] == 100 && s["route_result"] == "ok"),
+        "{r:#}"
+    );
+}
+
+const CONNMARK: &str = "table inet cm {
+ chain out { type route hook output priority mangle; policy accept; ct mark set meta mark; }
+ chain pre { type filter hook prerouting priority mangle; policy accept; meta mark set ct mark; }
+}\n";
+
+#[test]
+fn cause2_connmark_restore_with_the_wrong_mask_loses_a_bit() {
+    let lab = two_path("why-cm");
+    sysctl(
+        &lab.a,
+        &[("all.rp_filter", "1"), ("all.src_valid_mark", "1")],
+    );
+    lab.nft(&lab.a, CONNMARK).unwrap();
+    lab.nft(
+        &lab.a,
+        "table inet other {
+ chain raw { type filter hook prerouting priority raw; policy accept; iifname \"a2\" meta mark set meta mark | 0x100; }
+ chain in { type filter hook input priority 0; policy accept; iifname \"a2\" udp sport 7 meta mark & 0x100 == 0 drop; }
+}\n",
+    )
+    .unwrap();
+    let (r, replied) = why(&lab, &[]);
+    assert!(!replied);
+    assert_eq!(r["verdict"], "connmark-restore-mask", "{r:#}");
+    assert!(
+        r["summary"].as_str().unwrap().contains("losing bits 0x100"),
+        "{r:#}"
+    );
+    assert_eq!(r["drop"]["reason"], "NETFILTER_DROP");
+}
+
+#[test]
+fn cause3_filter_drops_replies_without_the_bit() {
+    let lab = two_path("why-nf");
+    sysctl(&lab.a, &[("all.rp_filter", "0"), ("a2.rp_filter", "0")]);
+    lab.nft(
+        &lab.a,
+        "table inet f {\n chain in { type filter hook input priority 0; policy accept; iifname \"a2\" udp sport 7 meta mark & 0x4000 == 0 drop; }\n}\n",
+    )
+    .unwrap();
+    let (r, replied) = why(&lab, &[]);
+    assert!(!replied);
+    assert_eq!(r["verdict"], "netfilter-drop", "{r:#}");
+    assert_eq!(r["drop"]["hook"], "input");
+    assert_eq!(r["drop"]["chains"], serde_json::json!(["inet f/in@0"]));
+}
+
+#[test]
+fn cause4_xfrm_policy_selected_by_mark_blocks_the_reply() {
+    let lab = two_path("why-xfrm");
+    sysctl(&lab.a, &[("all.rp_filter", "0"), ("a2.rp_filter", "0")]);
+    lab::run(
+        "ip",
+        &[
+            "-n",
+            &lab.a,
+            "xfrm",
+            "policy",
+            "add",
+            "src",
+            "10.9.9.9/32",
+            "dst",
+            "10.77.0.1/32",
+            "dir",
+            "in",
+            "action",
+            "block",
+            "mark",
+            "0",
+            "mask",
+            "0x4000",
+        ],
+    )
+    .expect("xfrm policy");
+    let (r, replied) = why(&lab, &[]);
+    assert!(!replied);
+    assert_eq!(r["verdict"], "xfrm-policy", "{r:#}");
+    assert_eq!(r["drop"]["reason"], "XFRM_POLICY");
+    assert!(
+        r["summary"]
+            .as_str()
+            .unwrap()
+            .contains("mark 0x0/0x4000 action block"),
+        "{r:#}"
+    );
+}
+
+#[test]
+fn cause5_healthy_flow_is_reported_delivered() {
+    let lab = two_path("why-ok");
+    sysctl(
+        &lab.a,
+        &[
+            ("all.rp_filter", "1"),
+            ("a2.rp_filter", "1"),
+            ("all.src_valid_mark", "1"),
+        ],
+    );
+    lab.nft(&lab.a, CONNMARK).unwrap();
+    let (r, replied) = why(&lab, &["--all"]);
+    assert!(replied, "the reply should arrive");
+    assert_eq!(r["verdict"], "delivered", "{r:#}");
+    assert!(r["last_reply_point"].as_str().is_some());
+}
