@@ -395,63 +395,64 @@ mod tests {
     }
 
     fn state() -> NodeState {
-        let mut s = NodeState::default();
-        s.rules = vec![
-            IpRule {
-                priority: 0,
-                fwmark: None,
-                fwmask: None,
-                invert: false,
-                table: 255,
-                action: "lookup".into(),
-                iif: None,
-                suppress_prefixlen: None,
-                ipv6: false,
+        NodeState {
+            rules: vec![
+                IpRule {
+                    priority: 0,
+                    fwmark: None,
+                    fwmask: None,
+                    invert: false,
+                    table: 255,
+                    action: "lookup".into(),
+                    iif: None,
+                    suppress_prefixlen: None,
+                    ipv6: false,
+                },
+                IpRule {
+                    priority: 1000,
+                    fwmark: Some(0x4000),
+                    fwmask: Some(0x4000),
+                    invert: false,
+                    table: 100,
+                    action: "lookup".into(),
+                    iif: None,
+                    suppress_prefixlen: None,
+                    ipv6: false,
+                },
+                IpRule {
+                    priority: 32766,
+                    fwmark: None,
+                    fwmask: None,
+                    invert: false,
+                    table: 254,
+                    action: "lookup".into(),
+                    iif: None,
+                    suppress_prefixlen: None,
+                    ipv6: false,
+                },
+            ],
+            routes: vec![
+                Route {
+                    table: 254,
+                    destination: "10.9.9.9/32".into(),
+                    gateway: None,
+                    oif: Some(2),
+                    kind: "unicast".into(),
+                },
+                Route {
+                    table: 100,
+                    destination: "10.9.9.9/32".into(),
+                    gateway: None,
+                    oif: Some(3),
+                    kind: "unicast".into(),
+                },
+            ],
+            sysctls: Sysctls {
+                rp_filter: [("all".into(), 1)].into(),
+                ..Default::default()
             },
-            IpRule {
-                priority: 1000,
-                fwmark: Some(0x4000),
-                fwmask: Some(0x4000),
-                invert: false,
-                table: 100,
-                action: "lookup".into(),
-                iif: None,
-                suppress_prefixlen: None,
-                ipv6: false,
-            },
-            IpRule {
-                priority: 32766,
-                fwmark: None,
-                fwmask: None,
-                invert: false,
-                table: 254,
-                action: "lookup".into(),
-                iif: None,
-                suppress_prefixlen: None,
-                ipv6: false,
-            },
-        ];
-        s.routes = vec![
-            Route {
-                table: 254,
-                destination: "10.9.9.9/32".into(),
-                gateway: None,
-                oif: Some(2),
-                kind: "unicast".into(),
-            },
-            Route {
-                table: 100,
-                destination: "10.9.9.9/32".into(),
-                gateway: None,
-                oif: Some(3),
-                kind: "unicast".into(),
-            },
-        ];
-        s.sysctls = Sysctls {
-            rp_filter: [("all".into(), 1)].into(),
             ..Default::default()
-        };
-        s
+        }
     }
 
     fn judge_with(f: &Flow, s: &NodeState, chains: &[Chain]) -> Report {
