@@ -414,3 +414,58 @@ fn conntrack_mark_changes_are_transitions() {
     assert_eq!(e["ct_mark"]["state"], "new");
     assert_eq!(e["segment"]["chains"], serde_json::json!(["ip c/out@0"]));
 }
+
+#[test]
+fn followed_flow_shows_every_point_and_its_routing_lookups() {
+    let lab = Lab::new("flow").expect("lab");
+    lab.exec(
+        &lab.a,
+        &[
+            "ip",
+            "rule",
+            "add",
+            "fwmark",
+            "0x4000/0x4000",
+            "lookup",
+            "100",
+            "pref",
+            "1000",
+        ],
+    )
+    .unwrap();
+    lab.exec(
+        &lab.a,
+        &[
+            "ip",
+            "route",
+            "add",
+            "10.77.0.0/24",
+            "dev",
+            lab::VETH_A,
+            "table",
+            "100",
+        ],
+    )
+    .unwrap();
+    let d = Daemon::start(&["--netns", &lab.a, "--port", "9960", "--proto", "udp"]);
+    send_udp(&lab.a, lab::ADDR_B, 9960, 2, Some(0x4000));
+    send_udp(&lab.a, lab::ADDR_B, 9961, 2, Some(0x4000));
+    let events = d.stop();
+    let evs: Vec<&Value> = events.iter().filter(|e| e["kind"] != "summary").collect();
+    assert!(
+        evs.iter()
+            .all(|e| e["kind"] == "route" || e["tuple"]["dport"] == 9960),
+        "unselected events"
+    );
+    assert!(
+        evs.iter()
+            .any(|e| e["kind"] == "observe" && e["at"]["layer"] == "tc"),
+        "every point of the flow"
+    );
+    let lookup = evs
+        .iter()
+        .find(|e| e["kind"] == "route" && e["route"]["table"] == 100)
+        .expect("the lookup that chose table 100");
+    assert_eq!(lookup["route"]["result"], "ok");
+    assert_eq!(lookup["route"]["flow_mark"], "0x4000");
+}

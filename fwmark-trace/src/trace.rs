@@ -20,7 +20,7 @@ use crate::{
     netns,
     output::{summary::Summary, Format, LostRecord, Output, Sink, StatsRecord},
     registry::{Registry, RegistryArgs},
-    tracking::segment::Topology,
+    tracking::{flows::FlowSelect, segment::Topology},
 };
 
 #[derive(Args, Clone, Debug, Default)]
@@ -64,6 +64,9 @@ pub struct TraceArgs {
     pub require: Vec<Feature>,
     #[command(flatten)]
     pub registry: RegistryArgs,
+    /// Follow only these flows, at every observation point and with their routing lookups.
+    #[command(flatten)]
+    pub select: FlowSelect,
 }
 
 fn parse_mark_arg(s: &str) -> Result<(u32, u32), String> {
@@ -116,10 +119,11 @@ pub fn run_into(args: &TraceArgs, sink: &mut dyn Sink, on_ready: impl FnOnce()) 
         mark: args.mark,
         netns,
         ifaces: (!args.ifaces.is_empty()).then(|| args.ifaces.clone()),
-        full_path: args.full_path,
+        // A followed flow is shown at every point, with the tables its lookups chose.
+        full_path: args.full_path || args.select.active(),
         ring_bytes: args.ring_size,
         require: args.require.clone(),
-        routes: args.routes,
+        routes: args.routes || args.select.active(),
     };
     let mut obs = Observers::start(&opts)?;
     for s in &obs.report {
@@ -198,7 +202,7 @@ async fn stream(
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                let done = drain(guard.get_inner_mut(), &mut decoder, out, &mut summary, limit)?;
+                let done = drain(guard.get_inner_mut(), &mut decoder, out, &mut summary, limit, &args.select)?;
                 guard.clear_ready();
                 if done {
                     break 'run;
@@ -247,7 +251,14 @@ async fn stream(
         }
     }
     // Whatever the kernel wrote before we stopped is still reported.
-    drain(ring.get_mut(), &mut decoder, out, &mut summary, limit)?;
+    drain(
+        ring.get_mut(),
+        &mut decoder,
+        out,
+        &mut summary,
+        limit,
+        &args.select,
+    )?;
     summary.lost = obs.lost();
     summary.clobbers = decoder.clobbers.summary();
     summary.duration_s = started.elapsed().as_secs_f64();
@@ -277,6 +288,7 @@ fn drain(
     out: &mut dyn Sink,
     summary: &mut Summary,
     limit: u64,
+    select: &FlowSelect,
 ) -> Result<bool> {
     while summary.total_events < limit {
         let Some(item) = rb.next() else {
@@ -289,6 +301,16 @@ fn drain(
         let raw: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
         drop(item);
         let ev = decoder.decode(&raw);
+        if select.active() {
+            let keep = match (&ev.tuple, &ev.route) {
+                (Some(t), Some(_)) => select.wants_route(t),
+                (Some(t), None) => select.wants(t),
+                (None, _) => false,
+            };
+            if !keep {
+                continue;
+            }
+        }
         out.event(&ev)?;
         summary.count(ev.kind);
     }

@@ -2,8 +2,12 @@
 //! first packet seen sets the request direction). Routing lookups join the flow whose address
 //! pair they concern. Bounded: at most `max_flows` flows (least recently seen evicted first)
 //! and `max_steps` steps per flow; both are counted when they overflow.
-use std::collections::{HashMap, VecDeque};
+use std::{
+    collections::{HashMap, VecDeque},
+    net::IpAddr,
+};
 
+use clap::Args;
 use serde::Serialize;
 
 use crate::events::{TraceEvent, Tuple};
@@ -89,6 +93,85 @@ fn key(t: &Tuple) -> Key {
 
 pub fn hex_value(s: &str) -> u32 {
     u32::from_str_radix(s.trim_start_matches("0x"), 16).unwrap_or(0)
+}
+
+/// Which flows to follow (`trace` and `why`); nothing set: all.
+#[derive(Args, Clone, Debug, Default)]
+pub struct FlowSelect {
+    /// One flow: 'PROTO SRC:PORT -> DST:PORT' (either direction matches).
+    #[arg(long, value_parser = parse_flow)]
+    pub flow: Option<FlowSpec>,
+    /// Flows to or from this address.
+    #[arg(long)]
+    pub host: Option<IpAddr>,
+    /// Flows with this port on either side.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Flows of this protocol (tcp, udp, icmp, …).
+    #[arg(long)]
+    pub proto: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct FlowSpec {
+    pub proto: String,
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+}
+
+/// `udp 10.0.0.1:40000 -> 10.0.0.2:80` (IPv6 as `[fd00::1]:80`).
+pub fn parse_flow(s: &str) -> Result<FlowSpec, String> {
+    let err = || {
+        format!("--flow {s:?}: expected 'PROTO SRC:PORT -> DST:PORT', e.g. 'udp 10.0.0.1:40000 -> 10.0.0.2:53'")
+    };
+    let (proto, rest) = s.trim().split_once(' ').ok_or_else(err)?;
+    let (a, b) = rest.split_once("->").ok_or_else(err)?;
+    let ep = |e: &str| -> Result<(IpAddr, u16), String> {
+        let (ip, port) = e.trim().rsplit_once(':').ok_or_else(err)?;
+        let ip = ip.trim_start_matches('[').trim_end_matches(']');
+        Ok((
+            ip.parse().map_err(|_| err())?,
+            port.parse().map_err(|_| err())?,
+        ))
+    };
+    let ((src, sport), (dst, dport)) = (ep(a)?, ep(b)?);
+    Ok(FlowSpec {
+        proto: proto.to_lowercase(),
+        src,
+        sport,
+        dst,
+        dport,
+    })
+}
+
+impl FlowSelect {
+    pub fn active(&self) -> bool {
+        self.flow.is_some() || self.host.is_some() || self.port.is_some() || self.proto.is_some()
+    }
+
+    /// Whether a packet's 5-tuple is selected (either direction).
+    pub fn wants(&self, t: &Tuple) -> bool {
+        let has = |ip: &IpAddr| t.src == ip.to_string() || t.dst == ip.to_string();
+        self.flow.as_ref().is_none_or(|f| {
+            let (s, d) = (f.src.to_string(), f.dst.to_string());
+            t.proto == f.proto
+                && ((t.src == s && t.sport == f.sport && t.dst == d && t.dport == f.dport)
+                    || (t.dst == s && t.dport == f.sport && t.src == d && t.sport == f.dport))
+        }) && self.host.as_ref().is_none_or(has)
+            && self.port.is_none_or(|p| t.sport == p || t.dport == p)
+            && self.proto.as_ref().is_none_or(|p| &t.proto == p)
+    }
+
+    /// Routing lookups carry partial tuples: selected when they concern a selected address pair.
+    pub fn wants_route(&self, t: &Tuple) -> bool {
+        match (&self.flow, &self.host) {
+            (Some(f), _) => concerns(t, &f.src.to_string(), &f.dst.to_string()),
+            (None, Some(h)) => t.src == h.to_string() || t.dst == h.to_string(),
+            _ => true,
+        }
+    }
 }
 
 /// Whether a lookup concerns the flow between `src` and `dst` (either order; output lookups
@@ -258,5 +341,74 @@ impl FlowTracker {
 
     pub fn flows(&self) -> impl Iterator<Item = &Flow> {
         self.order.iter().map(|k| &self.flows[k])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{events::Decoder, pipeline_bench::synthetic, tracking::segment::Topology};
+
+    fn t(proto: &str, src: &str, sport: u16, dst: &str, dport: u16) -> Tuple {
+        Tuple {
+            proto: proto.into(),
+            src: src.into(),
+            sport,
+            dst: dst.into(),
+            dport,
+        }
+    }
+
+    #[test]
+    fn flow_specs_and_selection() {
+        let f = parse_flow("udp 10.0.0.1:40000 -> 10.0.0.2:53").unwrap();
+        assert_eq!((f.proto.as_str(), f.sport, f.dport), ("udp", 40000, 53));
+        assert!(parse_flow("[fd00::1]:1 -> [fd00::2]:2").is_err());
+        assert_eq!(
+            parse_flow("tcp [fd00::1]:1 -> [fd00::2]:2").unwrap().dst,
+            "fd00::2".parse::<IpAddr>().unwrap()
+        );
+        assert!(parse_flow("udp 10.0.0.1 -> 10.0.0.2:53").is_err());
+        let sel = FlowSelect {
+            flow: Some(parse_flow("udp 10.0.0.1:4 -> 10.0.0.2:7").unwrap()),
+            ..Default::default()
+        };
+        assert!(sel.wants(&t("udp", "10.0.0.1", 4, "10.0.0.2", 7)));
+        assert!(sel.wants(&t("udp", "10.0.0.2", 7, "10.0.0.1", 4)));
+        assert!(!sel.wants(&t("udp", "10.0.0.2", 7, "10.0.0.1", 5)));
+        assert!(sel.wants_route(&t("udp", "0.0.0.0", 4, "10.0.0.2", 7)));
+        let port = FlowSelect {
+            port: Some(7),
+            ..Default::default()
+        };
+        assert!(port.wants(&t("udp", "10.0.0.2", 7, "10.0.0.1", 5)));
+    }
+
+    #[test]
+    fn request_and_reply_share_a_flow_and_the_tracker_is_bounded() {
+        let mut d = Decoder::new(Topology::default(), Default::default());
+        let mut tracker = FlowTracker::new(2, 3);
+        let mut req = synthetic(1);
+        let mut rep = synthetic(1);
+        std::mem::swap(&mut rep.saddr, &mut rep.daddr);
+        std::mem::swap(&mut rep.sport, &mut rep.dport);
+        req.sport = 1000;
+        rep.dport = 1000;
+        rep.sport = req.dport;
+        for ev in [&req, &rep, &req, &req] {
+            tracker.add(&d.decode(ev));
+        }
+        let flows: Vec<&Flow> = tracker.flows().collect();
+        assert_eq!(flows.len(), 1);
+        assert_eq!(flows[0].path(Dir::Request).count(), 2);
+        assert_eq!(flows[0].path(Dir::Reply).count(), 1);
+        assert_eq!(flows[0].steps_dropped, 1, "max 3 steps per flow");
+        for port in [2000, 3000] {
+            let mut other = synthetic(1);
+            other.sport = port;
+            tracker.add(&d.decode(&other));
+        }
+        assert_eq!(tracker.flows().count(), 2);
+        assert_eq!(tracker.evicted, 1);
     }
 }

@@ -3,36 +3,26 @@
 //! reply died and a plain-language verdict with its evidence (`--json`: one JSON document).
 pub mod verdict;
 
-use std::{net::IpAddr, time::Duration};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
 use clap::Args;
 use serde::Serialize;
 
 use crate::{
-    events::{TraceEvent, Tuple},
+    events::TraceEvent,
     kernel::tcx,
     nodestate::{nft, NodeState},
     output::{summary::Summary, LostRecord, Sink, StatsRecord},
     registry::{Registry, RegistryArgs},
     trace::{self, TraceArgs},
-    tracking::flows::FlowTracker,
+    tracking::flows::{FlowSelect, FlowTracker},
 };
 
 #[derive(Args, Clone, Debug, Default)]
 pub struct WhyArgs {
-    /// One flow: 'PROTO SRC:PORT -> DST:PORT' (either direction matches).
-    #[arg(long, value_parser = parse_flow)]
-    pub flow: Option<FlowSpec>,
-    /// Flows to or from this address.
-    #[arg(long)]
-    pub host: Option<IpAddr>,
-    /// Flows with this port on either side.
-    #[arg(long)]
-    pub port: Option<u16>,
-    /// Flows of this protocol (tcp, udp, icmp, …).
-    #[arg(long)]
-    pub proto: Option<String>,
+    #[command(flatten)]
+    pub select: FlowSelect,
     /// How long to watch.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
@@ -49,61 +39,6 @@ pub struct WhyArgs {
     pub registry: RegistryArgs,
 }
 
-#[derive(Clone, Debug, PartialEq)]
-pub struct FlowSpec {
-    pub proto: String,
-    pub src: IpAddr,
-    pub sport: u16,
-    pub dst: IpAddr,
-    pub dport: u16,
-}
-
-/// `udp 10.0.0.1:40000 -> 10.0.0.2:80` (IPv6 as `[fd00::1]:80`).
-pub fn parse_flow(s: &str) -> Result<FlowSpec, String> {
-    let err = || {
-        format!("--flow {s:?}: expected 'PROTO SRC:PORT -> DST:PORT', e.g. 'udp 10.0.0.1:40000 -> 10.0.0.2:53'")
-    };
-    let (proto, rest) = s.trim().split_once(' ').ok_or_else(err)?;
-    let (a, b) = rest.split_once("->").ok_or_else(err)?;
-    let ep = |e: &str| -> Result<(IpAddr, u16), String> {
-        let e = e.trim();
-        let (ip, port) = e.rsplit_once(':').ok_or_else(err)?;
-        let ip = ip.trim_start_matches('[').trim_end_matches(']');
-        Ok((
-            ip.parse().map_err(|_| err())?,
-            port.parse().map_err(|_| err())?,
-        ))
-    };
-    let ((src, sport), (dst, dport)) = (ep(a)?, ep(b)?);
-    Ok(FlowSpec {
-        proto: proto.to_lowercase(),
-        src,
-        sport,
-        dst,
-        dport,
-    })
-}
-
-impl WhyArgs {
-    /// Whether a packet's 5-tuple is one the user asked about.
-    fn wants(&self, t: &Tuple) -> bool {
-        let has = |ip: &IpAddr| t.src == ip.to_string() || t.dst == ip.to_string();
-        self.flow.as_ref().is_none_or(|f| {
-            t.proto == f.proto
-                && ((t.src == f.src.to_string()
-                    && t.sport == f.sport
-                    && t.dst == f.dst.to_string()
-                    && t.dport == f.dport)
-                    || (t.dst == f.src.to_string()
-                        && t.dport == f.sport
-                        && t.src == f.dst.to_string()
-                        && t.sport == f.dport))
-        }) && self.host.as_ref().is_none_or(has)
-            && self.port.is_none_or(|p| t.sport == p || t.dport == p)
-            && self.proto.as_ref().is_none_or(|p| &t.proto == p)
-    }
-}
-
 /// Collects the watched flows' events instead of printing them.
 struct Collector<'a> {
     args: &'a WhyArgs,
@@ -114,7 +49,7 @@ impl Sink for Collector<'_> {
     fn event(&mut self, ev: &TraceEvent) -> Result<()> {
         // Routing lookups carry partial tuples (no source yet, or reversed): the tracker joins
         // them to flows it already follows.
-        if ev.route.is_some() || ev.tuple.as_ref().is_some_and(|t| self.args.wants(t)) {
+        if ev.route.is_some() || ev.tuple.as_ref().is_some_and(|t| self.args.select.wants(t)) {
             self.flows.add(ev);
         }
         Ok(())
@@ -143,7 +78,7 @@ struct Document<'a> {
 }
 
 pub fn run(args: &WhyArgs) -> Result<bool> {
-    if args.flow.is_none() && args.host.is_none() && args.port.is_none() && args.proto.is_none() {
+    if !args.select.active() {
         bail!("say which flows to watch: --flow, --host, --port or --proto");
     }
     let targs = TraceArgs {
@@ -228,44 +163,4 @@ fn text(reports: &[verdict::Report], seen: usize) -> String {
         }
     }
     s
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn flow_specs() {
-        let f = parse_flow("udp 10.0.0.1:40000 -> 10.0.0.2:53").unwrap();
-        assert_eq!((f.proto.as_str(), f.sport, f.dport), ("udp", 40000, 53));
-        assert!(parse_flow("[fd00::1]:1 -> [fd00::2]:2").is_err());
-        assert_eq!(
-            parse_flow("tcp [fd00::1]:1 -> [fd00::2]:2").unwrap().dst,
-            "fd00::2".parse::<IpAddr>().unwrap()
-        );
-        assert!(parse_flow("udp 10.0.0.1 -> 10.0.0.2:53").is_err());
-    }
-
-    #[test]
-    fn selection_matches_both_directions() {
-        let args = WhyArgs {
-            flow: Some(parse_flow("udp 10.0.0.1:4 -> 10.0.0.2:7").unwrap()),
-            ..Default::default()
-        };
-        let t = |src: &str, sport, dst: &str, dport| Tuple {
-            proto: "udp".into(),
-            src: src.into(),
-            sport,
-            dst: dst.into(),
-            dport,
-        };
-        assert!(args.wants(&t("10.0.0.1", 4, "10.0.0.2", 7)));
-        assert!(args.wants(&t("10.0.0.2", 7, "10.0.0.1", 4)));
-        assert!(!args.wants(&t("10.0.0.2", 7, "10.0.0.1", 5)));
-        let port = WhyArgs {
-            port: Some(7),
-            ..Default::default()
-        };
-        assert!(port.wants(&t("10.0.0.2", 7, "10.0.0.1", 5)));
-    }
 }
