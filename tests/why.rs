@@ -6,7 +6,6 @@
 mod common;
 
 use std::{
-    net::UdpSocket,
     process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -19,87 +18,9 @@ use std::{
 use common::*;
 use serde_json::Value;
 
-const SERVICE: &str = "10.9.9.9";
-
 fn two_path(tag: &str) -> Lab {
     let lab = Lab::new(tag).expect("lab");
-    let (a, b) = (lab.a.clone(), lab.b.clone());
-    let ip = |args: &[&str]| lab::run("ip", args).unwrap_or_else(|e| panic!("{e:#}"));
-    ip(&[
-        "-n", &a, "link", "add", "a2", "type", "veth", "peer", "name", "b2", "netns", &b,
-    ]);
-    ip(&["-n", &a, "addr", "add", "10.78.0.1/24", "dev", "a2"]);
-    ip(&["-n", &b, "addr", "add", "10.78.0.2/24", "dev", "b2"]);
-    ip(&["-n", &a, "link", "set", "a2", "up"]);
-    ip(&["-n", &b, "link", "set", "b2", "up"]);
-    ip(&[
-        "-n",
-        &b,
-        "addr",
-        "add",
-        &format!("{SERVICE}/32"),
-        "dev",
-        "lo",
-    ]);
-    ip(&[
-        "-n",
-        &a,
-        "route",
-        "add",
-        &format!("{SERVICE}/32"),
-        "via",
-        "10.77.0.2",
-        "dev",
-        lab::VETH_A,
-    ]);
-    ip(&[
-        "-n",
-        &a,
-        "route",
-        "add",
-        &format!("{SERVICE}/32"),
-        "via",
-        "10.78.0.2",
-        "dev",
-        "a2",
-        "table",
-        "100",
-    ]);
-    ip(&[
-        "-n",
-        &a,
-        "rule",
-        "add",
-        "fwmark",
-        "0x4000/0x4000",
-        "lookup",
-        "100",
-        "pref",
-        "1000",
-    ]);
-    ip(&[
-        "-n",
-        &b,
-        "route",
-        "add",
-        "10.77.0.1/32",
-        "via",
-        "10.78.0.1",
-        "dev",
-        "b2",
-    ]);
-    // ARP for A's a2 must come from B's link address: with the service address as sender, A's
-    // rp_filter would refuse the ARP itself and the reply would never leave B.
-    sysctl(
-        &b,
-        &[
-            ("all.rp_filter", "0"),
-            ("b2.rp_filter", "0"),
-            ("default.rp_filter", "0"),
-            ("all.arp_announce", "2"),
-            ("b2.arp_announce", "2"),
-        ],
-    );
+    lab.add_second_path().expect("second path");
     lab
 }
 
@@ -120,66 +41,12 @@ fn sysctl(ns: &str, kv: &[(&str, &str)]) {
     }
 }
 
-/// UDP echo on SERVICE:7 inside B until `stop`.
-fn echo(ns: &str, stop: Arc<AtomicBool>) -> thread::JoinHandle<()> {
-    let ns = ns.to_owned();
-    thread::spawn(move || {
-        fwmark_trace::netns::enter(&ns).expect("enter B");
-        let sock = UdpSocket::bind((SERVICE, 7)).expect("bind echo");
-        sock.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        let mut buf = [0u8; 512];
-        while !stop.load(Ordering::Relaxed) {
-            if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                let _ = sock.send_to(&buf[..n], from);
-            }
-        }
-    })
-}
-
-/// Sends marked requests from A's 10.77.0.1; true when any reply came back.
-fn client(ns: &str) -> bool {
-    let ns = ns.to_owned();
-    thread::spawn(move || {
-        fwmark_trace::netns::enter(&ns).expect("enter A");
-        let sock = lab::udp_socket(false, 0x4000).expect("socket");
-        let sock = {
-            // Rebind to the address B routes back through b2.
-            drop(sock);
-            let s = UdpSocket::bind("10.77.0.1:0").expect("bind client");
-            let mark = 0x4000u32;
-            let rc = unsafe {
-                libc::setsockopt(
-                    std::os::fd::AsRawFd::as_raw_fd(&s),
-                    libc::SOL_SOCKET,
-                    libc::SO_MARK,
-                    (&mark as *const u32).cast(),
-                    4,
-                )
-            };
-            assert_eq!(rc, 0);
-            s
-        };
-        sock.set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        let mut got = false;
-        for _ in 0..3 {
-            let _ = sock.send_to(b"why?", (SERVICE, 7));
-            let mut buf = [0u8; 64];
-            got |= sock.recv_from(&mut buf).is_ok();
-        }
-        got
-    })
-    .join()
-    .expect("client")
-}
-
 /// Runs `why --json` in A while the client talks to the echo server; returns (report for the
 /// flow, whether the client got a reply).
 fn why(lab: &Lab, extra: &[&str]) -> (Value, bool) {
     require_root();
     let stop = Arc::new(AtomicBool::new(false));
-    let server = echo(&lab.b, stop.clone());
+    let server = lab::echo_server(&lab.b, stop.clone());
     let mut child = Command::new(BIN)
         .args([
             "why",
@@ -218,10 +85,10 @@ fn why(lab: &Lab, extra: &[&str]) -> (Value, bool) {
             break;
         }
     }
-    let replied = client(&lab.a);
+    let replied = lab::echo_client(&lab.a, 0x4000).expect("client");
     let out = child.wait_with_output().unwrap();
     stop.store(true, Ordering::Relaxed);
-    server.join().unwrap();
+    server.join().unwrap().expect("echo server");
     log.extend(rx.try_iter());
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(

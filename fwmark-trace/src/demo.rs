@@ -4,7 +4,14 @@
 //! bits), an `ip rule` by fwmark, sockets with SO_MARK (wg-quick's 0xCA6C, Tailscale's bypass
 //! 0x80000), sends a little UDP from A to B, traces it inside A with the owner profile of such a
 //! node, and cleans everything up. Two documented collisions show up as warnings.
-use std::{thread, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread,
+    time::Duration,
+};
 
 use anyhow::Result;
 use clap::Args;
@@ -13,10 +20,23 @@ use crate::{
     lab::{self, Lab},
     registry::RegistryArgs,
     trace::{self, TraceArgs},
+    tracking::flows::FlowSelect,
+    why::{self, WhyArgs},
 };
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Owners setting, OR-ing and clearing bits; two documented collisions.
+    Marks,
+    /// A policy-routed request whose unmarked reply dies in rp_filter, diagnosed by `why`.
+    LostReply,
+}
 
 #[derive(Args, Clone, Debug)]
 pub struct DemoArgs {
+    /// Which tour.
+    #[arg(long, value_enum, default_value = "marks")]
+    pub scenario: Scenario,
     /// One JSON object per line instead of readable lines.
     #[arg(long)]
     pub json: bool,
@@ -88,6 +108,9 @@ fn traffic() -> Result<()> {
 
 pub fn run(args: &DemoArgs) -> Result<()> {
     trace::require_root("fwmark-trace demo")?;
+    if args.scenario == Scenario::LostReply {
+        return lost_reply(args);
+    }
     let lab = Lab::new("demo")?;
     lab.nft(&lab.a, RULESET)?;
     lab.exec(
@@ -143,5 +166,55 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     }
     drop(lab);
     eprintln!("fwmark-trace demo: namespaces removed");
+    res.map(|_| ())
+}
+
+/// The "disappearing reply" tour: requests marked 0x4000 are policy-routed out via a2, replies
+/// come back on a2 unmarked, and rp_filter drops them; `why` explains it.
+fn lost_reply(args: &DemoArgs) -> Result<()> {
+    let lab = Lab::new("demo")?;
+    lab.add_second_path()?;
+    lab.sysctl(
+        &lab.a,
+        &[
+            ("all.rp_filter", "1"),
+            ("a2.rp_filter", "1"),
+            ("all.src_valid_mark", "0"),
+        ],
+    )?;
+    eprintln!(
+        "fwmark-trace demo: in {}: `ip rule fwmark 0x4000/0x4000 lookup 100` sends {} via a2; replies come back on a2 without the mark; rp_filter=1",
+        lab.a,
+        lab::SERVICE
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = lab::echo_server(&lab.b, stop.clone());
+    let client = std::cell::RefCell::new(None);
+    let why_args = WhyArgs {
+        select: FlowSelect {
+            port: Some(7),
+            proto: Some("udp".into()),
+            ..Default::default()
+        },
+        netns: Some(lab.a.clone()),
+        duration: args.duration,
+        json: args.json,
+        ..Default::default()
+    };
+    let res = why::run_with(&why_args, || {
+        let ns = lab.a.clone();
+        *client.borrow_mut() = Some(thread::spawn(move || lab::echo_client(&ns, 0x4000)));
+    });
+    if let Some(c) = client.into_inner() {
+        let replied = c.join().ok().and_then(Result::ok).unwrap_or(false);
+        eprintln!(
+            "fwmark-trace demo: the client {} its replies",
+            if replied { "got" } else { "never got" }
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = server.join();
+    drop(lab);
+    eprintln!("fwmark-trace demo: namespaces removed. The fix here: restore the mark on replies (`ct mark set meta mark` on output, `meta mark set ct mark` on prerouting) and set src_valid_mark=1.");
     res.map(|_| ())
 }

@@ -6,7 +6,12 @@ use std::{
     net::UdpSocket,
     os::fd::AsRawFd,
     process::{Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        Arc,
+    },
+    thread,
+    time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
@@ -19,26 +24,36 @@ pub const ADDR6_B: &str = "fd77::2";
 pub const VETH_A: &str = "veth-a";
 pub const VETH_B: &str = "veth-b";
 
+/// Sets SO_MARK on a socket: its packets start with this mark.
+pub fn set_mark(sock: &UdpSocket, mark: u32) -> Result<()> {
+    if mark == 0 {
+        return Ok(());
+    }
+    // SAFETY: setsockopt on an open socket with a u32 value.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&mark as *const u32).cast(),
+            4,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("setting SO_MARK");
+    }
+    Ok(())
+}
+
 /// A UDP socket (IPv4, or IPv6 when `v6`) whose packets start with `SO_MARK` = `mark` (0: none).
 pub fn udp_socket(v6: bool, mark: u32) -> Result<UdpSocket> {
     let sock = UdpSocket::bind(if v6 { "[::]:0" } else { "0.0.0.0:0" })?;
-    if mark != 0 {
-        // SAFETY: setsockopt on an open socket with a u32 value.
-        let rc = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_MARK,
-                (&mark as *const u32).cast(),
-                4,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("setting SO_MARK");
-        }
-    }
+    set_mark(&sock, mark)?;
     Ok(sock)
 }
+
+/// The service address B answers on in the two-path lab (UDP echo on port 7).
+pub const SERVICE: &str = "10.9.9.9";
 
 pub struct Lab {
     pub a: String,
@@ -139,6 +154,115 @@ impl Lab {
         Ok(())
     }
 
+    /// Sets `net.ipv4.conf.<key>` values inside namespace `ns`.
+    pub fn sysctl(&self, ns: &str, kv: &[(&str, &str)]) -> Result<()> {
+        for (k, v) in kv {
+            self.exec(ns, &["sysctl", "-qw", &format!("net.ipv4.conf.{k}={v}")])?;
+        }
+        Ok(())
+    }
+
+    /// A second path for the "disappearing reply" scenarios: veth a2/b2 (10.78.0.0/24), B serves
+    /// SERVICE on its lo, A routes SERVICE via veth-a in main and via a2 in table 100 for
+    /// `fwmark 0x4000/0x4000` (policy routing by mark), and B sends everything for A's ADDR_A
+    /// back through b2, so replies arrive on a2.
+    pub fn add_second_path(&self) -> Result<()> {
+        let (a, b) = (self.a.as_str(), self.b.as_str());
+        run(
+            "ip",
+            &[
+                "-n", a, "link", "add", "a2", "type", "veth", "peer", "name", "b2", "netns", b,
+            ],
+        )?;
+        run("ip", &["-n", a, "addr", "add", "10.78.0.1/24", "dev", "a2"])?;
+        run("ip", &["-n", b, "addr", "add", "10.78.0.2/24", "dev", "b2"])?;
+        run("ip", &["-n", a, "link", "set", "a2", "up"])?;
+        run("ip", &["-n", b, "link", "set", "b2", "up"])?;
+        run(
+            "ip",
+            &[
+                "-n",
+                b,
+                "addr",
+                "add",
+                &format!("{SERVICE}/32"),
+                "dev",
+                "lo",
+            ],
+        )?;
+        run(
+            "ip",
+            &[
+                "-n",
+                a,
+                "route",
+                "add",
+                &format!("{SERVICE}/32"),
+                "via",
+                "10.77.0.2",
+                "dev",
+                VETH_A,
+            ],
+        )?;
+        run(
+            "ip",
+            &[
+                "-n",
+                a,
+                "route",
+                "add",
+                &format!("{SERVICE}/32"),
+                "via",
+                "10.78.0.2",
+                "dev",
+                "a2",
+                "table",
+                "100",
+            ],
+        )?;
+        run(
+            "ip",
+            &[
+                "-n",
+                a,
+                "rule",
+                "add",
+                "fwmark",
+                "0x4000/0x4000",
+                "lookup",
+                "100",
+                "pref",
+                "1000",
+            ],
+        )?;
+        run(
+            "ip",
+            &[
+                "-n",
+                b,
+                "route",
+                "add",
+                &format!("{ADDR_A}/32"),
+                "via",
+                "10.78.0.1",
+                "dev",
+                "b2",
+            ],
+        )?;
+        // ARP towards A's a2 must come from B's link address: with SERVICE as sender, A's
+        // rp_filter would refuse the ARP itself and the reply would never leave B.
+        self.sysctl(
+            b,
+            &[
+                ("all.rp_filter", "0"),
+                ("b2.rp_filter", "0"),
+                ("default.rp_filter", "0"),
+                ("all.arp_announce", "2"),
+                ("b2.arp_announce", "2"),
+            ],
+        )
+    }
+
     fn delete(&self) {
         for ns in [&self.a, &self.b] {
             let _ = Command::new("ip")
@@ -153,4 +277,42 @@ impl Drop for Lab {
     fn drop(&mut self) {
         self.delete();
     }
+}
+
+/// UDP echo on SERVICE:7 inside `ns` until `stop` is set.
+pub fn echo_server(ns: &str, stop: Arc<AtomicBool>) -> thread::JoinHandle<Result<()>> {
+    let ns = ns.to_owned();
+    thread::spawn(move || {
+        crate::netns::enter(&ns)?;
+        let sock = UdpSocket::bind((SERVICE, 7))?;
+        sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let mut buf = [0u8; 512];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                let _ = sock.send_to(&buf[..n], from);
+            }
+        }
+        Ok(())
+    })
+}
+
+/// From inside `ns`, sends three requests to SERVICE:7 from ADDR_A with SO_MARK `mark`;
+/// true when a reply came back.
+pub fn echo_client(ns: &str, mark: u32) -> Result<bool> {
+    let ns = ns.to_owned();
+    thread::spawn(move || -> Result<bool> {
+        crate::netns::enter(&ns)?;
+        let sock = UdpSocket::bind((ADDR_A, 0))?;
+        set_mark(&sock, mark)?;
+        sock.set_read_timeout(Some(Duration::from_millis(300)))?;
+        let mut got = false;
+        for _ in 0..3 {
+            let _ = sock.send_to(b"fwmark-trace", (SERVICE, 7));
+            let mut buf = [0u8; 64];
+            got |= sock.recv_from(&mut buf).is_ok();
+        }
+        Ok(got)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("echo client panicked"))?
 }

@@ -305,6 +305,16 @@ impl FlowTracker {
         } else {
             Dir::Reply
         };
+        // Lookups are made for the packet that follows them (output routing before the
+        // request's LOCAL_OUT; input and reverse-path routing before the reply's fate).
+        for st in flow
+            .steps
+            .iter_mut()
+            .rev()
+            .take_while(|st| st.kind == "route")
+        {
+            st.dir = dir;
+        }
         if flow.steps.len() >= self.max_steps {
             flow.steps_dropped += 1;
             return;
@@ -312,8 +322,8 @@ impl FlowTracker {
         flow.steps.push(Self::step(ev, dir));
     }
 
-    /// A lookup joins the most recently seen flow it concerns, in the direction of that flow's
-    /// latest packet; one no flow claims waits in `pending`.
+    /// A lookup joins the most recently seen flow it concerns (its direction is settled by the
+    /// next packet step); one no flow claims waits in `pending`.
     fn add_route(&mut self, ev: &TraceEvent, t: &Tuple) {
         let hit = self
             .order

@@ -78,6 +78,11 @@ struct Document<'a> {
 }
 
 pub fn run(args: &WhyArgs) -> Result<bool> {
+    run_with(args, || {})
+}
+
+/// Like `run`; `on_ready` runs once the observers are attached (the demo sends traffic there).
+pub fn run_with(args: &WhyArgs, on_ready: impl FnOnce()) -> Result<bool> {
     if !args.select.active() {
         bail!("say which flows to watch: --flow, --host, --port or --proto");
     }
@@ -94,7 +99,7 @@ pub fn run(args: &WhyArgs) -> Result<bool> {
         args,
         flows: FlowTracker::new(4096, 512),
     };
-    trace::run_into(&targs, &mut collector, || {})?;
+    trace::run_into(&targs, &mut collector, on_ready)?;
     // Still inside the traced namespace: read its state now.
     let state = NodeState::read();
     let chains = nft::read_chains().unwrap_or_default();
