@@ -44,20 +44,32 @@ fn sysctl(ns: &str, kv: &[(&str, &str)]) {
 /// Runs `why --json` in A while the client talks to the echo server; returns (report for the
 /// flow, whether the client got a reply).
 fn why(lab: &Lab, extra: &[&str]) -> (Value, bool) {
+    why_at(
+        lab,
+        &["--port", "7"],
+        (lab::SERVICE, 7),
+        (lab::SERVICE, 7),
+        extra,
+        "udp 10.77.0.1:",
+    )
+}
+
+/// `why` with a selection, the echo server's address in B, the client's target, and the
+/// prefix of the flow label to report on.
+fn why_at(
+    lab: &Lab,
+    select: &[&str],
+    server: (&str, u16),
+    target: (&str, u16),
+    extra: &[&str],
+    flow: &str,
+) -> (Value, bool) {
     require_root();
     let stop = Arc::new(AtomicBool::new(false));
-    let server = lab::echo_server(&lab.b, stop.clone());
+    let server = lab::echo_server(&lab.b, server.0, server.1, stop.clone());
     let mut child = Command::new(BIN)
-        .args([
-            "why",
-            "--netns",
-            &lab.a,
-            "--port",
-            "7",
-            "--duration",
-            "4s",
-            "--json",
-        ])
+        .args(["why", "--netns", &lab.a, "--duration", "4s", "--json"])
+        .args(select)
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -85,7 +97,7 @@ fn why(lab: &Lab, extra: &[&str]) -> (Value, bool) {
             break;
         }
     }
-    let replied = lab::echo_client(&lab.a, 0x4000).expect("client");
+    let replied = lab::echo_client(&lab.a, target.0, target.1, 0x4000).expect("client");
     let out = child.wait_with_output().unwrap();
     stop.store(true, Ordering::Relaxed);
     server.join().unwrap().expect("echo server");
@@ -99,11 +111,8 @@ fn why(lab: &Lab, extra: &[&str]) -> (Value, bool) {
     let flow = doc["flows"]
         .as_array()
         .and_then(|f| {
-            f.iter().find(|f| {
-                f["flow"]
-                    .as_str()
-                    .is_some_and(|s| s.starts_with("udp 10.77.0.1:"))
-            })
+            f.iter()
+                .find(|f| f["flow"].as_str().is_some_and(|s| s.starts_with(flow)))
         })
         .cloned()
         .unwrap_or_else(|| panic!("no report for the flow: {doc:#}"));
@@ -253,4 +262,50 @@ fn cause5_healthy_flow_is_reported_delivered() {
     assert!(replied, "the reply should arrive");
     assert_eq!(r["verdict"], "delivered", "{r:#}");
     assert!(r["last_reply_point"].as_str().is_some());
+}
+
+/// Request and reply join through their conntrack entry across NAT: a DNAT'ed "service address"
+/// (like a kube-proxy ClusterIP) is followed to the backend and back.
+#[test]
+fn flows_are_followed_across_nat() {
+    let lab = Lab::new("why-nat").expect("lab");
+    lab.exec(
+        &lab.a,
+        &["ip", "route", "add", "10.66.6.6/32", "dev", lab::VETH_A],
+    )
+    .unwrap();
+    lab.nft(
+        &lab.a,
+        "table ip svc {\n chain out { type nat hook output priority -100; policy accept; ip daddr 10.66.6.6 udp dport 9950 dnat to 10.77.0.2:9951; }\n}\n",
+    )
+    .unwrap();
+    let (r, replied) = why_at(
+        &lab,
+        &["--host", "10.66.6.6", "--all"],
+        (lab::ADDR_B, 9951),
+        ("10.66.6.6", 9950),
+        &[],
+        "udp 10.77.0.1:",
+    );
+    assert!(replied, "the NAT'ed reply should arrive");
+    assert_eq!(r["verdict"], "delivered", "{r:#}");
+    assert!(
+        r["flow"].as_str().unwrap().ends_with("-> 10.66.6.6:9950"),
+        "{r:#}"
+    );
+    let natted = |path: &str| {
+        r[path].as_array().unwrap().iter().any(|s| {
+            s["nat_tuple"]
+                .as_str()
+                .is_some_and(|t| t.contains("10.77.0.2"))
+        })
+    };
+    assert!(
+        natted("request"),
+        "request after DNAT joined the flow: {r:#}"
+    );
+    assert!(
+        natted("reply"),
+        "reply before de-NAT joined the flow: {r:#}"
+    );
 }

@@ -112,7 +112,15 @@ pub struct Event {
     pub route_err: i32,
     pub route_oif: u32,
     pub route_iif: u32,
+    /// Identity of the conntrack entry (0: none): joins request and reply across NAT.
+    pub ct_id: u64,
+    /// `sk->sk_mark` of the packet's socket, when it has a full socket (`SK_FULL`).
+    pub sk_mark: u32,
+    pub sk_flags: u32,
 }
+
+/// `Event::sk_flags`: the packet belongs to a full socket and `sk_mark` is its SO_MARK.
+pub const SK_FULL: u32 = 1;
 
 pub const CT_NOW: u8 = 1;
 pub const CT_BEFORE: u8 = 2;
@@ -150,6 +158,8 @@ pub struct Offsets {
     pub net_ns_inum: u32,
     pub nf_conn_mark: u32,
     pub sock_sk_mark: u32,
+    /// `sock.__sk_common.skc_state` (TIME_WAIT/NEW_SYN_RECV mini sockets have no sk_mark).
+    pub sock_state: u32,
     pub nf_state_hook: u32,
     pub nf_state_pf: u32,
     pub nf_state_in: u32,
@@ -205,6 +215,7 @@ impl Config {
             net_ns_inum: OFFSET_MISSING,
             nf_conn_mark: OFFSET_MISSING,
             sock_sk_mark: OFFSET_MISSING,
+            sock_state: OFFSET_MISSING,
             nf_state_hook: OFFSET_MISSING,
             nf_state_pf: OFFSET_MISSING,
             nf_state_in: OFFSET_MISSING,

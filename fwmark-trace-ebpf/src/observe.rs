@@ -88,6 +88,7 @@ pub fn observe(skb: u64, site: &Site) {
         new_ct_mark: ct.mark,
         ct_info: ct.info,
         ct_flags: if ct.attached { CT_NOW } else { 0 },
+        ct_id: ct.id,
         ..Event::default()
     };
 
@@ -148,6 +149,7 @@ pub fn observe(skb: u64, site: &Site) {
         return;
     }
     skb::fill_tuple(&mut ev, skb, off, site.l3_at_data);
+    skb::fill_socket(&mut ev, skb, off);
     emit(ev);
 }
 

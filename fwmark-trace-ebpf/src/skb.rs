@@ -27,6 +27,8 @@ pub fn read<T: Copy + Default>(base: u64, off: u32) -> T {
 
 /// The conntrack state attached to a packet.
 pub struct Ct {
+    /// The `nf_conn` address, used only as an identity.
+    pub id: u64,
     pub attached: bool,
     pub mark: u32,
     pub info: u8,
@@ -38,9 +40,28 @@ pub fn conntrack(skb: u64, off: &Offsets) -> Ct {
     let nfct: u64 = read(skb, off.skb_nfct);
     let conn = nfct & !7;
     Ct {
+        id: conn,
         attached: conn != 0,
         mark: read(conn, off.nf_conn_mark),
         info: (nfct & 7) as u8,
+    }
+}
+
+/// TCP_TIME_WAIT and TCP_NEW_SYN_RECV: `skb->sk` is then a mini socket without `sk_mark`.
+const TCP_TIME_WAIT: u8 = 6;
+const TCP_NEW_SYN_RECV: u8 = 12;
+
+/// The SO_MARK of the packet's socket, when it has a full one.
+#[inline(always)]
+pub fn fill_socket(ev: &mut Event, skb: u64, off: &Offsets) {
+    let sk: u64 = read(skb, off.skb_sk);
+    if sk == 0 || off.sock_sk_mark == OFFSET_MISSING {
+        return;
+    }
+    let state: u8 = read(sk, off.sock_state);
+    if state != TCP_TIME_WAIT && state != TCP_NEW_SYN_RECV {
+        ev.sk_mark = read(sk, off.sock_sk_mark);
+        ev.sk_flags = fwmark_trace_common::SK_FULL;
     }
 }
 

@@ -188,7 +188,7 @@ fn lost_reply(args: &DemoArgs) -> Result<()> {
         lab::SERVICE
     );
     let stop = Arc::new(AtomicBool::new(false));
-    let server = lab::echo_server(&lab.b, stop.clone());
+    let server = lab::echo_server(&lab.b, lab::SERVICE, 7, stop.clone());
     let client = std::cell::RefCell::new(None);
     let why_args = WhyArgs {
         select: FlowSelect {
@@ -203,7 +203,9 @@ fn lost_reply(args: &DemoArgs) -> Result<()> {
     };
     let res = why::run_with(&why_args, || {
         let ns = lab.a.clone();
-        *client.borrow_mut() = Some(thread::spawn(move || lab::echo_client(&ns, 0x4000)));
+        *client.borrow_mut() = Some(thread::spawn(move || {
+            lab::echo_client(&ns, lab::SERVICE, 7, 0x4000)
+        }));
     });
     if let Some(c) = client.into_inner() {
         let replied = c.join().ok().and_then(Result::ok).unwrap_or(false);

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{bail, Result};
-use fwmark_trace_common::{kind, layer, Event, Point, CT_BEFORE, CT_NOW};
+use fwmark_trace_common::{kind, layer, Event, Point, CT_BEFORE, CT_NOW, SK_FULL};
 use serde::Serialize;
 
 use crate::{
@@ -39,6 +39,12 @@ pub struct TraceEvent {
     pub attribution: Option<Arc<Attribution>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub route: Option<Route>,
+    /// SO_MARK of the packet's socket, when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_mark: Option<String>,
+    /// Conntrack entry identity (not shown: a kernel address), for joining flows across NAT.
+    #[serde(skip)]
+    pub ct_id: u64,
 }
 
 /// A routing table lookup: which table, with which flow mark, and what it answered.
@@ -337,6 +343,8 @@ impl Decoder {
                     .unwrap_or_else(|| format!("reason {}", ev.drop_reason))
             }),
             attribution,
+            socket_mark: (ev.sk_flags & SK_FULL != 0).then(|| hex(ev.sk_mark)),
+            ct_id: ev.ct_id,
             route: (ev.kind == kind::ROUTE).then(|| Route {
                 table: ev.table,
                 result: route_result(ev.route_err),

@@ -279,12 +279,17 @@ impl Drop for Lab {
     }
 }
 
-/// UDP echo on SERVICE:7 inside `ns` until `stop` is set.
-pub fn echo_server(ns: &str, stop: Arc<AtomicBool>) -> thread::JoinHandle<Result<()>> {
-    let ns = ns.to_owned();
+/// UDP echo on `addr:port` inside `ns` until `stop` is set.
+pub fn echo_server(
+    ns: &str,
+    addr: &str,
+    port: u16,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<Result<()>> {
+    let (ns, addr) = (ns.to_owned(), addr.to_owned());
     thread::spawn(move || {
         crate::netns::enter(&ns)?;
-        let sock = UdpSocket::bind((SERVICE, 7))?;
+        let sock = UdpSocket::bind((addr.as_str(), port))?;
         sock.set_read_timeout(Some(Duration::from_millis(100)))?;
         let mut buf = [0u8; 512];
         while !stop.load(Ordering::Relaxed) {
@@ -296,10 +301,10 @@ pub fn echo_server(ns: &str, stop: Arc<AtomicBool>) -> thread::JoinHandle<Result
     })
 }
 
-/// From inside `ns`, sends three requests to SERVICE:7 from ADDR_A with SO_MARK `mark`;
+/// From inside `ns`, sends three requests to `dst:port` from ADDR_A with SO_MARK `mark`;
 /// true when a reply came back.
-pub fn echo_client(ns: &str, mark: u32) -> Result<bool> {
-    let ns = ns.to_owned();
+pub fn echo_client(ns: &str, dst: &str, port: u16, mark: u32) -> Result<bool> {
+    let (ns, dst) = (ns.to_owned(), dst.to_owned());
     thread::spawn(move || -> Result<bool> {
         crate::netns::enter(&ns)?;
         let sock = UdpSocket::bind((ADDR_A, 0))?;
@@ -307,7 +312,7 @@ pub fn echo_client(ns: &str, mark: u32) -> Result<bool> {
         sock.set_read_timeout(Some(Duration::from_millis(300)))?;
         let mut got = false;
         for _ in 0..3 {
-            let _ = sock.send_to(b"fwmark-trace", (SERVICE, 7));
+            let _ = sock.send_to(b"fwmark-trace", (dst.as_str(), port));
             let mut buf = [0u8; 64];
             got |= sock.recv_from(&mut buf).is_ok();
         }

@@ -52,6 +52,9 @@ pub struct Step {
     pub table: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub route_result: Option<String>,
+    /// The packet's 5-tuple where NAT changed it from the flow's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nat_tuple: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -187,6 +190,8 @@ pub struct FlowTracker {
     /// Recent routing lookups no flow claimed yet: a request's output lookup happens at
     /// `sendmsg`, before its packet reaches the first observer.
     pending: VecDeque<(Tuple, Step)>,
+    /// Conntrack entry → flow: NAT changes the 5-tuple mid-path, not the connection.
+    by_ct: HashMap<u64, Key>,
     /// Least recently seen first.
     order: VecDeque<Key>,
     max_flows: usize,
@@ -199,6 +204,7 @@ impl FlowTracker {
         Self {
             flows: HashMap::new(),
             pending: VecDeque::new(),
+            by_ct: HashMap::new(),
             order: VecDeque::new(),
             max_flows,
             max_steps,
@@ -257,7 +263,13 @@ impl FlowTracker {
             drop_reason: ev.drop_reason.clone(),
             table: ev.route.as_ref().map(|r| r.table),
             route_result: ev.route.as_ref().map(|r| r.result.clone()),
+            nat_tuple: None,
         }
+    }
+
+    /// Whether this conntrack entry belongs to a followed flow.
+    pub fn follows_ct(&self, ct_id: u64) -> bool {
+        ct_id != 0 && self.by_ct.contains_key(&ct_id)
     }
 
     /// Adds an event (events without a 5-tuple are ignored).
@@ -266,11 +278,23 @@ impl FlowTracker {
         if ev.route.is_some() {
             return self.add_route(ev, t);
         }
-        let k = key(t);
+        let mut k = key(t);
+        let mut nat = None;
+        if !self.flows.contains_key(&k) {
+            if let Some(known) = self.by_ct.get(&ev.ct_id).filter(|_| ev.ct_id != 0) {
+                // Same connection, rewritten tuple: NAT.
+                nat = Some(format!(
+                    "{} {}:{} -> {}:{}",
+                    t.proto, t.src, t.sport, t.dst, t.dport
+                ));
+                k = known.clone();
+            }
+        }
         if !self.flows.contains_key(&k) {
             if self.flows.len() >= self.max_flows {
                 if let Some(old) = self.order.pop_front() {
                     self.flows.remove(&old);
+                    self.by_ct.retain(|_, k| *k != old);
                     self.evicted += 1;
                 }
             }
@@ -290,6 +314,9 @@ impl FlowTracker {
         } else {
             self.touch(&k);
         }
+        if ev.ct_id != 0 {
+            self.by_ct.insert(ev.ct_id, k.clone());
+        }
         let flow = self.flows.get_mut(&k).expect("inserted");
         if flow.steps.is_empty() {
             // Lookups made for this packet before it was first seen belong to its request.
@@ -300,10 +327,12 @@ impl FlowTracker {
             self.pending = rest;
             flow.steps.extend(mine.into_iter().map(|(_, st)| st));
         }
-        let dir = if t.src == flow.src && t.sport == flow.sport {
-            Dir::Request
-        } else {
-            Dir::Reply
+        let dir = match (&nat, ev.ct_mark.as_ref().map(|c| c.state)) {
+            // After NAT the tuple no longer tells; conntrack's direction does.
+            (Some(_), Some(state)) if state.ends_with("_reply") => Dir::Reply,
+            (Some(_), _) => Dir::Request,
+            _ if t.src == flow.src && t.sport == flow.sport => Dir::Request,
+            _ => Dir::Reply,
         };
         // Lookups are made for the packet that follows them (output routing before the
         // request's LOCAL_OUT; input and reverse-path routing before the reply's fate).
@@ -319,7 +348,9 @@ impl FlowTracker {
             flow.steps_dropped += 1;
             return;
         }
-        flow.steps.push(Self::step(ev, dir));
+        let mut step = Self::step(ev, dir);
+        step.nat_tuple = nat;
+        flow.steps.push(step);
     }
 
     /// A lookup joins the most recently seen flow it concerns (its direction is settled by the

@@ -49,7 +49,11 @@ impl Sink for Collector<'_> {
     fn event(&mut self, ev: &TraceEvent) -> Result<()> {
         // Routing lookups carry partial tuples (no source yet, or reversed): the tracker joins
         // them to flows it already follows.
-        if ev.route.is_some() || ev.tuple.as_ref().is_some_and(|t| self.args.select.wants(t)) {
+        // NAT'ed packets no longer match the selection; their conntrack entry still does.
+        if ev.route.is_some()
+            || self.flows.follows_ct(ev.ct_id)
+            || ev.tuple.as_ref().is_some_and(|t| self.args.select.wants(t))
+        {
             self.flows.add(ev);
         }
         Ok(())

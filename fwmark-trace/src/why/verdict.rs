@@ -379,6 +379,7 @@ mod tests {
             drop_reason: None,
             table: None,
             route_result: None,
+            nat_tuple: None,
         }
     }
 
