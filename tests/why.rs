@@ -199,9 +199,18 @@ fn cause3_filter_drops_replies_without_the_bit() {
         "table inet f {\n chain in { type filter hook input priority 0; policy accept; iifname \"a2\" udp sport 7 meta mark & 0x4000 == 0 drop; }\n}\n",
     )
     .unwrap();
-    let (r, replied) = why(&lab, &[]);
+    let (r, replied) = why(&lab, &["--nftrace"]);
     assert!(!replied);
     assert_eq!(r["verdict"], "netfilter-drop", "{r:#}");
+    // --nftrace names the exact rule, and leaves no table behind.
+    let rule = r["drop"]["rule"].as_str().expect("nft rule");
+    assert!(
+        rule.starts_with("inet f in: ")
+            && rule.contains("meta mark & 0x00004000 == 0x00000000 drop"),
+        "{rule}"
+    );
+    let tables = lab.exec(&lab.a, &["nft", "list", "tables"]).unwrap();
+    assert!(!tables.contains("fwmark_trace_nftrace"), "{tables}");
     assert_eq!(r["drop"]["hook"], "input");
     assert_eq!(r["drop"]["chains"], serde_json::json!(["inet f/in@0"]));
 }

@@ -1,6 +1,7 @@
 //! `fwmark-trace why`: watch matching flows with every observation point and routing lookups,
 //! then, per flow that lost its reply (or every flow with `--all`), print both paths, where the
 //! reply died and a plain-language verdict with its evidence (`--json`: one JSON document).
+pub mod nftrace;
 pub mod verdict;
 
 use std::time::Duration;
@@ -35,6 +36,10 @@ pub struct WhyArgs {
     /// One JSON document instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Also name the exact nft rule that dropped a packet (adds a temporary table setting
+    /// `meta nftrace set 1` on the selected traffic while watching; opt-in).
+    #[arg(long)]
+    pub nftrace: bool,
     #[command(flatten)]
     pub registry: RegistryArgs,
 }
@@ -103,10 +108,28 @@ pub fn run_with(args: &WhyArgs, on_ready: impl FnOnce()) -> Result<bool> {
         args,
         flows: FlowTracker::new(4096, 512),
     };
-    trace::run_into(&targs, &mut collector, on_ready)?;
+    let tracer = std::cell::RefCell::new(None);
+    trace::run_into(&targs, &mut collector, || {
+        // Now inside the traced namespace.
+        if args.nftrace {
+            match nftrace::NfTrace::start(&args.select) {
+                Ok(t) => *tracer.borrow_mut() = Some(t),
+                Err(e) => eprintln!("fwmark-trace: --nftrace unavailable: {e:#}"),
+            }
+        }
+        on_ready()
+    })?;
+    let nft_drops = tracer
+        .into_inner()
+        .map(nftrace::NfTrace::finish)
+        .unwrap_or_default();
     // Still inside the traced namespace: read its state now.
     let state = NodeState::read();
-    let chains = nft::read_chains().unwrap_or_default();
+    let chains: Vec<nft::Chain> = nft::read_chains()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| !nftrace::is_ours(c))
+        .collect();
     let registry = Registry::load(&args.registry)?;
     let names: Vec<(u32, String)> = tcx::list_interfaces().unwrap_or_default();
     let ifname = |i: u32| names.iter().find(|(x, _)| *x == i).map(|(_, n)| n.clone());
@@ -115,6 +138,7 @@ pub fn run_with(args: &WhyArgs, on_ready: impl FnOnce()) -> Result<bool> {
         chains: &chains,
         registry: &registry,
         ifname: &ifname,
+        nft_drops: &nft_drops,
     };
     let all: Vec<verdict::Report> = collector
         .flows

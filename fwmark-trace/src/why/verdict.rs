@@ -20,6 +20,8 @@ pub struct Context<'a> {
     pub registry: &'a Registry,
     /// ifindex → name in the traced namespace.
     pub ifname: &'a dyn Fn(u32) -> Option<String>,
+    /// Drop verdicts `nft monitor trace` saw (with `--nftrace`).
+    pub nft_drops: &'a [super::nftrace::DropRule],
 }
 
 #[derive(Debug, Serialize)]
@@ -42,6 +44,9 @@ pub struct DropInfo {
     /// nft chains in the band right after that observer (where the drop happened).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub chains: Vec<String>,
+    /// The exact rule, from nftables tracing (`--nftrace`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -230,6 +235,7 @@ pub fn judge(flow: &Flow, cx: &Context) -> Report {
         hook: before.and_then(|b| b.hook),
         priority: before.and_then(|b| b.priority),
         chains: chains.clone(),
+        rule: None,
     });
     let arrival = reply
         .iter()
@@ -289,6 +295,15 @@ pub fn judge(flow: &Flow, cx: &Context) -> Report {
             ))
         }
         "NETFILTER_DROP" => {
+            if let Some(d) = super::nftrace::for_flow(cx.nft_drops, &flow.src, &flow.dst) {
+                let rule = format!("{}: {}", d.chain, d.rule);
+                report
+                    .evidence
+                    .push(format!("nft trace: rule `{rule}` (verdict drop)"));
+                if let Some(info) = report.drop.as_mut() {
+                    info.rule = Some(rule);
+                }
+            }
             let place = format!(
                 "{} after priority {}{}",
                 before.and_then(|b| b.hook).unwrap_or("?"),
@@ -472,6 +487,7 @@ mod tests {
                 chains,
                 registry: &reg,
                 ifname: &names,
+                nft_drops: &[],
             },
         )
     }
