@@ -469,3 +469,53 @@ fn followed_flow_shows_every_point_and_its_routing_lookups() {
     assert_eq!(lookup["route"]["result"], "ok");
     assert_eq!(lookup["route"]["flow_mark"], "0x4000");
 }
+
+#[test]
+fn ipv6_routing_lookups_show_the_fwmark_table() {
+    let lab = Lab::new("route6").expect("lab");
+    lab.exec(
+        &lab.a,
+        &[
+            "ip",
+            "-6",
+            "rule",
+            "add",
+            "fwmark",
+            "0x4000/0x4000",
+            "lookup",
+            "100",
+            "pref",
+            "1000",
+        ],
+    )
+    .unwrap();
+    lab.exec(
+        &lab.a,
+        &[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "fd77::/64",
+            "dev",
+            lab::VETH_A,
+            "table",
+            "100",
+        ],
+    )
+    .unwrap();
+    let d = Daemon::start(&["--netns", &lab.a, "--routes", "--port", "9959"]);
+    send_udp(&lab.a, lab::ADDR6_B, 9959, 2, Some(0x4000));
+    let events = d.stop();
+    let routes: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "route" && e["at"]["family"] == "ipv6")
+        .collect();
+    let hit = routes
+        .iter()
+        .find(|e| e["route"]["table"] == 100)
+        .unwrap_or_else(|| panic!("no IPv6 lookup in table 100: {routes:?}"));
+    assert_eq!(hit["route"]["result"], "ok");
+    assert_eq!(hit["route"]["flow_mark"], "0x4000");
+    assert_eq!(hit["tuple"]["dst"], lab::ADDR6_B);
+}

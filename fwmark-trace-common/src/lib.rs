@@ -174,6 +174,14 @@ pub struct Offsets {
     pub fl4_daddr: u32,
     pub fl4_ports: u32,
     pub nhc_dev: u32,
+    /// `struct flowi6` addresses and ports (its `__fl_common` fields sit where flowi4's do:
+    /// the daemon checks), `fib6_result` and `fib6_table` (IPv6 routing lookups).
+    pub fl6_saddr: u32,
+    pub fl6_daddr: u32,
+    pub fl6_ports: u32,
+    pub fib6_res_nh: u32,
+    pub fib6_res_type: u32,
+    pub fib6_tb_id: u32,
 }
 
 pub const OFFSET_MISSING: u32 = u32::MAX;
@@ -229,6 +237,12 @@ impl Config {
             fl4_daddr: OFFSET_MISSING,
             fl4_ports: OFFSET_MISSING,
             nhc_dev: OFFSET_MISSING,
+            fl6_saddr: OFFSET_MISSING,
+            fl6_daddr: OFFSET_MISSING,
+            fl6_ports: OFFSET_MISSING,
+            fib6_res_nh: OFFSET_MISSING,
+            fib6_res_type: OFFSET_MISSING,
+            fib6_tb_id: OFFSET_MISSING,
         },
         mark_value: 0,
         mark_mask: 0,

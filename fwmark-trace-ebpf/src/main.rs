@@ -221,9 +221,49 @@ tp_observer!(
 
 // ---- routing ------------------------------------------------------------------------------
 
+/// A routing lookup event for the flow `flp` (fields common to flowi4 and flowi6).
+#[inline(always)]
+fn route_event(flp: u64, dev: u64, family: u8, table: u32, err: i32) -> Option<Event> {
+    let cfg = observe::config();
+    let off = &cfg.offsets;
+    let (ifindex, netns) = skb::dev_ids(dev, off);
+    if cfg.netns != 0 && netns != 0 && netns != cfg.netns {
+        return None;
+    }
+    let mark = read(flp, off.fl4_mark);
+    Some(Event {
+        kind: fwmark_trace_common::kind::ROUTE,
+        at: Point {
+            layer: layer::ROUTING,
+            hook: 4,
+            slot: 0,
+            family,
+            ifindex,
+            netns,
+        },
+        old_mark: mark,
+        new_mark: mark,
+        table,
+        route_err: err,
+        route_oif: read(flp, off.fl4_oif),
+        route_iif: read(flp, off.fl4_iif),
+        ip_version: if family == 10 { 6 } else { 4 },
+        l4_proto: read(flp, off.fl4_proto),
+        ..Event::default()
+    })
+}
+
+/// `uli.ports` is {dport, sport}, big-endian.
+#[inline(always)]
+fn route_ports(ev: &mut Event, flp: u64, off: u32) {
+    let ports: [u16; 2] = read(flp, off);
+    ev.dport = u16::from_be(ports[0]);
+    ev.sport = u16::from_be(ports[1]);
+}
+
 /// fib_table_lookup(u32 tb_id, const struct flowi4 *flp, const struct fib_nh_common *nhc,
 /// int err): one event per table tried, so the rule walk and the table that answered show up.
-/// No skb here: userspace joins lookups to flows by their 5-tuple.
+/// No skb here: userspace joins lookups to flows by their addresses.
 #[btf_tracepoint(function = "fib_table_lookup")]
 pub fn fwm_fib(ctx: BtfTracePointContext) -> i32 {
     let cfg = observe::config();
@@ -234,39 +274,58 @@ pub fn fwm_fib(ctx: BtfTracePointContext) -> i32 {
     let flp: u64 = ctx.arg::<*const u8>(1) as u64;
     let nhc: u64 = ctx.arg::<*const u8>(2) as u64;
     // nhc is NULL when the lookup failed; the verifier wants that checked before any offset.
-    let (ifindex, netns) = if nhc == 0 {
-        (0, 0)
-    } else {
-        skb::dev_ids(read(nhc, off.nhc_dev), off)
-    };
-    if cfg.netns != 0 && netns != 0 && netns != cfg.netns {
+    let dev = if nhc == 0 { 0 } else { read(nhc, off.nhc_dev) };
+    let Some(mut ev) = route_event(flp, dev, 2, ctx.arg::<u32>(0), ctx.arg::<i32>(3)) else {
         return 0;
-    }
-    let ports: [u16; 2] = read(flp, off.fl4_ports);
-    let mut ev = Event {
-        kind: fwmark_trace_common::kind::ROUTE,
-        at: Point {
-            layer: layer::ROUTING,
-            hook: 4,
-            slot: 0,
-            family: 2,
-            ifindex,
-            netns,
-        },
-        new_mark: read(flp, off.fl4_mark),
-        table: ctx.arg::<u32>(0),
-        route_err: ctx.arg::<i32>(3),
-        route_oif: read(flp, off.fl4_oif),
-        route_iif: read(flp, off.fl4_iif),
-        ip_version: 4,
-        l4_proto: read(flp, off.fl4_proto),
-        dport: u16::from_be(ports[0]),
-        sport: u16::from_be(ports[1]),
-        ..Event::default()
     };
-    ev.old_mark = ev.new_mark;
+    route_ports(&mut ev, flp, off.fl4_ports);
     ev.saddr[..4].copy_from_slice(&read::<[u8; 4]>(flp, off.fl4_saddr));
     ev.daddr[..4].copy_from_slice(&read::<[u8; 4]>(flp, off.fl4_daddr));
+    observe::emit(ev);
+    0
+}
+
+/// RTN_UNICAST and RTN_LOCAL: a route that delivers; other types refuse (unreachable,
+/// blackhole, prohibit) and a missing next hop means "not in this table".
+const RTN_UNICAST: u8 = 1;
+const RTN_LOCAL: u8 = 2;
+const RTN_UNREACHABLE: u8 = 7;
+const EAGAIN: i32 = 11;
+const ENETUNREACH: i32 = 101;
+
+/// fib6_table_lookup(struct net *, const struct fib6_result *res, struct fib6_table *table,
+/// const struct flowi6 *flp).
+#[btf_tracepoint(function = "fib6_table_lookup")]
+pub fn fwm_fib6(ctx: BtfTracePointContext) -> i32 {
+    let cfg = observe::config();
+    if cfg.routes == 0 || cfg.offsets.fib6_tb_id == fwmark_trace_common::OFFSET_MISSING {
+        return 0;
+    }
+    let off = &cfg.offsets;
+    let res: u64 = ctx.arg::<*const u8>(1) as u64;
+    let table: u64 = ctx.arg::<*const u8>(2) as u64;
+    let flp: u64 = ctx.arg::<*const u8>(3) as u64;
+    if res == 0 || table == 0 || flp == 0 {
+        return 0;
+    }
+    let nh: u64 = read(res, off.fib6_res_nh);
+    let kind: u8 = read(res, off.fib6_res_type);
+    // fib6_nh starts with its fib_nh_common.
+    let dev = if nh == 0 { 0 } else { read(nh, off.nhc_dev) };
+    let Some(mut ev) = route_event(flp, dev, 10, read(table, off.fib6_tb_id), 0) else {
+        return 0;
+    };
+    // A table without a match answers with the null entry (unreachable, via lo): the rule
+    // walk goes on, as with IPv4's -EAGAIN.
+    ev.route_err = match (nh, kind) {
+        (0, _) => -EAGAIN,
+        (_, RTN_UNICAST | RTN_LOCAL) => 0,
+        (_, RTN_UNREACHABLE) if ev.at.ifindex == 1 => -EAGAIN,
+        _ => -ENETUNREACH,
+    };
+    route_ports(&mut ev, flp, off.fl6_ports);
+    ev.saddr = read(flp, off.fl6_saddr);
+    ev.daddr = read(flp, off.fl6_daddr);
     observe::emit(ev);
     0
 }

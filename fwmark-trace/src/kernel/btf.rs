@@ -331,6 +331,12 @@ pub fn offsets(btf: &KernelBtf) -> Result<Offsets> {
         fl4_daddr: optional("flowi4", "daddr"),
         fl4_ports: optional("flowi4", "uli"),
         nhc_dev: optional("fib_nh_common", "nhc_dev"),
+        fl6_saddr: optional("flowi6", "saddr"),
+        fl6_daddr: optional("flowi6", "daddr"),
+        fl6_ports: optional("flowi6", "uli"),
+        fib6_res_nh: optional("fib6_result", "nh"),
+        fib6_res_type: optional("fib6_result", "fib6_type"),
+        fib6_tb_id: optional("fib6_table", "tb6_id"),
     })
 }
 

@@ -25,12 +25,13 @@ use crate::nodestate::nft::{self, NfPlan};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fwmark-trace"));
 
 /// The tp_btf observers: (program, tracepoint).
-pub const TRACEPOINTS: [(&str, &str); 5] = [
+pub const TRACEPOINTS: [(&str, &str); 6] = [
     ("fwm_rx", "netif_receive_skb"),
     ("fwm_dev_queue", "net_dev_queue"),
     ("fwm_kfree", "kfree_skb"),
     ("fwm_consume", "consume_skb"),
     ("fwm_fib", "fib_table_lookup"),
+    ("fwm_fib6", "fib6_table_lookup"),
 ];
 
 pub struct Options {
@@ -95,7 +96,7 @@ impl Observers {
             },
         }];
         let (mark_value, mark_mask) = opts.mark.unwrap_or((0, 0));
-        let config = Config {
+        let mut config = Config {
             offsets,
             mark_value,
             mark_mask,
@@ -105,6 +106,16 @@ impl Observers {
             own_netns: crate::netns::current()?,
             routes: opts.routes as u32,
         };
+        // The IPv6 lookup observer reads flowi6's common fields at flowi4's offsets.
+        let same_common = ["flowic_mark", "flowic_oif", "flowic_iif", "flowic_proto"]
+            .iter()
+            .all(|f| {
+                let path = format!("__fl_common.{f}");
+                kbtf.member_offset("flowi4", &path).ok() == kbtf.member_offset("flowi6", &path).ok()
+            });
+        if !same_common {
+            config.offsets.fib6_tb_id = OFFSET_MISSING;
+        }
         if offsets.nf_state_pf != offsets.nf_state_hook + 1 {
             bail!("this kernel's nf_hook_state has `pf` apart from `hook`: unsupported layout");
         }
@@ -138,7 +149,7 @@ impl Observers {
         }
 
         for (prog, tp) in TRACEPOINTS {
-            if prog == "fwm_fib" && !opts.routes {
+            if prog.starts_with("fwm_fib") && !opts.routes {
                 continue;
             }
             let res = (|| -> Result<()> {

@@ -120,7 +120,10 @@ impl Topology {
                 info.hook = Some(tp_name(p.hook));
             }
             layer::SOCKET => info.layer = "socket",
-            layer::ROUTING => info.layer = "routing",
+            layer::ROUTING => {
+                info.layer = "routing";
+                info.family = family_name(p.family);
+            }
             layer::NONE => info.layer = "none",
             _ => {}
         }
