@@ -519,3 +519,28 @@ fn ipv6_routing_lookups_show_the_fwmark_table() {
     assert_eq!(hit["route"]["flow_mark"], "0x4000");
     assert_eq!(hit["tuple"]["dst"], lab::ADDR6_B);
 }
+
+#[test]
+fn chains_added_during_the_run_get_their_band() {
+    let lab = Lab::new("late").expect("lab");
+    let mut d = Daemon::start(&["--netns", &lab.a]);
+    lab.nft(
+        &lab.a,
+        "table inet late {\n chain out { type filter hook output priority 50; policy accept; udp dport 9958 meta mark set 0x58; }\n}\n",
+    )
+    .unwrap();
+    d.wait_for_stderr(
+        "band observer added at ipv4 output prio 51",
+        std::time::Duration::from_secs(10),
+    );
+    send_udp(&lab.a, lab::ADDR_B, 9958, 2, None);
+    let events = d.stop();
+    let tr = events_to(&events, "transition", 9958);
+    let e = first(&tr, "transition by the late chain");
+    assert_eq!(
+        e["segment"]["chains"],
+        serde_json::json!(["inet late/out@50"]),
+        "{e}"
+    );
+    assert_eq!(e["segment"]["priority_range"][1], 51);
+}

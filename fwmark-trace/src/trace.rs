@@ -197,6 +197,7 @@ async fn stream(
     let mut lost_seen = 0u64;
     let limit = args.count.unwrap_or(u64::MAX);
     let mut last_stats = Instant::now();
+    let mut ticks = 0u64;
 
     'run: loop {
         tokio::select! {
@@ -222,6 +223,12 @@ async fn stream(
                         Change::Attached(n) => eprintln!("fwmark-trace: tcx attached to new interface {n}"),
                         Change::Detached(n) => eprintln!("fwmark-trace: interface {n} vanished"),
                         Change::Failed(n, why) => eprintln!("fwmark-trace: tcx NOT attached to {n}: {why}"),
+                    }
+                }
+                ticks += 1;
+                if ticks % 3 == 0 {
+                    for change in obs.refresh_chains() {
+                        eprintln!("fwmark-trace: {change}");
                     }
                 }
                 decoder.set_topology(topology(obs, own_netns));

@@ -136,7 +136,7 @@ impl NfPrograms {
             match self.link_at(site, prio) {
                 Err(e)
                     if e.raw_os_error() == Some(libc::EBUSY)
-                        && (prio - site.priority).abs() < 16 =>
+                        && prio.abs_diff(site.priority) < 16 =>
                 {
                     prio += step
                 }

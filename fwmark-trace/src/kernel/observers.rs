@@ -64,7 +64,9 @@ pub struct Observers {
     pub report: Vec<AttachStatus>,
     /// Kernel-side log records (aya-log); keeping it keeps its ring buffer alive.
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    _nf_links: Vec<OwnedFd>,
+    /// Kept to link band observers for chains that appear during the run.
+    nf: Option<NfPrograms>,
+    nf_links: Vec<OwnedFd>,
 }
 
 impl Observers {
@@ -172,7 +174,7 @@ impl Observers {
         chains.extend(nft::kernel_users());
         let mut plan = NfPlan::new(&chains);
         let mut nf_links = Vec::new();
-        match nf {
+        let nf = match nf {
             Ok(nf) => {
                 let mut failures: HashMap<String, usize> = HashMap::new();
                 for site in plan.sites().to_vec() {
@@ -206,9 +208,13 @@ impl Observers {
                         detail: why,
                     });
                 }
+                Some(nf)
             }
-            Err(err) => report.push(status("netfilter programs".into(), Err(err))),
-        }
+            Err(err) => {
+                report.push(status("netfilter programs".into(), Err(err)));
+                None
+            }
+        };
 
         let tc = match TcObservers::load(&mut ebpf, opts.ifaces.clone()) {
             Ok(tc) => Some(tc),
@@ -225,7 +231,8 @@ impl Observers {
             drop_reasons,
             report,
             logger,
-            _nf_links: nf_links,
+            nf,
+            nf_links,
         };
         let changes = me.refresh_interfaces()?;
         for c in changes {
@@ -265,6 +272,38 @@ impl Observers {
             Some(tc) => tc.refresh(&mut self.ebpf),
             None => Ok(Vec::new()),
         }
+    }
+
+    /// Re-reads the nft chains; when they changed, updates the chain names segments show and
+    /// links band observers for new chain priorities. Returns what changed, for the log.
+    pub fn refresh_chains(&mut self) -> Vec<String> {
+        let Ok(mut chains) = nft::read_chains() else {
+            return Vec::new();
+        };
+        chains.extend(nft::kernel_users());
+        if chains == self.chains {
+            return Vec::new();
+        }
+        let mut changes = vec![format!("nft chains changed ({} base chains)", chains.len())];
+        if let Some(nf) = &self.nf {
+            for site in self.plan.additions(&chains) {
+                match nf.link(site) {
+                    Ok((fd, prio)) => {
+                        self.nf_links.push(fd);
+                        self.plan.add(NfSite {
+                            priority: prio,
+                            ..site
+                        });
+                        changes.push(format!("band observer added at {}", site_label(&site)));
+                    }
+                    Err(err) => {
+                        changes.push(format!("band observer at {}: {err}", site_label(&site)))
+                    }
+                }
+            }
+        }
+        self.chains = chains;
+        changes
     }
 
     /// Writes pending kernel log records to the daemon's log.

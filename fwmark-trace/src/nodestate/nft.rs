@@ -168,6 +168,44 @@ impl NfPlan {
         Self { sites, merged }
     }
 
+    /// Band observers a changed ruleset needs that this plan lacks (new chain priorities), each
+    /// on the next free slot of its hook; priorities beyond the slots stay merged.
+    pub fn additions(&self, chains: &[Chain]) -> Vec<NfSite> {
+        let wanted = NfPlan::new(chains);
+        let mut out: Vec<NfSite> = Vec::new();
+        for w in wanted.sites.iter().filter(|w| w.slot >= 2) {
+            let same_hook = |s: &&NfSite| s.family == w.family && s.hook == w.hook;
+            // A linked site may sit a little off its wanted priority (EBUSY retries).
+            let present = self
+                .sites
+                .iter()
+                .filter(same_hook)
+                .any(|s| s.priority.abs_diff(w.priority) < 16);
+            if present {
+                continue;
+            }
+            let used = self
+                .sites
+                .iter()
+                .chain(out.iter())
+                .filter(same_hook)
+                .map(|s| s.slot)
+                .max()
+                .unwrap_or(1);
+            if (used as usize) + 1 < NF_SLOTS {
+                out.push(NfSite {
+                    slot: used + 1,
+                    ..*w
+                });
+            }
+        }
+        out
+    }
+
+    pub fn add(&mut self, site: NfSite) {
+        self.sites.push(site);
+    }
+
     /// Records the priority a site was actually linked at (see `NfPrograms::link`).
     pub fn set_priority(&mut self, site: NfSite, priority: i32) {
         if let Some(s) = self.sites.iter_mut().find(|s| **s == site) {
@@ -231,6 +269,24 @@ mod tests {
         // 2 families × 5 hooks × (first, last) + 3 band observers.
         assert_eq!(plan.sites().len(), 23);
         assert_eq!(plan.merged, 0);
+    }
+
+    #[test]
+    fn additions_take_free_slots_for_new_priorities() {
+        let chains = parse_chains(SAMPLE.as_bytes()).unwrap();
+        let plan = NfPlan::new(&chains[..1]);
+        let adds = plan.additions(&chains);
+        // The ip filter_out chain at 0 is new for IPv4 output only.
+        assert_eq!(
+            adds,
+            vec![NfSite {
+                family: 2,
+                hook: 3,
+                slot: 3,
+                priority: 1
+            }]
+        );
+        assert!(NfPlan::new(&chains).additions(&chains).is_empty());
     }
 
     #[test]
