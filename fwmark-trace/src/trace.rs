@@ -226,7 +226,7 @@ async fn stream(
                     }
                 }
                 ticks += 1;
-                if ticks % 3 == 0 {
+                if ticks.is_multiple_of(3) {
                     for change in obs.refresh_chains() {
                         eprintln!("fwmark-trace: {change}");
                     }
