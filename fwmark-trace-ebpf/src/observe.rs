@@ -64,8 +64,15 @@ fn iface_matches(cfg: &Config, ifindex: u32) -> bool {
     cfg.iface_filter == 0 || unsafe { IFACES.get(ifindex) }.is_some()
 }
 
+/// Whether the packet has per-packet state (end-of-life observers return early without it).
 #[inline(always)]
-pub fn observe(skb: u64, site: &Site) {
+pub fn tracked(skb: u64) -> bool {
+    PACKETS.get_ptr_mut(skb).is_some()
+}
+
+/// `BTF`: `skb` is a BTF-typed pointer (netfilter, tp_btf), so its fields are plain loads.
+#[inline(always)]
+pub fn observe<const BTF: bool>(skb: u64, site: &Site) {
     let cfg = config();
     let off = &cfg.offsets;
     let mut at = site.at;
@@ -78,9 +85,11 @@ pub fn observe(skb: u64, site: &Site) {
             return;
         }
     }
-    let mark: u32 = site.mark.unwrap_or_else(|| read(skb, off.skb_mark));
-    let ct = skb::conntrack(skb, off);
-    let head: u64 = read(skb, off.skb_head);
+    let mark: u32 = site
+        .mark
+        .unwrap_or_else(|| skb::field::<BTF, _>(skb, off.skb_mark));
+    let ct = skb::conntrack::<BTF>(skb, off);
+    let head: u64 = skb::field::<BTF, _>(skb, off.skb_head);
 
     let mut ev = Event {
         at,
@@ -100,6 +109,10 @@ pub fn observe(skb: u64, site: &Site) {
             if at.netns == 0 {
                 at.netns = st.last.netns;
                 ev.at.netns = at.netns;
+            }
+            if at.ifindex == 0 {
+                at.ifindex = st.last.ifindex;
+                ev.at.ifindex = at.ifindex;
             }
             ev.packet_id = st.packet_id;
             ev.prev = st.last;

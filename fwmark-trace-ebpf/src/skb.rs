@@ -25,6 +25,28 @@ pub fn read<T: Copy + Default>(base: u64, off: u32) -> T {
     v
 }
 
+/// Loads a `T` at `base + off` with a plain load, for pointers the verifier knows the BTF type
+/// of (netfilter and tp_btf arguments, and pointers loaded through them): one instruction
+/// instead of a helper call. `off` must be a field of that type (a known constant).
+#[inline(always)]
+pub fn load<T: Copy + Default>(base: u64, off: u32) -> T {
+    if off == OFFSET_MISSING {
+        return T::default();
+    }
+    unsafe { core::ptr::read_volatile((base + off as u64) as *const T) }
+}
+
+/// A field of the `sk_buff` (or of a struct reached through it): a plain load when the observer
+/// got a BTF-typed pointer (`BTF`), a helper read otherwise (tc's context).
+#[inline(always)]
+pub fn field<const BTF: bool, T: Copy + Default>(base: u64, off: u32) -> T {
+    if BTF {
+        load(base, off)
+    } else {
+        read(base, off)
+    }
+}
+
 /// The conntrack state attached to a packet.
 pub struct Ct {
     /// The `nf_conn` address, used only as an identity.
@@ -36,8 +58,9 @@ pub struct Ct {
 
 /// `skb->_nfct` holds `struct nf_conn *` with `enum ip_conntrack_info` in its low 3 bits.
 #[inline(always)]
-pub fn conntrack(skb: u64, off: &Offsets) -> Ct {
-    let nfct: u64 = read(skb, off.skb_nfct);
+pub fn conntrack<const BTF: bool>(skb: u64, off: &Offsets) -> Ct {
+    // `_nfct` is an integer to the verifier: the nf_conn behind it is read with the helper.
+    let nfct: u64 = field::<BTF, _>(skb, off.skb_nfct);
     let conn = nfct & !7;
     Ct {
         id: conn,
