@@ -296,13 +296,8 @@ fn bad_input_gets_one_clear_error_and_nothing_attached() {
 fn new_interfaces_are_picked_up_and_iface_filter_applies() {
     let lab = lab_with_rules("churn");
     let mut d = Daemon::start(&["--netns", &lab.a, "--full-path"]);
-    lab.exec(
-        &lab.a,
-        &[
-            "ip", "link", "add", "late0", "type", "veth", "peer", "name", "late1",
-        ],
-    )
-    .expect("veth");
+    lab.ip(&lab.a, "link add late0 type veth peer name late1")
+        .expect("veth");
     d.wait_for_stderr(
         "tcx attached to new interface late",
         std::time::Duration::from_secs(10),
@@ -418,33 +413,11 @@ fn conntrack_mark_changes_are_transitions() {
 #[test]
 fn followed_flow_shows_every_point_and_its_routing_lookups() {
     let lab = Lab::new("flow").expect("lab");
-    lab.exec(
+    lab.ip(&lab.a, "rule add fwmark 0x4000/0x4000 lookup 100 pref 1000")
+        .unwrap();
+    lab.ip(
         &lab.a,
-        &[
-            "ip",
-            "rule",
-            "add",
-            "fwmark",
-            "0x4000/0x4000",
-            "lookup",
-            "100",
-            "pref",
-            "1000",
-        ],
-    )
-    .unwrap();
-    lab.exec(
-        &lab.a,
-        &[
-            "ip",
-            "route",
-            "add",
-            "10.77.0.0/24",
-            "dev",
-            lab::VETH_A,
-            "table",
-            "100",
-        ],
+        &format!("route add 10.77.0.0/24 dev {} table 100", lab::VETH_A),
     )
     .unwrap();
     let d = Daemon::start(&["--netns", &lab.a, "--port", "9960", "--proto", "udp"]);
@@ -473,35 +446,14 @@ fn followed_flow_shows_every_point_and_its_routing_lookups() {
 #[test]
 fn ipv6_routing_lookups_show_the_fwmark_table() {
     let lab = Lab::new("route6").expect("lab");
-    lab.exec(
+    lab.ip(
         &lab.a,
-        &[
-            "ip",
-            "-6",
-            "rule",
-            "add",
-            "fwmark",
-            "0x4000/0x4000",
-            "lookup",
-            "100",
-            "pref",
-            "1000",
-        ],
+        "-6 rule add fwmark 0x4000/0x4000 lookup 100 pref 1000",
     )
     .unwrap();
-    lab.exec(
+    lab.ip(
         &lab.a,
-        &[
-            "ip",
-            "-6",
-            "route",
-            "add",
-            "fd77::/64",
-            "dev",
-            lab::VETH_A,
-            "table",
-            "100",
-        ],
+        &format!("-6 route add fd77::/64 dev {} table 100", lab::VETH_A),
     )
     .unwrap();
     let d = Daemon::start(&["--netns", &lab.a, "--routes", "--port", "9959"]);

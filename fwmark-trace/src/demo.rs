@@ -113,32 +113,10 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     }
     let lab = Lab::new("demo")?;
     lab.nft(&lab.a, RULESET)?;
-    lab.exec(
+    lab.ip(&lab.a, "rule add fwmark 0x4000/0x4000 lookup 100 pref 1000")?;
+    lab.ip(
         &lab.a,
-        &[
-            "ip",
-            "rule",
-            "add",
-            "fwmark",
-            "0x4000/0x4000",
-            "lookup",
-            "100",
-            "pref",
-            "1000",
-        ],
-    )?;
-    lab.exec(
-        &lab.a,
-        &[
-            "ip",
-            "route",
-            "add",
-            "10.77.0.0/24",
-            "dev",
-            lab::VETH_A,
-            "table",
-            "100",
-        ],
+        &format!("route add 10.77.0.0/24 dev {} table 100", lab::VETH_A),
     )?;
     eprintln!(
         "fwmark-trace demo: namespaces {} and {} joined by {}/{}; in {}: nft tables kube-proxy, kubelet, calico, `ip rule fwmark 0x4000/0x4000 lookup 100`, sockets with SO_MARK {WG_QUICK_MARK:#x} (wg-quick) and {TAILSCALE_BYPASS:#x} (tailscale); owners: {}",

@@ -90,38 +90,30 @@ impl Lab {
         for ns in [&lab.a, &lab.b] {
             run("ip", &["netns", "add", ns])?;
         }
-        run(
-            "ip",
-            &[
-                "-n", &lab.a, "link", "add", VETH_A, "type", "veth", "peer", "name", VETH_B,
-                "netns", &lab.b,
-            ],
+        lab.ip(
+            &lab.a,
+            &format!(
+                "link add {VETH_A} type veth peer name {VETH_B} netns {}",
+                lab.b
+            ),
         )?;
         for (ns, dev, v4, v6) in [
             (&lab.a, VETH_A, ADDR_A, ADDR6_A),
             (&lab.b, VETH_B, ADDR_B, ADDR6_B),
         ] {
-            run(
-                "ip",
-                &["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev],
-            )?;
-            run(
-                "ip",
-                &[
-                    "-n",
-                    ns,
-                    "addr",
-                    "add",
-                    &format!("{v6}/64"),
-                    "dev",
-                    dev,
-                    "nodad",
-                ],
-            )?;
-            run("ip", &["-n", ns, "link", "set", dev, "up"])?;
-            run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+            lab.ip(ns, &format!("addr add {v4}/24 dev {dev}"))?;
+            lab.ip(ns, &format!("addr add {v6}/64 dev {dev} nodad"))?;
+            lab.ip(ns, &format!("link set {dev} up"))?;
+            lab.ip(ns, "link set lo up")?;
         }
         Ok(lab)
+    }
+
+    /// `ip -n NS ARGS…` with ARGS written as one string ("rule add fwmark 0x4000 lookup 100").
+    pub fn ip(&self, ns: &str, args: &str) -> Result<String> {
+        let mut all = vec!["-n", ns];
+        all.extend(args.split_whitespace());
+        run("ip", &all)
     }
 
     /// Runs a command inside namespace `ns`.
@@ -168,87 +160,22 @@ impl Lab {
     /// back through b2, so replies arrive on a2.
     pub fn add_second_path(&self) -> Result<()> {
         let (a, b) = (self.a.as_str(), self.b.as_str());
-        run(
-            "ip",
-            &[
-                "-n", a, "link", "add", "a2", "type", "veth", "peer", "name", "b2", "netns", b,
-            ],
+        self.ip(a, &format!("link add a2 type veth peer name b2 netns {b}"))?;
+        self.ip(a, "addr add 10.78.0.1/24 dev a2")?;
+        self.ip(b, "addr add 10.78.0.2/24 dev b2")?;
+        self.ip(a, "link set a2 up")?;
+        self.ip(b, "link set b2 up")?;
+        self.ip(b, &format!("addr add {SERVICE}/32 dev lo"))?;
+        self.ip(
+            a,
+            &format!("route add {SERVICE}/32 via 10.77.0.2 dev {VETH_A}"),
         )?;
-        run("ip", &["-n", a, "addr", "add", "10.78.0.1/24", "dev", "a2"])?;
-        run("ip", &["-n", b, "addr", "add", "10.78.0.2/24", "dev", "b2"])?;
-        run("ip", &["-n", a, "link", "set", "a2", "up"])?;
-        run("ip", &["-n", b, "link", "set", "b2", "up"])?;
-        run(
-            "ip",
-            &[
-                "-n",
-                b,
-                "addr",
-                "add",
-                &format!("{SERVICE}/32"),
-                "dev",
-                "lo",
-            ],
+        self.ip(
+            a,
+            &format!("route add {SERVICE}/32 via 10.78.0.2 dev a2 table 100"),
         )?;
-        run(
-            "ip",
-            &[
-                "-n",
-                a,
-                "route",
-                "add",
-                &format!("{SERVICE}/32"),
-                "via",
-                "10.77.0.2",
-                "dev",
-                VETH_A,
-            ],
-        )?;
-        run(
-            "ip",
-            &[
-                "-n",
-                a,
-                "route",
-                "add",
-                &format!("{SERVICE}/32"),
-                "via",
-                "10.78.0.2",
-                "dev",
-                "a2",
-                "table",
-                "100",
-            ],
-        )?;
-        run(
-            "ip",
-            &[
-                "-n",
-                a,
-                "rule",
-                "add",
-                "fwmark",
-                "0x4000/0x4000",
-                "lookup",
-                "100",
-                "pref",
-                "1000",
-            ],
-        )?;
-        run(
-            "ip",
-            &[
-                "-n",
-                b,
-                "route",
-                "add",
-                &format!("{ADDR_A}/32"),
-                "via",
-                "10.78.0.1",
-                "dev",
-                "b2",
-            ],
-        )?;
+        self.ip(a, "rule add fwmark 0x4000/0x4000 lookup 100 pref 1000")?;
+        self.ip(b, &format!("route add {ADDR_A}/32 via 10.78.0.1 dev b2"))?;
         // ARP towards A's a2 must come from B's link address: with SERVICE as sender, A's
         // rp_filter would refuse the ARP itself and the reply would never leave B.
         self.sysctl(
