@@ -20,7 +20,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::{
-    lab::{self, Lab},
+    lab::Lab,
     pipeline_bench::{self, BenchPipelineArgs},
 };
 
@@ -266,33 +266,13 @@ fn stop(mut t: Tracer, lab: &Lab) -> Result<(Option<u64>, Option<u64>)> {
 
 /// One iperf3 run from A to B; Gbit/s (TCP) or received packets/s (UDP).
 fn iperf(lab: &Lab, w: Workload, seconds: u64) -> Result<f64> {
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", &lab.b, "iperf3", "-s", "-1", "-p", "5201"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting iperf3 (is it installed?)")?;
-    thread::sleep(Duration::from_millis(300));
-    let secs = seconds.to_string();
-    let mut args = vec![
-        "netns",
-        "exec",
-        &lab.a,
-        "iperf3",
-        "-c",
-        lab::ADDR_B,
-        "-p",
-        "5201",
-        "-t",
-        &secs,
-        "-J",
-    ];
-    if w == Workload::Udp64 {
-        args.extend(["-u", "-l", "64", "-b", "0"]);
-    }
-    let out = Command::new("ip").args(&args).output()?;
-    let _ = server.wait();
-    let v: Value = serde_json::from_slice(&out.stdout).context("parsing iperf3 JSON")?;
+    let udp = if w == Workload::Udp64 {
+        " -u -l 64 -b 0"
+    } else {
+        ""
+    };
+    let out = lab.iperf(5201, &format!("-t {seconds} -J{udp}"))?;
+    let v: Value = serde_json::from_slice(&out).context("parsing iperf3 JSON")?;
     if let Some(e) = v["error"].as_str() {
         bail!("iperf3: {e}");
     }

@@ -116,6 +116,43 @@ impl Lab {
         run("ip", &all)
     }
 
+    /// One iperf3 run from A to B (`client_args` e.g. "-t 3 -J -u -l 64 -b 0"): starts a
+    /// one-off server in B, returns the client's stdout.
+    pub fn iperf(&self, port: u16, client_args: &str) -> Result<Vec<u8>> {
+        let mut server = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.b,
+                "iperf3",
+                "-s",
+                "-1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting iperf3 (is it installed?)")?;
+        thread::sleep(Duration::from_millis(300));
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.a,
+                "iperf3",
+                "-c",
+                ADDR_B,
+                "-p",
+                &port.to_string(),
+            ])
+            .args(client_args.split_whitespace())
+            .stderr(Stdio::null())
+            .output();
+        let _ = server.wait();
+        Ok(out?.stdout)
+    }
+
     /// Runs a command inside namespace `ns`.
     pub fn exec(&self, ns: &str, cmd: &[&str]) -> Result<String> {
         let mut args = vec!["netns", "exec", ns];

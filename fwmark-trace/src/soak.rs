@@ -38,34 +38,6 @@ fn burst(ns: &str, count: usize) {
     .join();
 }
 
-fn tcp(lab: &Lab) {
-    let server = Command::new("ip")
-        .args(["netns", "exec", &lab.b, "iperf3", "-s", "-1", "-p", "5202"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    thread::sleep(Duration::from_millis(200));
-    let _ = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.a,
-            "iperf3",
-            "-c",
-            lab::ADDR_B,
-            "-p",
-            "5202",
-            "-t",
-            "1",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    if let Ok(mut s) = server {
-        let _ = s.wait();
-    }
-}
-
 pub fn run(args: &SoakArgs) -> Result<()> {
     crate::trace::require_root("fwmark-trace soak")?;
     let lab = Lab::new("soak")?;
@@ -123,7 +95,7 @@ pub fn run(args: &SoakArgs) -> Result<()> {
             churn += 1;
         }
         if t % 10 == 3 {
-            tcp(&lab);
+            let _ = lab.iperf(5202, "-t 1");
         }
         thread::sleep(Duration::from_millis(500));
     }
