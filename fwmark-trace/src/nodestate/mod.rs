@@ -13,6 +13,8 @@ pub struct NodeState {
     pub routes: Vec<netlink::Route>,
     pub xfrm: Vec<netlink::XfrmPolicy>,
     pub sysctls: sysctl::Sysctls,
+    /// nft rules that read or write the packet or conntrack mark.
+    pub mark_rules: Vec<nft::MarkRule>,
     /// Non-fatal problems reading state (e.g. no xfrm support).
     pub errors: Vec<String>,
 }
@@ -33,6 +35,10 @@ impl NodeState {
             Err(e) => s.errors.push(format!("xfrm policies: {e:#}")),
         }
         s.sysctls = sysctl::Sysctls::read();
+        match nft::read_mark_rules() {
+            Ok(r) => s.mark_rules = r,
+            Err(e) => s.errors.push(format!("nft rules: {e:#}")),
+        }
         s
     }
 

@@ -118,6 +118,51 @@ pub fn parse_chains(json: &[u8]) -> Result<Vec<Chain>> {
         .collect())
 }
 
+/// An nft rule that reads or writes the packet mark or the conntrack mark.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MarkRule {
+    /// "inet fw/mangle_out".
+    pub chain: String,
+    pub rule: String,
+    /// Whether it writes a mark (`mark set`), rather than only matching one.
+    pub writes: bool,
+}
+
+/// Rules mentioning `mark` in `nft list ruleset` text (iptables-nft rules included, shown as
+/// nft translates them).
+pub fn parse_mark_rules(ruleset: &str) -> Vec<MarkRule> {
+    let (mut table, mut chain) = (String::new(), String::new());
+    let mut out = Vec::new();
+    for line in ruleset.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["table", family, name, ..] => table = format!("{family} {name}"),
+            ["chain", name, ..] => chain = name.to_string(),
+            _ if line.contains("mark") && !line.starts_with("type ") => out.push(MarkRule {
+                chain: format!("{table}/{chain}"),
+                rule: line.to_owned(),
+                writes: line.contains("mark set"),
+            }),
+            _ => {}
+        }
+    }
+    out
+}
+
+pub fn read_mark_rules() -> Result<Vec<MarkRule>> {
+    let out = Command::new("nft")
+        .args(["list", "ruleset"])
+        .output()
+        .context("running `nft list ruleset`")?;
+    if !out.status.success() {
+        bail!(
+            "`nft list ruleset` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(parse_mark_rules(&String::from_utf8_lossy(&out.stdout)))
+}
+
 /// Which priority each netfilter slot program is linked at, per family and hook.
 #[derive(Clone, Debug)]
 pub struct NfPlan {
@@ -269,6 +314,16 @@ mod tests {
         // 2 families × 5 hooks × (first, last) + 3 band observers.
         assert_eq!(plan.sites().len(), 23);
         assert_eq!(plan.merged, 0);
+    }
+
+    #[test]
+    fn mark_rules_are_found_with_their_chain() {
+        let text = "table inet fw {\n\tchain out {\n\t\ttype route hook output priority mangle; policy accept;\n\t\tudp dport 5201 meta mark set meta mark | 0x00004000\n\t\tip daddr 10.0.0.1 accept\n\t}\n}\ntable ip filter {\n\tchain INPUT {\n\t\tmeta mark & 0x00008000 == 0x00008000 counter packets 0 bytes 0 drop\n\t}\n}\n";
+        let rules = parse_mark_rules(text);
+        assert_eq!(rules.len(), 2);
+        assert_eq!(rules[0].chain, "inet fw/out");
+        assert!(rules[0].writes && !rules[1].writes);
+        assert_eq!(rules[1].chain, "ip filter/INPUT");
     }
 
     #[test]

@@ -304,6 +304,19 @@ pub fn judge(flow: &Flow, cx: &Context) -> Report {
                     info.rule = Some(rule);
                 }
             }
+            for c in &chains {
+                let name = c.rsplit_once('@').map_or(c.as_str(), |(n, _)| n);
+                for r in cx
+                    .state
+                    .mark_rules
+                    .iter()
+                    .filter(|r| r.chain == name && !r.writes)
+                {
+                    report
+                        .evidence
+                        .push(format!("mark-matching rule in {}: `{}`", r.chain, r.rule));
+                }
+            }
             let place = format!(
                 "{} after priority {}{}",
                 before.and_then(|b| b.hook).unwrap_or("?"),
