@@ -210,7 +210,10 @@ fn cause3_filter_drops_replies_without_the_bit() {
         "{rule}"
     );
     let evidence = r["evidence"].to_string();
-    assert!(evidence.contains("mark-matching rule in inet f/in"), "{evidence}");
+    assert!(
+        evidence.contains("mark-matching rule in inet f/in"),
+        "{evidence}"
+    );
     let tables = lab.exec(&lab.a, &["nft", "list", "tables"]).unwrap();
     assert!(!tables.contains("fwmark_trace_nftrace"), "{tables}");
     assert_eq!(r["drop"]["hook"], "input");

@@ -77,23 +77,27 @@ fn nightly() -> Result<()> {
         ]))
         .context("the eBPF crate needs a nightly toolchain (rustup toolchain install nightly)")?;
     }
+    // rust-src for -Z build-std=core; clippy to lint the eBPF crate.
     let comps = output(
         "rustup",
         &["component", "list", "--toolchain", "nightly", "--installed"],
     )
     .unwrap_or_default();
-    if comps.lines().any(|l| l.starts_with("rust-src")) {
-        step("nightly rust-src", "ok");
-        return Ok(());
+    for comp in ["rust-src", "clippy"] {
+        if comps.lines().any(|l| l.starts_with(comp)) {
+            step(&format!("nightly {comp}"), "ok");
+            continue;
+        }
+        step(&format!("nightly {comp}"), "installing");
+        cmd::run(Command::new("rustup").args([
+            "component",
+            "add",
+            comp,
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
-    step("nightly rust-src", "installing");
-    cmd::run(Command::new("rustup").args([
-        "component",
-        "add",
-        "rust-src",
-        "--toolchain",
-        "nightly",
-    ]))
+    Ok(())
 }
 
 /// The nightly's own libLLVM (`lib/libLLVM.so.<major>.<minor>-rust-…`) and its major version.
