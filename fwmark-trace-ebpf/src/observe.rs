@@ -166,6 +166,14 @@ pub fn observe<const BTF: bool>(skb: u64, site: &Site) {
     emit(ev);
 }
 
+/// BPF_RB_NO_WAKEUP / BPF_RB_FORCE_WAKEUP (include/uapi/linux/bpf.h) and BPF_RB_AVAIL_DATA.
+const RB_NO_WAKEUP: u64 = 1;
+const RB_FORCE_WAKEUP: u64 = 2;
+const RB_AVAIL_DATA: u64 = 0;
+/// Wake the consumer only once this much is waiting; it also drains on a short timer. One
+/// wakeup per event cost more CPU than decoding the event.
+const WAKE_BYTES: u64 = 256 << 10;
+
 /// Timestamps an event and writes it to the ring buffer (counting it lost when full).
 #[inline(always)]
 pub fn emit(mut ev: Event) {
@@ -173,7 +181,12 @@ pub fn emit(mut ev: Event) {
     match EVENTS.reserve::<Event>(0) {
         Some(mut slot) => {
             slot.write(ev);
-            slot.submit(0);
+            let wake = if EVENTS.query(RB_AVAIL_DATA) >= WAKE_BYTES {
+                RB_FORCE_WAKEUP
+            } else {
+                RB_NO_WAKEUP
+            };
+            slot.submit(wake);
         }
         None => count_lost(),
     }

@@ -190,6 +190,7 @@ async fn stream(
         unsafe { AsyncFd::register(obs.take_ring()?) }.context("polling the ring buffer")?;
     let mut summary = Summary::new();
     let mut tick = time::interval(Duration::from_secs(1));
+    let mut drain_tick = time::interval(Duration::from_millis(50));
     let mut sigterm = unix::signal(unix::SignalKind::terminate())?;
     let mut sigint = unix::signal(unix::SignalKind::interrupt())?;
     let deadline = time::sleep(args.duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
@@ -206,6 +207,12 @@ async fn stream(
                 let done = drain(guard.get_inner_mut(), &mut decoder, out, &mut summary, limit, &args.select)?;
                 guard.clear_ready();
                 if done {
+                    break 'run;
+                }
+            }
+            // The kernel wakes us only for large batches; drain the rest often.
+            _ = drain_tick.tick() => {
+                if drain(ring.get_mut(), &mut decoder, out, &mut summary, limit, &args.select)? {
                     break 'run;
                 }
             }
