@@ -64,12 +64,6 @@ fn iface_matches(cfg: &Config, ifindex: u32) -> bool {
     cfg.iface_filter == 0 || unsafe { IFACES.get(ifindex) }.is_some()
 }
 
-/// Whether the packet has per-packet state (end-of-life observers return early without it).
-#[inline(always)]
-pub fn tracked(skb: u64) -> bool {
-    PACKETS.get_ptr_mut(skb).is_some()
-}
-
 /// `BTF`: `skb` is a BTF-typed pointer (netfilter, tp_btf), so its fields are plain loads.
 #[inline(always)]
 pub fn observe<const BTF: bool>(skb: u64, site: &Site) {
@@ -78,8 +72,9 @@ pub fn observe<const BTF: bool>(skb: u64, site: &Site) {
     let mut at = site.at;
     // Cheap exits first (this runs for every packet at every observer): a packet we do not
     // follow ends without work, and one first seen outside the traced namespace is not ours.
-    let known = PACKETS.get_ptr_mut(skb).is_some();
-    if !known {
+    // One lookup serves the early exit and the update below.
+    let state = PACKETS.get_ptr_mut(skb);
+    if state.is_none() {
         let foreign = cfg.netns != 0 && at.netns != 0 && at.netns != cfg.netns;
         if foreign || matches!(site.end, Some(End::Consume)) {
             return;
@@ -101,7 +96,7 @@ pub fn observe<const BTF: bool>(skb: u64, site: &Site) {
         ..Event::default()
     };
 
-    let report = match PACKETS.get_ptr_mut(skb) {
+    let report = match state {
         Some(state) if unsafe { (*state).head } == head => {
             let st = unsafe { &mut *state };
             // Where the device is unknown (NULL, or UDP reusing skb->dev as scratch space), the
