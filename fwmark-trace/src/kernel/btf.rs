@@ -8,6 +8,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use fwmark_trace_common::{Offsets, OFFSET_MISSING};
 
 const MAGIC: u16 = 0xeb9f;
+/// Bound on type-graph walks, so a malformed (cyclic) type section is an error, not a stack
+/// overflow. Real kernels nest anonymous members and modifiers only a few levels deep.
+const MAX_DEPTH: u32 = 32;
 
 // BTF_KIND_* (include/uapi/linux/btf.h).
 const INT: u8 = 1;
@@ -47,6 +50,9 @@ struct Type {
     enumerators: Vec<(String, i64)>,
     /// Element type and count, for arrays.
     array: Option<(u32, u32)>,
+    /// BTF_INT_OFFSET and BTF_INT_BITS of an int (btf.rst, BTF_KIND_INT): without the struct's
+    /// kind_flag, a bitfield member is an int whose bits don't fill its size or don't start at 0.
+    int_bits: Option<(u32, u32)>,
 }
 
 pub struct KernelBtf {
@@ -70,12 +76,15 @@ impl Reader<'_> {
 }
 
 impl KernelBtf {
+    /// Reads /sys/kernel/btf/vmlinux (the running kernel's own types).
     pub fn load() -> Result<Self> {
         let path = "/sys/kernel/btf/vmlinux";
         let data = std::fs::read(path).with_context(|| format!("reading {path}"))?;
         Self::from_bytes(&data)
     }
 
+    /// Parses raw BTF. Any malformed input is an error (never a panic): the bytes come from a
+    /// file the daemon does not control.
     pub fn from_bytes(data: &[u8]) -> Result<Self> {
         if data.len() < 24 || u16::from_le_bytes([data[0], data[1]]) != MAGIC {
             bail!("not raw BTF (bad magic or too short)");
@@ -109,6 +118,7 @@ impl KernelBtf {
             members: vec![],
             enumerators: vec![],
             array: None,
+            int_bits: None,
         }];
         let mut off = 0usize;
         while off < types_raw.len() {
@@ -125,10 +135,16 @@ impl KernelBtf {
                 members: vec![],
                 enumerators: vec![],
                 array: None,
+                int_bits: None,
             };
             off += 12;
             match kind {
-                INT | VAR | DECL_TAG => off += 4,
+                INT => {
+                    let enc = r.u32_at(off)?;
+                    t.int_bits = Some(((enc >> 16) & 0xff, enc & 0xff));
+                    off += 4;
+                }
+                VAR | DECL_TAG => off += 4,
                 ARRAY => {
                     t.array = Some((r.u32_at(off)?, r.u32_at(off + 8)?));
                     off += 12;
@@ -197,26 +213,43 @@ impl KernelBtf {
         bail!("BTF type {id}: modifier chain too long")
     }
 
-    fn size_of(&self, id: u32) -> Result<u32> {
+    fn size_of(&self, id: u32, depth: u32) -> Result<u32> {
         let t = self.get(self.resolve(id)?)?;
         Ok(match t.kind {
             INT | STRUCT | UNION | ENUM | ENUM64 | FLOAT => t.size_or_type,
+            // BTF records no pointer size; 8 matches the 64-bit loads the observers make of pointers.
             PTR => 8,
-            ARRAY => {
+            ARRAY if depth < MAX_DEPTH => {
                 let (elem, n) = t.array.unwrap_or_default();
-                self.size_of(elem)? * n
+                self.size_of(elem, depth + 1)?
+                    .checked_mul(n)
+                    .ok_or_else(|| anyhow!("BTF array type {id} size overflows"))?
             }
             k => bail!("BTF type {id} of kind {k} has no size"),
         })
     }
 
-    /// The struct (not a forward declaration) with this name.
+    /// Whether a member is a bitfield, in either BTF encoding: the struct's kind_flag gives a
+    /// bitfield size, or (no kind_flag) the member's int type covers only part of its bytes.
+    fn is_bitfield(&self, m: &Member, bit_offset: u32) -> Result<bool> {
+        if m.bitfield_size != 0 || !bit_offset.is_multiple_of(8) {
+            return Ok(true);
+        }
+        let t = self.get(self.resolve(m.type_id)?)?;
+        Ok(match t.int_bits {
+            Some((int_off, bits)) => int_off != 0 || bits != t.size_or_type.saturating_mul(8),
+            None => false,
+        })
+    }
+
+    /// The struct or union (not a forward declaration) with this name, or a typedef of one
+    /// (`possible_net_t` is a typedef of an anonymous struct).
     fn find_struct(&self, name: &str) -> Result<u32> {
         self.by_name
             .get(name)
             .into_iter()
             .flatten()
-            .copied()
+            .filter_map(|&id| self.resolve(id).ok())
             .find(|&id| {
                 let t = &self.types[id as usize];
                 matches!(t.kind, STRUCT | UNION) && !(t.members.is_empty() && t.size_or_type == 0)
@@ -225,15 +258,20 @@ impl KernelBtf {
     }
 
     /// (bit offset, member) of `name` in composite `id`, searching anonymous members too.
-    fn find_member(&self, id: u32, name: &str) -> Result<Option<(u32, Member)>> {
+    fn find_member(&self, id: u32, name: &str, depth: u32) -> Result<Option<(u32, Member)>> {
+        if depth > MAX_DEPTH {
+            bail!("BTF type {id}: anonymous members nested too deep");
+        }
         let t = self.get(self.resolve(id)?)?;
         for m in &t.members {
             if m.name == name {
                 return Ok(Some((m.bit_offset, m.clone())));
             }
             if m.name.is_empty() {
-                if let Some((inner, found)) = self.find_member(m.type_id, name)? {
-                    return Ok(Some((m.bit_offset + inner, found)));
+                if let Some((inner, found)) = self.find_member(m.type_id, name, depth + 1)? {
+                    let bits = m.bit_offset.checked_add(inner);
+                    let bits = bits.ok_or_else(|| anyhow!("BTF type {id}: offset overflows"))?;
+                    return Ok(Some((bits, found)));
                 }
             }
         }
@@ -242,16 +280,20 @@ impl KernelBtf {
 
     fn walk(&self, struct_name: &str, path: &str) -> Result<(u32, Member)> {
         let mut id = self.find_struct(struct_name)?;
-        let mut bits = 0;
+        let mut bits = 0u32;
         let mut last = None;
         for part in path.split('.') {
-            let (off, m) = self
-                .find_member(id, part)?
-                .ok_or_else(|| anyhow!("kernel BTF: struct {struct_name} has no member {path}"))?;
-            if m.bitfield_size != 0 || (bits + off) % 8 != 0 {
-                bail!("kernel BTF: {struct_name}.{path} is a bitfield");
+            let (off, m) = self.find_member(id, part, 0)?.ok_or_else(|| {
+                anyhow!("kernel BTF: struct {struct_name} has no member {path} (no `{part}`)")
+            })?;
+            // Overflow only on malformed BTF; the path's offset is absolute from the struct.
+            let at = bits
+                .checked_add(off)
+                .ok_or_else(|| anyhow!("kernel BTF: {struct_name}.{path}: offset overflows"))?;
+            if self.is_bitfield(&m, at)? {
+                bail!("kernel BTF: {struct_name}.{path} is a bitfield (no plain load reads it)");
             }
-            bits += off;
+            bits = at;
             id = m.type_id;
             last = Some(m);
         }
@@ -264,12 +306,12 @@ impl KernelBtf {
         Ok(self.walk(struct_name, path)?.0)
     }
 
-    /// Byte size of a member's type.
+    /// Byte size of a member's type, through typedefs and qualifiers (4 for `sk_buff.mark`).
     pub fn member_size(&self, struct_name: &str, path: &str) -> Result<u32> {
-        self.size_of(self.walk(struct_name, path)?.1.type_id)
+        self.size_of(self.walk(struct_name, path)?.1.type_id, 0)
     }
 
-    /// (name, value) of every enumerator of a named enum.
+    /// (name, value) of every enumerator of a named enum (BTF_KIND_ENUM or ENUM64).
     pub fn enum_values(&self, enum_name: &str) -> Result<Vec<(String, i64)>> {
         self.by_name
             .get(enum_name)
@@ -422,9 +464,12 @@ mod tests {
     }
 
     /// [1] int u32, [2] typedef __u32 → 1, [3] anon union { mark: 2 },
-    /// [4] struct inner { inum: 1 @32 }, [5] struct sk_buff { anon(3) @64, ns: 4 @128, bf: 1 bitfield },
-    /// [6] enum drop { A=0, B=6 }, [7] enum64 big { X = 1<<40 }, [8] const → 5.
-    fn sample() -> KernelBtf {
+    /// [4] struct inner { pad, inum: 1 @32 }, [5] struct sk_buff (kind_flag) { anon(3) @64,
+    /// ns: 4 @128, bf: 3-bit bitfield @256 }, [6] enum skb_drop_reason { A=0, NETFILTER_DROP=6 },
+    /// [7] enum64 big { X = 1<<40 }, [8] const → 5, [9] typedef skb_t → 8,
+    /// [10] struct wrap { s: 9 @64 }, [11] int with BTF_INT_OFFSET 2, BITS 3,
+    /// [12] struct legacy (no kind_flag) { x: 11 @0, y: 1 @32 }, [13] signed enum sgn { NEG=-1 }.
+    fn sample_bytes() -> Vec<u8> {
         let mut b = Builder::new();
         b.ty(INT, "unsigned int", 0, false, 4, &[32]);
         b.ty(TYPEDEF, "__u32", 0, false, 1, &[]);
@@ -448,7 +493,17 @@ mod tests {
         let x = b.s("X");
         b.ty(ENUM64, "big", 1, false, 8, &[x, 0, 1 << 8]);
         b.ty(CONST, "", 0, false, 5, &[]);
-        KernelBtf::from_bytes(&b.bytes()).unwrap()
+        b.ty(TYPEDEF, "skb_t", 0, false, 8, &[]);
+        b.composite(STRUCT, "wrap", 56, &[("s", 9, 64)]);
+        b.ty(INT, "", 0, false, 4, &[(2 << 16) | 3]);
+        b.composite(STRUCT, "legacy", 8, &[("x", 11, 0), ("y", 1, 32)]);
+        let neg = b.s("NEG");
+        b.ty(ENUM, "sgn", 1, true, 4, &[neg, u32::MAX]);
+        b.bytes()
+    }
+
+    fn sample() -> KernelBtf {
+        KernelBtf::from_bytes(&sample_bytes()).unwrap()
     }
 
     #[test]
@@ -461,6 +516,17 @@ mod tests {
     }
 
     #[test]
+    fn typedefs_and_qualifiers_are_followed() {
+        let btf = sample();
+        // Path through a member typed `typedef const struct sk_buff`.
+        assert_eq!(btf.member_offset("wrap", "s.ns.inum").unwrap(), 28);
+        assert_eq!(btf.member_offset("wrap", "s.mark").unwrap(), 16);
+        assert_eq!(btf.member_size("wrap", "s").unwrap(), 48);
+        // A typedef name stands for its struct.
+        assert_eq!(btf.member_offset("skb_t", "mark").unwrap(), 8);
+    }
+
+    #[test]
     fn errors_name_what_is_missing() {
         let btf = sample();
         let e = btf
@@ -468,9 +534,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("sk_buff") && e.contains("nope"), "{e}");
-        assert!(btf.member_offset("nf_conn", "mark").is_err());
+        let e = btf
+            .member_offset("sk_buff", "ns.x")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sk_buff") && e.contains("ns.x"), "{e}");
+        let e = btf
+            .member_offset("nf_conn", "mark")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nf_conn"), "{e}");
+        // Walking into a scalar finds nothing either.
+        assert!(btf.member_offset("sk_buff", "mark.x").is_err());
+        assert!(btf.enum_values("sk_buff").is_err());
+    }
+
+    #[test]
+    fn bitfields_are_rejected_in_both_encodings() {
+        let btf = sample();
         let e = btf.member_offset("sk_buff", "bf").unwrap_err().to_string();
+        assert!(e.contains("bitfield") && e.contains("sk_buff.bf"), "{e}");
+        // No kind_flag: the int type's encoding marks the bitfield.
+        let e = btf.member_offset("legacy", "x").unwrap_err().to_string();
         assert!(e.contains("bitfield"), "{e}");
+        assert_eq!(btf.member_offset("legacy", "y").unwrap(), 4);
     }
 
     #[test]
@@ -478,46 +565,131 @@ mod tests {
         let btf = sample();
         let names = drop_reason_names(&btf).unwrap();
         assert_eq!(names[&6], "NETFILTER_DROP");
+        assert_eq!(names[&0], "A");
         assert_eq!(
             btf.enum_values("big").unwrap(),
             vec![("X".into(), 1i64 << 40)]
         );
-        assert!(btf.has_type("__u32") && !btf.has_type("nope"));
+        assert_eq!(btf.enum_values("sgn").unwrap(), vec![("NEG".into(), -1)]);
+        assert!(btf.has_type("__u32") && btf.has_type("big") && !btf.has_type("nope"));
     }
 
     #[test]
-    fn truncated_or_garbage_input_is_an_error_not_a_panic() {
+    fn cyclic_types_are_an_error_not_a_stack_overflow() {
+        // [1] struct loop { anon: 1 } (an anonymous member of its own type).
         let mut b = Builder::new();
-        b.ty(INT, "int", 0, false, 4, &[32]);
+        b.composite(STRUCT, "loop", 4, &[("", 1, 0)]);
+        let btf = KernelBtf::from_bytes(&b.bytes()).unwrap();
+        assert!(btf.member_offset("loop", "x").is_err());
+        // [1] array of itself, [2] struct s { a: 1 }; [3] typedef t → 4, [4] typedef → 3.
+        let mut b = Builder::new();
+        b.ty(ARRAY, "", 0, false, 0, &[1, 1, 2]);
         b.composite(STRUCT, "s", 4, &[("a", 1, 0)]);
-        let good = b.bytes();
+        b.ty(TYPEDEF, "t", 0, false, 4, &[]);
+        b.ty(TYPEDEF, "u", 0, false, 3, &[]);
+        let btf = KernelBtf::from_bytes(&b.bytes()).unwrap();
+        assert!(btf.member_size("s", "a").is_err());
+        assert!(btf.member_offset("t", "a").is_err());
+    }
+
+    #[test]
+    fn truncated_or_bad_magic_input_is_an_error() {
+        let good = sample_bytes();
         for len in 0..good.len() {
-            let _ = KernelBtf::from_bytes(&good[..len]);
+            // Every cut lands inside the type or string section (or the header).
+            assert!(KernelBtf::from_bytes(&good[..len]).is_err(), "len {len}");
         }
         let mut bad = good.clone();
         bad[0] = 0;
-        assert!(KernelBtf::from_bytes(&bad).is_err());
-        for i in 24..good.len() {
-            let mut flipped = good.clone();
-            flipped[i] ^= 0xff;
-            let _ = KernelBtf::from_bytes(&flipped).map(|btf| btf.member_offset("s", "a"));
+        let e = KernelBtf::from_bytes(&bad).err().unwrap().to_string();
+        assert!(e.contains("magic"), "{e}");
+    }
+
+    /// Every query a caller makes, on whatever parsed.
+    fn query_all(btf: &KernelBtf) {
+        for (s, p) in [("sk_buff", "mark"), ("wrap", "s.ns.inum"), ("legacy", "x")] {
+            let _ = btf.member_offset(s, p);
+            let _ = btf.member_size(s, p);
+        }
+        let _ = drop_reason_names(btf);
+        let _ = btf.enum_values("big");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn corrupted_input_never_panics(
+            edits in proptest::collection::vec((0usize..4096, proptest::num::u8::ANY), 1..8),
+        ) {
+            let mut data = sample_bytes();
+            for (at, byte) in edits {
+                let n = data.len();
+                data[at % n] = byte;
+            }
+            if let Ok(btf) = KernelBtf::from_bytes(&data) {
+                query_all(&btf);
+            }
+        }
+
+        #[test]
+        fn random_bytes_never_panic(mut data in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            // Keep the magic half the time so the parser gets past the first check.
+            if data.len() >= 2 && data[0] & 1 == 0 {
+                data[..2].copy_from_slice(&MAGIC.to_le_bytes());
+            }
+            if let Ok(btf) = KernelBtf::from_bytes(&data) {
+                query_all(&btf);
+            }
         }
     }
 
+    /// `sk_buff.mark` on the kernel this module was developed against (cross-checked with
+    /// `bpftool btf dump … format raw`); on any other kernel the test only prints what it found.
+    const CHECKED_KERNEL: (&str, u32) = ("6.18.44-fc-v657", 164);
+
     #[test]
     fn live_kernel_offsets() {
-        let Ok(btf) = KernelBtf::load() else {
-            panic!("/sys/kernel/btf/vmlinux is required (kernel with CONFIG_DEBUG_INFO_BTF)");
-        };
+        let btf = KernelBtf::load()
+            .expect("/sys/kernel/btf/vmlinux is required (kernel with CONFIG_DEBUG_INFO_BTF)");
         let o = offsets(&btf).unwrap();
         println!("{o:#?}");
-        assert_eq!(btf.member_size("sk_buff", "mark").unwrap(), 4);
-        assert_eq!(btf.member_size("sk_buff", "_nfct").unwrap(), 8);
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        if release.trim() == CHECKED_KERNEL.0 {
+            assert_eq!(o.skb_mark, CHECKED_KERNEL.1);
+        }
         assert!(o.skb_mark > 0 && o.skb_mark < 256);
+        // The widths the observers' plain loads assume.
+        for (s, p, size) in [
+            ("sk_buff", "mark", 4),
+            ("sk_buff", "_nfct", 8),
+            ("sk_buff", "protocol", 2),
+            ("sk_buff", "network_header", 2),
+            ("nf_hook_state", "hook", 1),
+            ("nf_hook_state", "pf", 1),
+            ("net_device", "nd_net.net", 8),
+            ("net", "ns.inum", 4),
+        ] {
+            assert_eq!(btf.member_size(s, p).unwrap(), size, "{s}.{p}");
+        }
+        // `possible_net_t` is a typedef of an anonymous struct whose only member is `net`.
+        assert_eq!(btf.member_offset("possible_net_t", "net").unwrap(), 0);
         let reasons = drop_reason_names(&btf).unwrap();
         for r in ["NETFILTER_DROP", "IP_RPFILTER", "XFRM_POLICY", "NO_SOCKET"] {
             assert!(reasons.values().any(|n| n == r), "{r} missing");
         }
+        // The two values outside the SKB_DROP_REASON_ prefix keep their names.
+        for r in ["SKB_CONSUMED", "NOT_SPECIFIED"] {
+            assert!(reasons.values().any(|n| n == r), "{r} missing");
+        }
+        let nf = reasons.iter().find(|(_, n)| *n == "NETFILTER_DROP");
+        println!(
+            "{} drop reasons; NETFILTER_DROP = {:?}",
+            reasons.len(),
+            nf.map(|(v, _)| v)
+        );
         assert!(btf.has_type("bpf_nf_ctx"));
+        assert!(
+            btf.member_offset("sk_buff", "cloned").is_err(),
+            "a bitfield"
+        );
     }
 }
