@@ -108,6 +108,28 @@ pub struct Tuple {
     pub dport: u16,
 }
 
+/// `udp 10.0.0.1:53 -> 10.0.0.2:40000`, `tcp [fd00::1]:80 -> …`, `icmp 10.0.0.1 -> 10.0.0.2`:
+/// the form `--flow` parses. Ports only for protocols that carry them (the kernel side reads
+/// them only for TCP, UDP and SCTP).
+pub fn flow_label(proto: &str, src: &str, sport: u16, dst: &str, dport: u16) -> String {
+    let end = |ip: &str, port: u16| match (has_ports(proto), ip.contains(':')) {
+        (false, _) => ip.to_string(),
+        (true, false) => format!("{ip}:{port}"),
+        (true, true) => format!("[{ip}]:{port}"),
+    };
+    format!("{proto} {} -> {}", end(src, sport), end(dst, dport))
+}
+
+pub fn has_ports(proto: &str) -> bool {
+    matches!(proto, "tcp" | "udp" | "sctp")
+}
+
+impl Tuple {
+    pub fn label(&self) -> String {
+        flow_label(&self.proto, &self.src, self.sport, &self.dst, self.dport)
+    }
+}
+
 pub fn hex(v: u32) -> String {
     format!("{v:#x}")
 }
@@ -161,6 +183,7 @@ fn proto_name(p: u8) -> String {
         1 => "icmp".into(),
         6 => "tcp".into(),
         17 => "udp".into(),
+        0 => "ipv6-hopopt".into(), // MLD and other packets behind a hop-by-hop header
         58 => "icmpv6".into(),
         132 => "sctp".into(),
         n => n.to_string(),

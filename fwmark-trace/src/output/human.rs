@@ -71,10 +71,7 @@ pub fn line(ev: &TraceEvent) -> String {
         }
     }
     if let Some(t) = &ev.tuple {
-        s += &format!(
-            "\n    flow {} {}:{} -> {}:{}",
-            t.proto, t.src, t.sport, t.dst, t.dport
-        );
+        s += &format!("\n    flow {}", t.label());
     }
     s
 }

@@ -10,7 +10,7 @@ use std::{
 use clap::Args;
 use serde::Serialize;
 
-use crate::events::{TraceEvent, Tuple};
+use crate::events::{flow_label, has_ports, TraceEvent, Tuple};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -70,10 +70,7 @@ pub struct Flow {
 
 impl Flow {
     pub fn label(&self) -> String {
-        format!(
-            "{} {}:{} -> {}:{}",
-            self.proto, self.src, self.sport, self.dst, self.dport
-        )
+        flow_label(&self.proto, &self.src, self.sport, &self.dst, self.dport)
     }
 
     pub fn path(&self, dir: Dir) -> impl Iterator<Item = &Step> {
@@ -101,7 +98,7 @@ pub fn hex_value(s: &str) -> u32 {
 /// Which flows to follow (`trace` and `why`); nothing set: all.
 #[derive(Args, Clone, Debug, Default)]
 pub struct FlowSelect {
-    /// One flow: 'PROTO SRC:PORT -> DST:PORT' (either direction matches).
+    /// One flow: 'PROTO SRC:PORT -> DST:PORT' (either direction matches; IPv6 as [ADDR]:PORT; no ports for icmp).
     #[arg(long, value_parser = parse_flow)]
     pub flow: Option<FlowSpec>,
     /// Flows to or from this address.
@@ -127,11 +124,17 @@ pub struct FlowSpec {
 /// `udp 10.0.0.1:40000 -> 10.0.0.2:80` (IPv6 as `[fd00::1]:80`).
 pub fn parse_flow(s: &str) -> Result<FlowSpec, String> {
     let err = || {
-        format!("--flow {s:?}: expected 'PROTO SRC:PORT -> DST:PORT', e.g. 'udp 10.0.0.1:40000 -> 10.0.0.2:53'")
+        format!("--flow {s:?}: expected 'PROTO SRC:PORT -> DST:PORT', e.g. 'udp 10.0.0.1:40000 -> 10.0.0.2:53' (no ports for icmp)")
     };
     let (proto, rest) = s.trim().split_once(' ').ok_or_else(err)?;
+    let proto = proto.to_lowercase();
+    let proto = proto.as_str();
     let (a, b) = rest.split_once("->").ok_or_else(err)?;
     let ep = |e: &str| -> Result<(IpAddr, u16), String> {
+        // Portless protocols are written with bare addresses, as `flow_label` prints them.
+        if !has_ports(proto) {
+            return Ok((e.trim().parse().map_err(|_| err())?, 0));
+        }
         let (ip, port) = e.trim().rsplit_once(':').ok_or_else(err)?;
         let ip = ip.trim_start_matches('[').trim_end_matches(']');
         Ok((
@@ -141,7 +144,7 @@ pub fn parse_flow(s: &str) -> Result<FlowSpec, String> {
     };
     let ((src, sport), (dst, dport)) = (ep(a)?, ep(b)?);
     Ok(FlowSpec {
-        proto: proto.to_lowercase(),
+        proto: proto.to_string(),
         src,
         sport,
         dst,
@@ -283,10 +286,7 @@ impl FlowTracker {
         if !self.flows.contains_key(&k) {
             if let Some(known) = self.by_ct.get(&ev.ct_id).filter(|_| ev.ct_id != 0) {
                 // Same connection, rewritten tuple: NAT.
-                nat = Some(format!(
-                    "{} {}:{} -> {}:{}",
-                    t.proto, t.src, t.sport, t.dst, t.dport
-                ));
+                nat = Some(t.label());
                 k = known.clone();
             }
         }
@@ -405,11 +405,28 @@ mod tests {
         let f = parse_flow("udp 10.0.0.1:40000 -> 10.0.0.2:53").unwrap();
         assert_eq!((f.proto.as_str(), f.sport, f.dport), ("udp", 40000, 53));
         assert!(parse_flow("[fd00::1]:1 -> [fd00::2]:2").is_err());
+        // What the outputs print parses back.
+        for label in [
+            "tcp [fd00::1]:80 -> [fd00::2]:40000",
+            "icmp 10.0.0.1 -> 10.0.0.2",
+            "udp 10.0.0.1:40000 -> 10.0.0.2:53",
+        ] {
+            let f = parse_flow(label).unwrap();
+            let again = flow_label(
+                &f.proto,
+                &f.src.to_string(),
+                f.sport,
+                &f.dst.to_string(),
+                f.dport,
+            );
+            assert_eq!(again, label);
+        }
         assert_eq!(
             parse_flow("tcp [fd00::1]:1 -> [fd00::2]:2").unwrap().dst,
             "fd00::2".parse::<IpAddr>().unwrap()
         );
         assert!(parse_flow("udp 10.0.0.1 -> 10.0.0.2:53").is_err());
+        assert!(parse_flow("icmp 10.0.0.1:1 -> 10.0.0.2").is_err());
         let sel = FlowSelect {
             flow: Some(parse_flow("udp 10.0.0.1:4 -> 10.0.0.2:7").unwrap()),
             ..Default::default()
