@@ -1,5 +1,5 @@
 //! Builds the kernel-side crate (fwmark-trace-ebpf) with the nightly toolchain for
-//! bpfel-unknown-none and drops the object into OUT_DIR, where `src/kernel/loader.rs`
+//! bpfel-unknown-none and drops the object into OUT_DIR, where `src/kernel/observers.rs`
 //! embeds it. `AYA_BUILD_SKIP=1` skips the eBPF build (an empty object is embedded and the
 //! daemon refuses to start), which keeps `cargo check`/unit tests fast for pure-logic work.
 use std::{env, fs, path::PathBuf};

@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::{
     events::hex,
     registry::{lookup, Owner, Registry, Style},
+    rendered::Rendered,
 };
 
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
@@ -373,7 +374,7 @@ fn warnings(
 /// (`Arc`), so events are counted per attribution and grouped only when the summary is made.
 #[derive(Debug, Default)]
 pub struct ClobberCounter {
-    seen: HashMap<*const Attribution, (Arc<Attribution>, u64)>,
+    seen: HashMap<*const Rendered<Attribution>, (Arc<Rendered<Attribution>>, u64)>,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -384,7 +385,7 @@ pub struct ClobberCount {
 }
 
 impl ClobberCounter {
-    pub fn add(&mut self, a: &Arc<Attribution>) {
+    pub fn add(&mut self, a: &Arc<Rendered<Attribution>>) {
         if !a.warnings.is_empty() {
             self.seen
                 .entry(Arc::as_ptr(a))
@@ -588,7 +589,7 @@ mod tests {
     #[test]
     fn counter_sums_per_pair() {
         let chains = ["inet calico/cali-POSTROUTING@-150".to_string()];
-        let a = Arc::new(attribute(
+        let a = Rendered::new(attribute(
             &reg(),
             &Change {
                 old: 0x80000,

@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::{
     attribution::{attribute, Attribution, Change, ClobberCounter},
     registry::Registry,
+    rendered::Rendered,
     tracking::segment::{PointInfo, Segment, Topology},
 };
 
@@ -25,9 +26,9 @@ pub struct TraceEvent {
     pub ts_ns: u64,
     pub packet_id: u64,
     pub kind: &'static str,
-    pub at: Arc<PointInfo>,
+    pub at: Arc<Rendered<PointInfo>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub segment: Option<Arc<Segment>>,
+    pub segment: Option<Arc<Rendered<Segment>>>,
     pub mark: MarkChange,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ct_mark: Option<CtMark>,
@@ -36,7 +37,7 @@ pub struct TraceEvent {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drop_reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub attribution: Option<Arc<Attribution>>,
+    pub attribution: Option<Arc<Rendered<Attribution>>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub route: Option<Route>,
     /// SO_MARK of the packet's socket, when it has one.
@@ -223,12 +224,12 @@ pub struct Decoder {
     /// Packets whose "mark" is `reserved_tailroom` (see `kernel_tailroom`).
     tailroom: HashSet<u64>,
     /// Named points and segments depend only on the points and the topology: built once each.
-    points: HashMap<Point, Arc<PointInfo>>,
-    segments: HashMap<(Point, Point), Arc<Segment>>,
+    points: HashMap<Point, Arc<Rendered<PointInfo>>>,
+    segments: HashMap<(Point, Point), Arc<Rendered<Segment>>>,
     /// Owner registry for attribution (none: events carry no `attribution`).
     pub registry: Option<Registry>,
     /// Attributions depend only on the marks and the segment: computed once each.
-    attributions: HashMap<AttributionKey, Arc<Attribution>>,
+    attributions: HashMap<AttributionKey, Arc<Rendered<Attribution>>>,
     pub clobbers: ClobberCounter,
 }
 
@@ -270,19 +271,19 @@ impl Decoder {
         self.attributions.clear();
     }
 
-    fn point(&mut self, p: &Point) -> Arc<PointInfo> {
+    fn point(&mut self, p: &Point) -> Arc<Rendered<PointInfo>> {
         let topo = &self.topology;
         self.points
             .entry(*p)
-            .or_insert_with(|| Arc::new(topo.point(p)))
+            .or_insert_with(|| Rendered::new(topo.point(p)))
             .clone()
     }
 
-    fn segment(&mut self, prev: &Point, at: &Point) -> Arc<Segment> {
+    fn segment(&mut self, prev: &Point, at: &Point) -> Arc<Rendered<Segment>> {
         let topo = &self.topology;
         self.segments
             .entry((*prev, *at))
-            .or_insert_with(|| Arc::new(topo.segment(prev, at)))
+            .or_insert_with(|| Rendered::new(topo.segment(prev, at)))
             .clone()
     }
 
@@ -314,10 +315,13 @@ impl Decoder {
         let mut segment = (ev.kind == kind::TRANSITION || (ev.kind == kind::DROP && changed))
             .then(|| self.segment(&ev.prev, &ev.at));
         if segment.is_some() && self.kernel_tailroom(ev) {
-            let mut seg = (*segment.take().unwrap_or_default()).clone();
+            let mut seg = segment
+                .as_deref()
+                .map(|s| (**s).clone())
+                .unwrap_or_default();
             seg.layer = "kernel";
             seg.description = "kernel: ICMPv6 ND/MLD packet; skb->reserved_tailroom shares storage with skb->mark".into();
-            segment = Some(Arc::new(seg));
+            segment = Some(Rendered::new(seg));
         }
         let ct_mark = (ev.ct_flags & CT_NOW != 0).then(|| CtMark {
             old: hex(ev.old_ct_mark),
@@ -342,7 +346,7 @@ impl Decoder {
                         chains: &seg.chains,
                         socket: seg.layer == "socket",
                     };
-                    Arc::new(attribute(reg, &change))
+                    Rendered::new(attribute(reg, &change))
                 });
                 self.clobbers.add(a);
                 Some(a.clone())

@@ -17,6 +17,7 @@ pub mod nodestate;
 pub mod output;
 pub mod pipeline_bench;
 pub mod registry;
+pub mod rendered;
 pub mod soak;
 pub mod trace;
 pub mod tracking;
