@@ -44,6 +44,11 @@ fn sysctl(ns: &str, kv: &[(&str, &str)]) {
 /// Runs `why --json` in A while the client talks to the echo server; returns (report for the
 /// flow, whether the client got a reply).
 fn why(lab: &Lab, extra: &[&str]) -> (Value, bool) {
+    why_then(lab, extra, || {})
+}
+
+/// `why`, with `after` run once the client is done, while `why` still watches.
+fn why_then(lab: &Lab, extra: &[&str], after: impl FnOnce()) -> (Value, bool) {
     why_at(
         lab,
         &["--port", "7"],
@@ -51,6 +56,7 @@ fn why(lab: &Lab, extra: &[&str]) -> (Value, bool) {
         (lab::SERVICE, 7),
         extra,
         "udp 10.77.0.1:",
+        after,
     )
 }
 
@@ -63,6 +69,7 @@ fn why_at(
     target: (&str, u16),
     extra: &[&str],
     flow: &str,
+    after: impl FnOnce(),
 ) -> (Value, bool) {
     require_root();
     let stop = Arc::new(AtomicBool::new(false));
@@ -98,6 +105,7 @@ fn why_at(
         }
     }
     let replied = lab::echo_client(&lab.a, target.0, target.1, 0x4000).expect("client");
+    after();
     let out = child.wait_with_output().unwrap();
     stop.store(true, Ordering::Relaxed);
     server.join().unwrap().expect("echo server");
@@ -156,6 +164,42 @@ fn cause1_policy_routed_request_unmarked_reply_fails_rp_filter() {
             .iter()
             .any(|s| s["table"] == 100 && s["route_result"] == "ok"),
         "{r:#}"
+    );
+}
+
+/// The operator fixes rp_filter while `why` still watches: the verdict must still explain the
+/// drop with the state in force when the reply died, and say that the state changed later.
+#[test]
+fn verdict_uses_the_state_in_force_when_the_reply_died() {
+    let lab = two_path("why-chg");
+    let strict = [
+        ("all.rp_filter", "1"),
+        ("a2.rp_filter", "1"),
+        ("all.src_valid_mark", "0"),
+    ];
+    sysctl(&lab.a, &strict);
+    let (r, replied) = why_then(&lab, &[], || {
+        sysctl(&lab.a, &[("all.rp_filter", "0"), ("a2.rp_filter", "0")]);
+    });
+    assert!(!replied, "the reply should die");
+    assert_eq!(r["verdict"], "rp-filter", "{r:#}");
+    // The values in force at the drop, not the fixed ones read at the end.
+    let summary = r["summary"].as_str().unwrap();
+    assert!(
+        summary.contains("rp_filter=1, src_valid_mark=0"),
+        "{summary}"
+    );
+    let evidence: Vec<&str> = r["evidence"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        evidence.iter().any(|e| e.contains("node state changed")
+            && e.contains("sysctls")
+            && e.contains("after the flow's last packet")),
+        "{evidence:#?}"
     );
 }
 
@@ -300,6 +344,7 @@ fn flows_are_followed_across_nat() {
         ("10.66.6.6", 9950),
         &[],
         "udp 10.77.0.1:",
+        || {},
     );
     assert!(replied, "the NAT'ed reply should arrive");
     assert_eq!(r["verdict"], "delivered", "{r:#}");

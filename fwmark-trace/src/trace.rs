@@ -218,6 +218,7 @@ async fn stream(
             }
             _ = tick.tick() => {
                 obs.flush_log();
+                out.tick()?;
                 let lost = obs.lost();
                 if lost > lost_seen {
                     let now = events::rfc3339(SystemTime::now());

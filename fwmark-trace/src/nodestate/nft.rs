@@ -140,13 +140,30 @@ pub fn parse_mark_rules(ruleset: &str) -> Vec<MarkRule> {
             ["chain", name, ..] => chain = name.to_string(),
             _ if line.contains("mark") && !line.starts_with("type ") => out.push(MarkRule {
                 chain: format!("{table}/{chain}"),
-                rule: line.to_owned(),
+                rule: without_counts(&words),
                 writes: line.contains("mark set"),
             }),
             _ => {}
         }
     }
     out
+}
+
+/// A rule's words without its counter's values (`counter packets 3 bytes 180` → `counter`):
+/// they change with every packet, the rule does not.
+fn without_counts(words: &[&str]) -> String {
+    let mut out: Vec<&str> = Vec::with_capacity(words.len());
+    let mut i = 0;
+    while i < words.len() {
+        out.push(words[i]);
+        i += 1;
+        if words[i - 1] == "counter" {
+            while i + 1 < words.len() && matches!(words[i], "packets" | "bytes") {
+                i += 2;
+            }
+        }
+    }
+    out.join(" ")
 }
 
 pub fn read_mark_rules() -> Result<Vec<MarkRule>> {
@@ -324,6 +341,13 @@ mod tests {
         assert_eq!(rules[0].chain, "inet fw/out");
         assert!(rules[0].writes && !rules[1].writes);
         assert_eq!(rules[1].chain, "ip filter/INPUT");
+        // Counter values are not part of the rule (they change with every packet).
+        assert_eq!(
+            rules[1].rule,
+            "meta mark & 0x00008000 == 0x00008000 counter drop"
+        );
+        let busier = text.replace("packets 0 bytes 0", "packets 7 bytes 420");
+        assert_eq!(parse_mark_rules(&busier), rules);
     }
 
     #[test]

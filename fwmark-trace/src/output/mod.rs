@@ -46,6 +46,10 @@ pub trait Sink {
     fn stats(&mut self, rec: &StatsRecord) -> Result<()>;
     fn summary(&mut self, summary: &summary::Summary) -> Result<()>;
     fn flush(&mut self) -> Result<()>;
+    /// Called once a second while tracing (inside the traced namespace).
+    fn tick(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A periodic health record (`--stats`): the metrics output.

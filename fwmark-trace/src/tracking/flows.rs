@@ -23,6 +23,9 @@ pub enum Dir {
 #[derive(Clone, Debug, Serialize)]
 pub struct Step {
     pub time: String,
+    /// Kernel monotonic time, to find the node state in effect at this step.
+    #[serde(skip)]
+    pub ts_ns: u64,
     pub dir: Dir,
     pub packet_id: u64,
     pub kind: &'static str,
@@ -245,6 +248,7 @@ impl FlowTracker {
         };
         Step {
             time: ev.time.clone(),
+            ts_ns: ev.ts_ns,
             dir,
             packet_id: ev.packet_id,
             kind: ev.kind,

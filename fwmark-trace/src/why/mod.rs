@@ -11,9 +11,9 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::{
-    events::TraceEvent,
+    events::{self, TraceEvent},
     kernel::tcx,
-    nodestate::{nft, NodeState},
+    nodestate::{nft, History, NodeState, Snapshot},
     output::{summary::Summary, LostRecord, Sink, StatsRecord},
     registry::{Registry, RegistryArgs},
     trace::{self, TraceArgs},
@@ -48,6 +48,24 @@ pub struct WhyArgs {
 struct Collector<'a> {
     args: &'a WhyArgs,
     flows: FlowTracker,
+    /// Node state read every second: verdicts use what was in force when the reply died.
+    node: History,
+}
+
+impl Collector<'_> {
+    /// Reads the node state of the calling thread's namespace into the history.
+    fn read_node(&mut self) {
+        let time = events::rfc3339(std::time::SystemTime::now());
+        if self
+            .node
+            .observe(events::monotonic_ns(), time, NodeState::read())
+        {
+            if let Some(change) = self.node.changes().last() {
+                let what = change.changed.join(", ");
+                eprintln!("fwmark-trace: node state changed: {what}");
+            }
+        }
+    }
 }
 
 impl Sink for Collector<'_> {
@@ -76,6 +94,10 @@ impl Sink for Collector<'_> {
     fn flush(&mut self) -> Result<()> {
         Ok(())
     }
+    fn tick(&mut self) -> Result<()> {
+        self.read_node();
+        Ok(())
+    }
 }
 
 #[derive(Serialize)]
@@ -83,7 +105,11 @@ struct Document<'a> {
     flows: Vec<verdict::Report>,
     flows_seen: usize,
     flows_evicted: u64,
+    /// The state at the end of the watch.
     node: &'a NodeState,
+    /// Changes to it while watching (each verdict used the state in force at its flow's end).
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    node_changes: &'a [Snapshot],
 }
 
 pub fn run(args: &WhyArgs) -> Result<bool> {
@@ -107,6 +133,7 @@ pub fn run_with(args: &WhyArgs, on_ready: impl FnOnce()) -> Result<bool> {
     let mut collector = Collector {
         args,
         flows: FlowTracker::new(4096, 512),
+        node: History::default(),
     };
     let tracer = std::cell::RefCell::new(None);
     trace::run_into(&targs, &mut collector, || {
@@ -123,8 +150,11 @@ pub fn run_with(args: &WhyArgs, on_ready: impl FnOnce()) -> Result<bool> {
         .into_inner()
         .map(nftrace::NfTrace::finish)
         .unwrap_or_default();
-    // Still inside the traced namespace: read its state now.
-    let state = NodeState::read();
+    // Still inside the traced namespace: read its state once more.
+    collector.read_node();
+    let history = &collector.node;
+    let end_ns = events::monotonic_ns();
+    let empty = NodeState::default();
     let chains: Vec<nft::Chain> = nft::read_chains()
         .unwrap_or_default()
         .into_iter()
@@ -133,17 +163,32 @@ pub fn run_with(args: &WhyArgs, on_ready: impl FnOnce()) -> Result<bool> {
     let registry = Registry::load(&args.registry)?;
     let names: Vec<(u32, String)> = tcx::list_interfaces().unwrap_or_default();
     let ifname = |i: u32| names.iter().find(|(x, _)| *x == i).map(|(_, n)| n.clone());
-    let cx = verdict::Context {
-        state: &state,
-        chains: &chains,
-        registry: &registry,
-        ifname: &ifname,
-        nft_drops: &nft_drops,
-    };
     let all: Vec<verdict::Report> = collector
         .flows
         .flows()
-        .map(|f| verdict::judge(f, &cx))
+        .map(|f| {
+            // The flow's last packet is where its fate was decided.
+            let (first, last) = (f.steps.first(), f.steps.last());
+            let decided = last.map_or(end_ns, |s| s.ts_ns);
+            let cx = verdict::Context {
+                state: history.at(decided).unwrap_or(&empty),
+                chains: &chains,
+                registry: &registry,
+                ifname: &ifname,
+                nft_drops: &nft_drops,
+            };
+            let mut report = verdict::judge(f, &cx);
+            let start = first.map_or(0, |s| s.ts_ns);
+            for c in history.changes_between(start, end_ns) {
+                let when = if c.since_ns <= decided { "before" } else { "after" };
+                report.evidence.push(format!(
+                    "node state changed at {} ({}), {when} the flow's last packet; the verdict uses the state in force then",
+                    c.time,
+                    c.changed.join(", ")
+                ));
+            }
+            report
+        })
         .collect();
     let seen = all.len();
     let reports: Vec<verdict::Report> = all
@@ -156,7 +201,8 @@ pub fn run_with(args: &WhyArgs, on_ready: impl FnOnce()) -> Result<bool> {
             flows: reports,
             flows_seen: seen,
             flows_evicted: collector.flows.evicted,
-            node: &state,
+            node: history.latest().unwrap_or(&empty),
+            node_changes: history.changes(),
         };
         println!(
             "{}",

@@ -390,6 +390,7 @@ mod tests {
     ) -> Step {
         Step {
             time: String::new(),
+            ts_ns: 0,
             dir,
             packet_id: 1,
             kind,
