@@ -271,8 +271,16 @@ fn run_bad(args: &[&str]) -> (i32, String) {
 fn bad_input_gets_one_clear_error_and_nothing_attached() {
     require_root();
     let lab = Lab::new("bad").expect("lab");
-    let cases: [(&[&str], &str); 4] = [
+    // A port already taken on loopback, for the metrics endpoint.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = busy.local_addr().unwrap().to_string();
+    let cases: [(&[&str], &str); 6] = [
         (&["trace", "--mark", "zz"], "not a 32-bit number"),
+        (
+            &["trace", "--metrics", "localhost"],
+            "invalid socket address",
+        ),
+        (&["trace", "--metrics", &busy], "cannot listen"),
         (&["trace", "--netns", "fwmt-no-such-netns"], "not found"),
         (
             &["trace", "--netns", &lab.a, "--iface", "nosuch0"],
@@ -495,4 +503,91 @@ fn chains_added_during_the_run_get_their_band() {
         "{e}"
     );
     assert_eq!(e["segment"]["priority_range"][1], 51);
+}
+
+/// Scrapes the `--metrics` endpoint once (HTTP/1.0 GET over loopback) and returns the body.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    c.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+/// The value of one sample line (`name{labels} value`), 0 when absent.
+fn sample(body: &str, series: &str) -> u64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn metrics_endpoint_serves_the_run_counters() {
+    let lab = lab_with_rules("metrics");
+    // Port 0: the kernel picks a free one, and the daemon says which.
+    let d = Daemon::start(&["--netns", &lab.a, "--metrics", "127.0.0.1:0"]);
+    let addr = d
+        .stderr_lines
+        .iter()
+        .find_map(|l| {
+            l.split("metrics at http://")
+                .nth(1)?
+                .strip_suffix("/metrics")
+        })
+        .map(str::to_owned)
+        .expect("the daemon prints its metrics address");
+    let before = scrape(&addr);
+    assert!(
+        before.contains("# TYPE fwmark_trace_events_total counter"),
+        "{before}"
+    );
+    send_udp(&lab.a, lab::ADDR_B, 9999, 3, None); // 0x0 → 0x100 → 0x4100
+    send_udp(&lab.a, lab::ADDR_B, 9998, 2, None); // 0x8000, then dropped
+                                                  // The consumer drains every 50 ms; allow it a few rounds.
+    let mut body = String::new();
+    for _ in 0..20 {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        body = scrape(&addr);
+        if sample(&body, "fwmark_trace_drops_total{reason=\"NETFILTER_DROP\"}") >= 2 {
+            break;
+        }
+    }
+    assert!(
+        sample(&body, "fwmark_trace_events_total{kind=\"transition\"}") >= 6,
+        "{body}"
+    );
+    assert!(
+        sample(&body, "fwmark_trace_drops_total{reason=\"NETFILTER_DROP\"}") >= 2,
+        "{body}"
+    );
+    // 0x4000 is kube-proxy's masquerade bit in the built-in registry; 0x8000 its legacy drop bit.
+    assert!(
+        sample(
+            &body,
+            "fwmark_trace_owner_transitions_total{owner=\"kube-proxy@current\"}"
+        ) >= 3,
+        "{body}"
+    );
+    assert_eq!(sample(&body, "fwmark_trace_lost_events_total"), 0, "{body}");
+    assert!(sample(&body, "fwmark_trace_interfaces") >= 1, "{body}");
+    // The end-of-run summary carries the same counters.
+    let events = d.stop();
+    let summary = events
+        .iter()
+        .find(|e| e["kind"] == "summary")
+        .expect("summary");
+    assert!(
+        summary["drops"]["NETFILTER_DROP"].as_u64().unwrap_or(0) >= 2,
+        "{summary}"
+    );
+    assert!(
+        summary["owners"]["kube-proxy@current"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 3,
+        "{summary}"
+    );
 }

@@ -370,11 +370,36 @@ fn warnings(
     out
 }
 
-/// Counts warnings per (kind, owners) for the end-of-run summary. Attributions are shared
-/// (`Arc`), so events are counted per attribution and grouped only when the summary is made.
+/// Counts attributed transitions for the summary and the metrics: per owner, and warnings per
+/// (kind, owners). Attributions are shared (`Arc`), so events are counted per attribution (a
+/// pointer hash per event) and grouped into the totals when the decoder drops its cache.
 #[derive(Debug, Default)]
-pub struct ClobberCounter {
+pub struct AttributionCounts {
     seen: HashMap<*const Rendered<Attribution>, (Arc<Rendered<Attribution>>, u64)>,
+    totals: Totals,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Totals {
+    owners: BTreeMap<String, u64>,
+    clobbers: BTreeMap<(&'static str, String), u64>,
+}
+
+impl Totals {
+    fn add(&mut self, a: &Attribution, n: u64) {
+        let mut names: Vec<&str> = a.owners.iter().map(|o| o.owner.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        for name in names {
+            *self.owners.entry(name.to_string()).or_default() += n;
+        }
+        for w in &a.warnings {
+            *self
+                .clobbers
+                .entry((w.kind, w.owners.join(" × ")))
+                .or_default() += n;
+        }
+    }
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -384,24 +409,38 @@ pub struct ClobberCount {
     pub count: u64,
 }
 
-impl ClobberCounter {
+impl AttributionCounts {
     pub fn add(&mut self, a: &Arc<Rendered<Attribution>>) {
-        if !a.warnings.is_empty() {
-            self.seen
-                .entry(Arc::as_ptr(a))
-                .or_insert_with(|| (a.clone(), 0))
-                .1 += 1;
+        self.seen
+            .entry(Arc::as_ptr(a))
+            .or_insert_with(|| (a.clone(), 0))
+            .1 += 1;
+    }
+
+    /// Moves the per-attribution counts into the totals (the decoder's cache is being dropped,
+    /// so these attributions will not be seen again; this keeps memory bounded).
+    pub fn fold(&mut self) {
+        for (a, n) in std::mem::take(&mut self.seen).into_values() {
+            self.totals.add(&a, n);
         }
     }
 
-    pub fn summary(&self) -> Vec<ClobberCount> {
-        let mut counts: BTreeMap<(&'static str, String), u64> = BTreeMap::new();
+    fn totals(&self) -> Totals {
+        let mut t = self.totals.clone();
         for (a, n) in self.seen.values() {
-            for w in &a.warnings {
-                *counts.entry((w.kind, w.owners.join(" × "))).or_default() += n;
-            }
+            t.add(a, *n);
         }
-        counts
+        t
+    }
+
+    /// Transitions that changed each owner's bits (an owner counted once per transition).
+    pub fn owners(&self) -> BTreeMap<String, u64> {
+        self.totals().owners
+    }
+
+    pub fn clobbers(&self) -> Vec<ClobberCount> {
+        self.totals()
+            .clobbers
             .into_iter()
             .map(|((kind, owners), count)| ClobberCount {
                 kind,
@@ -598,11 +637,14 @@ mod tests {
                 ..Default::default()
             },
         ));
-        let mut c = ClobberCounter::default();
+        let mut c = AttributionCounts::default();
         c.add(&a);
+        c.fold();
         c.add(&a);
+        assert_eq!(c.owners().get("tailscale"), Some(&2));
+        assert_eq!(c.owners().get("calico"), Some(&2));
         assert_eq!(
-            c.summary(),
+            c.clobbers(),
             vec![ClobberCount {
                 kind: "clobber",
                 owners: "calico × tailscale".into(),

@@ -12,7 +12,7 @@ use fwmark_trace_common::{kind, layer, Event, Point, CT_BEFORE, CT_NOW, SK_FULL}
 use serde::Serialize;
 
 use crate::{
-    attribution::{attribute, Attribution, Change, ClobberCounter},
+    attribution::{attribute, Attribution, AttributionCounts, Change},
     registry::Registry,
     rendered::Rendered,
     tracking::segment::{PointInfo, Segment, Topology},
@@ -230,7 +230,7 @@ pub struct Decoder {
     pub registry: Option<Registry>,
     /// Attributions depend only on the marks and the segment: computed once each.
     attributions: HashMap<AttributionKey, Arc<Rendered<Attribution>>>,
-    pub clobbers: ClobberCounter,
+    pub counts: AttributionCounts,
 }
 
 pub fn monotonic_ns() -> u64 {
@@ -259,7 +259,7 @@ impl Decoder {
             segments: HashMap::new(),
             registry: None,
             attributions: HashMap::new(),
-            clobbers: ClobberCounter::default(),
+            counts: AttributionCounts::default(),
         }
     }
 
@@ -269,6 +269,7 @@ impl Decoder {
         self.points.clear();
         self.segments.clear();
         self.attributions.clear();
+        self.counts.fold();
     }
 
     fn point(&mut self, p: &Point) -> Arc<Rendered<PointInfo>> {
@@ -337,6 +338,7 @@ impl Decoder {
                 let key = (ev.old_mark, ev.new_mark, ct, Arc::as_ptr(seg) as usize);
                 if self.attributions.len() > 65536 {
                     self.attributions.clear();
+                    self.counts.fold();
                 }
                 let a = self.attributions.entry(key).or_insert_with(|| {
                     let change = Change {
@@ -348,7 +350,7 @@ impl Decoder {
                     };
                     Rendered::new(attribute(reg, &change))
                 });
-                self.clobbers.add(a);
+                self.counts.add(a);
                 Some(a.clone())
             }
             _ => None,

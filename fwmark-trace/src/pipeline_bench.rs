@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::{
     events::Decoder,
     nodestate::nft::{self, Chain, NfPlan},
-    output::{Format, Output},
+    output::{summary::Summary, Format, Output},
     registry::Registry,
     tracking::segment::Topology,
 };
@@ -118,10 +118,13 @@ pub fn run(args: &BenchPipelineArgs) -> Result<PipelineResult> {
     decoder.registry = Some(Registry::builtin()?);
     let mut out = Output::to_writer(Format::Json, Box::new(io::BufWriter::new(io::sink())));
     let raw: Vec<Event> = (0..4096).map(synthetic).collect();
+    let mut summary = Summary::new();
     let start = Instant::now();
     for i in 0..args.events {
+        // What the ring buffer consumer does with each record (`trace::drain`).
         let ev = decoder.decode(&raw[(i % 4096) as usize]);
         out.event(&ev)?;
+        summary.count(&ev);
     }
     out.flush()?;
     let seconds = start.elapsed().max(Duration::from_nanos(1)).as_secs_f64();

@@ -3,6 +3,7 @@
 //! summary. Every attachment is owned by a file descriptor of this process, so nothing stays
 //! attached after exit, whatever the exit.
 use std::{
+    net::SocketAddr,
     path::PathBuf,
     time::{Duration, Instant, SystemTime},
 };
@@ -18,7 +19,11 @@ use crate::{
     kernel::features::Feature,
     kernel::observers::{Observers, Options},
     netns,
-    output::{summary::Summary, Format, LostRecord, Output, Sink, StatsRecord},
+    output::{
+        metrics::{self, Gauges},
+        summary::Summary,
+        Format, LostRecord, Output, Sink, StatsRecord,
+    },
     registry::{Registry, RegistryArgs},
     tracking::{flows::FlowSelect, segment::Topology},
 };
@@ -59,6 +64,10 @@ pub struct TraceArgs {
     /// Every SECS seconds, write a `stats` record (RSS, events, lost, tracked packets).
     #[arg(long, value_name = "SECS")]
     pub stats: Option<u64>,
+    /// Serve the run's counters (events, drops by reason, transitions by owner, clobbers,
+    /// lost) in the Prometheus text format at http://ADDR/metrics, e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
     /// Fail instead of degrading when this kernel feature is unavailable (repeatable).
     #[arg(long, value_enum, value_name = "FEATURE")]
     pub require: Vec<Feature>,
@@ -110,6 +119,8 @@ pub fn run_into(args: &TraceArgs, sink: &mut dyn Sink, on_ready: impl FnOnce()) 
     // Bad registry files or owner names fail before anything is attached.
     let registry = Registry::load(&args.registry)?;
     require_root("fwmark-trace trace")?;
+    // In the node's namespace, before entering a traced one.
+    let endpoint = args.metrics.map(metrics::bind).transpose()?;
     let netns = match &args.netns {
         Some(spec) => netns::enter(spec)?,
         None => 0,
@@ -135,13 +146,19 @@ pub fn run_into(args: &TraceArgs, sink: &mut dyn Sink, on_ready: impl FnOnce()) 
         );
     }
     let attached = obs.report.iter().filter(|s| s.ok).count();
+    if let Some(l) = &endpoint {
+        eprintln!(
+            "fwmark-trace: metrics at http://{}/metrics",
+            l.local_addr()?
+        );
+    }
     eprintln!("fwmark-trace: tracing ({attached} observation groups attached, netns {own_netns}); Ctrl-C to stop");
 
     on_ready();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let summary = rt.block_on(stream(&mut obs, sink, args, own_netns, registry))?;
+    let summary = rt.block_on(stream(&mut obs, sink, args, own_netns, registry, endpoint))?;
     eprintln!("fwmark-trace: {summary}");
     Ok(summary)
 }
@@ -181,7 +198,11 @@ async fn stream(
     args: &TraceArgs,
     own_netns: u32,
     registry: Registry,
+    endpoint: Option<std::net::TcpListener>,
 ) -> Result<Summary> {
+    let endpoint = endpoint
+        .map(tokio::net::TcpListener::from_std)
+        .transpose()?;
     let started = Instant::now();
     let mut decoder = Decoder::new(topology(obs, own_netns), obs.drop_reasons.clone());
     decoder.registry = Some(registry);
@@ -260,6 +281,18 @@ async fn stream(
                     }
                 }
             }
+            conn = metrics::accept(endpoint.as_ref()) => {
+                if let Ok(conn) = conn {
+                    summary.lost = obs.lost();
+                    summary.attributions(&decoder.counts);
+                    let gauges = Gauges {
+                        tracked_packets: obs.tracked_packets(),
+                        interfaces: obs.tc.as_ref().map_or(0, |t| t.interfaces.len()),
+                        rss_kb: rss_kb(),
+                    };
+                    metrics::respond(conn, metrics::render(&summary, &gauges));
+                }
+            }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = &mut deadline => break,
@@ -275,7 +308,7 @@ async fn stream(
         &args.select,
     )?;
     summary.lost = obs.lost();
-    summary.clobbers = decoder.clobbers.summary();
+    summary.attributions(&decoder.counts);
     summary.duration_s = started.elapsed().as_secs_f64();
     if args.json {
         out.summary(&summary)?;
@@ -327,7 +360,7 @@ fn drain(
             }
         }
         out.event(&ev)?;
-        summary.count(ev.kind);
+        summary.count(&ev);
     }
     Ok(true)
 }

@@ -1,6 +1,8 @@
 //! Outputs, written once over the typed events: a readable line per event (default) or one
-//! JSON object per line (`--json`), to stdout or a file, plus the end-of-run summary.
+//! JSON object per line (`--json`), to stdout or a file, plus the run's counters (end-of-run
+//! summary, `--metrics` endpoint).
 mod human;
+pub mod metrics;
 pub mod summary;
 
 use std::{

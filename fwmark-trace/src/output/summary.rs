@@ -1,9 +1,13 @@
-//! The end-of-run summary: events by kind, lost events, how long the run lasted.
+//! The run's counters: events by kind, drops by reason, transitions per owner, clobbers per
+//! owner pair, lost events. Written at the end of a run and served live as metrics.
 use std::{collections::BTreeMap, fmt};
 
 use serde::Serialize;
 
-use crate::attribution::ClobberCount;
+use crate::{
+    attribution::{AttributionCounts, ClobberCount},
+    events::TraceEvent,
+};
 
 #[derive(Debug, Default, Serialize)]
 pub struct Summary {
@@ -12,6 +16,12 @@ pub struct Summary {
     pub events: BTreeMap<&'static str, u64>,
     pub total_events: u64,
     pub lost: u64,
+    /// Drops by the kernel's reason.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub drops: BTreeMap<String, u64>,
+    /// Transitions that changed each owner's bits.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub owners: BTreeMap<String, u64>,
     /// Clobber/conflict warnings per owner pair.
     pub clobbers: Vec<ClobberCount>,
 }
@@ -24,9 +34,23 @@ impl Summary {
         }
     }
 
-    pub fn count(&mut self, kind: &'static str) {
-        *self.events.entry(kind).or_default() += 1;
+    pub fn count(&mut self, ev: &TraceEvent) {
+        *self.events.entry(ev.kind).or_default() += 1;
         self.total_events += 1;
+        if let Some(reason) = &ev.drop_reason {
+            match self.drops.get_mut(reason) {
+                Some(n) => *n += 1,
+                None => {
+                    self.drops.insert(reason.clone(), 1);
+                }
+            }
+        }
+    }
+
+    /// Takes the attribution counters (kept by the decoder, per shared attribution).
+    pub fn attributions(&mut self, counts: &AttributionCounts) {
+        self.owners = counts.owners();
+        self.clobbers = counts.clobbers();
     }
 }
 
@@ -41,6 +65,18 @@ impl fmt::Display for Summary {
             write!(f, ", {k} {n}")?;
         }
         write!(f, "; lost {}", self.lost)?;
+        let list = |m: &BTreeMap<String, u64>| {
+            m.iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if !self.drops.is_empty() {
+            write!(f, "\n  drops by reason: {}", list(&self.drops))?;
+        }
+        if !self.owners.is_empty() {
+            write!(f, "\n  transitions by owner: {}", list(&self.owners))?;
+        }
         for c in &self.clobbers {
             write!(f, "\n  {} {}: {}", c.kind, c.owners, c.count)?;
         }
