@@ -131,13 +131,23 @@ pub const CT_BEFORE: u8 = 2;
 pub struct PacketState {
     pub packet_id: u64,
     /// `skb->head` when the state was created: a recycled `sk_buff` with another buffer is
-    /// treated as a new packet instead of a transition.
+    /// treated as a new packet instead of a transition. 0 (`DEAD`) once the packet's life ended.
     pub head: u64,
     pub last: Point,
     pub mark: u32,
     pub ct_mark: u32,
     pub ct_attached: u8,
     pub _pad: [u8; 3],
+}
+
+impl PacketState {
+    /// `head` of an entry whose packet was freed: the entry stays in the map as a tombstone
+    /// that the next packet at the same `sk_buff` address overwrites in place.
+    pub const DEAD: u64 = 0;
+
+    pub fn live(&self) -> bool {
+        self.head != Self::DEAD
+    }
 }
 
 /// Kernel struct field offsets, read from /sys/kernel/btf/vmlinux at start-up.

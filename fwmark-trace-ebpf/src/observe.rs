@@ -3,14 +3,9 @@
 //! and emit a transition, a drop, or (in full-path mode) every observation.
 use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns};
 use aya_log_ebpf::debug;
-use fwmark_trace_common::{
-    kind, layer, Config, Event, PacketState, Point, CT_BEFORE, CT_NOW, OFFSET_MISSING,
-};
+use fwmark_trace_common::{kind, layer, Config, Event, PacketState, Point, CT_BEFORE, CT_NOW};
 
-use crate::{
-    skb::{self, read},
-    CONFIG, EVENTS, IFACES, LOST, PACKETS, SEQ,
-};
+use crate::{skb, CONFIG, EVENTS, IFACES, LOST, PACKETS, SEQ};
 
 /// What the observer knows besides the skb pointer.
 pub struct Site {
@@ -72,8 +67,12 @@ pub fn observe<const BTF: bool>(skb: u64, site: &Site) {
     let mut at = site.at;
     // Cheap exits first (this runs for every packet at every observer): a packet we do not
     // follow ends without work, and one first seen outside the traced namespace is not ours.
-    // One lookup serves the early exit and the update below.
-    let state = PACKETS.get_ptr_mut(skb);
+    // One lookup serves the early exit and the update below. Entries are not deleted when a
+    // packet ends: they become tombstones that the next packet at the same address (the slab
+    // hands addresses out again at once) overwrites in place, so most packets cost no map
+    // insert or delete, only lookups.
+    let slot = PACKETS.get_ptr_mut(skb);
+    let state = slot.filter(|s| unsafe { (**s).live() });
     if state.is_none() {
         let foreign = cfg.netns != 0 && at.netns != 0 && at.netns != cfg.netns;
         if foreign || matches!(site.end, Some(End::Consume)) {
@@ -137,7 +136,7 @@ pub fn observe<const BTF: bool>(skb: u64, site: &Site) {
             true
         }
         Some(_) => {
-            let emit = first_sight(skb, site, &mut ev, head, cfg);
+            let emit = first_sight::<BTF>(skb, slot, site, &mut ev, head, cfg);
             // Scalars only: the verifier refuses formatting kernel pointers.
             debug!(
                 &(),
@@ -148,16 +147,16 @@ pub fn observe<const BTF: bool>(skb: u64, site: &Site) {
             );
             emit
         }
-        None => first_sight(skb, site, &mut ev, head, cfg),
+        None => first_sight::<BTF>(skb, slot, site, &mut ev, head, cfg),
     };
-    if site.end.is_some() {
-        let _ = PACKETS.remove(skb);
+    if let (Some(_), Some(slot)) = (&site.end, slot) {
+        unsafe { (*slot).head = PacketState::DEAD };
     }
     if !report || !wanted(cfg, &ev) {
         return;
     }
-    skb::fill_tuple(&mut ev, skb, off, site.l3_at_data);
-    skb::fill_socket(&mut ev, skb, off);
+    skb::fill_tuple::<BTF>(&mut ev, skb, head, off, site.l3_at_data);
+    skb::fill_socket::<BTF>(&mut ev, skb, off);
     emit(ev);
 }
 
@@ -187,10 +186,18 @@ pub fn emit(mut ev: Event) {
     }
 }
 
-/// A packet not seen before (or a recycled `sk_buff`): start its state. A non-zero mark at first
-/// sight is reported as a transition from 0, attributed to the socket when it equals `sk_mark`.
+/// A packet not seen before (or a recycled `sk_buff`): start its state, in place over a
+/// tombstone (`slot`) when there is one. A non-zero mark at first sight is reported as a
+/// transition from 0, attributed to the socket when it equals `sk_mark`.
 #[inline(always)]
-fn first_sight(skb: u64, site: &Site, ev: &mut Event, head: u64, cfg: &Config) -> bool {
+fn first_sight<const BTF: bool>(
+    skb: u64,
+    slot: Option<*mut PacketState>,
+    site: &Site,
+    ev: &mut Event,
+    head: u64,
+    cfg: &Config,
+) -> bool {
     let off = &cfg.offsets;
     ev.packet_id = next_packet_id();
     if let Some(End::Drop(reason)) = site.end {
@@ -212,7 +219,12 @@ fn first_sight(skb: u64, site: &Site, ev: &mut Event, head: u64, cfg: &Config) -
         ct_attached: ev.ct_flags & CT_NOW,
         _pad: [0; 3],
     };
-    let _ = PACKETS.insert(skb, state, 0);
+    match slot {
+        Some(slot) => unsafe { *slot = state },
+        None => {
+            let _ = PACKETS.insert(skb, state, 0);
+        }
+    }
     ev.old_mark = 0;
     ev.old_ct_mark = ev.new_ct_mark;
     if ev.new_mark == 0 {
@@ -220,11 +232,7 @@ fn first_sight(skb: u64, site: &Site, ev: &mut Event, head: u64, cfg: &Config) -
         return cfg.full_path != 0;
     }
     ev.kind = kind::TRANSITION;
-    let sk: u64 = read(skb, off.skb_sk);
-    if sk != 0
-        && off.sock_sk_mark != OFFSET_MISSING
-        && read::<u32>(sk, off.sock_sk_mark) == ev.new_mark
-    {
+    if skb::socket_mark::<BTF>(skb, off) == Some(ev.new_mark) {
         ev.prev = Point {
             layer: layer::SOCKET,
             ..site.at

@@ -74,16 +74,24 @@ pub fn conntrack<const BTF: bool>(skb: u64, off: &Offsets) -> Ct {
 const TCP_TIME_WAIT: u8 = 6;
 const TCP_NEW_SYN_RECV: u8 = 12;
 
+/// The packet's socket's SO_MARK, when it has a full socket (`BTF`: see `field`; `skb->sk`
+/// is then a BTF-typed `struct sock *` too).
+#[inline(always)]
+pub fn socket_mark<const BTF: bool>(skb: u64, off: &Offsets) -> Option<u32> {
+    let sk: u64 = field::<BTF, _>(skb, off.skb_sk);
+    if sk == 0 || off.sock_sk_mark == OFFSET_MISSING {
+        return None;
+    }
+    let state: u8 = field::<BTF, _>(sk, off.sock_state);
+    (state != TCP_TIME_WAIT && state != TCP_NEW_SYN_RECV)
+        .then(|| field::<BTF, _>(sk, off.sock_sk_mark))
+}
+
 /// The SO_MARK of the packet's socket, when it has a full one.
 #[inline(always)]
-pub fn fill_socket(ev: &mut Event, skb: u64, off: &Offsets) {
-    let sk: u64 = read(skb, off.skb_sk);
-    if sk == 0 || off.sock_sk_mark == OFFSET_MISSING {
-        return;
-    }
-    let state: u8 = read(sk, off.sock_state);
-    if state != TCP_TIME_WAIT && state != TCP_NEW_SYN_RECV {
-        ev.sk_mark = read(sk, off.sock_sk_mark);
+pub fn fill_socket<const BTF: bool>(ev: &mut Event, skb: u64, off: &Offsets) {
+    if let Some(mark) = socket_mark::<BTF>(skb, off) {
+        ev.sk_mark = mark;
         ev.sk_flags = fwmark_trace_common::SK_FULL;
     }
 }
@@ -130,15 +138,21 @@ const IPPROTO_SCTP: u8 = 132;
 
 /// Fills the 5-tuple of `ev`. `l3_at_data`: the IP header starts at `skb->data` (true at
 /// `netif_receive_skb`, before the stack resets the network header); elsewhere it is at
-/// `skb->head + skb->network_header`.
+/// `skb->head + skb->network_header`. The `sk_buff`'s own fields are read as `field` does;
+/// the headers, in packet memory, always with the helper.
 #[inline(always)]
-pub fn fill_tuple(ev: &mut Event, skb: u64, off: &Offsets, l3_at_data: bool) {
-    let proto: u16 = u16::from_be(read(skb, off.skb_protocol));
+pub fn fill_tuple<const BTF: bool>(
+    ev: &mut Event,
+    skb: u64,
+    head: u64,
+    off: &Offsets,
+    l3_at_data: bool,
+) {
+    let proto: u16 = u16::from_be(field::<BTF, _>(skb, off.skb_protocol));
     let l3: u64 = if l3_at_data {
-        read(skb, off.skb_data)
+        field::<BTF, _>(skb, off.skb_data)
     } else {
-        let head: u64 = read(skb, off.skb_head);
-        let nh: u16 = read(skb, off.skb_network_header);
+        let nh: u16 = field::<BTF, _>(skb, off.skb_network_header);
         if head == 0 || nh == u16::MAX {
             return;
         }

@@ -294,19 +294,23 @@ impl Decoder {
 
     /// IPv6 neighbour discovery and MLD build their packets with `skb->reserved_tailroom` set,
     /// which shares its storage with `skb->mark` (a union in `struct sk_buff`): a value that
-    /// appears on a kernel-built ICMPv6 packet before any observer is not a mark.
+    /// appears on a kernel-built ICMPv6 packet before any observer is not a mark, nor is its
+    /// vanishing when the packet leaves its namespace. Changes in between are rules writing
+    /// `skb->mark` (over the tailroom value) and are attributed as usual.
     fn kernel_tailroom(&mut self, ev: &Event) -> bool {
         // MLD packets start with a hop-by-hop header (next header 0).
-        let icmp6 = ev.ip_version == 6 && matches!(ev.l4_proto, 0 | 58);
-        // First sight with a value, or the value vanishing as the packet leaves its namespace.
-        let scrubbed = ev.new_mark == 0 && ev.prev.netns != ev.at.netns;
-        if icmp6 && ((ev.prev.layer == layer::NONE && ev.new_mark != 0) || scrubbed) {
+        if !(ev.ip_version == 6 && matches!(ev.l4_proto, 0 | 58)) {
+            return false;
+        }
+        if ev.prev.layer == layer::NONE && ev.new_mark != 0 {
             if self.tailroom.len() > 4096 {
                 self.tailroom.clear();
             }
             self.tailroom.insert(ev.packet_id);
+            return true;
         }
-        icmp6 && self.tailroom.contains(&ev.packet_id)
+        let scrubbed = ev.new_mark == 0 && ev.prev.netns != ev.at.netns;
+        scrubbed && self.tailroom.remove(&ev.packet_id)
     }
 
     pub fn decode(&mut self, ev: &Event) -> TraceEvent {
@@ -410,6 +414,44 @@ mod tests {
                 let _ = parse_mark(&s);
             }
         }
+    }
+
+    #[test]
+    fn nd_tailroom_is_the_kernel_but_rules_over_it_are_not() {
+        let mut d = Decoder::new(Topology::default(), HashMap::new());
+        let nf = |hook, netns| Point {
+            layer: layer::NETFILTER,
+            hook,
+            netns,
+            ..Default::default()
+        };
+        let ev = |prev, at, old, new| Event {
+            kind: kind::TRANSITION,
+            packet_id: 9,
+            ip_version: 6,
+            l4_proto: 0,
+            prev,
+            at,
+            old_mark: old,
+            new_mark: new,
+            ..Default::default()
+        };
+        let layer_of = |d: &mut Decoder, e: &Event| d.decode(e).segment.unwrap().layer;
+        // First sight with the tailroom value: the kernel.
+        assert_eq!(
+            layer_of(&mut d, &ev(Point::default(), nf(3, 1), 0, 0xd4)),
+            "kernel"
+        );
+        // An nft rule ORing a bit over it: netfilter, attributed like any other change.
+        assert_eq!(
+            layer_of(&mut d, &ev(nf(3, 1), nf(3, 1), 0xd4, 0x40d4)),
+            "netfilter"
+        );
+        // Scrubbed when it leaves its namespace: the kernel again.
+        assert_eq!(
+            layer_of(&mut d, &ev(nf(4, 1), nf(0, 2), 0x40d4, 0)),
+            "kernel"
+        );
     }
 
     #[test]

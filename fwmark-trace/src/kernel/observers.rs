@@ -325,7 +325,13 @@ impl Observers {
             .and_then(|m| {
                 aya::maps::HashMap::<_, u64, fwmark_trace_common::PacketState>::try_from(m).ok()
             })
-            .map_or(0, |m| m.keys().count())
+            // Ended packets stay as tombstones until reused or evicted: count live ones.
+            .map_or(0, |m| {
+                m.iter()
+                    .filter_map(Result::ok)
+                    .filter(|(_, v)| v.live())
+                    .count()
+            })
     }
 
     /// Events the kernel could not write because the ring buffer was full.
