@@ -37,6 +37,14 @@ fn first<'a>(evs: &[&'a Value], what: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {what} event"))
 }
 
+/// Traces A while it sends two datagrams to B's `port`; the first transition they show.
+fn traced_transition(lab: &Lab, port: u16, what: &str) -> Value {
+    let d = Daemon::start(&["--netns", &lab.a]);
+    send_udp(&lab.a, lab::ADDR_B, port, 2, None);
+    let events = d.stop();
+    first(&events_to(&events, "transition", port), what).clone()
+}
+
 #[test]
 fn transitions_carry_hook_band_chain_and_values() {
     let lab = lab_with_rules("tr");
@@ -160,11 +168,7 @@ fn iptables_mark_is_seen_in_its_table_band() {
         ],
     )
     .expect("iptables");
-    let d = Daemon::start(&["--netns", &lab.a]);
-    send_udp(&lab.a, lab::ADDR_B, 9995, 2, None);
-    let events = d.stop();
-    let tr = events_to(&events, "transition", 9995);
-    let e = first(&tr, "iptables transition");
+    let e = traced_transition(&lab, 9995, "iptables transition");
     assert_eq!(e["mark"]["new"], "0x2000");
     assert_eq!(e["segment"]["hook"], "output");
     let range = e["segment"]["priority_range"].as_array().expect("range");
@@ -370,6 +374,26 @@ fn tcx_program_between_observers_is_named() {
         serde_json::json!([format!("test_setmark (id {id})")])
     );
     assert_eq!(e["at"]["position"], "last");
+}
+
+#[test]
+fn classic_tc_filter_after_the_tcx_chain_is_named() {
+    let lab = Lab::new("clsact").expect("lab");
+    attach_clsact_mark_setter(&lab.a, lab::VETH_A, 0x66);
+    let e = traced_transition(&lab, 9992, "clsact transition");
+    assert_eq!(e["mark"]["new"], "0x66");
+    assert_eq!(e["at"]["hook"], "net_dev_queue", "{e}");
+    assert_eq!(e["segment"]["layer"], "tc", "{e}");
+    assert_eq!(e["segment"]["hook"], "egress");
+    assert!(
+        e["segment"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("clsact"),
+        "{e}"
+    );
+    // After our last tcx observer: the classic filters, not the tcx chain.
+    assert_eq!(e["segment"]["from"]["position"], "last", "{e}");
 }
 
 #[test]

@@ -209,12 +209,41 @@ pub fn wait_unloaded() -> Vec<String> {
     }
 }
 
+/// Loads a tc program that sets `skb->mark = mark` and hands the packet on (-1: next in the
+/// tcx chain, TC_ACT_UNSPEC for a classic filter).
+fn load_mark_setter(
+    mark: u32,
+    attach: aya_obj::generated::bpf_attach_type,
+) -> std::os::fd::OwnedFd {
+    use aya_obj::generated::bpf_prog_type;
+    // r2 = mark; *(u32 *)(r1 + offsetof(__sk_buff, mark)) = r2; r0 = -1; exit
+    let insn = |code: u64, dst: u64, src: u64, off: i16, imm: i32| {
+        code | (dst | src << 4) << 8 | ((off as u16) as u64) << 16 | ((imm as u32) as u64) << 32
+    };
+    let prog = [
+        insn(0xb7, 2, 0, 0, mark as i32),
+        insn(0x63, 1, 2, 8, 0),
+        insn(0xb7, 0, 0, 0, -1),
+        insn(0x95, 0, 0, 0, 0),
+    ];
+    // SAFETY: bpf_insn is 8 plain bytes, the layout of the u64s above.
+    let insns: &[aya_obj::generated::bpf_insn] =
+        unsafe { std::slice::from_raw_parts(prog.as_ptr().cast(), prog.len()) };
+    fwmark_trace::kernel::sys::prog_load(
+        bpf_prog_type::BPF_PROG_TYPE_SCHED_CLS,
+        attach,
+        "test_setmark",
+        insns,
+    )
+    .expect("load test_setmark")
+}
+
 /// Attaches, inside `ns`, a foreign tcx egress program on `ifname` that sets `skb->mark = mark`,
 /// placed just before fwmark-trace's last egress observer (so between our first and last).
 /// Returns the link fd (detached when dropped) and the program id.
 pub fn attach_mark_setter(ns: &str, ifname: &str, mark: u32) -> (std::os::fd::OwnedFd, u32) {
     use aya::programs::{SchedClassifier, TcAttachType};
-    use aya_obj::generated::{bpf_attach_type, bpf_cmd, bpf_prog_type};
+    use aya_obj::generated::{bpf_attach_type, bpf_cmd};
     use fwmark_trace::kernel::sys;
     use std::os::fd::AsRawFd;
 
@@ -228,26 +257,7 @@ pub fn attach_mark_setter(ns: &str, ifname: &str, mark: u32) -> (std::os::fd::Ow
             .find(|p| p.name_as_str() == Some("fwm_tc_eg_last"))
             .expect("fwmark-trace's last egress observer")
             .id();
-        // r2 = mark; *(u32 *)(r1 + offsetof(__sk_buff, mark)) = r2; r0 = TCX_NEXT; exit
-        let insn = |code: u64, dst: u64, src: u64, off: i16, imm: i32| {
-            code | (dst | src << 4) << 8 | ((off as u16) as u64) << 16 | ((imm as u32) as u64) << 32
-        };
-        let prog = [
-            insn(0xb7, 2, 0, 0, mark as i32),
-            insn(0x63, 1, 2, 8, 0),
-            insn(0xb7, 0, 0, 0, -1),
-            insn(0x95, 0, 0, 0, 0),
-        ];
-        // SAFETY: bpf_insn is 8 plain bytes, the layout of the u64s above.
-        let insns: &[aya_obj::generated::bpf_insn] =
-            unsafe { std::slice::from_raw_parts(prog.as_ptr().cast(), prog.len()) };
-        let prog_fd = sys::prog_load(
-            bpf_prog_type::BPF_PROG_TYPE_SCHED_CLS,
-            bpf_attach_type::BPF_TCX_EGRESS,
-            "test_setmark",
-            insns,
-        )
-        .expect("load test_setmark");
+        let prog_fd = load_mark_setter(mark, bpf_attach_type::BPF_TCX_EGRESS);
         let ifindex = unsafe {
             libc::if_nametoindex(std::ffi::CString::new(ifname.as_str()).unwrap().as_ptr())
         };
@@ -272,6 +282,44 @@ pub fn attach_mark_setter(ns: &str, ifname: &str, mark: u32) -> (std::os::fd::Ow
     })
     .join()
     .expect("tcx attach thread")
+}
+
+/// Attaches a classic tc filter (clsact egress, cls_bpf direct-action) on `ifname` in `ns`
+/// that sets `skb->mark = mark`: it runs after the whole tcx chain. The filter goes with the
+/// namespace; the bpffs pin `tc` needs is removed at once.
+pub fn attach_clsact_mark_setter(ns: &str, ifname: &str, mark: u32) {
+    use aya_obj::generated::{bpf_attach_type, bpf_cmd};
+    use fwmark_trace::kernel::sys;
+    use std::os::fd::AsRawFd;
+
+    // Value 0, i.e. no expected attach type: what a classic tc filter's program is loaded with.
+    let prog = load_mark_setter(mark, bpf_attach_type::BPF_CGROUP_INET_INGRESS);
+    let pin = format!(
+        "/sys/fs/bpf/fwmt-test-setmark-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    );
+    let path = std::ffi::CString::new(pin.as_str()).unwrap();
+    let mut attr = sys::attr();
+    let o = unsafe { &mut attr.__bindgen_anon_4 };
+    o.pathname = path.as_ptr() as u64;
+    o.bpf_fd = prog.as_raw_fd() as u32;
+    sys::bpf(bpf_cmd::BPF_OBJ_PIN, &mut attr).expect("pin test_setmark");
+    // `tc` runs from a thread inside the namespace (`ip netns exec` would remount /sys and
+    // hide the pin).
+    let (ns, ifname, p) = (ns.to_owned(), ifname.to_owned(), pin.clone());
+    let res = thread::spawn(move || {
+        fwmark_trace::netns::enter(&ns)?;
+        let tc = |args: &str| lab::run("tc", &args.split_whitespace().collect::<Vec<_>>());
+        tc(&format!("qdisc add dev {ifname} clsact"))?;
+        tc(&format!(
+            "filter add dev {ifname} egress bpf object-pinned {p} da"
+        ))
+    })
+    .join()
+    .expect("tc thread");
+    let _ = std::fs::remove_file(&pin);
+    res.expect("clsact filter");
 }
 
 /// Sends `count` UDP datagrams as fast as possible from inside `ns`.

@@ -197,37 +197,52 @@ impl Topology {
             {
                 self.netfilter_band(&mut seg, prev, at)
             }
-            (layer::TC, layer::TC)
-                if prev.hook == at.hook
-                    && prev.ifindex == at.ifindex
-                    && prev.slot == tc_slot::FIRST
-                    && at.slot == tc_slot::LAST =>
+            // The tcx chain between our observers. On ingress, `netif_receive_skb` is as good
+            // as "first": nothing between them writes marks.
+            (layer::TC | layer::TRACEPOINT, layer::TC)
+                if prev.ifindex == at.ifindex
+                    && at.slot == tc_slot::LAST
+                    && ((prev.layer == layer::TC
+                        && prev.hook == at.hook
+                        && prev.slot == tc_slot::FIRST)
+                        || (prev.layer == layer::TRACEPOINT
+                            && prev.hook == tracepoint::NETIF_RECEIVE_SKB
+                            && at.hook == tc_dir::INGRESS)) =>
             {
                 seg.layer = "tc";
                 seg.hook = Some(dir_name(at.hook));
-                seg.programs = self
-                    .tc_programs
-                    .get(&(at.ifindex, at.hook))
-                    .cloned()
-                    .unwrap_or_default();
+                seg.programs = self.tcx_programs(at.ifindex, at.hook);
                 let dev = self.label(&to);
                 seg.description = if seg.programs.is_empty() {
-                    format!("{dev}: between our first and last tcx observers")
+                    format!("{dev}: the tcx chain around our observer(s)")
                 } else {
                     format!("{dev}: tcx program(s) {}", seg.programs.join(", "))
                 };
             }
+            // Egress, from our last observer to the queue: classic tc after the tcx chain. From
+            // "first" (a tcx program ended the chain with a verdict, so "last" did not run): that
+            // program too.
             (layer::TC, layer::TRACEPOINT)
                 if prev.hook == tc_dir::EGRESS
                     && at.hook == tracepoint::NET_DEV_QUEUE
-                    && prev.slot == tc_slot::LAST =>
+                    && prev.ifindex == at.ifindex =>
             {
                 seg.layer = "tc";
                 seg.hook = Some("egress");
-                seg.description = format!(
-                    "tc egress {} after the tcx chain: clsact/cls_bpf filters and actions",
-                    to.ifname.clone().unwrap_or_default()
-                );
+                let dev = to.ifname.clone().unwrap_or_default();
+                seg.description = if prev.slot == tc_slot::FIRST {
+                    seg.programs = self.tcx_programs(at.ifindex, tc_dir::EGRESS);
+                    let tcx = if seg.programs.is_empty() {
+                        String::new()
+                    } else {
+                        format!("tcx program(s) {}, then ", seg.programs.join(", "))
+                    };
+                    format!("tc egress {dev}: {tcx}clsact/cls_bpf filters and actions after the tcx chain")
+                } else {
+                    format!(
+                        "tc egress {dev} after the tcx chain: clsact/cls_bpf filters and actions"
+                    )
+                };
             }
             (layer::TC, layer::NETFILTER)
                 if prev.hook == tc_dir::INGRESS && prev.slot == tc_slot::LAST =>
@@ -250,6 +265,13 @@ impl Topology {
             _ => {}
         }
         seg
+    }
+
+    fn tcx_programs(&self, ifindex: u32, dir: u8) -> Vec<String> {
+        self.tc_programs
+            .get(&(ifindex, dir))
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn netfilter_band(&self, seg: &mut Segment, prev: &Point, at: &Point) {
@@ -357,6 +379,36 @@ mod tests {
             netns: 2,
         };
         assert_eq!(topo().segment(&tc(tc_slot::LAST), &rx).layer, "kernel");
+        // From "first" straight to the queue ("last" stood aside): tcx, then classic tc.
+        let queue = Point {
+            layer: layer::TRACEPOINT,
+            hook: tracepoint::NET_DEV_QUEUE,
+            ifindex: 7,
+            netns: 1,
+            ..Default::default()
+        };
+        let seg = topo().segment(&tc(tc_slot::FIRST), &queue);
+        assert_eq!((seg.layer, seg.hook), ("tc", Some("egress")));
+        assert_eq!(seg.programs, vec!["cil_to_netdev (id 42)".to_string()]);
+        assert!(seg.description.contains("clsact"), "{}", seg.description);
+        // Ingress: from netif_receive_skb on the same device to our last observer.
+        let rx7 = Point {
+            ifindex: 7,
+            netns: 1,
+            ..rx
+        };
+        let last_in = Point {
+            hook: tc_dir::INGRESS,
+            ..tc(tc_slot::LAST)
+        };
+        let seg = topo().segment(&rx7, &last_in);
+        assert_eq!((seg.layer, seg.hook), ("tc", Some("ingress")));
+        // Not when the packet changed device in between (a redirect).
+        let other = Point {
+            ifindex: 8,
+            ..last_in
+        };
+        assert_eq!(topo().segment(&rx7, &other).layer, "path");
     }
 
     #[test]
