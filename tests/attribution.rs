@@ -207,3 +207,56 @@ fn user_registry_files_extend_and_bad_ones_are_rejected() {
     assert!(wait_unloaded().is_empty());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn owners_are_detected_from_the_ruleset() {
+    require_root();
+    let lab = Lab::new("detect").expect("lab");
+    lab.nft(
+        &lab.a,
+        "table inet calico {\n chain cali-POSTROUTING {\n type filter hook postrouting priority mangle; policy accept;\n }\n}\n",
+    )
+    .expect("nft");
+    // kube-proxy's chain, created the way kube-proxy does it (iptables, here iptables-nft).
+    lab::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &lab.a,
+            "iptables",
+            "-t",
+            "nat",
+            "-N",
+            "KUBE-MARK-MASQ",
+        ],
+    )
+    .expect("iptables");
+    let (code, out, err) = cli(&["registry", "detect", "--netns", &lab.a]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("calico") && out.contains("cali-POSTROUTING"),
+        "{out}"
+    );
+    assert!(
+        out.contains("kube-proxy") && out.contains("KUBE-MARK-MASQ"),
+        "{out}"
+    );
+    assert!(!out.contains("cilium"), "{out}");
+    assert!(out.contains("suggested profile: --owners "), "{out}");
+    // `trace` says the same at start-up when no profile narrows attribution.
+    let mut d = Daemon::start(&["--netns", &lab.a]);
+    d.stderr_lines.extend(d.stderr.try_iter());
+    assert!(
+        d.stderr_lines
+            .iter()
+            .any(|l| l.contains("narrow it with --owners") && l.contains("kube-proxy")),
+        "{:#?}",
+        d.stderr_lines
+    );
+    drop(d.stop());
+    // An empty namespace has nothing to detect.
+    let (code, out, _) = cli(&["registry", "detect", "--netns", &lab.b]);
+    assert_eq!(code, 0);
+    assert!(out.contains("no registered owner"), "{out}");
+}

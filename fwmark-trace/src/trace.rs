@@ -19,6 +19,7 @@ use crate::{
     kernel::features::Feature,
     kernel::observers::{Observers, Options},
     netns,
+    nodestate::nft,
     output::{
         metrics::{self, Gauges},
         summary::Summary,
@@ -144,6 +145,14 @@ pub fn run_into(args: &TraceArgs, sink: &mut dyn Sink, on_ready: impl FnOnce()) 
             s.point,
             s.detail
         );
+    }
+    if !registry.profiled {
+        // Built-in owners overlap; name the software whose rules are here so the user can say.
+        let found = registry.detect(&nft::read_names().unwrap_or_default());
+        if !found.is_empty() {
+            let profile = crate::registry::cli::profile(&found);
+            eprintln!("fwmark-trace: the ruleset holds rules of {}; attribution lists every candidate owner: narrow it with --owners {profile}", profile.replace(',', ", "));
+        }
     }
     let attached = obs.report.iter().filter(|s| s.ok).count();
     if let Some(l) = &endpoint {

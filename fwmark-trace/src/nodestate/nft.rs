@@ -82,26 +82,55 @@ pub fn hook_name(hook: u8) -> &'static str {
 /// Reads the base chains of the current network namespace. No `nft` binary or no permission is
 /// an error; an empty ruleset is not.
 pub fn read_chains() -> Result<Vec<Chain>> {
+    parse_chains(&nft(&["-j", "list", "chains"])?)
+}
+
+/// Runs `nft ARGS` in the calling thread's namespace; its stdout, or its error in one line.
+fn nft(args: &[&str]) -> Result<Vec<u8>> {
+    let cmd = format!("nft {}", args.join(" "));
     let out = Command::new("nft")
-        .args(["-j", "list", "chains"])
+        .args(args)
         .output()
-        .context("running `nft -j list chains` (is nftables installed?)")?;
+        .with_context(|| format!("running `{cmd}` (is nftables installed?)"))?;
     if !out.status.success() {
         bail!(
-            "`nft -j list chains` failed: {}",
+            "`{cmd}` failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    parse_chains(&out.stdout)
+    Ok(out.stdout)
 }
 
-pub fn parse_chains(json: &[u8]) -> Result<Vec<Chain>> {
+/// Every table and chain name of the current namespace (base and regular chains, iptables-nft's
+/// included), as (table, chain): what registry owners are recognised by.
+pub fn read_names() -> Result<Vec<(String, String)>> {
+    parse_names(&nft(&["-j", "list", "chains"])?)
+}
+
+/// The `chain` objects of `nft -j list chains` output.
+fn chain_objects(json: &[u8]) -> Result<Vec<Value>> {
     let doc: Value = serde_json::from_slice(json).context("parsing nft JSON output")?;
     let items = doc["nftables"].as_array().cloned().unwrap_or_default();
     Ok(items
+        .into_iter()
+        .filter_map(|mut i| i.get_mut("chain").map(Value::take))
+        .collect())
+}
+
+pub fn parse_names(json: &[u8]) -> Result<Vec<(String, String)>> {
+    Ok(chain_objects(json)?
         .iter()
-        .filter_map(|item| {
-            let c = item.get("chain")?;
+        .filter_map(|c| {
+            let name = |k: &str| c.get(k)?.as_str().map(str::to_owned);
+            Some((name("table")?, name("name")?))
+        })
+        .collect())
+}
+
+pub fn parse_chains(json: &[u8]) -> Result<Vec<Chain>> {
+    Ok(chain_objects(json)?
+        .iter()
+        .filter_map(|c| {
             let hook = hook_number(c.get("hook")?.as_str()?)?;
             let family = c.get("family")?.as_str()?;
             if !matches!(family, "ip" | "ip6" | "inet") {
@@ -167,17 +196,9 @@ fn without_counts(words: &[&str]) -> String {
 }
 
 pub fn read_mark_rules() -> Result<Vec<MarkRule>> {
-    let out = Command::new("nft")
-        .args(["list", "ruleset"])
-        .output()
-        .context("running `nft list ruleset`")?;
-    if !out.status.success() {
-        bail!(
-            "`nft list ruleset` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(parse_mark_rules(&String::from_utf8_lossy(&out.stdout)))
+    Ok(parse_mark_rules(&String::from_utf8_lossy(&nft(&[
+        "list", "ruleset",
+    ])?)))
 }
 
 /// Which priority each netfilter slot program is linked at, per family and hook.

@@ -1,11 +1,13 @@
-//! `fwmark-trace registry list | show NAME | check [OWNER…]`: browse the registry and check a
-//! set of owners for overlapping bits (exit code 1 when they overlap, for a platform team's CI).
+//! `fwmark-trace registry list | show NAME | check [OWNER…] | detect`: browse the registry,
+//! check a set of owners for overlapping bits (exit code 1 when they overlap, for a platform
+//! team's CI), and find which owners' rules the node's ruleset holds.
 use std::{fmt::Write as _, process::ExitCode};
 
 use anyhow::{bail, Result};
 use clap::Subcommand;
 
 use super::{Owner, Registry, RegistryArgs, Style};
+use crate::nodestate::nft;
 
 #[derive(Subcommand, Debug, Clone)]
 pub enum RegistryCmd {
@@ -15,6 +17,13 @@ pub enum RegistryCmd {
     Show { name: String },
     /// Overlapping bits between owners (all when none are named); exits 1 on any overlap.
     Check { owners: Vec<String> },
+    /// Owners whose nft tables or chains (iptables-nft's included) are in the ruleset, and the
+    /// `--owners` profile they suggest.
+    Detect {
+        /// Look inside this network namespace (a name under /run/netns, or a path).
+        #[arg(long, value_name = "NAME|PATH")]
+        netns: Option<String>,
+    },
 }
 
 pub fn run(cmd: &RegistryCmd, args: &RegistryArgs) -> Result<ExitCode> {
@@ -31,6 +40,12 @@ pub fn run(cmd: &RegistryCmd, args: &RegistryArgs) -> Result<ExitCode> {
                 .map(|o| show(o))
                 .collect::<Vec<_>>()
                 .join("\n")
+        }
+        RegistryCmd::Detect { netns } => {
+            if let Some(ns) = netns {
+                crate::netns::enter(ns)?;
+            }
+            detect_report(&reg.detect(&nft::read_names()?))
         }
         RegistryCmd::Check { owners } => {
             let sel = if owners.is_empty() {
@@ -49,6 +64,36 @@ pub fn run(cmd: &RegistryCmd, args: &RegistryArgs) -> Result<ExitCode> {
     };
     print!("{out}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `detect` found, one owner a line with the names that gave it away.
+pub fn detect_report(found: &[(String, Vec<String>)]) -> String {
+    if found.is_empty() {
+        return "no registered owner's tables or chains in this ruleset\n".into();
+    }
+    let width = found.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+    let mut s = String::new();
+    for (name, hits) in found {
+        let more = hits.len().saturating_sub(4);
+        let shown = hits.iter().take(4).cloned().collect::<Vec<_>>().join(", ");
+        let more = if more > 0 {
+            format!(" (+{more} more)")
+        } else {
+            String::new()
+        };
+        let _ = writeln!(s, "{name:<width$}  {shown}{more}");
+    }
+    let _ = writeln!(s, "suggested profile: --owners {}", profile(found));
+    s
+}
+
+/// The `--owners` value naming what `detect` found.
+pub fn profile(found: &[(String, Vec<String>)]) -> String {
+    found
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn style(o: &Owner) -> &'static str {

@@ -421,6 +421,32 @@ impl Registry {
         }
     }
 
+    /// Owners (by name, every version together) whose tables or chains appear among `names`
+    /// ((table, chain) pairs from the ruleset), each with the names that matched.
+    pub fn detect(&self, names: &[(String, String)]) -> Vec<(String, Vec<String>)> {
+        let mut found: Vec<(String, Vec<String>)> = Vec::new();
+        for o in &self.owners {
+            let mut hits: Vec<String> = names
+                .iter()
+                .flat_map(|(t, c)| [t, c])
+                .filter(|n| o.owns_chain(n))
+                .cloned()
+                .collect();
+            if hits.is_empty() {
+                continue;
+            }
+            match found.iter_mut().find(|(n, _)| *n == o.name) {
+                Some((_, prev)) => prev.append(&mut hits),
+                None => found.push((o.name.clone(), hits)),
+            }
+        }
+        for (_, hits) in &mut found {
+            hits.sort();
+            hits.dedup();
+        }
+        found
+    }
+
     pub fn get(&self, name: &str) -> Vec<&Owner> {
         self.owners.iter().filter(|o| o.answers_to(name)).collect()
     }
@@ -460,6 +486,31 @@ pub fn parse_owner_flag(spec: &str) -> Result<Owner> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn detects_owners_by_their_tables_and_chains() {
+        let reg = Registry::builtin().unwrap();
+        let names: Vec<(String, String)> = [
+            ("nat", "KUBE-MARK-MASQ"),
+            ("nat", "KUBE-SERVICES"),
+            ("filter", "INPUT"),
+            ("calico", "cali-POSTROUTING"),
+            ("t", "ts-input"),
+        ]
+        .iter()
+        .map(|(t, c)| (t.to_string(), c.to_string()))
+        .collect();
+        let found = reg.detect(&names);
+        let owners: Vec<&str> = found.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(owners.contains(&"kube-proxy"), "{found:?}");
+        assert!(owners.contains(&"calico"), "{found:?}");
+        assert!(owners.contains(&"tailscale"), "{found:?}");
+        assert!(!owners.contains(&"cilium"), "{found:?}");
+        // Versions fold into one owner; evidence is listed once.
+        let kube = &found.iter().find(|(n, _)| n == "kube-proxy").unwrap().1;
+        assert_eq!(kube, &["KUBE-MARK-MASQ", "KUBE-SERVICES"]);
+        assert!(reg.detect(&[]).is_empty());
+    }
 
     #[test]
     fn builtin_parses_and_covers_the_researched_owners() {
