@@ -192,6 +192,19 @@ fn ipv6_transitions_are_reported_as_ipv6() {
 }
 
 #[test]
+fn ipv6_extension_headers_are_skipped_for_the_tuple() {
+    let lab = lab_with_rules("v6ext");
+    let d = Daemon::start(&["--netns", &lab.a]);
+    send_udp6_with_hop_by_hop(&lab.a, lab::ADDR6_B, 9999);
+    let events = d.stop();
+    // Found by its port: the UDP header was found behind the hop-by-hop header.
+    let tr = events_to(&events, "transition", 9999);
+    let e = first(&tr, "transition of the packet with a hop-by-hop header");
+    assert_eq!(e["tuple"]["proto"], "udp", "{e}");
+    assert_eq!(e["tuple"]["dst"], lab::ADDR6_B);
+}
+
+#[test]
 fn socket_mark_is_attributed_to_so_mark() {
     let lab = Lab::new("sock").expect("lab");
     let d = Daemon::start(&["--netns", &lab.a]);

@@ -136,6 +136,41 @@ const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_SCTP: u8 = 132;
 
+/// IPv6 extension headers (RFC 8200 §4): hop-by-hop, routing and destination options are
+/// `{next, len in 8-octet units not counting the first}`; a fragment header is 8 octets.
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DSTOPTS: u8 = 60;
+/// MLD packets carry one (hop-by-hop); a few cover what hosts send in practice.
+const IPV6_MAX_EXTENSIONS: usize = 4;
+
+/// Follows extension headers from `next` at `at` to the upper-layer protocol and where its
+/// header starts (`None` past the first fragment: no ports there).
+#[inline(always)]
+fn skip_ipv6_extensions(mut next: u8, mut at: u64) -> (u8, Option<u64>) {
+    for _ in 0..IPV6_MAX_EXTENSIONS {
+        match next {
+            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
+                let h: [u8; 2] = read(at, 0);
+                next = h[0];
+                at += (h[1] as u64 + 1) * 8;
+            }
+            IPV6_FRAGMENT => {
+                // next, reserved, fragment offset (13 bits) and flags.
+                let h: [u8; 4] = read(at, 0);
+                next = h[0];
+                if u16::from_be_bytes([h[2], h[3]]) >> 3 != 0 {
+                    return (next, None);
+                }
+                at += 8;
+            }
+            _ => break,
+        }
+    }
+    (next, Some(at))
+}
+
 /// Fills the 5-tuple of `ev`. `l3_at_data`: the IP header starts at `skb->data` (true at
 /// `netif_receive_skb`, before the stack resets the network header); elsewhere it is at
 /// `skb->head + skb->network_header`. The `sk_buff`'s own fields are read as `field` does;
@@ -180,10 +215,14 @@ pub fn fill_tuple<const BTF: bool>(
         ETH_P_IPV6 => {
             let ip: Ipv6Hdr = read(l3, 0);
             ev.ip_version = 6;
-            ev.l4_proto = ip.next;
             ev.saddr = ip.saddr;
             ev.daddr = ip.daddr;
-            l3 + 40
+            let (next, l4) = skip_ipv6_extensions(ip.next, l3 + 40);
+            ev.l4_proto = next;
+            match l4 {
+                Some(l4) => l4,
+                None => return,
+            }
         }
         _ => return,
     };

@@ -165,6 +165,36 @@ pub fn send_udp(ns: &str, dst: &str, port: u16, count: usize, so_mark: Option<u3
     .expect("sender thread");
 }
 
+/// Sends one UDP datagram over IPv6 with a hop-by-hop options header (one PadN option), as
+/// MLD and router-alert traffic carry, from inside `ns`.
+pub fn send_udp6_with_hop_by_hop(ns: &str, dst: &str, port: u16) {
+    use std::os::fd::AsRawFd;
+    let (ns, dst) = (ns.to_owned(), dst.to_owned());
+    thread::spawn(move || {
+        fwmark_trace::netns::enter(&ns).expect("enter netns");
+        let sock = lab::udp_socket(true, 0).expect("socket");
+        // struct ipv6_opt_hdr: next header (the kernel fills it), length 0 (8 octets), then
+        // PadN (type 1) with 4 bytes of padding.
+        let hbh: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+        const IPV6_HOPOPTS: libc::c_int = 54;
+        // SAFETY: a valid socket and an 8-byte buffer.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                IPV6_HOPOPTS,
+                hbh.as_ptr().cast(),
+                hbh.len() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "IPV6_HOPOPTS: {}", std::io::Error::last_os_error());
+        sock.send_to(b"fwmark-trace test", (dst.as_str(), port))
+            .expect("send");
+    })
+    .join()
+    .expect("sender thread");
+}
+
 /// Events of one kind whose tuple goes to `dport`.
 pub fn events_to<'a>(events: &'a [Value], kind: &str, dport: u16) -> Vec<&'a Value> {
     events
