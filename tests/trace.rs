@@ -435,6 +435,30 @@ fn ring_overflow_is_counted_and_reported() {
 }
 
 #[test]
+fn followed_flows_are_filtered_in_the_kernel() {
+    let lab = lab_with_rules("kfilter");
+    // The same one-page ring and burst that overflow above, but only port 9990 is followed:
+    // the burst's observations never reach the ring, the followed packets' all do.
+    let d = Daemon::start(&["--netns", &lab.a, "--port", "9990", "--ring-size", "4096"]);
+    send_udp_burst(&lab.a, lab::ADDR_B, 9999, 3000);
+    send_udp(&lab.a, lab::ADDR_B, 9990, 2, None);
+    let events = d.stop();
+    let summary = events.last().expect("summary");
+    assert_eq!(summary["lost"], 0, "{summary}");
+    let followed = events_to(&events, "observe", 9990);
+    assert!(
+        followed.len() >= 2,
+        "every point of the followed packets: {followed:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .all(|e| e["tuple"]["dport"] != 9999 && e["tuple"]["sport"] != 9999),
+        "unrelated traffic was reported"
+    );
+}
+
+#[test]
 fn conntrack_mark_changes_are_transitions() {
     let lab = Lab::new("ct").expect("lab");
     lab.nft(

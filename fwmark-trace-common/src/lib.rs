@@ -215,6 +215,56 @@ pub struct Config {
     pub own_netns: u32,
     /// Non-zero: report routing table lookups (`kind::ROUTE`).
     pub routes: u32,
+    /// The flows being followed (`--flow`, `--host`, `--port`, `--proto`, `why`).
+    pub flow: FlowFilter,
+}
+
+/// A kernel-side pre-filter for followed flows, so unrelated traffic does not fill the ring
+/// buffer when every observation is reported. It selects a superset of what userspace selects
+/// (one address, one port, either side): userspace refines.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct FlowFilter {
+    /// Non-zero: filter.
+    pub active: u32,
+    /// IP protocol number (0: any).
+    pub proto: u8,
+    /// 4 or 6 when `addr` is set, 0 otherwise.
+    pub addr_version: u8,
+    /// A port on either side (0: any).
+    pub port: u16,
+    /// An address on either side (IPv4 in the first 4 bytes, the rest zero, as in `Event`).
+    pub addr: [u8; 16],
+}
+
+impl FlowFilter {
+    pub const NONE: FlowFilter = FlowFilter {
+        active: 0,
+        proto: 0,
+        addr_version: 0,
+        port: 0,
+        addr: [0; 16],
+    };
+
+    /// Whether `ev`'s tuple is selected. `lenient` (routing lookups, whose flow keys may lack
+    /// a source or ports): a field the event leaves zero matches.
+    #[inline(always)]
+    pub fn matches(&self, ev: &Event, lenient: bool) -> bool {
+        let words = |a: &[u8; 16]| -> [u64; 2] {
+            // SAFETY: 16 bytes either way; compared as two words (no memcmp in BPF).
+            unsafe { core::mem::transmute(*a) }
+        };
+        let (want, s, d) = (words(&self.addr), words(&ev.saddr), words(&ev.daddr));
+        let proto = self.proto == 0 || ev.l4_proto == self.proto || (lenient && ev.l4_proto == 0);
+        let port = self.port == 0
+            || ev.sport == self.port
+            || ev.dport == self.port
+            || (lenient && ev.sport == 0 && ev.dport == 0);
+        let addr = self.addr_version == 0
+            || (ev.ip_version == self.addr_version
+                && (s == want || d == want || (lenient && s == [0, 0])));
+        proto && port && addr
+    }
 }
 
 impl Config {
@@ -261,6 +311,7 @@ impl Config {
         full_path: 0,
         own_netns: 0,
         routes: 0,
+        flow: FlowFilter::NONE,
     };
 }
 
@@ -277,4 +328,46 @@ mod pod {
     unsafe impl aya::Pod for super::PacketState {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::Point {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn udp(saddr: [u8; 4], sport: u16, daddr: [u8; 4], dport: u16) -> Event {
+        let mut ev = Event {
+            ip_version: 4,
+            l4_proto: 17,
+            sport,
+            dport,
+            ..Default::default()
+        };
+        ev.saddr[..4].copy_from_slice(&saddr);
+        ev.daddr[..4].copy_from_slice(&daddr);
+        ev
+    }
+
+    #[test]
+    fn flow_filter_selects_either_side_and_is_lenient_for_lookups() {
+        let mut f = FlowFilter {
+            active: 1,
+            proto: 17,
+            addr_version: 4,
+            port: 53,
+            ..Default::default()
+        };
+        f.addr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        let req = udp([10, 0, 0, 1], 40000, [10, 0, 0, 2], 53);
+        let rep = udp([10, 0, 0, 2], 53, [10, 0, 0, 1], 40000);
+        assert!(f.matches(&req, false) && f.matches(&rep, false));
+        assert!(!f.matches(&udp([10, 0, 0, 1], 40000, [10, 0, 0, 3], 53), false));
+        assert!(!f.matches(&udp([10, 0, 0, 1], 40000, [10, 0, 0, 2], 54), false));
+        let tcp = Event { l4_proto: 6, ..req };
+        assert!(!f.matches(&tcp, false));
+        // An output lookup before source selection and ports: only lenient matching takes it.
+        let lookup = udp([0; 4], 0, [10, 0, 0, 2], 0);
+        assert!(!f.matches(&lookup, false) && f.matches(&lookup, true));
+        // Nothing selected: everything matches.
+        assert!(FlowFilter::default().matches(&tcp, false));
+    }
 }

@@ -45,6 +45,17 @@ static SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static IFACES: HashMap<u32, u8> = HashMap::with_max_entries(256, 0);
 
+/// Conntrack entries of followed flows (`Config::flow`): after NAT rewrote a packet's tuple,
+/// its connection still says it belongs to the flow.
+#[map]
+static FOLLOWED: LruHashMap<u64, u8> = LruHashMap::with_max_entries(4096, 0);
+
+/// Per CPU: whether the packet an observer saw last belongs to a followed flow. A routing
+/// lookup without ports (re-routing after a mark change, input routes, reverse-path checks)
+/// runs for the packet being processed on this CPU: this is how it is joined to it.
+#[map]
+static FOLLOWING: PerCpuArray<u8> = PerCpuArray::with_max_entries(1, 0);
+
 /// A point on the skb's device (tc and tracepoints).
 #[inline(always)]
 fn dev_point(skb: u64, layer: u8, hook: u8, slot: u8) -> Point {
@@ -287,6 +298,17 @@ fn route_event(flp: u64, dev: u64, family: u8, table: u32, err: i32) -> Option<E
     })
 }
 
+/// Emits a lookup unless flows are followed and it does not concern them: by its flow key, and
+/// when that has no ports, by the packet this CPU is processing.
+#[inline(always)]
+fn emit_route(cfg: &Config, ev: Event) {
+    let portless = ev.sport == 0 && ev.dport == 0;
+    let current = || FOLLOWING.get(0).is_some_and(|f| *f != 0);
+    if cfg.flow.active == 0 || (cfg.flow.matches(&ev, true) && (!portless || current())) {
+        observe::emit(ev);
+    }
+}
+
 /// `uli.ports` is {dport, sport}, big-endian.
 #[inline(always)]
 fn route_ports(ev: &mut Event, flp: u64, off: u32) {
@@ -315,7 +337,7 @@ pub fn fwm_fib(ctx: BtfTracePointContext) -> i32 {
     route_ports(&mut ev, flp, off.fl4_ports);
     ev.saddr[..4].copy_from_slice(&read::<[u8; 4]>(flp, off.fl4_saddr));
     ev.daddr[..4].copy_from_slice(&read::<[u8; 4]>(flp, off.fl4_daddr));
-    observe::emit(ev);
+    emit_route(cfg, ev);
     0
 }
 
@@ -360,7 +382,7 @@ pub fn fwm_fib6(ctx: BtfTracePointContext) -> i32 {
     route_ports(&mut ev, flp, off.fl6_ports);
     ev.saddr = read(flp, off.fl6_saddr);
     ev.daddr = read(flp, off.fl6_daddr);
-    observe::emit(ev);
+    emit_route(cfg, ev);
     0
 }
 

@@ -5,7 +5,7 @@ use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns};
 use aya_log_ebpf::debug;
 use fwmark_trace_common::{kind, layer, Config, Event, PacketState, Point, CT_BEFORE, CT_NOW};
 
-use crate::{skb, CONFIG, EVENTS, IFACES, LOST, PACKETS, SEQ};
+use crate::{skb, CONFIG, EVENTS, FOLLOWED, FOLLOWING, IFACES, LOST, PACKETS, SEQ};
 
 /// What the observer knows besides the skb pointer.
 pub struct Site {
@@ -156,8 +156,32 @@ pub fn observe<const BTF: bool>(skb: u64, site: &Site) {
         return;
     }
     skb::fill_tuple::<BTF>(&mut ev, skb, head, off, site.l3_at_data);
+    if cfg.flow.active != 0 {
+        let yes = followed(cfg, &ev);
+        if let Some(flag) = FOLLOWING.get_ptr_mut(0) {
+            unsafe { *flag = yes as u8 };
+        }
+        if !yes {
+            return;
+        }
+    }
     skb::fill_socket::<BTF>(&mut ev, skb, off);
     emit(ev);
+}
+
+/// Whether `ev` belongs to a followed flow: its tuple matches, or its conntrack entry was seen
+/// with a matching tuple (NAT rewrote it since). Filtering here keeps unrelated traffic out of
+/// the ring when every observation is reported.
+#[inline(always)]
+fn followed(cfg: &Config, ev: &Event) -> bool {
+    let known = ev.ct_id != 0 && unsafe { FOLLOWED.get(ev.ct_id) }.is_some();
+    if cfg.flow.matches(ev, false) {
+        if ev.ct_id != 0 && !known {
+            let _ = FOLLOWED.insert(ev.ct_id, 1, 0);
+        }
+        return true;
+    }
+    known
 }
 
 /// BPF_RB_NO_WAKEUP / BPF_RB_FORCE_WAKEUP (include/uapi/linux/bpf.h) and BPF_RB_AVAIL_DATA.

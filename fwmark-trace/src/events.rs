@@ -121,6 +121,13 @@ pub fn flow_label(proto: &str, src: &str, sport: u16, dst: &str, dport: u16) -> 
     format!("{proto} {} -> {}", end(src, sport), end(dst, dport))
 }
 
+/// The IP protocol number of a name `proto_name` gives (or a number); None for others.
+pub fn proto_number(name: &str) -> Option<u8> {
+    (0..=255u8)
+        .find(|n| proto_name(*n) == name)
+        .or_else(|| name.parse().ok())
+}
+
 pub fn has_ports(proto: &str) -> bool {
     matches!(proto, "tcp" | "udp" | "sctp")
 }

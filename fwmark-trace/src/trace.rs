@@ -136,6 +136,7 @@ pub fn run_into(args: &TraceArgs, sink: &mut dyn Sink, on_ready: impl FnOnce()) 
         ring_bytes: args.ring_size,
         require: args.require.clone(),
         routes: args.routes || args.select.active(),
+        flow: args.select.kernel_filter(),
     };
     let mut obs = Observers::start(&opts)?;
     for s in &obs.report {

@@ -10,7 +10,7 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 use fwmark_trace_common::{
-    Config, GLOBAL_CONFIG, MAP_EVENTS, MAP_IFACES, MAP_LOST, OFFSET_MISSING,
+    Config, FlowFilter, GLOBAL_CONFIG, MAP_EVENTS, MAP_IFACES, MAP_LOST, OFFSET_MISSING,
 };
 
 use super::{
@@ -45,6 +45,8 @@ pub struct Options {
     pub require: Vec<Feature>,
     /// Report routing table lookups.
     pub routes: bool,
+    /// The followed flows, pre-filtered in the kernel.
+    pub flow: FlowFilter,
 }
 
 /// One line of the start-up report.
@@ -107,6 +109,7 @@ impl Observers {
             full_path: opts.full_path as u32,
             own_netns: crate::netns::current()?,
             routes: opts.routes as u32,
+            flow: opts.flow,
         };
         // The IPv6 lookup observer reads flowi6's common fields at flowi4's offsets.
         let same_common = ["flowic_mark", "flowic_oif", "flowic_iif", "flowic_proto"]

@@ -10,7 +10,9 @@ use std::{
 use clap::Args;
 use serde::Serialize;
 
-use crate::events::{flow_label, has_ports, TraceEvent, Tuple};
+use fwmark_trace_common::FlowFilter;
+
+use crate::events::{flow_label, has_ports, proto_number, TraceEvent, Tuple};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -158,6 +160,40 @@ pub fn parse_flow(s: &str) -> Result<FlowSpec, String> {
 impl FlowSelect {
     pub fn active(&self) -> bool {
         self.flow.is_some() || self.host.is_some() || self.port.is_some() || self.proto.is_some()
+    }
+
+    /// The kernel-side pre-filter: one protocol, one port and one address, each on either
+    /// side, so it selects a superset of `wants` (which refines it in userspace).
+    pub fn kernel_filter(&self) -> FlowFilter {
+        if !self.active() {
+            return FlowFilter::NONE;
+        }
+        let mut f = FlowFilter {
+            active: 1,
+            ..FlowFilter::NONE
+        };
+        let proto = self
+            .proto
+            .as_deref()
+            .or(self.flow.as_ref().map(|s| s.proto.as_str()));
+        // An unknown protocol name is left to userspace.
+        f.proto = proto.and_then(proto_number).unwrap_or(0);
+        f.port = self
+            .port
+            .or(self.flow.as_ref().map(|s| s.sport))
+            .unwrap_or(0);
+        match self.host.or(self.flow.as_ref().map(|s| s.dst)) {
+            Some(IpAddr::V4(a)) => {
+                f.addr_version = 4;
+                f.addr[..4].copy_from_slice(&a.octets());
+            }
+            Some(IpAddr::V6(a)) => {
+                f.addr_version = 6;
+                f.addr = a.octets();
+            }
+            None => {}
+        }
+        f
     }
 
     /// Whether a packet's 5-tuple is selected (either direction).
