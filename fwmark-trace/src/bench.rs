@@ -44,15 +44,19 @@ enum Mode {
     FwmarkTrace,
     FwmarkTraceNoMatch,
     FwmarkTraceFullPath,
+    /// `--port` of a flow that carries no traffic: what `why` and `trace --flow` cost while
+    /// everything else on the node is unrelated to the flows followed.
+    FwmarkTraceOtherFlow,
     NftMonitorTrace,
     Bpftrace,
 }
 
-const MODES: [Mode; 6] = [
+const MODES: [Mode; 7] = [
     Mode::Baseline,
     Mode::FwmarkTrace,
     Mode::FwmarkTraceNoMatch,
     Mode::FwmarkTraceFullPath,
+    Mode::FwmarkTraceOtherFlow,
     Mode::NftMonitorTrace,
     Mode::Bpftrace,
 ];
@@ -187,6 +191,7 @@ fn start(mode: Mode, lab: &Lab, dir: &Path) -> Result<Option<Tracer>> {
         Mode::FwmarkTrace => daemon(&[])?,
         Mode::FwmarkTraceNoMatch => daemon(&["--mark", "0xdead0000/0xffff0000"])?,
         Mode::FwmarkTraceFullPath => daemon(&["--full-path"])?,
+        Mode::FwmarkTraceOtherFlow => daemon(&["--port", "1"])?,
         Mode::NftMonitorTrace => {
             lab.nft(&lab.a, NFTRACE)?;
             let c = Command::new("ip")
