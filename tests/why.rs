@@ -180,6 +180,12 @@ fn verdict_uses_the_state_in_force_when_the_reply_died() {
     sysctl(&lab.a, &strict);
     let (r, replied) = why_then(&lab, &[], || {
         sysctl(&lab.a, &[("all.rp_filter", "0"), ("a2.rp_filter", "0")]);
+        // A rule change arrives as a netlink notification (a full re-read).
+        lab.ip(
+            &lab.a,
+            "rule add fwmark 0x8000/0x8000 lookup 200 priority 900",
+        )
+        .expect("ip rule");
     });
     assert!(!replied, "the reply should die");
     assert_eq!(r["verdict"], "rp-filter", "{r:#}");
@@ -199,6 +205,12 @@ fn verdict_uses_the_state_in_force_when_the_reply_died() {
         evidence.iter().any(|e| e.contains("node state changed")
             && e.contains("sysctls")
             && e.contains("after the flow's last packet")),
+        "{evidence:#?}"
+    );
+    assert!(
+        evidence
+            .iter()
+            .any(|e| e.contains("node state changed") && e.contains("ip rules")),
         "{evidence:#?}"
     );
 }

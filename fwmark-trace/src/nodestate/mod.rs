@@ -3,6 +3,7 @@
 pub mod netlink;
 pub mod nft;
 pub mod sysctl;
+pub mod watch;
 
 use serde::Serialize;
 

@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::{
     events::{self, TraceEvent},
     kernel::tcx,
-    nodestate::{nft, History, NodeState, Snapshot},
+    nodestate::{nft, sysctl::Sysctls, watch::Watcher, History, NodeState, Snapshot},
     output::{summary::Summary, LostRecord, Sink, StatsRecord},
     registry::{Registry, RegistryArgs},
     trace::{self, TraceArgs},
@@ -48,18 +48,29 @@ pub struct WhyArgs {
 struct Collector<'a> {
     args: &'a WhyArgs,
     flows: FlowTracker,
-    /// Node state read every second: verdicts use what was in force when the reply died.
+    /// Node state, checked every second: verdicts use what was in force when the reply died.
     node: History,
+    /// Rule/route/xfrm/nftables change notifications (made at the first tick, inside the
+    /// traced namespace; `None` inside when they are unavailable: every tick reads all).
+    watch: Option<Option<Watcher>>,
 }
 
 impl Collector<'_> {
-    /// Reads the node state of the calling thread's namespace into the history.
+    /// Reads the node state of the calling thread's namespace into the history: all of it the
+    /// first time and after a change notification, otherwise only the sysctls (which mostly
+    /// change without one).
     fn read_node(&mut self) {
+        let watch = self.watch.get_or_insert_with(|| Watcher::new().ok());
+        let quiet = watch.as_mut().is_some_and(|w| !w.changed());
+        let state = match self.node.latest() {
+            Some(last) if quiet => NodeState {
+                sysctls: Sysctls::read(),
+                ..last.clone()
+            },
+            _ => NodeState::read(),
+        };
         let time = events::rfc3339(std::time::SystemTime::now());
-        if self
-            .node
-            .observe(events::monotonic_ns(), time, NodeState::read())
-        {
+        if self.node.observe(events::monotonic_ns(), time, state) {
             if let Some(change) = self.node.changes().last() {
                 let what = change.changed.join(", ");
                 eprintln!("fwmark-trace: node state changed: {what}");
@@ -134,6 +145,7 @@ pub fn run_with(args: &WhyArgs, on_ready: impl FnOnce()) -> Result<bool> {
         args,
         flows: FlowTracker::new(4096, 512),
         node: History::default(),
+        watch: None,
     };
     let tracer = std::cell::RefCell::new(None);
     trace::run_into(&targs, &mut collector, || {
