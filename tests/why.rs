@@ -51,33 +51,51 @@ fn why(lab: &Lab, extra: &[&str]) -> (Value, bool) {
 fn why_then(lab: &Lab, extra: &[&str], after: impl FnOnce()) -> (Value, bool) {
     why_at(
         lab,
-        &["--port", "7"],
-        (lab::SERVICE, 7),
-        (lab::SERVICE, 7),
-        extra,
-        "udp 10.77.0.1:",
+        &Watch {
+            extra,
+            ..Watch::echo(lab)
+        },
         after,
     )
 }
 
-/// `why` with a selection, the echo server's address in B, the client's target, and the
-/// prefix of the flow label to report on.
-fn why_at(
-    lab: &Lab,
-    select: &[&str],
-    server: (&str, u16),
-    target: (&str, u16),
-    extra: &[&str],
-    flow: &str,
-    after: impl FnOnce(),
-) -> (Value, bool) {
+/// One `why` run: where it watches, what it selects, the echo server's address in B, the
+/// client's target and SO_MARK, and the prefix of the flow label to report on.
+struct Watch<'a> {
+    ns: &'a str,
+    select: &'a [&'a str],
+    extra: &'a [&'a str],
+    server: (&'a str, u16),
+    target: (&'a str, u16),
+    client_mark: u32,
+    flow: &'a str,
+}
+
+impl<'a> Watch<'a> {
+    /// The client in A, marking its requests 0x4000, talks to the echo service; `why` in A.
+    fn echo(lab: &'a Lab) -> Self {
+        Watch {
+            ns: &lab.a,
+            select: &["--port", "7"],
+            extra: &[],
+            server: (lab::SERVICE, 7),
+            target: (lab::SERVICE, 7),
+            client_mark: 0x4000,
+            flow: "udp 10.77.0.1:",
+        }
+    }
+}
+
+/// Runs `why --json` while the client talks to the echo server; returns (report for the
+/// flow, whether the client got a reply).
+fn why_at(lab: &Lab, w: &Watch, after: impl FnOnce()) -> (Value, bool) {
     require_root();
     let stop = Arc::new(AtomicBool::new(false));
-    let server = lab::echo_server(&lab.b, server.0, server.1, stop.clone());
+    let server = lab::echo_server(&lab.b, w.server.0, w.server.1, stop.clone());
     let mut child = Command::new(BIN)
-        .args(["why", "--netns", &lab.a, "--duration", "4s", "--json"])
-        .args(select)
-        .args(extra)
+        .args(["why", "--netns", w.ns, "--duration", "4s", "--json"])
+        .args(w.select)
+        .args(w.extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -104,7 +122,7 @@ fn why_at(
             break;
         }
     }
-    let replied = lab::echo_client(&lab.a, target.0, target.1, 0x4000).expect("client");
+    let replied = lab::echo_client(&lab.a, w.target.0, w.target.1, w.client_mark).expect("client");
     after();
     let out = child.wait_with_output().unwrap();
     stop.store(true, Ordering::Relaxed);
@@ -120,7 +138,7 @@ fn why_at(
         .as_array()
         .and_then(|f| {
             f.iter()
-                .find(|f| f["flow"].as_str().is_some_and(|s| s.starts_with(flow)))
+                .find(|f| f["flow"].as_str().is_some_and(|s| s.starts_with(w.flow)))
         })
         .cloned()
         .unwrap_or_else(|| panic!("no report for the flow: {doc:#}"));
@@ -212,6 +230,54 @@ fn verdict_uses_the_state_in_force_when_the_reply_died() {
             .iter()
             .any(|e| e.contains("node state changed") && e.contains("ip rules")),
         "{evidence:#?}"
+    );
+}
+
+/// Cause 1 seen from the server: requests arriving on veth-b get ct mark 0x10, and
+/// `fwmark 0x10 lookup 110` would send replies back the same way, but nothing restores the ct
+/// mark onto the reply: it takes the main table and leaves by b2.
+#[test]
+fn cause1_server_side_reply_leaves_by_another_interface() {
+    let lab = two_path("why-srv");
+    lab.nft(
+        &lab.b,
+        "table inet srv {\n chain pre { type filter hook prerouting priority mangle; policy accept; iifname \"veth-b\" ct mark set 0x10; }\n}\n",
+    )
+    .expect("nft");
+    lab.ip(
+        &lab.b,
+        &format!("route add {}/32 dev veth-b table 110", lab::ADDR_A),
+    )
+    .expect("route");
+    lab.ip(&lab.b, "rule add fwmark 0x10/0x10 lookup 110 pref 900")
+        .expect("rule");
+    let (r, _) = why_at(
+        &lab,
+        &Watch {
+            ns: &lab.b,
+            client_mark: 0,
+            select: &["--port", "7", "--all"],
+            ..Watch::echo(&lab)
+        },
+        || {},
+    );
+    assert_eq!(r["verdict"], "reply-misrouted", "{r:#}");
+    let summary = r["summary"].as_str().unwrap();
+    for part in [
+        "left via b2, not veth-b",
+        "ct mark 0x10 was not restored",
+        "`900: fwmark 0x10/0x10 lookup 110` did not match",
+        "table main",
+    ] {
+        assert!(summary.contains(part), "{part:?} missing: {summary}");
+    }
+    assert!(
+        r["evidence"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e.as_str().unwrap().contains("meta mark set ct mark")),
+        "{r:#}"
     );
 }
 
@@ -351,11 +417,12 @@ fn flows_are_followed_across_nat() {
     .unwrap();
     let (r, replied) = why_at(
         &lab,
-        &["--host", "10.66.6.6", "--all"],
-        (lab::ADDR_B, 9951),
-        ("10.66.6.6", 9950),
-        &[],
-        "udp 10.77.0.1:",
+        &Watch {
+            select: &["--host", "10.66.6.6", "--all"],
+            server: (lab::ADDR_B, 9951),
+            target: ("10.66.6.6", 9950),
+            ..Watch::echo(&lab)
+        },
         || {},
     );
     assert!(replied, "the NAT'ed reply should arrive");

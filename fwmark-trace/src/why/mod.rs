@@ -205,9 +205,9 @@ pub fn run_with(args: &WhyArgs, on_ready: impl FnOnce()) -> Result<bool> {
     let seen = all.len();
     let reports: Vec<verdict::Report> = all
         .into_iter()
-        .filter(|r| args.all || r.verdict != "delivered")
+        .filter(|r| args.all || !verdict::healthy(r.verdict))
         .collect();
-    let lost = reports.iter().any(|r| r.verdict != "delivered");
+    let lost = reports.iter().any(|r| !verdict::healthy(r.verdict));
     if args.json {
         let doc = Document {
             flows: reports,

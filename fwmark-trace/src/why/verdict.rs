@@ -53,7 +53,8 @@ pub struct DropInfo {
 pub struct Report {
     pub flow: String,
     /// rp-filter, netfilter-drop, connmark-restore-mask, xfrm-policy, dropped, no-reply,
-    /// reply-lost, delivered.
+    /// reply-lost, reply-misrouted (seen from the server), and the healthy ones: delivered,
+    /// reply-sent (seen from the server).
     pub verdict: &'static str,
     pub summary: String,
     pub evidence: Vec<String>,
@@ -99,6 +100,101 @@ fn restore_clobber<'a>(reply: &[&'a Step]) -> Option<(&'a Step, u32)> {
         let lost = s.old_mark & !s.mark;
         (s.kind == "transition" && lost != 0 && s.mark & !ct == 0).then_some((s, lost))
     })
+}
+
+/// Seen from the server's side (the request came in from a device, the reply went out of one):
+/// whether the reply left where the request arrived, and if not, why its routing differed.
+fn server_side(
+    flow: &Flow,
+    request: &[&Step],
+    reply: &[&Step],
+    cx: &Context,
+    evidence: &mut Vec<String>,
+) -> Option<(&'static str, String)> {
+    let device = |path: &[&Step], hook: &str| {
+        path.iter()
+            .find(|s| s.hook == Some(hook))
+            .and_then(|s| s.ifname.clone())
+    };
+    let arrived = device(request, "netif_receive_skb")?;
+    let left = reply
+        .iter()
+        .rev()
+        .find(|s| s.hook == Some("net_dev_queue"))
+        .and_then(|s| s.ifname.clone())?;
+    let reply_mark = reply.last().map_or(0, |s| s.mark);
+    if arrived == left {
+        return Some((
+            "reply-sent",
+            format!(
+                "the reply left via {left} (mark {}), where the request arrived",
+                hex(reply_mark)
+            ),
+        ));
+    }
+    // The marks the request had (packet or connection) that routing by fwmark may expect.
+    let last = request.last();
+    let wanted: Vec<u32> = [
+        last.map_or(0, |s| s.mark),
+        last.and_then(|s| s.ct_mark).unwrap_or(0),
+    ]
+    .into_iter()
+    .filter(|m| *m != 0 && *m != reply_mark)
+    .collect();
+    let missed: Vec<String> = wanted
+        .iter()
+        .flat_map(|m| cx.state.rules_for(*m))
+        .filter(|r| r.fwmark.is_some() && !r.mark_matches(reply_mark))
+        .map(|r| format!("`{}`", r.describe()))
+        .collect();
+    // The table the reply's (last successful) routing lookup used.
+    let table = flow
+        .path(Dir::Reply)
+        .filter(|s| s.kind == "route" && s.route_result.as_deref() == Some("ok"))
+        .filter_map(|s| s.table)
+        .last();
+    let table = match table {
+        Some(254) => "table main".to_owned(),
+        Some(t) => format!("table {t}"),
+        None => "routing".to_owned(),
+    };
+    let ct = last
+        .and_then(|s| s.ct_mark)
+        .filter(|c| *c != 0 && c & !reply_mark != 0);
+    let mark = match ct {
+        Some(c) => format!(
+            "reply mark {} (the connection's ct mark {} was not restored)",
+            hex(reply_mark),
+            hex(c)
+        ),
+        None => format!("reply mark {}", hex(reply_mark)),
+    };
+    if ct.is_some() {
+        evidence.push(
+            "to route replies like their requests, restore the mark on output: `meta mark set ct mark` in a `type route hook output` chain (or CONNMARK --restore-mark in mangle OUTPUT)".into(),
+        );
+    }
+    if flow.proto == "tcp"
+        && cx.state.sysctls.tcp_fwmark_accept == 0
+        && last.is_some_and(|s| s.mark != 0)
+    {
+        evidence
+            .push("tcp_fwmark_accept=0: accepted TCP sockets do not take the SYN's mark".into());
+    }
+    let rules = if missed.is_empty() {
+        String::new()
+    } else {
+        format!(" → rule {} did not match", missed.join(", "))
+    };
+    Some((
+        "reply-misrouted",
+        format!("the reply left via {left}, not {arrived} where the request arrived: {mark}{rules} → {table} → {left}"),
+    ))
+}
+
+/// Whether a verdict means the reply made it (into this namespace, or out of the server's).
+pub fn healthy(verdict: &str) -> bool {
+    matches!(verdict, "delivered" | "reply-sent")
 }
 
 pub fn judge(flow: &Flow, cx: &Context) -> Report {
@@ -189,6 +285,12 @@ pub fn judge(flow: &Flow, cx: &Context) -> Report {
     };
 
     let drop_at = reply.iter().position(|s| s.kind == "drop");
+    if drop_at.is_none() {
+        if let Some(verdict) = server_side(flow, &request, &reply, cx, &mut report.evidence) {
+            (report.verdict, report.summary) = verdict;
+            return report;
+        }
+    }
     let Some(i) = drop_at else {
         let delivered = reply
             .iter()
@@ -654,5 +756,49 @@ mod tests {
             0,
         )]);
         assert_eq!(judge_with(&silent, &s, &[]).verdict, "no-reply");
+    }
+
+    #[test]
+    fn server_side_reply_leaving_elsewhere_is_misrouted() {
+        let point = |dir, hook, dev: &str, mark, ct| Step {
+            hook: Some(hook),
+            ifname: Some(dev.into()),
+            ct_mark: ct,
+            ..step(dir, "observe", hook, None, None, mark, mark)
+        };
+        let mut s = state();
+        // The request's connection mark would have chosen table 100 for the reply.
+        s.rules[1].fwmark = Some(0x10);
+        s.rules[1].fwmask = Some(0x10);
+        let route = Step {
+            table: Some(254),
+            route_result: Some("ok".into()),
+            ..step(Dir::Reply, "route", "routing table 254", None, None, 0, 0)
+        };
+        let f = flow(vec![
+            point(Dir::Request, "netif_receive_skb", "veth-b", 0, None),
+            point(Dir::Request, "input", "veth-b", 0, Some(0x10)),
+            route,
+            point(Dir::Reply, "output", "b2", 0, Some(0x10)),
+            point(Dir::Reply, "net_dev_queue", "b2", 0, Some(0x10)),
+        ]);
+        let r = judge_with(&f, &s, &[]);
+        assert_eq!(r.verdict, "reply-misrouted");
+        assert!(
+            r.summary.contains("left via b2, not veth-b")
+                && r.summary.contains("ct mark 0x10 was not restored")
+                && r.summary.contains("lookup 100` did not match")
+                && r.summary.contains("table main"),
+            "{}",
+            r.summary
+        );
+        // Leaving where it came in: healthy.
+        let mut same = f.clone();
+        for st in &mut same.steps {
+            st.ifname = Some("veth-b".into());
+        }
+        let r = judge_with(&same, &s, &[]);
+        assert_eq!(r.verdict, "reply-sent");
+        assert!(healthy(r.verdict));
     }
 }
