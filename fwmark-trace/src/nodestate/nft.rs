@@ -93,9 +93,11 @@ fn nft(args: &[&str]) -> Result<Vec<u8>> {
         .output()
         .with_context(|| format!("running `{cmd}` (is nftables installed?)"))?;
     if !out.status.success() {
+        // One line: nft explains itself over several.
+        let why = String::from_utf8_lossy(&out.stderr);
         bail!(
             "`{cmd}` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
+            why.trim().lines().collect::<Vec<_>>().join("; ")
         );
     }
     Ok(out.stdout)
