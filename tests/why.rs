@@ -68,6 +68,8 @@ struct Watch<'a> {
     server: (&'a str, u16),
     target: (&'a str, u16),
     client_mark: u32,
+    /// Another client instead of the UDP echo one (true: it got its reply).
+    client: Option<&'a dyn Fn() -> bool>,
     flow: &'a str,
 }
 
@@ -81,6 +83,7 @@ impl<'a> Watch<'a> {
             server: (lab::SERVICE, 7),
             target: (lab::SERVICE, 7),
             client_mark: 0x4000,
+            client: None,
             flow: "udp 10.77.0.1:",
         }
     }
@@ -122,7 +125,10 @@ fn why_at(lab: &Lab, w: &Watch, after: impl FnOnce()) -> (Value, bool) {
             break;
         }
     }
-    let replied = lab::echo_client(&lab.a, w.target.0, w.target.1, w.client_mark).expect("client");
+    let replied = match w.client {
+        Some(client) => client(),
+        None => lab::echo_client(&lab.a, w.target.0, w.target.1, w.client_mark).expect("client"),
+    };
     after();
     let out = child.wait_with_output().unwrap();
     stop.store(true, Ordering::Relaxed);
@@ -279,6 +285,27 @@ fn cause1_server_side_reply_leaves_by_another_interface() {
             .any(|e| e.as_str().unwrap().contains("meta mark set ct mark")),
         "{r:#}"
     );
+}
+
+/// ping reads echo replies from a raw socket, which gets a clone; the original then finds no
+/// ping socket (NO_SOCKET). That is a delivered reply, not a lost one.
+#[test]
+fn ping_reply_read_from_a_raw_socket_is_delivered() {
+    let lab = Lab::new("why-ping").expect("lab");
+    let ping = || ping_raw(&lab.a, lab::ADDR_B);
+    let (r, replied) = why_at(
+        &lab,
+        &Watch {
+            select: &["--proto", "icmp", "--all"],
+            server: (lab::ADDR_B, 7),
+            client: Some(&ping),
+            flow: "icmp 10.77.0.1 -> 10.77.0.2",
+            ..Watch::echo(&lab)
+        },
+        || {},
+    );
+    assert!(replied, "the echo reply should reach the raw socket");
+    assert_eq!(r["verdict"], "delivered", "{r:#}");
 }
 
 const CONNMARK: &str = "table inet cm {

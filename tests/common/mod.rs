@@ -195,6 +195,74 @@ pub fn send_udp6_with_hop_by_hop(ns: &str, dst: &str, port: u16) {
     .expect("sender thread");
 }
 
+/// Sends one ICMP echo request from a raw socket inside `ns` (as ping does) and waits up to a
+/// second for the echo reply on it.
+pub fn ping_raw(ns: &str, dst: &str) -> bool {
+    let (ns, dst) = (ns.to_owned(), dst.to_owned());
+    thread::spawn(move || {
+        fwmark_trace::netns::enter(&ns).expect("enter netns");
+        // SAFETY: plain socket calls on buffers we own.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP);
+            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            let tv = libc::timeval {
+                tv_sec: 1,
+                tv_usec: 0,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            );
+            // Echo request: type 8, code 0, checksum, id 0x4242, sequence 1, payload.
+            let mut msg = [8u8, 0, 0, 0, 0x42, 0x42, 0, 1, b'f', b'w', b'm', b't'];
+            let sum: u32 = msg
+                .chunks(2)
+                .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+                .sum();
+            let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
+            msg[2..4].copy_from_slice(&sum.to_be_bytes());
+            let addr: std::net::Ipv4Addr = dst.parse().unwrap();
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(addr.octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            libc::sendto(
+                fd,
+                msg.as_ptr().cast(),
+                msg.len(),
+                0,
+                (&sin as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            );
+            // Replies come with their IP header; wait for an echo reply (type 0).
+            let mut buf = [0u8; 256];
+            let mut got = false;
+            for _ in 0..8 {
+                let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+                if n <= 0 {
+                    break;
+                }
+                let ihl = usize::from(buf[0] & 0xf) * 4;
+                if n as usize > ihl && buf[ihl] == 0 {
+                    got = true;
+                    break;
+                }
+            }
+            libc::close(fd);
+            got
+        }
+    })
+    .join()
+    .expect("ping thread")
+}
+
 /// Events of one kind whose tuple goes to `dport`.
 pub fn events_to<'a>(events: &'a [Value], kind: &str, dport: u16) -> Vec<&'a Value> {
     events

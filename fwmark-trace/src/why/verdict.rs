@@ -52,9 +52,9 @@ pub struct DropInfo {
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub flow: String,
-    /// rp-filter, netfilter-drop, connmark-restore-mask, xfrm-policy, dropped, no-reply,
-    /// reply-lost, reply-misrouted (seen from the server), and the healthy ones: delivered,
-    /// reply-sent (seen from the server).
+    /// rp-filter, netfilter-drop, connmark-restore-mask, xfrm-policy, no-socket, dropped,
+    /// no-reply, reply-lost, reply-misrouted (seen from the server), and the healthy ones:
+    /// delivered, reply-sent (seen from the server).
     pub verdict: &'static str,
     pub summary: String,
     pub evidence: Vec<String>,
@@ -461,6 +461,22 @@ pub fn judge(flow: &Flow, cx: &Context) -> Report {
                 ),
             )
         }
+        // Past every netfilter hook, the stack found no socket: routing and marks did their job.
+        "NO_SOCKET" if flow.proto.starts_with("icmp") => (
+            "delivered",
+            format!(
+                "the reply reached this host's input path (mark {}); the kernel's own copy found no ping socket (NO_SOCKET), which is normal when ping reads from a raw socket: raw sockets receive a clone",
+                hex(reply_mark)
+            ),
+        ),
+        "NO_SOCKET" => (
+            "no-socket",
+            format!(
+                "the reply reached this host (mark {}, after {}) but no socket was there to take it (NO_SOCKET): the application closed its socket or never bound this port; not a routing or mark problem",
+                hex(reply_mark),
+                before.map_or("?".into(), |b| b.point.clone())
+            ),
+        ),
         other => (
             "dropped",
             format!(
@@ -800,5 +816,28 @@ mod tests {
         let r = judge_with(&same, &s, &[]);
         assert_eq!(r.verdict, "reply-sent");
         assert!(healthy(r.verdict));
+    }
+
+    #[test]
+    fn no_socket_after_input_is_not_a_mark_problem() {
+        let mut drop = step(Dir::Reply, "drop", "tracepoint kfree_skb", None, None, 0, 0);
+        drop.drop_reason = Some("NO_SOCKET".into());
+        let input = step(
+            Dir::Reply,
+            "observe",
+            "netfilter input ipv4 prio 2147483646",
+            Some("input"),
+            Some(i32::MAX - 1),
+            0,
+            0,
+        );
+        let mut f = flow(vec![input, drop]);
+        let r = judge_with(&f, &state(), &[]);
+        assert_eq!(r.verdict, "no-socket", "{}", r.summary);
+        // ping reads replies from a raw socket (a clone); the original finds no ping socket.
+        f.proto = "icmp".into();
+        let r = judge_with(&f, &state(), &[]);
+        assert_eq!(r.verdict, "delivered", "{}", r.summary);
+        assert!(r.summary.contains("raw sockets receive a clone"));
     }
 }
