@@ -44,10 +44,28 @@ impl NodeState {
     }
 
     /// The parts that differ from `before` (read errors aside).
+    /// Rules and routes per family: an IPv6 route appearing (say, once an address passed DAD)
+    /// says nothing about an IPv4 flow.
     pub fn changed_since(&self, before: &NodeState) -> Vec<&'static str> {
+        let rules = |s: &NodeState, v6: bool| -> Vec<netlink::IpRule> {
+            s.rules.iter().filter(|r| r.ipv6 == v6).cloned().collect()
+        };
+        let routes = |s: &NodeState, v6: bool| -> Vec<netlink::Route> {
+            let of = |r: &&netlink::Route| r.destination.contains(':') == v6;
+            s.routes.iter().filter(of).cloned().collect()
+        };
+        let differ = |v6| {
+            (
+                rules(self, v6) != rules(before, v6),
+                routes(self, v6) != routes(before, v6),
+            )
+        };
+        let ((rules4, routes4), (rules6, routes6)) = (differ(false), differ(true));
         [
-            ("ip rules", self.rules != before.rules),
-            ("routes", self.routes != before.routes),
+            ("IPv4 ip rules", rules4),
+            ("IPv6 ip rules", rules6),
+            ("IPv4 routes", routes4),
+            ("IPv6 routes", routes6),
             ("xfrm policies", self.xfrm != before.xfrm),
             ("sysctls", self.sysctls != before.sysctls),
             ("nft mark rules", self.mark_rules != before.mark_rules),
@@ -154,5 +172,19 @@ mod tests {
         assert_eq!(h.changes_between(0, 299).count(), 0);
         assert_eq!(h.changes_between(250, 400).count(), 1);
         assert_eq!(h.latest().unwrap().sysctls.rp_filter["all"], 0);
+    }
+
+    #[test]
+    fn changes_are_named_per_family() {
+        let before = with_rp_filter(1);
+        let mut after = before.clone();
+        after.routes.push(netlink::Route {
+            table: 254,
+            destination: "fe80::/64".into(),
+            gateway: None,
+            oif: Some(2),
+            kind: "unicast".into(),
+        });
+        assert_eq!(after.changed_since(&before), ["IPv6 routes"]);
     }
 }
