@@ -47,25 +47,27 @@ impl NodeState {
     /// Rules and routes per family: an IPv6 route appearing (say, once an address passed DAD)
     /// says nothing about an IPv4 flow.
     pub fn changed_since(&self, before: &NodeState) -> Vec<&'static str> {
-        let rules = |s: &NodeState, v6: bool| -> Vec<netlink::IpRule> {
-            s.rules.iter().filter(|r| r.ipv6 == v6).cloned().collect()
+        let rules_differ = |v6: bool| {
+            let of = |r: &&netlink::IpRule| r.ipv6 == v6;
+            !self
+                .rules
+                .iter()
+                .filter(of)
+                .eq(before.rules.iter().filter(of))
         };
-        let routes = |s: &NodeState, v6: bool| -> Vec<netlink::Route> {
+        let routes_differ = |v6: bool| {
             let of = |r: &&netlink::Route| r.destination.contains(':') == v6;
-            s.routes.iter().filter(of).cloned().collect()
+            !self
+                .routes
+                .iter()
+                .filter(of)
+                .eq(before.routes.iter().filter(of))
         };
-        let differ = |v6| {
-            (
-                rules(self, v6) != rules(before, v6),
-                routes(self, v6) != routes(before, v6),
-            )
-        };
-        let ((rules4, routes4), (rules6, routes6)) = (differ(false), differ(true));
         [
-            ("IPv4 ip rules", rules4),
-            ("IPv6 ip rules", rules6),
-            ("IPv4 routes", routes4),
-            ("IPv6 routes", routes6),
+            ("IPv4 ip rules", rules_differ(false)),
+            ("IPv6 ip rules", rules_differ(true)),
+            ("IPv4 routes", routes_differ(false)),
+            ("IPv6 routes", routes_differ(true)),
             ("xfrm policies", self.xfrm != before.xfrm),
             ("sysctls", self.sysctls != before.sysctls),
             ("nft mark rules", self.mark_rules != before.mark_rules),
