@@ -19,7 +19,6 @@ use crate::{
     kernel::features::Feature,
     kernel::observers::{Observers, Options},
     netns,
-    nodestate::nft,
     output::{
         metrics::{self, Gauges},
         summary::Summary,
@@ -149,7 +148,7 @@ pub fn run_into(args: &TraceArgs, sink: &mut dyn Sink, on_ready: impl FnOnce()) 
     }
     if !registry.profiled {
         // Built-in owners overlap; name the software whose rules are here so the user can say.
-        let found = registry.detect(&nft::read_names().unwrap_or_default());
+        let found = registry.detect(&obs.chain_names);
         if !found.is_empty() {
             let profile = crate::registry::cli::profile(&found);
             eprintln!("fwmark-trace: the ruleset holds rules of {}; attribution lists every candidate owner: narrow it with --owners {profile}", profile.replace(',', ", "));

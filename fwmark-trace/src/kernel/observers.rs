@@ -62,6 +62,8 @@ pub struct Observers {
     pub tc: Option<TcObservers>,
     pub plan: NfPlan,
     pub chains: Vec<nft::Chain>,
+    /// Every (table, chain) name of the ruleset at start, base or not: whose rules are here.
+    pub chain_names: Vec<nft::ChainName>,
     pub drop_reasons: HashMap<u32, String>,
     pub report: Vec<AttachStatus>,
     /// Kernel-side log records (aya-log); keeping it keeps its ring buffer alive.
@@ -167,11 +169,11 @@ impl Observers {
             report.push(status(format!("tp_btf {tp}"), res));
         }
 
-        let mut chains = match nft::read_chains() {
+        let (mut chains, chain_names) = match nft::read_chains_and_names() {
             Ok(c) => c,
             Err(err) => {
                 report.push(status("nftables chain bands".into(), Err(err)));
-                Vec::new()
+                Default::default()
             }
         };
         chains.extend(nft::kernel_users());
@@ -231,6 +233,7 @@ impl Observers {
             tc,
             plan,
             chains,
+            chain_names,
             drop_reasons,
             report,
             logger,

@@ -103,10 +103,19 @@ fn nft(args: &[&str]) -> Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
+/// A (table, chain) name pair.
+pub type ChainName = (String, String);
+
 /// Every table and chain name of the current namespace (base and regular chains, iptables-nft's
-/// included), as (table, chain): what registry owners are recognised by.
-pub fn read_names() -> Result<Vec<(String, String)>> {
+/// included): what registry owners are recognised by.
+pub fn read_names() -> Result<Vec<ChainName>> {
     parse_names(&nft(&["-j", "list", "chains"])?)
+}
+
+/// The base chains and every (table, chain) name, from one `nft -j list chains`.
+pub fn read_chains_and_names() -> Result<(Vec<Chain>, Vec<ChainName>)> {
+    let json = nft(&["-j", "list", "chains"])?;
+    Ok((parse_chains(&json)?, parse_names(&json)?))
 }
 
 /// The `chain` objects of `nft -j list chains` output.
@@ -119,7 +128,7 @@ fn chain_objects(json: &[u8]) -> Result<Vec<Value>> {
         .collect())
 }
 
-pub fn parse_names(json: &[u8]) -> Result<Vec<(String, String)>> {
+pub fn parse_names(json: &[u8]) -> Result<Vec<ChainName>> {
     Ok(chain_objects(json)?
         .iter()
         .filter_map(|c| {
