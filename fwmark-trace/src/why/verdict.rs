@@ -132,15 +132,15 @@ fn server_side(
             ),
         ));
     }
-    // The marks the request had (packet or connection) that routing by fwmark may expect.
+    // The marks the request had (packet or connection) that routing by fwmark may expect. The
+    // ct mark is the last one seen: a UDP socket drops the skb's conntrack reference on
+    // queueing, so the request's final point may carry none.
     let last = request.last();
-    let wanted: Vec<u32> = [
-        last.map_or(0, |s| s.mark),
-        last.and_then(|s| s.ct_mark).unwrap_or(0),
-    ]
-    .into_iter()
-    .filter(|m| *m != 0 && *m != reply_mark)
-    .collect();
+    let request_ct = request.iter().rev().find_map(|s| s.ct_mark);
+    let wanted: Vec<u32> = [last.map_or(0, |s| s.mark), request_ct.unwrap_or(0)]
+        .into_iter()
+        .filter(|m| *m != 0 && *m != reply_mark)
+        .collect();
     let missed: Vec<String> = wanted
         .iter()
         .flat_map(|m| cx.state.rules_for(*m))
@@ -158,9 +158,7 @@ fn server_side(
         Some(t) => format!("table {t}"),
         None => "routing".to_owned(),
     };
-    let ct = last
-        .and_then(|s| s.ct_mark)
-        .filter(|c| *c != 0 && c & !reply_mark != 0);
+    let ct = request_ct.filter(|c| *c != 0 && c & !reply_mark != 0);
     let mark = match ct {
         Some(c) => format!(
             "reply mark {} (the connection's ct mark {} was not restored)",
@@ -794,6 +792,8 @@ mod tests {
         let f = flow(vec![
             point(Dir::Request, "netif_receive_skb", "veth-b", 0, None),
             point(Dir::Request, "input", "veth-b", 0, Some(0x10)),
+            // A UDP socket drops the conntrack reference before the skb is consumed.
+            point(Dir::Request, "consume_skb", "veth-b", 0, None),
             route,
             point(Dir::Reply, "output", "b2", 0, Some(0x10)),
             point(Dir::Reply, "net_dev_queue", "b2", 0, Some(0x10)),
