@@ -270,8 +270,12 @@ impl Decoder {
         }
     }
 
-    /// Replaces the topology (interfaces, tcx chains, nft chains changed).
+    /// Replaces the topology (interfaces, tcx chains, nft chains changed). The caches that
+    /// depend on it are kept while it stays the same (the daemon re-reads it every second).
     pub fn set_topology(&mut self, topology: Topology) {
+        if topology == self.topology {
+            return;
+        }
         self.topology = topology;
         self.points.clear();
         self.segments.clear();
@@ -509,5 +513,29 @@ mod tests {
         );
         let json = serde_json::to_value(&ev.mark).unwrap();
         assert_eq!(json["new"], "0x100");
+    }
+
+    #[test]
+    fn caches_survive_an_unchanged_topology_and_not_a_changed_one() {
+        let topo = |name: &str| Topology {
+            ifnames: HashMap::from([(2, name.to_string())]),
+            ..Default::default()
+        };
+        let mut d = Decoder::new(topo("veth-a"), HashMap::new());
+        let at = Point {
+            layer: layer::TC,
+            ifindex: 2,
+            ..Default::default()
+        };
+        let first = d.point(&at);
+        d.set_topology(topo("veth-a"));
+        assert!(
+            Arc::ptr_eq(&first, &d.point(&at)),
+            "same topology: cache kept"
+        );
+        d.set_topology(topo("eth9"));
+        let renamed = d.point(&at);
+        assert!(!Arc::ptr_eq(&first, &renamed));
+        assert_eq!(renamed.ifname.as_deref(), Some("eth9"));
     }
 }

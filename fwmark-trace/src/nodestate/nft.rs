@@ -213,7 +213,7 @@ pub fn read_mark_rules() -> Result<Vec<MarkRule>> {
 }
 
 /// Which priority each netfilter slot program is linked at, per family and hook.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct NfPlan {
     sites: Vec<NfSite>,
     /// Chain priorities that did not get an observer of their own (more than the slots allow).

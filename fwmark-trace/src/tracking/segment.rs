@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::nodestate::nft::{hook_name, Chain, NfPlan};
 
 /// What the daemon knows about the observation points it placed.
-#[derive(Default)]
+#[derive(Default, PartialEq)]
 pub struct Topology {
     pub plan: Option<NfPlan>,
     pub chains: Vec<Chain>,
