@@ -16,6 +16,9 @@ pub struct NodeState {
     pub sysctls: sysctl::Sysctls,
     /// nft rules that read or write the packet or conntrack mark.
     pub mark_rules: Vec<nft::MarkRule>,
+    /// nft base chains (hook, priority): they name the band a mark changed or a packet died in.
+    #[serde(rename = "nft_chains", serialize_with = "chain_labels")]
+    pub chains: Vec<nft::Chain>,
     /// Non-fatal problems reading state (e.g. no xfrm support).
     pub errors: Vec<String>,
 }
@@ -39,6 +42,10 @@ impl NodeState {
         match nft::read_mark_rules() {
             Ok(r) => s.mark_rules = r,
             Err(e) => s.errors.push(format!("nft rules: {e:#}")),
+        }
+        match nft::read_chains() {
+            Ok(c) => s.chains = c,
+            Err(e) => s.errors.push(format!("nft chains: {e:#}")),
         }
         s
     }
@@ -71,6 +78,7 @@ impl NodeState {
             ("xfrm policies", self.xfrm != before.xfrm),
             ("sysctls", self.sysctls != before.sysctls),
             ("nft mark rules", self.mark_rules != before.mark_rules),
+            ("nft chains", self.chains != before.chains),
         ]
         .into_iter()
         .filter_map(|(what, changed)| changed.then_some(what))
@@ -85,6 +93,15 @@ impl NodeState {
             .filter(|r| !r.ipv6 && r.mark_matches(mark))
             .collect()
     }
+}
+
+/// Chains as `hook: family table/chain@priority`, how a person reads them.
+fn chain_labels<S: serde::Serializer>(chains: &[nft::Chain], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(
+        chains
+            .iter()
+            .map(|c| format!("{}: {}", nft::hook_name(c.hook), c.label())),
+    )
 }
 
 /// The node's state as it changed during a run: a verdict must reason with the rules that were

@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::{
     events::{self, TraceEvent},
     kernel::tcx,
-    nodestate::{nft, sysctl::Sysctls, watch::Watcher, History, NodeState, Snapshot},
+    nodestate::{sysctl::Sysctls, watch::Watcher, History, NodeState, Snapshot},
     output::{summary::Summary, LostRecord, Sink, StatsRecord},
     registry::{Registry, RegistryArgs},
     trace::{self, TraceArgs},
@@ -67,7 +67,11 @@ impl Collector<'_> {
                 sysctls: Sysctls::read(),
                 ..last.clone()
             },
-            _ => NodeState::read(),
+            _ => {
+                let mut s = NodeState::read();
+                s.chains.retain(|c| !nftrace::is_ours(c));
+                s
+            }
         };
         let time = events::rfc3339(std::time::SystemTime::now());
         if self.node.observe(events::monotonic_ns(), time, state) {
@@ -167,11 +171,6 @@ pub fn run_with(args: &WhyArgs, on_ready: impl FnOnce()) -> Result<bool> {
     let history = &collector.node;
     let end_ns = events::monotonic_ns();
     let empty = NodeState::default();
-    let chains: Vec<nft::Chain> = nft::read_chains()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|c| !nftrace::is_ours(c))
-        .collect();
     let registry = Registry::load(&args.registry)?;
     let names: Vec<(u32, String)> = tcx::list_interfaces().unwrap_or_default();
     let ifname = |i: u32| names.iter().find(|(x, _)| *x == i).map(|(_, n)| n.clone());
@@ -184,7 +183,6 @@ pub fn run_with(args: &WhyArgs, on_ready: impl FnOnce()) -> Result<bool> {
             let decided = last.map_or(end_ns, |s| s.ts_ns);
             let cx = verdict::Context {
                 state: history.at(decided).unwrap_or(&empty),
-                chains: &chains,
                 registry: &registry,
                 ifname: &ifname,
                 nft_drops: &nft_drops,

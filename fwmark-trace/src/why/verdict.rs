@@ -15,8 +15,8 @@ use crate::{
 
 /// What `judge` needs besides the flow.
 pub struct Context<'a> {
+    /// The node state in force when the flow's fate was decided (its nft chains included).
     pub state: &'a NodeState,
-    pub chains: &'a [Chain],
     pub registry: &'a Registry,
     /// ifindex → name in the traced namespace.
     pub ifname: &'a dyn Fn(u32) -> Option<String>,
@@ -312,6 +312,7 @@ pub fn judge(flow: &Flow, cx: &Context) -> Report {
             let (hook, prio) = (b.hook?, b.priority?);
             let family = if flow.src.contains(':') { 10 } else { 2 };
             let here: Vec<&Chain> = cx
+                .state
                 .chains
                 .iter()
                 .filter(|c| {
@@ -602,6 +603,10 @@ mod tests {
     }
 
     fn judge_with(f: &Flow, s: &NodeState, chains: &[Chain]) -> Report {
+        let s = &NodeState {
+            chains: chains.to_vec(),
+            ..s.clone()
+        };
         let reg = Registry::builtin().unwrap();
         let names = |i: u32| {
             Some(if i == 2 {
@@ -614,7 +619,6 @@ mod tests {
             f,
             &Context {
                 state: s,
-                chains,
                 registry: &reg,
                 ifname: &names,
                 nft_drops: &[],
