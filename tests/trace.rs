@@ -371,10 +371,13 @@ fn count_stops_after_n_events() {
 #[test]
 fn tcx_program_between_observers_is_named() {
     let lab = Lab::new("tcx").expect("lab");
-    let d = Daemon::start(&["--netns", &lab.a]);
+    let mut d = Daemon::start(&["--netns", &lab.a]);
     let (_link, id) = attach_mark_setter(&lab.a, lab::VETH_A, 0x77);
-    // The daemon re-reads tcx chains every second.
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // The daemon re-reads tcx chains every second and says what it found.
+    d.wait_for_stderr(
+        &format!("tcx egress of veth-a runs between our observers: test_setmark (id {id})"),
+        std::time::Duration::from_secs(10),
+    );
     send_udp(&lab.a, lab::ADDR_B, 9993, 2, None);
     let events = d.stop();
     let tr = events_to(&events, "transition", 9993);

@@ -256,12 +256,7 @@ async fn stream(
                     lost_seen = lost;
                 }
                 for change in obs.refresh_interfaces()? {
-                    use crate::kernel::tcx::Change;
-                    match change {
-                        Change::Attached(n) => eprintln!("fwmark-trace: tcx attached to new interface {n}"),
-                        Change::Detached(n) => eprintln!("fwmark-trace: interface {n} vanished"),
-                        Change::Failed(n, why) => eprintln!("fwmark-trace: tcx NOT attached to {n}: {why}"),
-                    }
+                    eprintln!("fwmark-trace: {change}");
                 }
                 ticks += 1;
                 if ticks.is_multiple_of(3) {

@@ -258,6 +258,11 @@ impl Observers {
                     ok: false,
                     detail: "vanished".into(),
                 },
+                tcx::Change::Programs(n, dir, progs) => AttachStatus {
+                    point: format!("tcx {n} {dir}"),
+                    ok: true,
+                    detail: format!("between our observers: {progs}"),
+                },
             });
         }
         if !me.report.iter().any(|s| s.ok) {

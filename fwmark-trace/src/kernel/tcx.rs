@@ -49,6 +49,21 @@ pub enum Change {
     Attached(String),
     Detached(String),
     Failed(String, String),
+    /// The foreign programs between our observers changed: (interface, direction, programs).
+    Programs(String, &'static str, String),
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Change::Attached(n) => write!(f, "tcx attached to new interface {n}"),
+            Change::Detached(n) => write!(f, "interface {n} vanished"),
+            Change::Failed(n, why) => write!(f, "tcx NOT attached to {n}: {why}"),
+            Change::Programs(n, dir, progs) => {
+                write!(f, "tcx {dir} of {n} runs between our observers: {progs}")
+            }
+        }
+    }
 }
 
 fn attach_type(dir: u8) -> TcAttachType {
@@ -142,16 +157,31 @@ impl TcObservers {
             }
         }
         for iface in self.interfaces.values_mut() {
-            for dir in [tc_dir::INGRESS, tc_dir::EGRESS] {
-                if let Ok((_, progs)) = SchedClassifier::query_tcx(&iface.name, attach_type(dir)) {
-                    iface.chain[dir as usize] = progs
+            for (dir, dir_name) in [(tc_dir::INGRESS, "ingress"), (tc_dir::EGRESS, "egress")] {
+                let Ok((_, progs)) = SchedClassifier::query_tcx(&iface.name, attach_type(dir))
+                else {
+                    continue;
+                };
+                let foreign: Vec<ForeignProgram> = progs
+                    .iter()
+                    .filter_map(|p| {
+                        let name = p.name_as_str().unwrap_or("").to_owned();
+                        (!name.starts_with("fwm_tc_")).then(|| ForeignProgram { id: p.id(), name })
+                    })
+                    .collect();
+                if foreign != iface.chain[dir as usize] {
+                    // Another datapath came or went: the operator wants to know.
+                    let list: Vec<String> = foreign
                         .iter()
-                        .filter_map(|p| {
-                            let name = p.name_as_str().unwrap_or("").to_owned();
-                            (!name.starts_with("fwm_tc_"))
-                                .then(|| ForeignProgram { id: p.id(), name })
-                        })
+                        .map(|p| format!("{} (id {})", p.name, p.id))
                         .collect();
+                    let list = if list.is_empty() {
+                        "none now".into()
+                    } else {
+                        list.join(", ")
+                    };
+                    changes.push(Change::Programs(iface.name.clone(), dir_name, list));
+                    iface.chain[dir as usize] = foreign;
                 }
             }
         }
