@@ -124,6 +124,58 @@ table ip aws-cni {
         .any(|o| o["owner"] == "calico-ebpf" && o["meaning"] == "seen"));
 }
 
+/// kube-proxy's masquerade bit the way kube-proxy writes it with iptables(-nft): the nat base
+/// chains are the table's own (OUTPUT, POSTROUTING) and the MARK targets sit in KUBE- chains
+/// they jump to. The writer is named from those chains.
+#[test]
+fn iptables_writer_is_named_from_the_chain_jumped_to() {
+    let lab = Lab::new("kp-ipt").expect("lab");
+    let ipt = |args: &str| {
+        let mut cmd = vec!["iptables", "-t", "nat"];
+        cmd.extend(args.split_whitespace());
+        lab.exec(&lab.a, &cmd).expect("iptables");
+    };
+    ipt("-N KUBE-MARK-MASQ");
+    ipt("-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000");
+    ipt("-N KUBE-POSTROUTING");
+    ipt("-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN");
+    ipt("-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000");
+    // MASQUERADE is also what turns conntrack (and with it the nat chains) on in the namespace.
+    ipt("-A KUBE-POSTROUTING -j MASQUERADE");
+    ipt("-A OUTPUT -p udp --dport 9983 -j KUBE-MARK-MASQ");
+    ipt("-A POSTROUTING -j KUBE-POSTROUTING");
+    let d = Daemon::start(&["--netns", &lab.a, "--owners", "kube-proxy"]);
+    send_udp(&lab.a, lab::ADDR_B, 9983, 1, None);
+    let events = d.stop();
+    let tr = events_to(&events, "transition", 9983);
+    for (set, hook, chain, writer) in [
+        (
+            "0x4000",
+            "output",
+            "ip nat/OUTPUT@-100",
+            "ip nat/KUBE-MARK-MASQ",
+        ),
+        (
+            "0x0",
+            "postrouting",
+            "ip nat/POSTROUTING@100",
+            "ip nat/KUBE-POSTROUTING",
+        ),
+    ] {
+        let e = tr
+            .iter()
+            .find(|e| e["mark"]["new"] == set && e["segment"]["hook"] == hook)
+            .unwrap_or_else(|| panic!("no {hook} transition to {set}: {tr:#?}"));
+        assert_eq!(e["segment"]["chains"], serde_json::json!([chain]), "{e}");
+        assert_eq!(
+            e["segment"]["mark_writers"],
+            serde_json::json!([writer]),
+            "{e}"
+        );
+        assert_eq!(e["attribution"]["writer"], "kube-proxy@current", "{e}");
+    }
+}
+
 fn cli(args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(BIN)
         .args(args)

@@ -70,6 +70,9 @@ pub struct Change<'a> {
     pub ct: Option<(u32, u32)>,
     /// Labels of the nft chains in the segment ("inet calico/cali-POSTROUTING@-150").
     pub chains: &'a [String],
+    /// Regular chains those chains reach that write a mark ("ip mangle/KUBE-MARK-MASQ"): with
+    /// iptables-nft the base chain is the table's, the owner's name is on these.
+    pub mark_writers: &'a [String],
     /// The mark came from the sending socket (SO_MARK): a recognised value names the writer.
     pub socket: bool,
 }
@@ -167,6 +170,7 @@ pub fn attribute(reg: &Registry, c: &Change) -> Attribution {
         .filter(|o| {
             c.chains
                 .iter()
+                .chain(c.mark_writers)
                 .any(|l| chain_names(l).any(|n| o.owns_chain(n)))
         })
         .collect();
@@ -531,6 +535,29 @@ mod tests {
     fn multi_owner_without_a_known_writer() {
         let a = attribute(&reg(), &ch(0, 0x84000));
         assert!(a.warnings.iter().any(|w| w.kind == "multi-owner"), "{a:?}");
+    }
+
+    /// iptables-nft: the band holds only "ip nat/OUTPUT"; the owner's name is on the chain it
+    /// jumps to that writes the mark.
+    #[test]
+    fn writer_named_by_the_chain_the_base_chain_jumps_to() {
+        let chains = ["ip nat/OUTPUT@-100".to_string()];
+        let below = ["ip nat/KUBE-MARK-MASQ".to_string()];
+        let c = Change {
+            old: 0,
+            new: 0x4000,
+            chains: &chains,
+            ..Default::default()
+        };
+        assert_eq!(attribute(&reg(), &c).writer, None);
+        let a = attribute(
+            &reg(),
+            &Change {
+                mark_writers: &below,
+                ..c
+            },
+        );
+        assert_eq!(a.writer.as_deref(), Some("kube-proxy@current"));
     }
 
     /// Collision 1 (mark-owners.md): Tailscale's bypass bit cleared by Calico's entry clear.

@@ -361,6 +361,7 @@ impl Decoder {
                         new: ev.new_mark,
                         ct,
                         chains: &seg.chains,
+                        mark_writers: &seg.mark_writers,
                         socket: seg.layer == "socket",
                     };
                     Rendered::new(attribute(reg, &change))

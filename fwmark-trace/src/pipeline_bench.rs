@@ -106,6 +106,7 @@ pub fn run(args: &BenchPipelineArgs) -> Result<PipelineResult> {
         name: "mangle_out".into(),
         hook: 3,
         priority: -150,
+        mark_writers: vec![],
     }];
     let mut topology = Topology {
         plan: Some(NfPlan::new(&chains)),

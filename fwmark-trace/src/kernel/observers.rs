@@ -19,7 +19,10 @@ use super::{
     netfilter::{NfPrograms, NfSite},
     tcx::{self, TcObservers},
 };
-use crate::nodestate::nft::{self, NfPlan};
+use crate::nodestate::{
+    nft::{self, NfPlan},
+    watch::Watcher,
+};
 
 /// The kernel object built from fwmark-trace-ebpf (see build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fwmark-trace"));
@@ -71,6 +74,9 @@ pub struct Observers {
     /// Kept to link band observers for chains that appear during the run.
     nf: Option<NfPrograms>,
     nf_links: Vec<OwnedFd>,
+    /// nftables change notifications: the ruleset is read again only after one (`None`:
+    /// unavailable, read at every refresh).
+    nft_watch: Option<Watcher>,
 }
 
 impl Observers {
@@ -169,6 +175,8 @@ impl Observers {
             report.push(status(format!("tp_btf {tp}"), res));
         }
 
+        // Listening before the first read: a change in between is not missed.
+        let nft_watch = Watcher::nftables().ok();
         let (mut chains, chain_names) = match nft::read_chains_and_names() {
             Ok(c) => c,
             Err(err) => {
@@ -239,6 +247,7 @@ impl Observers {
             logger,
             nf,
             nf_links,
+            nft_watch,
         };
         let changes = me.refresh_interfaces()?;
         for c in changes {
@@ -288,6 +297,9 @@ impl Observers {
     /// Re-reads the nft chains; when they changed, updates the chain names segments show and
     /// links band observers for new chain priorities. Returns what changed, for the log.
     pub fn refresh_chains(&mut self) -> Vec<String> {
+        if self.nft_watch.as_mut().is_some_and(|w| !w.changed()) {
+            return Vec::new();
+        }
         let Ok(mut chains) = nft::read_chains() else {
             return Vec::new();
         };

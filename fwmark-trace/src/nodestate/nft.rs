@@ -2,6 +2,11 @@
 //! netfilter observer plan derived from them: besides the first and last priority of every hook,
 //! one observer just after each distinct chain priority, so a mark change is pinned to the band
 //! holding one chain priority (e.g. "output ipv4, -150..0: inet fw/mangle_out").
+//!
+//! Chains are read from `nft -j list ruleset`: its rules say which regular chains a base chain
+//! jumps to and which of them write a mark, so a change in "ip mangle/OUTPUT" (iptables-nft)
+//! can be put down to the KUBE-… or cali-… chain that wrote it.
+use std::collections::{HashMap, HashSet};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -11,7 +16,7 @@ use serde_json::Value;
 use crate::kernel::netfilter::{NfSite, FAMILIES, HOOKS, PRIO_FIRST, PRIO_LAST};
 
 /// A base chain: it sits on a hook at a priority.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Chain {
     /// nft family: ip, ip6, inet (others never reach the IPv4/IPv6 hooks).
     pub family: String,
@@ -19,6 +24,9 @@ pub struct Chain {
     pub name: String,
     pub hook: u8,
     pub priority: i32,
+    /// Regular chains it reaches by jump or goto (verdict maps included) that write the packet
+    /// or conntrack mark, as "family table/chain".
+    pub mark_writers: Vec<String>,
 }
 
 /// Table name of the kernel's own hook users (not nft chains, but they bound bands too).
@@ -37,6 +45,7 @@ pub fn kernel_users() -> Vec<Chain> {
             name: "conntrack".into(),
             hook,
             priority: -200,
+            mark_writers: Vec::new(),
         })
         .collect()
 }
@@ -82,7 +91,7 @@ pub fn hook_name(hook: u8) -> &'static str {
 /// Reads the base chains of the current network namespace. No `nft` binary or no permission is
 /// an error; an empty ruleset is not.
 pub fn read_chains() -> Result<Vec<Chain>> {
-    parse_chains(&nft(&["-j", "list", "chains"])?)
+    Ok(parse_chains(&items(&nft(&["-j", "list", "ruleset"])?)?))
 }
 
 /// Runs `nft ARGS` in the calling thread's namespace; its stdout, or its error in one line.
@@ -109,53 +118,142 @@ pub type ChainName = (String, String);
 /// Every table and chain name of the current namespace (base and regular chains, iptables-nft's
 /// included): what registry owners are recognised by.
 pub fn read_names() -> Result<Vec<ChainName>> {
-    parse_names(&nft(&["-j", "list", "chains"])?)
+    Ok(parse_names(&items(&nft(&["-j", "list", "chains"])?)?))
 }
 
-/// The base chains and every (table, chain) name, from one `nft -j list chains`.
+/// The base chains and every (table, chain) name, from one `nft -j list ruleset`.
 pub fn read_chains_and_names() -> Result<(Vec<Chain>, Vec<ChainName>)> {
-    let json = nft(&["-j", "list", "chains"])?;
-    Ok((parse_chains(&json)?, parse_names(&json)?))
+    let items = items(&nft(&["-j", "list", "ruleset"])?)?;
+    Ok((parse_chains(&items), parse_names(&items)))
 }
 
-/// The `chain` objects of `nft -j list chains` output.
-fn chain_objects(json: &[u8]) -> Result<Vec<Value>> {
-    let doc: Value = serde_json::from_slice(json).context("parsing nft JSON output")?;
-    let items = doc["nftables"].as_array().cloned().unwrap_or_default();
-    Ok(items
-        .into_iter()
-        .filter_map(|mut i| i.get_mut("chain").map(Value::take))
-        .collect())
+/// The objects of nft JSON output (`{"nftables": [{"chain": …}, {"rule": …}, …]}`).
+pub fn items(json: &[u8]) -> Result<Vec<Value>> {
+    let mut doc: Value = serde_json::from_slice(json).context("parsing nft JSON output")?;
+    Ok(match doc["nftables"].take() {
+        Value::Array(items) => items,
+        _ => Vec::new(),
+    })
 }
 
-pub fn parse_names(json: &[u8]) -> Result<Vec<ChainName>> {
-    Ok(chain_objects(json)?
-        .iter()
+/// The `kind` objects ("chain", "rule") among `items`.
+fn objects<'a>(items: &'a [Value], kind: &'a str) -> impl Iterator<Item = &'a Value> {
+    items.iter().filter_map(move |i| i.get(kind))
+}
+
+pub fn parse_names(items: &[Value]) -> Vec<ChainName> {
+    objects(items, "chain")
         .filter_map(|c| {
             let name = |k: &str| c.get(k)?.as_str().map(str::to_owned);
             Some((name("table")?, name("name")?))
         })
-        .collect())
+        .collect()
 }
 
-pub fn parse_chains(json: &[u8]) -> Result<Vec<Chain>> {
-    Ok(chain_objects(json)?
-        .iter()
+/// A chain's identity: (family, table, name).
+type ChainKey = (String, String, String);
+
+fn key(o: &Value, name: &str) -> Option<ChainKey> {
+    let s = |k: &str| o.get(k)?.as_str().map(str::to_owned);
+    Some((s("family")?, s("table")?, s(name)?))
+}
+
+pub fn parse_chains(items: &[Value]) -> Vec<Chain> {
+    let graph = Graph::new(items);
+    objects(items, "chain")
         .filter_map(|c| {
             let hook = hook_number(c.get("hook")?.as_str()?)?;
-            let family = c.get("family")?.as_str()?;
-            if !matches!(family, "ip" | "ip6" | "inet") {
+            let (family, table, name) = key(c, "name")?;
+            if !matches!(family.as_str(), "ip" | "ip6" | "inet") {
                 return None;
             }
+            let mark_writers = graph.writers_below(&(family.clone(), table.clone(), name.clone()));
             Some(Chain {
-                family: family.to_owned(),
-                table: c.get("table")?.as_str()?.to_owned(),
-                name: c.get("name")?.as_str()?.to_owned(),
+                family,
+                table,
+                name,
                 hook,
                 priority: i32::try_from(c.get("prio")?.as_i64()?).ok()?,
+                mark_writers,
             })
         })
-        .collect())
+        .collect()
+}
+
+/// Which chains each chain jumps to, and which chains write a mark.
+struct Graph {
+    jumps: HashMap<ChainKey, Vec<String>>,
+    writes: HashSet<ChainKey>,
+}
+
+impl Graph {
+    fn new(items: &[Value]) -> Self {
+        let mut g = Graph {
+            jumps: HashMap::new(),
+            writes: HashSet::new(),
+        };
+        for rule in objects(items, "rule") {
+            let (Some(k), Some(expr)) = (key(rule, "chain"), rule.get("expr")) else {
+                continue;
+            };
+            jump_targets(expr, g.jumps.entry(k.clone()).or_default());
+            if writes_mark(expr) {
+                g.writes.insert(k);
+            }
+        }
+        g
+    }
+
+    /// The chains reachable from `base` (itself left out) that write a mark, nearest first.
+    fn writers_below(&self, base: &ChainKey) -> Vec<String> {
+        let (family, table, _) = base;
+        let mut seen = HashSet::from([base.clone()]);
+        let mut queue = std::collections::VecDeque::from([base.clone()]);
+        let mut out = Vec::new();
+        while let Some(k) = queue.pop_front() {
+            for target in self.jumps.get(&k).into_iter().flatten() {
+                let t = (family.clone(), table.clone(), target.clone());
+                if seen.insert(t.clone()) {
+                    if self.writes.contains(&t) {
+                        out.push(format!("{family} {table}/{target}"));
+                    }
+                    queue.push_back(t);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Every jump or goto target anywhere in a rule's expressions (verdict maps included).
+fn jump_targets(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                match x.get("target").and_then(Value::as_str) {
+                    Some(t) if k == "jump" || k == "goto" => out.push(t.to_owned()),
+                    _ => jump_targets(x, out),
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| jump_targets(x, out)),
+        _ => {}
+    }
+}
+
+/// Whether a rule sets the packet or conntrack mark: nft's `meta mark set`/`ct mark set`, or
+/// iptables-nft's MARK and CONNMARK targets (kept as `xt` expressions).
+fn writes_mark(expr: &Value) -> bool {
+    let Some(exprs) = expr.as_array() else {
+        return false;
+    };
+    exprs.iter().any(|e| {
+        let mangled = &e["mangle"]["key"];
+        mangled["meta"]["key"] == "mark"
+            || mangled["ct"]["key"] == "mark"
+            || (e["xt"]["type"] == "target"
+                && matches!(e["xt"]["name"].as_str(), Some("MARK" | "CONNMARK")))
+    })
 }
 
 /// An nft rule that reads or writes the packet mark or the conntrack mark.
@@ -332,16 +430,63 @@ mod tests {
       {"chain": {"family": "bridge", "table": "b", "name": "c", "handle": 4,
                  "hook": "output", "prio": 5}}]}"#;
 
+    fn sample() -> Vec<Chain> {
+        parse_chains(&items(SAMPLE.as_bytes()).unwrap())
+    }
+
+    /// iptables-nft's mangle OUTPUT jumping to a KUBE- chain (MARK target) and going to a cali-
+    /// chain via a verdict map that jumps further to one writing with `ct mark set`; a chain
+    /// that writes but is never reached; a jump loop.
+    const RULESET: &str = r#"{"nftables": [
+      {"chain": {"family": "ip", "table": "mangle", "name": "OUTPUT", "hook": "output", "prio": -150}},
+      {"chain": {"family": "ip", "table": "mangle", "name": "KUBE-MARK-MASQ"}},
+      {"chain": {"family": "ip", "table": "mangle", "name": "cali-OUTPUT"}},
+      {"chain": {"family": "ip", "table": "mangle", "name": "cali-save"}},
+      {"chain": {"family": "ip", "table": "mangle", "name": "ISTIO_OUTPUT"}},
+      {"rule": {"family": "ip", "table": "mangle", "chain": "OUTPUT", "expr": [
+        {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "udp"}},
+        {"jump": {"target": "KUBE-MARK-MASQ"}}]}},
+      {"rule": {"family": "ip", "table": "mangle", "chain": "OUTPUT", "expr": [
+        {"vmap": {"key": {"meta": {"key": "oifname"}},
+                  "data": {"set": [["eth0", {"goto": {"target": "cali-OUTPUT"}}]]}}}]}},
+      {"rule": {"family": "ip", "table": "mangle", "chain": "KUBE-MARK-MASQ", "expr": [
+        {"counter": {"packets": 0, "bytes": 0}}, {"xt": {"type": "target", "name": "MARK"}}]}},
+      {"rule": {"family": "ip", "table": "mangle", "chain": "cali-OUTPUT", "expr": [
+        {"jump": {"target": "cali-save"}}, {"jump": {"target": "OUTPUT"}}]}},
+      {"rule": {"family": "ip", "table": "mangle", "chain": "cali-save", "expr": [
+        {"mangle": {"key": {"ct": {"key": "mark"}}, "value": {"meta": {"key": "mark"}}}}]}},
+      {"rule": {"family": "ip", "table": "mangle", "chain": "ISTIO_OUTPUT", "expr": [
+        {"mangle": {"key": {"meta": {"key": "mark"}}, "value": 1337}}]}}]}"#;
+
+    #[test]
+    fn base_chains_name_the_chains_below_them_that_write_marks() {
+        let chains = parse_chains(&items(RULESET.as_bytes()).unwrap());
+        assert_eq!(chains.len(), 1);
+        assert_eq!(
+            chains[0].mark_writers,
+            vec!["ip mangle/KUBE-MARK-MASQ", "ip mangle/cali-save"]
+        );
+        // `list chains` output (no rules): no writers, the chains all the same.
+        let bare: Vec<Value> = items(RULESET.as_bytes())
+            .unwrap()
+            .into_iter()
+            .filter(|i| i.get("rule").is_none())
+            .collect();
+        assert!(parse_chains(&bare)[0].mark_writers.is_empty());
+    }
+
     proptest::proptest! {
         #[test]
         fn any_json_is_handled(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
-            let _ = parse_chains(&bytes);
+            if let Ok(items) = items(&bytes) {
+                let _ = parse_chains(&items);
+            }
         }
     }
 
     #[test]
     fn parses_base_chains_only() {
-        let chains = parse_chains(SAMPLE.as_bytes()).unwrap();
+        let chains = sample();
         assert_eq!(chains.len(), 2);
         assert_eq!(chains[0].label(), "inet fw/mangle_out@-150");
         assert_eq!(chains[1].hook, 3);
@@ -350,7 +495,7 @@ mod tests {
 
     #[test]
     fn plan_places_an_observer_after_each_chain_priority() {
-        let chains = parse_chains(SAMPLE.as_bytes()).unwrap();
+        let chains = sample();
         let plan = NfPlan::new(&chains);
         // IPv4 output: first, last, after -150, after 0.
         assert_eq!(plan.priority(2, 3, 0), Some(PRIO_FIRST));
@@ -384,7 +529,7 @@ mod tests {
 
     #[test]
     fn additions_take_free_slots_for_new_priorities() {
-        let chains = parse_chains(SAMPLE.as_bytes()).unwrap();
+        let chains = sample();
         let plan = NfPlan::new(&chains[..1]);
         let adds = plan.additions(&chains);
         // The ip filter_out chain at 0 is new for IPv4 output only.
@@ -409,6 +554,7 @@ mod tests {
                 name: format!("c{i}"),
                 hook: 0,
                 priority: i * 10,
+                mark_writers: vec![],
             })
             .collect();
         let plan = NfPlan::new(&chains);

@@ -37,8 +37,17 @@ pub struct Watcher {
 
 impl Watcher {
     pub fn new() -> Result<Self> {
+        Self::with(&GROUPS)
+    }
+
+    /// nftables changes only (what the tracer re-reads its chain bands on).
+    pub fn nftables() -> Result<Self> {
+        Self::with(&GROUPS[2..])
+    }
+
+    fn with(groups: &[(isize, &[u32])]) -> Result<Self> {
         let mut sockets = Vec::new();
-        for (protocol, groups) in GROUPS {
+        for &(protocol, groups) in groups {
             let mut s = Socket::new(protocol).context("opening a netlink socket")?;
             s.bind(&SocketAddr::new(0, 0))?;
             for g in groups {

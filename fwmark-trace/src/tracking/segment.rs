@@ -54,6 +54,10 @@ pub struct Segment {
     pub priority_range: Option<[i32; 2]>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub chains: Vec<String>,
+    /// Regular chains the chains above jump to that write a mark (where iptables-nft's rules
+    /// live: the base chain is only "ip mangle/OUTPUT").
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mark_writers: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub programs: Vec<String>,
     pub from: PointInfo,
@@ -170,6 +174,7 @@ impl Topology {
             family: None,
             priority_range: None,
             chains: Vec::new(),
+            mark_writers: Vec::new(),
             programs: Vec::new(),
             from,
         };
@@ -281,25 +286,35 @@ impl Topology {
         seg.family = family_name(at.family);
         if let (Some(lo), Some(hi)) = (lo, hi) {
             seg.priority_range = Some([lo, hi]);
-            seg.chains = self
+            let here: Vec<&Chain> = self
                 .chains
                 .iter()
                 .filter(|c| c.hook == at.hook && c.covers(at.family))
                 .filter(|c| c.priority >= lo && c.priority < hi)
-                .map(Chain::label)
                 .collect();
+            seg.chains = here.iter().map(|c| c.label()).collect();
+            for w in here.iter().flat_map(|c| &c.mark_writers) {
+                if !seg.mark_writers.contains(w) {
+                    seg.mark_writers.push(w.clone());
+                }
+            }
         }
         let range = seg
             .priority_range
             .map_or("?".into(), |[a, b]| format!("{a}..{b}"));
         seg.description = format!(
-            "netfilter {} {}, priority {range}{}",
+            "netfilter {} {}, priority {range}{}{}",
             seg.hook.unwrap_or("?"),
             seg.family.unwrap_or("?"),
             if seg.chains.is_empty() {
                 String::new()
             } else {
                 format!(": {}", seg.chains.join(", "))
+            },
+            if seg.mark_writers.is_empty() {
+                String::new()
+            } else {
+                format!(" (marks written in {})", seg.mark_writers.join(", "))
             }
         );
     }
@@ -317,6 +332,7 @@ mod tests {
             name: "mangle_out".into(),
             hook: 3,
             priority: -150,
+            mark_writers: vec![],
         }];
         let mut t = Topology {
             plan: Some(NfPlan::new(&chains)),

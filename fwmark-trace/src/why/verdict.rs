@@ -711,6 +711,7 @@ mod tests {
             name: "in".into(),
             hook: 1,
             priority: 0,
+            mark_writers: vec![],
         }];
         let plain = flow(
             vec![input.clone(), drop.clone()]
