@@ -287,6 +287,68 @@ fn cause1_server_side_reply_leaves_by_another_interface() {
     );
 }
 
+/// The kernel answers pings itself: marked echo requests (0x10 on arrival at veth-b) would have
+/// their replies routed back by `fwmark 0x10 lookup 110`, but the reply takes the request's mark
+/// only with net.ipv4.fwmark_reflect=1. Off: it leaves by b2 and why says so; on: it leaves
+/// where the request arrived.
+#[test]
+fn server_side_echo_reply_takes_the_mark_only_with_fwmark_reflect() {
+    let lab = two_path("why-refl");
+    lab.nft(
+        &lab.b,
+        "table inet srv {\n chain pre { type filter hook prerouting priority mangle; policy accept; iifname \"veth-b\" meta mark set 0x10; }\n}\n",
+    )
+    .expect("nft");
+    lab.ip(
+        &lab.b,
+        &format!("route add {}/32 dev veth-b table 110", lab::ADDR_A),
+    )
+    .expect("route");
+    lab.ip(&lab.b, "rule add fwmark 0x10/0x10 lookup 110 pref 900")
+        .expect("rule");
+    let ping = || ping_raw(&lab.a, lab::ADDR_B);
+    let watch = |reflect: &str| {
+        lab.exec(
+            &lab.b,
+            &[
+                "sysctl",
+                "-qw",
+                &format!("net.ipv4.fwmark_reflect={reflect}"),
+            ],
+        )
+        .expect("sysctl");
+        why_at(
+            &lab,
+            &Watch {
+                ns: &lab.b,
+                select: &["--proto", "icmp", "--all"],
+                server: (lab::ADDR_B, 7),
+                client: Some(&ping),
+                flow: "icmp 10.77.0.1 -> 10.77.0.2",
+                ..Watch::echo(&lab)
+            },
+            || {},
+        )
+        .0
+    };
+    let off = watch("0");
+    assert_eq!(off["verdict"], "reply-misrouted", "{off:#}");
+    let summary = off["summary"].as_str().unwrap();
+    for part in [
+        "left via b2, not veth-b",
+        "fwmark_reflect=0",
+        "`900: fwmark 0x10/0x10 lookup 110` did not match",
+    ] {
+        assert!(summary.contains(part), "{part:?} missing: {summary}");
+    }
+    let on = watch("1");
+    assert_eq!(on["verdict"], "reply-sent", "{on:#}");
+    assert!(
+        on["summary"].as_str().unwrap().contains("left via veth-b"),
+        "{on:#}"
+    );
+}
+
 /// ping reads echo replies from a raw socket, which gets a clone; the original then finds no
 /// ping socket (NO_SOCKET). That is a delivered reply, not a lost one.
 #[test]

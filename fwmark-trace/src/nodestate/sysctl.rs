@@ -11,6 +11,8 @@ pub struct Sysctls {
     pub rp_filter: BTreeMap<String, u8>,
     pub src_valid_mark: BTreeMap<String, u8>,
     pub fwmark_reflect: u8,
+    /// net.ipv6.fwmark_reflect (IPv6 has its own).
+    pub fwmark_reflect6: u8,
     pub tcp_fwmark_accept: u8,
 }
 
@@ -23,6 +25,7 @@ impl Sysctls {
     pub fn read() -> Self {
         let mut s = Sysctls {
             fwmark_reflect: read_u8("/proc/sys/net/ipv4/fwmark_reflect").unwrap_or(0),
+            fwmark_reflect6: read_u8("/proc/sys/net/ipv6/fwmark_reflect").unwrap_or(0),
             tcp_fwmark_accept: read_u8("/proc/sys/net/ipv4/tcp_fwmark_accept").unwrap_or(0),
             ..Default::default()
         };

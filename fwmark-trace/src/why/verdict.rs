@@ -167,6 +167,26 @@ fn server_side(
         ),
         None => format!("reply mark {}", hex(reply_mark)),
     };
+    // The kernel answers pings itself; its reply (like its ICMP errors and TCP resets) takes
+    // the request's mark only with fwmark_reflect=1.
+    let request_mark = last.map_or(0, |s| s.mark);
+    let reflect = if flow.src.contains(':') {
+        cx.state.sysctls.fwmark_reflect6
+    } else {
+        cx.state.sysctls.fwmark_reflect
+    };
+    let unreflected = flow.proto.starts_with("icmp") && reflect == 0 && request_mark != 0;
+    let mark = if unreflected {
+        format!(
+            "{mark} (fwmark_reflect=0: the kernel's echo reply does not take the request's mark {})",
+            hex(request_mark)
+        )
+    } else {
+        mark
+    };
+    if unreflected {
+        evidence.push("fwmark_reflect=0: replies the kernel builds itself (ICMP echo replies and errors, TCP resets) carry no mark; with net.ipv4/ipv6.fwmark_reflect=1 they take the request's".into());
+    }
     if ct.is_some() {
         evidence.push(
             "to route replies like their requests, restore the mark on output: `meta mark set ct mark` in a `type route hook output` chain (or CONNMARK --restore-mark in mangle OUTPUT)".into(),
