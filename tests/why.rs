@@ -239,15 +239,13 @@ fn verdict_uses_the_state_in_force_when_the_reply_died() {
     );
 }
 
-/// Cause 1 seen from the server: requests arriving on veth-b get ct mark 0x10, and
-/// `fwmark 0x10 lookup 110` would send replies back the same way, but nothing restores the ct
-/// mark onto the reply: it takes the main table and leaves by b2.
-#[test]
-fn cause1_server_side_reply_leaves_by_another_interface() {
-    let lab = two_path("why-srv");
+/// B marks what arrives on veth-b with `STMT 0x10` (`ct mark set`, `meta mark set`) and
+/// `fwmark 0x10 lookup 110` would route replies back via veth-b; the main table says b2.
+fn server_routes_by_mark(tag: &str, stmt: &str) -> Lab {
+    let lab = two_path(tag);
     lab.nft(
         &lab.b,
-        "table inet srv {\n chain pre { type filter hook prerouting priority mangle; policy accept; iifname \"veth-b\" ct mark set 0x10; }\n}\n",
+        &format!("table inet srv {{\n chain pre {{ type filter hook prerouting priority mangle; policy accept; iifname \"veth-b\" {stmt} 0x10; }}\n}}\n"),
     )
     .expect("nft");
     lab.ip(
@@ -257,6 +255,15 @@ fn cause1_server_side_reply_leaves_by_another_interface() {
     .expect("route");
     lab.ip(&lab.b, "rule add fwmark 0x10/0x10 lookup 110 pref 900")
         .expect("rule");
+    lab
+}
+
+/// Cause 1 seen from the server: requests arriving on veth-b get ct mark 0x10, and
+/// `fwmark 0x10 lookup 110` would send replies back the same way, but nothing restores the ct
+/// mark onto the reply: it takes the main table and leaves by b2.
+#[test]
+fn cause1_server_side_reply_leaves_by_another_interface() {
+    let lab = server_routes_by_mark("why-srv", "ct mark set");
     let (r, _) = why_at(
         &lab,
         &Watch {
@@ -293,19 +300,7 @@ fn cause1_server_side_reply_leaves_by_another_interface() {
 /// where the request arrived.
 #[test]
 fn server_side_echo_reply_takes_the_mark_only_with_fwmark_reflect() {
-    let lab = two_path("why-refl");
-    lab.nft(
-        &lab.b,
-        "table inet srv {\n chain pre { type filter hook prerouting priority mangle; policy accept; iifname \"veth-b\" meta mark set 0x10; }\n}\n",
-    )
-    .expect("nft");
-    lab.ip(
-        &lab.b,
-        &format!("route add {}/32 dev veth-b table 110", lab::ADDR_A),
-    )
-    .expect("route");
-    lab.ip(&lab.b, "rule add fwmark 0x10/0x10 lookup 110 pref 900")
-        .expect("rule");
+    let lab = server_routes_by_mark("why-refl", "meta mark set");
     let ping = || ping_raw(&lab.a, lab::ADDR_B);
     let watch = |reflect: &str| {
         lab.exec(
