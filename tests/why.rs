@@ -87,6 +87,17 @@ impl<'a> Watch<'a> {
             flow: "udp 10.77.0.1:",
         }
     }
+
+    /// `ping` (a raw-socket echo request from A to B) instead; `why` in A.
+    fn ping(lab: &'a Lab, ping: &'a dyn Fn() -> bool) -> Self {
+        Watch {
+            select: &["--proto", "icmp", "--all"],
+            server: (lab::ADDR_B, 7),
+            client: Some(ping),
+            flow: "icmp 10.77.0.1 -> 10.77.0.2",
+            ..Watch::echo(lab)
+        }
+    }
 }
 
 /// Runs `why --json` while the client talks to the echo server; returns (report for the
@@ -316,11 +327,7 @@ fn server_side_echo_reply_takes_the_mark_only_with_fwmark_reflect() {
             &lab,
             &Watch {
                 ns: &lab.b,
-                select: &["--proto", "icmp", "--all"],
-                server: (lab::ADDR_B, 7),
-                client: Some(&ping),
-                flow: "icmp 10.77.0.1 -> 10.77.0.2",
-                ..Watch::echo(&lab)
+                ..Watch::ping(&lab, &ping)
             },
             || {},
         )
@@ -350,17 +357,7 @@ fn server_side_echo_reply_takes_the_mark_only_with_fwmark_reflect() {
 fn ping_reply_read_from_a_raw_socket_is_delivered() {
     let lab = Lab::new("why-ping").expect("lab");
     let ping = || ping_raw(&lab.a, lab::ADDR_B);
-    let (r, replied) = why_at(
-        &lab,
-        &Watch {
-            select: &["--proto", "icmp", "--all"],
-            server: (lab::ADDR_B, 7),
-            client: Some(&ping),
-            flow: "icmp 10.77.0.1 -> 10.77.0.2",
-            ..Watch::echo(&lab)
-        },
-        || {},
-    );
+    let (r, replied) = why_at(&lab, &Watch::ping(&lab, &ping), || {});
     assert!(replied, "the echo reply should reach the raw socket");
     assert_eq!(r["verdict"], "delivered", "{r:#}");
 }
