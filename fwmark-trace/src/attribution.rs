@@ -429,21 +429,14 @@ impl AttributionCounts {
         }
     }
 
-    fn totals(&self) -> Totals {
+    /// Transitions that changed each owner's bits (an owner counted once per transition), and
+    /// the warnings per (kind, owners): one pass over the attributions for both.
+    pub fn totals(&self) -> (BTreeMap<String, u64>, Vec<ClobberCount>) {
         let mut t = self.totals.clone();
         for (a, n) in self.seen.values() {
             t.add(a, *n);
         }
-        t
-    }
-
-    /// Transitions that changed each owner's bits (an owner counted once per transition).
-    pub fn owners(&self) -> BTreeMap<String, u64> {
-        self.totals().owners
-    }
-
-    pub fn clobbers(&self) -> Vec<ClobberCount> {
-        self.totals()
+        let clobbers = t
             .clobbers
             .into_iter()
             .map(|((kind, owners), count)| ClobberCount {
@@ -451,7 +444,8 @@ impl AttributionCounts {
                 owners,
                 count,
             })
-            .collect()
+            .collect();
+        (t.owners, clobbers)
     }
 }
 
@@ -668,10 +662,11 @@ mod tests {
         c.add(&a);
         c.fold();
         c.add(&a);
-        assert_eq!(c.owners().get("tailscale"), Some(&2));
-        assert_eq!(c.owners().get("calico"), Some(&2));
+        let (owners, clobbers) = c.totals();
+        assert_eq!(owners.get("tailscale"), Some(&2));
+        assert_eq!(owners.get("calico"), Some(&2));
         assert_eq!(
-            c.clobbers(),
+            clobbers,
             vec![ClobberCount {
                 kind: "clobber",
                 owners: "calico × tailscale".into(),

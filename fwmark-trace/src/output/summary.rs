@@ -49,8 +49,7 @@ impl Summary {
 
     /// Takes the attribution counters (kept by the decoder, per shared attribution).
     pub fn attributions(&mut self, counts: &AttributionCounts) {
-        self.owners = counts.owners();
-        self.clobbers = counts.clobbers();
+        (self.owners, self.clobbers) = counts.totals();
     }
 }
 
