@@ -81,6 +81,10 @@ impl Flow {
     pub fn path(&self, dir: Dir) -> impl Iterator<Item = &Step> {
         self.steps.iter().filter(move |s| s.dir == dir)
     }
+
+    pub fn ipv6(&self) -> bool {
+        self.src.contains(':')
+    }
 }
 
 /// Both endpoints, ordered, so request and reply share a key.

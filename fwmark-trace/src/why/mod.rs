@@ -190,7 +190,7 @@ pub fn run_with(args: &WhyArgs, on_ready: impl FnOnce()) -> Result<bool> {
             let mut report = verdict::judge(f, &cx);
             let start = first.map_or(0, |s| s.ts_ns);
             // Changes that can concern this flow (not the other family's rules and routes).
-            let other = if f.src.contains(':') { "IPv4" } else { "IPv6" };
+            let other = if f.ipv6() { "IPv4" } else { "IPv6" };
             let concern = |c: &&Snapshot| c.changed.iter().any(|w| !w.starts_with(other));
             for c in history.changes_between(start, end_ns).filter(concern) {
                 let when = if c.since_ns <= decided { "before" } else { "after" };

@@ -135,9 +135,9 @@ fn server_side(
     // The marks the request had (packet or connection) that routing by fwmark may expect. The
     // ct mark is the last one seen: a UDP socket drops the skb's conntrack reference on
     // queueing, so the request's final point may carry none.
-    let last = request.last();
+    let request_mark = request.last().map_or(0, |s| s.mark);
     let request_ct = request.iter().rev().find_map(|s| s.ct_mark);
-    let wanted: Vec<u32> = [last.map_or(0, |s| s.mark), request_ct.unwrap_or(0)]
+    let wanted: Vec<u32> = [request_mark, request_ct.unwrap_or(0)]
         .into_iter()
         .filter(|m| *m != 0 && *m != reply_mark)
         .collect();
@@ -158,44 +158,30 @@ fn server_side(
         Some(t) => format!("table {t}"),
         None => "routing".to_owned(),
     };
+    let mut mark = format!("reply mark {}", hex(reply_mark));
     let ct = request_ct.filter(|c| *c != 0 && c & !reply_mark != 0);
-    let mark = match ct {
-        Some(c) => format!(
-            "reply mark {} (the connection's ct mark {} was not restored)",
-            hex(reply_mark),
-            hex(c)
-        ),
-        None => format!("reply mark {}", hex(reply_mark)),
-    };
-    // The kernel answers pings itself; its reply (like its ICMP errors and TCP resets) takes
-    // the request's mark only with fwmark_reflect=1.
-    let request_mark = last.map_or(0, |s| s.mark);
-    let reflect = if flow.src.contains(':') {
-        cx.state.sysctls.fwmark_reflect6
-    } else {
-        cx.state.sysctls.fwmark_reflect
-    };
-    let unreflected = flow.proto.starts_with("icmp") && reflect == 0 && request_mark != 0;
-    let mark = if unreflected {
-        format!(
-            "{mark} (fwmark_reflect=0: the kernel's echo reply does not take the request's mark {})",
-            hex(request_mark)
-        )
-    } else {
-        mark
-    };
-    if unreflected {
-        evidence.push("fwmark_reflect=0: replies the kernel builds itself (ICMP echo replies and errors, TCP resets) carry no mark; with net.ipv4/ipv6.fwmark_reflect=1 they take the request's".into());
-    }
-    if ct.is_some() {
+    if let Some(c) = ct {
+        mark += &format!(" (the connection's ct mark {} was not restored)", hex(c));
         evidence.push(
             "to route replies like their requests, restore the mark on output: `meta mark set ct mark` in a `type route hook output` chain (or CONNMARK --restore-mark in mangle OUTPUT)".into(),
         );
     }
-    if flow.proto == "tcp"
-        && cx.state.sysctls.tcp_fwmark_accept == 0
-        && last.is_some_and(|s| s.mark != 0)
-    {
+    // The kernel answers pings itself; its reply (like its ICMP errors and TCP resets) takes
+    // the request's mark only with fwmark_reflect=1.
+    let sysctls = &cx.state.sysctls;
+    let reflect = if flow.ipv6() {
+        sysctls.fwmark_reflect6
+    } else {
+        sysctls.fwmark_reflect
+    };
+    if flow.proto.starts_with("icmp") && reflect == 0 && request_mark != 0 {
+        mark += &format!(
+            " (fwmark_reflect=0: the kernel's echo reply does not take the request's mark {})",
+            hex(request_mark)
+        );
+        evidence.push("fwmark_reflect=0: replies the kernel builds itself (ICMP echo replies and errors, TCP resets) carry no mark; with net.ipv4/ipv6.fwmark_reflect=1 they take the request's".into());
+    }
+    if flow.proto == "tcp" && sysctls.tcp_fwmark_accept == 0 && request_mark != 0 {
         evidence
             .push("tcp_fwmark_accept=0: accepted TCP sockets do not take the SYN's mark".into());
     }
@@ -330,7 +316,7 @@ pub fn judge(flow: &Flow, cx: &Context) -> Report {
     let chains: Vec<String> = before
         .and_then(|b| {
             let (hook, prio) = (b.hook?, b.priority?);
-            let family = if flow.src.contains(':') { 10 } else { 2 };
+            let family = if flow.ipv6() { 10 } else { 2 };
             let here: Vec<&Chain> = cx
                 .state
                 .chains
