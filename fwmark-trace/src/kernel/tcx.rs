@@ -29,6 +29,12 @@ pub struct ForeignProgram {
     pub name: String,
 }
 
+impl std::fmt::Display for ForeignProgram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (id {})", self.name, self.id)
+    }
+}
+
 #[derive(Default)]
 pub struct Interface {
     pub name: String,
@@ -171,10 +177,7 @@ impl TcObservers {
                     .collect();
                 if foreign != iface.chain[dir as usize] {
                     // Another datapath came or went: the operator wants to know.
-                    let list: Vec<String> = foreign
-                        .iter()
-                        .map(|p| format!("{} (id {})", p.name, p.id))
-                        .collect();
+                    let list: Vec<String> = foreign.iter().map(|p| p.to_string()).collect();
                     let list = if list.is_empty() {
                         "none now".into()
                     } else {
