@@ -185,10 +185,7 @@ fn topology(obs: &Observers, own_netns: u32) -> Topology {
             for (dir, progs) in iface.chain.iter().enumerate() {
                 t.tc_programs.insert(
                     (*ifindex, dir as u8),
-                    progs
-                        .iter()
-                        .map(|p| format!("{} (id {})", p.name, p.id))
-                        .collect(),
+                    progs.iter().map(|p| p.to_string()).collect(),
                 );
             }
         }
@@ -273,14 +270,15 @@ async fn stream(
                 if let Some(every) = args.stats.filter(|s| *s > 0) {
                     if last_stats.elapsed() >= Duration::from_secs(every) {
                         last_stats = Instant::now();
+                        let g = gauges(obs);
                         out.stats(&StatsRecord {
                             time: events::rfc3339(SystemTime::now()),
                             kind: "stats",
-                            rss_kb: rss_kb(),
+                            rss_kb: g.rss_kb,
                             events: summary.total_events,
                             lost: obs.lost(),
-                            tracked_packets: obs.tracked_packets(),
-                            interfaces: obs.tc.as_ref().map_or(0, |t| t.interfaces.len()),
+                            tracked_packets: g.tracked_packets,
+                            interfaces: g.interfaces,
                         })?;
                     }
                 }
@@ -289,12 +287,7 @@ async fn stream(
                 if let Ok(conn) = conn {
                     summary.lost = obs.lost();
                     summary.attributions(&decoder.counts);
-                    let gauges = Gauges {
-                        tracked_packets: obs.tracked_packets(),
-                        interfaces: obs.tc.as_ref().map_or(0, |t| t.interfaces.len()),
-                        rss_kb: rss_kb(),
-                    };
-                    metrics::respond(conn, metrics::render(&summary, &gauges));
+                    metrics::respond(conn, metrics::render(&summary, &gauges(obs)));
                 }
             }
             _ = sigint.recv() => break,
@@ -322,6 +315,15 @@ async fn stream(
 }
 
 /// Resident set size of this process (kB), from /proc.
+/// What `--stats` records and the metrics read from the kernel side and the process.
+fn gauges(obs: &Observers) -> Gauges {
+    Gauges {
+        tracked_packets: obs.tracked_packets(),
+        interfaces: obs.tc.as_ref().map_or(0, |t| t.interfaces.len()),
+        rss_kb: rss_kb(),
+    }
+}
+
 pub fn rss_kb() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
