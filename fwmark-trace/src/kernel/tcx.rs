@@ -72,6 +72,14 @@ impl std::fmt::Display for Change {
     }
 }
 
+pub fn dir_name(dir: u8) -> &'static str {
+    if dir == tc_dir::INGRESS {
+        "ingress"
+    } else {
+        "egress"
+    }
+}
+
 fn attach_type(dir: u8) -> TcAttachType {
     if dir == tc_dir::INGRESS {
         TcAttachType::Ingress
@@ -163,7 +171,7 @@ impl TcObservers {
             }
         }
         for iface in self.interfaces.values_mut() {
-            for (dir, dir_name) in [(tc_dir::INGRESS, "ingress"), (tc_dir::EGRESS, "egress")] {
+            for dir in [tc_dir::INGRESS, tc_dir::EGRESS] {
                 let Ok((_, progs)) = SchedClassifier::query_tcx(&iface.name, attach_type(dir))
                 else {
                     continue;
@@ -183,7 +191,7 @@ impl TcObservers {
                     } else {
                         list.join(", ")
                     };
-                    changes.push(Change::Programs(iface.name.clone(), dir_name, list));
+                    changes.push(Change::Programs(iface.name.clone(), dir_name(dir), list));
                     iface.chain[dir as usize] = foreign;
                 }
             }

@@ -8,7 +8,10 @@ use std::collections::HashMap;
 use fwmark_trace_common::{layer, tc_dir, tc_slot, tracepoint, Point};
 use serde::Serialize;
 
-use crate::nodestate::nft::{hook_name, Chain, NfPlan};
+use crate::{
+    kernel::tcx::dir_name,
+    nodestate::nft::{hook_name, Chain, NfPlan},
+};
 
 /// What the daemon knows about the observation points it placed.
 #[derive(Default, PartialEq)]
@@ -78,14 +81,6 @@ fn tp_name(id: u8) -> &'static str {
         tracepoint::KFREE_SKB => "kfree_skb",
         tracepoint::CONSUME_SKB => "consume_skb",
         _ => "tracepoint",
-    }
-}
-
-fn dir_name(dir: u8) -> &'static str {
-    if dir == tc_dir::INGRESS {
-        "ingress"
-    } else {
-        "egress"
     }
 }
 
