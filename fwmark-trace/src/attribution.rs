@@ -680,6 +680,7 @@ mod tests {
         use proptest::prelude::*;
 
         proptest! {
+            #![proptest_config(crate::testing::fixed_seed())]
             /// Owner bits plus unowned bits cover exactly the changed bits; nothing panics.
             #[test]
             fn bits_cover_the_change(old: u32, new: u32, profile in proptest::bool::ANY) {

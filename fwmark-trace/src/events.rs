@@ -410,6 +410,7 @@ mod tests {
         use proptest::prelude::*;
 
         proptest! {
+            #![proptest_config(crate::testing::fixed_seed())]
             /// Any bytes the ring buffer could hold decode without panicking.
             #[test]
             fn any_raw_record_decodes(bytes in proptest::collection::vec(any::<u8>(), std::mem::size_of::<Event>())) {

@@ -616,6 +616,7 @@ mod tests {
     }
 
     proptest::proptest! {
+        #![proptest_config(crate::testing::fixed_seed())]
         #[test]
         fn corrupted_input_never_panics(
             edits in proptest::collection::vec((0usize..4096, proptest::num::u8::ANY), 1..8),

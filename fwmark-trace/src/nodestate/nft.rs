@@ -130,8 +130,9 @@ pub fn read_chains_and_names() -> Result<(Vec<Chain>, Vec<ChainName>)> {
 /// The objects of nft JSON output (`{"nftables": [{"chain": …}, {"rule": …}, …]}`).
 pub fn items(json: &[u8]) -> Result<Vec<Value>> {
     let mut doc: Value = serde_json::from_slice(json).context("parsing nft JSON output")?;
-    Ok(match doc["nftables"].take() {
-        Value::Array(items) => items,
+    // `get_mut`, not indexing: indexing a JSON value that is not an object panics.
+    Ok(match doc.get_mut("nftables").map(Value::take) {
+        Some(Value::Array(items)) => items,
         _ => Vec::new(),
     })
 }
@@ -476,11 +477,63 @@ mod tests {
     }
 
     proptest::proptest! {
+        #![proptest_config(crate::testing::fixed_seed())]
         #[test]
-        fn any_json_is_handled(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+        fn any_bytes_are_handled(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
             if let Ok(items) = items(&bytes) {
                 let _ = parse_chains(&items);
             }
+        }
+
+        /// Random bytes are rarely JSON: generate JSON documents of any shape instead.
+        #[test]
+        fn any_json_is_handled(doc in json(), wrap in proptest::bool::ANY) {
+            let doc = if wrap { serde_json::json!({ "nftables": doc }) } else { doc };
+            if let Ok(items) = items(doc.to_string().as_bytes()) {
+                let _ = parse_chains(&items);
+                let _ = parse_names(&items);
+            }
+        }
+    }
+
+    /// Any JSON value, with the keys nft's output uses so that parsers go deep.
+    fn json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let key = prop::sample::select(vec![
+            "chain", "rule", "family", "table", "name", "hook", "prio", "expr", "jump", "goto",
+            "target", "vmap", "mangle", "key", "meta", "ct", "xt", "type", "nftables", "x",
+        ]);
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            prop::sample::select(vec!["output", "ip", "inet", "mark", "MARK", "t", ""])
+                .prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 64, 6, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::vec((key.clone(), inner), 0..6).prop_map(|kv| {
+                    Value::Object(kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+                }),
+            ]
+        })
+    }
+
+    /// Found by the property test on a fresh machine: JSON that is not an object panicked.
+    #[test]
+    fn json_that_is_not_nft_output_is_an_empty_ruleset() {
+        for doc in [
+            "0",
+            "[]",
+            "\"x\"",
+            "null",
+            "{\"nftables\": 3}",
+            "{\"nftables\": [1, {\"chain\": 3}, {\"rule\": []}]}",
+        ] {
+            let items = items(doc.as_bytes()).unwrap();
+            assert!(parse_chains(&items).is_empty(), "{doc}");
+            assert!(parse_names(&items).is_empty(), "{doc}");
         }
     }
 

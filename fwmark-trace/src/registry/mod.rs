@@ -641,6 +641,7 @@ mod tests {
         use proptest::prelude::*;
 
         proptest! {
+            #![proptest_config(crate::testing::fixed_seed())]
             /// Arbitrary text, and arbitrary edits of the built-in file, never panic the parser.
             #[test]
             fn parser_never_panics(text in "(\\PC|\n){0,400}") {
