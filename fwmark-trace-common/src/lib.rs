@@ -125,28 +125,153 @@ pub const SK_FULL: u32 = 1;
 pub const CT_NOW: u8 = 1;
 pub const CT_BEFORE: u8 = 2;
 
-/// Per-packet state, keyed by the `struct sk_buff *` value in an LRU hash map.
+/// Per-packet state. The authoritative copy of a packet being processed sits in a small per-CPU
+/// cache (most packets run to completion on one CPU, so most observers find it without a shared
+/// lock or a hash); every live packet also has an entry in a shared LRU hash keyed by the
+/// `struct sk_buff *` value, naming the CPU whose cache holds the fresh copy, for packets that
+/// move between CPUs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PacketState {
     pub packet_id: u64,
-    /// `skb->head` when the state was created: a recycled `sk_buff` with another buffer is
-    /// treated as a new packet instead of a transition. 0 (`DEAD`) once the packet's life ended.
+    /// The `sk_buff` address (a cache slot is shared by many packets).
+    pub skb: u64,
+    /// `skb->head` at the last observation that read it. Not an identity (NAT writing into a
+    /// cloned packet reallocates it); see `path::continues`.
     pub head: u64,
     pub last: Point,
     pub mark: u32,
     pub ct_mark: u32,
     pub ct_attached: u8,
-    pub _pad: [u8; 3],
+    /// `LIVE` while the packet is alive; `DEAD` once its life ended (the shared entry stays as
+    /// a tombstone that the next packet at the same address overwrites in place).
+    pub alive: u8,
+    /// A writer changed the packet's mark on its path: its drop is worth a report.
+    pub changed: u8,
+    pub _pad: u8,
+    /// The CPU whose cache holds the fresh copy (`NO_CPU`: only this entry).
+    pub cpu: u32,
 }
 
 impl PacketState {
-    /// `head` of an entry whose packet was freed: the entry stays in the map as a tombstone
-    /// that the next packet at the same `sk_buff` address overwrites in place.
-    pub const DEAD: u64 = 0;
+    pub const LIVE: u8 = 1;
+    pub const DEAD: u8 = 0;
+    pub const NO_CPU: u32 = u32::MAX;
 
     pub fn live(&self) -> bool {
-        self.head != Self::DEAD
+        self.alive == Self::LIVE
+    }
+}
+
+/// Slots of the per-CPU packet cache.
+pub const CACHE_SLOTS: usize = 4;
+
+/// The packets one CPU is processing: searched by comparing addresses (the verifier allows no
+/// arithmetic on a pointer but addition, so there is no hashing it to a slot).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuCache {
+    pub slots: [PacketState; CACHE_SLOTS],
+    /// The slot a new packet takes when none is free (round robin).
+    pub next: u32,
+    pub _pad: u32,
+}
+
+impl CpuCache {
+    /// The slot holding the live packet at `skb`.
+    #[inline(always)]
+    pub fn find(&self, skb: u64) -> Option<usize> {
+        (0..CACHE_SLOTS).find(|&i| self.slots[i].skb == skb && self.slots[i].live())
+    }
+
+    /// The slot for a new packet: a free one, else the next in turn.
+    #[inline(always)]
+    pub fn victim(&mut self) -> usize {
+        match (0..CACHE_SLOTS).find(|&i| !self.slots[i].live()) {
+            Some(i) => i,
+            None => {
+                self.next = self.next.wrapping_add(1);
+                self.next as usize % CACHE_SLOTS
+            }
+        }
+    }
+}
+
+/// Where a packet can go next: the order of the observation points along the stack. A packet
+/// seen at a point it cannot reach from its last one is a new packet at a recycled `sk_buff`
+/// address (the previous one ended where no tracepoint fires, e.g. TCP receive coalescing).
+pub mod path {
+    use super::{layer, tc_dir, tracepoint, Point};
+
+    const RX: u16 = 1 << 0;
+    const TC_IN: u16 = 1 << 1;
+    const PRE: u16 = 1 << 2;
+    const IN: u16 = 1 << 3;
+    const FWD: u16 = 1 << 4;
+    const OUT: u16 = 1 << 5;
+    const POST: u16 = 1 << 6;
+    const TC_EG: u16 = 1 << 7;
+    const QUEUE: u16 = 1 << 8;
+    const END: u16 = 1 << 9;
+    const ANY: u16 = u16::MAX;
+
+    #[inline(always)]
+    fn stage(p: &Point) -> u16 {
+        match (p.layer, p.hook) {
+            (layer::TRACEPOINT, tracepoint::NETIF_RECEIVE_SKB) => RX,
+            (layer::TRACEPOINT, tracepoint::NET_DEV_QUEUE) => QUEUE,
+            (layer::TRACEPOINT, _) => END,
+            (layer::TC, tc_dir::INGRESS) => TC_IN,
+            (layer::TC, _) => TC_EG,
+            (layer::NETFILTER, 0) => PRE,
+            (layer::NETFILTER, 1) => IN,
+            (layer::NETFILTER, 2) => FWD,
+            (layer::NETFILTER, 3) => OUT,
+            (layer::NETFILTER, _) => POST,
+            _ => 0,
+        }
+    }
+
+    /// The stages a packet can come from, within one network namespace. A received packet is
+    /// born at netif_receive_skb, a local one at the output hook: neither is reached from
+    /// delivery (input). Output after postrouting is xfrm's second pass, after a queue a
+    /// tunnel's encapsulation; netif_receive_skb after a queue is a veth/loopback crossing,
+    /// after tc a redirect.
+    #[inline(always)]
+    fn predecessors(now: u16) -> u16 {
+        const RECEIVED: u16 = RX | TC_IN | PRE;
+        match now {
+            RX => QUEUE | TC_EG | TC_IN,
+            TC_IN => RX | TC_IN | TC_EG,
+            PRE => RECEIVED,
+            IN => RECEIVED | IN,
+            FWD => RECEIVED | FWD,
+            OUT => OUT | POST | QUEUE,
+            POST => RECEIVED | FWD | OUT | POST,
+            TC_EG | QUEUE => RECEIVED | FWD | OUT | POST | TC_EG | QUEUE,
+            END => ANY,
+            _ => 0,
+        }
+    }
+
+    /// Whether a packet last seen at `prev` can be the one now seen at `now`. Only a device
+    /// crossing (veth, loopback, a redirect) leads into another namespace. `same_head`: the
+    /// buffer is the one seen last, so a decapsulated packet (tunnel: input, then
+    /// netif_receive_skb of the tunnel device) continues too.
+    #[inline(always)]
+    pub fn continues(prev: &Point, now: &Point, same_head: bool) -> bool {
+        let (from, to) = (stage(prev), stage(now));
+        let crossed = prev.netns != now.netns && prev.netns != 0 && now.netns != 0;
+        let allowed = if crossed {
+            match to {
+                RX | TC_IN => QUEUE | TC_EG | TC_IN,
+                END => ANY,
+                _ => 0,
+            }
+        } else {
+            predecessors(to)
+        };
+        from & allowed != 0 || (same_head && to == RX && from == IN)
     }
 }
 
@@ -215,6 +340,8 @@ pub struct Config {
     pub own_netns: u32,
     /// Non-zero: report routing table lookups (`kind::ROUTE`).
     pub routes: u32,
+    /// Non-zero: report every drop, also of packets whose mark nothing changed.
+    pub all_drops: u32,
     /// The flows being followed (`--flow`, `--host`, `--port`, `--proto`, `why`).
     pub flow: FlowFilter,
 }
@@ -311,6 +438,7 @@ impl Config {
         full_path: 0,
         own_netns: 0,
         routes: 0,
+        all_drops: 0,
         flow: FlowFilter::NONE,
     };
 }
@@ -319,6 +447,16 @@ impl Config {
 pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_LOST: &str = "LOST";
 pub const MAP_IFACES: &str = "IFACES";
+pub const MAP_CONTROL: &str = "CONTROL";
+
+/// Settings the daemon changes while running (the `CONTROL` array map, one entry), unlike
+/// `Config`, which is frozen at load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Control {
+    /// Non-zero: netfilter observers compare the conntrack mark too (some rule writes it).
+    pub ct_watch: u32,
+}
 pub const GLOBAL_CONFIG: &str = "CONFIG";
 
 #[cfg(feature = "user")]
@@ -328,6 +466,8 @@ mod pod {
     unsafe impl aya::Pod for super::PacketState {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::Point {}
+    unsafe impl aya::Pod for super::Control {}
+    unsafe impl aya::Pod for super::CpuCache {}
 }
 
 #[cfg(test)]
@@ -369,5 +509,62 @@ mod tests {
         assert!(!f.matches(&lookup, false) && f.matches(&lookup, true));
         // Nothing selected: everything matches.
         assert!(FlowFilter::default().matches(&tcp, false));
+    }
+
+    fn pt(layer: u8, hook: u8, netns: u32) -> Point {
+        Point {
+            layer,
+            hook,
+            netns,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_packet_moves_forward_and_crosses_only_at_devices() {
+        use path::continues;
+        let nf = |hook| pt(layer::NETFILTER, hook, 1);
+        let (out, post, input, fwd, pre) = (nf(3), nf(4), nf(1), nf(2), nf(0));
+        let queue = pt(layer::TRACEPOINT, tracepoint::NET_DEV_QUEUE, 1);
+        let rx_b = pt(layer::TRACEPOINT, tracepoint::NETIF_RECEIVE_SKB, 2);
+        let kfree = pt(layer::TRACEPOINT, tracepoint::KFREE_SKB, 0);
+        // A local packet's way out, and across a veth into another namespace.
+        assert!(continues(&out, &out, false) && continues(&out, &post, false));
+        assert!(continues(&post, &queue, false) && continues(&queue, &rx_b, false));
+        // NAT reallocating the buffer between prerouting and forward changes nothing.
+        assert!(continues(&pre, &fwd, false) && continues(&fwd, &post, false));
+        // Delivered locally, then an output packet at the same address: a new packet
+        // (Istio's loopback case); so is one born in another namespace (Tailscale's case).
+        assert!(!continues(&input, &out, true));
+        assert!(!continues(&pt(layer::NETFILTER, 1, 2), &out, false));
+        assert!(!continues(&input, &post, false) && !continues(&fwd, &pre, false));
+        // netif_receive_skb after input: only the same buffer, decapsulated.
+        let rx = pt(layer::TRACEPOINT, tracepoint::NETIF_RECEIVE_SKB, 1);
+        assert!(continues(&input, &rx, true) && !continues(&input, &rx, false));
+        // The end of life follows anything; an unknown namespace is not a crossing.
+        assert!(continues(&input, &kfree, false));
+        assert!(continues(&pt(layer::NETFILTER, 3, 0), &post, false));
+    }
+
+    #[test]
+    fn the_cache_finds_live_packets_and_reuses_free_slots() {
+        let mut c = CpuCache::default();
+        let i = c.victim();
+        c.slots[i] = PacketState {
+            skb: 0x1000,
+            alive: PacketState::LIVE,
+            ..Default::default()
+        };
+        assert_eq!(c.find(0x1000), Some(i));
+        assert_eq!(c.find(0x2000), None);
+        assert_ne!(c.victim(), i, "a free slot is taken before a live one");
+        for (n, s) in c.slots.iter_mut().enumerate() {
+            s.skb = 0x1000 + n as u64;
+            s.alive = PacketState::LIVE;
+        }
+        let (a, b) = (c.victim(), c.victim());
+        assert_ne!(a, b, "round robin when all are live");
+        c.slots[0].alive = PacketState::DEAD;
+        assert_eq!(c.find(0x1000), None, "a dead slot is not found");
     }
 }

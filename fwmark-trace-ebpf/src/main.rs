@@ -15,10 +15,12 @@ mod skb;
 use aya_ebpf::{
     bindings::__sk_buff,
     macros::{btf_tracepoint, map},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
-use fwmark_trace_common::{layer, tc_dir, tc_slot, tracepoint, Config, Event, PacketState, Point};
+use fwmark_trace_common::{
+    layer, tc_dir, tc_slot, tracepoint, Config, Control, CpuCache, Event, PacketState, Point,
+};
 use observe::{End, Site};
 use skb::read;
 
@@ -28,10 +30,20 @@ static CONFIG: Config = Config::ZERO;
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
-/// A common LRU: with per-CPU lists (BPF_F_NO_COMMON_LRU) the delete at every end of life
-/// measured twice as slow here.
+/// Every live packet, by `sk_buff` address, naming the CPU whose cache holds it. A common LRU:
+/// with per-CPU lists (BPF_F_NO_COMMON_LRU) the delete at every end of life measured twice as
+/// slow here.
 #[map]
 static PACKETS: LruHashMap<u64, PacketState> = LruHashMap::with_max_entries(65536, 0);
+
+/// Per CPU, the packets it is processing: what an observer of an unchanged mark reads instead
+/// of the shared map.
+#[map]
+static CACHE: PerCpuArray<CpuCache> = PerCpuArray::with_max_entries(1, 0);
+
+/// Settings the daemon changes while running (`Control`).
+#[map]
+static CONTROL: Array<Control> = Array::with_max_entries(1, 0);
 
 /// Events the ring buffer had no room for.
 #[map]

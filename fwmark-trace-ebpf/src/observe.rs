@@ -1,11 +1,18 @@
 //! The one observation routine every observer calls: compare the packet's mark and conntrack
-//! mark with what the previous observer saw (per-packet state keyed by the `sk_buff` pointer),
-//! and emit a transition, a drop, or (in full-path mode) every observation.
-use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns};
-use aya_log_ebpf::debug;
-use fwmark_trace_common::{kind, layer, Config, Event, PacketState, Point, CT_BEFORE, CT_NOW};
+//! mark with what the previous observer saw, and emit a transition, a drop, or (in full-path
+//! mode) every observation.
+//!
+//! Cost is what decides whether the daemon can stay on: an observer that sees an unchanged mark
+//! reads the mark, finds the packet in this CPU's cache (an array slot, no lock, no hash),
+//! records where it was seen and returns. Conntrack, buffer, tuple and socket are read only
+//! when something is reported; the shared map is touched at a packet's first sight and end,
+//! and when it moved to another CPU.
+use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, generated};
+use fwmark_trace_common::{
+    kind, layer, path, Config, CpuCache, Event, PacketState, Point, CT_BEFORE, CT_NOW,
+};
 
-use crate::{skb, CONFIG, EVENTS, FOLLOWED, FOLLOWING, IFACES, LOST, PACKETS, SEQ};
+use crate::{skb, CACHE, CONFIG, CONTROL, EVENTS, FOLLOWED, FOLLOWING, IFACES, LOST, PACKETS, SEQ};
 
 /// What the observer knows besides the skb pointer.
 pub struct Site {
@@ -25,18 +32,25 @@ pub enum End {
 
 #[inline(always)]
 pub fn config() -> &'static Config {
-    // Read through a volatile pointer: the value is patched into .rodata at load time, so the
-    // compiler must not fold the zero initialiser.
+    // SAFETY: CONFIG is a static; read through a volatile pointer because the value is patched
+    // into .rodata at load time, so the compiler must not fold the zero initialiser.
     unsafe { &*core::ptr::read_volatile(&core::ptr::addr_of!(CONFIG)) }
 }
 
 #[inline(always)]
+fn cpu() -> u32 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_get_smp_processor_id() }
+}
+
+#[inline(always)]
 fn next_packet_id() -> u64 {
-    let cpu = unsafe { bpf_get_smp_processor_id() } as u64;
     match SEQ.get_ptr_mut(0) {
+        // SAFETY: a per-CPU slot: only this CPU writes it, and no observer is preempted by
+        // another on the same CPU between the read and the write.
         Some(seq) => unsafe {
             *seq += 1;
-            (cpu << 48) | *seq
+            ((cpu() as u64) << 48) | *seq
         },
         None => 0,
     }
@@ -45,6 +59,7 @@ fn next_packet_id() -> u64 {
 #[inline(always)]
 fn count_lost() {
     if let Some(lost) = LOST.get_ptr_mut(0) {
+        // SAFETY: a per-CPU counter (see next_packet_id).
         unsafe { *lost += 1 };
     }
 }
@@ -56,7 +71,14 @@ fn mark_matches(cfg: &Config, mark: u32) -> bool {
 
 #[inline(always)]
 fn iface_matches(cfg: &Config, ifindex: u32) -> bool {
+    // SAFETY: a read of a u8 value.
     cfg.iface_filter == 0 || unsafe { IFACES.get(ifindex) }.is_some()
+}
+
+/// Whether netfilter observers compare conntrack marks (set while a rule writes one).
+#[inline(always)]
+fn ct_watched(at: &Point) -> bool {
+    at.layer == layer::NETFILTER && CONTROL.get(0).is_some_and(|c| c.ct_watch != 0)
 }
 
 /// `BTF`: `skb` is a BTF-typed pointer (netfilter, tp_btf), so its fields are plain loads.
@@ -64,27 +86,79 @@ fn iface_matches(cfg: &Config, ifindex: u32) -> bool {
 pub fn observe<const BTF: bool>(skb: u64, site: &Site) {
     let cfg = config();
     let off = &cfg.offsets;
-    let mut at = site.at;
-    // Cheap exits first (this runs for every packet at every observer): a packet we do not
-    // follow ends without work, and one first seen outside the traced namespace is not ours.
-    // One lookup serves the early exit and the update below. Entries are not deleted when a
-    // packet ends: they become tombstones that the next packet at the same address (the slab
-    // hands addresses out again at once) overwrites in place, so most packets cost no map
-    // insert or delete, only lookups.
-    let slot = PACKETS.get_ptr_mut(skb);
-    let state = slot.filter(|s| unsafe { (**s).live() });
-    if state.is_none() {
-        let foreign = cfg.netns != 0 && at.netns != 0 && at.netns != cfg.netns;
-        if foreign || matches!(site.end, Some(End::Consume)) {
-            return;
-        }
-    }
     let mark: u32 = site
         .mark
         .unwrap_or_else(|| skb::field::<BTF, _>(skb, off.skb_mark));
-    let ct = skb::conntrack::<BTF>(skb, off);
-    let head: u64 = skb::field::<BTF, _>(skb, off.skb_head);
+    let Some(cache) = CACHE.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's cache; an observer runs to completion without another on this CPU.
+    let cache = unsafe { &mut *cache };
+    let found = cache.find(skb);
+    if let Some(i) = found {
+        // The common case, in a few dozen instructions: the packet is in this CPU's cache,
+        // still on its way, and its mark has not changed. Where it was seen is all to record.
+        let c = &mut cache.slots[i];
+        let mut at = site.at;
+        if site.end.is_none() && cfg.full_path == 0 && c.mark == mark && !ct_watched(&at) {
+            fill_device(&mut at, &c.last);
+            if path::continues(&c.last, &at, false) {
+                c.last = at;
+                return;
+            }
+        }
+    }
+    let (i, mine) = match found {
+        Some(i) => (i, true),
+        None => (cache.victim(), false),
+    };
+    slow_path::<BTF>(skb, site, mark, &mut cache.slots[i], mine, cfg);
+}
 
+/// An unknown device (NULL, or UDP reusing `skb->dev` as scratch) is the one last seen.
+#[inline(always)]
+fn fill_device(at: &mut Point, last: &Point) {
+    if at.netns == 0 {
+        at.netns = last.netns;
+    }
+    if at.ifindex == 0 {
+        at.ifindex = last.ifindex;
+    }
+}
+
+#[inline(always)]
+fn slow_path<const BTF: bool>(
+    skb: u64,
+    site: &Site,
+    mark: u32,
+    c: &mut PacketState,
+    mine: bool,
+    cfg: &Config,
+) {
+    let off = &cfg.offsets;
+    let here = cpu();
+    // Not in this CPU's cache: from the shared map (and the cache of the CPU that had it).
+    let shared = PACKETS.get_ptr_mut(skb);
+    if !mine {
+        // SAFETY: map value pointers stay valid for the program's run.
+        let found = shared.filter(|s| unsafe { (**s).live() });
+        if found.is_none() && (matches!(site.end, Some(End::Consume)) || foreign(cfg, &site.at)) {
+            // The common end of a packet we never saw, or one first seen outside the traced
+            // namespace: nothing to do.
+            return;
+        }
+        evict(c);
+        match found {
+            // SAFETY: as above.
+            Some(s) => unsafe {
+                *c = claim(&mut *s, skb, here);
+            },
+            None => c.alive = PacketState::DEAD,
+        }
+    }
+    let head: u64 = skb::field::<BTF, _>(skb, off.skb_head);
+    let ct = skb::conntrack::<BTF>(skb, off);
+    let mut at = site.at;
     let mut ev = Event {
         at,
         new_mark: mark,
@@ -94,64 +168,22 @@ pub fn observe<const BTF: bool>(skb: u64, site: &Site) {
         ct_id: ct.id,
         ..Event::default()
     };
-
-    let report = match state {
-        Some(state) if unsafe { (*state).head } == head => {
-            let st = unsafe { &mut *state };
-            // Where the device is unknown (NULL, or UDP reusing skb->dev as scratch space), the
-            // packet is still in the namespace it was last seen in.
-            if at.netns == 0 {
-                at.netns = st.last.netns;
-                ev.at.netns = at.netns;
-            }
-            if at.ifindex == 0 {
-                at.ifindex = st.last.ifindex;
-                ev.at.ifindex = at.ifindex;
-            }
-            ev.packet_id = st.packet_id;
-            ev.prev = st.last;
-            ev.old_mark = st.mark;
-            ev.old_ct_mark = st.ct_mark;
-            if st.ct_attached != 0 {
-                ev.ct_flags |= CT_BEFORE;
-            }
-            // A conntrack entry appearing or vanishing (conntrack hook, netns scrub) is not a
-            // change of its mark: compare ct marks only when both sides had one.
-            let ct_changed = ct.attached && st.ct_attached != 0 && st.ct_mark != ct.mark;
-            ev.kind = match site.end {
-                Some(End::Drop(reason)) => {
-                    ev.drop_reason = reason;
-                    kind::DROP
-                }
-                _ if st.mark != mark || ct_changed => kind::TRANSITION,
-                Some(End::Consume) => kind::CONSUME,
-                None => kind::OBSERVE,
-            };
-            st.last = at;
-            st.mark = mark;
-            if ct.attached {
-                st.ct_mark = ct.mark;
-            }
-            st.ct_attached = ct.attached as u8;
-            true
+    let report = if c.live() {
+        fill_device(&mut at, &c.last);
+        ev.at = at;
+        if path::continues(&c.last, &at, head == c.head) {
+            follow(c, &mut ev, site, mark, &ct, head)
+        } else {
+            // A new packet at a recycled address: the old one ended unseen.
+            first_sight::<BTF>(skb, c, site, &mut ev, head, cfg)
         }
-        Some(_) => {
-            let emit = first_sight::<BTF>(skb, slot, site, &mut ev, head, cfg);
-            // Scalars only: the verifier refuses formatting kernel pointers.
-            debug!(
-                &(),
-                "sk_buff recycled with a new buffer; packet {} starts fresh (layer {}, hook {})",
-                ev.packet_id,
-                at.layer,
-                at.hook
-            );
-            emit
-        }
-        None => first_sight::<BTF>(skb, slot, site, &mut ev, head, cfg),
+    } else {
+        first_sight::<BTF>(skb, c, site, &mut ev, head, cfg)
     };
-    if let (Some(_), Some(slot)) = (&site.end, slot) {
-        unsafe { (*slot).head = PacketState::DEAD };
+    if site.end.is_some() {
+        c.alive = PacketState::DEAD;
     }
+    publish(skb, c, shared, here);
     if !report || !wanted(cfg, &ev) {
         return;
     }
@@ -159,6 +191,7 @@ pub fn observe<const BTF: bool>(skb: u64, site: &Site) {
     if cfg.flow.active != 0 {
         let yes = followed(cfg, &ev);
         if let Some(flag) = FOLLOWING.get_ptr_mut(0) {
+            // SAFETY: a per-CPU flag.
             unsafe { *flag = yes as u8 };
         }
         if !yes {
@@ -169,11 +202,134 @@ pub fn observe<const BTF: bool>(skb: u64, site: &Site) {
     emit(ev);
 }
 
+#[inline(always)]
+fn foreign(cfg: &Config, at: &Point) -> bool {
+    cfg.netns != 0 && at.netns != 0 && at.netns != cfg.netns
+}
+
+/// Takes a packet over from the shared map: its fresh copy is in the cache of the CPU named
+/// there, when that slot still holds it (the slot is released: this CPU owns it now).
+#[inline(always)]
+fn claim(shared: &mut PacketState, skb: u64, here: u32) -> PacketState {
+    let mut state = *shared;
+    if shared.cpu != PacketState::NO_CPU && shared.cpu != here {
+        let key = 0u32;
+        // SAFETY: the helper takes the map, a pointer to the key and a CPU number, and returns
+        // that CPU's value or NULL; CACHE is a per-CPU array (its definition is the static).
+        let other = unsafe {
+            generated::bpf_map_lookup_percpu_elem(
+                core::ptr::addr_of!(CACHE) as *mut _,
+                (&key as *const u32).cast(),
+                shared.cpu,
+            )
+        } as *mut CpuCache;
+        if !other.is_null() {
+            // SAFETY: a map value of the right type; its CPU is done with this packet.
+            let other = unsafe { &mut *other };
+            if let Some(i) = other.find(skb) {
+                state = other.slots[i];
+                other.slots[i].alive = PacketState::DEAD;
+            }
+        }
+    }
+    shared.cpu = here;
+    state
+}
+
+/// Writes a live packet leaving this CPU's cache back to the shared map, so another CPU that
+/// meets it later starts from where it was last seen.
+#[inline(always)]
+fn evict(c: &PacketState) {
+    if !c.live() {
+        return;
+    }
+    if let Some(s) = PACKETS.get_ptr_mut(c.skb) {
+        // SAFETY: a map value pointer; the same packet, not a newer one at that address.
+        unsafe {
+            if (*s).packet_id == c.packet_id {
+                *s = PacketState {
+                    cpu: PacketState::NO_CPU,
+                    ..*c
+                };
+            }
+        }
+    }
+}
+
+/// Keeps the shared entry in step with the cache: created at first sight, a tombstone at the
+/// end of life, otherwise only the owning CPU's name (the fresh state stays in the cache).
+#[inline(always)]
+fn publish(skb: u64, c: &mut PacketState, shared: Option<*mut PacketState>, here: u32) {
+    c.skb = skb;
+    let entry = PacketState { cpu: here, ..*c };
+    match shared {
+        // SAFETY: a map value pointer.
+        Some(s) => unsafe {
+            let s = &mut *s;
+            if s.packet_id != c.packet_id || !c.live() || s.alive != c.alive {
+                *s = entry;
+            }
+        },
+        None if c.live() => {
+            let _ = PACKETS.insert(skb, entry, 0);
+        }
+        None => {}
+    }
+}
+
+/// The packet continues: compare with its last observation and move its state on.
+#[inline(always)]
+fn follow(
+    st: &mut PacketState,
+    ev: &mut Event,
+    site: &Site,
+    mark: u32,
+    ct: &skb::Ct,
+    head: u64,
+) -> bool {
+    ev.packet_id = st.packet_id;
+    ev.prev = st.last;
+    ev.old_mark = st.mark;
+    ev.old_ct_mark = st.ct_mark;
+    if st.ct_attached != 0 {
+        ev.ct_flags |= CT_BEFORE;
+    }
+    // A conntrack entry appearing or vanishing (conntrack hook, netns scrub) is not a change
+    // of its mark: compare ct marks only when both sides had one.
+    let ct_changed = ct.attached && st.ct_attached != 0 && st.ct_mark != ct.mark;
+    let changed = st.mark != mark || ct_changed;
+    ev.kind = match site.end {
+        Some(End::Drop(reason)) => {
+            ev.drop_reason = reason;
+            kind::DROP
+        }
+        _ if changed => kind::TRANSITION,
+        Some(End::Consume) => kind::CONSUME,
+        None => kind::OBSERVE,
+    };
+    let cfg = config();
+    let report = match ev.kind {
+        kind::TRANSITION => true,
+        kind::DROP => st.changed != 0 || cfg.all_drops != 0 || cfg.full_path != 0,
+        _ => cfg.full_path != 0,
+    };
+    st.changed |= changed as u8;
+    st.last = ev.at;
+    st.mark = mark;
+    st.head = head;
+    if ct.attached {
+        st.ct_mark = ct.mark;
+    }
+    st.ct_attached = ct.attached as u8;
+    report
+}
+
 /// Whether `ev` belongs to a followed flow: its tuple matches, or its conntrack entry was seen
 /// with a matching tuple (NAT rewrote it since). Filtering here keeps unrelated traffic out of
 /// the ring when every observation is reported.
 #[inline(always)]
 fn followed(cfg: &Config, ev: &Event) -> bool {
+    // SAFETY: a read of a u8 value.
     let known = ev.ct_id != 0 && unsafe { FOLLOWED.get(ev.ct_id) }.is_some();
     if cfg.flow.matches(ev, false) {
         if ev.ct_id != 0 && !known {
@@ -195,6 +351,7 @@ const WAKE_BYTES: u64 = 256 << 10;
 /// Timestamps an event and writes it to the ring buffer (counting it lost when full).
 #[inline(always)]
 pub fn emit(mut ev: Event) {
+    // SAFETY: a helper without arguments.
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     match EVENTS.reserve::<Event>(0) {
         Some(mut slot) => {
@@ -210,13 +367,13 @@ pub fn emit(mut ev: Event) {
     }
 }
 
-/// A packet not seen before (or a recycled `sk_buff`): start its state, in place over a
-/// tombstone (`slot`) when there is one. A non-zero mark at first sight is reported as a
-/// transition from 0, attributed to the socket when it equals `sk_mark`.
+/// A packet not seen before (or a new one at a recycled `sk_buff` address): start its state in
+/// this CPU's cache. A non-zero mark at first sight is reported as a transition from 0,
+/// attributed to the socket when it equals `sk_mark`.
 #[inline(always)]
 fn first_sight<const BTF: bool>(
     skb: u64,
-    slot: Option<*mut PacketState>,
+    st: &mut PacketState,
     site: &Site,
     ev: &mut Event,
     head: u64,
@@ -225,30 +382,30 @@ fn first_sight<const BTF: bool>(
     let off = &cfg.offsets;
     ev.packet_id = next_packet_id();
     if let Some(End::Drop(reason)) = site.end {
-        // Dropped before any observer saw it: worth a line only when it carried a mark.
+        // Dropped before any observer saw it: nothing changed its mark that we know of.
         ev.kind = kind::DROP;
         ev.drop_reason = reason;
         ev.old_mark = ev.new_mark;
-        return ev.new_mark != 0;
+        st.alive = PacketState::DEAD;
+        return cfg.all_drops != 0 || (cfg.full_path != 0 && ev.new_mark != 0);
     }
     if site.end.is_some() {
+        st.alive = PacketState::DEAD;
         return false;
     }
-    let state = PacketState {
+    *st = PacketState {
         packet_id: ev.packet_id,
+        skb,
         head,
         last: site.at,
         mark: ev.new_mark,
         ct_mark: ev.new_ct_mark,
         ct_attached: ev.ct_flags & CT_NOW,
-        _pad: [0; 3],
+        alive: PacketState::LIVE,
+        changed: 0,
+        _pad: 0,
+        cpu: PacketState::NO_CPU,
     };
-    match slot {
-        Some(slot) => unsafe { *slot = state },
-        None => {
-            let _ = PACKETS.insert(skb, state, 0);
-        }
-    }
     ev.old_mark = 0;
     ev.old_ct_mark = ev.new_ct_mark;
     if ev.new_mark == 0 {
@@ -257,6 +414,8 @@ fn first_sight<const BTF: bool>(
     }
     ev.kind = kind::TRANSITION;
     if skb::socket_mark::<BTF>(skb, off) == Some(ev.new_mark) {
+        // The socket wrote it (SO_MARK): its drop is worth a report.
+        st.changed = 1;
         ev.prev = Point {
             layer: layer::SOCKET,
             ..site.at
@@ -267,11 +426,9 @@ fn first_sight<const BTF: bool>(
 
 #[inline(always)]
 fn wanted(cfg: &Config, ev: &Event) -> bool {
-    let important = matches!(ev.kind, kind::TRANSITION | kind::DROP);
     // State is kept in every namespace (a packet crossing back must not look new); only what
     // is reported is limited to the traced one.
-    (important || cfg.full_path != 0)
-        && (cfg.netns == 0 || ev.at.netns == cfg.netns)
+    (cfg.netns == 0 || ev.at.netns == cfg.netns)
         && (cfg.mark_mask == 0 || mark_matches(cfg, ev.old_mark) || mark_matches(cfg, ev.new_mark))
         && (iface_matches(cfg, ev.at.ifindex) || iface_matches(cfg, ev.prev.ifindex))
 }

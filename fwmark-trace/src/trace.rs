@@ -61,6 +61,10 @@ pub struct TraceArgs {
     /// Also report routing table lookups (table, flow mark, result) as `route` events.
     #[arg(long)]
     pub routes: bool,
+    /// Report every drop; by default only drops of packets whose mark was written on their
+    /// path (by a rule, a program or their socket) are reported.
+    #[arg(long)]
+    pub all_drops: bool,
     /// Every SECS seconds, write a `stats` record (RSS, events, lost, tracked packets).
     #[arg(long, value_name = "SECS")]
     pub stats: Option<u64>,
@@ -135,6 +139,7 @@ pub fn run_into(args: &TraceArgs, sink: &mut dyn Sink, on_ready: impl FnOnce()) 
         ring_bytes: args.ring_size,
         require: args.require.clone(),
         routes: args.routes || args.select.active(),
+        all_drops: args.all_drops,
         flow: args.select.kernel_filter(),
     };
     let mut obs = Observers::start(&opts)?;

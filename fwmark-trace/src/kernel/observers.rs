@@ -48,6 +48,8 @@ pub struct Options {
     pub require: Vec<Feature>,
     /// Report routing table lookups.
     pub routes: bool,
+    /// Report every drop, also of packets whose mark nothing changed.
+    pub all_drops: bool,
     /// The followed flows, pre-filtered in the kernel.
     pub flow: FlowFilter,
 }
@@ -117,6 +119,7 @@ impl Observers {
             full_path: opts.full_path as u32,
             own_netns: crate::netns::current()?,
             routes: opts.routes as u32,
+            all_drops: opts.all_drops as u32,
             flow: opts.flow,
         };
         // The IPv6 lookup observer reads flowi6's common fields at flowi4's offsets.
