@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::{
     events::Decoder,
-    nodestate::nft::{self, Chain, NfPlan},
+    nodestate::nft::{self, Chain, NfPlan, PlanMode, Writes},
     output::{summary::Summary, Format, Output},
     registry::Registry,
     tracking::segment::Topology,
@@ -107,9 +107,10 @@ pub fn run(args: &BenchPipelineArgs) -> Result<PipelineResult> {
         hook: 3,
         priority: -150,
         mark_writers: vec![],
+        writes: Writes::default(),
     }];
     let mut topology = Topology {
-        plan: Some(NfPlan::new(&chains)),
+        plan: Some(NfPlan::new(&chains, PlanMode::Full)),
         chains: [chains, nft::kernel_users()].concat(),
         own_netns: 1,
         ..Default::default()

@@ -10,7 +10,8 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 use fwmark_trace_common::{
-    Config, FlowFilter, GLOBAL_CONFIG, MAP_EVENTS, MAP_IFACES, MAP_LOST, OFFSET_MISSING,
+    Config, Control, FlowFilter, GLOBAL_CONFIG, MAP_CONTROL, MAP_EVENTS, MAP_IFACES, MAP_LOST,
+    OFFSET_MISSING,
 };
 
 use super::{
@@ -20,7 +21,7 @@ use super::{
     tcx::{self, TcObservers},
 };
 use crate::nodestate::{
-    nft::{self, NfPlan},
+    nft::{self, NfPlan, PlanMode},
     watch::Watcher,
 };
 
@@ -188,7 +189,13 @@ impl Observers {
             }
         };
         chains.extend(nft::kernel_users());
-        let mut plan = NfPlan::new(&chains);
+        chains.extend(nft::legacy_tables());
+        let mode = if opts.full_path {
+            PlanMode::Full
+        } else {
+            PlanMode::Writers
+        };
+        let mut plan = NfPlan::new(&chains, mode);
         let mut nf_links = Vec::new();
         let nf = match nf {
             Ok(nf) => {
@@ -206,17 +213,7 @@ impl Observers {
                         }
                     }
                 }
-                let total = plan.sites().len();
-                let ok = nf_links.len();
-                report.push(AttachStatus {
-                    point: "netfilter ipv4+ipv6 × 5 hooks".into(),
-                    ok: ok > 0,
-                    detail: format!(
-                        "{ok}/{total} links (first, last and {} band observers from nft chain priorities{})",
-                        total.saturating_sub(20),
-                        if plan.merged > 0 { format!(", {} priorities merged", plan.merged) } else { String::new() }
-                    ),
-                });
+                report.push(nf_summary(&plan, &chains, nf_links.len()));
                 for (why, _) in failures {
                     report.push(AttachStatus {
                         point: "netfilter link".into(),
@@ -239,6 +236,7 @@ impl Observers {
                 None
             }
         };
+        set_ct_watch(&mut ebpf, &chains, mode)?;
         let mut me = Self {
             ebpf,
             tc,
@@ -307,6 +305,7 @@ impl Observers {
             return Vec::new();
         };
         chains.extend(nft::kernel_users());
+        chains.extend(nft::legacy_tables());
         if chains == self.chains {
             return Vec::new();
         }
@@ -327,6 +326,9 @@ impl Observers {
                     }
                 }
             }
+        }
+        if let Err(err) = set_ct_watch(&mut self.ebpf, &chains, self.plan.mode) {
+            changes.push(format!("conntrack mark watch not updated: {err:#}"));
         }
         self.chains = chains;
         changes
@@ -368,6 +370,57 @@ impl Observers {
             .and_then(|a| a.get(&0, 0).ok())
             .map(|v| v.iter().sum())
             .unwrap_or(0)
+    }
+}
+
+/// Netfilter observers compare conntrack marks only while some rule writes one (always in full
+/// mode): otherwise an unchanged packet mark is all they read.
+fn set_ct_watch(ebpf: &mut Ebpf, chains: &[nft::Chain], mode: PlanMode) -> Result<()> {
+    let watch = mode == PlanMode::Full || chains.iter().any(|c| c.writes.conntrack);
+    let mut control: aya::maps::Array<_, Control> =
+        aya::maps::Array::try_from(ebpf.map_mut(MAP_CONTROL).context("CONTROL map")?)?;
+    control.set(
+        0,
+        Control {
+            ct_watch: watch as u32,
+        },
+        0,
+    )?;
+    Ok(())
+}
+
+/// The start-up line for netfilter: how many observers, where, and why there.
+fn nf_summary(plan: &NfPlan, chains: &[nft::Chain], linked: usize) -> AttachStatus {
+    let total = plan.sites().len();
+    let merged = if plan.merged > 0 {
+        format!(", {} priorities merged", plan.merged)
+    } else {
+        String::new()
+    };
+    let detail = match plan.mode {
+        PlanMode::Full => format!(
+            "{linked}/{total} links (every hook: first, last and after each chain priority{merged})"
+        ),
+        PlanMode::Writers => {
+            let writers: Vec<String> = chains
+                .iter()
+                .filter(|c| c.writes.any())
+                .map(|c| c.label())
+                .collect();
+            if writers.is_empty() {
+                "no observer: no chain writes a packet or conntrack mark (changes made elsewhere are seen at the next observer)".into()
+            } else {
+                format!(
+                    "{linked}/{total} links, on the hooks whose chains write a mark: first priority and after each of {}{merged}",
+                    writers.join(", ")
+                )
+            }
+        }
+    };
+    AttachStatus {
+        point: "netfilter ipv4+ipv6".into(),
+        ok: total == 0 || linked > 0,
+        detail,
     }
 }
 

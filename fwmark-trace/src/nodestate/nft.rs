@@ -27,6 +27,34 @@ pub struct Chain {
     /// Regular chains it reaches by jump or goto (verdict maps included) that write the packet
     /// or conntrack mark, as "family table/chain".
     pub mark_writers: Vec<String>,
+    /// What its rules, or the rules of the chains it reaches, can write.
+    pub writes: Writes,
+}
+
+/// Which marks a chain's rules can write.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Writes {
+    pub packet: bool,
+    pub conntrack: bool,
+}
+
+impl Writes {
+    /// What cannot be read (iptables-legacy tables) is taken to write both.
+    pub const UNKNOWN: Writes = Writes {
+        packet: true,
+        conntrack: true,
+    };
+
+    pub fn any(self) -> bool {
+        self.packet || self.conntrack
+    }
+
+    fn or(self, o: Writes) -> Writes {
+        Writes {
+            packet: self.packet || o.packet,
+            conntrack: self.conntrack || o.conntrack,
+        }
+    }
 }
 
 /// Table name of the kernel's own hook users (not nft chains, but they bound bands too).
@@ -46,8 +74,48 @@ pub fn kernel_users() -> Vec<Chain> {
             hook,
             priority: -200,
             mark_writers: Vec::new(),
+            writes: Writes::default(),
         })
         .collect()
+}
+
+/// iptables-legacy tables at their fixed priorities (include/uapi/linux/netfilter_ipv4.h), as
+/// listed in /proc/net/ip{,6}_tables_names: nft cannot show their rules, so they may write.
+pub fn legacy_tables() -> Vec<Chain> {
+    const TABLES: [(&str, i32, &[u8]); 5] = [
+        ("raw", -300, &[0, 3]),
+        ("mangle", -150, &[0, 1, 2, 3, 4]),
+        ("nat", -100, &[0, 1, 3, 4]),
+        ("filter", 0, &[1, 2, 3]),
+        ("security", 50, &[1, 2, 3]),
+    ];
+    let mut out = Vec::new();
+    for (family, file) in [("ip", "ip_tables_names"), ("ip6", "ip6_tables_names")] {
+        let names = std::fs::read_to_string(format!("/proc/net/{file}")).unwrap_or_default();
+        for (table, prio, hooks) in TABLES {
+            if !names.lines().any(|l| l.trim() == table) {
+                continue;
+            }
+            for &hook in hooks {
+                // NAT's postrouting and input chains sit at +100.
+                let priority = if table == "nat" && (hook == 1 || hook == 4) {
+                    100
+                } else {
+                    prio
+                };
+                out.push(Chain {
+                    family: family.into(),
+                    table: format!("{table} (iptables-legacy)"),
+                    name: hook_name(hook).to_uppercase(),
+                    hook,
+                    priority,
+                    mark_writers: Vec::new(),
+                    writes: Writes::UNKNOWN,
+                });
+            }
+        }
+    }
+    out
 }
 
 impl Chain {
@@ -168,7 +236,8 @@ pub fn parse_chains(items: &[Value]) -> Vec<Chain> {
             if !matches!(family.as_str(), "ip" | "ip6" | "inet") {
                 return None;
             }
-            let mark_writers = graph.writers_below(&(family.clone(), table.clone(), name.clone()));
+            let base = (family.clone(), table.clone(), name.clone());
+            let (mark_writers, writes) = graph.writers_below(&base);
             Some(Chain {
                 family,
                 table,
@@ -176,38 +245,59 @@ pub fn parse_chains(items: &[Value]) -> Vec<Chain> {
                 hook,
                 priority: i32::try_from(c.get("prio")?.as_i64()?).ok()?,
                 mark_writers,
+                writes,
             })
         })
         .collect()
 }
 
-/// Which chains each chain jumps to, and which chains write a mark.
+/// Which chains each chain jumps to, and what each chain's own rules write.
 struct Graph {
     jumps: HashMap<ChainKey, Vec<String>>,
-    writes: HashSet<ChainKey>,
+    writes: HashMap<ChainKey, Writes>,
 }
 
 impl Graph {
     fn new(items: &[Value]) -> Self {
         let mut g = Graph {
             jumps: HashMap::new(),
-            writes: HashSet::new(),
+            writes: HashMap::new(),
         };
+        // Named verdict maps (`vmap @name`): the chains their elements jump to.
+        let mut maps: HashMap<ChainKey, Vec<String>> = HashMap::new();
+        for m in objects(items, "map") {
+            if let Some(k) = key(m, "name") {
+                jump_targets(
+                    m.get("elem").unwrap_or(&Value::Null),
+                    &[],
+                    maps.entry(k).or_default(),
+                );
+            }
+        }
         for rule in objects(items, "rule") {
             let (Some(k), Some(expr)) = (key(rule, "chain"), rule.get("expr")) else {
                 continue;
             };
-            jump_targets(expr, g.jumps.entry(k.clone()).or_default());
-            if writes_mark(expr) {
-                g.writes.insert(k);
+            let named: Vec<(ChainKey, Vec<String>)> = maps
+                .iter()
+                .filter(|((f, t, _), _)| (f, t) == (&k.0, &k.1))
+                .map(|(mk, targets)| (mk.clone(), targets.clone()))
+                .collect();
+            jump_targets(expr, &named, g.jumps.entry(k.clone()).or_default());
+            let w = writes_of(expr);
+            if w.any() {
+                let e = g.writes.entry(k).or_default();
+                *e = e.or(w);
             }
         }
         g
     }
 
-    /// The chains reachable from `base` (itself left out) that write a mark, nearest first.
-    fn writers_below(&self, base: &ChainKey) -> Vec<String> {
+    /// The chains reachable from `base` (itself left out) that write a mark, nearest first,
+    /// and what `base` and they can write together.
+    fn writers_below(&self, base: &ChainKey) -> (Vec<String>, Writes) {
         let (family, table, _) = base;
+        let mut writes = self.writes.get(base).copied().unwrap_or_default();
         let mut seen = HashSet::from([base.clone()]);
         let mut queue = std::collections::VecDeque::from([base.clone()]);
         let mut out = Vec::new();
@@ -215,45 +305,64 @@ impl Graph {
             for target in self.jumps.get(&k).into_iter().flatten() {
                 let t = (family.clone(), table.clone(), target.clone());
                 if seen.insert(t.clone()) {
-                    if self.writes.contains(&t) {
+                    if let Some(w) = self.writes.get(&t) {
+                        writes = writes.or(*w);
                         out.push(format!("{family} {table}/{target}"));
                     }
                     queue.push_back(t);
                 }
             }
         }
-        out
+        (out, writes)
     }
 }
 
-/// Every jump or goto target anywhere in a rule's expressions (verdict maps included).
-fn jump_targets(v: &Value, out: &mut Vec<String>) {
+/// Every jump or goto target anywhere in a rule's expressions: inline verdict maps, and named
+/// ones (`"data": "@name"`, their targets in `named`).
+fn jump_targets(v: &Value, named: &[(ChainKey, Vec<String>)], out: &mut Vec<String>) {
     match v {
         Value::Object(m) => {
             for (k, x) in m {
                 match x.get("target").and_then(Value::as_str) {
                     Some(t) if k == "jump" || k == "goto" => out.push(t.to_owned()),
-                    _ => jump_targets(x, out),
+                    _ => jump_targets(x, named, out),
+                }
+            }
+            if let Some(name) = m
+                .get("vmap")
+                .and_then(|v| v.get("data"))
+                .and_then(Value::as_str)
+            {
+                let name = name.trim_start_matches('@');
+                for ((_, _, n), targets) in named {
+                    if n == name {
+                        out.extend(targets.iter().cloned());
+                    }
                 }
             }
         }
-        Value::Array(a) => a.iter().for_each(|x| jump_targets(x, out)),
+        Value::Array(a) => a.iter().for_each(|x| jump_targets(x, named, out)),
         _ => {}
     }
 }
 
-/// Whether a rule sets the packet or conntrack mark: nft's `meta mark set`/`ct mark set`, or
-/// iptables-nft's MARK and CONNMARK targets (kept as `xt` expressions).
-fn writes_mark(expr: &Value) -> bool {
+/// Which marks a rule sets: nft's `meta mark set`/`ct mark set`, or iptables-nft's targets
+/// kept as `xt` expressions (MARK; CONNMARK, which saves to or restores from the ct mark;
+/// TPROXY's --tproxy-mark).
+fn writes_of(expr: &Value) -> Writes {
     let Some(exprs) = expr.as_array() else {
-        return false;
+        return Writes::default();
     };
-    exprs.iter().any(|e| {
+    exprs.iter().fold(Writes::default(), |w, e| {
         let mangled = &e["mangle"]["key"];
-        mangled["meta"]["key"] == "mark"
-            || mangled["ct"]["key"] == "mark"
-            || (e["xt"]["type"] == "target"
-                && matches!(e["xt"]["name"].as_str(), Some("MARK" | "CONNMARK")))
+        let target = (e["xt"]["type"] == "target")
+            .then(|| e["xt"]["name"].as_str())
+            .flatten();
+        w.or(Writes {
+            packet: mangled["meta"]["key"] == "mark"
+                || matches!(target, Some("MARK" | "CONNMARK" | "TPROXY")),
+            conntrack: mangled["ct"]["key"] == "mark" || target == Some("CONNMARK"),
+        })
     })
 }
 
@@ -311,23 +420,59 @@ pub fn read_mark_rules() -> Result<Vec<MarkRule>> {
     ])?)))
 }
 
+/// Where netfilter observers go.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlanMode {
+    /// Only where a mark can change: on the hooks with chains that write one, the hook's
+    /// first priority and just after each writing chain (and after conntrack where a rule
+    /// writes the ct mark after it). A change made elsewhere is seen by the next observer.
+    #[default]
+    Writers,
+    /// First and last of every hook and after every chain: every point of a packet's path
+    /// (full path, followed flows, `why`).
+    Full,
+}
+
 /// Which priority each netfilter slot program is linked at, per family and hook.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NfPlan {
+    pub mode: PlanMode,
     sites: Vec<NfSite>,
     /// Chain priorities that did not get an observer of their own (more than the slots allow).
     pub merged: usize,
 }
 
+/// Whether `c` bounds a band in `mode` on its hook, among `chains` of that hook and family.
+fn bounds_band(mode: PlanMode, c: &Chain, hook_chains: &[&Chain]) -> bool {
+    match mode {
+        PlanMode::Full => true,
+        // Conntrack attaches the ct mark: an observer after it gives a later ct-mark write
+        // its "before".
+        PlanMode::Writers if c.table == KERNEL => hook_chains
+            .iter()
+            .any(|w| w.writes.conntrack && w.priority > c.priority),
+        PlanMode::Writers => c.writes.any(),
+    }
+}
+
 impl NfPlan {
-    pub fn new(chains: &[Chain]) -> Self {
+    pub fn new(chains: &[Chain], mode: PlanMode) -> Self {
         let mut sites = Vec::new();
         let mut merged = 0;
         for family in FAMILIES {
             for hook in HOOKS {
-                let mut prios: Vec<i32> = chains
+                let here: Vec<&Chain> = chains
                     .iter()
                     .filter(|c| c.hook == hook && c.covers(family))
+                    .collect();
+                if mode == PlanMode::Writers && !here.iter().any(|c| c.writes.any()) {
+                    // Nothing on this hook writes a mark: no observer.
+                    continue;
+                }
+                let mut prios: Vec<i32> = here
+                    .iter()
+                    .filter(|c| bounds_band(mode, c, &here))
                     .map(|c| c.priority.saturating_add(1))
                     .filter(|p| *p > PRIO_FIRST && *p < PRIO_LAST)
                     .collect();
@@ -352,22 +497,41 @@ impl NfPlan {
                     })
                 };
                 site(0, PRIO_FIRST);
-                site(1, PRIO_LAST);
+                if mode == PlanMode::Full {
+                    site(1, PRIO_LAST);
+                }
                 for (i, p) in picked.into_iter().enumerate() {
                     site(i + 2, p);
                 }
             }
         }
-        Self { sites, merged }
+        Self {
+            mode,
+            sites,
+            merged,
+        }
     }
 
-    /// Band observers a changed ruleset needs that this plan lacks (new chain priorities), each
-    /// on the next free slot of its hook; priorities beyond the slots stay merged.
+    /// Observers a changed ruleset needs that this plan lacks (a hook that now has a writer,
+    /// new chain priorities), each on a free slot of its hook; priorities beyond the slots stay
+    /// merged. Observers no longer needed stay (they cost an unchanged-mark probe).
     pub fn additions(&self, chains: &[Chain]) -> Vec<NfSite> {
-        let wanted = NfPlan::new(chains);
+        let wanted = NfPlan::new(chains, self.mode);
         let mut out: Vec<NfSite> = Vec::new();
-        for w in wanted.sites.iter().filter(|w| w.slot >= 2) {
+        for w in wanted.sites.iter() {
             let same_hook = |s: &&NfSite| s.family == w.family && s.hook == w.hook;
+            if w.slot < 2 {
+                // First and last keep their slots.
+                if !self
+                    .sites
+                    .iter()
+                    .filter(same_hook)
+                    .any(|s| s.slot == w.slot)
+                {
+                    out.push(*w);
+                }
+                continue;
+            }
             // A linked site may sit a little off its wanted priority (EBUSY retries).
             let present = self
                 .sites
@@ -383,6 +547,7 @@ impl NfPlan {
                 .chain(out.iter())
                 .filter(same_hook)
                 .map(|s| s.slot)
+                .filter(|s| *s >= 2)
                 .max()
                 .unwrap_or(1);
             if (used as usize) + 1 < NF_SLOTS {
@@ -549,7 +714,7 @@ mod tests {
     #[test]
     fn plan_places_an_observer_after_each_chain_priority() {
         let chains = sample();
-        let plan = NfPlan::new(&chains);
+        let plan = NfPlan::new(&chains, PlanMode::Full);
         // IPv4 output: first, last, after -150, after 0.
         assert_eq!(plan.priority(2, 3, 0), Some(PRIO_FIRST));
         assert_eq!(plan.priority(2, 3, 1), Some(PRIO_LAST));
@@ -580,10 +745,83 @@ mod tests {
         assert_eq!(parse_mark_rules(&busier), rules);
     }
 
+    /// The default plan: observers only on hooks whose chains write, after each writer (and
+    /// after conntrack where a ct-mark writer follows it); none where nothing writes.
+    #[test]
+    fn writers_plan_observes_only_where_marks_change() {
+        let mut chains = parse_chains(&items(RULESET.as_bytes()).unwrap());
+        chains.push(Chain {
+            family: "inet".into(),
+            table: "f".into(),
+            name: "filter_out".into(),
+            hook: 3,
+            priority: 0,
+            ..Default::default()
+        });
+        chains.extend(kernel_users());
+        let plan = NfPlan::new(&chains, PlanMode::Writers);
+        let at = |family, hook| -> Vec<i32> {
+            let mut p: Vec<i32> = plan
+                .sites()
+                .iter()
+                .filter(|s| s.family == family && s.hook == hook)
+                .map(|s| s.priority)
+                .collect();
+            p.sort();
+            p
+        };
+        // ip mangle/OUTPUT reaches a ct-mark writer (cali-save): conntrack bounds a band; the
+        // filter chain at 0 writes nothing and gets no observer of its own.
+        assert_eq!(at(2, 3), vec![PRIO_FIRST, -199, -149]);
+        assert!(at(10, 3).is_empty(), "the writer is ip, not ip6");
+        assert!(at(2, 0).is_empty() && at(2, 4).is_empty());
+        // Full mode keeps every boundary.
+        let full = NfPlan::new(&chains, PlanMode::Full);
+        // 20 first/last; bands: IPv4 output -199, -149, 1; IPv6 output -199, 1; prerouting -199 ×2.
+        assert_eq!(full.sites().len(), 20 + 3 + 2 + 2);
+        // A writer appearing on another hook is an addition with its first observer.
+        let mut more = chains.clone();
+        more.push(Chain {
+            family: "ip".into(),
+            table: "x".into(),
+            name: "post".into(),
+            hook: 4,
+            priority: 100,
+            writes: Writes {
+                packet: true,
+                conntrack: false,
+            },
+            ..Default::default()
+        });
+        let adds = plan.additions(&more);
+        assert_eq!(
+            adds.iter()
+                .map(|s| (s.hook, s.slot, s.priority))
+                .collect::<Vec<_>>(),
+            vec![(4, 0, PRIO_FIRST), (4, 2, 101)]
+        );
+    }
+
+    #[test]
+    fn writes_are_read_from_rules_targets_and_named_verdict_maps() {
+        let doc = r#"{"nftables": [
+          {"chain": {"family": "inet", "table": "t", "name": "pre", "hook": "prerouting", "prio": -150}},
+          {"chain": {"family": "inet", "table": "t", "name": "tp"}},
+          {"map": {"family": "inet", "table": "t", "name": "ports", "type": "inet_service", "map": "verdict",
+                   "elem": [[80, {"jump": {"target": "tp"}}]]}},
+          {"rule": {"family": "inet", "table": "t", "chain": "pre", "expr": [
+            {"vmap": {"key": {"payload": {"protocol": "tcp", "field": "dport"}}, "data": "@ports"}}]}},
+          {"rule": {"family": "inet", "table": "t", "chain": "tp", "expr": [
+            {"xt": {"type": "target", "name": "TPROXY"}}]}}]}"#;
+        let chains = parse_chains(&items(doc.as_bytes()).unwrap());
+        assert_eq!(chains[0].mark_writers, vec!["inet t/tp"]);
+        assert!(chains[0].writes.packet && !chains[0].writes.conntrack);
+    }
+
     #[test]
     fn additions_take_free_slots_for_new_priorities() {
         let chains = sample();
-        let plan = NfPlan::new(&chains[..1]);
+        let plan = NfPlan::new(&chains[..1], PlanMode::Full);
         let adds = plan.additions(&chains);
         // The ip filter_out chain at 0 is new for IPv4 output only.
         assert_eq!(
@@ -595,7 +833,9 @@ mod tests {
                 priority: 1
             }]
         );
-        assert!(NfPlan::new(&chains).additions(&chains).is_empty());
+        assert!(NfPlan::new(&chains, PlanMode::Full)
+            .additions(&chains)
+            .is_empty());
     }
 
     #[test]
@@ -608,9 +848,10 @@ mod tests {
                 hook: 0,
                 priority: i * 10,
                 mark_writers: vec![],
+                writes: Writes::default(),
             })
             .collect();
-        let plan = NfPlan::new(&chains);
+        let plan = NfPlan::new(&chains, PlanMode::Full);
         assert_eq!(plan.merged, 20 - (NF_SLOTS - 2));
         let slots = plan
             .sites()

@@ -319,6 +319,7 @@ impl Topology {
 mod tests {
     use super::*;
     use crate::kernel::netfilter::{PRIO_FIRST, PRIO_LAST};
+    use crate::nodestate::nft::{PlanMode, Writes};
 
     fn topo() -> Topology {
         let chains = vec![Chain {
@@ -328,9 +329,10 @@ mod tests {
             hook: 3,
             priority: -150,
             mark_writers: vec![],
+            writes: Writes::default(),
         }];
         let mut t = Topology {
-            plan: Some(NfPlan::new(&chains)),
+            plan: Some(NfPlan::new(&chains, PlanMode::Full)),
             chains,
             ..Default::default()
         };

@@ -499,6 +499,7 @@ mod tests {
     use super::*;
     use crate::nodestate::{
         netlink::{IpRule, Route, XfrmPolicy},
+        nft::Writes,
         sysctl::Sysctls,
     };
 
@@ -718,6 +719,7 @@ mod tests {
             hook: 1,
             priority: 0,
             mark_writers: vec![],
+            writes: Writes::default(),
         }];
         let plain = flow(
             vec![input.clone(), drop.clone()]
