@@ -221,6 +221,7 @@ async fn stream(
     let mut ring =
         unsafe { AsyncFd::register(obs.take_ring()?) }.context("polling the ring buffer")?;
     let mut summary = Summary::new();
+    out.plan(&obs.plan_record())?;
     let mut tick = time::interval(Duration::from_secs(1));
     let mut drain_tick = time::interval(Duration::from_millis(50));
     let mut sigterm = unix::signal(unix::SignalKind::terminate())?;
@@ -262,8 +263,12 @@ async fn stream(
                 }
                 ticks += 1;
                 if ticks.is_multiple_of(3) {
-                    for change in obs.refresh_chains() {
+                    let changes = obs.refresh_chains();
+                    for change in &changes {
                         eprintln!("fwmark-trace: {change}");
+                    }
+                    if !changes.is_empty() {
+                        out.plan(&obs.plan_record())?;
                     }
                 }
                 decoder.set_topology(topology(obs, own_netns));

@@ -17,7 +17,7 @@ use fwmark_trace_common::{
 use super::{
     btf::{self, KernelBtf},
     features::{self, Feature},
-    netfilter::{NfPrograms, NfSite},
+    netfilter::{NfPrograms, NfSite, PRIO_FIRST, PRIO_LAST},
     tcx::{self, TcObservers},
 };
 use crate::nodestate::{
@@ -61,6 +61,26 @@ pub struct AttachStatus {
     pub point: String,
     pub ok: bool,
     pub detail: String,
+}
+
+/// The observer plan, as the JSON output's first record (`kind: "plan"`) and again after a
+/// re-plan: which observers, and why each is there.
+#[derive(serde::Serialize)]
+pub struct PlanRecord {
+    pub time: String,
+    pub kind: &'static str,
+    pub mode: PlanMode,
+    pub observers: Vec<AttachStatus>,
+    pub netfilter: Vec<PlannedSite>,
+}
+
+/// One netfilter observer and the reason it sits there.
+#[derive(serde::Serialize)]
+pub struct PlannedSite {
+    pub family: &'static str,
+    pub hook: &'static str,
+    pub priority: i32,
+    pub why: String,
 }
 
 pub struct Observers {
@@ -332,6 +352,43 @@ impl Observers {
         }
         self.chains = chains;
         changes
+    }
+
+    /// The plan as it stands (see `PlanRecord`).
+    pub fn plan_record(&self) -> PlanRecord {
+        let netfilter = self
+            .plan
+            .sites()
+            .iter()
+            .map(|site| {
+                let before: Vec<String> = self
+                    .chains
+                    .iter()
+                    .filter(|c| c.hook == site.hook && c.covers(site.family))
+                    .filter(|c| c.priority.saturating_add(1) == site.priority)
+                    .map(|c| c.label())
+                    .collect();
+                let why = match site.priority {
+                    PRIO_FIRST => "the hook's first priority: bounds the first band".into(),
+                    PRIO_LAST => "the hook's last priority".into(),
+                    _ if before.is_empty() => "after a chain priority".into(),
+                    _ => format!("after {}", before.join(", ")),
+                };
+                PlannedSite {
+                    family: crate::tracking::segment::family_name(site.family).unwrap_or("?"),
+                    hook: nft::hook_name(site.hook),
+                    priority: site.priority,
+                    why,
+                }
+            })
+            .collect();
+        PlanRecord {
+            time: crate::events::rfc3339(std::time::SystemTime::now()),
+            kind: "plan",
+            mode: self.plan.mode,
+            observers: self.report.clone(),
+            netfilter,
+        }
     }
 
     /// Writes pending kernel log records to the daemon's log.

@@ -447,13 +447,27 @@ pub struct NfPlan {
 fn bounds_band(mode: PlanMode, c: &Chain, hook_chains: &[&Chain]) -> bool {
     match mode {
         PlanMode::Full => true,
-        // Conntrack attaches the ct mark: an observer after it gives a later ct-mark write
-        // its "before".
+        // Conntrack attaches the ct mark: an observer after it separates the ct mark a
+        // connection starts with from one a rule sets, and starts the writers' first band.
         PlanMode::Writers if c.table == KERNEL => hook_chains
             .iter()
-            .any(|w| w.writes.conntrack && w.priority > c.priority),
+            .any(|w| w.writes.any() && w.priority > c.priority),
         PlanMode::Writers => c.writes.any(),
     }
+}
+
+/// Whether the hook's first priority needs an observer: in `Writers` mode only when a writer
+/// sits before every other boundary (else the boundary starts the first writer's band).
+fn needs_first(mode: PlanMode, hook_chains: &[&Chain]) -> bool {
+    let kernel = hook_chains
+        .iter()
+        .filter(|c| c.table == KERNEL && bounds_band(mode, c, hook_chains))
+        .map(|c| c.priority)
+        .min();
+    mode == PlanMode::Full
+        || hook_chains
+            .iter()
+            .any(|c| c.writes.any() && kernel.is_none_or(|k| c.priority < k))
 }
 
 impl NfPlan {
@@ -496,7 +510,9 @@ impl NfPlan {
                         priority,
                     })
                 };
-                site(0, PRIO_FIRST);
+                if needs_first(mode, &here) {
+                    site(0, PRIO_FIRST);
+                }
                 if mode == PlanMode::Full {
                     site(1, PRIO_LAST);
                 }
@@ -770,9 +786,10 @@ mod tests {
             p.sort();
             p
         };
-        // ip mangle/OUTPUT reaches a ct-mark writer (cali-save): conntrack bounds a band; the
-        // filter chain at 0 writes nothing and gets no observer of its own.
-        assert_eq!(at(2, 3), vec![PRIO_FIRST, -199, -149]);
+        // ip mangle/OUTPUT reaches writers: conntrack bounds their first band (nothing before
+        // it writes, so the hook's first priority needs no observer); the filter chain at 0
+        // writes nothing and gets no observer of its own.
+        assert_eq!(at(2, 3), vec![-199, -149]);
         assert!(at(10, 3).is_empty(), "the writer is ip, not ip6");
         assert!(at(2, 0).is_empty() && at(2, 4).is_empty());
         // Full mode keeps every boundary.
@@ -798,7 +815,8 @@ mod tests {
             adds.iter()
                 .map(|s| (s.hook, s.slot, s.priority))
                 .collect::<Vec<_>>(),
-            vec![(4, 0, PRIO_FIRST), (4, 2, 101)]
+            vec![(4, 0, PRIO_FIRST), (4, 2, 101)],
+            "postrouting has no conntrack boundary: its first priority starts the band"
         );
     }
 

@@ -48,6 +48,10 @@ pub trait Sink {
     fn stats(&mut self, rec: &StatsRecord) -> Result<()>;
     fn summary(&mut self, summary: &summary::Summary) -> Result<()>;
     fn flush(&mut self) -> Result<()>;
+    /// The observer plan (JSON output only: people read it from the start-up lines).
+    fn plan(&mut self, _plan: &crate::kernel::observers::PlanRecord) -> Result<()> {
+        Ok(())
+    }
     /// Called once a second while tracing (inside the traced namespace).
     fn tick(&mut self) -> Result<()> {
         Ok(())
@@ -165,5 +169,13 @@ impl Sink for Output {
     }
     fn flush(&mut self) -> Result<()> {
         Output::flush(self)
+    }
+    fn plan(&mut self, plan: &crate::kernel::observers::PlanRecord) -> Result<()> {
+        if matches!(self.format, Format::Json) {
+            serde_json::to_writer(&mut self.out, plan)?;
+            self.out.write_all(b"\n")?;
+            self.maybe_flush()?;
+        }
+        Ok(())
     }
 }
