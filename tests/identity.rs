@@ -70,7 +70,9 @@ const NODE_TO_ENDPOINT: &str = "10.180.0.2";
 /// Every packet of those connections was made in the client or the server namespace: in the
 /// node it must keep the packet id it got on entering (no second first sight at a netfilter
 /// hook), and the masquerade bit must change only in netfilter, set and cleared on the same
-/// packet.
+/// packet. (What moves the head here: not the DNAT, which writes TCP's clone in place, but
+/// ip_forward's skb_cow of every still-cloned packet — SYN, data, FIN, either direction —
+/// between the PREROUTING and FORWARD hooks.)
 #[test]
 fn kube_proxy_nodeport_forwarded_packets_keep_their_identity() {
     let lab = Lab::new("kpnp").expect("lab"); // a: client, b: the node
