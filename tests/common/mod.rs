@@ -433,3 +433,242 @@ pub fn send_udp_burst(ns: &str, dst: &str, port: u16, count: usize) {
     .join()
     .expect("burst thread");
 }
+
+/// A real rule set from the owners' own repositories, read where CI lays `shared/` beside the
+/// project root (`../shared/real-rules/FILE`); never copied into the project.
+pub fn real_rules(file: &str) -> PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("project root");
+    let path = root.join("../shared/real-rules").join(file);
+    assert!(
+        path.is_file(),
+        "real rule set {} missing (shared/ must sit beside the project root)",
+        path.display()
+    );
+    path
+}
+
+/// Loads an iptables-restore file into namespace `ns` with `tool` (`iptables-nft-restore`,
+/// `ip6tables-nft-restore`), `--noflush` as the owners load theirs.
+pub fn restore_rules(ns: &str, tool: &str, file: &std::path::Path) {
+    let input = std::fs::File::open(file).expect("open rule file");
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, tool, "--noflush"])
+        .stdin(input)
+        .output()
+        .expect("run iptables-restore");
+    assert!(
+        out.status.success(),
+        "{tool} {}: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs every line of an `ip -batch` style file (comments skipped) as `ip -n NS LINE`: lines may
+/// carry options such as `-6`, which `ip -batch` does not take.
+pub fn ip_lines(ns: &str, file: &std::path::Path) {
+    let text = std::fs::read_to_string(file).expect("read ip file");
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut args = vec!["-n", ns];
+        args.extend(line.split_whitespace());
+        lab::run("ip", &args).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    }
+}
+
+/// One more throwaway namespace beside a Lab's two, deleted on drop (with its links, rules
+/// and routes), even when the test fails.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        let name = format!(
+            "fwmt-{tag}-{}-{}",
+            std::process::id(),
+            rand_suffix() % 1_000_000
+        );
+        lab::run("ip", &["netns", "add", &name]).expect("ip netns add");
+        let ns = Netns { name };
+        lab::run("ip", &["-n", &ns.name, "link", "set", "lo", "up"]).expect("lo up");
+        ns
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A TCP echo server on `addr:port` inside `ns` until `stop` is set: every connection is
+/// echoed (one thread each, idle ones closed after 2 s).
+pub fn tcp_echo_server(
+    ns: &str,
+    addr: &str,
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> thread::JoinHandle<()> {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let (ns, addr) = (ns.to_owned(), addr.to_owned());
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let h = thread::spawn(move || {
+        fwmark_trace::netns::enter(&ns).expect("enter netns");
+        let l = std::net::TcpListener::bind((addr.as_str(), port)).expect("bind tcp server");
+        l.set_nonblocking(true).unwrap();
+        ready_tx.send(()).unwrap();
+        while !stop.load(Ordering::Relaxed) {
+            match l.accept() {
+                Ok((mut c, _)) => {
+                    thread::spawn(move || {
+                        c.set_nonblocking(false).unwrap();
+                        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                        c.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+                        let mut buf = vec![0u8; 65536];
+                        while let Ok(n) = c.read(&mut buf) {
+                            if n == 0 || c.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+                Err(_) => thread::sleep(Duration::from_millis(2)),
+            }
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("tcp server ready");
+    h
+}
+
+/// A blocking IPv4 TCP connection from the calling thread's namespace with SO_MARK `mark`
+/// (0: none) set before connecting; connect, reads and writes time out after 2 s.
+pub fn tcp_connect(dst: std::net::SocketAddrV4, mark: u32) -> std::io::Result<std::net::TcpStream> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls on a socket we own (closed by the TcpStream, or here).
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = std::net::TcpStream::from_raw_fd(fd);
+        let tv = libc::timeval {
+            tv_sec: 2,
+            tv_usec: 0,
+        };
+        for opt in [libc::SO_SNDTIMEO, libc::SO_RCVTIMEO] {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            );
+        }
+        if mark != 0
+            && libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_MARK,
+                (&mark as *const u32).cast(),
+                4,
+            ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: dst.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(dst.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        if libc::connect(
+            fd,
+            (&sin as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
+}
+
+/// TCP traffic from inside `ns` to an echo server at `dst`, from sockets with SO_MARK `mark`:
+/// `conns` short connections (connect, 64 bytes there and back, close), then one stream of
+/// `stream_bytes` echoed in 16 KiB rounds. Bounded: every call times out after 2 s, and the
+/// whole run stops after `limit`. Returns the local ports used and the bytes echoed back.
+pub fn tcp_traffic(
+    ns: &str,
+    dst: &str,
+    port: u16,
+    mark: u32,
+    conns: usize,
+    stream_bytes: usize,
+    limit: Duration,
+) -> (Vec<u16>, usize) {
+    use std::io::{Read, Write};
+    let (ns, dst) = (ns.to_owned(), dst.to_owned());
+    thread::spawn(move || {
+        fwmark_trace::netns::enter(&ns).expect("enter netns");
+        let to = std::net::SocketAddrV4::new(dst.parse().expect("IPv4 address"), port);
+        let deadline = Instant::now() + limit;
+        let (mut ports, mut echoed) = (Vec::new(), 0);
+        let mut round = |c: &mut std::net::TcpStream, data: &[u8]| -> bool {
+            if c.write_all(data).is_err() {
+                return false;
+            }
+            let mut buf = vec![0u8; data.len()];
+            let ok = c.read_exact(&mut buf).is_ok();
+            if ok {
+                echoed += data.len();
+            }
+            ok
+        };
+        for _ in 0..conns {
+            if Instant::now() > deadline {
+                break;
+            }
+            if let Ok(mut c) = tcp_connect(to, mark) {
+                ports.push(c.local_addr().unwrap().port());
+                round(&mut c, &[0x5a; 64]);
+            }
+        }
+        if stream_bytes > 0 {
+            if let Ok(mut c) = tcp_connect(to, mark) {
+                ports.push(c.local_addr().unwrap().port());
+                let chunk = vec![0xa5u8; 16 << 10];
+                let mut sent = 0;
+                while sent < stream_bytes && Instant::now() < deadline && round(&mut c, &chunk) {
+                    sent += chunk.len();
+                }
+            }
+        }
+        (ports, echoed)
+    })
+    .join()
+    .expect("tcp client thread")
+}
+
+/// Parses a JSON mark ("0x4000").
+pub fn mark_of(v: &Value) -> u32 {
+    u32::from_str_radix(
+        v.as_str()
+            .unwrap_or_else(|| panic!("not a mark: {v}"))
+            .trim_start_matches("0x"),
+        16,
+    )
+    .unwrap_or_else(|e| panic!("bad mark {v}: {e}"))
+}
