@@ -655,3 +655,138 @@ fn metrics_endpoint_serves_the_run_counters() {
         "{summary}"
     );
 }
+
+/// The packets a set of counted events stands for.
+fn packets(evs: &[&Value]) -> u64 {
+    evs.iter().map(|e| e["count"].as_u64().unwrap_or(1)).sum()
+}
+
+#[test]
+fn transitions_are_counted_in_the_kernel_and_add_up_to_the_packets_sent() {
+    let lab = lab_with_rules("agg");
+    let d = Daemon::start(&["--netns", &lab.a, "--interval", "300ms"]);
+    send_udp(&lab.a, lab::ADDR_B, 9999, 40, None);
+    let events = d.stop();
+    let tr = events_to(&events, "transition", 9999);
+    // Each distinct transition is a record with a count and an interval, not one per packet.
+    for new in ["0x100", "0x4100"] {
+        let these: Vec<&Value> = tr
+            .iter()
+            .copied()
+            .filter(|e| e["mark"]["new"] == new)
+            .collect();
+        assert!(
+            these
+                .iter()
+                .all(|e| e["count"].as_u64().is_some() && e["interval"]["start"].is_string()),
+            "{these:#?}"
+        );
+        assert_eq!(packets(&these), 40, "every packet counted once: {these:#?}");
+        assert!(
+            these.len() < 40,
+            "counted, not reported per packet: {}",
+            these.len()
+        );
+    }
+    // The summary counts packets the same way.
+    let summary = events.last().unwrap();
+    assert!(
+        summary["events"]["transition"].as_u64().unwrap() >= 80,
+        "{summary}"
+    );
+}
+
+#[test]
+fn per_packet_mode_reports_every_packet() {
+    let lab = lab_with_rules("pp");
+    let d = Daemon::start(&["--netns", &lab.a, "--per-packet"]);
+    send_udp(&lab.a, lab::ADDR_B, 9999, 10, None);
+    let events = d.stop();
+    let set: Vec<&Value> = events_to(&events, "transition", 9999)
+        .into_iter()
+        .filter(|e| e["mark"]["new"] == "0x100")
+        .collect();
+    let ids: std::collections::HashSet<&Value> = set.iter().map(|e| &e["packet_id"]).collect();
+    assert_eq!((set.len(), ids.len()), (10, 10), "{set:#?}");
+    assert!(set.iter().all(|e| e["count"].is_null()));
+}
+
+/// The default plan observes only where a mark can change, and follows the ruleset: a writer
+/// added while tracing gets its observers and every packet after that is reported.
+#[test]
+fn observer_plan_follows_the_ruleset() {
+    let lab = Lab::new("plan").expect("lab");
+    let mut d = Daemon::start(&["--netns", &lab.a, "--interval", "300ms"]);
+    // Nothing writes a mark yet: no netfilter observer at all.
+    send_udp(&lab.a, lab::ADDR_B, 9957, 3, None);
+    lab.nft(
+        &lab.a,
+        "table ip late {\n chain post { type filter hook postrouting priority 10; policy accept; udp dport 9957 meta mark set 0x57; }\n}\n",
+    )
+    .unwrap();
+    d.wait_for_stderr(
+        "band observer added at ipv4 postrouting prio 11",
+        std::time::Duration::from_secs(10),
+    );
+    send_udp(&lab.a, lab::ADDR_B, 9957, 25, None);
+    let output = d.output.clone();
+    let events = d.stop();
+    let plans = read_plans(&output);
+    assert!(
+        plans.len() >= 2,
+        "a plan at start and after the change: {plans:#?}"
+    );
+    assert_eq!(plans[0]["mode"], "writers");
+    assert_eq!(plans[0]["netfilter"], serde_json::json!([]), "{}", plans[0]);
+    let last = plans.last().unwrap();
+    let sites: Vec<(&Value, &Value)> = last["netfilter"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (&s["hook"], &s["priority"]))
+        .collect();
+    assert!(
+        sites.contains(&(&"postrouting".into(), &11.into())),
+        "an observer after the new chain: {last}"
+    );
+    assert!(
+        last["netfilter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["hook"] == "postrouting"),
+        "only the hook that writes: {last}"
+    );
+    let tr: Vec<&Value> = events_to(&events, "transition", 9957)
+        .into_iter()
+        .filter(|e| e["mark"]["new"] == "0x57")
+        .collect();
+    assert_eq!(packets(&tr), 25, "every packet after the re-plan: {tr:#?}");
+    let e = tr[0];
+    assert_eq!(e["segment"]["layer"], "netfilter", "{e}");
+    assert_eq!(
+        e["segment"]["chains"],
+        serde_json::json!(["ip late/post@10"]),
+        "{e}"
+    );
+}
+
+/// A writer where no observer sits (a classic tc filter on an interface the plan gave no tc
+/// observers) is still reported, by the next observer, with a segment that spans the gap.
+#[test]
+fn a_change_where_no_observer_sits_is_seen_by_the_next_one() {
+    let lab = Lab::new("gap").expect("lab");
+    let d = Daemon::start(&["--netns", &lab.a, "--interval", "300ms"]);
+    // Added after start: until the next refresh nothing observes tc on veth-a.
+    attach_clsact_mark_setter(&lab.a, lab::VETH_A, 0x77);
+    send_udp(&lab.a, lab::ADDR_B, 9956, 5, None);
+    let events = d.stop();
+    let tr: Vec<&Value> = events_to(&events, "transition", 9956)
+        .into_iter()
+        .filter(|e| e["mark"]["new"] == "0x77")
+        .collect();
+    assert_eq!(packets(&tr), 5, "{tr:#?}");
+    let e = tr[0];
+    assert_eq!(e["at"]["hook"], "net_dev_queue", "{e}");
+    assert_ne!(e["segment"]["layer"], "unknown", "{e}");
+}

@@ -32,6 +32,15 @@ pub mod tc_slot {
     pub const LAST: u8 = 1;
 }
 
+/// `Point::slot` when `layer == SOCKET`.
+pub mod socket_slot {
+    /// The socket's SO_MARK is the mark the packet was first seen with.
+    pub const WROTE: u8 = 0;
+    /// The packet left its socket with SO_MARK (`Event::old_mark`) and was first seen with
+    /// another mark: something in between changed it.
+    pub const LEFT: u8 = 1;
+}
+
 /// Tracepoints observed (`Point::hook` when `layer == TRACEPOINT`).
 pub mod tracepoint {
     pub const NETIF_RECEIVE_SKB: u8 = 0;
@@ -118,6 +127,59 @@ pub struct Event {
     pub sk_mark: u32,
     pub sk_flags: u32,
 }
+
+/// What makes two reports the same transition (or drop), counted together in the kernel: the
+/// segment (both points), the marks before and after, conntrack state, drop reason, and the
+/// protocol (an ND packet's change is not a UDP flow's).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AggKey {
+    pub prev: Point,
+    pub at: Point,
+    pub old_mark: u32,
+    pub new_mark: u32,
+    pub old_ct_mark: u32,
+    pub new_ct_mark: u32,
+    pub drop_reason: u32,
+    pub kind: u8,
+    pub ct_flags: u8,
+    pub ct_info: u8,
+    pub ip_version: u8,
+    pub l4_proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl AggKey {
+    #[inline(always)]
+    pub fn of(ev: &Event) -> Self {
+        AggKey {
+            prev: ev.prev,
+            at: ev.at,
+            old_mark: ev.old_mark,
+            new_mark: ev.new_mark,
+            old_ct_mark: ev.old_ct_mark,
+            new_ct_mark: ev.new_ct_mark,
+            drop_reason: ev.drop_reason,
+            kind: ev.kind,
+            ct_flags: ev.ct_flags,
+            ct_info: ev.ct_info,
+            ip_version: ev.ip_version,
+            l4_proto: ev.l4_proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Per CPU: how many packets made this transition, and the first of them (tuple, ids).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AggValue {
+    pub count: u64,
+    pub exemplar: Event,
+}
+
+/// Distinct transitions counted in the kernel at once (an LRU: the oldest go first).
+pub const AGG_ENTRIES: u32 = 16384;
 
 /// `Event::sk_flags`: the packet belongs to a full socket and `sk_mark` is its SO_MARK.
 pub const SK_FULL: u32 = 1;
@@ -342,6 +404,8 @@ pub struct Config {
     pub routes: u32,
     /// Non-zero: report every drop, also of packets whose mark nothing changed.
     pub all_drops: u32,
+    /// Non-zero: count reports in the `AGG` map instead of writing each to the ring buffer.
+    pub aggregate: u32,
     /// The flows being followed (`--flow`, `--host`, `--port`, `--proto`, `why`).
     pub flow: FlowFilter,
 }
@@ -439,6 +503,7 @@ impl Config {
         own_netns: 0,
         routes: 0,
         all_drops: 0,
+        aggregate: 0,
         flow: FlowFilter::NONE,
     };
 }
@@ -448,6 +513,7 @@ pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_LOST: &str = "LOST";
 pub const MAP_IFACES: &str = "IFACES";
 pub const MAP_CONTROL: &str = "CONTROL";
+pub const MAP_AGG: &str = "AGG";
 
 /// Settings the daemon changes while running (the `CONTROL` array map, one entry), unlike
 /// `Config`, which is frozen at load.
@@ -468,6 +534,8 @@ mod pod {
     unsafe impl aya::Pod for super::Point {}
     unsafe impl aya::Pod for super::Control {}
     unsafe impl aya::Pod for super::CpuCache {}
+    unsafe impl aya::Pod for super::AggKey {}
+    unsafe impl aya::Pod for super::AggValue {}
 }
 
 #[cfg(test)]

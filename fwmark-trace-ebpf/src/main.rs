@@ -15,11 +15,12 @@ mod skb;
 use aya_ebpf::{
     bindings::__sk_buff,
     macros::{btf_tracepoint, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
 use fwmark_trace_common::{
-    layer, tc_dir, tc_slot, tracepoint, Config, Control, CpuCache, Event, PacketState, Point,
+    layer, tc_dir, tc_slot, tracepoint, AggKey, AggValue, Config, Control, CpuCache, Event,
+    PacketState, Point, AGG_ENTRIES,
 };
 use observe::{End, Site};
 use skb::read;
@@ -40,6 +41,11 @@ static PACKETS: LruHashMap<u64, PacketState> = LruHashMap::with_max_entries(6553
 /// of the shared map.
 #[map]
 static CACHE: PerCpuArray<CpuCache> = PerCpuArray::with_max_entries(1, 0);
+
+/// Transitions and drops counted per CPU (`Config::aggregate`), read by the daemon every
+/// interval: one record per distinct transition instead of one per packet.
+#[map]
+static AGG: LruPerCpuHashMap<AggKey, AggValue> = LruPerCpuHashMap::with_max_entries(AGG_ENTRIES, 0);
 
 /// Settings the daemon changes while running (`Control`).
 #[map]

@@ -9,10 +9,13 @@
 //! and when it moved to another CPU.
 use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, generated};
 use fwmark_trace_common::{
-    kind, layer, path, Config, CpuCache, Event, PacketState, Point, CT_BEFORE, CT_NOW,
+    kind, layer, path, socket_slot, AggKey, AggValue, Config, CpuCache, Event, PacketState, Point,
+    CT_BEFORE, CT_NOW,
 };
 
-use crate::{skb, CACHE, CONFIG, CONTROL, EVENTS, FOLLOWED, FOLLOWING, IFACES, LOST, PACKETS, SEQ};
+use crate::{
+    skb, AGG, CACHE, CONFIG, CONTROL, EVENTS, FOLLOWED, FOLLOWING, IFACES, LOST, PACKETS, SEQ,
+};
 
 /// What the observer knows besides the skb pointer.
 pub struct Site {
@@ -188,6 +191,26 @@ fn slow_path<const BTF: bool>(
         return;
     }
     skb::fill_tuple::<BTF>(&mut ev, skb, head, off, site.l3_at_data);
+    if cfg.aggregate != 0 {
+        // Counted here; the first packet of each transition on this CPU is its exemplar.
+        let key = AggKey::of(&ev);
+        if let Some(v) = AGG.get_ptr_mut(&key) {
+            // SAFETY: this CPU's value of a per-CPU map.
+            unsafe { (*v).count += 1 };
+            return;
+        }
+        skb::fill_socket::<BTF>(&mut ev, skb, off);
+        // SAFETY: a helper without arguments.
+        ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+        let value = AggValue {
+            count: 1,
+            exemplar: ev,
+        };
+        if AGG.insert(&key, &value, 0).is_err() {
+            count_lost();
+        }
+        return;
+    }
     if cfg.flow.active != 0 {
         let yes = followed(cfg, &ev);
         if let Some(flag) = FOLLOWING.get_ptr_mut(0) {
@@ -408,19 +431,33 @@ fn first_sight<const BTF: bool>(
     };
     ev.old_mark = 0;
     ev.old_ct_mark = ev.new_ct_mark;
-    if ev.new_mark == 0 {
-        ev.kind = kind::FIRST_SEEN;
-        return cfg.full_path != 0;
+    // A local packet starts with its socket's mark: it needs no observer of its own.
+    match skb::socket_mark::<BTF>(skb, off) {
+        Some(sk_mark) if sk_mark == ev.new_mark && sk_mark != 0 => {
+            // The socket wrote it (SO_MARK): its drop is worth a report.
+            ev.prev = Point {
+                layer: layer::SOCKET,
+                slot: socket_slot::WROTE,
+                ..site.at
+            };
+        }
+        Some(sk_mark) if sk_mark != ev.new_mark => {
+            // Something between the socket and this observer changed it.
+            ev.old_mark = sk_mark;
+            ev.prev = Point {
+                layer: layer::SOCKET,
+                slot: socket_slot::LEFT,
+                ..site.at
+            };
+        }
+        _ if ev.new_mark != 0 => {}
+        _ => {
+            ev.kind = kind::FIRST_SEEN;
+            return cfg.full_path != 0;
+        }
     }
     ev.kind = kind::TRANSITION;
-    if skb::socket_mark::<BTF>(skb, off) == Some(ev.new_mark) {
-        // The socket wrote it (SO_MARK): its drop is worth a report.
-        st.changed = 1;
-        ev.prev = Point {
-            layer: layer::SOCKET,
-            ..site.at
-        };
-    }
+    st.changed = (ev.prev.layer == layer::SOCKET) as u8;
     true
 }
 

@@ -414,11 +414,12 @@ pub struct ClobberCount {
 }
 
 impl AttributionCounts {
-    pub fn add(&mut self, a: &Arc<Rendered<Attribution>>) {
+    /// Counts `packets` packets with attribution `a`.
+    pub fn add(&mut self, a: &Arc<Rendered<Attribution>>, packets: u64) {
         self.seen
             .entry(Arc::as_ptr(a))
             .or_insert_with(|| (a.clone(), 0))
-            .1 += 1;
+            .1 += packets;
     }
 
     /// Moves the per-attribution counts into the totals (the decoder's cache is being dropped,
@@ -659,9 +660,9 @@ mod tests {
             },
         ));
         let mut c = AttributionCounts::default();
-        c.add(&a);
+        c.add(&a, 1);
         c.fold();
-        c.add(&a);
+        c.add(&a, 1);
         let (owners, clobbers) = c.totals();
         assert_eq!(owners.get("tailscale"), Some(&2));
         assert_eq!(owners.get("calico"), Some(&2));

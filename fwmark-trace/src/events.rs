@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{bail, Result};
-use fwmark_trace_common::{kind, layer, Event, Point, CT_BEFORE, CT_NOW, SK_FULL};
+use fwmark_trace_common::{kind, layer, socket_slot, Event, Point, CT_BEFORE, CT_NOW, SK_FULL};
 use serde::Serialize;
 
 use crate::{
@@ -46,6 +46,19 @@ pub struct TraceEvent {
     /// Conntrack entry identity (not shown: a kernel address), for joining flows across NAT.
     #[serde(skip)]
     pub ct_id: u64,
+    /// Counted in the kernel (the default): how many packets made this transition in the
+    /// interval; the event's packet, tuple and time are those of one of them (the exemplar).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interval: Option<Interval>,
+}
+
+/// The stretch of time a counted event covers.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Interval {
+    pub start: String,
+    pub end: String,
 }
 
 /// A routing table lookup: which table, with which flow mark, and what it answered.
@@ -228,8 +241,9 @@ pub struct Decoder {
     pub drop_reasons: HashMap<u32, String>,
     /// Wall clock minus CLOCK_MONOTONIC (what bpf_ktime_get_ns counts).
     boot: SystemTime,
-    /// Packets whose "mark" is `reserved_tailroom` (see `kernel_tailroom`).
-    tailroom: HashSet<u64>,
+    /// Values ND/MLD packets showed as their "mark" at first sight: `reserved_tailroom` (see
+    /// `kernel_tailroom`). By value, not by packet: counted events carry one packet of many.
+    tailroom: HashSet<u32>,
     /// Named points and segments depend only on the points and the topology: built once each.
     points: HashMap<Point, Arc<Rendered<PointInfo>>>,
     segments: HashMap<(Point, Point), Arc<Rendered<Segment>>>,
@@ -313,18 +327,28 @@ impl Decoder {
         if !(ev.ip_version == 6 && matches!(ev.l4_proto, 0 | 58)) {
             return false;
         }
-        if ev.prev.layer == layer::NONE && ev.new_mark != 0 {
-            if self.tailroom.len() > 4096 {
+        // First seen with it: before any observer, or off the (kernel) socket it left with 0.
+        let first = ev.prev.layer == layer::NONE
+            || (ev.prev.layer == layer::SOCKET
+                && ev.prev.slot == socket_slot::LEFT
+                && ev.old_mark == 0);
+        if first && ev.new_mark != 0 {
+            if self.tailroom.len() > 64 {
                 self.tailroom.clear();
             }
-            self.tailroom.insert(ev.packet_id);
+            self.tailroom.insert(ev.new_mark);
             return true;
         }
         let scrubbed = ev.new_mark == 0 && ev.prev.netns != ev.at.netns;
-        scrubbed && self.tailroom.remove(&ev.packet_id)
+        scrubbed && self.tailroom.contains(&ev.old_mark)
     }
 
     pub fn decode(&mut self, ev: &Event) -> TraceEvent {
+        self.decode_counted(ev, 1)
+    }
+
+    /// Decodes a record that stands for `packets` packets (the kernel counted them).
+    pub fn decode_counted(&mut self, ev: &Event, packets: u64) -> TraceEvent {
         let changed = ev.old_mark != ev.new_mark
             || (ev.ct_flags & (CT_NOW | CT_BEFORE) == CT_NOW | CT_BEFORE
                 && ev.old_ct_mark != ev.new_ct_mark);
@@ -366,7 +390,7 @@ impl Decoder {
                     };
                     Rendered::new(attribute(reg, &change))
                 });
-                self.counts.add(a);
+                self.counts.add(a, packets);
                 Some(a.clone())
             }
             _ => None,
@@ -390,6 +414,8 @@ impl Decoder {
             attribution,
             socket_mark: (ev.sk_flags & SK_FULL != 0).then(|| hex(ev.sk_mark)),
             ct_id: ev.ct_id,
+            count: None,
+            interval: None,
             route: (ev.kind == kind::ROUTE).then(|| Route {
                 table: ev.table,
                 result: route_result(ev.route_err),

@@ -15,7 +15,8 @@ use fwmark_trace_common::Event;
 use tokio::{io::unix::AsyncFd, signal::unix, time};
 
 use crate::{
-    events::{self, Decoder},
+    events::{self, Decoder, Interval},
+    kernel::counts::KernelCounts,
     kernel::features::Feature,
     kernel::observers::{Observers, Options},
     netns,
@@ -55,6 +56,14 @@ pub struct TraceArgs {
     /// life), not only transitions and drops.
     #[arg(long)]
     pub full_path: bool,
+    /// One event per packet through the ring buffer, instead of each distinct transition
+    /// counted in the kernel and reported once per interval (--full-path and followed flows
+    /// are per packet anyway).
+    #[arg(long)]
+    pub per_packet: bool,
+    /// How often counted transitions are reported (e.g. 1s, 10s).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
     /// Ring buffer size in bytes (a power of two, at least one page).
     #[arg(long, default_value_t = 4 << 20, value_parser = parse_ring_size)]
     pub ring_size: u32,
@@ -80,6 +89,13 @@ pub struct TraceArgs {
     /// Follow only these flows, at every observation point and with their routing lookups.
     #[command(flatten)]
     pub select: FlowSelect,
+}
+
+impl TraceArgs {
+    /// Whether transitions are counted in the kernel (the default) rather than sent per packet.
+    pub fn counted(&self) -> bool {
+        !(self.per_packet || self.full_path || self.select.active())
+    }
 }
 
 fn parse_mark_arg(s: &str) -> Result<(u32, u32), String> {
@@ -140,6 +156,7 @@ pub fn run_into(args: &TraceArgs, sink: &mut dyn Sink, on_ready: impl FnOnce()) 
         require: args.require.clone(),
         routes: args.routes || args.select.active(),
         all_drops: args.all_drops,
+        aggregate: args.counted(),
         flow: args.select.kernel_filter(),
     };
     let mut obs = Observers::start(&opts)?;
@@ -222,6 +239,12 @@ async fn stream(
         unsafe { AsyncFd::register(obs.take_ring()?) }.context("polling the ring buffer")?;
     let mut summary = Summary::new();
     out.plan(&obs.plan_record())?;
+    let mut counts = args
+        .counted()
+        .then(|| KernelCounts::take(&mut obs.ebpf))
+        .transpose()?;
+    let mut interval = time::interval(args.interval.max(Duration::from_millis(100)));
+    let mut interval_start = SystemTime::now();
     let mut tick = time::interval(Duration::from_secs(1));
     let mut drain_tick = time::interval(Duration::from_millis(50));
     let mut sigterm = unix::signal(unix::SignalKind::terminate())?;
@@ -242,6 +265,15 @@ async fn stream(
                 if done {
                     break 'run;
                 }
+            }
+            _ = interval.tick(), if counts.is_some() => {
+                let now = SystemTime::now();
+                if let Some(c) = counts.as_mut() {
+                    if report_counts(c, &mut decoder, out, &mut summary, limit, (interval_start, now))? {
+                        break 'run;
+                    }
+                }
+                interval_start = now;
             }
             // The kernel wakes us only for large batches; drain the rest often.
             _ = drain_tick.tick() => {
@@ -305,7 +337,17 @@ async fn stream(
             _ = &mut deadline => break,
         }
     }
-    // Whatever the kernel wrote before we stopped is still reported.
+    // Whatever the kernel counted or wrote before we stopped is still reported.
+    if let Some(c) = counts.as_mut() {
+        report_counts(
+            c,
+            &mut decoder,
+            out,
+            &mut summary,
+            limit,
+            (interval_start, SystemTime::now()),
+        )?;
+    }
     drain(
         ring.get_mut(),
         &mut decoder,
@@ -345,6 +387,33 @@ pub fn rss_kb() -> u64 {
         .unwrap_or(0)
 }
 
+/// Writes what the kernel counted in the interval `span`, one event per distinct transition;
+/// true when `--count` is reached.
+fn report_counts(
+    counts: &mut KernelCounts,
+    decoder: &mut Decoder,
+    out: &mut dyn Sink,
+    summary: &mut Summary,
+    limit: u64,
+    span: (SystemTime, SystemTime),
+) -> Result<bool> {
+    let interval = Interval {
+        start: events::rfc3339(span.0),
+        end: events::rfc3339(span.1),
+    };
+    for c in counts.read() {
+        if summary.records >= limit {
+            return Ok(true);
+        }
+        let mut ev = decoder.decode_counted(&c.exemplar, c.packets);
+        ev.count = Some(c.packets);
+        ev.interval = Some(interval.clone());
+        out.event(&ev)?;
+        summary.count(&ev);
+    }
+    Ok(summary.records >= limit)
+}
+
 /// Writes every record waiting in the ring; true when `--count` is reached.
 fn drain(
     rb: &mut RingBuf<MapData>,
@@ -354,7 +423,7 @@ fn drain(
     limit: u64,
     select: &FlowSelect,
 ) -> Result<bool> {
-    while summary.total_events < limit {
+    while summary.records < limit {
         let Some(item) = rb.next() else {
             return Ok(false);
         };

@@ -141,7 +141,23 @@ fn rand_suffix() -> u64 {
         .as_nanos() as u64
 }
 
+/// The records of a JSON output file, without the observer plan (see `read_plans`).
 pub fn read_jsonl(path: &PathBuf) -> Vec<Value> {
+    read_records(path)
+        .into_iter()
+        .filter(|r| r["kind"] != "plan")
+        .collect()
+}
+
+/// The observer plan records (`kind: "plan"`): the first line, and one after each re-plan.
+pub fn read_plans(path: &PathBuf) -> Vec<Value> {
+    read_records(path)
+        .into_iter()
+        .filter(|r| r["kind"] == "plan")
+        .collect()
+}
+
+fn read_records(path: &PathBuf) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()

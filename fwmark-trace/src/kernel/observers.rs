@@ -51,6 +51,8 @@ pub struct Options {
     pub routes: bool,
     /// Report every drop, also of packets whose mark nothing changed.
     pub all_drops: bool,
+    /// Count transitions and drops in the kernel instead of reporting each packet.
+    pub aggregate: bool,
     /// The followed flows, pre-filtered in the kernel.
     pub flow: FlowFilter,
 }
@@ -141,6 +143,7 @@ impl Observers {
             own_netns: crate::netns::current()?,
             routes: opts.routes as u32,
             all_drops: opts.all_drops as u32,
+            aggregate: opts.aggregate as u32,
             flow: opts.flow,
         };
         // The IPv6 lookup observer reads flowi6's common fields at flowi4's offsets.

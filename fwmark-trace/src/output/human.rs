@@ -3,11 +3,20 @@ use crate::events::TraceEvent;
 
 pub fn line(ev: &TraceEvent) -> String {
     let time = ev.time.get(11..26).unwrap_or(&ev.time);
-    let mut s = format!(
-        "{time} pkt {:>#14x} {:<10}",
-        ev.packet_id,
-        ev.kind.to_uppercase()
-    );
+    let mut s = match ev.count {
+        // Counted in the kernel: how many packets, and one of them.
+        Some(n) => format!(
+            "{time} {:>8}× {:<10} e.g. pkt {:#x}",
+            n,
+            ev.kind.to_uppercase(),
+            ev.packet_id
+        ),
+        None => format!(
+            "{time} pkt {:>#14x} {:<10}",
+            ev.packet_id,
+            ev.kind.to_uppercase()
+        ),
+    };
     if let Some(r) = &ev.route {
         s += &format!(" table {} mark {} -> {}", r.table, r.flow_mark, r.result);
     } else if ev.mark.old != ev.mark.new || ev.kind == "transition" {

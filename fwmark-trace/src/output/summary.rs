@@ -14,7 +14,11 @@ pub struct Summary {
     pub kind: &'static str,
     pub duration_s: f64,
     pub events: BTreeMap<&'static str, u64>,
+    /// Packets reported (a kernel-counted event stands for many).
     pub total_events: u64,
+    /// Event records written (what `--count` limits).
+    #[serde(skip)]
+    pub records: u64,
     pub lost: u64,
     /// Drops by the kernel's reason.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -34,14 +38,17 @@ impl Summary {
         }
     }
 
+    /// Counts an event: as many packets as it stands for (kernel-counted events carry a count).
     pub fn count(&mut self, ev: &TraceEvent) {
-        *self.events.entry(ev.kind).or_default() += 1;
-        self.total_events += 1;
+        let n = ev.count.unwrap_or(1);
+        self.records += 1;
+        *self.events.entry(ev.kind).or_default() += n;
+        self.total_events += n;
         if let Some(reason) = &ev.drop_reason {
             match self.drops.get_mut(reason) {
-                Some(n) => *n += 1,
+                Some(c) => *c += n,
                 None => {
-                    self.drops.insert(reason.clone(), 1);
+                    self.drops.insert(reason.clone(), n);
                 }
             }
         }

@@ -5,7 +5,7 @@
 //! crossing into another network namespace scrubs the mark").
 use std::collections::HashMap;
 
-use fwmark_trace_common::{layer, tc_dir, tc_slot, tracepoint, Point};
+use fwmark_trace_common::{layer, socket_slot, tc_dir, tc_slot, tracepoint, Point};
 use serde::Serialize;
 
 use crate::{
@@ -174,6 +174,12 @@ impl Topology {
             from,
         };
         match (prev.layer, at.layer) {
+            (layer::SOCKET, _) if prev.slot == socket_slot::LEFT => {
+                seg.description = format!(
+                    "between the sending socket (its SO_MARK) and {}: no observer in between (a writer the plan did not foresee)",
+                    self.label(&to)
+                );
+            }
             (layer::SOCKET, _) => {
                 seg.layer = "socket";
                 seg.description = "socket: SO_MARK of the sending socket".into();

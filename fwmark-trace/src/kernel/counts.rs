@@ -1,0 +1,85 @@
+//! Transitions and drops counted in the kernel (the `AGG` per-CPU map, the default mode): each
+//! interval, how many packets made each distinct transition since the last read, with one
+//! exemplar packet. The kernel only ever adds, so nothing is lost between reading and
+//! resetting; the deltas come from the previous totals kept here.
+use std::collections::HashMap;
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{MapData, PerCpuHashMap},
+    Ebpf,
+};
+use fwmark_trace_common::{AggKey, AggValue, Event, MAP_AGG};
+
+/// A transition counted during one interval.
+pub struct Counted {
+    pub packets: u64,
+    /// The earliest packet of it the kernel kept (on any CPU).
+    pub exemplar: Event,
+}
+
+pub struct KernelCounts {
+    map: PerCpuHashMap<MapData, AggKey, AggValue>,
+    /// Each key's total at the previous read.
+    totals: HashMap<AggKey, u64>,
+}
+
+impl KernelCounts {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        let map = ebpf.take_map(MAP_AGG).context("AGG map")?;
+        Ok(Self {
+            map: PerCpuHashMap::try_from(map)?,
+            totals: HashMap::new(),
+        })
+    }
+
+    /// What was counted since the last call.
+    pub fn read(&mut self) -> Vec<Counted> {
+        let mut out = Vec::new();
+        let mut totals = HashMap::with_capacity(self.totals.len());
+        for (key, values) in self.map.iter().filter_map(Result::ok) {
+            let total: u64 = values.iter().map(|v| v.count).sum();
+            let Some(exemplar) = values
+                .iter()
+                .filter(|v| v.count > 0)
+                .map(|v| v.exemplar)
+                .min_by_key(|e| e.ts_ns)
+            else {
+                continue;
+            };
+            totals.insert(key, total);
+            if let Some(packets) = delta(self.totals.get(&key).copied(), total) {
+                out.push(Counted { packets, exemplar });
+            }
+        }
+        // Keys the LRU evicted are forgotten with it.
+        self.totals = totals;
+        out.sort_by_key(|c| c.exemplar.ts_ns);
+        out
+    }
+}
+
+/// Packets since the last read, from a key's previous and current totals. A total that went
+/// down was evicted and counted afresh: all of it is new.
+fn delta(before: Option<u64>, now: u64) -> Option<u64> {
+    let n = match before {
+        Some(b) if b <= now => now - b,
+        _ => now,
+    };
+    (n > 0).then_some(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::delta;
+
+    #[test]
+    fn deltas_from_totals() {
+        assert_eq!(delta(None, 3), Some(3));
+        assert_eq!(delta(Some(3), 3), None);
+        assert_eq!(delta(Some(3), 10), Some(7));
+        // Evicted and counted again since.
+        assert_eq!(delta(Some(10), 2), Some(2));
+        assert_eq!(delta(None, 0), None);
+    }
+}
