@@ -17,6 +17,7 @@ use super::{
     btf::{self, KernelBtf},
     features::{self, Feature},
     netfilter::{NfPrograms, NfSite},
+    tc_placement::Placement,
     tcx::{self, TcObservers},
 };
 use crate::nodestate::{
@@ -58,6 +59,8 @@ pub struct AttachStatus {
     pub point: String,
     pub ok: bool,
     pub detail: String,
+    /// Per-interface detail under a summary entry: printed only at debug level.
+    pub detail_only: bool,
 }
 
 pub struct Observers {
@@ -106,6 +109,7 @@ impl Observers {
                     format!("unavailable ({why}); degraded to tracepoints and netfilter/tcx hooks")
                 }
             },
+            detail_only: false,
         }];
         let (mark_value, mark_mask) = opts.mark.unwrap_or((0, 0));
         let mut config = Config {
@@ -213,12 +217,14 @@ impl Observers {
                         total.saturating_sub(20),
                         if plan.merged > 0 { format!(", {} priorities merged", plan.merged) } else { String::new() }
                     ),
+                    detail_only: false,
                 });
                 for (why, _) in failures {
                     report.push(AttachStatus {
                         point: "netfilter link".into(),
                         ok: false,
                         detail: why,
+                        detail_only: false,
                     });
                 }
                 Some(nf)
@@ -229,7 +235,13 @@ impl Observers {
             }
         };
 
-        let tc = match TcObservers::load(&mut ebpf, opts.ifaces.clone()) {
+        // Full path shows every point of a packet's path; otherwise only where tc can write.
+        let placement = if opts.full_path {
+            Placement::Everywhere
+        } else {
+            Placement::WhereNeeded
+        };
+        let tc = match TcObservers::load(&mut ebpf, opts.ifaces.clone(), placement) {
             Ok(tc) => Some(tc),
             Err(err) => {
                 report.push(status("tcx".into(), Err(err)));
@@ -250,31 +262,12 @@ impl Observers {
             nft_watch,
         };
         let changes = me.refresh_interfaces()?;
-        for c in changes {
-            me.report.push(match c {
-                tcx::Change::Attached(n) => AttachStatus {
-                    point: format!("tcx {n}"),
-                    ok: true,
-                    detail: "ingress+egress, first+last".into(),
-                },
-                tcx::Change::Failed(n, why) => AttachStatus {
-                    point: format!("tcx {n}"),
-                    ok: false,
-                    detail: why,
-                },
-                tcx::Change::Detached(n) => AttachStatus {
-                    point: format!("tcx {n}"),
-                    ok: false,
-                    detail: "vanished".into(),
-                },
-                tcx::Change::Programs(n, dir, progs) => AttachStatus {
-                    point: format!("tcx {n} {dir}"),
-                    ok: true,
-                    detail: format!("between our observers: {progs}"),
-                },
-            });
+        if let Some(tc) = &me.tc {
+            me.report.extend(tc.report(&changes));
         }
-        if !me.report.iter().any(|s| s.ok) {
+        // The tcx summary is fine with no interface needing observers, but that attached nothing.
+        let tc_attached = me.tc.as_ref().is_some_and(|t| !t.interfaces.is_empty());
+        if !tc_attached && !me.report.iter().any(|s| s.ok && s.point != "tcx") {
             bail!(
                 "no observation point could be attached:\n{}",
                 me.report
@@ -378,16 +371,10 @@ fn site_label(s: &NfSite) -> String {
 }
 
 fn status(point: String, res: Result<()>) -> AttachStatus {
-    match res {
-        Ok(()) => AttachStatus {
-            point,
-            ok: true,
-            detail: "attached".into(),
-        },
-        Err(err) => AttachStatus {
-            point,
-            ok: false,
-            detail: format!("{err:#}"),
-        },
+    AttachStatus {
+        point,
+        ok: res.is_ok(),
+        detail: res.map_or_else(|err| format!("{err:#}"), |()| "attached".into()),
+        detail_only: false,
     }
 }
