@@ -324,7 +324,7 @@ fn new_interfaces_are_picked_up_and_iface_filter_applies() {
     lab.ip(&lab.a, "link add late0 type veth peer name late1")
         .expect("veth");
     d.wait_for_stderr(
-        "tcx attached to new interface late",
+        "tcx observers added on late",
         std::time::Duration::from_secs(10),
     );
     lab.exec(&lab.a, &["ip", "link", "del", "late0"])
@@ -371,7 +371,8 @@ fn count_stops_after_n_events() {
 #[test]
 fn tcx_program_between_observers_is_named() {
     let lab = Lab::new("tcx").expect("lab");
-    let mut d = Daemon::start(&["--netns", &lab.a]);
+    // Full path: observers on every interface, the program lands between them.
+    let mut d = Daemon::start(&["--netns", &lab.a, "--full-path"]);
     let (_link, id) = attach_mark_setter(&lab.a, lab::VETH_A, 0x77);
     // The daemon re-reads tcx chains every second and says what it found.
     d.wait_for_stderr(
@@ -390,6 +391,69 @@ fn tcx_program_between_observers_is_named() {
         serde_json::json!([format!("test_setmark (id {id})")])
     );
     assert_eq!(e["at"]["position"], "last");
+}
+
+#[test]
+fn tcx_program_added_during_the_run_gets_observers_around_it() {
+    let lab = Lab::new("tcxlate").expect("lab");
+    let mut d = Daemon::start(&["--netns", &lab.a]);
+    let (link, id) = attach_mark_setter(&lab.a, lab::VETH_A, 0x77);
+    let program = format!("test_setmark (id {id})");
+    d.wait_for_stderr(
+        &format!("tcx observers added on veth-a: foreign program {program} on egress"),
+        std::time::Duration::from_secs(10),
+    );
+    send_udp(&lab.a, lab::ADDR_B, 9991, 3, None);
+    // Gone again: so are our observers.
+    drop(link);
+    d.wait_for_stderr(
+        "tcx observers removed from veth-a: no foreign tc left",
+        std::time::Duration::from_secs(10),
+    );
+    let events = d.stop();
+    let set: Vec<&Value> = events_to(&events, "transition", 9991)
+        .into_iter()
+        .filter(|e| e["mark"]["new"] == "0x77")
+        .collect();
+    let packets: std::collections::HashSet<&Value> = set.iter().map(|e| &e["packet_id"]).collect();
+    assert_eq!(
+        packets.len(),
+        3,
+        "every packet's change is reported: {set:#?}"
+    );
+    for e in &set {
+        assert_eq!(e["segment"]["layer"], "tc", "{e}");
+        assert_eq!(e["segment"]["hook"], "egress", "{e}");
+        assert_eq!(
+            e["segment"]["programs"],
+            serde_json::json!([program]),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn interfaces_without_tc_get_tcx_observers_only_in_full_path() {
+    let lab = Lab::new("place").expect("lab");
+    let ours = || {
+        tcx_chain(&lab.a, lab::VETH_A)
+            .into_iter()
+            .filter(|p| p.starts_with("fwm_tc_"))
+            .count()
+    };
+    let d = Daemon::start(&["--netns", &lab.a]);
+    assert_eq!(ours(), 0, "tcx observers where no tc program runs");
+    assert!(
+        d.stderr_lines
+            .iter()
+            .any(|l| l.contains("tcx: observers on 0 of 2 interfaces")),
+        "{:#?}",
+        d.stderr_lines
+    );
+    d.stop();
+    let d = Daemon::start(&["--netns", &lab.a, "--full-path"]);
+    assert_eq!(ours(), 4, "full path: first and last, ingress and egress");
+    d.stop();
 }
 
 #[test]
@@ -636,7 +700,8 @@ fn metrics_endpoint_serves_the_run_counters() {
         "{body}"
     );
     assert_eq!(sample(&body, "fwmark_trace_lost_events_total"), 0, "{body}");
-    assert!(sample(&body, "fwmark_trace_interfaces") >= 1, "{body}");
+    // No tc program in the lab: no interface needs tc observers.
+    assert!(body.contains("\nfwmark_trace_interfaces 0\n"), "{body}");
     // The end-of-run summary carries the same counters.
     let events = d.stop();
     let summary = events

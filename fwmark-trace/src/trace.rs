@@ -160,7 +160,9 @@ pub fn run_into(args: &TraceArgs, sink: &mut dyn Sink, on_ready: impl FnOnce()) 
         flow: args.select.kernel_filter(),
     };
     let mut obs = Observers::start(&opts)?;
-    for s in &obs.report {
+    // Per-interface detail only at debug level (RUST_LOG=debug): hundreds of lines otherwise.
+    let detail = log::log_enabled!(log::Level::Debug);
+    for s in obs.report.iter().filter(|s| detail || !s.detail_only) {
         eprintln!(
             "fwmark-trace: [{}] {}: {}",
             if s.ok { "ok" } else { "--" },
@@ -176,7 +178,7 @@ pub fn run_into(args: &TraceArgs, sink: &mut dyn Sink, on_ready: impl FnOnce()) 
             eprintln!("fwmark-trace: the ruleset holds rules of {}; attribution lists every candidate owner: narrow it with --owners {profile}", profile.replace(',', ", "));
         }
     }
-    let attached = obs.report.iter().filter(|s| s.ok).count();
+    let attached = obs.report.iter().filter(|s| s.ok && !s.detail_only).count();
     if let Some(l) = &endpoint {
         eprintln!(
             "fwmark-trace: metrics at http://{}/metrics",

@@ -353,7 +353,8 @@ fn load_mark_setter(
 }
 
 /// Attaches, inside `ns`, a foreign tcx egress program on `ifname` that sets `skb->mark = mark`,
-/// placed just before fwmark-trace's last egress observer (so between our first and last).
+/// placed just before fwmark-trace's last egress observer (so between our first and last), or
+/// at the end of the chain where there is none yet (the daemon then attaches around it).
 /// Returns the link fd (detached when dropped) and the program id.
 pub fn attach_mark_setter(ns: &str, ifname: &str, mark: u32) -> (std::os::fd::OwnedFd, u32) {
     use aya::programs::{SchedClassifier, TcAttachType};
@@ -369,8 +370,7 @@ pub fn attach_mark_setter(ns: &str, ifname: &str, mark: u32) -> (std::os::fd::Ow
         let last = progs
             .iter()
             .find(|p| p.name_as_str() == Some("fwm_tc_eg_last"))
-            .expect("fwmark-trace's last egress observer")
-            .id();
+            .map(|p| p.id());
         let prog_fd = load_mark_setter(mark, bpf_attach_type::BPF_TCX_EGRESS);
         let ifindex = unsafe {
             libc::if_nametoindex(std::ffi::CString::new(ifname.as_str()).unwrap().as_ptr())
@@ -382,8 +382,10 @@ pub fn attach_mark_setter(ns: &str, ifname: &str, mark: u32) -> (std::os::fd::Ow
         lc.attach_type = bpf_attach_type::BPF_TCX_EGRESS as u32;
         const BPF_F_BEFORE: u32 = 1 << 3;
         const BPF_F_ID: u32 = 1 << 5;
-        lc.flags = BPF_F_BEFORE | BPF_F_ID;
-        lc.__bindgen_anon_3.tcx.__bindgen_anon_1.relative_id = last;
+        if let Some(last) = last {
+            lc.flags = BPF_F_BEFORE | BPF_F_ID;
+            lc.__bindgen_anon_3.tcx.__bindgen_anon_1.relative_id = last;
+        }
         let link = sys::bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr).expect("link test_setmark");
         let (_, progs) =
             SchedClassifier::query_tcx(&ifname, TcAttachType::Egress).expect("query tcx");
@@ -396,6 +398,27 @@ pub fn attach_mark_setter(ns: &str, ifname: &str, mark: u32) -> (std::os::fd::Ow
     })
     .join()
     .expect("tcx attach thread")
+}
+
+/// The names of the programs in `ifname`'s tcx ingress and egress chains, inside `ns`.
+pub fn tcx_chain(ns: &str, ifname: &str) -> Vec<String> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+
+    let (ns, ifname) = (ns.to_owned(), ifname.to_owned());
+    thread::spawn(move || {
+        fwmark_trace::netns::enter(&ns).expect("enter netns");
+        [TcAttachType::Ingress, TcAttachType::Egress]
+            .into_iter()
+            .flat_map(|dir| {
+                SchedClassifier::query_tcx(&ifname, dir)
+                    .expect("query tcx")
+                    .1
+            })
+            .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+            .collect()
+    })
+    .join()
+    .expect("tcx query thread")
 }
 
 /// Attaches a classic tc filter (clsact egress, cls_bpf direct-action) on `ifname` in `ns`

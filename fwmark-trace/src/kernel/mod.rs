@@ -6,4 +6,5 @@ pub mod features;
 pub mod netfilter;
 pub mod observers;
 pub mod sys;
+pub mod tc_placement;
 pub mod tcx;

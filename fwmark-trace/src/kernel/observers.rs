@@ -18,6 +18,7 @@ use super::{
     btf::{self, KernelBtf},
     features::{self, Feature},
     netfilter::{NfPrograms, NfSite, PRIO_FIRST, PRIO_LAST},
+    tc_placement::Placement,
     tcx::{self, TcObservers},
 };
 use crate::nodestate::{
@@ -63,6 +64,8 @@ pub struct AttachStatus {
     pub point: String,
     pub ok: bool,
     pub detail: String,
+    /// Per-interface detail under a summary entry: printed only at debug level.
+    pub detail_only: bool,
 }
 
 /// The observer plan, as the JSON output's first record (`kind: "plan"`) and again after a
@@ -131,6 +134,7 @@ impl Observers {
                     format!("unavailable ({why}); degraded to tracepoints and netfilter/tcx hooks")
                 }
             },
+            detail_only: false,
         }];
         let (mark_value, mark_mask) = opts.mark.unwrap_or((0, 0));
         let mut config = Config {
@@ -242,6 +246,7 @@ impl Observers {
                         point: "netfilter link".into(),
                         ok: false,
                         detail: why,
+                        detail_only: false,
                     });
                 }
                 Some(nf)
@@ -252,7 +257,13 @@ impl Observers {
             }
         };
 
-        let tc = match TcObservers::load(&mut ebpf, opts.ifaces.clone()) {
+        // Full path shows every point of a packet's path; otherwise only where tc can write.
+        let placement = if opts.full_path {
+            Placement::Everywhere
+        } else {
+            Placement::WhereNeeded
+        };
+        let tc = match TcObservers::load(&mut ebpf, opts.ifaces.clone(), placement) {
             Ok(tc) => Some(tc),
             Err(err) => {
                 report.push(status("tcx".into(), Err(err)));
@@ -274,31 +285,12 @@ impl Observers {
             nft_watch,
         };
         let changes = me.refresh_interfaces()?;
-        for c in changes {
-            me.report.push(match c {
-                tcx::Change::Attached(n) => AttachStatus {
-                    point: format!("tcx {n}"),
-                    ok: true,
-                    detail: "ingress+egress, first+last".into(),
-                },
-                tcx::Change::Failed(n, why) => AttachStatus {
-                    point: format!("tcx {n}"),
-                    ok: false,
-                    detail: why,
-                },
-                tcx::Change::Detached(n) => AttachStatus {
-                    point: format!("tcx {n}"),
-                    ok: false,
-                    detail: "vanished".into(),
-                },
-                tcx::Change::Programs(n, dir, progs) => AttachStatus {
-                    point: format!("tcx {n} {dir}"),
-                    ok: true,
-                    detail: format!("between our observers: {progs}"),
-                },
-            });
+        if let Some(tc) = &me.tc {
+            me.report.extend(tc.report(&changes));
         }
-        if !me.report.iter().any(|s| s.ok) {
+        // The tcx summary is fine with no interface needing observers, but that attached nothing.
+        let tc_attached = me.tc.as_ref().is_some_and(|t| !t.interfaces.is_empty());
+        if !tc_attached && !me.report.iter().any(|s| s.ok && s.point != "tcx") {
             bail!(
                 "no observation point could be attached:\n{}",
                 me.report
@@ -481,6 +473,7 @@ fn nf_summary(plan: &NfPlan, chains: &[nft::Chain], linked: usize) -> AttachStat
         point: "netfilter ipv4+ipv6".into(),
         ok: total == 0 || linked > 0,
         detail,
+        detail_only: false,
     }
 }
 
@@ -494,16 +487,10 @@ fn site_label(s: &NfSite) -> String {
 }
 
 fn status(point: String, res: Result<()>) -> AttachStatus {
-    match res {
-        Ok(()) => AttachStatus {
-            point,
-            ok: true,
-            detail: "attached".into(),
-        },
-        Err(err) => AttachStatus {
-            point,
-            ok: false,
-            detail: format!("{err:#}"),
-        },
+    AttachStatus {
+        point,
+        ok: res.is_ok(),
+        detail: res.map_or_else(|err| format!("{err:#}"), |()| "attached".into()),
+        detail_only: false,
     }
 }

@@ -1,6 +1,7 @@
-//! Routing and xfrm state over netlink: `ip rule`s (fwmark/mask → table), the routes of every
-//! table a rule names, and xfrm policies with their marks. One generic dump per message family.
-use std::net::IpAddr;
+//! Routing, tc and xfrm state over netlink: `ip rule`s (fwmark/mask → table), the routes of every
+//! table a rule names, the qdiscs classic tc filters hang on, and xfrm policies with their
+//! marks. One generic dump per message family.
+use std::{collections::HashMap, net::IpAddr};
 
 use anyhow::{bail, Context, Result};
 use netlink_packet_core::{
@@ -10,6 +11,7 @@ use netlink_packet_core::{
 use netlink_packet_route::{
     route::{RouteAddress, RouteAttribute, RouteMessage},
     rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage},
+    tc::{TcAttribute, TcMessage},
     AddressFamily, RouteNetlinkMessage,
 };
 use netlink_packet_xfrm::{policy::DelGetMessage, XfrmAttrs, XfrmMessage};
@@ -231,6 +233,42 @@ pub fn routes() -> Result<Vec<Route>> {
     Ok(out)
 }
 
+/// A qdisc that classic tc filters (cls_bpf, u32, …) attach to; they run after the tcx chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcQdisc {
+    Clsact,
+    Ingress,
+}
+
+impl std::fmt::Display for TcQdisc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TcQdisc::Clsact => "clsact",
+            TcQdisc::Ingress => "ingress",
+        })
+    }
+}
+
+/// The clsact/ingress qdiscs of the namespace by ifindex: one dump for every interface.
+pub fn tc_qdiscs() -> Result<HashMap<u32, TcQdisc>> {
+    let mut out = HashMap::new();
+    let req = RouteNetlinkMessage::GetQueueDiscipline(TcMessage::default());
+    for m in dump(protocols::NETLINK_ROUTE, req)? {
+        let RouteNetlinkMessage::NewQueueDiscipline(q) = m else {
+            continue;
+        };
+        let kind = q.attributes.iter().find_map(|a| match a {
+            TcAttribute::Kind(k) if k == "clsact" => Some(TcQdisc::Clsact),
+            TcAttribute::Kind(k) if k == "ingress" => Some(TcQdisc::Ingress),
+            _ => None,
+        });
+        if let Some(kind) = kind {
+            out.insert(q.header.index as u32, kind);
+        }
+    }
+    Ok(out)
+}
+
 pub fn xfrm_policies() -> Result<Vec<XfrmPolicy>> {
     let mut out = Vec::new();
     for m in dump(
@@ -314,6 +352,7 @@ mod tests {
             "{r:?}"
         );
         assert!(!routes().unwrap().is_empty());
+        let _ = tc_qdiscs().unwrap();
         let _ = xfrm_policies().unwrap();
     }
 }
