@@ -6,6 +6,7 @@ use crate::{
     bench::BenchArgs,
     demo::DemoArgs,
     pipeline_bench::BenchPipelineArgs,
+    recording::ShowArgs,
     registry::{cli::RegistryCmd, RegistryArgs},
     soak::SoakArgs,
     trace::TraceArgs,
@@ -27,6 +28,8 @@ pub struct Cli {
 pub enum Cmd {
     /// Attach the observers and print every mark transition and drop.
     Trace(TraceArgs),
+    /// Decode and attribute a recording made with `trace --record FILE`.
+    Show(ShowArgs),
     /// Build two throwaway network namespaces with mark-changing rules, trace some traffic
     /// through them, print the transitions and clean everything up.
     Demo(DemoArgs),

@@ -284,17 +284,30 @@ impl Decoder {
         }
     }
 
+    /// Wall-clock time of CLOCK_MONOTONIC's zero, as this decoder names kernel timestamps.
+    pub fn boot(&self) -> SystemTime {
+        self.boot
+    }
+
+    /// Names kernel timestamps from another machine's boot time (a recording's).
+    pub fn with_boot(mut self, boot: SystemTime) -> Self {
+        self.boot = boot;
+        self
+    }
+
     /// Replaces the topology (interfaces, tcx chains, nft chains changed). The caches that
     /// depend on it are kept while it stays the same (the daemon re-reads it every second).
-    pub fn set_topology(&mut self, topology: Topology) {
+    /// Returns whether it changed.
+    pub fn set_topology(&mut self, topology: Topology) -> bool {
         if topology == self.topology {
-            return;
+            return false;
         }
         self.topology = topology;
         self.points.clear();
         self.segments.clear();
         self.attributions.clear();
         self.counts.fold();
+        true
     }
 
     fn point(&mut self, p: &Point) -> Arc<Rendered<PointInfo>> {

@@ -16,6 +16,7 @@ pub mod netns;
 pub mod nodestate;
 pub mod output;
 pub mod pipeline_bench;
+pub mod recording;
 pub mod registry;
 pub mod rendered;
 pub mod soak;

@@ -5,7 +5,7 @@ use clap::Parser;
 use fwmark_trace::{
     bench,
     cli::{Cli, Cmd},
-    demo, pipeline_bench, registry, soak, trace, why,
+    demo, pipeline_bench, recording, registry, soak, trace, why,
 };
 
 fn main() -> ExitCode {
@@ -13,6 +13,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match &cli.cmd {
         Cmd::Trace(args) => trace::run(args, || {}).map(|_| ExitCode::SUCCESS),
+        Cmd::Show(args) => recording::show(args).map(|s| {
+            eprintln!("fwmark-trace: {s}");
+            ExitCode::SUCCESS
+        }),
         Cmd::Demo(args) => demo::run(args).map(|_| ExitCode::SUCCESS),
         Cmd::Registry { cmd, args } => registry::cli::run(cmd, args),
         Cmd::Bench(args) => bench::run(args).map(|_| ExitCode::SUCCESS),

@@ -25,6 +25,7 @@ use crate::{
         summary::Summary,
         Format, LostRecord, Output, Sink, StatsRecord,
     },
+    recording::Recorder,
     registry::{Registry, RegistryArgs},
     tracking::{flows::FlowSelect, segment::Topology},
 };
@@ -61,6 +62,11 @@ pub struct TraceArgs {
     /// are per packet anyway).
     #[arg(long)]
     pub per_packet: bool,
+    /// Per packet, at ring-buffer speed: write the kernel's raw records to FILE, decoded and
+    /// attributed later by `fwmark-trace show FILE` (nothing is lost to a busy consumer). The
+    /// output gets the plan and the summary.
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
     /// How often counted transitions are reported (e.g. 1s, 10s).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub interval: Duration,
@@ -94,7 +100,7 @@ pub struct TraceArgs {
 impl TraceArgs {
     /// Whether transitions are counted in the kernel (the default) rather than sent per packet.
     pub fn counted(&self) -> bool {
-        !(self.per_packet || self.full_path || self.select.active())
+        !(self.per_packet || self.full_path || self.select.active() || self.record.is_some())
     }
 }
 
@@ -245,6 +251,10 @@ async fn stream(
         .counted()
         .then(|| KernelCounts::take(&mut obs.ebpf))
         .transpose()?;
+    let mut recorder = args.record.as_deref().map(Recorder::create).transpose()?;
+    if let Some(r) = recorder.as_mut() {
+        r.context(&decoder)?;
+    }
     let mut interval = time::interval(args.interval.max(Duration::from_millis(100)));
     let mut interval_start = SystemTime::now();
     let mut tick = time::interval(Duration::from_secs(1));
@@ -262,7 +272,7 @@ async fn stream(
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                let done = drain(guard.get_inner_mut(), &mut decoder, out, &mut summary, limit, &args.select)?;
+                let done = drain(guard.get_inner_mut(), &mut decoder, out, &mut summary, limit, &args.select, recorder.as_mut())?;
                 guard.clear_ready();
                 if done {
                     break 'run;
@@ -279,7 +289,7 @@ async fn stream(
             }
             // The kernel wakes us only for large batches; drain the rest often.
             _ = drain_tick.tick() => {
-                if drain(ring.get_mut(), &mut decoder, out, &mut summary, limit, &args.select)? {
+                if drain(ring.get_mut(), &mut decoder, out, &mut summary, limit, &args.select, recorder.as_mut())? {
                     break 'run;
                 }
             }
@@ -305,7 +315,11 @@ async fn stream(
                         out.plan(&obs.plan_record())?;
                     }
                 }
-                decoder.set_topology(topology(obs, own_netns));
+                if decoder.set_topology(topology(obs, own_netns)) {
+                    if let Some(r) = recorder.as_mut() {
+                        r.context(&decoder)?;
+                    }
+                }
                 if let Some(spec) = args.netns.as_deref().filter(|s| !netns::path_of(s).exists()) {
                     // We hold the namespace alive ourselves; what we traced is gone for everyone else.
                     eprintln!("fwmark-trace: network namespace {spec} was deleted; stopping");
@@ -357,7 +371,19 @@ async fn stream(
         &mut summary,
         limit,
         &args.select,
+        recorder.as_mut(),
     )?;
+    if let Some(r) = recorder.as_mut() {
+        r.finish()?;
+        eprintln!(
+            "fwmark-trace: recorded {} records; show them with `fwmark-trace show {}`",
+            r.records,
+            args.record
+                .as_deref()
+                .unwrap_or(std::path::Path::new("FILE"))
+                .display()
+        );
+    }
     summary.lost = obs.lost();
     summary.attributions(&decoder.counts);
     summary.duration_s = started.elapsed().as_secs_f64();
@@ -416,7 +442,8 @@ fn report_counts(
     Ok(summary.records >= limit)
 }
 
-/// Writes every record waiting in the ring; true when `--count` is reached.
+/// Writes every record waiting in the ring (raw to `recorder` when recording); true when
+/// `--count` is reached.
 fn drain(
     rb: &mut RingBuf<MapData>,
     decoder: &mut Decoder,
@@ -424,12 +451,19 @@ fn drain(
     summary: &mut Summary,
     limit: u64,
     select: &FlowSelect,
+    mut recorder: Option<&mut Recorder>,
 ) -> Result<bool> {
     while summary.records < limit {
         let Some(item) = rb.next() else {
             return Ok(false);
         };
         if item.len() < std::mem::size_of::<Event>() {
+            continue;
+        }
+        if let Some(r) = recorder.as_deref_mut() {
+            r.record(&item[..std::mem::size_of::<Event>()])?;
+            summary.records += 1;
+            summary.total_events += 1;
             continue;
         }
         // SAFETY: the kernel wrote a whole `Event`; the ring only guarantees 8-byte alignment.

@@ -441,7 +441,8 @@ pub fn attach_clsact_mark_setter(ns: &str, ifname: &str, mark: u32) {
     let o = unsafe { &mut attr.__bindgen_anon_4 };
     o.pathname = path.as_ptr() as u64;
     o.bpf_fd = prog.as_raw_fd() as u32;
-    sys::bpf(bpf_cmd::BPF_OBJ_PIN, &mut attr).expect("pin test_setmark");
+    // Not `sys::bpf`: BPF_OBJ_PIN returns 0, not a descriptor (taking it closed stdin).
+    sys::bpf_status(bpf_cmd::BPF_OBJ_PIN, &mut attr).expect("pin test_setmark");
     // `tc` runs from a thread inside the namespace (`ip netns exec` would remount /sys and
     // hide the pin).
     let (ns, ifname, p) = (ns.to_owned(), ifname.to_owned(), pin.clone());

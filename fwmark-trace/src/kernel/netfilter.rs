@@ -35,7 +35,7 @@ pub struct NfPrograms {
 }
 
 /// Where one observer sits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct NfSite {
     pub family: u8,
     pub hook: u8,

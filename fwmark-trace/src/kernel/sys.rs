@@ -11,6 +11,17 @@ use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_insn, bpf_prog_
 
 /// Issues one `bpf()` command that returns a new file descriptor.
 pub fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<OwnedFd> {
+    let ret = bpf_raw(cmd, attr)?;
+    // SAFETY: on success these commands return a new file descriptor we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })
+}
+
+/// A `bpf()` command that returns no file descriptor (0 on success), e.g. BPF_OBJ_PIN.
+pub fn bpf_status(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<()> {
+    bpf_raw(cmd, attr).map(|_| ())
+}
+
+fn bpf_raw(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<libc::c_long> {
     // SAFETY: attr is a fully initialised bpf_attr; the kernel reads at most its size.
     let ret = unsafe {
         libc::syscall(
@@ -23,8 +34,7 @@ pub fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<OwnedFd> {
     if ret < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: on success these commands return a new file descriptor we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })
+    Ok(ret)
 }
 
 /// A zeroed attribute block (valid for every command).

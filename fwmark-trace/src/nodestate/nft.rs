@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::kernel::netfilter::{NfSite, FAMILIES, HOOKS, PRIO_FIRST, PRIO_LAST};
 
 /// A base chain: it sits on a hook at a priority.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Chain {
     /// nft family: ip, ip6, inet (others never reach the IPv4/IPv6 hooks).
     pub family: String,
@@ -32,7 +32,7 @@ pub struct Chain {
 }
 
 /// Which marks a chain's rules can write.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Writes {
     pub packet: bool,
     pub conntrack: bool,
@@ -421,7 +421,7 @@ pub fn read_mark_rules() -> Result<Vec<MarkRule>> {
 }
 
 /// Where netfilter observers go.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PlanMode {
     /// Only where a mark can change: on the hooks with chains that write one, the hook's
@@ -435,7 +435,7 @@ pub enum PlanMode {
 }
 
 /// Which priority each netfilter slot program is linked at, per family and hook.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct NfPlan {
     pub mode: PlanMode,
     sites: Vec<NfSite>,

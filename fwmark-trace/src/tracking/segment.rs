@@ -13,12 +13,14 @@ use crate::{
     nodestate::nft::{hook_name, Chain, NfPlan},
 };
 
-/// What the daemon knows about the observation points it placed.
-#[derive(Default, PartialEq)]
+/// What the daemon knows about the observation points it placed (also saved with recordings,
+/// to name their points when they are shown).
+#[derive(Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct Topology {
     pub plan: Option<NfPlan>,
     pub chains: Vec<Chain>,
     /// Foreign tcx programs per (ifindex, direction), between our first and last observers.
+    #[serde(with = "pairs")]
     pub tc_programs: HashMap<(u32, u8), Vec<String>>,
     /// Interface names are those of this namespace (where the daemon attached).
     pub ifnames: HashMap<u32, String>,
@@ -64,6 +66,29 @@ pub struct Segment {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub programs: Vec<String>,
     pub from: PointInfo,
+}
+
+/// A map with tuple keys as a list of pairs (JSON keys are strings).
+mod pairs {
+    use std::{collections::HashMap, hash::Hash};
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(
+        m: &HashMap<K, V>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(m.iter())
+    }
+
+    pub fn deserialize<'de, K, V, D>(d: D) -> Result<HashMap<K, V>, D::Error>
+    where
+        K: Deserialize<'de> + Eq + Hash,
+        V: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
+    }
 }
 
 pub fn family_name(nfproto: u8) -> Option<&'static str> {
