@@ -415,11 +415,10 @@ fn tcx_program_added_during_the_run_gets_observers_around_it() {
         .into_iter()
         .filter(|e| e["mark"]["new"] == "0x77")
         .collect();
-    let packets: std::collections::HashSet<&Value> = set.iter().map(|e| &e["packet_id"]).collect();
     assert_eq!(
-        packets.len(),
+        packets(&set),
         3,
-        "every packet's change is reported: {set:#?}"
+        "every packet's change is counted: {set:#?}"
     );
     for e in &set {
         assert_eq!(e["segment"]["layer"], "tc", "{e}");
@@ -794,9 +793,7 @@ fn observer_plan_follows_the_ruleset() {
         std::time::Duration::from_secs(10),
     );
     send_udp(&lab.a, lab::ADDR_B, 9957, 25, None);
-    let output = d.output.clone();
-    let events = d.stop();
-    let plans = read_plans(&output);
+    let (plans, events) = d.stop_with_plans();
     assert!(
         plans.len() >= 2,
         "a plan at start and after the change: {plans:#?}"
@@ -901,4 +898,26 @@ fn recorded_packets_are_shown_later_with_their_segments() {
     let live = summary.last().unwrap();
     assert_eq!(live["lost"], 0, "{live}");
     assert!(live["total_events"].as_u64().unwrap() >= 24, "{live}");
+}
+
+/// A drop is reported for a packet whose mark was written on its way (above), not for one
+/// nothing marked — unless every drop is asked for.
+#[test]
+fn drops_of_unmarked_packets_only_with_all_drops() {
+    let lab = Lab::new("nodrop").expect("lab");
+    lab.nft(
+        &lab.a,
+        "table ip d {\n chain out { type filter hook output priority 0; policy accept; udp dport 9955 drop; }\n}\n",
+    )
+    .unwrap();
+    let d = Daemon::start(&["--netns", &lab.a]);
+    send_udp(&lab.a, lab::ADDR_B, 9955, 3, None);
+    let events = d.stop();
+    assert!(events_to(&events, "drop", 9955).is_empty(), "{events:#?}");
+    let d = Daemon::start(&["--netns", &lab.a, "--all-drops"]);
+    send_udp(&lab.a, lab::ADDR_B, 9955, 3, None);
+    let events = d.stop();
+    let drops = events_to(&events, "drop", 9955);
+    assert_eq!(packets(&drops), 3, "{drops:#?}");
+    assert_eq!(drops[0]["drop_reason"], "NETFILTER_DROP");
 }

@@ -357,6 +357,9 @@ pub struct Offsets {
     pub sock_sk_mark: u32,
     /// `sock.__sk_common.skc_state` (TIME_WAIT/NEW_SYN_RECV mini sockets have no sk_mark).
     pub sock_state: u32,
+    /// `sock.__sk_common.skc_net.net`: a socket's namespace (a packet dropped before it has a
+    /// device).
+    pub sock_net: u32,
     pub nf_state_hook: u32,
     pub nf_state_pf: u32,
     pub nf_state_in: u32,
@@ -475,6 +478,7 @@ impl Config {
             nf_conn_mark: OFFSET_MISSING,
             sock_sk_mark: OFFSET_MISSING,
             sock_state: OFFSET_MISSING,
+            sock_net: OFFSET_MISSING,
             nf_state_hook: OFFSET_MISSING,
             nf_state_pf: OFFSET_MISSING,
             nf_state_in: OFFSET_MISSING,

@@ -103,11 +103,21 @@ pub fn observe<const BTF: bool>(skb: u64, site: &Site) {
         // still on its way, and its mark has not changed. Where it was seen is all to record.
         let c = &mut cache.slots[i];
         let mut at = site.at;
-        if site.end.is_none() && cfg.full_path == 0 && c.mark == mark && !ct_watched(&at) {
-            fill_device(&mut at, &c.last);
-            if path::continues(&c.last, &at, false) {
-                c.last = at;
-                return;
+        if cfg.full_path == 0 && c.mark == mark {
+            match site.end {
+                None if !ct_watched(&at) => {
+                    fill_device(&mut at, &c.last);
+                    if path::continues(&c.last, &at, false) {
+                        c.last = at;
+                        return;
+                    }
+                }
+                // The end of a packet nothing is reported for: leave a tombstone.
+                Some(End::Consume) => return end_quietly(skb, c),
+                Some(End::Drop(_)) if c.changed == 0 && cfg.all_drops == 0 => {
+                    return end_quietly(skb, c)
+                }
+                _ => {}
             }
         }
     }
@@ -116,6 +126,17 @@ pub fn observe<const BTF: bool>(skb: u64, site: &Site) {
         None => (cache.victim(), false),
     };
     slow_path::<BTF>(skb, site, mark, &mut cache.slots[i], mine, cfg);
+}
+
+/// Ends a packet's life without a report: dead in the cache, a tombstone in the shared map
+/// (another CPU must not take its address for this packet still alive).
+#[inline(always)]
+fn end_quietly(skb: u64, c: &mut PacketState) {
+    c.alive = PacketState::DEAD;
+    if let Some(s) = PACKETS.get_ptr_mut(skb) {
+        // SAFETY: a map value pointer.
+        unsafe { (*s).alive = PacketState::DEAD };
+    }
 }
 
 /// An unknown device (NULL, or UDP reusing `skb->dev` as scratch) is the one last seen.
@@ -194,19 +215,29 @@ fn slow_path<const BTF: bool>(
     if cfg.aggregate != 0 {
         // Counted here; the first packet of each transition on this CPU is its exemplar.
         let key = AggKey::of(&ev);
-        if let Some(v) = AGG.get_ptr_mut(&key) {
+        let found = AGG.get_ptr_mut(key);
+        if let Some(v) = found {
             // SAFETY: this CPU's value of a per-CPU map.
-            unsafe { (*v).count += 1 };
-            return;
+            let v = unsafe { &mut *v };
+            v.count += 1;
+            if v.count > 1 {
+                return;
+            }
         }
         skb::fill_socket::<BTF>(&mut ev, skb, off);
         // SAFETY: a helper without arguments.
         ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+        if let Some(v) = found {
+            // Another CPU created the entry: this CPU's value started empty.
+            // SAFETY: as above.
+            unsafe { (*v).exemplar = ev };
+            return;
+        }
         let value = AggValue {
             count: 1,
             exemplar: ev,
         };
-        if AGG.insert(&key, &value, 0).is_err() {
+        if AGG.insert(key, value, 0).is_err() {
             count_lost();
         }
         return;
@@ -410,7 +441,20 @@ fn first_sight<const BTF: bool>(
         ev.drop_reason = reason;
         ev.old_mark = ev.new_mark;
         st.alive = PacketState::DEAD;
-        return cfg.all_drops != 0 || (cfg.full_path != 0 && ev.new_mark != 0);
+        let wanted = cfg.all_drops != 0 || (cfg.full_path != 0 && ev.new_mark != 0);
+        if wanted {
+            // No earlier observation names the device: read it (with the helper, since UDP
+            // may have reused `skb->dev` as scratch by now; only asked-for drops pay this).
+            let dev: u64 = skb::read(skb, off.skb_dev);
+            (ev.at.ifindex, ev.at.netns) = skb::dev_ids(dev, off);
+            if dev == 0 {
+                // Dropped on output before routing gave it a device: its socket's namespace.
+                let sk: u64 = skb::read(skb, off.skb_sk);
+                let net: u64 = skb::read(sk, off.sock_net);
+                ev.at.netns = skb::read(net, off.net_ns_inum);
+            }
+        }
+        return wanted;
     }
     if site.end.is_some() {
         st.alive = PacketState::DEAD;

@@ -48,6 +48,8 @@ enum Mode {
     FwmarkTrace,
     /// `trace --per-packet`: one ring-buffer event per packet.
     FwmarkTracePerPacket,
+    /// `trace --record FILE`: per packet, raw records to a file (shown later).
+    FwmarkTraceRecord,
     FwmarkTraceNoMatch,
     FwmarkTraceFullPath,
     /// `--port` of a flow that carries no traffic: what `why` and `trace --flow` cost while
@@ -57,10 +59,11 @@ enum Mode {
     Bpftrace,
 }
 
-const MODES: [Mode; 8] = [
+const MODES: [Mode; 9] = [
     Mode::Baseline,
     Mode::FwmarkTrace,
     Mode::FwmarkTracePerPacket,
+    Mode::FwmarkTraceRecord,
     Mode::FwmarkTraceNoMatch,
     Mode::FwmarkTraceFullPath,
     Mode::FwmarkTraceOtherFlow,
@@ -75,7 +78,15 @@ enum Workload {
     Tcp,
     /// UDP with 64-byte payloads, received packets/s.
     Udp64,
+    /// The same runs, counted at the sender: datagrams sent per second. The server drops
+    /// much of what an unthrottled client sends, so a tracer that slows the sender can lose
+    /// less at the receiver; both views are shown.
+    Udp64Sent,
 }
+
+/// Workloads as run (`Udp64Sent` is derived from the `Udp64` runs).
+const RUNS: [Workload; 2] = [Workload::Tcp, Workload::Udp64];
+const WORKLOADS: [Workload; 3] = [Workload::Tcp, Workload::Udp64, Workload::Udp64Sent];
 
 /// Two mark changes per packet: OR a bit at output (mangle), clear it at postrouting.
 const RULES: &str = r#"
@@ -109,6 +120,7 @@ impl Mode {
             self,
             Mode::FwmarkTrace
                 | Mode::FwmarkTracePerPacket
+                | Mode::FwmarkTraceRecord
                 | Mode::FwmarkTraceNoMatch
                 | Mode::FwmarkTraceFullPath
                 | Mode::FwmarkTraceOtherFlow
@@ -379,6 +391,10 @@ fn start(mode: Mode, lab: &Lab, dir: &Path) -> Result<Option<Tracer>> {
         Mode::Baseline => return Ok(None),
         Mode::FwmarkTrace => daemon(&[])?,
         Mode::FwmarkTracePerPacket => daemon(&["--per-packet"])?,
+        Mode::FwmarkTraceRecord => {
+            let rec = dir.join("record.rec").display().to_string();
+            daemon(&["--record", &rec])?
+        }
         Mode::FwmarkTraceNoMatch => daemon(&["--mark", "0xdead0000/0xffff0000"])?,
         Mode::FwmarkTraceFullPath => daemon(&["--full-path"])?,
         Mode::FwmarkTraceOtherFlow => daemon(&["--port", "1"])?,
@@ -463,6 +479,8 @@ fn stop(mut t: Tracer, lab: &Lab) -> Result<(Option<u64>, Option<u64>)> {
 struct IperfResult {
     /// Gbit/s (TCP) or received packets/s (UDP).
     value: f64,
+    /// UDP: datagrams sent per second.
+    sent_per_s: Option<f64>,
     /// See `Sample::packets`.
     packets: f64,
     packets_received: Option<f64>,
@@ -491,11 +509,12 @@ fn iperf(lab: &Lab, w: Workload, seconds: u64) -> Result<IperfResult> {
             let r = &v["end"]["sum_received"];
             IperfResult {
                 value: r["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9,
+                sent_per_s: None,
                 packets: r["bytes"].as_f64().unwrap_or(0.0) / TCP_SEGMENT_BYTES,
                 packets_received: None,
             }
         }
-        Workload::Udp64 => {
+        Workload::Udp64 | Workload::Udp64Sent => {
             let s = &v["end"]["sum"];
             // `packets` is what the client sent, `lost_packets` the server's gaps in the
             // sequence numbers. The lost ones overflowed the server's socket buffer after
@@ -503,8 +522,10 @@ fn iperf(lab: &Lab, w: Workload, seconds: u64) -> Result<IperfResult> {
             // invocations per packet.
             let sent = s["packets"].as_f64().unwrap_or(0.0);
             let got = sent - s["lost_packets"].as_f64().unwrap_or(0.0);
+            let secs = s["seconds"].as_f64().unwrap_or(1.0).max(0.001);
             IperfResult {
-                value: got / s["seconds"].as_f64().unwrap_or(1.0).max(0.001),
+                value: got / secs,
+                sent_per_s: Some(sent / secs),
                 packets: sent,
                 packets_received: Some(got),
             }
@@ -546,7 +567,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut samples = Vec::new();
     let started = Instant::now();
     for round in 0..args.rounds {
-        for workload in [Workload::Tcp, Workload::Udp64] {
+        for workload in RUNS {
             // Rotate the order each round so no mode always runs first or last.
             let mut modes = MODES.to_vec();
             modes.rotate_left(round % MODES.len());
@@ -583,7 +604,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     Some(t) => stop(t, &lab)?,
                     None => (None, None),
                 };
-                samples.push(Sample {
+                let sample = Sample {
                     round,
                     workload,
                     mode,
@@ -595,7 +616,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     packets: run.packets,
                     packets_received: run.packets_received,
                     bpf,
-                });
+                };
+                if let Some(sent) = run.sent_per_s {
+                    samples.push(Sample {
+                        workload: Workload::Udp64Sent,
+                        value: sent,
+                        ..sample.clone()
+                    });
+                }
+                samples.push(sample);
             }
         }
     }
@@ -655,7 +684,7 @@ fn mem_mib() -> u64 {
 
 fn summarize(samples: &[Sample]) -> Vec<Row> {
     let mut rows = Vec::new();
-    for workload in [Workload::Tcp, Workload::Udp64] {
+    for workload in WORKLOADS {
         for mode in MODES {
             let ratios: Vec<f64> = samples
                 .iter()
@@ -706,7 +735,7 @@ fn median_of(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
 
 fn table(r: &Report) -> String {
     let mut s = format!(
-        "\nfwmark-trace bench: {} rounds × {} s per run, kernel {}, {}\n\n{:<8} {:<26} {:>12} {:>9} {:>17} {:>12} {:>10} {:>8} {:>7}\n",
+        "\nfwmark-trace bench: {} rounds × {} s per run, kernel {}, {}\n\n{:<10} {:<26} {:>12} {:>9} {:>17} {:>12} {:>10} {:>8} {:>7}\n",
         r.rounds, r.seconds, r.kernel, r.machine, "workload", "mode", "median", "vs base", "spread", "events", "lost", "inv/pkt", "ns/inv"
     );
     for row in &r.rows {
@@ -721,8 +750,11 @@ fn table(r: &Report) -> String {
             format!("{:.0} {unit}", row.median_value)
         };
         s += &format!(
-            "{:<8} {:<26} {:>12} {:>8.1}% {:>8.1}%..{:>5.1}% {:>12} {:>10} {:>8} {:>7}\n",
-            format!("{:?}", row.workload).to_lowercase(),
+            "{:<10} {:<26} {:>12} {:>8.1}% {:>8.1}%..{:>5.1}% {:>12} {:>10} {:>8} {:>7}\n",
+            serde_json::to_value(row.workload)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
             serde_json::to_value(row.mode)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_owned))

@@ -111,6 +111,19 @@ impl Daemon {
     }
 
     /// SIGINT, wait for a clean exit, return the JSON records it wrote.
+    /// Stops the daemon: its observer plans (`read_plans`) and its other records.
+    pub fn stop_with_plans(self) -> (Vec<Value>, Vec<Value>) {
+        let output = self.output.clone();
+        let keep = output.with_extension("kept");
+        let _ = std::fs::remove_file(&keep);
+        // `stop` removes the output file (Drop): keep a link to read the plans from.
+        std::fs::hard_link(&output, &keep).expect("link the output");
+        let events = self.stop();
+        let plans = read_plans(&keep);
+        let _ = std::fs::remove_file(&keep);
+        (plans, events)
+    }
+
     pub fn stop(mut self) -> Vec<Value> {
         // Give the ring buffer consumer a moment to catch up with the last packets.
         thread::sleep(Duration::from_millis(500));

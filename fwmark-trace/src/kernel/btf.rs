@@ -360,6 +360,7 @@ pub fn offsets(btf: &KernelBtf) -> Result<Offsets> {
         nf_conn_mark: optional("nf_conn", "mark"),
         sock_sk_mark: optional("sock", "sk_mark"),
         sock_state: optional("sock", "__sk_common.skc_state"),
+        sock_net: optional("sock", "__sk_common.skc_net.net"),
         nf_state_hook: off("nf_hook_state", "hook")?,
         nf_state_pf: off("nf_hook_state", "pf")?,
         nf_state_in: off("nf_hook_state", "in")?,

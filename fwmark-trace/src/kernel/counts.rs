@@ -39,9 +39,10 @@ impl KernelCounts {
         let mut totals = HashMap::with_capacity(self.totals.len());
         for (key, values) in self.map.iter().filter_map(Result::ok) {
             let total: u64 = values.iter().map(|v| v.count).sum();
+            // A CPU's value is created empty when another CPU creates the entry.
             let Some(exemplar) = values
                 .iter()
-                .filter(|v| v.count > 0)
+                .filter(|v| v.count > 0 && v.exemplar.kind != 0)
                 .map(|v| v.exemplar)
                 .min_by_key(|e| e.ts_ns)
             else {
