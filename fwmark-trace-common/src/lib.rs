@@ -170,11 +170,15 @@ impl AggKey {
     }
 }
 
-/// Per CPU: how many packets made this transition, and the first of them (tuple, ids).
+/// Per CPU: how many packets made this transition, and one of them (tuple, ids): the first
+/// of the current interval (`Control::epoch`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AggValue {
     pub count: u64,
+    /// The interval the exemplar was taken in.
+    pub epoch: u32,
+    pub _pad: u32,
     pub exemplar: Event,
 }
 
@@ -526,6 +530,8 @@ pub const MAP_AGG: &str = "AGG";
 pub struct Control {
     /// Non-zero: netfilter observers compare the conntrack mark too (some rule writes it).
     pub ct_watch: u32,
+    /// Counts the reporting intervals: a counted transition takes a fresh exemplar in each.
+    pub epoch: u32,
 }
 pub const GLOBAL_CONFIG: &str = "CONFIG";
 

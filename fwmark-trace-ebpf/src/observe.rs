@@ -215,12 +215,15 @@ fn slow_path<const BTF: bool>(
     if cfg.aggregate != 0 {
         // Counted here; the first packet of each transition on this CPU is its exemplar.
         let key = AggKey::of(&ev);
+        let epoch = CONTROL.get(0).map_or(0, |c| c.epoch);
         let found = AGG.get_ptr_mut(key);
         if let Some(v) = found {
             // SAFETY: this CPU's value of a per-CPU map.
             let v = unsafe { &mut *v };
             v.count += 1;
-            if v.count > 1 {
+            // A fresh exemplar once per interval (and where another CPU created the entry,
+            // this CPU's value started empty).
+            if v.epoch == epoch && v.exemplar.kind != 0 {
                 return;
             }
         }
@@ -228,13 +231,17 @@ fn slow_path<const BTF: bool>(
         // SAFETY: a helper without arguments.
         ev.ts_ns = unsafe { bpf_ktime_get_ns() };
         if let Some(v) = found {
-            // Another CPU created the entry: this CPU's value started empty.
             // SAFETY: as above.
-            unsafe { (*v).exemplar = ev };
+            unsafe {
+                (*v).epoch = epoch;
+                (*v).exemplar = ev;
+            }
             return;
         }
         let value = AggValue {
             count: 1,
+            epoch,
+            _pad: 0,
             exemplar: ev,
         };
         if AGG.insert(key, value, 0).is_err() {

@@ -126,6 +126,8 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         json: args.json,
         netns: Some(lab.a.clone()),
         duration: Some(args.duration),
+        // One report of the counted transitions, at the end.
+        interval: args.duration,
         ring_size: 4 << 20,
         registry: RegistryArgs {
             owners: PROFILE.map(String::from).to_vec(),

@@ -255,7 +255,9 @@ async fn stream(
     if let Some(r) = recorder.as_mut() {
         r.context(&decoder)?;
     }
-    let mut interval = time::interval(args.interval.max(Duration::from_millis(100)));
+    let period = args.interval.max(Duration::from_millis(100));
+    // The first report after one whole interval (tokio's first tick is immediate).
+    let mut interval = time::interval_at(time::Instant::now() + period, period);
     let mut interval_start = SystemTime::now();
     let mut tick = time::interval(Duration::from_secs(1));
     let mut drain_tick = time::interval(Duration::from_millis(50));
@@ -281,6 +283,7 @@ async fn stream(
             _ = interval.tick(), if counts.is_some() => {
                 let now = SystemTime::now();
                 if let Some(c) = counts.as_mut() {
+                    obs.next_epoch()?;
                     if report_counts(c, &mut decoder, out, &mut summary, limit, (interval_start, now))? {
                         break 'run;
                     }

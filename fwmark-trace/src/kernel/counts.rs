@@ -39,12 +39,13 @@ impl KernelCounts {
         let mut totals = HashMap::with_capacity(self.totals.len());
         for (key, values) in self.map.iter().filter_map(Result::ok) {
             let total: u64 = values.iter().map(|v| v.count).sum();
-            // A CPU's value is created empty when another CPU creates the entry.
+            // A CPU's value is created empty when another CPU creates the entry. The newest
+            // exemplar is of this interval.
             let Some(exemplar) = values
                 .iter()
                 .filter(|v| v.count > 0 && v.exemplar.kind != 0)
                 .map(|v| v.exemplar)
-                .min_by_key(|e| e.ts_ns)
+                .max_by_key(|e| e.ts_ns)
             else {
                 continue;
             };

@@ -386,6 +386,11 @@ impl Observers {
         }
     }
 
+    /// Starts a new reporting interval: counted transitions take fresh exemplars in it.
+    pub fn next_epoch(&mut self) -> Result<()> {
+        update_control(&mut self.ebpf, |c| c.epoch = c.epoch.wrapping_add(1))
+    }
+
     /// Writes pending kernel log records to the daemon's log.
     pub fn flush_log(&mut self) {
         if let Some(logger) = &mut self.logger {
@@ -429,15 +434,16 @@ impl Observers {
 /// mode): otherwise an unchanged packet mark is all they read.
 fn set_ct_watch(ebpf: &mut Ebpf, chains: &[nft::Chain], mode: PlanMode) -> Result<()> {
     let watch = mode == PlanMode::Full || chains.iter().any(|c| c.writes.conntrack);
+    update_control(ebpf, |c| c.ct_watch = watch as u32)
+}
+
+/// Changes the settings the observers read while running (`Control`).
+fn update_control(ebpf: &mut Ebpf, change: impl FnOnce(&mut Control)) -> Result<()> {
     let mut control: aya::maps::Array<_, Control> =
         aya::maps::Array::try_from(ebpf.map_mut(MAP_CONTROL).context("CONTROL map")?)?;
-    control.set(
-        0,
-        Control {
-            ct_watch: watch as u32,
-        },
-        0,
-    )?;
+    let mut c = control.get(&0, 0)?;
+    change(&mut c);
+    control.set(0, c, 0)?;
     Ok(())
 }
 
