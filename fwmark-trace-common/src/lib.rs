@@ -215,7 +215,8 @@ pub struct PacketState {
     /// A writer changed the packet's mark on its path: its drop is worth a report.
     pub changed: u8,
     pub _pad: u8,
-    /// The CPU whose cache holds the fresh copy (`NO_CPU`: only this entry).
+    /// The CPU whose cache holds the fresh copy (`NO_CPU`: only this entry). When that cache
+    /// no longer has the packet, it ended there without a report.
     pub cpu: u32,
 }
 

@@ -47,6 +47,10 @@ static CACHE: PerCpuArray<CpuCache> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static AGG: LruPerCpuHashMap<AggKey, AggValue> = LruPerCpuHashMap::with_max_entries(AGG_ENTRIES, 0);
 
+/// Per CPU: where a new `AGG` value is put together (too large for the stack beside an event).
+#[map]
+static AGG_SCRATCH: PerCpuArray<AggValue> = PerCpuArray::with_max_entries(1, 0);
+
 /// Settings the daemon changes while running (`Control`).
 #[map]
 static CONTROL: Array<Control> = Array::with_max_entries(1, 0);

@@ -9,12 +9,13 @@
 //! and when it moved to another CPU.
 use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, generated};
 use fwmark_trace_common::{
-    kind, layer, path, socket_slot, AggKey, AggValue, Config, CpuCache, Event, PacketState, Point,
-    CT_BEFORE, CT_NOW,
+    kind, layer, path, socket_slot, AggKey, Config, CpuCache, Event, PacketState, Point, CT_BEFORE,
+    CT_NOW,
 };
 
 use crate::{
-    skb, AGG, CACHE, CONFIG, CONTROL, EVENTS, FOLLOWED, FOLLOWING, IFACES, LOST, PACKETS, SEQ,
+    skb, AGG, AGG_SCRATCH, CACHE, CONFIG, CONTROL, EVENTS, FOLLOWED, FOLLOWING, IFACES, LOST,
+    PACKETS, SEQ,
 };
 
 /// What the observer knows besides the skb pointer.
@@ -113,9 +114,9 @@ pub fn observe<const BTF: bool>(skb: u64, site: &Site) {
                     }
                 }
                 // The end of a packet nothing is reported for: leave a tombstone.
-                Some(End::Consume) => return end_quietly(skb, c),
+                Some(End::Consume) => return end_quietly(c),
                 Some(End::Drop(_)) if c.changed == 0 && cfg.all_drops == 0 => {
-                    return end_quietly(skb, c)
+                    return end_quietly(c)
                 }
                 _ => {}
             }
@@ -128,15 +129,11 @@ pub fn observe<const BTF: bool>(skb: u64, site: &Site) {
     slow_path::<BTF>(skb, site, mark, &mut cache.slots[i], mine, cfg);
 }
 
-/// Ends a packet's life without a report: dead in the cache, a tombstone in the shared map
-/// (another CPU must not take its address for this packet still alive).
+/// Ends a packet's life without a report. Only the cache is told: the shared entry names this
+/// CPU, whose cache no longer holds the packet, and that says it ended (see `claim`).
 #[inline(always)]
-fn end_quietly(skb: u64, c: &mut PacketState) {
+fn end_quietly(c: &mut PacketState) {
     c.alive = PacketState::DEAD;
-    if let Some(s) = PACKETS.get_ptr_mut(skb) {
-        // SAFETY: a map value pointer.
-        unsafe { (*s).alive = PacketState::DEAD };
-    }
 }
 
 /// An unknown device (NULL, or UDP reusing `skb->dev` as scratch) is the one last seen.
@@ -162,21 +159,19 @@ fn slow_path<const BTF: bool>(
     let off = &cfg.offsets;
     let here = cpu();
     // Not in this CPU's cache: from the shared map (and the cache of the CPU that had it).
-    let shared = PACKETS.get_ptr_mut(skb);
+    let mut shared = None;
     if !mine {
+        shared = PACKETS.get_ptr_mut(skb);
         // SAFETY: map value pointers stay valid for the program's run.
-        let found = shared.filter(|s| unsafe { (**s).live() });
-        if found.is_none() && (matches!(site.end, Some(End::Consume)) || foreign(cfg, &site.at)) {
+        let state = shared.and_then(|s| unsafe { claim(&mut *s, skb, here) });
+        if state.is_none() && (matches!(site.end, Some(End::Consume)) || foreign(cfg, &site.at)) {
             // The common end of a packet we never saw, or one first seen outside the traced
             // namespace: nothing to do.
             return;
         }
         evict(c);
-        match found {
-            // SAFETY: as above.
-            Some(s) => unsafe {
-                *c = claim(&mut *s, skb, here);
-            },
+        match state {
+            Some(state) => *c = state,
             None => c.alive = PacketState::DEAD,
         }
     }
@@ -192,22 +187,27 @@ fn slow_path<const BTF: bool>(
         ct_id: ct.id,
         ..Event::default()
     };
-    let report = if c.live() {
+    if c.live() {
         fill_device(&mut at, &c.last);
         ev.at = at;
-        if path::continues(&c.last, &at, head == c.head) {
-            follow(c, &mut ev, site, mark, &ct, head)
-        } else {
-            // A new packet at a recycled address: the old one ended unseen.
-            first_sight::<BTF>(skb, c, site, &mut ev, head, cfg)
-        }
+    }
+    let continues = c.live() && path::continues(&c.last, &at, head == c.head);
+    let report = if continues {
+        follow(c, &mut ev, site, mark, &ct, head)
     } else {
+        // New, or a new packet at a recycled address (the old one ended unseen).
         first_sight::<BTF>(skb, c, site, &mut ev, head, cfg)
     };
     if site.end.is_some() {
         c.alive = PacketState::DEAD;
     }
-    publish(skb, c, shared, here);
+    // The shared entry changes only with the packet that owns the address, or with the CPU.
+    if !continues || !mine {
+        if mine {
+            shared = PACKETS.get_ptr_mut(skb);
+        }
+        publish(skb, c, shared, here);
+    }
     if !report || !wanted(cfg, &ev) {
         return;
     }
@@ -238,13 +238,17 @@ fn slow_path<const BTF: bool>(
             }
             return;
         }
-        let value = AggValue {
-            count: 1,
-            epoch,
-            _pad: 0,
-            exemplar: ev,
+        // The new value is built in per-CPU scratch space: the stack (512 bytes) holds the
+        // event already.
+        let Some(value) = AGG_SCRATCH.get_ptr_mut(0) else {
+            return;
         };
-        if AGG.insert(key, value, 0).is_err() {
+        // SAFETY: this CPU's scratch slot, used only here.
+        let value = unsafe { &mut *value };
+        value.count = 1;
+        value.epoch = epoch;
+        value.exemplar = ev;
+        if AGG.insert(key, &*value, 0).is_err() {
             count_lost();
         }
         return;
@@ -268,33 +272,39 @@ fn foreign(cfg: &Config, at: &Point) -> bool {
     cfg.netns != 0 && at.netns != 0 && at.netns != cfg.netns
 }
 
-/// Takes a packet over from the shared map: its fresh copy is in the cache of the CPU named
-/// there, when that slot still holds it (the slot is released: this CPU owns it now).
+/// Takes a packet over from the shared map. The entry names the CPU whose cache holds its fresh
+/// copy: taken from there (and released: this CPU owns it now). When that cache no longer has
+/// it, it ended there without a report: `None`. An entry naming no CPU was written back when
+/// its cache slot was needed, and is the fresh copy itself.
 #[inline(always)]
-fn claim(shared: &mut PacketState, skb: u64, here: u32) -> PacketState {
-    let mut state = *shared;
-    if shared.cpu != PacketState::NO_CPU && shared.cpu != here {
-        let key = 0u32;
-        // SAFETY: the helper takes the map, a pointer to the key and a CPU number, and returns
-        // that CPU's value or NULL; CACHE is a per-CPU array (its definition is the static).
-        let other = unsafe {
-            generated::bpf_map_lookup_percpu_elem(
-                core::ptr::addr_of!(CACHE) as *mut _,
-                (&key as *const u32).cast(),
-                shared.cpu,
-            )
-        } as *mut CpuCache;
-        if !other.is_null() {
-            // SAFETY: a map value of the right type; its CPU is done with this packet.
-            let other = unsafe { &mut *other };
-            if let Some(i) = other.find(skb) {
-                state = other.slots[i];
-                other.slots[i].alive = PacketState::DEAD;
-            }
-        }
+fn claim(shared: &mut PacketState, skb: u64, here: u32) -> Option<PacketState> {
+    if !shared.live() {
+        return None;
     }
+    let owner = shared.cpu;
     shared.cpu = here;
-    state
+    if owner == PacketState::NO_CPU {
+        return Some(*shared);
+    }
+    let key = 0u32;
+    // SAFETY: the helper takes the map, a pointer to the key and a CPU number, and returns
+    // that CPU's value or NULL; CACHE is a per-CPU array (its definition is the static).
+    let other = unsafe {
+        generated::bpf_map_lookup_percpu_elem(
+            core::ptr::addr_of!(CACHE) as *mut _,
+            (&key as *const u32).cast(),
+            owner,
+        )
+    } as *mut CpuCache;
+    if other.is_null() {
+        return None;
+    }
+    // SAFETY: a map value of the right type; its CPU is done with this packet.
+    let other = unsafe { &mut *other };
+    let i = other.find(skb)?;
+    let state = other.slots[i];
+    other.slots[i].alive = PacketState::DEAD;
+    Some(state)
 }
 
 /// Writes a live packet leaving this CPU's cache back to the shared map, so another CPU that

@@ -131,6 +131,8 @@ impl Mode {
 #[derive(Clone, Debug, Serialize)]
 struct Sample {
     round: usize,
+    /// The cost round (bpf_stats on): its samples give `bpf`, not the throughput figures.
+    costing: bool,
     workload: Workload,
     mode: Mode,
     /// Gbit/s (tcp) or packets/s (udp64).
@@ -561,12 +563,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     crate::trace::require_root("fwmark-trace bench")?;
     let dir = std::env::temp_dir().join(format!("fwmark-trace-bench-{}", std::process::id()));
     fs::create_dir_all(&dir)?;
-    let stats = BpfStatsEnabled::enable()?;
     let lab = Lab::new("bench")?;
     lab.nft(&lab.a, RULES)?;
     let mut samples = Vec::new();
     let started = Instant::now();
-    for round in 0..args.rounds {
+    // Round 0 measures the observers' kernel cost with bpf_stats on (which itself adds ~50 ns
+    // to every invocation); the throughput rounds after it run with the statistics off.
+    for round in 0..=args.rounds {
+        let costing = round == 0;
+        let stats = costing.then(BpfStatsEnabled::enable).transpose()?;
         for workload in RUNS {
             // Rotate the order each round so no mode always runs first or last.
             let mut modes = MODES.to_vec();
@@ -579,7 +584,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 );
                 let tracer = start(mode, &lab, &dir)?;
                 let pid = tracer.as_ref().map(|t| t.child.id());
-                let daemon_pid = pid.filter(|_| mode.is_fwmark_trace());
+                let daemon_pid = pid.filter(|_| mode.is_fwmark_trace() && costing);
                 let progs0 = daemon_pid.map(daemon_prog_stats);
                 let ticks0 = pid.and_then(cpu_ticks);
                 let t0 = Instant::now();
@@ -588,7 +593,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 let bpf = daemon_pid
                     .zip(progs0)
                     .map(|(pid, before)| bpf_cost(&before, &daemon_prog_stats(pid), run.packets));
-                let measured = mode == Mode::FwmarkTrace && workload == Workload::Tcp;
+                let measured = mode == Mode::FwmarkTrace && workload == Workload::Tcp && !costing;
                 let (cpu, rss) = match (pid, measured) {
                     (Some(pid), true) => {
                         // SAFETY: sysconf has no preconditions.
@@ -606,6 +611,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 };
                 let sample = Sample {
                     round,
+                    costing,
                     workload,
                     mode,
                     value: run.value,
@@ -627,13 +633,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 samples.push(sample);
             }
         }
+        drop(stats);
     }
     eprintln!(
         "\rbench: traffic done in {:.0}s; measuring the userspace pipeline",
         started.elapsed().as_secs_f64()
     );
     drop(lab);
-    drop(stats);
     let _ = fs::remove_dir_all(&dir);
     let pipeline = pipeline_bench::run(&BenchPipelineArgs { events: 2_000_000 })?;
 
@@ -688,7 +694,7 @@ fn summarize(samples: &[Sample]) -> Vec<Row> {
         for mode in MODES {
             let ratios: Vec<f64> = samples
                 .iter()
-                .filter(|s| s.workload == workload && s.mode == mode)
+                .filter(|s| s.workload == workload && s.mode == mode && !s.costing)
                 .filter_map(|s| {
                     let base = samples.iter().find(|b| {
                         b.round == s.round && b.workload == workload && b.mode == Mode::Baseline
@@ -698,7 +704,11 @@ fn summarize(samples: &[Sample]) -> Vec<Row> {
                 .collect();
             let mine: Vec<&Sample> = samples
                 .iter()
-                .filter(|s| s.workload == workload && s.mode == mode)
+                .filter(|s| s.workload == workload && s.mode == mode && !s.costing)
+                .collect();
+            let costed: Vec<&Sample> = samples
+                .iter()
+                .filter(|s| s.workload == workload && s.mode == mode && s.costing)
                 .collect();
             let events: Vec<f64> = mine
                 .iter()
@@ -714,11 +724,13 @@ fn summarize(samples: &[Sample]) -> Vec<Row> {
                 events_median: (!events.is_empty()).then(|| median(events) as u64),
                 lost_total: mine.iter().map(|s| s.lost).sum(),
                 inv_per_packet_median: median_of(
-                    mine.iter()
+                    costed
+                        .iter()
                         .map(|s| s.bpf.as_ref().map(|b| b.inv_per_packet)),
                 ),
                 ns_per_inv_median: median_of(
-                    mine.iter()
+                    costed
+                        .iter()
                         .map(|s| s.bpf.as_ref().and_then(|b| b.ns_per_inv_median)),
                 ),
             });

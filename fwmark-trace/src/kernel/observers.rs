@@ -410,7 +410,8 @@ impl Observers {
             .and_then(|m| {
                 aya::maps::HashMap::<_, u64, fwmark_trace_common::PacketState>::try_from(m).ok()
             })
-            // Ended packets stay as tombstones until reused or evicted: count live ones.
+            // Ended packets stay as tombstones until reused or evicted: count live ones (a packet
+            // that ended without a report is still live here until its address is reused).
             .map_or(0, |m| {
                 m.iter()
                     .filter_map(Result::ok)
