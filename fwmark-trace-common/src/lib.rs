@@ -214,10 +214,15 @@ pub struct PacketState {
     pub alive: u8,
     /// A writer changed the packet's mark on its path: its drop is worth a report.
     pub changed: u8,
-    pub _pad: u8,
+    /// Flows are followed and this packet is not one of them (as of conntrack entry `ct`):
+    /// its observers only keep its state.
+    pub unfollowed: u8,
     /// The CPU whose cache holds the fresh copy (`NO_CPU`: only this entry). When that cache
     /// no longer has the packet, it ended there without a report.
     pub cpu: u32,
+    /// The conntrack entry `unfollowed` was decided with: another one (conntrack attached it,
+    /// a namespace crossing dropped it) may belong to a followed flow, so it is decided again.
+    pub ct: u64,
 }
 
 impl PacketState {

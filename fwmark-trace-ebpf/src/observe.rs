@@ -104,6 +104,25 @@ pub fn observe<const BTF: bool>(skb: u64, site: &Site) {
         // still on its way, and its mark has not changed. Where it was seen is all to record.
         let c = &mut cache.slots[i];
         let mut at = site.at;
+        // Flows are followed and this is none of them: keep its state, report nothing. Its
+        // conntrack entry is checked where it can change (tc runs before conntrack).
+        let nfct: u64 = if BTF {
+            skb::load::<u64>(skb, off.skb_nfct) & !7
+        } else {
+            c.ct
+        };
+        if c.unfollowed != 0 && nfct == c.ct {
+            if site.end.is_some() {
+                return end_quietly(c);
+            }
+            fill_device(&mut at, &c.last);
+            if path::continues(&c.last, &at, false) {
+                c.last = at;
+                c.mark = mark;
+                set_following(false);
+                return;
+            }
+        }
         if cfg.full_path == 0 && c.mark == mark {
             match site.end {
                 None if !ct_watched(&at) => {
@@ -248,17 +267,19 @@ fn slow_path<const BTF: bool>(
         value.count = 1;
         value.epoch = epoch;
         value.exemplar = ev;
-        if AGG.insert(key, &*value, 0).is_err() {
+        // By reference: a copy (what clippy suggests) would put the value on the stack again.
+        #[allow(clippy::needless_borrows_for_generic_args)]
+        let inserted = AGG.insert(key, &*value, 0);
+        if inserted.is_err() {
             count_lost();
         }
         return;
     }
     if cfg.flow.active != 0 {
         let yes = followed(cfg, &ev);
-        if let Some(flag) = FOLLOWING.get_ptr_mut(0) {
-            // SAFETY: a per-CPU flag.
-            unsafe { *flag = yes as u8 };
-        }
+        set_following(yes);
+        c.unfollowed = !yes as u8;
+        c.ct = ev.ct_id;
         if !yes {
             return;
         }
@@ -395,6 +416,15 @@ fn follow(
     report
 }
 
+/// Tells routing lookups without ports whether the packet this CPU processes is followed.
+#[inline(always)]
+fn set_following(yes: bool) {
+    if let Some(flag) = FOLLOWING.get_ptr_mut(0) {
+        // SAFETY: a per-CPU flag.
+        unsafe { *flag = yes as u8 };
+    }
+}
+
 /// Whether `ev` belongs to a followed flow: its tuple matches, or its conntrack entry was seen
 /// with a matching tuple (NAT rewrote it since). Filtering here keeps unrelated traffic out of
 /// the ring when every observation is reported.
@@ -487,8 +517,9 @@ fn first_sight<const BTF: bool>(
         ct_attached: ev.ct_flags & CT_NOW,
         alive: PacketState::LIVE,
         changed: 0,
-        _pad: 0,
+        unfollowed: 0,
         cpu: PacketState::NO_CPU,
+        ct: 0,
     };
     ev.old_mark = 0;
     ev.old_ct_mark = ev.new_ct_mark;
