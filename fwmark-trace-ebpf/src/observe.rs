@@ -106,12 +106,7 @@ pub fn observe<const BTF: bool>(skb: u64, site: &Site) {
         let mut at = site.at;
         // Flows are followed and this is none of them: keep its state, report nothing. Its
         // conntrack entry is checked where it can change (tc runs before conntrack).
-        let nfct: u64 = if BTF {
-            skb::load::<u64>(skb, off.skb_nfct) & !7
-        } else {
-            c.ct
-        };
-        if c.unfollowed != 0 && nfct == c.ct {
+        if c.unfollowed != 0 && (!BTF || skb::load::<u64>(skb, off.skb_nfct) & !7 == c.ct) {
             if site.end.is_some() {
                 return end_quietly(c);
             }

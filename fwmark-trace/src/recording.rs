@@ -72,7 +72,7 @@ impl Recorder {
                 .unwrap_or_default()
                 .as_nanos() as u64,
         };
-        self.frame(CONTEXT, &serde_json::to_vec(&ctx)?)
+        frame(&mut self.out, CONTEXT, &serde_json::to_vec(&ctx)?)
     }
 
     /// One raw record as the kernel wrote it.
@@ -87,18 +87,9 @@ impl Recorder {
 
     fn flush_events(&mut self) -> Result<()> {
         if !self.pending.is_empty() {
-            let data = std::mem::take(&mut self.pending);
-            self.frame(EVENTS, &data)?;
-            self.pending = data;
+            frame(&mut self.out, EVENTS, &self.pending)?;
             self.pending.clear();
         }
-        Ok(())
-    }
-
-    fn frame(&mut self, tag: u8, payload: &[u8]) -> Result<()> {
-        self.out.write_all(&[tag])?;
-        self.out.write_all(&(payload.len() as u32).to_le_bytes())?;
-        self.out.write_all(payload)?;
         Ok(())
     }
 
@@ -106,6 +97,13 @@ impl Recorder {
         self.flush_events()?;
         self.out.flush().context("writing the recording")
     }
+}
+
+fn frame(out: &mut impl Write, tag: u8, payload: &[u8]) -> Result<()> {
+    out.write_all(&[tag])?;
+    out.write_all(&(payload.len() as u32).to_le_bytes())?;
+    out.write_all(payload)?;
+    Ok(())
 }
 
 /// `Context` by reference, for writing without cloning the topology.
