@@ -10,7 +10,9 @@ pub mod layer {
     pub const NONE: u8 = 0;
     /// A tcx program (`hook` = `tc_dir::*`, `slot` = `tc_slot::*`).
     pub const TC: u8 = 1;
-    /// A BPF netfilter link (`hook` = NF_INET_* number, `family` = NFPROTO_*, `slot` = priority slot).
+    /// Netfilter (`hook` = NF_INET_* number, `family` = NFPROTO_*): a BPF netfilter link
+    /// (`slot` = priority slot), or fentry/fexit of a chain evaluator (`slot` =
+    /// `NF_SLOT_CHAIN`, `priority` = the chain's priority at entry, one past it at exit).
     pub const NETFILTER: u8 = 2;
     /// A tp_btf tracepoint (`hook` = `tracepoint::*`).
     pub const TRACEPOINT: u8 = 3;
@@ -55,6 +57,10 @@ pub mod tracepoint {
 pub const NF_SLOTS: usize = 10;
 pub const NF_SLOT_FIRST: u8 = 0;
 pub const NF_SLOT_LAST: u8 = 1;
+/// A netfilter point that carries its priority itself (`Point::priority`): the entry and exit
+/// of an nftables base chain or iptables table, observed with fentry/fexit where the kernel
+/// has no BPF netfilter links (before 6.4).
+pub const NF_SLOT_CHAIN: u8 = 0xff;
 
 /// What an event reports (`Event::kind`).
 pub mod kind {
@@ -84,6 +90,8 @@ pub struct Point {
     pub ifindex: u32,
     /// Network namespace inode number (`net->ns.inum`), 0 when unknown.
     pub netns: u32,
+    /// The netfilter priority of an `NF_SLOT_CHAIN` point, else 0.
+    pub priority: i32,
 }
 
 /// One record in the ring buffer.
@@ -392,6 +400,13 @@ pub struct Offsets {
     pub fib6_res_nh: u32,
     pub fib6_res_type: u32,
     pub fib6_tb_id: u32,
+    /// The chain evaluators' arguments (nf_tables and ip_tables, often modules: from their
+    /// BTF): `nft_pktinfo.skb`/`.state`; how far before a base chain's `struct nft_chain` its
+    /// hook's priority is (`nft_base_chain`: `ops.priority` precedes `chain`); `xt_table.priority`.
+    pub nft_pkt_skb: u32,
+    pub nft_pkt_state: u32,
+    pub nft_chain_prio_back: u32,
+    pub xt_table_priority: u32,
 }
 
 pub const OFFSET_MISSING: u32 = u32::MAX;
@@ -508,6 +523,10 @@ impl Config {
             fib6_res_nh: OFFSET_MISSING,
             fib6_res_type: OFFSET_MISSING,
             fib6_tb_id: OFFSET_MISSING,
+            nft_pkt_skb: OFFSET_MISSING,
+            nft_pkt_state: OFFSET_MISSING,
+            nft_chain_prio_back: OFFSET_MISSING,
+            xt_table_priority: OFFSET_MISSING,
         },
         mark_value: 0,
         mark_mask: 0,

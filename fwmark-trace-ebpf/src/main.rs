@@ -4,7 +4,9 @@
 //! - tcx: first and last in the ingress and egress chains (the context pointer *is* the skb);
 //! - netfilter: one program per priority slot, linked on every hook of IPv4 and IPv6 by the
 //!   daemon itself (aya 0.14 has no netfilter program type), hook and family read from
-//!   `nf_hook_state`;
+//!   `nf_hook_state`; on kernels without netfilter links (before 6.4), fentry/fexit of the
+//!   chain evaluators (`nft_do_chain`, `ipt_do_table`, `ip6t_do_table`) instead, which also
+//!   know the priority of the chain they evaluate;
 //! - tp_btf: netif_receive_skb, net_dev_queue, kfree_skb (drop reason), consume_skb.
 #![no_std]
 #![no_main]
@@ -14,13 +16,13 @@ mod skb;
 
 use aya_ebpf::{
     bindings::__sk_buff,
-    macros::{btf_tracepoint, map},
+    macros::{btf_tracepoint, fentry, fexit, map},
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
-    programs::BtfTracePointContext,
+    programs::{BtfTracePointContext, FEntryContext, FExitContext},
 };
 use fwmark_trace_common::{
     layer, tc_dir, tc_slot, tracepoint, AggKey, AggValue, Config, Control, CpuCache, Event,
-    PacketState, Point, AGG_ENTRIES,
+    PacketState, Point, AGG_ENTRIES, NF_SLOT_CHAIN,
 };
 use observe::{End, Site};
 use skb::read;
@@ -104,6 +106,7 @@ fn dev_point(skb: u64, layer: u8, hook: u8, slot: u8) -> Point {
         family: 0,
         ifindex,
         netns,
+        priority: 0,
     }
 }
 
@@ -129,6 +132,7 @@ macro_rules! tc_observer {
                     family: 0,
                     ifindex,
                     netns: observe::config().own_netns,
+                    priority: 0,
                 },
                 l3_at_data: false,
                 end: None,
@@ -159,39 +163,50 @@ const NF_INET_PRE_ROUTING: u8 = 0;
 const NF_INET_LOCAL_IN: u8 = 1;
 const NF_INET_FORWARD: u8 = 2;
 
+/// The netfilter point of a hook invocation, from its `nf_hook_state` (a BTF-typed pointer:
+/// plain loads, no helper calls).
 #[inline(always)]
-fn nf_observe(ctx: *const NfCtx, slot: u8) -> i32 {
-    let ctx = unsafe { &*ctx };
-    let cfg = observe::config();
-    let off = &cfg.offsets;
-    // nf_hook_state is a BTF-typed argument: plain loads, no helper calls.
-    let hook: u8 = skb::load(ctx.state, off.nf_state_hook);
-    let family: u8 = skb::load(ctx.state, off.nf_state_pf);
+fn nf_point(state: u64, slot: u8, priority: i32, netns: u32) -> Point {
+    let off = &observe::config().offsets;
+    let hook: u8 = skb::load(state, off.nf_state_hook);
     // Report the device the packet arrived on before routing, and the one it leaves by after.
     let dev: u64 = match hook {
         NF_INET_PRE_ROUTING | NF_INET_LOCAL_IN | NF_INET_FORWARD => {
-            skb::load(ctx.state, off.nf_state_in)
+            skb::load(state, off.nf_state_in)
         }
-        _ => skb::load(ctx.state, off.nf_state_out),
+        _ => skb::load(state, off.nf_state_out),
     };
-    let site = Site {
-        at: Point {
-            layer: layer::NETFILTER,
-            hook,
-            slot,
-            family,
-            ifindex: if dev == 0 {
-                0
-            } else {
-                skb::load(dev, off.dev_ifindex)
-            },
-            netns: cfg.own_netns,
+    Point {
+        layer: layer::NETFILTER,
+        hook,
+        slot,
+        family: skb::load(state, off.nf_state_pf),
+        ifindex: if dev == 0 {
+            0
+        } else {
+            skb::load(dev, off.dev_ifindex)
         },
+        netns,
+        priority,
+    }
+}
+
+#[inline(always)]
+fn nf_site(at: Point) -> Site {
+    Site {
+        at,
         l3_at_data: false,
         end: None,
         mark: None,
-    };
-    observe::observe::<true>(ctx.skb, &site);
+    }
+}
+
+#[inline(always)]
+fn nf_observe(ctx: *const NfCtx, slot: u8) -> i32 {
+    // SAFETY: the kernel passes a valid `bpf_nf_ctx`.
+    let ctx = unsafe { &*ctx };
+    let at = nf_point(ctx.state, slot, 0, observe::config().own_netns);
+    observe::observe::<true>(ctx.skb, &nf_site(at));
     NF_ACCEPT
 }
 
@@ -222,6 +237,80 @@ nf_observers!(
 );
 const _: () = assert!(fwmark_trace_common::NF_SLOTS == 10);
 // `nf_observe` reads `hook` and `pf` together; the daemon checks they are adjacent.
+
+// ---- netfilter chain evaluators (fentry/fexit) ------------------------------------------
+
+const NFPROTO_IPV4: u8 = 2;
+const NFPROTO_IPV6: u8 = 10;
+
+/// One evaluation of a chain (an nftables base chain, an iptables table) at `priority`, seen
+/// on entry and on exit: the exit point sits one past it, so the band in between is exactly
+/// the chains at that priority. Every namespace's chains run through these functions, and
+/// those of other families (netdev, bridge, arp) too: only the traced namespace's IPv4 and
+/// IPv6 hooks are observed, as with netfilter links.
+#[inline(always)]
+fn chain_observe(skb: u64, state: u64, priority: i32, exit: bool) -> i32 {
+    let cfg = observe::config();
+    let off = &cfg.offsets;
+    let net: u64 = skb::load(state, off.nf_state_net);
+    if net == 0 || skb::load::<u32>(net, off.net_ns_inum) != cfg.own_netns {
+        return 0;
+    }
+    let family: u8 = skb::load(state, off.nf_state_pf);
+    if family != NFPROTO_IPV4 && family != NFPROTO_IPV6 {
+        return 0;
+    }
+    let priority = if exit {
+        priority.saturating_add(1)
+    } else {
+        priority
+    };
+    let at = nf_point(state, NF_SLOT_CHAIN, priority, cfg.own_netns);
+    observe::observe::<true>(skb, &nf_site(at));
+    0
+}
+
+/// `nft_do_chain(struct nft_pktinfo *pkt, void *priv)`: `priv` is the base chain's
+/// `struct nft_chain`, inside its `nft_base_chain` after the hook ops holding the priority.
+#[inline(always)]
+fn nft_chain(pkt: u64, chain: u64, exit: bool) -> i32 {
+    let off = &observe::config().offsets;
+    // `void *` is an integer to the verifier: the priority is read with the helper.
+    let priority: i32 = read(chain - off.nft_chain_prio_back as u64, 0);
+    chain_observe(
+        skb::load(pkt, off.nft_pkt_skb),
+        skb::load(pkt, off.nft_pkt_state),
+        priority,
+        exit,
+    )
+}
+
+/// `ipt_do_table`/`ip6t_do_table(void *priv, struct sk_buff *skb, const struct
+/// nf_hook_state *state)`: `priv` is the `struct xt_table`.
+#[inline(always)]
+fn xt_table(table: u64, skb: u64, state: u64, exit: bool) -> i32 {
+    let priority: i32 = read(table, observe::config().offsets.xt_table_priority);
+    chain_observe(skb, state, priority, exit)
+}
+
+macro_rules! chain_observers {
+    ($($entry:ident, $exit:ident = $func:literal, $observe:ident($($arg:literal),*);)*) => {$(
+        #[fentry(function = $func)]
+        pub fn $entry(ctx: FEntryContext) -> i32 {
+            $observe($(ctx.arg::<*const u8>($arg) as u64),*, false)
+        }
+        #[fexit(function = $func)]
+        pub fn $exit(ctx: FExitContext) -> i32 {
+            $observe($(ctx.arg::<*const u8>($arg) as u64),*, true)
+        }
+    )*};
+}
+
+chain_observers!(
+    fwm_nft_in, fwm_nft_out = "nft_do_chain", nft_chain(0, 1);
+    fwm_ipt_in, fwm_ipt_out = "ipt_do_table", xt_table(0, 1, 2);
+    fwm_ip6t_in, fwm_ip6t_out = "ip6t_do_table", xt_table(0, 1, 2);
+);
 
 // ---- tracepoints --------------------------------------------------------------------------
 
@@ -307,6 +396,7 @@ fn route_event(flp: u64, dev: u64, family: u8, table: u32, err: i32) -> Option<E
             family,
             ifindex,
             netns,
+            priority: 0,
         },
         old_mark: mark,
         new_mark: mark,

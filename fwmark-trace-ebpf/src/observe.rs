@@ -525,6 +525,7 @@ fn first_sight<const BTF: bool>(
             ev.prev = Point {
                 layer: layer::SOCKET,
                 slot: socket_slot::WROTE,
+                priority: 0,
                 ..site.at
             };
         }
@@ -534,6 +535,7 @@ fn first_sight<const BTF: bool>(
             ev.prev = Point {
                 layer: layer::SOCKET,
                 slot: socket_slot::LEFT,
+                priority: 0,
                 ..site.at
             };
         }

@@ -42,6 +42,7 @@ pub fn synthetic(i: u64) -> Event {
         family: if i.is_multiple_of(4) { 10 } else { 2 },
         ifindex: 2,
         netns: 1,
+        priority: 0,
     };
     let (prev, at, k) = match i % 5 {
         0 => (nf(3, 0), nf(3, 2), kind::TRANSITION),
@@ -55,6 +56,7 @@ pub fn synthetic(i: u64) -> Event {
                 family: 0,
                 ifindex: 2,
                 netns: 1,
+                priority: 0,
             },
             Point {
                 layer: layer::TC,
@@ -63,6 +65,7 @@ pub fn synthetic(i: u64) -> Event {
                 family: 0,
                 ifindex: 2,
                 netns: 1,
+                priority: 0,
             },
             kind::TRANSITION,
         ),
@@ -75,6 +78,7 @@ pub fn synthetic(i: u64) -> Event {
                 family: 0,
                 ifindex: 2,
                 netns: 1,
+                priority: 0,
             },
             kind::DROP,
         ),

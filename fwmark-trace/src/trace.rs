@@ -17,7 +17,7 @@ use tokio::{io::unix::AsyncFd, signal::unix, time};
 use crate::{
     events::{self, Decoder, Interval},
     kernel::counts::KernelCounts,
-    kernel::features::Feature,
+    kernel::features::{Feature, NfBackend, TcBackend},
     kernel::observers::{Observers, Options},
     netns,
     output::{
@@ -90,6 +90,14 @@ pub struct TraceArgs {
     /// Fail instead of degrading when this kernel feature is unavailable (repeatable).
     #[arg(long, value_enum, value_name = "FEATURE")]
     pub require: Vec<Feature>,
+    /// Netfilter observers: links (kernel 6.4+) or fentry/fexit on the chain evaluators;
+    /// auto picks links where the kernel has them.
+    #[arg(long, value_enum, default_value = "auto", value_name = "BACKEND")]
+    pub nf_observers: NfBackend,
+    /// tc observers: tcx (kernel 6.6+) or cls_bpf filters in existing clsact qdiscs; auto
+    /// picks tcx where the kernel has it.
+    #[arg(long, value_enum, default_value = "auto", value_name = "BACKEND")]
+    pub tc_observers: TcBackend,
     #[command(flatten)]
     pub registry: RegistryArgs,
     /// Follow only these flows, at every observation point and with their routing lookups.
@@ -160,6 +168,8 @@ pub fn run_into(args: &TraceArgs, sink: &mut dyn Sink, on_ready: impl FnOnce()) 
         full_path: args.full_path || args.select.active(),
         ring_bytes: args.ring_size,
         require: args.require.clone(),
+        nf_backend: args.nf_observers,
+        tc_backend: args.tc_observers,
         routes: args.routes || args.select.active(),
         all_drops: args.all_drops,
         aggregate: args.counted(),

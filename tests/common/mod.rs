@@ -361,6 +361,7 @@ fn load_mark_setter(
         attach,
         "test_setmark",
         insns,
+        None,
     )
     .expect("load test_setmark")
 }

@@ -2,7 +2,9 @@
 //! enum names, so the observers get this kernel's `sk_buff` layout and drop-reason names at run
 //! time instead of numbers baked in for one build. Format: Documentation/bpf/btf.rst (header,
 //! type section of `struct btf_type` records with kind-specific trailers, string section).
-use std::collections::HashMap;
+//! A module's BTF (/sys/kernel/btf/<module>) is split BTF on top of vmlinux's: its type ids
+//! continue after vmlinux's last one and its string offsets after vmlinux's string section.
+use std::{collections::HashMap, sync::Arc};
 
 use anyhow::{anyhow, bail, Context, Result};
 use fwmark_trace_common::{Offsets, OFFSET_MISSING};
@@ -56,9 +58,13 @@ struct Type {
 }
 
 pub struct KernelBtf {
-    /// Index = type id (0 is `void`).
+    /// Index = type id - `first_id` (vmlinux: 0, and type 0 is `void`).
     types: Vec<Type>,
+    first_id: u32,
     by_name: HashMap<String, Vec<u32>>,
+    strings: Vec<u8>,
+    /// The BTF a module's split BTF extends (vmlinux's).
+    base: Option<Arc<KernelBtf>>,
 }
 
 struct Reader<'a> {
@@ -83,9 +89,22 @@ impl KernelBtf {
         Self::from_bytes(&data)
     }
 
+    /// Reads a loaded module's BTF (split on `vmlinux`); `None` when no module of that name is
+    /// loaded (built in, absent, or not loaded yet).
+    pub fn load_module(vmlinux: &Arc<KernelBtf>, module: &str) -> Option<Result<Self>> {
+        let path = format!("/sys/kernel/btf/{module}");
+        let data = std::fs::read(&path).ok()?;
+        Some(Self::from_split_bytes(&data, Some(vmlinux.clone())).with_context(|| path))
+    }
+
     /// Parses raw BTF. Any malformed input is an error (never a panic): the bytes come from a
     /// file the daemon does not control.
     pub fn from_bytes(data: &[u8]) -> Result<Self> {
+        Self::from_split_bytes(data, None)
+    }
+
+    /// Parses raw BTF that extends `base` (a module's), or stands alone (`None`).
+    pub fn from_split_bytes(data: &[u8], base: Option<Arc<KernelBtf>>) -> Result<Self> {
         if data.len() < 24 || u16::from_le_bytes([data[0], data[1]]) != MAGIC {
             bail!("not raw BTF (bad magic or too short)");
         }
@@ -102,24 +121,34 @@ impl KernelBtf {
         };
         let strings = section(str_off, str_len)?;
         let types_raw = section(type_off, type_len)?;
+        let (first_id, base_strings) = match &base {
+            Some(b) => (b.first_id + b.types.len() as u32, &b.strings[..]),
+            None => (0, &[][..]),
+        };
         let name = |off: u32| -> Result<String> {
-            let rest = strings
-                .get(off as usize..)
-                .ok_or_else(|| anyhow!("BTF string offset {off} out of bounds"))?;
+            let off = off as usize;
+            let rest = match off.checked_sub(base_strings.len()) {
+                Some(own) => strings.get(own..),
+                None => base_strings.get(off..),
+            }
+            .ok_or_else(|| anyhow!("BTF string offset {off} out of bounds"))?;
             let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
             Ok(String::from_utf8_lossy(&rest[..end]).into_owned())
         };
 
         let r = Reader { data: types_raw };
-        let mut types = vec![Type {
-            kind: 0,
-            name: String::new(),
-            size_or_type: 0,
-            members: vec![],
-            enumerators: vec![],
-            array: None,
-            int_bits: None,
-        }];
+        let mut types = Vec::new();
+        if base.is_none() {
+            types.push(Type {
+                kind: 0,
+                name: String::new(),
+                size_or_type: 0,
+                members: vec![],
+                enumerators: vec![],
+                array: None,
+                int_bits: None,
+            });
+        }
         let mut off = 0usize;
         while off < types_raw.len() {
             let info = r.u32_at(off + 4)?;
@@ -188,18 +217,43 @@ impl KernelBtf {
             types.push(t);
         }
         let mut by_name: HashMap<String, Vec<u32>> = HashMap::new();
-        for (id, t) in types.iter().enumerate().skip(1) {
+        for (i, t) in types.iter().enumerate() {
             if !t.name.is_empty() {
-                by_name.entry(t.name.clone()).or_default().push(id as u32);
+                let id = first_id.saturating_add(i as u32);
+                by_name.entry(t.name.clone()).or_default().push(id);
             }
         }
-        Ok(Self { types, by_name })
+        Ok(Self {
+            types,
+            first_id,
+            by_name,
+            strings: strings.to_vec(),
+            base,
+        })
     }
 
     fn get(&self, id: u32) -> Result<&Type> {
-        self.types
-            .get(id as usize)
-            .ok_or_else(|| anyhow!("BTF type id {id} out of range"))
+        match (id.checked_sub(self.first_id), &self.base) {
+            (Some(i), _) => self.types.get(i as usize),
+            (None, Some(base)) => return base.get(id),
+            (None, None) => None,
+        }
+        .ok_or_else(|| anyhow!("BTF type id {id} out of range"))
+    }
+
+    /// The ids of the types named `name`, this BTF's first, then its base's.
+    fn named(&self, name: &str) -> impl Iterator<Item = u32> + '_ {
+        let base = self.base.as_deref().map(|b| b.named(name));
+        let base: Box<dyn Iterator<Item = u32>> = match base {
+            Some(b) => Box::new(b),
+            None => Box::new(std::iter::empty()),
+        };
+        self.by_name
+            .get(name)
+            .into_iter()
+            .flatten()
+            .copied()
+            .chain(base)
     }
 
     /// Follows typedefs and qualifiers to the underlying type.
@@ -245,14 +299,13 @@ impl KernelBtf {
     /// The struct or union (not a forward declaration) with this name, or a typedef of one
     /// (`possible_net_t` is a typedef of an anonymous struct).
     fn find_struct(&self, name: &str) -> Result<u32> {
-        self.by_name
-            .get(name)
-            .into_iter()
-            .flatten()
-            .filter_map(|&id| self.resolve(id).ok())
+        self.named(name)
+            .filter_map(|id| self.resolve(id).ok())
             .find(|&id| {
-                let t = &self.types[id as usize];
-                matches!(t.kind, STRUCT | UNION) && !(t.members.is_empty() && t.size_or_type == 0)
+                self.get(id).is_ok_and(|t| {
+                    matches!(t.kind, STRUCT | UNION)
+                        && !(t.members.is_empty() && t.size_or_type == 0)
+                })
             })
             .ok_or_else(|| anyhow!("kernel BTF has no struct {name}"))
     }
@@ -313,11 +366,8 @@ impl KernelBtf {
 
     /// (name, value) of every enumerator of a named enum (BTF_KIND_ENUM or ENUM64).
     pub fn enum_values(&self, enum_name: &str) -> Result<Vec<(String, i64)>> {
-        self.by_name
-            .get(enum_name)
-            .into_iter()
-            .flatten()
-            .map(|&id| &self.types[id as usize])
+        self.named(enum_name)
+            .filter_map(|id| self.get(id).ok())
             .find(|t| matches!(t.kind, ENUM | ENUM64) && !t.enumerators.is_empty())
             .map(|t| t.enumerators.clone())
             .ok_or_else(|| anyhow!("kernel BTF has no enum {enum_name}"))
@@ -325,17 +375,14 @@ impl KernelBtf {
 
     /// The BTF id of a kernel function (what fentry/fexit programs attach to).
     pub fn func_id(&self, name: &str) -> Option<u32> {
-        self.by_name
-            .get(name)?
-            .iter()
-            .copied()
-            .find(|&id| self.types[id as usize].kind == FUNC)
+        self.named(name)
+            .find(|&id| self.get(id).is_ok_and(|t| t.kind == FUNC))
     }
 
     /// Whether any type of that name exists (e.g. `btf_trace_fib_table_lookup`: the tracepoint
     /// exists; `bpf_nf_ctx`: netfilter programs exist).
     pub fn has_type(&self, name: &str) -> bool {
-        self.by_name.contains_key(name)
+        self.named(name).next().is_some()
     }
 }
 
@@ -380,7 +427,31 @@ pub fn offsets(btf: &KernelBtf) -> Result<Offsets> {
         fib6_res_nh: optional("fib6_result", "nh"),
         fib6_res_type: optional("fib6_result", "fib6_type"),
         fib6_tb_id: optional("fib6_table", "tb6_id"),
+        // Filled by the fentry back-end, from the chain evaluators' BTF (`nft_offsets`).
+        nft_pkt_skb: OFFSET_MISSING,
+        nft_pkt_state: OFFSET_MISSING,
+        nft_chain_prio_back: OFFSET_MISSING,
+        xt_table_priority: OFFSET_MISSING,
     })
+}
+
+/// What `nft_do_chain`'s observers read (`nft_pkt_skb`, `nft_pkt_state`, `nft_chain_prio_back`),
+/// from the BTF that has nf_tables' types (its module's, or vmlinux's when built in).
+pub fn nft_offsets(btf: &KernelBtf, into: &mut Offsets) -> Result<()> {
+    let prio = btf.member_offset("nft_base_chain", "ops.priority")?;
+    let chain = btf.member_offset("nft_base_chain", "chain")?;
+    into.nft_chain_prio_back = chain
+        .checked_sub(prio)
+        .context("nft_base_chain: the hook ops follow the chain")?;
+    into.nft_pkt_skb = btf.member_offset("nft_pktinfo", "skb")?;
+    into.nft_pkt_state = btf.member_offset("nft_pktinfo", "state")?;
+    Ok(())
+}
+
+/// What `ipt_do_table`'s observers read, from ip_tables' BTF.
+pub fn xt_offsets(btf: &KernelBtf, into: &mut Offsets) -> Result<()> {
+    into.xt_table_priority = btf.member_offset("xt_table", "priority")?;
+    Ok(())
 }
 
 /// `enum skb_drop_reason` values → names without the `SKB_DROP_REASON_` prefix.
@@ -591,6 +662,39 @@ mod tests {
         let btf = KernelBtf::from_bytes(&b.bytes()).unwrap();
         assert!(btf.member_size("s", "a").is_err());
         assert!(btf.member_offset("t", "a").is_err());
+    }
+
+    #[test]
+    fn split_btf_continues_ids_and_strings_of_its_base() {
+        let base = Arc::new(sample());
+        let base_strings = base.strings.len() as u32;
+        // The module's own string section starts where the base's ends; its first type is
+        // id 14; "mark" is a name of the base's, "pkt" and "do_chain" the module's.
+        let mut b = Builder::new();
+        b.strings.clear();
+        let mut own = |n: &str| b.s(n) + base_strings;
+        let (pkt, skb, do_chain) = (own("pkt"), own("skb"), own("do_chain"));
+        let mark = base
+            .strings
+            .windows(5)
+            .position(|w| w == b"mark\0")
+            .unwrap() as u32;
+        // [14] struct pkt { skb: sk_buff (5) @0, mark: u32 (1) @64 }, [15] func do_chain.
+        b.types
+            .extend([pkt, 2 | (STRUCT as u32) << 24, 16, skb, 5, 0, mark, 1, 64]);
+        b.types.extend([do_chain, (FUNC as u32) << 24, 0]);
+        let module = KernelBtf::from_split_bytes(&b.bytes(), Some(base.clone())).unwrap();
+        assert_eq!(module.member_offset("pkt", "mark").unwrap(), 8);
+        assert_eq!(module.member_size("pkt", "mark").unwrap(), 4);
+        // Through a base type (sk_buff, id 5) and to the base's names.
+        assert_eq!(module.member_offset("pkt", "skb.ns.inum").unwrap(), 20);
+        assert_eq!(module.func_id("do_chain"), Some(15));
+        assert!(module.has_type("sk_buff") && module.func_id("sk_buff").is_none());
+        // A string offset past both sections is an error.
+        let mut bad = b.bytes();
+        let n = bad.len();
+        bad[n - 1] = 1;
+        let _ = KernelBtf::from_split_bytes(&bad, Some(base));
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! What this kernel lets us use, probed at start-up rather than assumed. fentry/fexit would
-//! give function-level observers (routing, xfrm) where a kernel allows them; where it does not
-//! (here: loading fails with EPERM by policy) the daemon says so and uses tracepoints and
-//! hooks only. `--require FEATURE` turns a missing feature into an error instead.
+//! What this kernel lets us use, probed at start-up rather than assumed, and which observer
+//! back-end each layer uses: netfilter links (6.4+) or else fentry/fexit on the chain
+//! evaluators; tcx (6.6+) or else clsact cls_bpf filters. `--require FEATURE` turns a missing
+//! feature into an error; `--nf-observers`/`--tc-observers` pick a back-end instead of the
+//! kernel's best.
 use std::fmt;
 
 use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_prog_type};
@@ -21,9 +22,33 @@ impl fmt::Display for Feature {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Feature::Fentry => "fentry/fexit",
-            Feature::Netfilter => "netfilter programs",
+            Feature::Netfilter => "BPF netfilter links",
         })
     }
+}
+
+/// Netfilter observers (`--nf-observers`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum NfBackend {
+    /// BPF netfilter links where the kernel has them (6.4+), else fentry/fexit.
+    #[default]
+    Auto,
+    /// BPF netfilter links around the chains that matter.
+    Links,
+    /// fentry/fexit on nft_do_chain, ipt_do_table and ip6t_do_table.
+    Fentry,
+}
+
+/// tc observers (`--tc-observers`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum TcBackend {
+    /// tcx where the kernel has it (6.6+), else clsact filters.
+    #[default]
+    Auto,
+    /// First and last in the tcx chains.
+    Tcx,
+    /// Direct-action cls_bpf filters first and last in clsact qdiscs that are already there.
+    Clsact,
 }
 
 /// `r0 = 0; exit`: the smallest program, enough to ask the kernel whether a type loads.
@@ -66,4 +91,29 @@ pub fn probe(feature: Feature, btf: &KernelBtf) -> Result<(), String> {
         ),
     };
     res.map_err(|e| format!("BPF_PROG_LOAD: {e}"))
+}
+
+/// The netfilter back-end to use: `Ok(Links)` or `Ok(Fentry)` with why, or why there is none.
+pub fn netfilter_backend(want: NfBackend, btf: &KernelBtf) -> Result<(NfBackend, String), String> {
+    let links = probe(Feature::Netfilter, btf);
+    let fentry = probe(Feature::Fentry, btf);
+    match (want, links, fentry) {
+        (NfBackend::Auto | NfBackend::Links, Ok(()), _) => Ok((
+            NfBackend::Links,
+            "BPF netfilter links (this kernel has them)".into(),
+        )),
+        (NfBackend::Auto, Err(no_links), Ok(())) => Ok((
+            NfBackend::Fentry,
+            format!("fentry/fexit on the chain evaluators: no BPF netfilter links on this kernel (before 6.4; {no_links})"),
+        )),
+        (NfBackend::Fentry, _, Ok(())) => Ok((
+            NfBackend::Fentry,
+            "fentry/fexit on the chain evaluators (--nf-observers fentry)".into(),
+        )),
+        (NfBackend::Links, Err(why), _) => Err(format!("no BPF netfilter links ({why})")),
+        (NfBackend::Fentry, _, Err(why)) => Err(format!("no fentry/fexit ({why})")),
+        (NfBackend::Auto, Err(no_links), Err(no_fentry)) => Err(format!(
+            "neither BPF netfilter links ({no_links}) nor fentry/fexit ({no_fentry})"
+        )),
+    }
 }

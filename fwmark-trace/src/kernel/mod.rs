@@ -4,6 +4,7 @@ pub mod btf;
 pub mod counts;
 pub mod features;
 pub mod netfilter;
+pub mod nf_chains;
 pub mod observers;
 pub mod sys;
 pub mod tc_placement;

@@ -1,9 +1,10 @@
-//! Netfilter observers. aya 0.14 has no BPF_PROG_TYPE_NETFILTER, so the `fwm_nf_*` programs,
-//! which live in the same object as the aya-loaded ones, are parsed again with aya-obj,
-//! relocated against the maps aya already created (so they share the ring buffer, the per-packet
-//! state and the `.rodata` configuration), loaded with a raw BPF_PROG_LOAD and linked with
-//! BPF_LINK_CREATE (pf, hooknum, priority). Links are file descriptors: closing them (also by
-//! the process dying) detaches them.
+//! Netfilter observers on BPF netfilter links (kernels from 6.4). aya 0.14 has no
+//! BPF_PROG_TYPE_NETFILTER, so the `fwm_nf_*` programs, which live in the same object as the
+//! aya-loaded ones, are parsed again with aya-obj (`RawObject`), relocated against the maps aya
+//! already created (so they share the ring buffer, the per-packet state and the `.rodata`
+//! configuration), loaded with a raw BPF_PROG_LOAD and linked with BPF_LINK_CREATE (pf,
+//! hooknum, priority). Links are file descriptors: closing them (also by the process dying)
+//! detaches them.
 use std::{
     collections::{HashMap, HashSet},
     io,
@@ -84,9 +85,15 @@ fn map_data(map: &Map) -> &MapData {
     )
 }
 
-impl NfPrograms {
-    /// Parses `object` again and loads the netfilter slot programs against aya's maps.
-    pub fn load<'a>(object: &[u8], maps: impl Iterator<Item = (&'a str, &'a Map)>) -> Result<Self> {
+/// The eBPF object parsed again with aya-obj and relocated against the maps aya created, for
+/// the programs aya 0.14 cannot load itself: netfilter programs, and fentry/fexit on module
+/// functions (they need the module's BTF object).
+pub struct RawObject {
+    obj: aya_obj::Object,
+}
+
+impl RawObject {
+    pub fn new<'a>(object: &[u8], maps: impl Iterator<Item = (&'a str, &'a Map)>) -> Result<Self> {
         let mut obj = aya_obj::Object::parse(object).context("parsing the eBPF object")?;
         let fds: HashMap<String, RawFd> = maps
             .map(|(name, map)| (name.to_owned(), map_data(map).fd().as_fd().as_raw_fd()))
@@ -103,23 +110,40 @@ impl NfPrograms {
             .collect::<Result<Vec<_>>>()?;
         let text_sections: HashSet<usize> = obj.functions.keys().map(|(s, _)| *s).collect();
         obj.relocate_maps(relocs.into_iter(), &text_sections)
-            .context("relocating maps of the netfilter programs")?;
+            .context("relocating maps of the raw-loaded programs")?;
         obj.relocate_calls(&text_sections)
-            .context("relocating calls of the netfilter programs")?;
+            .context("relocating calls of the raw-loaded programs")?;
+        Ok(Self { obj })
+    }
 
+    /// Loads program `name` (see `sys::prog_load`).
+    pub fn load(
+        &self,
+        name: &str,
+        prog_type: bpf_prog_type,
+        attach_type: bpf_attach_type,
+        target: Option<sys::AttachTarget>,
+    ) -> Result<OwnedFd> {
+        let prog = self
+            .obj
+            .programs
+            .get(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
+        let insns = &self.obj.functions[&prog.function_key()].instructions;
+        sys::prog_load(prog_type, attach_type, name, insns, target)
+    }
+}
+
+impl NfPrograms {
+    /// Loads the netfilter slot programs.
+    pub fn load(obj: &RawObject) -> Result<Self> {
         let progs = (0..NF_SLOTS)
             .map(|slot| {
-                let name = slot_program_name(slot);
-                let prog = obj
-                    .programs
-                    .get(&name)
-                    .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
-                let insns = &obj.functions[&prog.function_key()].instructions;
-                sys::prog_load(
+                obj.load(
+                    &slot_program_name(slot),
                     bpf_prog_type::BPF_PROG_TYPE_NETFILTER,
                     bpf_attach_type::BPF_NETFILTER,
-                    &name,
-                    insns,
+                    None,
                 )
             })
             .collect::<Result<_>>()?;

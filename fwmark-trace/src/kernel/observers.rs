@@ -1,7 +1,8 @@
 //! Loads the kernel object and attaches every observer: tp_btf tracepoints (aya), netfilter
-//! links (raw, see `netfilter.rs`) and tcx programs (see `tcx.rs`). An observation point that
-//! cannot attach is reported with the kernel's reason and the run goes on without it.
-use std::{collections::HashMap, os::fd::OwnedFd};
+//! links (raw, see `netfilter.rs`) or else fentry/fexit on the chain evaluators
+//! (`nf_chains.rs`), and tc programs (see `tcx.rs`). An observation point that cannot attach
+//! is reported with the kernel's reason and the run goes on without it.
+use std::{collections::HashMap, os::fd::OwnedFd, sync::Arc};
 
 use anyhow::{bail, Context, Result};
 use aya::{
@@ -16,8 +17,9 @@ use fwmark_trace_common::{
 
 use super::{
     btf::{self, KernelBtf},
-    features::{self, Feature},
-    netfilter::{NfPrograms, NfSite, PRIO_FIRST, PRIO_LAST},
+    features::{self, Feature, NfBackend, TcBackend},
+    netfilter::{NfPrograms, NfSite, RawObject, PRIO_FIRST, PRIO_LAST},
+    nf_chains,
     tc_placement::Placement,
     tcx::{self, TcObservers},
 };
@@ -48,6 +50,8 @@ pub struct Options {
     pub ring_bytes: u32,
     /// Features that must be available (else: an error instead of degrading).
     pub require: Vec<Feature>,
+    pub nf_backend: NfBackend,
+    pub tc_backend: TcBackend,
     /// Report routing table lookups.
     pub routes: bool,
     /// Report every drop, also of packets whose mark nothing changed.
@@ -114,28 +118,45 @@ impl Observers {
         if OBJECT.is_empty() {
             bail!("this binary was built without its eBPF object (AYA_BUILD_SKIP); rebuild with `cargo xtask build`");
         }
-        let kbtf = KernelBtf::load()
-            .context("reading kernel BTF from /sys/kernel/btf/vmlinux (kernel built without CONFIG_DEBUG_INFO_BTF?)")?;
-        let offsets = btf::offsets(&kbtf).context("finding kernel struct offsets in BTF")?;
+        let kbtf = Arc::new(KernelBtf::load().context(
+            "reading kernel BTF from /sys/kernel/btf/vmlinux (kernel built without CONFIG_DEBUG_INFO_BTF?)",
+        )?);
+        let mut offsets = btf::offsets(&kbtf).context("finding kernel struct offsets in BTF")?;
         let drop_reasons = btf::drop_reason_names(&kbtf).unwrap_or_default();
         for feature in &opts.require {
             if let Err(why) = features::probe(*feature, &kbtf) {
                 bail!("this kernel lacks {feature} ({why}), which --require asked for");
             }
         }
-        // fentry/fexit would allow function-level observers; say whether this kernel allows it.
-        let fentry = features::probe(Feature::Fentry, &kbtf);
-        let mut report = vec![AttachStatus {
-            point: Feature::Fentry.to_string(),
-            ok: fentry.is_ok(),
-            detail: match fentry {
-                Ok(()) => "available (not needed: tracepoints and hooks cover every point)".into(),
-                Err(why) => {
-                    format!("unavailable ({why}); degraded to tracepoints and netfilter/tcx hooks")
+        let mut report = Vec::new();
+        // The netfilter back-end, and for fentry the evaluators this kernel has: their argument
+        // layouts go into the configuration the observers are loaded with.
+        let nf_backend = match features::netfilter_backend(opts.nf_backend, &kbtf) {
+            Ok((backend, why)) => {
+                report.push(note("netfilter", true, why));
+                Some(backend)
+            }
+            Err(why) if opts.nf_backend != NfBackend::Auto => {
+                bail!("--nf-observers {:?}: {why}", opts.nf_backend)
+            }
+            Err(why) => {
+                report.push(note("netfilter", false, format!("not observed: {why}")));
+                None
+            }
+        };
+        let mut evaluators = Vec::new();
+        if nf_backend == Some(NfBackend::Fentry) {
+            for e in &nf_chains::EVALUATORS {
+                match nf_chains::find(e, &kbtf, &mut offsets) {
+                    Ok(found) => evaluators.push(found),
+                    Err(err) => report.push(note(
+                        "netfilter fentry",
+                        false,
+                        format!("{} ({}) not observed: {err:#}", e.func, e.what),
+                    )),
                 }
-            },
-            detail_only: false,
-        }];
+            }
+        }
         let (mark_value, mark_mask) = opts.mark.unwrap_or((0, 0));
         let mut config = Config {
             offsets,
@@ -173,9 +194,9 @@ impl Observers {
             .override_global("AYA_LOG_LEVEL", &(log::max_level() as u8), false)
             .load(OBJECT)
             .context("loading the eBPF object (are you root?)")?;
-        // Relocate the netfilter programs while every map is still in `ebpf` (the logger takes
-        // its ring buffer out); they are linked further down.
-        let nf = NfPrograms::load(OBJECT, ebpf.maps());
+        // Relocate the raw-loaded programs while every map is still in `ebpf` (the logger takes
+        // its ring buffer out); they are loaded and attached further down.
+        let raw = RawObject::new(OBJECT, ebpf.maps());
         let logger = aya_log::EbpfLogger::init(&mut ebpf)
             .map_err(|err| log::debug!("aya-log not active: {err}"))
             .ok();
@@ -222,38 +243,43 @@ impl Observers {
         } else {
             PlanMode::Writers
         };
-        let mut plan = NfPlan::new(&chains, mode);
         let mut nf_links = Vec::new();
-        let nf = match nf {
-            Ok(nf) => {
-                let mut failures: HashMap<String, usize> = HashMap::new();
-                for site in plan.sites().to_vec() {
-                    match nf.link(site) {
-                        Ok((fd, prio)) => {
-                            plan.set_priority(site, prio);
-                            nf_links.push(fd)
-                        }
-                        Err(err) => {
-                            *failures
-                                .entry(format!("{}: {err}", site_label(&site)))
-                                .or_default() += 1
-                        }
-                    }
-                }
-                report.push(nf_summary(&plan, &chains, nf_links.len()));
-                for (why, _) in failures {
+        let mut nf = None;
+        let plan = match (nf_backend, raw) {
+            (None, _) => NfPlan::none(mode),
+            (Some(_), Err(err)) => {
+                report.push(status("netfilter programs".into(), Err(err)));
+                NfPlan::none(mode)
+            }
+            (Some(NfBackend::Fentry), Ok(raw)) => {
+                for found in &evaluators {
+                    let res = nf_chains::attach(&raw, found).map(|links| nf_links.extend(links));
                     report.push(AttachStatus {
-                        point: "netfilter link".into(),
-                        ok: false,
-                        detail: why,
+                        point: "netfilter fentry".into(),
+                        ok: res.is_ok(),
+                        detail: match res {
+                            Ok(()) => format!(
+                                "{}: entry and exit of {}",
+                                found.label(),
+                                found.evaluator.what
+                            ),
+                            Err(err) => format!("{}: {err:#}", found.label()),
+                        },
                         detail_only: false,
                     });
                 }
-                Some(nf)
+                NfPlan::none(mode)
             }
-            Err(err) => {
-                report.push(status("netfilter programs".into(), Err(err)));
-                None
+            (Some(_), Ok(raw)) => {
+                let mut plan = NfPlan::new(&chains, mode);
+                match NfPrograms::load(&raw) {
+                    Ok(progs) => {
+                        link_plan(&progs, &mut plan, &chains, &mut nf_links, &mut report);
+                        nf = Some(progs);
+                    }
+                    Err(err) => report.push(status("netfilter programs".into(), Err(err))),
+                }
+                plan
             }
         };
 
@@ -263,12 +289,20 @@ impl Observers {
         } else {
             Placement::WhereNeeded
         };
-        let tc = match TcObservers::load(&mut ebpf, opts.ifaces.clone(), placement) {
-            Ok(tc) => Some(tc),
-            Err(err) => {
-                report.push(status("tcx".into(), Err(err)));
-                None
+        let tc = match tc_backend(opts.tc_backend) {
+            Ok((backend, why)) => {
+                let loaded = TcObservers::load(&mut ebpf, opts.ifaces.clone(), placement, backend);
+                let label = tcx::backend_label(backend);
+                report.push(note("tc", loaded.is_ok(), why));
+                match loaded {
+                    Ok(tc) => Some(tc),
+                    Err(err) => {
+                        report.push(status(label.into(), Err(err)));
+                        None
+                    }
+                }
             }
+            Err(why) => bail!("--tc-observers {:?}: {why}", opts.tc_backend),
         };
         set_ct_watch(&mut ebpf, &chains, mode)?;
         let mut me = Self {
@@ -290,7 +324,13 @@ impl Observers {
         }
         // The tcx summary is fine with no interface needing observers, but that attached nothing.
         let tc_attached = me.tc.as_ref().is_some_and(|t| !t.interfaces.is_empty());
-        if !tc_attached && !me.report.iter().any(|s| s.ok && s.point != "tcx") {
+        let tc_label = me.tc.as_ref().map(|t| tcx::backend_label(t.backend));
+        if !tc_attached
+            && !me
+                .report
+                .iter()
+                .any(|s| s.ok && Some(&*s.point) != tc_label)
+        {
             bail!(
                 "no observation point could be attached:\n{}",
                 me.report
@@ -479,6 +519,62 @@ fn nf_summary(plan: &NfPlan, chains: &[nft::Chain], linked: usize) -> AttachStat
     AttachStatus {
         point: "netfilter ipv4+ipv6".into(),
         ok: total == 0 || linked > 0,
+        detail,
+        detail_only: false,
+    }
+}
+
+/// The tc back-end to use, with why.
+fn tc_backend(want: TcBackend) -> Result<(TcBackend, String), String> {
+    match (want, tcx::has_tcx()) {
+        (TcBackend::Auto | TcBackend::Tcx, Ok(())) => {
+            Ok((TcBackend::Tcx, "tcx (this kernel has it)".into()))
+        }
+        (TcBackend::Auto, Err(why)) => Ok((
+            TcBackend::Clsact,
+            format!("cls_bpf filters in clsact qdiscs: no tcx on this kernel (before 6.6; {why})"),
+        )),
+        (TcBackend::Clsact, _) => Ok((
+            TcBackend::Clsact,
+            "cls_bpf filters in clsact qdiscs (--tc-observers clsact)".into(),
+        )),
+        (TcBackend::Tcx, Err(why)) => Err(format!("no tcx on this kernel ({why})")),
+    }
+}
+
+/// Links every site of `plan`, moving a site whose priority was taken to where it was linked;
+/// failures are reported once per distinct reason.
+fn link_plan(
+    progs: &NfPrograms,
+    plan: &mut NfPlan,
+    chains: &[nft::Chain],
+    links: &mut Vec<OwnedFd>,
+    report: &mut Vec<AttachStatus>,
+) {
+    let mut failures: HashMap<String, usize> = HashMap::new();
+    for site in plan.sites().to_vec() {
+        match progs.link(site) {
+            Ok((fd, prio)) => {
+                plan.set_priority(site, prio);
+                links.push(fd)
+            }
+            Err(err) => {
+                *failures
+                    .entry(format!("{}: {err}", site_label(&site)))
+                    .or_default() += 1
+            }
+        }
+    }
+    report.push(nf_summary(plan, chains, links.len()));
+    for (why, _) in failures {
+        report.push(note("netfilter link", false, why));
+    }
+}
+
+fn note(point: &str, ok: bool, detail: String) -> AttachStatus {
+    AttachStatus {
+        point: point.into(),
+        ok,
         detail,
         detail_only: false,
     }

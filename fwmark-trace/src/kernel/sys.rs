@@ -3,11 +3,13 @@
 use std::{
     ffi::CString,
     io,
-    os::fd::{FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
 };
 
 use anyhow::{bail, Result};
-use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_insn, bpf_prog_type};
+use aya_obj::generated::{
+    bpf_attach_type, bpf_attr, bpf_btf_info, bpf_cmd, bpf_insn, bpf_prog_type,
+};
 
 /// Issues one `bpf()` command that returns a new file descriptor.
 pub fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<OwnedFd> {
@@ -43,6 +45,14 @@ pub fn attr() -> bpf_attr {
     unsafe { std::mem::zeroed() }
 }
 
+/// The kernel function a tracing program attaches to: its BTF id, in the BTF object of the
+/// module that has it (`None`: vmlinux).
+#[derive(Clone, Copy)]
+pub struct AttachTarget<'a> {
+    pub btf_id: u32,
+    pub module_btf: Option<BorrowedFd<'a>>,
+}
+
 /// BPF_PROG_LOAD of a GPL program; on failure loads again with the verifier log so the error
 /// says why (its last lines).
 pub fn prog_load(
@@ -50,6 +60,7 @@ pub fn prog_load(
     attach_type: bpf_attach_type,
     name: &str,
     insns: &[bpf_insn],
+    target: Option<AttachTarget>,
 ) -> Result<OwnedFd> {
     let license = CString::new("GPL")?;
     let mut log = vec![0u8; 1 << 20];
@@ -62,6 +73,12 @@ pub fn prog_load(
         a.insns = insns.as_ptr() as u64;
         a.insn_cnt = insns.len() as u32;
         a.license = license.as_ptr() as u64;
+        if let Some(t) = target {
+            a.attach_btf_id = t.btf_id;
+            if let Some(fd) = t.module_btf {
+                a.__bindgen_anon_1.attach_btf_obj_fd = fd.as_raw_fd() as u32;
+            }
+        }
         for (dst, src) in a.prog_name.iter_mut().zip(name.bytes().take(15)) {
             *dst = src as libc::c_char;
         }
@@ -83,6 +100,48 @@ pub fn prog_load(
                 bail!("loading {name}: {err}");
             }
             bail!("loading {name}: {err}; verifier: {tail}")
+        }
+    }
+}
+
+/// Attaches a loaded fentry/fexit program (BPF_RAW_TRACEPOINT_OPEN without a name: the oldest
+/// way, on every kernel from 5.5); the returned link detaches when closed.
+pub fn attach_tracing(prog: &OwnedFd) -> io::Result<OwnedFd> {
+    let mut a = attr();
+    a.raw_tracepoint.prog_fd = prog.as_raw_fd() as u32;
+    bpf(bpf_cmd::BPF_RAW_TRACEPOINT_OPEN, &mut a)
+}
+
+/// The kernel's BTF object of a loaded module (what programs attaching to its functions are
+/// loaded against), found by name among the kernel's BTF objects.
+pub fn module_btf(module: &str) -> io::Result<OwnedFd> {
+    let mut id = 0;
+    loop {
+        let mut a = attr();
+        a.__bindgen_anon_6.__bindgen_anon_1.start_id = id;
+        // ENOENT after the last one.
+        bpf_status(bpf_cmd::BPF_BTF_GET_NEXT_ID, &mut a)?;
+        // SAFETY: the kernel wrote next_id of the same union.
+        id = unsafe { a.__bindgen_anon_6.next_id };
+        let mut a = attr();
+        a.__bindgen_anon_6.__bindgen_anon_1.btf_id = id;
+        // Gone in between: the next one.
+        let Ok(fd) = bpf(bpf_cmd::BPF_BTF_GET_FD_BY_ID, &mut a) else {
+            continue;
+        };
+        let mut name = [0u8; 64];
+        // SAFETY: all-zero is a valid bpf_btf_info.
+        let mut info: bpf_btf_info = unsafe { std::mem::zeroed() };
+        info.name = name.as_mut_ptr() as u64;
+        info.name_len = name.len() as u32;
+        let mut a = attr();
+        a.info.bpf_fd = fd.as_raw_fd() as u32;
+        a.info.info_len = std::mem::size_of::<bpf_btf_info>() as u32;
+        a.info.info = &mut info as *mut bpf_btf_info as u64;
+        bpf_status(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut a)?;
+        let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+        if info.kernel_btf != 0 && &name[..len] == module.as_bytes() {
+            return Ok(fd);
         }
     }
 }

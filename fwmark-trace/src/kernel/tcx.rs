@@ -1,14 +1,20 @@
-//! tcx observers: first and last in the ingress and egress chains of an interface, so a change
-//! between them is pinned to the programs in between (listed with the tcx prog query). Which
-//! interfaces get them is `tc_placement`'s decision; every refresh re-reads the interfaces,
-//! their tcx chains and the namespace's qdiscs and attaches or detaches to match.
+//! tc observers: first and last in the ingress and egress paths of an interface, so a change
+//! between them is pinned to the programs in between. Two back-ends: tcx (kernel 6.6+), first
+//! and last in the tcx chains (foreign programs listed with the tcx query); and before tcx,
+//! direct-action cls_bpf filters at the first and last priority of a clsact qdisc (foreign
+//! filters listed with a filter dump). The clsact back-end never adds a qdisc to the node: it
+//! observes interfaces that already have clsact, which is where classic tc code runs. Filters,
+//! unlike tcx links, outlive a killed daemon: ones left by an earlier run are removed before
+//! attaching. Which interfaces get observers is `tc_placement`'s decision; every refresh
+//! re-reads the interfaces, their chains and the namespace's qdiscs and attaches or detaches to
+//! match.
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use anyhow::{Context, Result};
 use aya::{
     programs::{
         links::LinkOrder,
-        tc::{SchedClassifierLinkId, TcAttachOptions},
+        tc::{self as aya_tc, NlOptions, SchedClassifierLinkId, TcAttachOptions},
         SchedClassifier, TcAttachType,
     },
     Ebpf,
@@ -16,12 +22,13 @@ use aya::{
 use fwmark_trace_common::{tc_dir, tc_slot};
 
 use super::{
+    features::TcBackend,
     observers::AttachStatus,
     tc_placement::{self, Placement, Reason},
 };
 use crate::nodestate::netlink::{self, TcQdisc};
 
-/// The four tcx observer programs: (name, direction, position).
+/// The four tc observer programs: (name, direction, position).
 pub const PROGRAMS: [(&str, u8, u8); 4] = [
     ("fwm_tc_in_first", tc_dir::INGRESS, tc_slot::FIRST),
     ("fwm_tc_in_last", tc_dir::INGRESS, tc_slot::LAST),
@@ -29,7 +36,7 @@ pub const PROGRAMS: [(&str, u8, u8); 4] = [
     ("fwm_tc_eg_last", tc_dir::EGRESS, tc_slot::LAST),
 ];
 
-/// A program of someone else's in a tcx chain.
+/// A program of someone else's in a tcx chain, or a classic filter (`id` 0 unless cls_bpf).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ForeignProgram {
     pub id: u32,
@@ -45,13 +52,15 @@ impl std::fmt::Display for ForeignProgram {
 pub struct Interface {
     pub name: String,
     links: Vec<(usize, SchedClassifierLinkId)>,
-    /// Foreign programs between our first and last observers, per direction.
+    /// Foreign programs (or filters) between our first and last observers, per direction.
     pub chain: [Vec<ForeignProgram>; 2],
     pub reason: Reason,
 }
 
 /// The interfaces that carry observers, by ifindex.
 pub struct TcObservers {
+    /// `Tcx` or `Clsact`.
+    pub backend: TcBackend,
     pub interfaces: BTreeMap<u32, Interface>,
     /// `None`: every interface of the namespace; otherwise only these names.
     only: Option<Vec<String>>,
@@ -69,7 +78,10 @@ pub enum Removal {
     NotNeeded,
 }
 
-pub enum Change {
+/// A change of the observers, under the back-end's label ("tcx", "tc filter").
+pub struct Change(pub &'static str, pub ChangeKind);
+
+pub enum ChangeKind {
     Added(String, Reason),
     Removed(String, Removal),
     Failed(String, String),
@@ -79,22 +91,38 @@ pub enum Change {
 
 impl std::fmt::Display for Change {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Change::Added(n, why) => write!(f, "tcx observers added on {n}: {why}"),
-            Change::Removed(n, Removal::Vanished) => {
-                write!(f, "tcx observers removed from {n}: interface vanished")
+        let tc = self.0;
+        match &self.1 {
+            ChangeKind::Added(n, why) => write!(f, "{tc} observers added on {n}: {why}"),
+            ChangeKind::Removed(n, Removal::Vanished) => {
+                write!(f, "{tc} observers removed from {n}: interface vanished")
             }
-            Change::Removed(n, Removal::NotNeeded) => {
-                write!(f, "tcx observers removed from {n}: no foreign tc left")
+            ChangeKind::Removed(n, Removal::NotNeeded) => {
+                write!(f, "{tc} observers removed from {n}: no foreign tc left")
             }
-            Change::Failed(n, why) => {
-                write!(f, "tcx observers NOT attached to {n}: {why} (retrying)")
+            ChangeKind::Failed(n, why) => {
+                write!(f, "{tc} observers NOT attached to {n}: {why} (retrying)")
             }
-            Change::Programs(n, dir, progs) => {
-                write!(f, "tcx {dir} of {n} runs between our observers: {progs}")
+            ChangeKind::Programs(n, dir, progs) => {
+                write!(f, "{tc} {dir} of {n} runs between our observers: {progs}")
             }
         }
     }
+}
+
+/// The label of a back-end in reports.
+pub fn backend_label(backend: TcBackend) -> &'static str {
+    match backend {
+        TcBackend::Clsact => "tc filter",
+        _ => "tcx",
+    }
+}
+
+/// Whether this kernel has tcx (6.6+): a tcx query of loopback fails on older kernels.
+pub fn has_tcx() -> std::result::Result<(), String> {
+    SchedClassifier::query_tcx("lo", TcAttachType::Ingress)
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 pub fn dir_name(dir: u8) -> &'static str {
@@ -143,13 +171,19 @@ pub fn list_interfaces() -> Result<Vec<(u32, String)>> {
 }
 
 impl TcObservers {
-    pub fn load(ebpf: &mut Ebpf, only: Option<Vec<String>>, placement: Placement) -> Result<Self> {
+    pub fn load(
+        ebpf: &mut Ebpf,
+        only: Option<Vec<String>>,
+        placement: Placement,
+        backend: TcBackend,
+    ) -> Result<Self> {
         for (name, _, _) in PROGRAMS {
             program(ebpf, name)?
                 .load()
-                .with_context(|| format!("loading tcx program {name}"))?;
+                .with_context(|| format!("loading tc program {name}"))?;
         }
         Ok(Self {
+            backend,
             interfaces: BTreeMap::new(),
             only,
             placement,
@@ -173,6 +207,8 @@ impl TcObservers {
             Err(err) => log::debug!("qdisc dump failed, keeping the last one: {err:#}"),
         }
         let alive: HashSet<u32> = wanted.iter().map(|(i, _)| *i).collect();
+        let label = backend_label(self.backend);
+        let change = |kind| Change(label, kind);
         let mut changes = Vec::new();
         let gone: Vec<u32> = self
             .interfaces
@@ -183,30 +219,37 @@ impl TcObservers {
         for ifindex in gone {
             // The device took its links with it; detaching only releases our handles.
             let iface = self.detach(ebpf, ifindex);
-            changes.push(Change::Removed(iface.name, Removal::Vanished));
+            changes.push(change(ChangeKind::Removed(iface.name, Removal::Vanished)));
         }
         self.failures.retain(|(i, _)| alive.contains(i));
         for (ifindex, name) in wanted {
             let known = self.interfaces.get(&ifindex).map(|i| &i.chain);
             let chain = [tc_dir::INGRESS, tc_dir::EGRESS].map(|dir| {
                 // A failed query keeps what we knew.
-                foreign_programs(&name, dir)
+                foreign_programs(self.backend, ifindex, &name, dir)
                     .or_else(|| known.map(|k| k[dir as usize].clone()))
                     .unwrap_or_default()
             });
-            let reason =
-                tc_placement::reason(self.placement, &chain, self.qdiscs.get(&ifindex).copied());
+            let qdisc = self.qdiscs.get(&ifindex).copied();
+            // Filters need a clsact qdisc, which the daemon does not add.
+            let reason = match (self.backend, qdisc) {
+                (TcBackend::Clsact, Some(TcQdisc::Clsact))
+                | (TcBackend::Tcx | TcBackend::Auto, _) => {
+                    tc_placement::reason(self.placement, &chain, qdisc)
+                }
+                (TcBackend::Clsact, _) => None,
+            };
             match (self.interfaces.get_mut(&ifindex), reason) {
                 (Some(iface), Some(reason)) => {
                     for dir in [tc_dir::INGRESS, tc_dir::EGRESS] {
                         let now = &chain[dir as usize];
                         if *now != iface.chain[dir as usize] {
                             // Another datapath came or went: the operator wants to know.
-                            changes.push(Change::Programs(
+                            changes.push(change(ChangeKind::Programs(
                                 name.clone(),
                                 dir_name(dir),
                                 program_list(now),
-                            ));
+                            )));
                         }
                     }
                     iface.chain = chain;
@@ -214,12 +257,12 @@ impl TcObservers {
                 }
                 (Some(_), None) => {
                     self.detach(ebpf, ifindex);
-                    changes.push(Change::Removed(name, Removal::NotNeeded));
+                    changes.push(change(ChangeKind::Removed(name, Removal::NotNeeded)));
                 }
-                (None, Some(reason)) => match attach_all(ebpf, &name) {
+                (None, Some(reason)) => match attach_all(ebpf, self.backend, &name) {
                     Ok(links) => {
                         self.failures.retain(|(i, _)| *i != ifindex);
-                        changes.push(Change::Added(name.clone(), reason.clone()));
+                        changes.push(change(ChangeKind::Added(name.clone(), reason.clone())));
                         let iface = Interface {
                             name,
                             links,
@@ -231,7 +274,7 @@ impl TcObservers {
                     Err(err) => {
                         let why = format!("{err:#}");
                         if self.failures.insert((ifindex, why.clone())) {
-                            changes.push(Change::Failed(name, why));
+                            changes.push(change(ChangeKind::Failed(name, why)));
                         }
                     }
                 },
@@ -268,12 +311,16 @@ impl TcObservers {
         } else {
             ""
         };
-        let scope = match self.placement {
-            Placement::WhereNeeded => "foreign tc programs or clsact/ingress qdisc",
-            Placement::Everywhere => "full path: every interface",
+        let label = backend_label(self.backend);
+        let scope = match (self.backend, self.placement) {
+            (TcBackend::Clsact, _) => {
+                "cls_bpf filters first and last; only where a clsact qdisc is (none is added)"
+            }
+            (_, Placement::WhereNeeded) => "foreign tc programs or clsact/ingress qdisc",
+            (_, Placement::Everywhere) => "full path: every interface",
         };
         let mut out = vec![AttachStatus {
-            point: "tcx".into(),
+            point: label.into(),
             ok: true,
             detail: format!(
                 "observers on {} of {} interfaces ({scope}){}{}{more}",
@@ -286,15 +333,15 @@ impl TcObservers {
         }];
         let failed: Vec<(&String, &String)> = changes
             .iter()
-            .filter_map(|c| match c {
-                Change::Failed(n, why) => Some((n, why)),
+            .filter_map(|c| match &c.1 {
+                ChangeKind::Failed(n, why) => Some((n, why)),
                 _ => None,
             })
             .collect();
         if let Some((_, why)) = failed.first() {
             let names: Vec<&str> = failed.iter().take(NAMED).map(|(n, _)| n.as_str()).collect();
             out.push(AttachStatus {
-                point: "tcx".into(),
+                point: label.into(),
                 ok: false,
                 detail: format!(
                     "observers NOT attached on {} interfaces ({}{}), e.g.: {why}",
@@ -306,25 +353,51 @@ impl TcObservers {
             });
         }
         out.extend(changes.iter().map(|c| AttachStatus {
-            point: "tcx".into(),
-            ok: !matches!(c, Change::Failed(..)),
+            point: label.into(),
+            ok: !matches!(c.1, ChangeKind::Failed(..)),
             // Under the point "tcx": "tcx observers added on …" reads "tcx: observers added on …".
-            detail: c.to_string().trim_start_matches("tcx ").to_owned(),
+            detail: c.to_string()[label.len()..].trim_start().to_owned(),
             detail_only: true,
         }));
         out
     }
 }
 
-/// The programs of one of `ifname`'s tcx chains that are not ours (`None`: the query failed).
-fn foreign_programs(ifname: &str, dir: u8) -> Option<Vec<ForeignProgram>> {
+fn ours(name: &str) -> bool {
+    name.starts_with("fwm_tc_")
+}
+
+/// The programs of one of `ifname`'s tcx chains, or the filters of its clsact qdisc, that are
+/// not ours (`None`: the query failed).
+fn foreign_programs(
+    backend: TcBackend,
+    ifindex: u32,
+    ifname: &str,
+    dir: u8,
+) -> Option<Vec<ForeignProgram>> {
+    if backend == TcBackend::Clsact {
+        let filters = netlink::tc_filters(ifindex, dir == tc_dir::EGRESS).ok()?;
+        return Some(
+            filters
+                .into_iter()
+                .filter(|f| !f.program.as_ref().is_some_and(|(n, _)| ours(n)))
+                .map(|f| match f.program {
+                    Some((name, id)) => ForeignProgram { id, name },
+                    None => ForeignProgram {
+                        id: 0,
+                        name: format!("{} filter prio {}", f.kind, f.priority),
+                    },
+                })
+                .collect(),
+        );
+    }
     let (_, progs) = SchedClassifier::query_tcx(ifname, attach_type(dir)).ok()?;
     Some(
         progs
             .iter()
             .filter_map(|p| {
                 let name = p.name_as_str().unwrap_or("").to_owned();
-                (!name.starts_with("fwm_tc_")).then(|| ForeignProgram { id: p.id(), name })
+                (!ours(&name)).then(|| ForeignProgram { id: p.id(), name })
             })
             .collect(),
     )
@@ -344,21 +417,45 @@ fn detach_links(ebpf: &mut Ebpf, links: Vec<(usize, SchedClassifierLinkId)>) {
     }
 }
 
-fn attach_all(ebpf: &mut Ebpf, ifname: &str) -> Result<Vec<(usize, SchedClassifierLinkId)>> {
+/// The first and last filter priorities of a qdisc (0 asks the kernel to choose).
+const FILTER_PRIO_FIRST: u16 = 1;
+const FILTER_PRIO_LAST: u16 = u16::MAX;
+
+fn attach_all(
+    ebpf: &mut Ebpf,
+    backend: TcBackend,
+    ifname: &str,
+) -> Result<Vec<(usize, SchedClassifierLinkId)>> {
     let mut links = Vec::new();
     for (i, (name, dir, slot)) in PROGRAMS.into_iter().enumerate() {
-        let order = if slot == tc_slot::FIRST {
-            LinkOrder::first()
-        } else {
-            LinkOrder::last()
+        let first = slot == tc_slot::FIRST;
+        let options = match backend {
+            TcBackend::Clsact => {
+                // Not attached here, so a filter of that name is a killed run's leftover.
+                let _ = aya_tc::qdisc_detach_program(ifname, attach_type(dir), name);
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: if first {
+                        FILTER_PRIO_FIRST
+                    } else {
+                        FILTER_PRIO_LAST
+                    },
+                    ..Default::default()
+                })
+            }
+            _ => TcAttachOptions::TcxOrder(if first {
+                LinkOrder::first()
+            } else {
+                LinkOrder::last()
+            }),
         };
         let prog = program(ebpf, name)?;
-        match prog.attach_with_options(ifname, attach_type(dir), TcAttachOptions::TcxOrder(order)) {
+        match prog.attach_with_options(ifname, attach_type(dir), options) {
             Ok(link) => links.push((i, link)),
             Err(err) => {
                 // Leave nothing half-attached on this interface.
                 detach_links(ebpf, links);
-                return Err(err).with_context(|| format!("tcx {name} on {ifname}"));
+                let what = backend_label(backend);
+                return Err(err).with_context(|| format!("{what} {name} on {ifname}"));
             }
         }
     }

@@ -11,7 +11,7 @@ use netlink_packet_core::{
 use netlink_packet_route::{
     route::{RouteAddress, RouteAttribute, RouteMessage},
     rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage},
-    tc::{TcAttribute, TcMessage},
+    tc::{TcAttribute, TcFilterBpfOption, TcHandle, TcMessage, TcOption},
     AddressFamily, RouteNetlinkMessage,
 };
 use netlink_packet_xfrm::{policy::DelGetMessage, XfrmAttrs, XfrmMessage};
@@ -266,6 +266,65 @@ pub fn tc_qdiscs() -> Result<HashMap<u32, TcQdisc>> {
             out.insert(q.header.index as u32, kind);
         }
     }
+    Ok(out)
+}
+
+/// A classic filter of a clsact qdisc (`tc filter show dev D ingress|egress`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcFilter {
+    pub priority: u16,
+    /// `bpf`, `u32`, `matchall`, `flower`, …
+    pub kind: String,
+    /// A cls_bpf filter's program: its name (as the attacher gave it) and id.
+    pub program: Option<(String, u32)>,
+}
+
+/// The filters of `ifindex`'s clsact qdisc in one direction, in the order they run.
+pub fn tc_filters(ifindex: u32, egress: bool) -> Result<Vec<TcFilter>> {
+    let mut req = TcMessage::default();
+    req.header.index = ifindex as i32;
+    // TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS / TC_H_MIN_EGRESS) (include/uapi/linux/pkt_sched.h).
+    req.header.parent = TcHandle {
+        major: 0xffff,
+        minor: if egress { 0xfff3 } else { 0xfff2 },
+    };
+    let mut out = Vec::new();
+    for m in dump(
+        protocols::NETLINK_ROUTE,
+        RouteNetlinkMessage::GetTrafficFilter(req),
+    )? {
+        let RouteNetlinkMessage::NewTrafficFilter(f) = m else {
+            continue;
+        };
+        // Each classifier instance comes first without a handle: not a filter.
+        if f.header.handle == TcHandle::default() {
+            continue;
+        }
+        let mut filter = TcFilter {
+            priority: (f.header.info >> 16) as u16,
+            kind: String::new(),
+            program: None,
+        };
+        let (mut name, mut id) = (None, 0);
+        for a in &f.attributes {
+            match a {
+                TcAttribute::Kind(k) => filter.kind = k.clone(),
+                TcAttribute::Options(opts) => {
+                    for o in opts {
+                        match o {
+                            TcOption::Bpf(TcFilterBpfOption::ProgName(n)) => name = Some(n.clone()),
+                            TcOption::Bpf(TcFilterBpfOption::ProgId(i)) => id = *i,
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        filter.program = name.map(|n| (n, id));
+        out.push(filter);
+    }
+    out.sort_by_key(|f| f.priority);
     Ok(out)
 }
 

@@ -471,6 +471,15 @@ fn needs_first(mode: PlanMode, hook_chains: &[&Chain]) -> bool {
 }
 
 impl NfPlan {
+    /// No link observers (the netfilter observers are fentry/fexit ones, or there are none).
+    pub fn none(mode: PlanMode) -> Self {
+        Self {
+            mode,
+            sites: Vec::new(),
+            merged: 0,
+        }
+    }
+
     pub fn new(chains: &[Chain], mode: PlanMode) -> Self {
         let mut sites = Vec::new();
         let mut merged = 0;

@@ -5,7 +5,7 @@
 //! crossing into another network namespace scrubs the mark").
 use std::collections::HashMap;
 
-use fwmark_trace_common::{layer, socket_slot, tc_dir, tc_slot, tracepoint, Point};
+use fwmark_trace_common::{layer, socket_slot, tc_dir, tc_slot, tracepoint, Point, NF_SLOT_CHAIN};
 use serde::Serialize;
 
 use crate::{
@@ -155,6 +155,9 @@ impl Topology {
     }
 
     fn priority(&self, p: &Point) -> Option<i32> {
+        if p.slot == NF_SLOT_CHAIN {
+            return Some(p.priority);
+        }
         self.plan.as_ref()?.priority(p.family, p.hook, p.slot)
     }
 
@@ -381,6 +384,7 @@ mod tests {
             family: 2,
             ifindex: 7,
             netns: 1,
+            priority: 0,
         }
     }
 
@@ -410,6 +414,7 @@ mod tests {
             family: 0,
             ifindex: 7,
             netns: 1,
+            priority: 0,
         };
         let seg = topo().segment(&tc(tc_slot::FIRST), &tc(tc_slot::LAST));
         assert_eq!(seg.layer, "tc");
@@ -421,6 +426,7 @@ mod tests {
             family: 0,
             ifindex: 3,
             netns: 2,
+            priority: 0,
         };
         assert_eq!(topo().segment(&tc(tc_slot::LAST), &rx).layer, "kernel");
         // From "first" straight to the queue ("last" stood aside): tcx, then classic tc.
