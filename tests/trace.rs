@@ -66,8 +66,9 @@ fn transitions_carry_hook_band_chain_and_values() {
     assert_eq!(seg["layer"], "netfilter", "{set}");
     assert_eq!(seg["hook"], "output");
     assert_eq!(seg["family"], "ipv4");
-    // The band starts just after conntrack (-200), which bounds a band of its own.
-    assert_eq!(seg["priority_range"], serde_json::json!([-199, -149]));
+    // Links: the band starts just after conntrack (-200), which bounds a band of its own;
+    // fentry/fexit (kernels before 6.4): exactly the chain's priority.
+    assert_band(seg, -150, [-199, -149]);
     assert_eq!(seg["chains"], serde_json::json!(["inet t/mangle_out@-150"]));
     assert_eq!(set["tuple"]["proto"], "udp");
     assert_eq!(set["tuple"]["src"], lab::ADDR_A);
@@ -84,10 +85,7 @@ fn transitions_carry_hook_band_chain_and_values() {
     assert_eq!(or["mark"]["set"], "0x4000");
     assert_eq!(or["mark"]["cleared"], "0x0");
     assert_eq!(or["segment"]["hook"], "postrouting");
-    assert_eq!(
-        or["segment"]["priority_range"],
-        serde_json::json!([i32::MIN + 1, 1])
-    );
+    assert_band(&or["segment"], 0, [i32::MIN + 1, 1]);
     assert_eq!(
         or["segment"]["chains"],
         serde_json::json!(["inet t/post@0"])
@@ -98,6 +96,16 @@ fn transitions_carry_hook_band_chain_and_values() {
         .any(|e| e["packet_id"] == or["packet_id"] && e["mark"]["new"] == "0x100"));
     // Only transitions were reported for this flow (no full-path noise).
     assert!(events_to(&events, "observe", 9999).is_empty());
+}
+
+/// The segment's band holds `prio`: `links` is the band BPF netfilter links give; the
+/// fentry/fexit back-end gives the chain's own priority, [prio, prio + 1].
+fn assert_band(seg: &Value, prio: i32, links: [i32; 2]) {
+    let range = &seg["priority_range"];
+    assert!(
+        *range == serde_json::json!(links) || *range == serde_json::json!([prio, prio + 1]),
+        "{seg}"
+    );
 }
 
 #[test]
@@ -173,8 +181,9 @@ fn iptables_mark_is_seen_in_its_table_band() {
     assert_eq!(e["segment"]["hook"], "output");
     let range = e["segment"]["priority_range"].as_array().expect("range");
     let (lo, hi) = (range[0].as_i64().unwrap(), range[1].as_i64().unwrap());
+    // The band holds mangle's -150 (fentry/fexit: exactly [-150, -149]).
     assert!(
-        lo < -150 && -150 < hi,
+        lo <= -150 && -150 < hi,
         "mangle priority -150 not inside {range:?}"
     );
 }
@@ -473,6 +482,31 @@ fn classic_tc_filter_after_the_tcx_chain_is_named() {
     );
     // After our last tcx observer: the classic filters, not the tcx chain.
     assert_eq!(e["segment"]["from"]["position"], "last", "{e}");
+}
+
+/// Before tcx (forced here, chosen by itself on kernels before 6.6): our cls_bpf filters first
+/// and last in the existing clsact qdisc pin the change to the foreign filter between them.
+#[test]
+fn clsact_back_end_names_the_filter_between_its_observers() {
+    let lab = Lab::new("clsf").expect("lab");
+    attach_clsact_mark_setter(&lab.a, lab::VETH_A, 0x66);
+    let d = Daemon::start(&["--netns", &lab.a, "--tc-observers", "clsact"]);
+    send_udp(&lab.a, lab::ADDR_B, 9991, 2, None);
+    let events = d.stop();
+    let tr = events_to(&events, "transition", 9991);
+    let e = first(&tr, "clsact back-end transition");
+    assert_eq!(e["mark"]["new"], "0x66");
+    assert_eq!(e["at"]["layer"], "tc", "{e}");
+    assert_eq!(e["at"]["position"], "last", "{e}");
+    let seg = &e["segment"];
+    assert_eq!(seg["layer"], "tc", "{e}");
+    assert_eq!(seg["hook"], "egress", "{e}");
+    assert_eq!(seg["from"]["position"], "first", "{e}");
+    assert_eq!(seg["programs"].as_array().map_or(0, |p| p.len()), 1, "{e}");
+    let description = seg["description"].as_str().unwrap_or_default();
+    assert!(description.contains("clsact filter"), "{e}");
+    drop(lab);
+    assert!(wait_unloaded().is_empty(), "observer filters left behind");
 }
 
 #[test]

@@ -220,6 +220,7 @@ fn topology(obs: &Observers, own_netns: u32) -> Topology {
         ..Default::default()
     };
     if let Some(tc) = &obs.tc {
+        t.tc_filters = tc.backend == crate::kernel::features::TcBackend::Clsact;
         for (ifindex, iface) in &tc.interfaces {
             t.ifnames.insert(*ifindex, iface.name.clone());
             for (dir, progs) in iface.chain.iter().enumerate() {

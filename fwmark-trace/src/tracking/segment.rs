@@ -22,6 +22,9 @@ pub struct Topology {
     /// Foreign tcx programs per (ifindex, direction), between our first and last observers.
     #[serde(with = "pairs")]
     pub tc_programs: HashMap<(u32, u8), Vec<String>>,
+    /// The tc observers are cls_bpf filters in clsact qdiscs (kernels before 6.6), not tcx.
+    #[serde(default)]
+    pub tc_filters: bool,
     /// Interface names are those of this namespace (where the daemon attached).
     pub ifnames: HashMap<u32, String>,
     pub own_netns: u32,
@@ -247,10 +250,15 @@ impl Topology {
                 seg.hook = Some(dir_name(at.hook));
                 seg.programs = self.tcx_programs(at.ifindex, at.hook);
                 let dev = self.label(&to);
-                seg.description = if seg.programs.is_empty() {
-                    format!("{dev}: the tcx chain around our observer(s)")
+                let chain = if self.tc_filters {
+                    "clsact filter"
                 } else {
-                    format!("{dev}: tcx program(s) {}", seg.programs.join(", "))
+                    "tcx program"
+                };
+                seg.description = if seg.programs.is_empty() {
+                    format!("{dev}: the {chain}s around our observer(s)")
+                } else {
+                    format!("{dev}: {chain}(s) {}", seg.programs.join(", "))
                 };
             }
             // Egress, from our last observer to the queue: classic tc after the tcx chain. From
