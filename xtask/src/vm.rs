@@ -99,7 +99,7 @@ pub fn run(kernel: &str, command: Option<&str>) -> Result<()> {
                 steps.push((
                     format!("test {bin}::{name}"),
                     format!(
-                        "timeout {STEP_TIMEOUT_SECS} {} --exact {name} --test-threads=1",
+                        "timeout {STEP_TIMEOUT_SECS} {} --exact {name} --test-threads=1 --color=never",
                         quote(exe)
                     ),
                 ));
@@ -250,8 +250,8 @@ fn module_version(root: &Path) -> Result<String> {
     Ok(entry.file_name().to_string_lossy().into_owned())
 }
 
-/// Builds the integration tests (as `cargo xtask test` does, so CI builds them once) and returns
-/// (target name, executable) of each.
+/// Builds the integration tests and returns (target name, executable) of each. Release: under
+/// emulation a debug daemon can take longer to start than the tests wait for it.
 fn test_binaries() -> Result<Vec<(String, PathBuf)>> {
     let out = crate::cargo()
         .args([
@@ -259,6 +259,7 @@ fn test_binaries() -> Result<Vec<(String, PathBuf)>> {
             "-p",
             "fwmark-trace",
             "--no-run",
+            "--release",
             "--message-format=json-render-diagnostics",
         ])
         .stderr(Stdio::inherit())
