@@ -44,7 +44,7 @@ const VIRTME_NG_VERSION: &str = "1.42";
 
 /// A demo or test that hangs in a guest is ended after this long (TCG is several times slower
 /// than the host).
-const STEP_TIMEOUT_SECS: u32 = 300;
+const STEP_TIMEOUT_SECS: u32 = 180;
 /// A whole guest (boot, steps, power-off) is killed after this long.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
@@ -449,6 +449,9 @@ fn parse_steps(lines: &[String], steps: &[(String, String)]) -> Vec<Step> {
             if name.starts_with("test ") && step.rc == Some(0) && !ran {
                 step.rc = Some(1);
                 step.note = "no test of that name ran".into();
+            } else if step.rc == Some(124) {
+                // timeout(1)'s status.
+                step.note = format!("timed out after {STEP_TIMEOUT_SECS}s");
             } else if step.rc != Some(0) {
                 step.note = first_error(output);
             }
