@@ -1,7 +1,9 @@
 //! Build steps that are not plain `cargo build`: machine set-up, building and running the
-//! daemon as root, the demo, the full test run and the benchmark. `cargo xtask --help`.
+//! daemon as root, the demo, the full test run, the benchmark and the runs on other kernels
+//! (vm-test). `cargo xtask --help`.
 mod cmd;
 mod setup;
+mod vm;
 
 use std::{
     path::PathBuf,
@@ -61,6 +63,15 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up, then run the demo and a smoke set of integration tests on Debian's 6.1 and 6.12
+    /// kernels, each booted under QEMU by virtme-ng (software emulation); prints a table.
+    VmTest {
+        #[arg(long, default_value = "all", value_parser = ["6.1", "6.12", "all"])]
+        kernel: String,
+        /// Run only this shell command in the guest (same set-up), with its exit status.
+        #[arg(long)]
+        run: Option<String>,
+    },
 }
 
 /// The userspace packages (the eBPF crate is built for the BPF target by fwmark-trace's build.rs).
@@ -73,7 +84,7 @@ const PACKAGES: [&str; 6] = [
     "xtask",
 ];
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
@@ -90,7 +101,7 @@ fn timed(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
 
 /// Builds the daemon and returns the path of its binary (asks cargo, so CARGO_TARGET_DIR
 /// and profiles are respected).
-fn build(release: bool) -> Result<PathBuf> {
+pub(crate) fn build(release: bool) -> Result<PathBuf> {
     let mut c = cargo();
     c.args([
         "build",
@@ -180,7 +191,7 @@ fn clippy_ebpf() -> Result<()> {
     )
 }
 
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
@@ -217,6 +228,7 @@ fn main() -> ExitCode {
             all.extend(args);
             run_daemon(true, &all)
         }),
+        Task::VmTest { kernel, run } => vm::run(&kernel, run.as_deref()),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

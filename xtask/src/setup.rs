@@ -28,7 +28,7 @@ const APT_PACKAGES: &[&str] = &[
 /// bpf-linker release known to build against the nightly's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-fn step(name: &str, state: &str) {
+pub fn step(name: &str, state: &str) {
     println!("setup: {name:<28} {state}");
 }
 
@@ -42,7 +42,12 @@ pub fn run() -> Result<()> {
 }
 
 fn apt() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    apt_install("apt packages", APT_PACKAGES)
+}
+
+/// Installs those of `packages` that are not installed yet (one `apt-get update` first).
+pub fn apt_install(name: &str, packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -51,10 +56,10 @@ fn apt() -> Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        step("apt packages", "ok");
+        step(name, "ok");
         return Ok(());
     }
-    step("apt packages", &format!("installing {}", missing.join(" ")));
+    step(name, &format!("installing {}", missing.join(" ")));
     cmd::run(Command::new("apt-get").arg("update").arg("-q"))?;
     cmd::run(
         Command::new("apt-get")
