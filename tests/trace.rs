@@ -413,6 +413,18 @@ fn tcx_program_added_during_the_run_gets_observers_around_it() {
         std::time::Duration::from_secs(10),
     );
     send_udp(&lab.a, lab::ADDR_B, 9991, 3, None);
+    // Counted transitions are named at the end of their interval: let it be reported while
+    // the program is still there (the names are those of the chain at the report).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    // Text, not JSON: the file may end in a line being written.
+    let reported = |d: &Daemon| {
+        let text = std::fs::read_to_string(&d.output).unwrap_or_default();
+        text.lines()
+            .any(|l| l.contains("\"dport\":9991") && l.contains("\"new\":\"0x77\""))
+    };
+    while !reported(&d) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     // Gone again: so are our observers.
     drop(link);
     d.wait_for_stderr(
