@@ -3,7 +3,7 @@
 //! context needed to name them; `fwmark-trace show FILE` decodes and attributes them afterwards
 //! with the same code the live output uses.
 //!
-//! Format: the magic line `FWMTREC1\n`, then frames of `tag: u8, len: u32 (little endian),
+//! Format: the magic line `FWMTREC2\n`, then frames of `tag: u8, len: u32 (little endian),
 //! payload`: `C` a context (JSON: topology, drop reason names, boot time), valid for the records
 //! after it; `E` raw `Event` records, back to back. A file cut short (the daemon was killed) ends
 //! at its last whole record.
@@ -27,7 +27,7 @@ use crate::{
     tracking::segment::Topology,
 };
 
-const MAGIC: &[u8; 9] = b"FWMTREC1\n";
+const MAGIC: &[u8; 9] = b"FWMTREC2\n"; // 2: `Point` carries a priority (16 bytes).
 const CONTEXT: u8 = b'C';
 const EVENTS: u8 = b'E';
 /// A frame larger than this is not one we wrote.
@@ -133,7 +133,7 @@ impl<R: Read> Reader<R> {
             .read_exact(&mut magic)
             .context("not a fwmark-trace recording (too short)")?;
         if &magic != MAGIC {
-            bail!("not a fwmark-trace recording (no FWMTREC1 header)");
+            bail!("not a fwmark-trace recording (no FWMTREC2 header)");
         }
         Ok(Self { input })
     }
