@@ -154,7 +154,10 @@ pub struct AggKey {
     pub ct_info: u8,
     pub ip_version: u8,
     pub l4_proto: u8,
-    pub _pad: [u8; 3],
+    // Two fields, not `[u8; 3]`: a byte array is zeroed with a call to memset (see
+    // `fwmark-trace-ebpf`'s `blank_event`).
+    pub _pad: u8,
+    pub _pad2: u16,
 }
 
 impl AggKey {
@@ -173,7 +176,8 @@ impl AggKey {
             ct_info: ev.ct_info,
             ip_version: ev.ip_version,
             l4_proto: ev.l4_proto,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         }
     }
 }
@@ -254,7 +258,8 @@ pub struct CpuCache {
     pub slots: [PacketState; CACHE_SLOTS],
     /// The slot a new packet takes when none is free (round robin).
     pub next: u32,
-    pub _pad: u32,
+    /// The slot the slow path works on, passed through memory (see `observe`).
+    pub pick: u32,
 }
 
 impl CpuCache {

@@ -14,6 +14,8 @@
 mod observe;
 mod skb;
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::__sk_buff,
     macros::{btf_tracepoint, fentry, fexit, map},
@@ -137,6 +139,7 @@ macro_rules! tc_observer {
                 l3_at_data: false,
                 end: None,
                 mark: Some(mark),
+                starts: true,
             };
             observe::observe::<false>(ctx as u64, &site);
             TCX_NEXT
@@ -192,12 +195,13 @@ fn nf_point(state: u64, slot: u8, priority: i32, netns: u32) -> Point {
 }
 
 #[inline(always)]
-fn nf_site(at: Point) -> Site {
+fn nf_site(at: Point, starts: bool) -> Site {
     Site {
         at,
         l3_at_data: false,
         end: None,
         mark: None,
+        starts,
     }
 }
 
@@ -206,7 +210,7 @@ fn nf_observe(ctx: *const NfCtx, slot: u8) -> i32 {
     // SAFETY: the kernel passes a valid `bpf_nf_ctx`.
     let ctx = unsafe { &*ctx };
     let at = nf_point(ctx.state, slot, 0, observe::config().own_netns);
-    observe::observe::<true>(ctx.skb, &nf_site(at));
+    observe::observe::<true>(ctx.skb, &nf_site(at, true));
     NF_ACCEPT
 }
 
@@ -266,7 +270,10 @@ fn chain_observe(skb: u64, state: u64, priority: i32, exit: bool) -> i32 {
         priority
     };
     let at = nf_point(state, NF_SLOT_CHAIN, priority, cfg.own_netns);
-    observe::observe::<true>(skb, &nf_site(at));
+    // Its entry comes first: an exit that finds no packet is a late one. On 6.1 the exit of a
+    // chain whose verdict dropped the packet runs after kfree_skb (measured by timestamps):
+    // taken for a first sight, it would start a packet at the address the next one gets.
+    observe::observe::<true>(skb, &nf_site(at, !exit));
     0
 }
 
@@ -338,6 +345,7 @@ macro_rules! tp_observer {
                 l3_at_data: $l3_at_data,
                 end,
                 mark: None,
+                starts: true,
             };
             observe::observe::<true>(skb, &site);
             0
@@ -377,9 +385,17 @@ tp_observer!(
 
 // ---- routing ------------------------------------------------------------------------------
 
-/// A routing lookup event for the flow `flp` (fields common to flowi4 and flowi6).
+/// A routing lookup event for the flow `flp` (fields common to flowi4 and flowi6), written
+/// into `blank`.
 #[inline(always)]
-fn route_event(flp: u64, dev: u64, family: u8, table: u32, err: i32) -> Option<Event> {
+fn route_event(
+    blank: &mut MaybeUninit<Event>,
+    flp: u64,
+    dev: u64,
+    family: u8,
+    table: u32,
+    err: i32,
+) -> Option<&mut Event> {
     let cfg = observe::config();
     let off = &cfg.offsets;
     let (ifindex, netns) = skb::dev_ids(dev, off);
@@ -387,37 +403,36 @@ fn route_event(flp: u64, dev: u64, family: u8, table: u32, err: i32) -> Option<E
         return None;
     }
     let mark = read(flp, off.fl4_mark);
-    Some(Event {
-        kind: fwmark_trace_common::kind::ROUTE,
-        at: Point {
-            layer: layer::ROUTING,
-            hook: 4,
-            slot: 0,
-            family,
-            ifindex,
-            netns,
-            priority: 0,
-        },
-        old_mark: mark,
-        new_mark: mark,
-        table,
-        route_err: err,
-        route_oif: read(flp, off.fl4_oif),
-        route_iif: read(flp, off.fl4_iif),
-        ip_version: if family == 10 { 6 } else { 4 },
-        l4_proto: read(flp, off.fl4_proto),
-        ..Event::default()
-    })
+    let ev = observe::blank_event(blank);
+    ev.kind = fwmark_trace_common::kind::ROUTE;
+    ev.at = Point {
+        layer: layer::ROUTING,
+        hook: 4,
+        slot: 0,
+        family,
+        ifindex,
+        netns,
+        priority: 0,
+    };
+    ev.old_mark = mark;
+    ev.new_mark = mark;
+    ev.table = table;
+    ev.route_err = err;
+    ev.route_oif = read(flp, off.fl4_oif);
+    ev.route_iif = read(flp, off.fl4_iif);
+    ev.ip_version = if family == 10 { 6 } else { 4 };
+    ev.l4_proto = read(flp, off.fl4_proto);
+    Some(ev)
 }
 
 /// Emits a lookup unless flows are followed and it does not concern them: by its flow key, and
 /// when that has no ports, by the packet this CPU is processing.
 #[inline(always)]
-fn emit_route(cfg: &Config, ev: Event) {
+fn emit_route(cfg: &Config, ev: &Event) {
     let portless = ev.sport == 0 && ev.dport == 0;
     let current = || FOLLOWING.get(0).is_some_and(|f| *f != 0);
-    if cfg.flow.active == 0 || (cfg.flow.matches(&ev, true) && (!portless || current())) {
-        observe::emit(ev);
+    if cfg.flow.active == 0 || (cfg.flow.matches(ev, true) && (!portless || current())) {
+        observe::emit(*ev);
     }
 }
 
@@ -443,10 +458,18 @@ pub fn fwm_fib(ctx: BtfTracePointContext) -> i32 {
     let nhc: u64 = ctx.arg::<*const u8>(2) as u64;
     // nhc is NULL when the lookup failed; the verifier wants that checked before any offset.
     let dev = if nhc == 0 { 0 } else { read(nhc, off.nhc_dev) };
-    let Some(mut ev) = route_event(flp, dev, 2, ctx.arg::<u32>(0), ctx.arg::<i32>(3)) else {
+    let mut blank = MaybeUninit::uninit();
+    let Some(ev) = route_event(
+        &mut blank,
+        flp,
+        dev,
+        2,
+        ctx.arg::<u32>(0),
+        ctx.arg::<i32>(3),
+    ) else {
         return 0;
     };
-    route_ports(&mut ev, flp, off.fl4_ports);
+    route_ports(ev, flp, off.fl4_ports);
     ev.saddr[..4].copy_from_slice(&read::<[u8; 4]>(flp, off.fl4_saddr));
     ev.daddr[..4].copy_from_slice(&read::<[u8; 4]>(flp, off.fl4_daddr));
     emit_route(cfg, ev);
@@ -480,7 +503,8 @@ pub fn fwm_fib6(ctx: BtfTracePointContext) -> i32 {
     let kind: u8 = read(res, off.fib6_res_type);
     // fib6_nh starts with its fib_nh_common.
     let dev = if nh == 0 { 0 } else { read(nh, off.nhc_dev) };
-    let Some(mut ev) = route_event(flp, dev, 10, read(table, off.fib6_tb_id), 0) else {
+    let mut blank = MaybeUninit::uninit();
+    let Some(ev) = route_event(&mut blank, flp, dev, 10, read(table, off.fib6_tb_id), 0) else {
         return 0;
     };
     // A table without a match answers with the null entry (unreachable, via lo): the rule
@@ -491,7 +515,7 @@ pub fn fwm_fib6(ctx: BtfTracePointContext) -> i32 {
         (_, RTN_UNREACHABLE) if ev.at.ifindex == 1 => -EAGAIN,
         _ => -ENETUNREACH,
     };
-    route_ports(&mut ev, flp, off.fl6_ports);
+    route_ports(ev, flp, off.fl6_ports);
     ev.saddr = read(flp, off.fl6_saddr);
     ev.daddr = read(flp, off.fl6_daddr);
     emit_route(cfg, ev);

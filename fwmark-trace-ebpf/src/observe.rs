@@ -7,10 +7,12 @@
 //! records where it was seen and returns. Conntrack, buffer, tuple and socket are read only
 //! when something is reported; the shared map is touched at a packet's first sight and end,
 //! and when it moved to another CPU.
+use core::mem::MaybeUninit;
+
 use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, generated};
 use fwmark_trace_common::{
-    kind, layer, path, socket_slot, AggKey, Config, CpuCache, Event, PacketState, Point, CT_BEFORE,
-    CT_NOW,
+    kind, layer, path, socket_slot, AggKey, Config, CpuCache, Event, PacketState, Point,
+    CACHE_SLOTS, CT_BEFORE, CT_NOW,
 };
 
 use crate::{
@@ -27,6 +29,8 @@ pub struct Site {
     pub end: Option<End>,
     /// The mark, when the observer can read it without a helper call (tc's `__sk_buff`).
     pub mark: Option<u32>,
+    /// A packet can be first seen here (not at a chain's exit, which follows its entry).
+    pub starts: bool,
 }
 
 pub enum End {
@@ -140,7 +144,19 @@ pub fn observe<const BTF: bool>(skb: u64, site: &Site) {
         Some(i) => (i, true),
         None => (cache.victim(), false),
     };
+    let i = unknown_to_verifier(cache, i);
     slow_path::<BTF>(skb, site, mark, &mut cache.slots[i], mine, cfg);
+}
+
+/// `i`, passed through memory so that the verifier no longer knows its value: as a constant
+/// (one per slot) it would walk whatever follows once per slot.
+#[inline(always)]
+fn unknown_to_verifier(cache: &mut CpuCache, i: usize) -> usize {
+    // SAFETY: a field of a cache this observer may write.
+    unsafe {
+        core::ptr::write_volatile(&mut cache.pick, i as u32);
+        core::ptr::read_volatile(&cache.pick) as usize % CACHE_SLOTS
+    }
 }
 
 /// Ends a packet's life without a report. Only the cache is told: the shared entry names this
@@ -178,9 +194,10 @@ fn slow_path<const BTF: bool>(
         shared = PACKETS.get_ptr_mut(skb);
         // SAFETY: map value pointers stay valid for the program's run.
         let state = shared.and_then(|s| unsafe { claim(&mut *s, skb, here) });
-        if state.is_none() && (matches!(site.end, Some(End::Consume)) || foreign(cfg, &site.at)) {
-            // The common end of a packet we never saw, or one first seen outside the traced
-            // namespace: nothing to do.
+        let unseen_end = matches!(site.end, Some(End::Consume));
+        if state.is_none() && (unseen_end || !site.starts || foreign(cfg, &site.at)) {
+            // The common end of a packet we never saw, a late chain exit, or a packet first
+            // seen outside the traced namespace: nothing to do.
             return;
         }
         evict(c);
@@ -192,25 +209,27 @@ fn slow_path<const BTF: bool>(
     let head: u64 = skb::field::<BTF, _>(skb, off.skb_head);
     let ct = skb::conntrack::<BTF>(skb, off);
     let mut at = site.at;
-    let mut ev = Event {
-        at,
-        new_mark: mark,
-        new_ct_mark: ct.mark,
-        ct_info: ct.info,
-        ct_flags: if ct.attached { CT_NOW } else { 0 },
-        ct_id: ct.id,
-        ..Event::default()
-    };
+    let mut blank = MaybeUninit::uninit();
+    let ev = blank_event(&mut blank);
+    ev.at = at;
+    ev.new_mark = mark;
+    ev.new_ct_mark = ct.mark;
+    ev.ct_info = ct.info;
+    ev.ct_flags = if ct.attached { CT_NOW } else { 0 };
+    ev.ct_id = ct.id;
     if c.live() {
         fill_device(&mut at, &c.last);
         ev.at = at;
     }
     let continues = c.live() && path::continues(&c.last, &at, head == c.head);
+    if !continues && !site.starts {
+        return;
+    }
     let report = if continues {
-        follow(c, &mut ev, site, mark, &ct, head)
+        follow(c, ev, site, mark, &ct, head)
     } else {
         // New, or a new packet at a recycled address (the old one ended unseen).
-        first_sight::<BTF>(skb, c, site, &mut ev, head, cfg)
+        first_sight::<BTF>(skb, c, site, ev, head, cfg)
     };
     if site.end.is_some() {
         c.alive = PacketState::DEAD;
@@ -222,13 +241,13 @@ fn slow_path<const BTF: bool>(
         }
         publish(skb, c, shared, here);
     }
-    if !report || !wanted(cfg, &ev) {
+    if !report || !wanted(cfg, ev) {
         return;
     }
-    skb::fill_tuple::<BTF>(&mut ev, skb, head, off, site.l3_at_data);
+    skb::fill_tuple::<BTF>(ev, skb, head, off, site.l3_at_data);
     if cfg.aggregate != 0 {
         // Counted here; the first packet of each transition on this CPU is its exemplar.
-        let key = AggKey::of(&ev);
+        let key = AggKey::of(ev);
         let epoch = CONTROL.get(0).map_or(0, |c| c.epoch);
         let found = AGG.get_ptr_mut(key);
         if let Some(v) = found {
@@ -241,14 +260,14 @@ fn slow_path<const BTF: bool>(
                 return;
             }
         }
-        skb::fill_socket::<BTF>(&mut ev, skb, off);
+        skb::fill_socket::<BTF>(ev, skb, off);
         // SAFETY: a helper without arguments.
         ev.ts_ns = unsafe { bpf_ktime_get_ns() };
         if let Some(v) = found {
             // SAFETY: as above.
             unsafe {
                 (*v).epoch = epoch;
-                (*v).exemplar = ev;
+                (*v).exemplar = *ev;
             }
             return;
         }
@@ -261,7 +280,7 @@ fn slow_path<const BTF: bool>(
         let value = unsafe { &mut *value };
         value.count = 1;
         value.epoch = epoch;
-        value.exemplar = ev;
+        value.exemplar = *ev;
         // By reference: a copy (what clippy suggests) would put the value on the stack again.
         #[allow(clippy::needless_borrows_for_generic_args)]
         let inserted = AGG.insert(key, &*value, 0);
@@ -271,7 +290,7 @@ fn slow_path<const BTF: bool>(
         return;
     }
     if cfg.flow.active != 0 {
-        let yes = followed(cfg, &ev);
+        let yes = followed(cfg, ev);
         set_following(yes);
         c.unfollowed = !yes as u8;
         c.ct = ev.ct_id;
@@ -279,8 +298,8 @@ fn slow_path<const BTF: bool>(
             return;
         }
     }
-    skb::fill_socket::<BTF>(&mut ev, skb, off);
-    emit(ev);
+    skb::fill_socket::<BTF>(ev, skb, off);
+    emit(*ev);
 }
 
 #[inline(always)]
@@ -443,6 +462,21 @@ const RB_AVAIL_DATA: u64 = 0;
 /// Wake the consumer only once this much is waiting; it also drains on a short timer. One
 /// wakeup per event cost more CPU than decoding the event.
 const WAKE_BYTES: u64 = 256 << 10;
+
+/// `ev`, all zero, zeroed word by word with volatile stores. LLVM turns plain zeroing (a
+/// derived `Default`, and copies of what it knows is zero) into calls to memset, and a call is
+/// a BPF subprogram: 6.1's verifier cannot carry precision marks through one, stops pruning
+/// and gives up at its 1M-instruction limit.
+#[inline(always)]
+pub fn blank_event(ev: &mut MaybeUninit<Event>) -> &mut Event {
+    let words = ev.as_mut_ptr().cast::<u64>();
+    for i in 0..size_of::<Event>() / 8 {
+        // SAFETY: within `ev`, which is 8-byte aligned and a multiple of 8 bytes long.
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+    }
+    // SAFETY: every byte was written; all-zero is a valid `Event`.
+    unsafe { ev.assume_init_mut() }
+}
 
 /// Timestamps an event and writes it to the ring buffer (counting it lost when full).
 #[inline(always)]

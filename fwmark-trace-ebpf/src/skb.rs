@@ -12,17 +12,22 @@ use fwmark_trace_common::{Event, Offsets, OFFSET_MISSING};
 /// error branch per read multiplies the paths the verifier walks (seconds of load time).
 #[inline(always)]
 pub fn read<T: Copy + Default>(base: u64, off: u32) -> T {
-    let mut v = T::default();
-    if off != OFFSET_MISSING {
-        unsafe {
-            generated::bpf_probe_read_kernel(
-                (&mut v as *mut T).cast(),
-                size_of::<T>() as u32,
-                (base + off as u64) as *const c_void,
-            )
-        };
+    if off == OFFSET_MISSING {
+        return T::default();
     }
-    v
+    // Not zeroed first: the helper writes every byte (zeroes on a fault), and zeroing a
+    // byte-aligned struct is a call to memset, a subprogram, which 6.1's verifier cannot
+    // track precision through (it then stops pruning and gives up at 1M instructions).
+    let mut v = core::mem::MaybeUninit::<T>::uninit();
+    // SAFETY: the helper fills `v` (its size) from any address, faulting safely.
+    unsafe {
+        generated::bpf_probe_read_kernel(
+            v.as_mut_ptr().cast(),
+            size_of::<T>() as u32,
+            (base + off as u64) as *const c_void,
+        );
+        v.assume_init()
+    }
 }
 
 /// Loads a `T` at `base + off` with a plain load, for pointers the verifier knows the BTF type

@@ -2,7 +2,12 @@
 //! links (raw, see `netfilter.rs`) or else fentry/fexit on the chain evaluators
 //! (`nf_chains.rs`), and tc programs (see `tcx.rs`). An observation point that cannot attach
 //! is reported with the kernel's reason and the run goes on without it.
-use std::{collections::HashMap, os::fd::OwnedFd, sync::Arc};
+use std::{
+    collections::HashMap,
+    os::fd::{AsFd, OwnedFd},
+    sync::Arc,
+    time::Instant,
+};
 
 use anyhow::{bail, Context, Result};
 use aya::{
@@ -19,7 +24,7 @@ use super::{
     btf::{self, KernelBtf},
     features::{self, Feature, NfBackend, TcBackend},
     netfilter::{NfPrograms, NfSite, RawObject, PRIO_FIRST, PRIO_LAST},
-    nf_chains,
+    nf_chains, sys,
     tc_placement::Placement,
     tcx::{self, TcObservers},
 };
@@ -220,7 +225,9 @@ impl Observers {
             let res = (|| -> Result<()> {
                 let p: &mut BtfTracePoint =
                     ebpf.program_mut(prog).context("missing")?.try_into()?;
+                let started = Instant::now();
                 p.load(tp, &aya_btf)?;
+                sys::log_verified(prog, p.fd()?.as_fd(), started);
                 p.attach()?;
                 Ok(())
             })();

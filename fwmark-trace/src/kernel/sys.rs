@@ -3,12 +3,13 @@
 use std::{
     ffi::CString,
     io,
-    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    time::Instant,
 };
 
 use anyhow::{bail, Result};
 use aya_obj::generated::{
-    bpf_attach_type, bpf_attr, bpf_btf_info, bpf_cmd, bpf_insn, bpf_prog_type,
+    bpf_attach_type, bpf_attr, bpf_btf_info, bpf_cmd, bpf_insn, bpf_prog_info, bpf_prog_type,
 };
 
 /// Issues one `bpf()` command that returns a new file descriptor.
@@ -89,8 +90,12 @@ pub fn prog_load(
         }
         bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr)
     };
+    let started = Instant::now();
     match attempt(0) {
-        Ok(fd) => Ok(fd),
+        Ok(fd) => {
+            log_verified(name, fd.as_fd(), started);
+            Ok(fd)
+        }
         Err(err) => {
             let _ = attempt(1);
             let text = String::from_utf8_lossy(&log);
@@ -102,6 +107,24 @@ pub fn prog_load(
             bail!("loading {name}: {err}; verifier: {tail}")
         }
     }
+}
+
+/// Logs (debug) how long the verifier took over a program and how many instructions it walked:
+/// what decides whether a kernel's verifier accepts the observers in reasonable time.
+pub fn log_verified(name: &str, prog: BorrowedFd, started: Instant) {
+    let took = started.elapsed();
+    // SAFETY: all-zero is a valid bpf_prog_info.
+    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut a = attr();
+    a.info.bpf_fd = prog.as_raw_fd() as u32;
+    a.info.info_len = std::mem::size_of::<bpf_prog_info>() as u32;
+    a.info.info = &mut info as *mut bpf_prog_info as u64;
+    // verified_insns is 0 before 5.16 and when the query fails.
+    let _ = bpf_status(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut a);
+    log::debug!(
+        "loaded {name}: {} instructions verified in {took:.1?}",
+        info.verified_insns
+    );
 }
 
 /// Attaches a loaded fentry/fexit program (BPF_RAW_TRACEPOINT_OPEN without a name: the oldest

@@ -8,7 +8,11 @@
 //! attaching. Which interfaces get observers is `tc_placement`'s decision; every refresh
 //! re-reads the interfaces, their chains and the namespace's qdiscs and attaches or detaches to
 //! match.
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    os::fd::AsFd,
+    time::Instant,
+};
 
 use anyhow::{Context, Result};
 use aya::{
@@ -24,6 +28,7 @@ use fwmark_trace_common::{tc_dir, tc_slot};
 use super::{
     features::TcBackend,
     observers::AttachStatus,
+    sys,
     tc_placement::{self, Placement, Reason},
 };
 use crate::nodestate::netlink::{self, TcQdisc};
@@ -178,9 +183,11 @@ impl TcObservers {
         backend: TcBackend,
     ) -> Result<Self> {
         for (name, _, _) in PROGRAMS {
-            program(ebpf, name)?
-                .load()
+            let p = program(ebpf, name)?;
+            let started = Instant::now();
+            p.load()
                 .with_context(|| format!("loading tc program {name}"))?;
+            sys::log_verified(name, p.fd()?.as_fd(), started);
         }
         Ok(Self {
             backend,
