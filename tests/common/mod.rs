@@ -70,7 +70,7 @@ impl Daemon {
             stderr: rx,
             stderr_lines: Vec::new(),
         };
-        d.wait_for_stderr("tracing (", Duration::from_secs(30));
+        d.wait_for_stderr("tracing (", ready_wait());
         d
     }
 
@@ -725,4 +725,14 @@ pub fn mark_of(v: &Value) -> u32 {
         16,
     )
     .unwrap_or_else(|e| panic!("bad mark {v}: {e}"))
+}
+
+/// How long a daemon may take to start: 30 s, or `FWMARK_TEST_READY_SECS` (set by `cargo
+/// xtask vm-test`: under software emulation the verifier alone takes tens of seconds).
+pub fn ready_wait() -> Duration {
+    let secs = std::env::var("FWMARK_TEST_READY_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    Duration::from_secs(secs)
 }

@@ -290,6 +290,8 @@ fn guest_script(steps: &[(String, String)]) -> String {
         r#"# Written by `cargo xtask vm-test`; runs as root in the guest, which sees this machine's
 # root filesystem read-only, with /etc, /usr, /var, /tmp overlaid writable and /run a tmpfs.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+# Under emulation the verifier alone takes tens of seconds: the tests wait longer for a daemon.
+export FWMARK_TEST_READY_SECS=150
 # Kernel messages would cut into this script's lines on the console they share.
 dmesg -n 1
 # virtme-ng mounts proc, sysfs, tracefs and cgroup2, but no bpffs.
