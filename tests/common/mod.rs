@@ -50,6 +50,7 @@ impl Daemon {
             .arg("--output")
             .arg(&output)
             .args(args)
+            .args(extra_trace_args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -725,6 +726,16 @@ pub fn mark_of(v: &Value) -> u32 {
         16,
     )
     .unwrap_or_else(|e| panic!("bad mark {v}: {e}"))
+}
+
+/// Arguments every test daemon gets besides its own, from `FWMARK_TEST_TRACE_ARGS` (`cargo
+/// xtask vm-test` runs netfilter tests again with `--nf-observers fentry` where links exist).
+pub fn extra_trace_args() -> Vec<String> {
+    std::env::var("FWMARK_TEST_TRACE_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// How long a daemon may take to start: 30 s, or `FWMARK_TEST_READY_SECS` (set by `cargo

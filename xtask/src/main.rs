@@ -43,9 +43,12 @@ enum Task {
         args: Vec<String>,
     },
     /// Set up, then run every check and test: fmt, clippy (userspace and eBPF), unit and
-    /// integration tests (as root).
+    /// integration tests (as root), then the kernel matrix (`vm-test --kernel all`).
     Test {
-        /// Passed to the test binaries (e.g. a test name filter).
+        /// Skip the kernel matrix (a quicker loop while working; CI runs it).
+        #[arg(long)]
+        no_vm: bool,
+        /// Passed to the test binaries (e.g. a test name filter); implies --no-vm.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -208,7 +211,12 @@ fn main() -> ExitCode {
             all.extend(args);
             run_daemon(true, &all)
         }),
-        Task::Test { args } => timed("setup", setup::run).and_then(|_| test(&args)),
+        Task::Test { no_vm, args } => timed("setup", setup::run)
+            .and_then(|_| test(&args))
+            .and_then(|_| match no_vm || !args.is_empty() {
+                true => Ok(()),
+                false => timed("kernel matrix", || vm::run("all", None)),
+            }),
         Task::ClippyEbpf => clippy_ebpf(),
         Task::Soak { minutes } => setup::run().and_then(|_| {
             run_daemon(

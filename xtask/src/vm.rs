@@ -25,16 +25,48 @@ const KERNELS: &[(&str, &str)] = &[
     ("6.12", r"^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$"),
 ];
 
-/// The smoke set: (test binary, test name), each run on its own in every guest.
-const SMOKE: &[(&str, &str)] = &[
-    ("trace", "transitions_carry_hook_band_chain_and_values"),
-    ("trace", "netfilter_drop_reports_reason_and_mark"),
-    ("trace", "iptables_mark_is_seen_in_its_table_band"),
-    ("trace", "socket_mark_is_attributed_to_so_mark"),
-    ("trace", "ipv6_transitions_are_reported_as_ipv6"),
-    ("trace", "classic_tc_filter_after_the_tcx_chain_is_named"),
-    ("trace", "conntrack_mark_changes_are_transitions"),
-    ("trace", "nothing_stays_attached_after_sigint_or_sigkill"),
+/// One test of the smoke set, run on its own in every guest whose kernel is at least `since`.
+struct Smoke {
+    bin: &'static str,
+    name: &'static str,
+    since: &'static str,
+    /// Run a second time with `--nf-observers fentry` where the kernel also has BPF netfilter
+    /// links (the default there): fentry/fexit is proven on a kernel newer than 6.1 too.
+    fentry_too: bool,
+}
+
+const fn smoke(name: &'static str, since: &'static str, fentry_too: bool) -> Smoke {
+    Smoke {
+        bin: "trace",
+        name,
+        since,
+        fentry_too,
+    }
+}
+
+const ANY: &str = "0";
+/// BPF netfilter links arrived in 6.4: from there `--nf-observers fentry` is a choice.
+const LINKS_SINCE: &str = "6.4";
+
+const SMOKE: &[Smoke] = &[
+    smoke("transitions_carry_hook_band_chain_and_values", ANY, true),
+    smoke("netfilter_drop_reports_reason_and_mark", ANY, true),
+    smoke("iptables_mark_is_seen_in_its_table_band", ANY, true),
+    smoke("socket_mark_is_attributed_to_so_mark", ANY, false),
+    smoke("ipv6_transitions_are_reported_as_ipv6", ANY, true),
+    smoke(
+        "clsact_back_end_names_the_filter_between_its_observers",
+        ANY,
+        false,
+    ),
+    // It asserts what the tcx back-end sees, and tcx arrived in 6.6.
+    smoke(
+        "classic_tc_filter_after_the_tcx_chain_is_named",
+        "6.6",
+        false,
+    ),
+    smoke("conntrack_mark_changes_are_transitions", ANY, true),
+    smoke("nothing_stays_attached_after_sigint_or_sigkill", ANY, false),
 ];
 
 /// QEMU, depmod for the extracted modules, and what virtme-ng needs for its initramfs
@@ -77,35 +109,43 @@ pub fn run(kernel: &str, command: Option<&str>) -> Result<()> {
         .map(|(name, pattern)| prepare_kernel(&vm, name, pattern))
         .collect::<Result<Vec<_>>>()?;
 
-    let steps = match command {
-        Some(command) => {
+    let built = match command {
+        Some(_) => None,
+        None => Some((crate::build(true)?, test_binaries()?)),
+    };
+    let steps_for = |k: &Kernel| -> Result<Vec<(String, String)>> {
+        let Some((daemon, tests)) = &built else {
             let file = vm.join("run.sh");
-            fs::write(&file, format!("{command}\n"))?;
-            vec![("run".to_string(), format!("bash {}", quote(&file)))]
-        }
-        None => {
-            let daemon = crate::build(true)?;
-            let tests = test_binaries()?;
-            let mut steps = vec![(
-                "demo".to_string(),
-                format!("timeout {STEP_TIMEOUT_SECS} {} demo", quote(&daemon)),
-            )];
-            for (bin, name) in SMOKE {
-                let exe = tests
-                    .iter()
-                    .find(|(b, _)| b == bin)
-                    .map(|(_, exe)| exe)
-                    .with_context(|| format!("cargo built no test binary {bin:?}"))?;
+            fs::write(&file, format!("{}\n", command.unwrap_or_default()))?;
+            return Ok(vec![("run".to_string(), format!("bash {}", quote(&file)))]);
+        };
+        let mut steps = vec![(
+            "demo".to_string(),
+            format!("timeout {STEP_TIMEOUT_SECS} {} demo", quote(daemon)),
+        )];
+        for t in SMOKE {
+            if numbers(k.name) < numbers(t.since) {
+                continue;
+            }
+            let exe = tests
+                .iter()
+                .find(|(b, _)| b == t.bin)
+                .map(|(_, exe)| exe)
+                .with_context(|| format!("cargo built no test binary {:?}", t.bin))?;
+            let run = format!(
+                "timeout {STEP_TIMEOUT_SECS} {} --exact {} --test-threads=1 --color=never",
+                quote(exe),
+                t.name
+            );
+            steps.push((format!("test {}::{}", t.bin, t.name), run.clone()));
+            if t.fentry_too && numbers(k.name) >= numbers(LINKS_SINCE) {
                 steps.push((
-                    format!("test {bin}::{name}"),
-                    format!(
-                        "timeout {STEP_TIMEOUT_SECS} {} --exact {name} --test-threads=1 --color=never",
-                        quote(exe)
-                    ),
+                    format!("test {}::{} (fentry)", t.bin, t.name),
+                    format!("env FWMARK_TEST_TRACE_ARGS='--nf-observers fentry' {run}"),
                 ));
             }
-            steps
         }
+        Ok(steps)
     };
 
     let start = Instant::now();
@@ -113,6 +153,7 @@ pub fn run(kernel: &str, command: Option<&str>) -> Result<()> {
     for k in &kernels {
         let dir = vm.join(k.name);
         let script = dir.join("guest.sh");
+        let steps = steps_for(k)?;
         fs::write(&script, guest_script(&steps))?;
         println!("vm-test: booting {} ({})", k.name, k.vmlinuz.display());
         let t = Instant::now();
