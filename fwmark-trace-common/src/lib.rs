@@ -22,6 +22,25 @@ pub mod layer {
     pub const ROUTING: u8 = 5;
 }
 
+/// Netfilter hooks (`Point::hook` when `layer == NETFILTER`): `enum nf_inet_hooks`
+/// (include/uapi/linux/netfilter.h).
+pub mod nf_hook {
+    pub const PRE_ROUTING: u8 = 0;
+    pub const LOCAL_IN: u8 = 1;
+    pub const FORWARD: u8 = 2;
+    pub const LOCAL_OUT: u8 = 3;
+    pub const POST_ROUTING: u8 = 4;
+    /// How many there are (they are numbered from 0).
+    pub const COUNT: u8 = 5;
+}
+
+/// Protocol families (`Point::family` for netfilter and routing points): NFPROTO_IPV4 and
+/// NFPROTO_IPV6 (include/uapi/linux/netfilter.h; equal to AF_INET and AF_INET6).
+pub mod nfproto {
+    pub const IPV4: u8 = 2;
+    pub const IPV6: u8 = 10;
+}
+
 /// tc direction (`Point::hook` when `layer == TC`).
 pub mod tc_dir {
     pub const INGRESS: u8 = 0;
