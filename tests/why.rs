@@ -408,7 +408,7 @@ fn cause3_filter_drops_replies_without_the_bit() {
     // --nftrace names the exact rule, and leaves no table behind.
     let rule = r["drop"]["rule"].as_str().expect("nft rule");
     assert!(
-        rule.starts_with("inet f in: ")
+        rule.starts_with("inet f/in: ")
             && rule.contains("meta mark & 0x00004000 == 0x00000000 drop"),
         "{rule}"
     );

@@ -1,95 +1,202 @@
 //! Attribution: whose bits a transition changed, what they mean, and whether someone clobbered
 //! someone else's. Input: the registry (possibly narrowed to a profile), the old and new mark
-//! and conntrack mark, and the nft tables/chains in the segment where the change happened
-//! (which name the writer). Output: one `Attribution` per transition.
+//! and conntrack mark, and the nft chains in the segment where the change happened (which name
+//! the writer). Output: one `Attribution` per distinct transition, shared by the events that
+//! made it (`Attributor` keeps them, and counts them for the summary).
 use std::{
     collections::{BTreeMap, HashMap},
+    fmt,
     sync::Arc,
 };
 
+use by_address::ByAddress;
 use serde::Serialize;
 
 use crate::{
-    events::hex,
+    event::TraceEvent,
+    mark::Mark,
+    nodestate::nft::{Chain, ChainId, ChainOrigin},
+    place::Segment,
     registry::{lookup, Owner, Registry, Style},
-    rendered::Rendered,
+    stack::serialize_as_display,
 };
 
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
-pub struct Attribution {
-    /// The owner whose rules sit where the change happened (from nft table/chain names).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub writer: Option<String>,
-    pub owners: Vec<OwnerChange>,
-    /// Changed bits no candidate owner claims (hex, omitted when none).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub unowned_bits: Option<String>,
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Attribution {
+    /// The owner whose rules sit where the change happened (from nft table/chain names), or
+    /// whose value a socket's SO_MARK is.
+    pub(crate) writer: Option<String>,
+    pub(crate) owners: Vec<OwnerChange>,
+    /// Changed bits no candidate owner claims.
+    pub(crate) unowned_bits: Option<Mark>,
     /// Whole-mark values recognised in the old or new mark.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub recognized: Vec<Recognized>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub warnings: Vec<Warning>,
+    pub(crate) recognized: Vec<Recognized>,
+    pub(crate) warnings: Vec<Warning>,
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct OwnerChange {
-    pub owner: String,
+/// Where an owner's changed bits sit: one of its named fields, or the conntrack mark.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum FieldRef {
+    Named(String),
+    Conntrack,
+}
+
+/// A field's value: its bits, or (fields that hold numbers) the number they make.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FieldValue {
+    Bits(Mark),
+    Number(u32),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct OwnerChange {
+    pub(crate) owner: String,
     /// Changed bits inside this owner's mask (or field).
-    pub bits: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub field: Option<String>,
-    pub old_value: String,
-    pub new_value: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub meaning: Option<String>,
+    pub(crate) bits: Mark,
+    pub(crate) field: Option<FieldRef>,
+    pub(crate) old_value: FieldValue,
+    pub(crate) new_value: FieldValue,
+    pub(crate) meaning: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct Recognized {
-    pub owner: String,
-    pub value: String,
-    pub meaning: String,
-    /// "old" or "new".
-    pub side: &'static str,
+/// The mark before or after the change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Side {
+    Old,
+    New,
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct Warning {
-    /// multi-owner, clobber, whole-overwrite, unowned, exact-match-broken.
-    pub kind: &'static str,
-    pub message: String,
-    pub owners: Vec<String>,
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Old => "old",
+            Side::New => "new",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub(crate) struct Recognized {
+    pub(crate) owner: String,
+    pub(crate) value: Mark,
+    pub(crate) meaning: String,
+    pub(crate) side: Side,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum WarningKind {
+    MultiOwner,
+    Clobber,
+    WholeOverwrite,
+    Unowned,
+    ExactMatchBroken,
+}
+
+impl fmt::Display for WarningKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WarningKind::MultiOwner => "multi-owner",
+            WarningKind::Clobber => "clobber",
+            WarningKind::WholeOverwrite => "whole-overwrite",
+            WarningKind::Unowned => "unowned",
+            WarningKind::ExactMatchBroken => "exact-match-broken",
+        })
+    }
+}
+
+serialize_as_display!(Side, WarningKind);
+
+/// What a warning found (`output` says it in words).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Finding {
+    /// A whole-mark writer replaced the mark and a bitwise owner lost bits.
+    WholeOverwrite {
+        writer: String,
+        old: Mark,
+        new: Mark,
+        victim: String,
+        lost: Mark,
+    },
+    /// A whole-mark writer's value sets bits another owner owns.
+    ValueSetsForeignBits {
+        writer: String,
+        value: Mark,
+        bits: Mark,
+        victim: String,
+        meanings: Vec<String>,
+    },
+    /// A writer changed (or only cleared) bits another owner also owns.
+    Clobber {
+        writer: String,
+        cleared: bool,
+        bits: Mark,
+        victim: String,
+        meanings: Vec<String>,
+    },
+    /// No writer is known and one change touched several owners' bits.
+    MultiOwner { parts: Vec<(String, Mark)> },
+    /// Bits changed that no selected owner claims.
+    Unowned { bits: Mark },
+    /// An owner that matches an exact value now sees it with foreign bits.
+    ExactMatchBroken {
+        owner: String,
+        value: Mark,
+        meaning: String,
+        mark: Mark,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Warning {
+    pub(crate) finding: Finding,
+    /// The owners concerned, by name.
+    pub(crate) owners: Vec<String>,
+}
+
+impl Warning {
+    pub(crate) fn kind(&self) -> WarningKind {
+        match self.finding {
+            Finding::WholeOverwrite { .. } => WarningKind::WholeOverwrite,
+            Finding::ValueSetsForeignBits { .. } | Finding::Clobber { .. } => WarningKind::Clobber,
+            Finding::MultiOwner { .. } => WarningKind::MultiOwner,
+            Finding::Unowned { .. } => WarningKind::Unowned,
+            Finding::ExactMatchBroken { .. } => WarningKind::ExactMatchBroken,
+        }
+    }
 }
 
 /// One transition to attribute.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Change<'a> {
-    pub old: u32,
-    pub new: u32,
+pub(crate) struct Change<'a> {
+    pub(crate) old: u32,
+    pub(crate) new: u32,
     /// Conntrack marks, when a conntrack entry is attached on both sides.
-    pub ct: Option<(u32, u32)>,
-    /// Labels of the nft chains in the segment ("inet calico/cali-POSTROUTING@-150").
-    pub chains: &'a [String],
+    pub(crate) ct: Option<(u32, u32)>,
+    /// The nft base chains in the segment ("inet calico/cali-POSTROUTING@-150").
+    pub(crate) chains: &'a [Chain],
     /// Regular chains those chains reach that write a mark ("ip mangle/KUBE-MARK-MASQ"): with
     /// iptables-nft the base chain is the table's, the owner's name is on these.
-    pub mark_writers: &'a [String],
+    pub(crate) mark_writers: &'a [ChainId],
     /// The mark came from the sending socket (SO_MARK): a recognised value names the writer.
-    pub socket: bool,
+    pub(crate) socket: bool,
 }
 
-fn field_value(v: u32, mask: u32, number: bool) -> String {
+fn field_value(v: u32, mask: u32, number: bool) -> FieldValue {
     if number && mask != 0 {
-        (v >> mask.trailing_zeros()).to_string()
+        FieldValue::Number(v >> mask.trailing_zeros())
     } else {
-        hex(v)
+        FieldValue::Bits(Mark(v))
     }
 }
 
-/// Table and chain names of a chain label "family table/chain@prio".
-fn chain_names(label: &str) -> impl Iterator<Item = &str> {
-    let body = label.split_once(' ').map_or(label, |(_, b)| b);
-    let body = body.rsplit_once('@').map_or(body, |(b, _)| b);
-    body.split('/')
+/// Whether an owner's rules are among these chains (by table or chain name).
+fn writes_here(o: &Owner, c: &Change) -> bool {
+    let named = |id: &ChainId| o.owns_chain(&id.table) || o.owns_chain(&id.name);
+    c.chains
+        .iter()
+        .filter(|ch| ch.origin != ChainOrigin::Kernel)
+        .any(|ch| named(&ch.id))
+        || c.mark_writers.iter().any(named)
 }
 
 /// Whether an owner is a candidate for these changed bits. An owner of all 32 bits takes part
@@ -100,21 +207,17 @@ fn candidate(o: &Owner, changed: u32, profiled: bool, named: bool) -> bool {
     o.mask & changed != 0 && (o.mask != u32::MAX || named || (profiled && !o.fields.is_empty()))
 }
 
-/// " (name, …)" for the named values of `o` that `bits` hold, whole or per field.
-fn meanings(o: &Owner, bits: u32) -> String {
-    let names: Vec<&str> = lookup(&o.values, bits)
+/// The named values of `o` that `bits` hold, whole or per field.
+fn meanings(o: &Owner, bits: u32) -> Vec<String> {
+    lookup(&o.values, bits)
         .into_iter()
         .chain(
             o.fields
                 .iter()
                 .filter_map(|f| lookup(&f.values, bits & f.mask)),
         )
-        .collect();
-    if names.is_empty() {
-        String::new()
-    } else {
-        format!(" ({})", names.join(", "))
-    }
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Changed bits of one owner, split by field.
@@ -125,8 +228,8 @@ fn split(o: &Owner, c: &Change, changed: u32, out: &mut Vec<OwnerChange>) {
         rest &= !f.mask;
         out.push(OwnerChange {
             owner: o.id(),
-            bits: hex(mine & f.mask),
-            field: Some(f.name.clone()),
+            bits: Mark(mine & f.mask),
+            field: Some(FieldRef::Named(f.name.clone())),
             old_value: field_value(c.old & f.mask, f.mask, f.number),
             new_value: field_value(c.new & f.mask, f.mask, f.number),
             meaning: lookup(&f.values, c.new & f.mask).map(str::to_owned),
@@ -139,47 +242,25 @@ fn split(o: &Owner, c: &Change, changed: u32, out: &mut Vec<OwnerChange>) {
             .map(str::to_owned);
         out.push(OwnerChange {
             owner: o.id(),
-            bits: hex(rest),
+            bits: Mark(rest),
             field: None,
-            old_value: hex(c.old & o.mask),
-            new_value: hex(c.new & o.mask),
+            old_value: FieldValue::Bits(Mark(c.old & o.mask)),
+            new_value: FieldValue::Bits(Mark(c.new & o.mask)),
             meaning,
         });
     }
 }
 
-pub fn attribute(reg: &Registry, c: &Change) -> Attribution {
+/// The writer among the owners whose rules sit in the segment, or whose value the socket set.
+fn writer<'r>(reg: &'r Registry, c: &Change, recognized: &[Recognized]) -> Option<&'r Owner> {
     let changed = c.old ^ c.new;
-    let mut a = Attribution::default();
-
-    for o in reg.owners.iter().filter(|o| o.style == Style::WholeMark) {
-        for (side, v) in [("old", c.old), ("new", c.new)] {
-            if let Some(meaning) = o.value_name(v).filter(|_| v != 0) {
-                a.recognized.push(Recognized {
-                    owner: o.id(),
-                    value: hex(v),
-                    meaning: meaning.to_owned(),
-                    side,
-                });
-            }
-        }
-    }
-    let mut writers: Vec<&Owner> = reg
-        .owners
-        .iter()
-        .filter(|o| {
-            c.chains
-                .iter()
-                .chain(c.mark_writers)
-                .any(|l| chain_names(l).any(|n| o.owns_chain(n)))
-        })
-        .collect();
+    let mut writers: Vec<&Owner> = reg.owners.iter().filter(|o| writes_here(o, c)).collect();
     if writers.iter().any(|w| w.name != writers[0].name) {
         // Owners sharing rule names (Calico's iptables and eBPF modes): keep those whose
         // bits the change stayed within.
         writers.retain(|w| changed & !w.mask == 0);
     }
-    let writer = match writers.as_slice() {
+    let by_chains = match writers.as_slice() {
         [first, rest @ ..] if rest.iter().all(|w| w.name == first.name) => {
             // Several versions match: the one whose bits hold the change, else one that
             // writes whole values.
@@ -197,10 +278,31 @@ pub fn attribute(reg: &Registry, c: &Change) -> Attribution {
         }
         _ => None,
     };
-    let writer = writer.or_else(|| {
-        let r = a.recognized.iter().find(|r| c.socket && r.side == "new")?;
+    by_chains.or_else(|| {
+        let r = recognized
+            .iter()
+            .find(|r| c.socket && r.side == Side::New)?;
         reg.owners.iter().find(|o| o.id() == r.owner)
-    });
+    })
+}
+
+pub(crate) fn attribute(reg: &Registry, c: &Change) -> Attribution {
+    let changed = c.old ^ c.new;
+    let mut a = Attribution::default();
+
+    for o in reg.owners.iter().filter(|o| o.style == Style::WholeMark) {
+        for (side, v) in [(Side::Old, c.old), (Side::New, c.new)] {
+            if let Some(meaning) = o.value_name(v).filter(|_| v != 0) {
+                a.recognized.push(Recognized {
+                    owner: o.id(),
+                    value: Mark(v),
+                    meaning: meaning.to_owned(),
+                    side,
+                });
+            }
+        }
+    }
+    let writer = writer(reg, c, &a.recognized);
     a.writer = writer.map(Owner::id);
 
     let named = |o: &Owner| {
@@ -225,147 +327,127 @@ pub fn attribute(reg: &Registry, c: &Change) -> Attribution {
             }
             a.owners.push(OwnerChange {
                 owner: o.id(),
-                bits: hex((old ^ new) & m),
-                field: Some("ct".into()),
-                old_value: hex(old & m),
-                new_value: hex(new & m),
+                bits: Mark(ct_changed & m),
+                field: Some(FieldRef::Conntrack),
+                old_value: FieldValue::Bits(Mark(old & m)),
+                new_value: FieldValue::Bits(Mark(new & m)),
                 meaning: None,
             });
         }
     }
     let claimed = candidates.iter().fold(0, |acc, o| acc | o.mask);
     let unowned = changed & !claimed;
-    a.unowned_bits = (unowned != 0).then(|| hex(unowned));
-    a.warnings = warnings(reg, c, changed, writer, &candidates, unowned);
+    a.unowned_bits = (unowned != 0).then_some(Mark(unowned));
+    a.warnings = warnings(reg, c, writer, &candidates, unowned);
     a
 }
 
-fn warnings(
-    reg: &Registry,
-    c: &Change,
-    changed: u32,
-    writer: Option<&Owner>,
-    candidates: &[&Owner],
-    unowned: u32,
-) -> Vec<Warning> {
+/// Other owners (by name: versions of the writer are the writer) holding changed bits. One
+/// entry per other owner: of its versions, the one holding the most changed bits.
+fn others<'r>(w: &Owner, candidates: &[&'r Owner], changed: u32) -> Vec<(&'r Owner, u32)> {
+    let mut all: Vec<(&Owner, u32)> = candidates
+        .iter()
+        .filter(|o| o.name != w.name && o.mask & changed != 0)
+        .map(|o| (*o, o.mask & changed))
+        .collect();
+    all.sort_by_key(|(_, bits)| std::cmp::Reverse(bits.count_ones()));
+    let mut v: Vec<(&Owner, u32)> = Vec::new();
+    for (o, bits) in all {
+        if !v.iter().any(|(x, b)| x.name == o.name && bits & !b == 0) {
+            v.push((o, bits));
+        }
+    }
+    v
+}
+
+/// A whole-mark writer over other owners: the bits it wiped and the bits its value sets.
+fn whole_writer_warnings(w: &Owner, c: &Change, candidates: &[&Owner]) -> Vec<Warning> {
+    let changed = c.old ^ c.new;
+    let (cleared, set) = (c.old & !c.new, c.new & changed);
     let mut out = Vec::new();
+    for (o, _) in others(w, candidates, changed) {
+        let owners = vec![w.name.clone(), o.name.clone()];
+        if o.mask & cleared != 0 {
+            out.push(Warning {
+                finding: Finding::WholeOverwrite {
+                    writer: w.id(),
+                    old: Mark(c.old),
+                    new: Mark(c.new),
+                    victim: o.id(),
+                    lost: Mark(o.mask & cleared),
+                },
+                owners: owners.clone(),
+            });
+        }
+        if o.mask & set != 0 {
+            let bits = o.mask & set;
+            out.push(Warning {
+                finding: Finding::ValueSetsForeignBits {
+                    writer: w.id(),
+                    value: Mark(c.new),
+                    bits: Mark(bits),
+                    victim: o.id(),
+                    meanings: meanings(o, bits),
+                },
+                owners,
+            });
+        }
+    }
+    out
+}
+
+/// A bitwise writer that changed bits other owners also own.
+fn bitwise_writer_warnings(w: &Owner, c: &Change, candidates: &[&Owner]) -> Vec<Warning> {
+    let changed = c.old ^ c.new;
     let cleared = c.old & !c.new;
-    // Other owners (by name: versions of the writer are the writer) holding changed bits.
-    // One entry per other owner: of its versions, the one holding the most changed bits.
-    let others = |w: &Owner| -> Vec<(&Owner, u32)> {
-        let mut all: Vec<(&Owner, u32)> = candidates
-            .iter()
-            .filter(|o| o.name != w.name && o.mask & changed != 0)
-            .map(|o| (*o, o.mask & changed))
-            .collect();
-        all.sort_by_key(|(_, bits)| std::cmp::Reverse(bits.count_ones()));
-        let mut v: Vec<(&Owner, u32)> = Vec::new();
-        for (o, bits) in all {
-            if !v.iter().any(|(x, b)| x.name == o.name && bits & !b == 0) {
-                v.push((o, bits));
-            }
-        }
-        v
-    };
-    match writer {
-        Some(w)
-            if w.style == Style::WholeMark && (changed & !w.mask != 0 || c.new & !w.mask == 0) =>
-        {
-            let set = c.new & changed;
-            for (o, _) in others(w) {
-                if o.mask & cleared != 0 {
-                    out.push(Warning {
-                        kind: "whole-overwrite",
-                        message: format!(
-                            "{} replaced the whole mark ({} -> {}): {} lost bits {}",
-                            w.id(),
-                            hex(c.old),
-                            hex(c.new),
-                            o.id(),
-                            hex(o.mask & cleared)
-                        ),
-                        owners: vec![w.name.clone(), o.name.clone()],
-                    });
-                }
-                if o.mask & set != 0 {
-                    let bits = o.mask & set;
-                    let meaning = meanings(o, bits);
-                    out.push(Warning {
-                        kind: "clobber",
-                        message: format!(
-                            "{}'s value {} sets {}, which {} owns{}",
-                            w.id(),
-                            hex(c.new),
-                            hex(bits),
-                            o.id(),
-                            meaning
-                        ),
-                        owners: vec![w.name.clone(), o.name.clone()],
-                    });
-                }
-            }
-        }
-        Some(w) => {
-            for (o, bits) in others(w) {
-                let verb = if bits & cleared == bits {
-                    "cleared"
-                } else {
-                    "changed"
-                };
-                out.push(Warning {
-                    kind: "clobber",
-                    message: format!(
-                        "{} {verb} {}, which {} also owns{}",
-                        w.id(),
-                        hex(bits),
-                        o.id(),
-                        meanings(o, bits)
-                    ),
-                    owners: vec![w.name.clone(), o.name.clone()],
-                });
-            }
-        }
-        None => {
-            // No single owner holds every changed bit: one write touched several owners.
-            if !candidates.is_empty() && !candidates.iter().any(|o| changed & !o.mask == 0) {
-                let mut names: Vec<String> = candidates.iter().map(|o| o.name.clone()).collect();
-                names.dedup();
-                if names.len() > 1 {
-                    let parts: Vec<String> = candidates
-                        .iter()
-                        .map(|o| format!("{} {}", o.id(), hex(o.mask & changed)))
-                        .collect();
-                    out.push(Warning {
-                        kind: "multi-owner",
-                        message: format!(
-                            "one change touched bits of several owners: {}",
-                            parts.join(", ")
-                        ),
-                        owners: names,
-                    });
-                }
-            }
-        }
+    others(w, candidates, changed)
+        .into_iter()
+        .map(|(o, bits)| Warning {
+            finding: Finding::Clobber {
+                writer: w.id(),
+                cleared: bits & cleared == bits,
+                bits: Mark(bits),
+                victim: o.id(),
+                meanings: meanings(o, bits),
+            },
+            owners: vec![w.name.clone(), o.name.clone()],
+        })
+        .collect()
+}
+
+/// No single owner holds every changed bit and no writer is known: one write touched several
+/// owners.
+fn multi_owner_warning(changed: u32, candidates: &[&Owner]) -> Option<Warning> {
+    if candidates.is_empty() || candidates.iter().any(|o| changed & !o.mask == 0) {
+        return None;
     }
-    if reg.profiled && unowned != 0 {
-        out.push(Warning {
-            kind: "unowned",
-            message: format!(
-                "bits {} changed that no selected owner claims",
-                hex(unowned)
-            ),
-            owners: vec![],
-        });
-    }
+    let mut names: Vec<String> = candidates.iter().map(|o| o.name.clone()).collect();
+    names.dedup();
+    (names.len() > 1).then(|| Warning {
+        finding: Finding::MultiOwner {
+            parts: candidates
+                .iter()
+                .map(|o| (o.id(), Mark(o.mask & changed)))
+                .collect(),
+        },
+        owners: names,
+    })
+}
+
+/// Owners that match exact values and now see one of them with foreign bits.
+fn exact_match_warnings(reg: &Registry, c: &Change) -> Vec<Warning> {
+    let changed = c.old ^ c.new;
+    let mut out = Vec::new();
     for o in reg.owners.iter().filter(|o| o.reads_exact) {
         for (v, meaning) in o.values.iter().filter(|(v, _)| *v != 0) {
             if c.new & v == *v && c.new != *v && (c.old == *v || changed & !v != 0) {
                 out.push(Warning {
-                    kind: "exact-match-broken",
-                    message: format!(
-                        "{} matches the exact value {} ({meaning}); the mark is now {} with foreign bits {}",
-                        o.id(), hex(*v), hex(c.new), hex(c.new & !v)
-                    ),
+                    finding: Finding::ExactMatchBroken {
+                        owner: o.id(),
+                        value: Mark(*v),
+                        meaning: meaning.clone(),
+                        mark: Mark(c.new),
+                    },
                     owners: vec![o.name.clone()],
                 });
             }
@@ -374,19 +456,43 @@ fn warnings(
     out
 }
 
-/// Counts attributed transitions for the summary and the metrics: per owner, and warnings per
-/// (kind, owners). Attributions are shared (`Arc`), so events are counted per attribution (a
-/// pointer hash per event) and grouped into the totals when the decoder drops its cache.
-#[derive(Debug, Default)]
-pub struct AttributionCounts {
-    seen: HashMap<*const Rendered<Attribution>, (Arc<Rendered<Attribution>>, u64)>,
-    totals: Totals,
+fn warnings(
+    reg: &Registry,
+    c: &Change,
+    writer: Option<&Owner>,
+    candidates: &[&Owner],
+    unowned: u32,
+) -> Vec<Warning> {
+    let changed = c.old ^ c.new;
+    let mut out = match writer {
+        Some(w)
+            if w.style == Style::WholeMark && (changed & !w.mask != 0 || c.new & !w.mask == 0) =>
+        {
+            whole_writer_warnings(w, c, candidates)
+        }
+        Some(w) => bitwise_writer_warnings(w, c, candidates),
+        None => multi_owner_warning(changed, candidates)
+            .into_iter()
+            .collect(),
+    };
+    if reg.profiled && unowned != 0 {
+        out.push(Warning {
+            finding: Finding::Unowned {
+                bits: Mark(unowned),
+            },
+            owners: vec![],
+        });
+    }
+    out.extend(exact_match_warnings(reg, c));
+    out
 }
 
-#[derive(Clone, Debug, Default)]
-struct Totals {
-    owners: BTreeMap<String, u64>,
-    clobbers: BTreeMap<(&'static str, String), u64>,
+/// Totals over attributed transitions: per owner, and warnings per (kind, owners).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Totals {
+    /// Transitions that changed each owner's bits (an owner counted once per transition).
+    pub(crate) owners: BTreeMap<String, u64>,
+    pub(crate) warnings: BTreeMap<(WarningKind, Vec<String>), u64>,
 }
 
 impl Totals {
@@ -399,60 +505,108 @@ impl Totals {
         }
         for w in &a.warnings {
             *self
-                .clobbers
-                .entry((w.kind, w.owners.join(" × ")))
+                .warnings
+                .entry((w.kind(), w.owners.clone()))
                 .or_default() += n;
         }
     }
 }
 
-#[derive(Debug, Serialize, PartialEq)]
-pub struct ClobberCount {
-    pub kind: &'static str,
-    pub owners: String,
-    pub count: u64,
+/// (old mark, new mark, conntrack marks, segment).
+type Key = (u32, u32, Option<(u32, u32)>, ByAddress<Arc<Segment>>);
+
+/// Attributes events and counts what it attributed. Attributions depend only on the marks and
+/// the segment: each is computed once and shared. Events are counted per attribution (a
+/// pointer hash per event) and grouped into the totals when the cache is dropped.
+pub(crate) struct Attributor {
+    registry: Registry,
+    /// Holding the segment in the key keeps its address from being reused by another.
+    cache: HashMap<Key, Arc<Attribution>>,
+    seen: HashMap<ByAddress<Arc<Attribution>>, u64>,
+    totals: Totals,
 }
 
-impl AttributionCounts {
-    /// Counts `packets` packets with attribution `a`.
-    pub fn add(&mut self, a: &Arc<Rendered<Attribution>>, packets: u64) {
-        self.seen
-            .entry(Arc::as_ptr(a))
-            .or_insert_with(|| (a.clone(), 0))
-            .1 += packets;
+impl Attributor {
+    /// Distinct attributions kept before the cache starts over.
+    const CACHE: usize = 65536;
+
+    pub(crate) fn new(registry: Registry) -> Self {
+        Self {
+            registry,
+            cache: HashMap::new(),
+            seen: HashMap::new(),
+            totals: Totals::default(),
+        }
     }
 
-    /// Moves the per-attribution counts into the totals (the decoder's cache is being dropped,
-    /// so these attributions will not be seen again; this keeps memory bounded).
-    pub fn fold(&mut self) {
-        for (a, n) in std::mem::take(&mut self.seen).into_values() {
+    /// Attributes a change (not the kernel's own: a namespace scrub, ND/MLD tailroom) and
+    /// counts the packets the event stands for.
+    pub(crate) fn attribute(&mut self, ev: &mut TraceEvent) {
+        let Some(seg) = ev.segment.as_ref().filter(|s| !s.by_kernel()) else {
+            return;
+        };
+        // The conntrack mark changed between two points that both had an entry.
+        let ct = ev.ct_mark.filter(|c| c.changed).map(|c| (c.old.0, c.new.0));
+        if !ev.mark.changed() && ct.is_none() {
+            return;
+        }
+        if self.cache.len() > Self::CACHE {
+            self.cache.clear();
+            self.fold();
+        }
+        let key = (ev.mark.old.0, ev.mark.new.0, ct, ByAddress(seg.clone()));
+        let registry = &self.registry;
+        let a = self
+            .cache
+            .entry(key)
+            .or_insert_with(|| {
+                Arc::new(attribute(
+                    registry,
+                    &Change {
+                        old: ev.mark.old.0,
+                        new: ev.mark.new.0,
+                        ct,
+                        chains: seg.chains(),
+                        mark_writers: seg.mark_writers(),
+                        socket: seg.layer() == crate::place::Layer::Socket,
+                    },
+                ))
+            })
+            .clone();
+        *self.seen.entry(ByAddress(a.clone())).or_default() += ev.packets();
+        ev.attribution = Some(a);
+    }
+
+    /// Forgets the cached attributions (the segments they were made for are gone).
+    pub(crate) fn topology_changed(&mut self) {
+        self.cache.clear();
+        self.fold();
+    }
+
+    /// Moves the per-attribution counts into the totals, keeping memory bounded.
+    fn fold(&mut self) {
+        for (a, n) in std::mem::take(&mut self.seen) {
             self.totals.add(&a, n);
         }
     }
 
-    /// Transitions that changed each owner's bits (an owner counted once per transition), and
-    /// the warnings per (kind, owners): one pass over the attributions for both.
-    pub fn totals(&self) -> (BTreeMap<String, u64>, Vec<ClobberCount>) {
+    /// The totals so far.
+    pub(crate) fn totals(&self) -> Totals {
         let mut t = self.totals.clone();
-        for (a, n) in self.seen.values() {
+        for (a, n) in &self.seen {
             t.add(a, *n);
         }
-        let clobbers = t
-            .clobbers
-            .into_iter()
-            .map(|((kind, owners), count)| ClobberCount {
-                kind,
-                owners,
-                count,
-            })
-            .collect();
-        (t.owners, clobbers)
+        t
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        nodestate::nft::Writes,
+        stack::{NfHook, NftFamily},
+    };
 
     fn reg() -> Registry {
         Registry::builtin().unwrap()
@@ -466,8 +620,31 @@ mod tests {
         }
     }
 
+    fn id(family: NftFamily, table: &str, name: &str) -> ChainId {
+        ChainId {
+            family,
+            table: table.into(),
+            name: name.into(),
+        }
+    }
+
+    fn base(family: NftFamily, table: &str, name: &str, priority: i32) -> Chain {
+        Chain {
+            id: id(family, table, name),
+            origin: ChainOrigin::Nft,
+            hook: NfHook::Output,
+            priority,
+            mark_writers: vec![],
+            writes: Writes::default(),
+        }
+    }
+
     fn owners_of(a: &Attribution) -> Vec<&str> {
         a.owners.iter().map(|o| o.owner.as_str()).collect()
+    }
+
+    fn kinds(a: &Attribution) -> Vec<WarningKind> {
+        a.warnings.iter().map(Warning::kind).collect()
     }
 
     #[test]
@@ -493,7 +670,7 @@ mod tests {
         assert!(
             a.recognized
                 .iter()
-                .any(|r| r.owner == "wg-quick" && r.side == "new"),
+                .any(|r| r.owner == "wg-quick" && r.side == Side::New),
             "{a:?}"
         );
         let a = attribute(&reg(), &ch(0, 0x539));
@@ -504,40 +681,36 @@ mod tests {
 
         let cilium = reg().select(&["cilium".into()]).unwrap();
         let a = attribute(&cilium, &ch(0, 0x0012_0e00));
-        let magic = a
-            .owners
-            .iter()
-            .find(|o| o.field.as_deref() == Some("magic"))
-            .unwrap();
-        assert_eq!(magic.meaning.as_deref(), Some("encrypt"));
-        let id = a
-            .owners
-            .iter()
-            .find(|o| o.field.as_deref() == Some("identity"))
-            .unwrap();
-        assert_eq!(id.new_value, "18");
+        let field = |name: &str| {
+            a.owners
+                .iter()
+                .find(|o| o.field == Some(FieldRef::Named(name.into())))
+                .unwrap()
+        };
+        assert_eq!(field("magic").meaning.as_deref(), Some("encrypt"));
+        assert_eq!(field("identity").new_value, FieldValue::Number(18));
     }
 
     #[test]
     fn profile_limits_candidates_and_flags_unowned() {
         let sel = reg().select(&["kube-proxy".into()]).unwrap();
         let a = attribute(&sel, &ch(0, 0x84000));
-        assert_eq!(a.unowned_bits.as_deref(), Some("0x80000"));
-        assert!(a.warnings.iter().any(|w| w.kind == "unowned"));
+        assert_eq!(a.unowned_bits, Some(Mark(0x80000)));
+        assert!(kinds(&a).contains(&WarningKind::Unowned));
     }
 
     #[test]
     fn multi_owner_without_a_known_writer() {
         let a = attribute(&reg(), &ch(0, 0x84000));
-        assert!(a.warnings.iter().any(|w| w.kind == "multi-owner"), "{a:?}");
+        assert!(kinds(&a).contains(&WarningKind::MultiOwner), "{a:?}");
     }
 
     /// iptables-nft: the band holds only "ip nat/OUTPUT"; the owner's name is on the chain it
     /// jumps to that writes the mark.
     #[test]
     fn writer_named_by_the_chain_the_base_chain_jumps_to() {
-        let chains = ["ip nat/OUTPUT@-100".to_string()];
-        let below = ["ip nat/KUBE-MARK-MASQ".to_string()];
+        let chains = [base(NftFamily::Ip, "nat", "OUTPUT", -100)];
+        let below = [id(NftFamily::Ip, "nat", "KUBE-MARK-MASQ")];
         let c = Change {
             old: 0,
             new: 0x4000,
@@ -555,35 +728,46 @@ mod tests {
         assert_eq!(a.writer.as_deref(), Some("kube-proxy@current"));
     }
 
+    fn calico_clears_bypass() -> Attribution {
+        let chains = [base(NftFamily::Inet, "calico", "cali-POSTROUTING", -150)];
+        attribute(
+            &reg(),
+            &Change {
+                old: 0x80000,
+                new: 0,
+                chains: &chains,
+                ..Default::default()
+            },
+        )
+    }
+
     /// Collision 1 (mark-owners.md): Tailscale's bypass bit cleared by Calico's entry clear.
     #[test]
     fn calico_clearing_tailscale_bypass_is_a_clobber() {
-        let chains = ["inet calico/cali-POSTROUTING@-150".to_string()];
-        let c = Change {
-            old: 0x80000,
-            new: 0,
-            chains: &chains,
-            ..Default::default()
-        };
-        let a = attribute(&reg(), &c);
+        let a = calico_clears_bypass();
         assert_eq!(a.writer.as_deref(), Some("calico"));
         let w = a
             .warnings
             .iter()
-            .find(|w| w.kind == "clobber")
+            .find(|w| w.kind() == WarningKind::Clobber)
             .expect("clobber");
         assert_eq!(w.owners, ["calico", "tailscale"]);
-        assert!(
-            w.message.contains("cleared 0x80000") && w.message.contains("bypass"),
-            "{}",
-            w.message
+        assert_eq!(
+            w.finding,
+            Finding::Clobber {
+                writer: "calico".into(),
+                cleared: true,
+                bits: Mark(0x80000),
+                victim: "tailscale".into(),
+                meanings: vec!["bypass".into()],
+            }
         );
     }
 
     /// Collision 5: AWS VPC CNI nft restore overwrites Calico eBPF's seen mark.
     #[test]
     fn aws_nft_restore_overwrites_calico_ebpf() {
-        let chains = ["ip aws-cni/nat-prerouting@-90".to_string()];
+        let chains = [base(NftFamily::Ip, "aws-cni", "nat-prerouting", -90)];
         let c = Change {
             old: 0x0100_0000,
             new: 0x80,
@@ -592,10 +776,9 @@ mod tests {
         };
         let a = attribute(&reg(), &c);
         assert_eq!(a.writer.as_deref(), Some("aws-vpc-cni@nftables>=1.23"));
-        let w = a
-            .warnings
-            .iter()
-            .find(|w| w.kind == "whole-overwrite" && w.owners.contains(&"calico-ebpf".to_string()));
+        let w = a.warnings.iter().find(|w| {
+            w.kind() == WarningKind::WholeOverwrite && w.owners.contains(&"calico-ebpf".to_string())
+        });
         assert!(w.is_some(), "{:?}", a.warnings);
     }
 
@@ -615,12 +798,17 @@ mod tests {
             },
         );
         assert_eq!(a.writer.as_deref(), Some("wg-quick"));
-        let w = a
-            .warnings
-            .iter()
-            .find(|w| w.kind == "clobber" && w.message.contains("sets 0xc000"))
-            .expect("clobber");
-        assert!(w.message.contains("drop (KUBE-FIREWALL)"), "{}", w.message);
+        let found = a.warnings.iter().find_map(|w| match &w.finding {
+            Finding::ValueSetsForeignBits { bits, meanings, .. } if *bits == Mark(0xc000) => {
+                Some(meanings)
+            }
+            _ => None,
+        });
+        assert!(
+            found.is_some_and(|m| m.iter().any(|m| m == "drop (KUBE-FIREWALL)")),
+            "{:?}",
+            a.warnings
+        );
     }
 
     #[test]
@@ -629,7 +817,7 @@ mod tests {
         assert!(
             a.warnings
                 .iter()
-                .any(|w| w.kind == "exact-match-broken" && w.owners == ["wg-quick"]),
+                .any(|w| w.kind() == WarningKind::ExactMatchBroken && w.owners == ["wg-quick"]),
             "{a:?}"
         );
     }
@@ -644,35 +832,26 @@ mod tests {
         assert!(a
             .owners
             .iter()
-            .any(|o| o.owner.starts_with("aws-vpc-cni") && o.field.as_deref() == Some("ct")));
+            .any(|o| o.owner.starts_with("aws-vpc-cni") && o.field == Some(FieldRef::Conntrack)));
     }
 
     #[test]
-    fn counter_sums_per_pair() {
-        let chains = ["inet calico/cali-POSTROUTING@-150".to_string()];
-        let a = Rendered::new(attribute(
-            &reg(),
-            &Change {
-                old: 0x80000,
-                new: 0,
-                chains: &chains,
-                ..Default::default()
-            },
-        ));
-        let mut c = AttributionCounts::default();
-        c.add(&a, 1);
-        c.fold();
-        c.add(&a, 1);
-        let (owners, clobbers) = c.totals();
-        assert_eq!(owners.get("tailscale"), Some(&2));
-        assert_eq!(owners.get("calico"), Some(&2));
+    fn totals_sum_per_pair() {
+        let a = calico_clears_bypass();
+        let mut t = Totals::default();
+        t.add(&a, 1);
+        t.add(&a, 1);
+        assert_eq!(t.owners.get("tailscale"), Some(&2));
+        assert_eq!(t.owners.get("calico"), Some(&2));
         assert_eq!(
-            clobbers,
-            vec![ClobberCount {
-                kind: "clobber",
-                owners: "calico × tailscale".into(),
-                count: 2
-            }]
+            t.warnings,
+            BTreeMap::from([(
+                (
+                    WarningKind::Clobber,
+                    vec!["calico".to_string(), "tailscale".to_string()]
+                ),
+                2
+            )])
         );
     }
 
@@ -687,9 +866,8 @@ mod tests {
             fn bits_cover_the_change(old: u32, new: u32, profile in proptest::bool::ANY) {
                 let r = if profile { reg().select(&["calico".into(), "kube-proxy".into()]).unwrap() } else { reg() };
                 let a = attribute(&r, &ch(old, new));
-                let parse = |s: &str| u32::from_str_radix(s.trim_start_matches("0x"), 16).unwrap();
-                let covered = a.owners.iter().filter(|o| o.field.as_deref() != Some("ct")).fold(0, |acc, o| acc | parse(&o.bits))
-                    | a.unowned_bits.as_deref().map_or(0, parse);
+                let covered = a.owners.iter().filter(|o| o.field != Some(FieldRef::Conntrack)).fold(0, |acc, o| acc | o.bits.0)
+                    | a.unowned_bits.map_or(0, |m| m.0);
                 prop_assert_eq!(covered, old ^ new);
             }
         }

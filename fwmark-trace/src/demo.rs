@@ -14,40 +14,38 @@ use std::{
 };
 
 use anyhow::Result;
-use clap::Args;
+use log::{info, warn};
 
 use crate::{
+    flows::Selection,
     lab::{self, Lab},
-    registry::RegistryArgs,
-    trace::{self, TraceArgs},
-    tracking::flows::FlowSelect,
-    why::{self, WhyArgs},
+    output::Format,
+    registry,
+    stack::Proto,
+    trace::{self, TraceConfig},
+    why::{self, WhyConfig},
 };
 
+/// Which tour.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Scenario {
+pub(crate) enum Scenario {
     /// Owners setting, OR-ing and clearing bits; two documented collisions.
     Marks,
     /// A policy-routed request whose unmarked reply dies in rp_filter, diagnosed by `why`.
     LostReply,
 }
 
-#[derive(Args, Clone, Debug)]
-pub struct DemoArgs {
-    /// Which tour.
-    #[arg(long, value_enum, default_value = "marks")]
-    pub scenario: Scenario,
-    /// One JSON object per line instead of readable lines.
-    #[arg(long)]
-    pub json: bool,
+#[derive(Clone, Debug)]
+pub(crate) struct DemoConfig {
+    pub(crate) scenario: Scenario,
+    pub(crate) format: Format,
     /// How long to trace.
-    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
-    pub duration: Duration,
+    pub(crate) duration: Duration,
 }
 
 /// The rules the demo installs in namespace A, one table per owner named the way the owner
 /// names its own (removed with the namespace).
-pub const RULESET: &str = r#"
+pub(crate) const RULESET: &str = r#"
 table ip kube-proxy {
     chain mark-for-masquerade {
         type filter hook output priority -100; policy accept;
@@ -77,7 +75,7 @@ table inet calico {
 "#;
 
 /// The software the demo pretends the node runs (`--owners`).
-pub const PROFILE: [&str; 4] = ["kube-proxy", "tailscale", "calico", "wg-quick"];
+pub(crate) const PROFILE: [&str; 4] = ["kube-proxy", "tailscale", "calico", "wg-quick"];
 
 /// wg-quick's default fwmark (51820) and tailscaled's bypass mark, as SO_MARK.
 const WG_QUICK_MARK: u32 = 0xCA6C;
@@ -106,7 +104,7 @@ fn traffic() -> Result<()> {
     Ok(())
 }
 
-pub fn run(args: &DemoArgs) -> Result<()> {
+pub(crate) fn run(args: &DemoConfig) -> Result<()> {
     trace::require_root("fwmark-trace demo")?;
     if args.scenario == Scenario::LostReply {
         return lost_reply(args);
@@ -118,19 +116,18 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         &lab.a,
         &format!("route add 10.77.0.0/24 dev {} table 100", lab::VETH_A),
     )?;
-    eprintln!(
-        "fwmark-trace demo: namespaces {} and {} joined by {}/{}; in {}: nft tables kube-proxy, kubelet, calico, `ip rule fwmark 0x4000/0x4000 lookup 100`, sockets with SO_MARK {WG_QUICK_MARK:#x} (wg-quick) and {TAILSCALE_BYPASS:#x} (tailscale); owners: {}",
+    info!(
+        "demo: namespaces {} and {} joined by {}/{}; in {}: nft tables kube-proxy, kubelet, calico, `ip rule fwmark 0x4000/0x4000 lookup 100`, sockets with SO_MARK {WG_QUICK_MARK:#x} (wg-quick) and {TAILSCALE_BYPASS:#x} (tailscale); owners: {}",
         lab.a, lab.b, lab::VETH_A, lab::VETH_B, lab.a, PROFILE.join(",")
     );
-    let targs = TraceArgs {
-        json: args.json,
+    let targs = TraceConfig {
+        format: args.format,
         netns: Some(lab.a.clone()),
         duration: Some(args.duration),
         // One report of the counted transitions, at the end.
         interval: args.duration,
-        ring_size: 4 << 20,
-        registry: RegistryArgs {
-            owners: PROFILE.map(String::from).to_vec(),
+        registry: registry::Sources {
+            profile: PROFILE.map(String::from).to_vec(),
             ..Default::default()
         },
         ..Default::default()
@@ -141,17 +138,17 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     });
     if let Some(t) = sender.into_inner() {
         if let Ok(Err(err)) = t.join() {
-            eprintln!("fwmark-trace demo: traffic: {err:#}");
+            warn!("demo: traffic: {err:#}");
         }
     }
     drop(lab);
-    eprintln!("fwmark-trace demo: namespaces removed");
+    info!("demo: namespaces removed");
     res.map(|_| ())
 }
 
 /// The "disappearing reply" tour: requests marked 0x4000 are policy-routed out via a2, replies
 /// come back on a2 unmarked, and rp_filter drops them; `why` explains it.
-fn lost_reply(args: &DemoArgs) -> Result<()> {
+fn lost_reply(args: &DemoConfig) -> Result<()> {
     let lab = Lab::new("demo")?;
     lab.add_second_path()?;
     lab.sysctl(
@@ -162,23 +159,23 @@ fn lost_reply(args: &DemoArgs) -> Result<()> {
             ("all.src_valid_mark", "0"),
         ],
     )?;
-    eprintln!(
-        "fwmark-trace demo: in {}: `ip rule fwmark 0x4000/0x4000 lookup 100` sends {} via a2; replies come back on a2 without the mark; rp_filter=1",
+    info!(
+        "demo: in {}: `ip rule fwmark 0x4000/0x4000 lookup 100` sends {} via a2; replies come back on a2 without the mark; rp_filter=1",
         lab.a,
         lab::SERVICE
     );
     let stop = Arc::new(AtomicBool::new(false));
     let server = lab::echo_server(&lab.b, lab::SERVICE, 7, stop.clone());
     let client = std::cell::RefCell::new(None);
-    let why_args = WhyArgs {
-        select: FlowSelect {
+    let why_args = WhyConfig {
+        select: Selection {
             port: Some(7),
-            proto: Some("udp".into()),
+            proto: Some(Proto::UDP),
             ..Default::default()
         },
         netns: Some(lab.a.clone()),
         duration: args.duration,
-        json: args.json,
+        json: args.format == Format::Json,
         ..Default::default()
     };
     let res = why::run_with(&why_args, || {
@@ -189,14 +186,14 @@ fn lost_reply(args: &DemoArgs) -> Result<()> {
     });
     if let Some(c) = client.into_inner() {
         let replied = c.join().ok().and_then(Result::ok).unwrap_or(false);
-        eprintln!(
-            "fwmark-trace demo: the client {} its replies",
+        info!(
+            "demo: the client {} its replies",
             if replied { "got" } else { "never got" }
         );
     }
     stop.store(true, Ordering::Relaxed);
     let _ = server.join();
     drop(lab);
-    eprintln!("fwmark-trace demo: namespaces removed. The fix here: restore the mark on replies (`ct mark set meta mark` on output, `meta mark set ct mark` on prerouting) and set src_valid_mark=1.");
+    info!("demo: namespaces removed. The fix here: restore the mark on replies (`ct mark set meta mark` on output, `meta mark set ct mark` on prerouting) and set src_valid_mark=1.");
     res.map(|_| ())
 }

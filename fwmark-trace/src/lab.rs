@@ -285,3 +285,150 @@ pub fn echo_client(ns: &str, dst: &str, port: u16, mark: u32) -> Result<bool> {
     .join()
     .map_err(|_| anyhow::anyhow!("echo client panicked"))?
 }
+
+// ---- Foreign tc programs: what other software attaches, for tests to observe ---------------
+// Panics on failure: these build test fixtures, where a failure is the test's.
+
+/// Loads a tc program that sets `skb->mark = mark` and hands the packet on (-1: next in the
+/// tcx chain, TC_ACT_UNSPEC for a classic filter).
+fn load_mark_setter(
+    mark: u32,
+    attach: aya_obj::generated::bpf_attach_type,
+) -> std::os::fd::OwnedFd {
+    use aya_obj::generated::bpf_prog_type;
+    // r2 = mark; *(u32 *)(r1 + offsetof(__sk_buff, mark)) = r2; r0 = -1; exit
+    let insn = |code: u64, dst: u64, src: u64, off: i16, imm: i32| {
+        code | (dst | src << 4) << 8 | ((off as u16) as u64) << 16 | ((imm as u32) as u64) << 32
+    };
+    let prog = [
+        insn(0xb7, 2, 0, 0, mark as i32),
+        insn(0x63, 1, 2, 8, 0),
+        insn(0xb7, 0, 0, 0, -1),
+        insn(0x95, 0, 0, 0, 0),
+    ];
+    // SAFETY: bpf_insn is 8 plain bytes, the layout of the u64s above.
+    let insns: &[aya_obj::generated::bpf_insn] =
+        unsafe { std::slice::from_raw_parts(prog.as_ptr().cast(), prog.len()) };
+    crate::kernel::sys::prog_load(
+        bpf_prog_type::BPF_PROG_TYPE_SCHED_CLS,
+        attach,
+        "test_setmark",
+        insns,
+        None,
+    )
+    .expect("load test_setmark")
+}
+
+/// Attaches, inside `ns`, a foreign tcx egress program on `ifname` that sets `skb->mark = mark`,
+/// placed just before fwmark-trace's last egress observer (so between our first and last), or
+/// at the end of the chain where there is none yet (the daemon then attaches around it).
+/// Returns the link fd (detached when dropped) and the program id.
+pub fn attach_tcx_mark_setter(ns: &str, ifname: &str, mark: u32) -> (std::os::fd::OwnedFd, u32) {
+    use crate::kernel::sys;
+    use aya::programs::{SchedClassifier, TcAttachType};
+    use aya_obj::generated::{bpf_attach_type, bpf_cmd};
+    use std::os::fd::AsRawFd;
+
+    let (ns, ifname) = (ns.to_owned(), ifname.to_owned());
+    thread::spawn(move || {
+        crate::netns::enter(&ns).expect("enter netns");
+        let (_, progs) =
+            SchedClassifier::query_tcx(&ifname, TcAttachType::Egress).expect("query tcx");
+        let last = progs
+            .iter()
+            .find(|p| p.name_as_str() == Some("fwm_tc_eg_last"))
+            .map(|p| p.id());
+        let prog_fd = load_mark_setter(mark, bpf_attach_type::BPF_TCX_EGRESS);
+        // SAFETY: a valid NUL-terminated name; if_nametoindex only reads it.
+        let ifindex = unsafe {
+            libc::if_nametoindex(std::ffi::CString::new(ifname.as_str()).unwrap().as_ptr())
+        };
+        let mut attr = sys::attr();
+        // SAFETY: BPF_LINK_CREATE reads the `link_create` variant of the attribute union.
+        let lc = unsafe { &mut attr.link_create };
+        lc.__bindgen_anon_1.prog_fd = prog_fd.as_raw_fd() as u32;
+        lc.__bindgen_anon_2.target_ifindex = ifindex;
+        lc.attach_type = bpf_attach_type::BPF_TCX_EGRESS as u32;
+        const BPF_F_BEFORE: u32 = 1 << 3;
+        const BPF_F_ID: u32 = 1 << 5;
+        if let Some(last) = last {
+            lc.flags = BPF_F_BEFORE | BPF_F_ID;
+            lc.__bindgen_anon_3.tcx.__bindgen_anon_1.relative_id = last;
+        }
+        let link = sys::bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr).expect("link test_setmark");
+        let (_, progs) =
+            SchedClassifier::query_tcx(&ifname, TcAttachType::Egress).expect("query tcx");
+        let id = progs
+            .iter()
+            .find(|p| p.name_as_str() == Some("test_setmark"))
+            .expect("attached")
+            .id();
+        (link, id)
+    })
+    .join()
+    .expect("tcx attach thread")
+}
+
+/// The names of the programs in `ifname`'s tcx ingress and egress chains, inside `ns`.
+pub fn tcx_chain(ns: &str, ifname: &str) -> Vec<String> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+
+    let (ns, ifname) = (ns.to_owned(), ifname.to_owned());
+    thread::spawn(move || {
+        crate::netns::enter(&ns).expect("enter netns");
+        [TcAttachType::Ingress, TcAttachType::Egress]
+            .into_iter()
+            .flat_map(|dir| {
+                SchedClassifier::query_tcx(&ifname, dir)
+                    .expect("query tcx")
+                    .1
+            })
+            .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+            .collect()
+    })
+    .join()
+    .expect("tcx query thread")
+}
+
+/// Attaches a classic tc filter (clsact egress, cls_bpf direct-action) on `ifname` in `ns`
+/// that sets `skb->mark = mark`: it runs after the whole tcx chain. The filter goes with the
+/// namespace; the bpffs pin `tc` needs is removed at once.
+pub fn attach_clsact_mark_setter(ns: &str, ifname: &str, mark: u32) {
+    use crate::kernel::sys;
+    use aya_obj::generated::{bpf_attach_type, bpf_cmd};
+    use std::os::fd::AsRawFd;
+
+    // Value 0, i.e. no expected attach type: what a classic tc filter's program is loaded with.
+    let prog = load_mark_setter(mark, bpf_attach_type::BPF_CGROUP_INET_INGRESS);
+    let pin = format!(
+        "/sys/fs/bpf/fwmt-test-setmark-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+    );
+    let path = std::ffi::CString::new(pin.as_str()).unwrap();
+    let mut attr = sys::attr();
+    // SAFETY: BPF_OBJ_PIN reads the pathname/bpf_fd variant of the attribute union.
+    let o = unsafe { &mut attr.__bindgen_anon_4 };
+    o.pathname = path.as_ptr() as u64;
+    o.bpf_fd = prog.as_raw_fd() as u32;
+    // Not `sys::bpf`: BPF_OBJ_PIN returns 0, not a descriptor (taking it closed stdin).
+    sys::bpf_status(bpf_cmd::BPF_OBJ_PIN, &mut attr).expect("pin test_setmark");
+    // `tc` runs from a thread inside the namespace (`ip netns exec` would remount /sys and
+    // hide the pin).
+    let (ns, ifname, p) = (ns.to_owned(), ifname.to_owned(), pin.clone());
+    let res = thread::spawn(move || {
+        crate::netns::enter(&ns)?;
+        let tc = |args: &str| run("tc", &args.split_whitespace().collect::<Vec<_>>());
+        tc(&format!("qdisc add dev {ifname} clsact"))?;
+        tc(&format!(
+            "filter add dev {ifname} egress bpf object-pinned {p} da"
+        ))
+    })
+    .join()
+    .expect("tc thread");
+    let _ = std::fs::remove_file(&pin);
+    res.expect("clsact filter");
+}

@@ -1,28 +1,44 @@
 //! fwmark-trace: traces Linux packet marks (`skb->mark`) across tc, netfilter, routing and
 //! sockets, and attributes every changed bit to its registered owner.
 //!
-//! Data path, one module per arrow:
-//! kernel observers (`kernel`) → events (`events`) → tracking (`tracking`) →
-//! attribution (`registry`, `attribution`) → outputs (`output`).
+//! The data path, one module per step:
+//! kernel observers (`kernel`) → decode (`decode`: raw record → `event`) → where it happened
+//! (`place`) → flows (`flows`) → attribution (`attribution`, with the owner `registry`) →
+//! outputs (`output`: human lines, JSON, summary, metrics). `pipeline` runs a record through
+//! decode and attribution.
+//!
+//! Beside it: the typed vocabulary (`mark`, `stack`), the node's state that decides what marks
+//! do (`nodestate`), why replies die (`why`), the commands (`cli`, `trace`, `recording`,
+//! `demo`) and throwaway namespaces (`lab`, `netns`), which the integration tests use too.
 
-pub mod attribution;
-pub mod bench;
-pub mod cli;
-pub mod demo;
-pub mod events;
-pub mod kernel;
+mod attribution;
+mod cli;
+mod decode;
+mod demo;
+mod event;
+mod flows;
+mod kernel;
 pub mod lab;
+mod mark;
 pub mod netns;
-pub mod nodestate;
-pub mod output;
-pub mod pipeline_bench;
-pub mod recording;
-pub mod registry;
-pub mod rendered;
-pub mod soak;
-pub mod trace;
-pub mod tracking;
-pub mod why;
+mod nodestate;
+mod output;
+mod pipeline;
+mod place;
+mod recording;
+mod registry;
+mod stack;
+mod trace;
+mod why;
+
+/// The benchmark and the soak test (`cargo xtask bench`, `cargo xtask soak`): compiled only with
+/// the `bench` feature, so no user's binary carries them.
+#[cfg(feature = "bench")]
+mod bench;
+#[cfg(any(test, feature = "bench"))]
+mod fixtures;
+
+pub use cli::main;
 
 /// Shared by the property tests: a fixed seed, so a gate gives the same verdict on every run
 /// (a failure found once is reproduced, and CI cannot fail at random).

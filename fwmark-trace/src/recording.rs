@@ -3,7 +3,7 @@
 //! context needed to name them; `fwmark-trace show FILE` decodes and attributes them afterwards
 //! with the same code the live output uses.
 //!
-//! Format: the magic line `FWMTREC2\n`, then frames of `tag: u8, len: u32 (little endian),
+//! Format: the magic line `FWMTREC3\n`, then frames of `tag: u8, len: u32 (little endian),
 //! payload`: `C` a context (JSON: topology, drop reason names, boot time), valid for the records
 //! after it; `E` raw `Event` records, back to back. A file cut short (the daemon was killed) ends
 //! at its last whole record.
@@ -16,18 +16,21 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use clap::Args;
 use fwmark_trace_common::Event;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    events::Decoder,
+    attribution::Attributor,
+    decode::Decoder,
     output::{summary::Summary, Format, Output},
-    registry::{Registry, RegistryArgs},
-    tracking::segment::Topology,
+    pipeline::Pipeline,
+    place::Topology,
+    registry::{self, Registry},
 };
 
-const MAGIC: &[u8; 9] = b"FWMTREC2\n"; // 2: `Point` carries a priority (16 bytes).
+/// 2: `Point` carries a priority (16 bytes); 3: the topology's chains and sites are typed
+/// (hooks and families by name).
+const MAGIC: &[u8; 9] = b"FWMTREC3\n";
 const CONTEXT: u8 = b'C';
 const EVENTS: u8 = b'E';
 /// A frame larger than this is not one we wrote.
@@ -35,21 +38,21 @@ const MAX_FRAME: u32 = 64 << 20;
 
 /// What is needed to name recorded points: as the daemon knew it when they were recorded.
 #[derive(Serialize, Deserialize)]
-pub struct Context {
-    pub topology: Topology,
-    pub drop_reasons: Vec<(u32, String)>,
+pub(crate) struct Context {
+    pub(crate) topology: Topology,
+    pub(crate) drop_reasons: Vec<(u32, String)>,
     /// Wall-clock time of CLOCK_MONOTONIC's zero on the recording machine (ns since the epoch).
-    pub boot_unix_ns: u64,
+    pub(crate) boot_unix_ns: u64,
 }
 
-pub struct Recorder {
+pub(crate) struct Recorder {
     out: BufWriter<File>,
     pending: Vec<u8>,
-    pub records: u64,
+    pub(crate) records: u64,
 }
 
 impl Recorder {
-    pub fn create(path: &Path) -> Result<Self> {
+    pub(crate) fn create(path: &Path) -> Result<Self> {
         let file =
             File::create(path).with_context(|| format!("creating recording {}", path.display()))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
@@ -61,11 +64,11 @@ impl Recorder {
         })
     }
 
-    pub fn context(&mut self, decoder: &Decoder) -> Result<()> {
+    pub(crate) fn context(&mut self, decoder: &Decoder) -> Result<()> {
         self.flush_events()?;
         let ctx = ContextRef {
-            topology: &decoder.topology,
-            drop_reasons: decoder.drop_reasons.iter().map(|(k, v)| (*k, v)).collect(),
+            topology: decoder.topology(),
+            drop_reasons: decoder.drop_names().iter().map(|(k, v)| (*k, v)).collect(),
             boot_unix_ns: decoder
                 .boot()
                 .duration_since(UNIX_EPOCH)
@@ -76,7 +79,7 @@ impl Recorder {
     }
 
     /// One raw record as the kernel wrote it.
-    pub fn record(&mut self, raw: &[u8]) -> Result<()> {
+    pub(crate) fn record(&mut self, raw: &[u8]) -> Result<()> {
         self.pending.extend_from_slice(raw);
         self.records += 1;
         if self.pending.len() >= 1 << 20 {
@@ -93,7 +96,7 @@ impl Recorder {
         Ok(())
     }
 
-    pub fn finish(&mut self) -> Result<()> {
+    pub(crate) fn finish(&mut self) -> Result<()> {
         self.flush_events()?;
         self.out.flush().context("writing the recording")
     }
@@ -115,31 +118,38 @@ struct ContextRef<'a> {
 }
 
 /// A frame read back.
-pub enum Frame {
+pub(crate) enum Frame {
     Context(Box<Context>),
     Events(Vec<Event>),
 }
 
 /// Reads the frames of a recording. Anything that is not one (bad magic, a bad context) is an
 /// error; a file cut short ends at its last whole record.
-pub struct Reader<R> {
+pub(crate) struct Reader<R> {
     input: R,
 }
 
 impl<R: Read> Reader<R> {
-    pub fn new(mut input: R) -> Result<Self> {
+    pub(crate) fn new(mut input: R) -> Result<Self> {
         let mut magic = [0u8; 9];
         input
             .read_exact(&mut magic)
             .context("not a fwmark-trace recording (too short)")?;
+        if magic.starts_with(b"FWMTREC") && &magic != MAGIC {
+            bail!(
+                "a recording of another fwmark-trace version ({}; this one reads {})",
+                String::from_utf8_lossy(&magic).trim(),
+                String::from_utf8_lossy(MAGIC).trim()
+            );
+        }
         if &magic != MAGIC {
-            bail!("not a fwmark-trace recording (no FWMTREC2 header)");
+            bail!("not a fwmark-trace recording (no FWMTREC header)");
         }
         Ok(Self { input })
     }
 
     /// The next frame; `None` at the end.
-    pub fn next_frame(&mut self) -> Result<Option<Frame>> {
+    pub(crate) fn next_frame(&mut self) -> Result<Option<Frame>> {
         let mut head = [0u8; 5];
         if !read_full(&mut self.input, &mut head)? {
             return Ok(None);
@@ -184,67 +194,57 @@ fn events_of(data: &[u8]) -> Vec<Event> {
         .collect()
 }
 
-#[derive(Args, Clone, Debug)]
-pub struct ShowArgs {
-    /// The recording (`trace --record FILE`).
-    pub file: PathBuf,
-    /// One JSON object per line instead of readable lines.
-    #[arg(long)]
-    pub json: bool,
-    /// Write events to FILE instead of stdout.
-    #[arg(long, value_name = "FILE")]
-    pub output: Option<PathBuf>,
-    #[command(flatten)]
-    pub registry: RegistryArgs,
+/// What `show` reads and where it writes.
+pub(crate) struct ShowConfig {
+    pub(crate) file: PathBuf,
+    pub(crate) format: Format,
+    pub(crate) output: Option<PathBuf>,
+    pub(crate) registry: registry::Sources,
 }
 
 /// `fwmark-trace show`: decodes and attributes a recording.
-pub fn show(args: &ShowArgs) -> Result<Summary> {
-    let registry = Registry::load(&args.registry)?;
-    let file = File::open(&args.file)
-        .with_context(|| format!("opening recording {}", args.file.display()))?;
+pub(crate) fn show(cfg: &ShowConfig) -> Result<Summary> {
+    let registry = Registry::load(&cfg.registry)?;
+    let file = File::open(&cfg.file)
+        .with_context(|| format!("opening recording {}", cfg.file.display()))?;
     let mut reader = Reader::new(BufReader::with_capacity(1 << 20, file))
-        .with_context(|| args.file.display().to_string())?;
-    let format = if args.json {
-        Format::Json
-    } else {
-        Format::Human
-    };
-    let mut out = Output::new(format, args.output.as_deref())?;
-    let mut summary = Summary::new();
-    let mut decoder: Option<Decoder> = None;
+        .with_context(|| cfg.file.display().to_string())?;
+    let mut out = Output::new(cfg.format, cfg.output.as_deref())?;
+    let mut summary = Summary::default();
+    let mut pipeline: Option<Pipeline> = None;
     while let Some(frame) = reader.next_frame()? {
         match frame {
             Frame::Context(ctx) => {
                 let boot = UNIX_EPOCH + Duration::from_nanos(ctx.boot_unix_ns);
                 let reasons: HashMap<u32, String> = ctx.drop_reasons.into_iter().collect();
-                match decoder.as_mut() {
-                    Some(d) => {
-                        d.set_topology(ctx.topology);
+                match pipeline.as_mut() {
+                    Some(p) => {
+                        p.set_topology(ctx.topology);
                     }
                     None => {
-                        let mut d = Decoder::new(ctx.topology, reasons).with_boot(boot);
-                        d.registry = Some(registry.clone());
-                        decoder = Some(d);
+                        pipeline = Some(Pipeline {
+                            decoder: Decoder::new(ctx.topology, reasons).with_boot(boot),
+                            attributor: Attributor::new(registry.clone()),
+                        });
                     }
                 }
             }
             Frame::Events(evs) => {
-                let d = decoder
+                let p = pipeline
                     .as_mut()
                     .context("corrupt recording: records before any context")?;
                 for raw in &evs {
-                    let ev = d.decode(raw);
+                    let ev = p.event(raw);
                     out.event(&ev)?;
                     summary.count(&ev);
                 }
             }
         }
     }
-    if let Some(d) = &decoder {
-        summary.attributions(&d.counts);
+    if let Some(p) = &pipeline {
+        summary.attribution = p.attributor.totals();
     }
-    if args.json {
+    if cfg.format == Format::Json {
         out.summary(&summary)?;
     }
     out.flush()?;

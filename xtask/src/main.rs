@@ -102,9 +102,16 @@ fn timed(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
     res
 }
 
+/// What the daemon is built for: users (the product), or the benchmark and soak harness.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Build {
+    Product,
+    Harness,
+}
+
 /// Builds the daemon and returns the path of its binary (asks cargo, so CARGO_TARGET_DIR
 /// and profiles are respected).
-pub(crate) fn build(release: bool) -> Result<PathBuf> {
+pub(crate) fn build(release: bool, what: Build) -> Result<PathBuf> {
     let mut c = cargo();
     c.args([
         "build",
@@ -116,6 +123,9 @@ pub(crate) fn build(release: bool) -> Result<PathBuf> {
     ]);
     if release {
         c.arg("--release");
+    }
+    if what == Build::Harness {
+        c.args(["--features", "bench"]);
     }
     let out = c
         .stderr(std::process::Stdio::inherit())
@@ -132,9 +142,9 @@ pub(crate) fn build(release: bool) -> Result<PathBuf> {
         .context("cargo build did not report the fwmark-trace binary")
 }
 
-fn run_daemon(release: bool, args: &[String]) -> Result<()> {
+fn run_daemon(release: bool, what: Build, args: &[String]) -> Result<()> {
     cmd::require_root("run")?;
-    let bin = build(release)?;
+    let bin = build(release, what)?;
     cmd::run(Command::new(bin).args(args))
 }
 
@@ -146,6 +156,7 @@ fn test(args: &[String]) -> Result<()> {
     timed("clippy", || {
         cmd::run(cargo().arg("clippy").args(PACKAGES).args([
             "--all-targets",
+            "--all-features",
             "--",
             "-D",
             "warnings",
@@ -158,6 +169,8 @@ fn test(args: &[String]) -> Result<()> {
             cargo()
                 .arg("test")
                 .args(PACKAGES)
+                // The soak test runs the harness's `soak` command.
+                .args(["--features", "fwmark-trace/bench"])
                 .arg("--")
                 .arg("--test-threads=1")
                 .args(args),
@@ -204,12 +217,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.task {
         Task::Setup => timed("setup", setup::run),
-        Task::Build { release } => setup::run().and_then(|_| build(release).map(|_| ())),
-        Task::Run { release, args } => setup::run().and_then(|_| run_daemon(release, &args)),
+        Task::Build { release } => {
+            setup::run().and_then(|_| build(release, Build::Product).map(|_| ()))
+        }
+        Task::Run { release, args } => {
+            setup::run().and_then(|_| run_daemon(release, Build::Product, &args))
+        }
         Task::Demo { args } => setup::run().and_then(|_| {
             let mut all = vec!["demo".to_string()];
             all.extend(args);
-            run_daemon(true, &all)
+            run_daemon(true, Build::Product, &all)
         }),
         Task::Test { no_vm, args } => timed("setup", setup::run)
             .and_then(|_| test(&args))
@@ -221,6 +238,7 @@ fn main() -> ExitCode {
         Task::Soak { minutes } => setup::run().and_then(|_| {
             run_daemon(
                 true,
+                Build::Harness,
                 &[
                     "soak".into(),
                     "--seconds".into(),
@@ -234,7 +252,7 @@ fn main() -> ExitCode {
             let mut all = vec!["bench".to_string(), "--output".into()];
             all.push(dir.join("latest.json").display().to_string());
             all.extend(args);
-            run_daemon(true, &all)
+            run_daemon(true, Build::Harness, &all)
         }),
         Task::VmTest { kernel, run } => vm::run(&kernel, run.as_deref()),
     };

@@ -111,7 +111,7 @@ pub fn run(kernel: &str, command: Option<&str>) -> Result<()> {
 
     let built = match command {
         Some(_) => None,
-        None => Some((crate::build(true)?, test_binaries()?)),
+        None => Some((crate::build(true, crate::Build::Product)?, test_binaries()?)),
     };
     let steps_for = |k: &Kernel| -> Result<Vec<(String, String)>> {
         let Some((daemon, tests)) = &built else {

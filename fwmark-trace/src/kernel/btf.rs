@@ -57,7 +57,7 @@ struct Type {
     int_bits: Option<(u32, u32)>,
 }
 
-pub struct KernelBtf {
+pub(crate) struct KernelBtf {
     /// Index = type id - `first_id` (vmlinux: 0, and type 0 is `void`).
     types: Vec<Type>,
     first_id: u32,
@@ -83,7 +83,7 @@ impl Reader<'_> {
 
 impl KernelBtf {
     /// Reads /sys/kernel/btf/vmlinux (the running kernel's own types).
-    pub fn load() -> Result<Self> {
+    pub(crate) fn load() -> Result<Self> {
         let path = "/sys/kernel/btf/vmlinux";
         let data = std::fs::read(path).with_context(|| format!("reading {path}"))?;
         Self::from_bytes(&data)
@@ -91,7 +91,7 @@ impl KernelBtf {
 
     /// Reads a loaded module's BTF (split on `vmlinux`); `None` when no module of that name is
     /// loaded (built in, absent, or not loaded yet).
-    pub fn load_module(vmlinux: &Arc<KernelBtf>, module: &str) -> Option<Result<Self>> {
+    pub(crate) fn load_module(vmlinux: &Arc<KernelBtf>, module: &str) -> Option<Result<Self>> {
         let path = format!("/sys/kernel/btf/{module}");
         let data = std::fs::read(&path).ok()?;
         Some(Self::from_split_bytes(&data, Some(vmlinux.clone())).with_context(|| path))
@@ -99,12 +99,12 @@ impl KernelBtf {
 
     /// Parses raw BTF. Any malformed input is an error (never a panic): the bytes come from a
     /// file the daemon does not control.
-    pub fn from_bytes(data: &[u8]) -> Result<Self> {
+    pub(crate) fn from_bytes(data: &[u8]) -> Result<Self> {
         Self::from_split_bytes(data, None)
     }
 
     /// Parses raw BTF that extends `base` (a module's), or stands alone (`None`).
-    pub fn from_split_bytes(data: &[u8], base: Option<Arc<KernelBtf>>) -> Result<Self> {
+    pub(crate) fn from_split_bytes(data: &[u8], base: Option<Arc<KernelBtf>>) -> Result<Self> {
         if data.len() < 24 || u16::from_le_bytes([data[0], data[1]]) != MAGIC {
             bail!("not raw BTF (bad magic or too short)");
         }
@@ -355,17 +355,17 @@ impl KernelBtf {
 
     /// Byte offset of a (possibly nested, dotted) member, looking through anonymous
     /// structs/unions: `member_offset("sk_buff", "mark")`, `member_offset("net", "ns.inum")`.
-    pub fn member_offset(&self, struct_name: &str, path: &str) -> Result<u32> {
+    pub(crate) fn member_offset(&self, struct_name: &str, path: &str) -> Result<u32> {
         Ok(self.walk(struct_name, path)?.0)
     }
 
     /// Byte size of a member's type, through typedefs and qualifiers (4 for `sk_buff.mark`).
-    pub fn member_size(&self, struct_name: &str, path: &str) -> Result<u32> {
+    pub(crate) fn member_size(&self, struct_name: &str, path: &str) -> Result<u32> {
         self.size_of(self.walk(struct_name, path)?.1.type_id, 0)
     }
 
     /// (name, value) of every enumerator of a named enum (BTF_KIND_ENUM or ENUM64).
-    pub fn enum_values(&self, enum_name: &str) -> Result<Vec<(String, i64)>> {
+    pub(crate) fn enum_values(&self, enum_name: &str) -> Result<Vec<(String, i64)>> {
         self.named(enum_name)
             .filter_map(|id| self.get(id).ok())
             .find(|t| matches!(t.kind, ENUM | ENUM64) && !t.enumerators.is_empty())
@@ -374,14 +374,14 @@ impl KernelBtf {
     }
 
     /// The BTF id of a kernel function (what fentry/fexit programs attach to).
-    pub fn func_id(&self, name: &str) -> Option<u32> {
+    pub(crate) fn func_id(&self, name: &str) -> Option<u32> {
         self.named(name)
             .find(|&id| self.get(id).is_ok_and(|t| t.kind == FUNC))
     }
 
     /// Whether any type of that name exists (e.g. `btf_trace_fib_table_lookup`: the tracepoint
     /// exists; `bpf_nf_ctx`: netfilter programs exist).
-    pub fn has_type(&self, name: &str) -> bool {
+    pub(crate) fn has_type(&self, name: &str) -> bool {
         self.named(name).next().is_some()
     }
 }
@@ -389,7 +389,7 @@ impl KernelBtf {
 /// The kernel struct offsets the observers need (their `Config::offsets`). Every field is
 /// required except the conntrack mark (CONFIG_NF_CONNTRACK_MARK) and `sk_mark`, which become
 /// `OFFSET_MISSING` (the observers then skip them).
-pub fn offsets(btf: &KernelBtf) -> Result<Offsets> {
+pub(crate) fn offsets(btf: &KernelBtf) -> Result<Offsets> {
     let off = |s: &str, p: &str| btf.member_offset(s, p);
     let optional = |s: &str, p: &str| off(s, p).unwrap_or(OFFSET_MISSING);
     Ok(Offsets {
@@ -437,7 +437,7 @@ pub fn offsets(btf: &KernelBtf) -> Result<Offsets> {
 
 /// What `nft_do_chain`'s observers read (`nft_pkt_skb`, `nft_pkt_state`, `nft_chain_prio_back`),
 /// from the BTF that has nf_tables' types (its module's, or vmlinux's when built in).
-pub fn nft_offsets(btf: &KernelBtf, into: &mut Offsets) -> Result<()> {
+pub(crate) fn nft_offsets(btf: &KernelBtf, into: &mut Offsets) -> Result<()> {
     let prio = btf.member_offset("nft_base_chain", "ops.priority")?;
     let chain = btf.member_offset("nft_base_chain", "chain")?;
     into.nft_chain_prio_back = chain
@@ -449,13 +449,13 @@ pub fn nft_offsets(btf: &KernelBtf, into: &mut Offsets) -> Result<()> {
 }
 
 /// What `ipt_do_table`'s observers read, from ip_tables' BTF.
-pub fn xt_offsets(btf: &KernelBtf, into: &mut Offsets) -> Result<()> {
+pub(crate) fn xt_offsets(btf: &KernelBtf, into: &mut Offsets) -> Result<()> {
     into.xt_table_priority = btf.member_offset("xt_table", "priority")?;
     Ok(())
 }
 
 /// `enum skb_drop_reason` values → names without the `SKB_DROP_REASON_` prefix.
-pub fn drop_reason_names(btf: &KernelBtf) -> Result<HashMap<u32, String>> {
+pub(crate) fn drop_reason_names(btf: &KernelBtf) -> Result<HashMap<u32, String>> {
     Ok(btf
         .enum_values("skb_drop_reason")?
         .into_iter()

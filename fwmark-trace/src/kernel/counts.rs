@@ -12,20 +12,20 @@ use aya::{
 use fwmark_trace_common::{AggKey, AggValue, Event, MAP_AGG};
 
 /// A transition counted during one interval.
-pub struct Counted {
-    pub packets: u64,
+pub(crate) struct Counted {
+    pub(crate) packets: u64,
     /// The earliest packet of it the kernel kept (on any CPU).
-    pub exemplar: Event,
+    pub(crate) exemplar: Event,
 }
 
-pub struct KernelCounts {
+pub(crate) struct KernelCounts {
     map: PerCpuHashMap<MapData, AggKey, AggValue>,
     /// Each key's total at the previous read.
     totals: HashMap<AggKey, u64>,
 }
 
 impl KernelCounts {
-    pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
+    pub(crate) fn take(ebpf: &mut Ebpf) -> Result<Self> {
         let map = ebpf.take_map(MAP_AGG).context("AGG map")?;
         Ok(Self {
             map: PerCpuHashMap::try_from(map)?,
@@ -34,7 +34,7 @@ impl KernelCounts {
     }
 
     /// What was counted since the last call.
-    pub fn read(&mut self) -> Vec<Counted> {
+    pub(crate) fn read(&mut self) -> Vec<Counted> {
         let mut out = Vec::new();
         let mut totals = HashMap::with_capacity(self.totals.len());
         for (key, values) in self.map.iter().filter_map(Result::ok) {

@@ -11,7 +11,7 @@ use clap::ValueEnum;
 use super::{btf::KernelBtf, sys};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Feature {
+pub(crate) enum Feature {
     /// fentry/fexit programs (BPF_PROG_TYPE_TRACING).
     Fentry,
     /// BPF netfilter links (BPF_PROG_TYPE_NETFILTER, kernel >= 6.4).
@@ -29,7 +29,7 @@ impl fmt::Display for Feature {
 
 /// Netfilter observers (`--nf-observers`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum NfBackend {
+pub(crate) enum NfBackend {
     /// BPF netfilter links where the kernel has them (6.4+), else fentry/fexit.
     #[default]
     Auto,
@@ -41,7 +41,7 @@ pub enum NfBackend {
 
 /// tc observers (`--tc-observers`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum TcBackend {
+pub(crate) enum TcBackend {
     /// tcx where the kernel has it (6.6+), else clsact filters.
     #[default]
     Auto,
@@ -72,7 +72,7 @@ fn load_trivial(
 }
 
 /// Ok, or the kernel's reason the feature is unavailable.
-pub fn probe(feature: Feature, btf: &KernelBtf) -> Result<(), String> {
+pub(crate) fn probe(feature: Feature, btf: &KernelBtf) -> Result<(), String> {
     let res = match feature {
         Feature::Fentry => {
             let Some(id) = btf.func_id("consume_skb") else {
@@ -94,7 +94,10 @@ pub fn probe(feature: Feature, btf: &KernelBtf) -> Result<(), String> {
 }
 
 /// The netfilter back-end to use: `Ok(Links)` or `Ok(Fentry)` with why, or why there is none.
-pub fn netfilter_backend(want: NfBackend, btf: &KernelBtf) -> Result<(NfBackend, String), String> {
+pub(crate) fn netfilter_backend(
+    want: NfBackend,
+    btf: &KernelBtf,
+) -> Result<(NfBackend, String), String> {
     let links = probe(Feature::Netfilter, btf);
     let fentry = probe(Feature::Fentry, btf);
     match (want, links, fentry) {

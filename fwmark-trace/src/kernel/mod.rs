@@ -1,11 +1,13 @@
-//! Kernel observers: the eBPF object, how each kind of observer is attached, and the kernel
-//! facts (BTF offsets, drop reason names) they need.
-pub mod btf;
-pub mod counts;
-pub mod features;
-pub mod netfilter;
-pub mod nf_chains;
-pub mod observers;
-pub mod sys;
-pub mod tc_placement;
-pub mod tcx;
+//! Kernel observers: the eBPF object, how each kind of observer is attached (netfilter links or
+//! fentry/fexit, tcx or clsact filters, tracepoints), where the netfilter ones go (`plan`), the
+//! kernel facts they need (BTF offsets, drop reason names) and what they counted.
+pub(crate) mod btf;
+pub(crate) mod counts;
+pub(crate) mod features;
+pub(crate) mod netfilter;
+pub(crate) mod nf_chains;
+pub(crate) mod observers;
+pub(crate) mod plan;
+pub(crate) mod sys;
+pub(crate) mod tc_placement;
+pub(crate) mod tcx;

@@ -17,31 +17,28 @@ use aya_obj::generated::{bpf_attach_type, bpf_cmd, bpf_prog_type};
 use fwmark_trace_common::NF_SLOTS;
 
 use super::sys;
+use crate::stack::{Family, NfHook};
 
-/// NFPROTO_IPV4 / NFPROTO_IPV6 (include/uapi/linux/netfilter.h).
-pub const FAMILIES: [u8; 2] = [2, 10];
-/// NF_INET_PRE_ROUTING .. NF_INET_POST_ROUTING.
-pub const HOOKS: [u8; 5] = [0, 1, 2, 3, 4];
 /// The kernel refuses INT_MIN and INT_MAX (reserved for the hooks' own first/last users).
-pub const PRIO_FIRST: i32 = i32::MIN + 1;
-pub const PRIO_LAST: i32 = i32::MAX - 1;
+pub(crate) const PRIO_FIRST: i32 = i32::MIN + 1;
+pub(crate) const PRIO_LAST: i32 = i32::MAX - 1;
 
-pub fn slot_program_name(slot: usize) -> String {
+pub(crate) fn slot_program_name(slot: usize) -> String {
     format!("fwm_nf_{slot}")
 }
 
 /// One netfilter program per priority slot, loaded and ready to link.
-pub struct NfPrograms {
+pub(crate) struct NfPrograms {
     progs: Vec<OwnedFd>,
 }
 
 /// Where one observer sits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub struct NfSite {
-    pub family: u8,
-    pub hook: u8,
-    pub slot: u8,
-    pub priority: i32,
+pub(crate) struct NfSite {
+    pub(crate) family: Family,
+    pub(crate) hook: NfHook,
+    pub(crate) slot: u8,
+    pub(crate) priority: i32,
 }
 
 /// The `MapData` behind any `aya::maps::Map` variant (aya 0.14 has no accessor for it).
@@ -88,12 +85,15 @@ fn map_data(map: &Map) -> &MapData {
 /// The eBPF object parsed again with aya-obj and relocated against the maps aya created, for
 /// the programs aya 0.14 cannot load itself: netfilter programs, and fentry/fexit on module
 /// functions (they need the module's BTF object).
-pub struct RawObject {
+pub(crate) struct RawObject {
     obj: aya_obj::Object,
 }
 
 impl RawObject {
-    pub fn new<'a>(object: &[u8], maps: impl Iterator<Item = (&'a str, &'a Map)>) -> Result<Self> {
+    pub(crate) fn new<'a>(
+        object: &[u8],
+        maps: impl Iterator<Item = (&'a str, &'a Map)>,
+    ) -> Result<Self> {
         let mut obj = aya_obj::Object::parse(object).context("parsing the eBPF object")?;
         let fds: HashMap<String, RawFd> = maps
             .map(|(name, map)| (name.to_owned(), map_data(map).fd().as_fd().as_raw_fd()))
@@ -117,7 +117,7 @@ impl RawObject {
     }
 
     /// Loads program `name` (see `sys::prog_load`).
-    pub fn load(
+    pub(crate) fn load(
         &self,
         name: &str,
         prog_type: bpf_prog_type,
@@ -136,7 +136,7 @@ impl RawObject {
 
 impl NfPrograms {
     /// Loads the netfilter slot programs.
-    pub fn load(obj: &RawObject) -> Result<Self> {
+    pub(crate) fn load(obj: &RawObject) -> Result<Self> {
         let progs = (0..NF_SLOTS)
             .map(|slot| {
                 obj.load(
@@ -153,7 +153,7 @@ impl NfPrograms {
     /// Links the program of `site.slot` at (family, hook, priority). The kernel refuses a BPF
     /// hook at a priority another hook already holds (EBUSY); then the nearest free priority
     /// towards the middle is used, and returned.
-    pub fn link(&self, site: NfSite) -> io::Result<(OwnedFd, i32)> {
+    pub(crate) fn link(&self, site: NfSite) -> io::Result<(OwnedFd, i32)> {
         let step = if site.priority > 0 { -1 } else { 1 };
         let mut prio = site.priority;
         loop {
@@ -177,8 +177,8 @@ impl NfPrograms {
         lc.__bindgen_anon_1.prog_fd = prog.as_raw_fd() as u32;
         lc.attach_type = bpf_attach_type::BPF_NETFILTER as u32;
         let nf = unsafe { &mut lc.__bindgen_anon_3.netfilter };
-        nf.pf = site.family as u32;
-        nf.hooknum = site.hook as u32;
+        nf.pf = site.family.raw() as u32;
+        nf.hooknum = site.hook.raw() as u32;
         nf.priority = priority;
         sys::bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr)
     }

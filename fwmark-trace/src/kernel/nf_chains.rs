@@ -23,18 +23,18 @@ use super::{
 };
 
 /// A chain evaluator and the observers of its entry and exit.
-pub struct Evaluator {
-    pub func: &'static str,
-    pub module: &'static str,
+pub(crate) struct Evaluator {
+    pub(crate) func: &'static str,
+    pub(crate) module: &'static str,
     /// The fentry and fexit programs.
     programs: [&'static str; 2],
     /// What it evaluates (for the start-up report).
-    pub what: &'static str,
+    pub(crate) what: &'static str,
     /// Fills the offsets its observers read, from the BTF that has its types.
     offsets: fn(&KernelBtf, &mut Offsets) -> Result<()>,
 }
 
-pub const EVALUATORS: [Evaluator; 3] = [
+pub(crate) const EVALUATORS: [Evaluator; 3] = [
     Evaluator {
         func: "nft_do_chain",
         module: "nf_tables",
@@ -59,8 +59,8 @@ pub const EVALUATORS: [Evaluator; 3] = [
 ];
 
 /// An evaluator this kernel has, ready to attach to.
-pub struct Found {
-    pub evaluator: &'static Evaluator,
+pub(crate) struct Found {
+    pub(crate) evaluator: &'static Evaluator,
     btf_id: u32,
     /// The module's BTF object (`None`: built into vmlinux).
     module_btf: Option<OwnedFd>,
@@ -68,7 +68,7 @@ pub struct Found {
 
 impl Found {
     /// "nft_do_chain (module nf_tables)".
-    pub fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         let e = self.evaluator;
         match self.module_btf {
             Some(_) => format!("{} (module {})", e.func, e.module),
@@ -79,7 +79,11 @@ impl Found {
 
 /// Finds `e`'s function in its module's BTF (when loaded as a module) or in vmlinux's, and
 /// fills the offsets its observers read. `Err`: why it cannot be observed.
-pub fn find(e: &'static Evaluator, vmlinux: &Arc<KernelBtf>, into: &mut Offsets) -> Result<Found> {
+pub(crate) fn find(
+    e: &'static Evaluator,
+    vmlinux: &Arc<KernelBtf>,
+    into: &mut Offsets,
+) -> Result<Found> {
     let (btf, module_btf) = match KernelBtf::load_module(vmlinux, e.module) {
         Some(btf) => {
             let fd = sys::module_btf(e.module)
@@ -106,7 +110,7 @@ pub fn find(e: &'static Evaluator, vmlinux: &Arc<KernelBtf>, into: &mut Offsets)
 }
 
 /// Loads and attaches the entry and exit observers of `found`; the links detach when dropped.
-pub fn attach(obj: &RawObject, found: &Found) -> Result<Vec<OwnedFd>> {
+pub(crate) fn attach(obj: &RawObject, found: &Found) -> Result<Vec<OwnedFd>> {
     let target = AttachTarget {
         btf_id: found.btf_id,
         module_btf: found.module_btf.as_ref().map(|fd| fd.as_fd()),

@@ -20,6 +20,7 @@ use fwmark_trace_common::{
     OFFSET_MISSING,
 };
 
+use super::plan::{NfPlan, PlanMode};
 use super::{
     btf::{self, KernelBtf},
     features::{self, Feature, NfBackend, TcBackend},
@@ -28,16 +29,20 @@ use super::{
     tc_placement::Placement,
     tcx::{self, TcObservers},
 };
-use crate::nodestate::{
-    nft::{self, NfPlan, PlanMode},
-    watch::Watcher,
+use crate::{
+    event::Timestamp,
+    nodestate::{
+        nft::{self, ChainId},
+        watch::Watcher,
+    },
+    stack::{Family, NfHook},
 };
 
 /// The kernel object built from fwmark-trace-ebpf (see build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fwmark-trace"));
 
 /// The tp_btf observers: (program, tracepoint).
-pub const TRACEPOINTS: [(&str, &str); 6] = [
+pub(crate) const TRACEPOINTS: [(&str, &str); 6] = [
     ("fwm_rx", "netif_receive_skb"),
     ("fwm_dev_queue", "net_dev_queue"),
     ("fwm_kfree", "kfree_skb"),
@@ -46,66 +51,66 @@ pub const TRACEPOINTS: [(&str, &str); 6] = [
     ("fwm_fib6", "fib6_table_lookup"),
 ];
 
-pub struct Options {
-    pub mark: Option<(u32, u32)>,
+pub(crate) struct Options {
+    pub(crate) mark: Option<crate::mark::MarkMatch>,
     /// Network namespace inode to report (0: all).
-    pub netns: u32,
-    pub ifaces: Option<Vec<String>>,
-    pub full_path: bool,
-    pub ring_bytes: u32,
+    pub(crate) netns: u32,
+    pub(crate) ifaces: Option<Vec<String>>,
+    pub(crate) full_path: bool,
+    pub(crate) ring_bytes: u32,
     /// Features that must be available (else: an error instead of degrading).
-    pub require: Vec<Feature>,
-    pub nf_backend: NfBackend,
-    pub tc_backend: TcBackend,
+    pub(crate) require: Vec<Feature>,
+    pub(crate) nf_backend: NfBackend,
+    pub(crate) tc_backend: TcBackend,
     /// Report routing table lookups.
-    pub routes: bool,
+    pub(crate) routes: bool,
     /// Report every drop, also of packets whose mark nothing changed.
-    pub all_drops: bool,
+    pub(crate) all_drops: bool,
     /// Count transitions and drops in the kernel instead of reporting each packet.
-    pub aggregate: bool,
+    pub(crate) aggregate: bool,
     /// The followed flows, pre-filtered in the kernel.
-    pub flow: FlowFilter,
+    pub(crate) flow: FlowFilter,
 }
 
 /// One line of the start-up report.
 #[derive(Clone, Debug, serde::Serialize)]
-pub struct AttachStatus {
-    pub point: String,
-    pub ok: bool,
-    pub detail: String,
+pub(crate) struct AttachStatus {
+    pub(crate) point: String,
+    pub(crate) ok: bool,
+    pub(crate) detail: String,
     /// Per-interface detail under a summary entry: printed only at debug level.
-    pub detail_only: bool,
+    pub(crate) detail_only: bool,
 }
 
 /// The observer plan, as the JSON output's first record (`kind: "plan"`) and again after a
 /// re-plan: which observers, and why each is there.
 #[derive(serde::Serialize)]
-pub struct PlanRecord {
-    pub time: String,
-    pub kind: &'static str,
-    pub mode: PlanMode,
-    pub observers: Vec<AttachStatus>,
-    pub netfilter: Vec<PlannedSite>,
+pub(crate) struct PlanRecord {
+    pub(crate) time: Timestamp,
+    pub(crate) kind: &'static str,
+    pub(crate) mode: PlanMode,
+    pub(crate) observers: Vec<AttachStatus>,
+    pub(crate) netfilter: Vec<PlannedSite>,
 }
 
 /// One netfilter observer and the reason it sits there.
 #[derive(serde::Serialize)]
-pub struct PlannedSite {
-    pub family: &'static str,
-    pub hook: &'static str,
-    pub priority: i32,
-    pub why: String,
+pub(crate) struct PlannedSite {
+    pub(crate) family: Family,
+    pub(crate) hook: NfHook,
+    pub(crate) priority: i32,
+    pub(crate) why: String,
 }
 
-pub struct Observers {
-    pub ebpf: Ebpf,
-    pub tc: Option<TcObservers>,
-    pub plan: NfPlan,
-    pub chains: Vec<nft::Chain>,
+pub(crate) struct Observers {
+    pub(crate) ebpf: Ebpf,
+    pub(crate) tc: Option<TcObservers>,
+    pub(crate) plan: NfPlan,
+    pub(crate) chains: Vec<nft::Chain>,
     /// Every (table, chain) name of the ruleset at start, base or not: whose rules are here.
-    pub chain_names: Vec<nft::ChainName>,
-    pub drop_reasons: HashMap<u32, String>,
-    pub report: Vec<AttachStatus>,
+    pub(crate) chain_names: Vec<ChainId>,
+    pub(crate) drop_reasons: HashMap<u32, String>,
+    pub(crate) report: Vec<AttachStatus>,
     /// Kernel-side log records (aya-log); keeping it keeps its ring buffer alive.
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// Kept to link band observers for chains that appear during the run.
@@ -119,7 +124,7 @@ pub struct Observers {
 impl Observers {
     /// Loads and attaches everything in the current network namespace (the caller has
     /// entered the traced one). Fails only when nothing useful could be attached.
-    pub fn start(opts: &Options) -> Result<Self> {
+    pub(crate) fn start(opts: &Options) -> Result<Self> {
         if OBJECT.is_empty() {
             bail!("this binary was built without its eBPF object (AYA_BUILD_SKIP); rebuild with `cargo xtask build`");
         }
@@ -162,7 +167,7 @@ impl Observers {
                 }
             }
         }
-        let (mark_value, mark_mask) = opts.mark.unwrap_or((0, 0));
+        let (mark_value, mark_mask) = opts.mark.map_or((0, 0), |m| (m.value.0, m.mask.0));
         let mut config = Config {
             offsets,
             mark_value,
@@ -350,7 +355,7 @@ impl Observers {
         Ok(me)
     }
 
-    pub fn refresh_interfaces(&mut self) -> Result<Vec<tcx::Change>> {
+    pub(crate) fn refresh_interfaces(&mut self) -> Result<Vec<tcx::Change>> {
         match &mut self.tc {
             Some(tc) => tc.refresh(&mut self.ebpf),
             None => Ok(Vec::new()),
@@ -359,7 +364,7 @@ impl Observers {
 
     /// Re-reads the nft chains; when they changed, updates the chain names segments show and
     /// links band observers for new chain priorities. Returns what changed, for the log.
-    pub fn refresh_chains(&mut self) -> Vec<String> {
+    pub(crate) fn refresh_chains(&mut self) -> Vec<String> {
         if self.nft_watch.as_mut().is_some_and(|w| !w.changed()) {
             return Vec::new();
         }
@@ -397,7 +402,7 @@ impl Observers {
     }
 
     /// The plan as it stands (see `PlanRecord`).
-    pub fn plan_record(&self) -> PlanRecord {
+    pub(crate) fn plan_record(&self) -> PlanRecord {
         let netfilter = self
             .plan
             .sites()
@@ -408,7 +413,7 @@ impl Observers {
                     .iter()
                     .filter(|c| c.hook == site.hook && c.covers(site.family))
                     .filter(|c| c.priority.saturating_add(1) == site.priority)
-                    .map(|c| c.label())
+                    .map(|c| c.to_string())
                     .collect();
                 let why = match site.priority {
                     PRIO_FIRST => "the hook's first priority: bounds the first band".into(),
@@ -417,15 +422,15 @@ impl Observers {
                     _ => format!("after {}", before.join(", ")),
                 };
                 PlannedSite {
-                    family: crate::tracking::segment::family_name(site.family).unwrap_or("?"),
-                    hook: nft::hook_name(site.hook),
+                    family: site.family,
+                    hook: site.hook,
                     priority: site.priority,
                     why,
                 }
             })
             .collect();
         PlanRecord {
-            time: crate::events::rfc3339(std::time::SystemTime::now()),
+            time: Timestamp::now(),
             kind: "plan",
             mode: self.plan.mode,
             observers: self.report.clone(),
@@ -434,24 +439,24 @@ impl Observers {
     }
 
     /// Starts a new reporting interval: counted transitions take fresh exemplars in it.
-    pub fn next_epoch(&mut self) -> Result<()> {
+    pub(crate) fn next_epoch(&mut self) -> Result<()> {
         update_control(&mut self.ebpf, |c| c.epoch = c.epoch.wrapping_add(1))
     }
 
     /// Writes pending kernel log records to the daemon's log.
-    pub fn flush_log(&mut self) {
+    pub(crate) fn flush_log(&mut self) {
         if let Some(logger) = &mut self.logger {
             logger.flush();
         }
     }
 
-    pub fn take_ring(&mut self) -> Result<RingBuf<MapData>> {
+    pub(crate) fn take_ring(&mut self) -> Result<RingBuf<MapData>> {
         let map = self.ebpf.take_map(MAP_EVENTS).context("EVENTS map")?;
         Ok(RingBuf::try_from(map)?)
     }
 
     /// Packets with per-packet state in the kernel (LRU map occupancy).
-    pub fn tracked_packets(&self) -> usize {
+    pub(crate) fn tracked_packets(&self) -> usize {
         self.ebpf
             .map("PACKETS")
             .and_then(|m| {
@@ -468,7 +473,7 @@ impl Observers {
     }
 
     /// Events the kernel could not write because the ring buffer was full.
-    pub fn lost(&self) -> u64 {
+    pub(crate) fn lost(&self) -> u64 {
         self.ebpf
             .map(MAP_LOST)
             .and_then(|m| PerCpuArray::<_, u64>::try_from(m).ok())
@@ -511,7 +516,7 @@ fn nf_summary(plan: &NfPlan, chains: &[nft::Chain], linked: usize) -> AttachStat
             let writers: Vec<String> = chains
                 .iter()
                 .filter(|c| c.writes.any())
-                .map(|c| c.label())
+                .map(|c| c.to_string())
                 .collect();
             if writers.is_empty() {
                 "no observer: no chain writes a packet or conntrack mark (changes made elsewhere are seen at the next observer)".into()
@@ -588,12 +593,7 @@ fn note(point: &str, ok: bool, detail: String) -> AttachStatus {
 }
 
 fn site_label(s: &NfSite) -> String {
-    format!(
-        "{} {} prio {}",
-        if s.family == 2 { "ipv4" } else { "ipv6" },
-        nft::hook_name(s.hook),
-        s.priority
-    )
+    format!("{} {} prio {}", s.family, s.hook, s.priority)
 }
 
 fn status(point: String, res: Result<()>) -> AttachStatus {

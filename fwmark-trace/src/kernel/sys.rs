@@ -13,14 +13,14 @@ use aya_obj::generated::{
 };
 
 /// Issues one `bpf()` command that returns a new file descriptor.
-pub fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<OwnedFd> {
+pub(crate) fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<OwnedFd> {
     let ret = bpf_raw(cmd, attr)?;
     // SAFETY: on success these commands return a new file descriptor we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })
 }
 
 /// A `bpf()` command that returns no file descriptor (0 on success), e.g. BPF_OBJ_PIN.
-pub fn bpf_status(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<()> {
+pub(crate) fn bpf_status(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<()> {
     bpf_raw(cmd, attr).map(|_| ())
 }
 
@@ -41,7 +41,7 @@ fn bpf_raw(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<libc::c_long> {
 }
 
 /// A zeroed attribute block (valid for every command).
-pub fn attr() -> bpf_attr {
+pub(crate) fn attr() -> bpf_attr {
     // SAFETY: all-zero is a valid bpf_attr.
     unsafe { std::mem::zeroed() }
 }
@@ -49,14 +49,14 @@ pub fn attr() -> bpf_attr {
 /// The kernel function a tracing program attaches to: its BTF id, in the BTF object of the
 /// module that has it (`None`: vmlinux).
 #[derive(Clone, Copy)]
-pub struct AttachTarget<'a> {
-    pub btf_id: u32,
-    pub module_btf: Option<BorrowedFd<'a>>,
+pub(crate) struct AttachTarget<'a> {
+    pub(crate) btf_id: u32,
+    pub(crate) module_btf: Option<BorrowedFd<'a>>,
 }
 
 /// BPF_PROG_LOAD of a GPL program; on failure loads again with the verifier log so the error
 /// says why (its last lines).
-pub fn prog_load(
+pub(crate) fn prog_load(
     prog_type: bpf_prog_type,
     attach_type: bpf_attach_type,
     name: &str,
@@ -111,7 +111,7 @@ pub fn prog_load(
 
 /// Logs (debug) how long the verifier took over a program and how many instructions it walked:
 /// what decides whether a kernel's verifier accepts the observers in reasonable time.
-pub fn log_verified(name: &str, prog: BorrowedFd, started: Instant) {
+pub(crate) fn log_verified(name: &str, prog: BorrowedFd, started: Instant) {
     let took = started.elapsed();
     // SAFETY: all-zero is a valid bpf_prog_info.
     let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
@@ -129,7 +129,7 @@ pub fn log_verified(name: &str, prog: BorrowedFd, started: Instant) {
 
 /// Attaches a loaded fentry/fexit program (BPF_RAW_TRACEPOINT_OPEN without a name: the oldest
 /// way, on every kernel from 5.5); the returned link detaches when closed.
-pub fn attach_tracing(prog: &OwnedFd) -> io::Result<OwnedFd> {
+pub(crate) fn attach_tracing(prog: &OwnedFd) -> io::Result<OwnedFd> {
     let mut a = attr();
     a.raw_tracepoint.prog_fd = prog.as_raw_fd() as u32;
     bpf(bpf_cmd::BPF_RAW_TRACEPOINT_OPEN, &mut a)
@@ -137,7 +137,7 @@ pub fn attach_tracing(prog: &OwnedFd) -> io::Result<OwnedFd> {
 
 /// The kernel's BTF object of a loaded module (what programs attaching to its functions are
 /// loaded against), found by name among the kernel's BTF objects.
-pub fn module_btf(module: &str) -> io::Result<OwnedFd> {
+pub(crate) fn module_btf(module: &str) -> io::Result<OwnedFd> {
     let mut id = 0;
     loop {
         let mut a = attr();

@@ -9,7 +9,7 @@ use super::tcx::{dir_name, ForeignProgram};
 use crate::nodestate::netlink::TcQdisc;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Placement {
+pub(crate) enum Placement {
     /// Only around foreign tc programs and classic filters (the default).
     #[default]
     WhereNeeded,
@@ -19,7 +19,7 @@ pub enum Placement {
 
 /// Why an interface carries tcx observers.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Reason {
+pub(crate) enum Reason {
     /// Foreign tcx programs, per direction (at least one).
     Foreign([Vec<ForeignProgram>; 2]),
     /// A qdisc classic filters attach to.
@@ -30,7 +30,7 @@ pub enum Reason {
 
 /// The placement decision for one interface, from its foreign tcx programs per direction and
 /// its clsact/ingress qdisc; `None`: no observers.
-pub fn reason(
+pub(crate) fn reason(
     placement: Placement,
     chain: &[Vec<ForeignProgram>; 2],
     qdisc: Option<TcQdisc>,

@@ -34,7 +34,7 @@ use super::{
 use crate::nodestate::netlink::{self, TcQdisc};
 
 /// The four tc observer programs: (name, direction, position).
-pub const PROGRAMS: [(&str, u8, u8); 4] = [
+pub(crate) const PROGRAMS: [(&str, u8, u8); 4] = [
     ("fwm_tc_in_first", tc_dir::INGRESS, tc_slot::FIRST),
     ("fwm_tc_in_last", tc_dir::INGRESS, tc_slot::LAST),
     ("fwm_tc_eg_first", tc_dir::EGRESS, tc_slot::FIRST),
@@ -42,10 +42,10 @@ pub const PROGRAMS: [(&str, u8, u8); 4] = [
 ];
 
 /// A program of someone else's in a tcx chain, or a classic filter (`id` 0 unless cls_bpf).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ForeignProgram {
-    pub id: u32,
-    pub name: String,
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct ForeignProgram {
+    pub(crate) id: u32,
+    pub(crate) name: String,
 }
 
 impl std::fmt::Display for ForeignProgram {
@@ -54,39 +54,39 @@ impl std::fmt::Display for ForeignProgram {
     }
 }
 
-pub struct Interface {
-    pub name: String,
+pub(crate) struct Interface {
+    pub(crate) name: String,
     links: Vec<(usize, SchedClassifierLinkId)>,
     /// Foreign programs (or filters) between our first and last observers, per direction.
-    pub chain: [Vec<ForeignProgram>; 2],
-    pub reason: Reason,
+    pub(crate) chain: [Vec<ForeignProgram>; 2],
+    pub(crate) reason: Reason,
 }
 
 /// The interfaces that carry observers, by ifindex.
-pub struct TcObservers {
+pub(crate) struct TcObservers {
     /// `Tcx` or `Clsact`.
-    pub backend: TcBackend,
-    pub interfaces: BTreeMap<u32, Interface>,
+    pub(crate) backend: TcBackend,
+    pub(crate) interfaces: BTreeMap<u32, Interface>,
     /// `None`: every interface of the namespace; otherwise only these names.
     only: Option<Vec<String>>,
     placement: Placement,
     /// Interfaces considered at the last refresh.
-    pub in_scope: usize,
+    pub(crate) in_scope: usize,
     /// The last qdisc dump (kept when a dump fails).
     qdiscs: HashMap<u32, TcQdisc>,
     /// Attach failures already said, by (ifindex, error): retried every refresh, said once.
     failures: HashSet<(u32, String)>,
 }
 
-pub enum Removal {
+pub(crate) enum Removal {
     Vanished,
     NotNeeded,
 }
 
 /// A change of the observers, under the back-end's label ("tcx", "tc filter").
-pub struct Change(pub &'static str, pub ChangeKind);
+pub(crate) struct Change(pub &'static str, pub(crate) ChangeKind);
 
-pub enum ChangeKind {
+pub(crate) enum ChangeKind {
     Added(String, Reason),
     Removed(String, Removal),
     Failed(String, String),
@@ -116,7 +116,7 @@ impl std::fmt::Display for Change {
 }
 
 /// The label of a back-end in reports.
-pub fn backend_label(backend: TcBackend) -> &'static str {
+pub(crate) fn backend_label(backend: TcBackend) -> &'static str {
     match backend {
         TcBackend::Clsact => "tc filter",
         _ => "tcx",
@@ -124,13 +124,13 @@ pub fn backend_label(backend: TcBackend) -> &'static str {
 }
 
 /// Whether this kernel has tcx (6.6+): a tcx query of loopback fails on older kernels.
-pub fn has_tcx() -> std::result::Result<(), String> {
+pub(crate) fn has_tcx() -> std::result::Result<(), String> {
     SchedClassifier::query_tcx("lo", TcAttachType::Ingress)
         .map(drop)
         .map_err(|e| e.to_string())
 }
 
-pub fn dir_name(dir: u8) -> &'static str {
+pub(crate) fn dir_name(dir: u8) -> &'static str {
     if dir == tc_dir::INGRESS {
         "ingress"
     } else {
@@ -154,7 +154,7 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier
 }
 
 /// Lists the interfaces of the current network namespace (ifindex, name).
-pub fn list_interfaces() -> Result<Vec<(u32, String)>> {
+pub(crate) fn list_interfaces() -> Result<Vec<(u32, String)>> {
     // SAFETY: if_nameindex returns a NULL-terminated array we free with if_freenameindex.
     unsafe {
         let head = libc::if_nameindex();
@@ -176,7 +176,7 @@ pub fn list_interfaces() -> Result<Vec<(u32, String)>> {
 }
 
 impl TcObservers {
-    pub fn load(
+    pub(crate) fn load(
         ebpf: &mut Ebpf,
         only: Option<Vec<String>>,
         placement: Placement,
@@ -203,7 +203,7 @@ impl TcObservers {
     /// Attaches observers where they are now needed and detaches them where they no longer
     /// are; returns what changed. One interface listing, one qdisc dump and one tcx query per
     /// interface and direction: cheap enough for every second on hundreds of interfaces.
-    pub fn refresh(&mut self, ebpf: &mut Ebpf) -> Result<Vec<Change>> {
+    pub(crate) fn refresh(&mut self, ebpf: &mut Ebpf) -> Result<Vec<Change>> {
         let wanted: Vec<(u32, String)> = list_interfaces()?
             .into_iter()
             .filter(|(_, n)| self.only.as_ref().is_none_or(|o| o.contains(n)))
@@ -302,7 +302,7 @@ impl TcObservers {
 
     /// The start-up report: a summary line (and one for failures), with every change of the
     /// first refresh as detail.
-    pub fn report(&self, changes: &[Change]) -> Vec<AttachStatus> {
+    pub(crate) fn report(&self, changes: &[Change]) -> Vec<AttachStatus> {
         const NAMED: usize = 4;
         let named: Vec<String> = self
             .interfaces

@@ -1,30 +1,38 @@
 //! State of the node that decides what marks do: nftables chains (priority bands), `ip rule`s
 //! and routes, xfrm policies, and the sysctls that make routing mark-aware.
-pub mod netlink;
-pub mod nft;
-pub mod sysctl;
-pub mod watch;
+pub(crate) mod netlink;
+pub(crate) mod nft;
+pub(crate) mod sysctl;
+pub(crate) mod watch;
+
+use std::fmt;
 
 use serde::Serialize;
 
+use crate::{
+    event::Timestamp,
+    mark::Mark,
+    stack::{serialize_as_display, Family},
+};
+
 /// Everything `why` reasons with, read in the traced namespace.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct NodeState {
-    pub rules: Vec<netlink::IpRule>,
-    pub routes: Vec<netlink::Route>,
-    pub xfrm: Vec<netlink::XfrmPolicy>,
-    pub sysctls: sysctl::Sysctls,
+pub(crate) struct NodeState {
+    pub(crate) rules: Vec<netlink::IpRule>,
+    pub(crate) routes: Vec<netlink::Route>,
+    pub(crate) xfrm: Vec<netlink::XfrmPolicy>,
+    pub(crate) sysctls: sysctl::Sysctls,
     /// nft rules that read or write the packet or conntrack mark.
-    pub mark_rules: Vec<nft::MarkRule>,
+    pub(crate) mark_rules: Vec<nft::MarkRule>,
     /// nft base chains (hook, priority): they name the band a mark changed or a packet died in.
     #[serde(rename = "nft_chains", serialize_with = "chain_labels")]
-    pub chains: Vec<nft::Chain>,
+    pub(crate) chains: Vec<nft::Chain>,
     /// Non-fatal problems reading state (e.g. no xfrm support).
-    pub errors: Vec<String>,
+    pub(crate) errors: Vec<String>,
 }
 
 impl NodeState {
-    pub fn read() -> Self {
+    pub(crate) fn read() -> Self {
         let mut s = NodeState::default();
         match netlink::rules() {
             Ok(r) => s.rules = r,
@@ -53,80 +61,125 @@ impl NodeState {
     /// The parts that differ from `before` (read errors aside).
     /// Rules and routes per family: an IPv6 route appearing (say, once an address passed DAD)
     /// says nothing about an IPv4 flow.
-    pub fn changed_since(&self, before: &NodeState) -> Vec<&'static str> {
-        let rules_differ = |v6: bool| {
-            let of = |r: &&netlink::IpRule| r.ipv6 == v6;
+    pub(crate) fn changed_since(&self, before: &NodeState) -> Vec<StateChange> {
+        let rules_differ = |family: Family| {
+            let of = |r: &&netlink::IpRule| r.family == family;
             !self
                 .rules
                 .iter()
                 .filter(of)
                 .eq(before.rules.iter().filter(of))
         };
-        let routes_differ = |v6: bool| {
-            let of = |r: &&netlink::Route| r.destination.contains(':') == v6;
+        let routes_differ = |family: Family| {
+            let of = |r: &&netlink::Route| Family::of(&r.destination.addr()) == family;
             !self
                 .routes
                 .iter()
                 .filter(of)
                 .eq(before.routes.iter().filter(of))
         };
-        [
-            ("IPv4 ip rules", rules_differ(false)),
-            ("IPv6 ip rules", rules_differ(true)),
-            ("IPv4 routes", routes_differ(false)),
-            ("IPv6 routes", routes_differ(true)),
-            ("xfrm policies", self.xfrm != before.xfrm),
-            ("sysctls", self.sysctls != before.sysctls),
-            ("nft mark rules", self.mark_rules != before.mark_rules),
-            ("nft chains", self.chains != before.chains),
-        ]
-        .into_iter()
-        .filter_map(|(what, changed)| changed.then_some(what))
-        .collect()
+        let mut out = Vec::new();
+        for family in [Family::Ipv4, Family::Ipv6] {
+            if rules_differ(family) {
+                out.push(StateChange::Rules(family));
+            }
+        }
+        for family in [Family::Ipv4, Family::Ipv6] {
+            if routes_differ(family) {
+                out.push(StateChange::Routes(family));
+            }
+        }
+        for (what, changed) in [
+            (StateChange::Xfrm, self.xfrm != before.xfrm),
+            (StateChange::Sysctls, self.sysctls != before.sysctls),
+            (StateChange::MarkRules, self.mark_rules != before.mark_rules),
+            (StateChange::Chains, self.chains != before.chains),
+        ] {
+            if changed {
+                out.push(what);
+            }
+        }
+        out
     }
 
-    /// The IPv4 rules a packet with `mark` walks, in order, up to the first matching lookup
-    /// whose table has routes (a simplified model of the kernel's rule walk).
-    pub fn rules_for(&self, mark: u32) -> Vec<&netlink::IpRule> {
+    /// The IPv4 rules a packet with `mark` walks, in order (a simplified model of the kernel's
+    /// rule walk: every rule whose fwmark test it passes).
+    pub(crate) fn rules_for(&self, mark: Mark) -> Vec<&netlink::IpRule> {
         self.rules
             .iter()
-            .filter(|r| !r.ipv6 && r.mark_matches(mark))
+            .filter(|r| r.family == Family::Ipv4 && r.mark_matches(mark))
             .collect()
     }
 }
 
+/// A part of the node state that changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StateChange {
+    Rules(Family),
+    Routes(Family),
+    Xfrm,
+    Sysctls,
+    MarkRules,
+    Chains,
+}
+
+impl StateChange {
+    /// Whether a flow of `family` can be concerned (the other family's rules and routes not).
+    pub(crate) fn concerns(self, family: Family) -> bool {
+        match self {
+            StateChange::Rules(f) | StateChange::Routes(f) => f == family,
+            _ => true,
+        }
+    }
+}
+
+impl fmt::Display for StateChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let family = |fam: &Family| match fam {
+            Family::Ipv4 => "IPv4",
+            Family::Ipv6 => "IPv6",
+        };
+        match self {
+            StateChange::Rules(fam) => write!(f, "{} ip rules", family(fam)),
+            StateChange::Routes(fam) => write!(f, "{} routes", family(fam)),
+            StateChange::Xfrm => f.write_str("xfrm policies"),
+            StateChange::Sysctls => f.write_str("sysctls"),
+            StateChange::MarkRules => f.write_str("nft mark rules"),
+            StateChange::Chains => f.write_str("nft chains"),
+        }
+    }
+}
+
+serialize_as_display!(StateChange);
+
 /// Chains as `hook: family table/chain@priority`, how a person reads them.
 fn chain_labels<S: serde::Serializer>(chains: &[nft::Chain], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(
-        chains
-            .iter()
-            .map(|c| format!("{}: {}", nft::hook_name(c.hook), c.label())),
-    )
+    s.collect_seq(chains.iter().map(|c| format!("{}: {c}", c.hook)))
 }
 
 /// The node's state as it changed during a run: a verdict must reason with the rules that were
 /// in force when the packet died, not with whatever an operator changed since.
 #[derive(Debug, Default)]
-pub struct History {
+pub(crate) struct History {
     snapshots: Vec<Snapshot>,
 }
 
 #[derive(Debug, Serialize)]
-pub struct Snapshot {
-    /// When this state was first read (RFC 3339).
-    pub time: String,
+pub(crate) struct Snapshot {
+    /// When this state was first read.
+    pub(crate) time: Timestamp,
     /// Kernel monotonic time of that read (the clock events carry).
     #[serde(skip)]
-    pub since_ns: u64,
+    pub(crate) since_ns: u64,
     /// What differs from the previous snapshot.
-    pub changed: Vec<&'static str>,
+    pub(crate) changed: Vec<StateChange>,
     #[serde(skip)]
-    pub state: NodeState,
+    pub(crate) state: NodeState,
 }
 
 impl History {
     /// Records `state` read at `now_ns` if it differs from the last one; true when it did.
-    pub fn observe(&mut self, now_ns: u64, time: String, state: NodeState) -> bool {
+    pub(crate) fn observe(&mut self, now_ns: u64, time: Timestamp, state: NodeState) -> bool {
         let changed = match self.snapshots.last() {
             Some(last) if last.state == state => return false,
             Some(last) => state.changed_since(&last.state),
@@ -142,7 +195,7 @@ impl History {
     }
 
     /// The state in effect at `ts_ns` (the first one read, for times before it).
-    pub fn at(&self, ts_ns: u64) -> Option<&NodeState> {
+    pub(crate) fn at(&self, ts_ns: u64) -> Option<&NodeState> {
         self.snapshots
             .iter()
             .rev()
@@ -151,17 +204,21 @@ impl History {
             .map(|s| &s.state)
     }
 
-    pub fn latest(&self) -> Option<&NodeState> {
+    pub(crate) fn latest(&self) -> Option<&NodeState> {
         self.snapshots.last().map(|s| &s.state)
     }
 
     /// Every change after the first read.
-    pub fn changes(&self) -> &[Snapshot] {
+    pub(crate) fn changes(&self) -> &[Snapshot] {
         self.snapshots.get(1..).unwrap_or_default()
     }
 
     /// Changes that happened between `from_ns` and `to_ns`.
-    pub fn changes_between(&self, from_ns: u64, to_ns: u64) -> impl Iterator<Item = &Snapshot> {
+    pub(crate) fn changes_between(
+        &self,
+        from_ns: u64,
+        to_ns: u64,
+    ) -> impl Iterator<Item = &Snapshot> {
         self.changes()
             .iter()
             .filter(move |s| (from_ns..=to_ns).contains(&s.since_ns))
@@ -181,11 +238,12 @@ mod tests {
     #[test]
     fn history_keeps_changes_and_answers_by_time() {
         let mut h = History::default();
-        assert!(h.observe(100, "t0".into(), with_rp_filter(1)));
-        assert!(!h.observe(200, "t1".into(), with_rp_filter(1)));
-        assert!(h.observe(300, "t2".into(), with_rp_filter(0)));
+        let t = Timestamp::now();
+        assert!(h.observe(100, t, with_rp_filter(1)));
+        assert!(!h.observe(200, t, with_rp_filter(1)));
+        assert!(h.observe(300, t, with_rp_filter(0)));
         assert_eq!(h.changes().len(), 1);
-        assert_eq!(h.changes()[0].changed, ["sysctls"]);
+        assert_eq!(h.changes()[0].changed, [StateChange::Sysctls]);
         let rp = |ts| h.at(ts).unwrap().sysctls.rp_filter["all"];
         assert_eq!((rp(50), rp(250), rp(300), rp(900)), (1, 1, 0, 0));
         assert_eq!(h.changes_between(0, 299).count(), 0);
@@ -198,12 +256,15 @@ mod tests {
         let before = with_rp_filter(1);
         let mut after = before.clone();
         after.routes.push(netlink::Route {
-            table: 254,
-            destination: "fe80::/64".into(),
+            table: netlink::TABLE_MAIN,
+            destination: "fe80::/64".parse().unwrap(),
             gateway: None,
             oif: Some(2),
-            kind: "unicast".into(),
+            kind: netlink_packet_route::route::RouteType::Unicast,
         });
-        assert_eq!(after.changed_since(&before), ["IPv6 routes"]);
+        assert_eq!(
+            after.changed_since(&before),
+            [StateChange::Routes(Family::Ipv6)]
+        );
     }
 }

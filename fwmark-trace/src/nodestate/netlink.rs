@@ -1,22 +1,32 @@
 //! Routing, tc and xfrm state over netlink: `ip rule`s (fwmark/mask → table), the routes of every
 //! table a rule names, the qdiscs classic tc filters hang on, and xfrm policies with their
 //! marks. One generic dump per message family.
-use std::{collections::HashMap, net::IpAddr};
+use std::{
+    collections::HashMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use anyhow::{bail, Context, Result};
+use ipnet::IpNet;
 use netlink_packet_core::{
     NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable,
     NLM_F_DUMP, NLM_F_REQUEST,
 };
 use netlink_packet_route::{
-    route::{RouteAddress, RouteAttribute, RouteMessage},
-    rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage},
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
+    rule::{RuleAction as NlRuleAction, RuleAttribute, RuleFlags, RuleMessage},
     tc::{TcAttribute, TcFilterBpfOption, TcHandle, TcMessage, TcOption},
     AddressFamily, RouteNetlinkMessage,
 };
 use netlink_packet_xfrm::{policy::DelGetMessage, XfrmAttrs, XfrmMessage};
 use netlink_sys::{protocols, Socket, SocketAddr};
 use serde::Serialize;
+
+use crate::{
+    mark::{Mark, MarkMatch},
+    stack::{serialize_as_display, Family},
+};
 
 /// Sends one dump request and collects every reply message until NLMSG_DONE.
 fn dump<T>(protocol: isize, request: T) -> Result<Vec<T>>
@@ -56,104 +66,186 @@ where
     }
 }
 
+/// What an `ip rule` does when it matches (`FR_ACT_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RuleAction {
+    /// `lookup TABLE`.
+    Lookup,
+    Goto,
+    Nop,
+    Blackhole,
+    Unreachable,
+    Prohibit,
+    Other(u8),
+}
+
+impl RuleAction {
+    fn from_netlink(a: NlRuleAction) -> RuleAction {
+        match a {
+            NlRuleAction::ToTable => RuleAction::Lookup,
+            NlRuleAction::Goto => RuleAction::Goto,
+            NlRuleAction::Nop => RuleAction::Nop,
+            NlRuleAction::Blackhole => RuleAction::Blackhole,
+            NlRuleAction::Unreachable => RuleAction::Unreachable,
+            NlRuleAction::Prohibit => RuleAction::Prohibit,
+            other => RuleAction::Other(u8::from(other)),
+        }
+    }
+}
+
+impl fmt::Display for RuleAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RuleAction::Lookup => f.write_str("lookup"),
+            RuleAction::Goto => f.write_str("goto"),
+            RuleAction::Nop => f.write_str("nop"),
+            RuleAction::Blackhole => f.write_str("blackhole"),
+            RuleAction::Unreachable => f.write_str("unreachable"),
+            RuleAction::Prohibit => f.write_str("prohibit"),
+            RuleAction::Other(n) => write!(f, "action {n}"),
+        }
+    }
+}
+
 /// An `ip rule`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct IpRule {
-    pub priority: u32,
-    pub fwmark: Option<u32>,
-    pub fwmask: Option<u32>,
+pub(crate) struct IpRule {
+    pub(crate) family: Family,
+    pub(crate) priority: u32,
+    /// `fwmark VALUE[/MASK]` (no mask: all 32 bits).
+    pub(crate) fwmark: Option<MarkMatch>,
     /// `not fwmark …`.
-    pub invert: bool,
-    pub table: u32,
-    /// "lookup" (to_tbl), "blackhole", "unreachable", "prohibit", "goto", …
-    pub action: String,
-    pub iif: Option<String>,
-    pub suppress_prefixlen: Option<u32>,
-    pub ipv6: bool,
+    pub(crate) invert: bool,
+    pub(crate) table: u32,
+    pub(crate) action: RuleAction,
+    pub(crate) iif: Option<String>,
+    pub(crate) suppress_prefixlen: Option<u32>,
 }
+
+/// The `main` and `local` routing tables (include/uapi/linux/rtnetlink.h).
+pub(crate) const TABLE_MAIN: u32 = libc::RT_TABLE_MAIN as u32;
+pub(crate) const TABLE_LOCAL: u32 = libc::RT_TABLE_LOCAL as u32;
 
 impl IpRule {
     /// Whether a packet with `mark` takes this rule's fwmark test (rules without one always do).
-    pub fn mark_matches(&self, mark: u32) -> bool {
-        let hit = match self.fwmark {
-            Some(v) => mark & self.fwmask.unwrap_or(u32::MAX) == v,
-            None => true,
-        };
-        hit != self.invert
+    pub(crate) fn mark_matches(&self, mark: Mark) -> bool {
+        self.fwmark.is_none_or(|m| m.matches(mark)) != self.invert
     }
+}
 
-    pub fn describe(&self) -> String {
-        let mut s = format!("{}:", self.priority);
+/// `1000: not fwmark 0x4000/0x4000 iif eth0 lookup 100`, as `ip rule` shows it.
+impl fmt::Display for IpRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:", self.priority)?;
         if self.invert {
-            s += " not";
+            f.write_str(" not")?;
         }
-        if let Some(v) = self.fwmark {
-            s += &format!(" fwmark {v:#x}");
-            if let Some(m) = self.fwmask.filter(|m| *m != u32::MAX) {
-                s += &format!("/{m:#x}");
-            }
+        if let Some(m) = self.fwmark {
+            write!(f, " fwmark {m}")?;
         }
         if let Some(i) = &self.iif {
-            s += &format!(" iif {i}");
+            write!(f, " iif {i}")?;
         }
-        if self.action == "lookup" {
-            s += &format!(" lookup {}", self.table);
-        } else {
-            s += &format!(" {}", self.action);
+        match self.action {
+            RuleAction::Lookup => write!(f, " lookup {}", self.table)?,
+            other => write!(f, " {other}")?,
         }
         if let Some(p) = self.suppress_prefixlen {
-            s += &format!(" suppress_prefixlength {p}");
+            write!(f, " suppress_prefixlength {p}")?;
         }
-        s
+        Ok(())
     }
 }
 
 /// A route of one table.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Route {
-    pub table: u32,
-    pub destination: String,
-    pub gateway: Option<String>,
-    pub oif: Option<u32>,
-    pub kind: String,
+pub(crate) struct Route {
+    pub(crate) table: u32,
+    /// `0.0.0.0/0` (or `::/0`) is the default route.
+    pub(crate) destination: IpNet,
+    pub(crate) gateway: Option<IpAddr>,
+    pub(crate) oif: Option<u32>,
+    /// unicast, local, broadcast, blackhole, …
+    #[serde(serialize_with = "lowercase_debug")]
+    pub(crate) kind: RouteType,
 }
+
+impl Route {
+    /// Whether it can carry a packet elsewhere (local and broadcast routes deliver here).
+    pub(crate) fn forwards(&self) -> bool {
+        !matches!(self.kind, RouteType::Local | RouteType::Broadcast)
+    }
+}
+
+fn lowercase_debug<T: fmt::Debug, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{}", format!("{v:?}").to_lowercase()))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum XfrmDir {
+    In,
+    Out,
+    Fwd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum XfrmAction {
+    Allow,
+    Block,
+}
+
+impl fmt::Display for XfrmDir {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            XfrmDir::In => "in",
+            XfrmDir::Out => "out",
+            XfrmDir::Fwd => "fwd",
+        })
+    }
+}
+
+impl fmt::Display for XfrmAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            XfrmAction::Allow => "allow",
+            XfrmAction::Block => "block",
+        })
+    }
+}
+
+serialize_as_display!(RuleAction, XfrmDir, XfrmAction);
 
 /// An xfrm policy with its mark selector.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct XfrmPolicy {
-    /// in, out, fwd.
-    pub direction: String,
-    /// allow, block.
-    pub action: String,
-    pub src: String,
-    pub dst: String,
-    pub mark: u32,
-    pub mask: u32,
-    pub priority: u32,
+pub(crate) struct XfrmPolicy {
+    pub(crate) direction: XfrmDir,
+    pub(crate) action: XfrmAction,
+    pub(crate) src: IpNet,
+    pub(crate) dst: IpNet,
+    pub(crate) mark: MarkMatch,
+    pub(crate) priority: u32,
 }
 
-impl XfrmPolicy {
-    pub fn mark_matches(&self, mark: u32) -> bool {
-        mark & self.mask == self.mark
-    }
-
-    pub fn describe(&self) -> String {
-        format!(
-            "xfrm policy dir {} src {} dst {} mark {:#x}/{:#x} action {}",
-            self.direction, self.src, self.dst, self.mark, self.mask, self.action
+/// `xfrm policy dir in src 10.0.0.0/24 dst 10.0.1.0/24 mark 0x0/0x4000 action block`.
+impl fmt::Display for XfrmPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "xfrm policy dir {} src {} dst {} mark {}/{} action {}",
+            self.direction, self.src, self.dst, self.mark.value, self.mark.mask, self.action
         )
     }
 }
 
-fn addr(a: &RouteAddress) -> Option<String> {
+fn addr(a: &RouteAddress) -> Option<IpAddr> {
     match a {
-        RouteAddress::Inet(v) => Some(v.to_string()),
-        RouteAddress::Inet6(v) => Some(v.to_string()),
+        RouteAddress::Inet(v) => Some((*v).into()),
+        RouteAddress::Inet6(v) => Some((*v).into()),
         _ => None,
     }
 }
 
-pub fn rules() -> Result<Vec<IpRule>> {
+pub(crate) fn rules() -> Result<Vec<IpRule>> {
     let mut out = Vec::new();
     for family in [AddressFamily::Inet, AddressFamily::Inet6] {
         let mut req = RuleMessage::default();
@@ -163,24 +255,25 @@ pub fn rules() -> Result<Vec<IpRule>> {
                 continue;
             };
             let mut rule = IpRule {
+                family: if family == AddressFamily::Inet6 {
+                    Family::Ipv6
+                } else {
+                    Family::Ipv4
+                },
                 priority: 0,
                 fwmark: None,
-                fwmask: None,
                 invert: r.header.flags.contains(RuleFlags::Invert),
                 table: r.header.table as u32,
-                action: match r.header.action {
-                    RuleAction::ToTable => "lookup".into(),
-                    other => format!("{other:?}").to_lowercase(),
-                },
+                action: RuleAction::from_netlink(r.header.action),
                 iif: None,
                 suppress_prefixlen: None,
-                ipv6: family == AddressFamily::Inet6,
             };
+            let (mut fwmark, mut fwmask) = (None, None);
             for a in &r.attributes {
                 match a {
                     RuleAttribute::Priority(p) => rule.priority = *p,
-                    RuleAttribute::FwMark(v) => rule.fwmark = Some(*v),
-                    RuleAttribute::FwMask(v) => rule.fwmask = Some(*v),
+                    RuleAttribute::FwMark(v) => fwmark = Some(Mark(*v)),
+                    RuleAttribute::FwMask(v) => fwmask = Some(Mark(*v)),
                     RuleAttribute::Table(t) => rule.table = *t,
                     RuleAttribute::Iifname(i) => rule.iif = Some(i.clone()),
                     RuleAttribute::SuppressPrefixLen(p) if *p != u32::MAX => {
@@ -189,15 +282,19 @@ pub fn rules() -> Result<Vec<IpRule>> {
                     _ => {}
                 }
             }
+            rule.fwmark = fwmark.map(|value| MarkMatch {
+                value,
+                mask: fwmask.unwrap_or(Mark::ALL),
+            });
             out.push(rule);
         }
     }
-    out.sort_by_key(|r| (r.ipv6, r.priority));
+    out.sort_by_key(|r| (r.family, r.priority));
     Ok(out)
 }
 
 /// Routes of every table (IPv4 and IPv6).
-pub fn routes() -> Result<Vec<Route>> {
+pub(crate) fn routes() -> Result<Vec<Route>> {
     let mut out = Vec::new();
     for family in [AddressFamily::Inet, AddressFamily::Inet6] {
         let mut req = RouteMessage::default();
@@ -206,20 +303,26 @@ pub fn routes() -> Result<Vec<Route>> {
             let RouteNetlinkMessage::NewRoute(r) = m else {
                 continue;
             };
+            let any: IpAddr = if family == AddressFamily::Inet6 {
+                Ipv6Addr::UNSPECIFIED.into()
+            } else {
+                Ipv4Addr::UNSPECIFIED.into()
+            };
             let mut route = Route {
                 table: r.header.table as u32,
-                destination: "default".into(),
+                destination: IpNet::new(any, 0).expect("prefix 0 fits"),
                 gateway: None,
                 oif: None,
-                kind: format!("{:?}", r.header.kind).to_lowercase(),
+                kind: r.header.kind,
             };
             for a in &r.attributes {
                 match a {
                     RouteAttribute::Table(t) => route.table = *t,
                     RouteAttribute::Destination(d) => {
-                        if let Some(d) = addr(d) {
-                            route.destination =
-                                format!("{d}/{}", r.header.destination_prefix_length);
+                        if let Some(net) = addr(d)
+                            .and_then(|d| IpNet::new(d, r.header.destination_prefix_length).ok())
+                        {
+                            route.destination = net;
                         }
                     }
                     RouteAttribute::Gateway(g) => route.gateway = addr(g),
@@ -235,7 +338,7 @@ pub fn routes() -> Result<Vec<Route>> {
 
 /// A qdisc that classic tc filters (cls_bpf, u32, …) attach to; they run after the tcx chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TcQdisc {
+pub(crate) enum TcQdisc {
     Clsact,
     Ingress,
 }
@@ -250,7 +353,7 @@ impl std::fmt::Display for TcQdisc {
 }
 
 /// The clsact/ingress qdiscs of the namespace by ifindex: one dump for every interface.
-pub fn tc_qdiscs() -> Result<HashMap<u32, TcQdisc>> {
+pub(crate) fn tc_qdiscs() -> Result<HashMap<u32, TcQdisc>> {
     let mut out = HashMap::new();
     let req = RouteNetlinkMessage::GetQueueDiscipline(TcMessage::default());
     for m in dump(protocols::NETLINK_ROUTE, req)? {
@@ -271,16 +374,16 @@ pub fn tc_qdiscs() -> Result<HashMap<u32, TcQdisc>> {
 
 /// A classic filter of a clsact qdisc (`tc filter show dev D ingress|egress`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TcFilter {
-    pub priority: u16,
+pub(crate) struct TcFilter {
+    pub(crate) priority: u16,
     /// `bpf`, `u32`, `matchall`, `flower`, …
-    pub kind: String,
+    pub(crate) kind: String,
     /// A cls_bpf filter's program: its name (as the attacher gave it) and id.
-    pub program: Option<(String, u32)>,
+    pub(crate) program: Option<(String, u32)>,
 }
 
 /// The filters of `ifindex`'s clsact qdisc in one direction, in the order they run.
-pub fn tc_filters(ifindex: u32, egress: bool) -> Result<Vec<TcFilter>> {
+pub(crate) fn tc_filters(ifindex: u32, egress: bool) -> Result<Vec<TcFilter>> {
     let mut req = TcMessage::default();
     req.header.index = ifindex as i32;
     // TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS / TC_H_MIN_EGRESS) (include/uapi/linux/pkt_sched.h).
@@ -328,7 +431,7 @@ pub fn tc_filters(ifindex: u32, egress: bool) -> Result<Vec<TcFilter>> {
     Ok(out)
 }
 
-pub fn xfrm_policies() -> Result<Vec<XfrmPolicy>> {
+pub(crate) fn xfrm_policies() -> Result<Vec<XfrmPolicy>> {
     let mut out = Vec::new();
     for m in dump(
         protocols::NETLINK_XFRM,
@@ -339,34 +442,50 @@ pub fn xfrm_policies() -> Result<Vec<XfrmPolicy>> {
         };
         let info = &p.user_policy_info;
         let sel = &info.selector;
-        let ip = |a: &netlink_packet_xfrm::Address, len: u8| -> String {
-            let ip: IpAddr = if sel.family == 10 {
+        let net = |a: &netlink_packet_xfrm::Address, len: u8| -> Option<IpNet> {
+            let ip: IpAddr = if Family::from_raw(sel.family as u8) == Some(Family::Ipv6) {
                 a.to_ipv6().into()
             } else {
                 a.to_ipv4().into()
             };
-            format!("{ip}/{len}")
+            IpNet::new(ip, len).ok()
         };
-        let (mut mark, mut mask) = (0, 0);
+        let mut mark = MarkMatch {
+            value: Mark::ZERO,
+            mask: Mark::ZERO,
+        };
         for a in &p.nlas {
             if let XfrmAttrs::Mark(m) = a {
-                (mark, mask) = (m.value, m.mask);
+                mark = MarkMatch {
+                    value: Mark(m.value),
+                    mask: Mark(m.mask),
+                };
             }
         }
+        // XFRM_POLICY_IN/OUT/FWD and XFRM_POLICY_ALLOW/BLOCK (include/uapi/linux/xfrm.h).
+        let direction = match info.direction {
+            0 => XfrmDir::In,
+            1 => XfrmDir::Out,
+            2 => XfrmDir::Fwd,
+            // Per-socket policies (XFRM_POLICY_MAX and beyond) are not the node's.
+            _ => continue,
+        };
+        let (Some(src), Some(dst)) = (
+            net(&sel.saddr, sel.prefixlen_s),
+            net(&sel.daddr, sel.prefixlen_d),
+        ) else {
+            continue;
+        };
         out.push(XfrmPolicy {
-            direction: ["in", "out", "fwd"]
-                .get(info.direction as usize)
-                .unwrap_or(&"?")
-                .to_string(),
+            direction,
             action: if info.action == 1 {
-                "block".into()
+                XfrmAction::Block
             } else {
-                "allow".into()
+                XfrmAction::Allow
             },
-            src: ip(&sel.saddr, sel.prefixlen_s),
-            dst: ip(&sel.daddr, sel.prefixlen_d),
+            src,
+            dst,
             mark,
-            mask,
             priority: info.priority,
         });
     }
@@ -377,29 +496,33 @@ pub fn xfrm_policies() -> Result<Vec<XfrmPolicy>> {
 mod tests {
     use super::*;
 
-    fn rule(fwmark: Option<u32>, fwmask: Option<u32>, invert: bool) -> IpRule {
+    fn rule(fwmark: Option<&str>, invert: bool) -> IpRule {
         IpRule {
+            family: Family::Ipv4,
             priority: 1000,
-            fwmark,
-            fwmask,
+            fwmark: fwmark.map(|m| m.parse().unwrap()),
             invert,
             table: 100,
-            action: "lookup".into(),
+            action: RuleAction::Lookup,
             iif: None,
             suppress_prefixlen: None,
-            ipv6: false,
         }
     }
 
     #[test]
     fn rule_mark_matching() {
-        let r = rule(Some(0x4000), Some(0x4000), false);
-        assert!(r.mark_matches(0x4000) && r.mark_matches(0xc000) && !r.mark_matches(0));
-        assert_eq!(r.describe(), "1000: fwmark 0x4000/0x4000 lookup 100");
-        let exact = rule(Some(0xca6c), None, true);
-        assert!(exact.mark_matches(0) && !exact.mark_matches(0xca6c) && exact.mark_matches(0xca6d));
-        assert_eq!(exact.describe(), "1000: not fwmark 0xca6c lookup 100");
-        assert!(rule(None, None, false).mark_matches(0x1234));
+        let r = rule(Some("0x4000/0x4000"), false);
+        let m = Mark;
+        assert!(r.mark_matches(m(0x4000)) && r.mark_matches(m(0xc000)) && !r.mark_matches(m(0)));
+        assert_eq!(r.to_string(), "1000: fwmark 0x4000/0x4000 lookup 100");
+        let exact = rule(Some("0xca6c"), true);
+        assert!(
+            exact.mark_matches(m(0))
+                && !exact.mark_matches(m(0xca6c))
+                && exact.mark_matches(m(0xca6d))
+        );
+        assert_eq!(exact.to_string(), "1000: not fwmark 0xca6c lookup 100");
+        assert!(rule(None, false).mark_matches(m(0x1234)));
     }
 
     #[test]
@@ -407,7 +530,8 @@ mod tests {
         // The namespace the tests run in always has the local/main/default rules.
         let r = rules().unwrap();
         assert!(
-            r.iter().any(|r| r.table == 255 && r.action == "lookup"),
+            r.iter()
+                .any(|r| r.table == TABLE_LOCAL && r.action == RuleAction::Lookup),
             "{r:?}"
         );
         assert!(!routes().unwrap().is_empty());

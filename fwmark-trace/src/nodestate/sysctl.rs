@@ -6,14 +6,14 @@ use std::{collections::BTreeMap, fs};
 use serde::Serialize;
 
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
-pub struct Sysctls {
+pub(crate) struct Sysctls {
     /// Per interface (and "all"/"default"): rp_filter value.
-    pub rp_filter: BTreeMap<String, u8>,
-    pub src_valid_mark: BTreeMap<String, u8>,
-    pub fwmark_reflect: u8,
+    pub(crate) rp_filter: BTreeMap<String, u8>,
+    pub(crate) src_valid_mark: BTreeMap<String, u8>,
+    pub(crate) fwmark_reflect: u8,
     /// net.ipv6.fwmark_reflect (IPv6 has its own).
-    pub fwmark_reflect6: u8,
-    pub tcp_fwmark_accept: u8,
+    pub(crate) fwmark_reflect6: u8,
+    pub(crate) tcp_fwmark_accept: u8,
 }
 
 fn read_u8(path: &str) -> Option<u8> {
@@ -22,7 +22,7 @@ fn read_u8(path: &str) -> Option<u8> {
 
 impl Sysctls {
     /// Reads /proc/sys/net of the calling thread's network namespace (procfs follows it).
-    pub fn read() -> Self {
+    pub(crate) fn read() -> Self {
         let mut s = Sysctls {
             fwmark_reflect: read_u8("/proc/sys/net/ipv4/fwmark_reflect").unwrap_or(0),
             fwmark_reflect6: read_u8("/proc/sys/net/ipv6/fwmark_reflect").unwrap_or(0),
@@ -45,13 +45,13 @@ impl Sysctls {
     }
 
     /// The effective rp_filter of an interface: the maximum of `all` and the interface's.
-    pub fn rp_filter_of(&self, iface: &str) -> u8 {
+    pub(crate) fn rp_filter_of(&self, iface: &str) -> u8 {
         let all = self.rp_filter.get("all").copied().unwrap_or(0);
         all.max(self.rp_filter.get(iface).copied().unwrap_or(0))
     }
 
     /// `src_valid_mark` is in effect when either `all` or the interface has it.
-    pub fn src_valid_mark_of(&self, iface: &str) -> bool {
+    pub(crate) fn src_valid_mark_of(&self, iface: &str) -> bool {
         self.src_valid_mark.get("all").copied().unwrap_or(0) == 1
             || self.src_valid_mark.get(iface).copied().unwrap_or(0) == 1
     }

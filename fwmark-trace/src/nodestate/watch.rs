@@ -30,18 +30,18 @@ const GROUPS: [(isize, &[u32]); 3] = [
 
 /// Listens, in the calling thread's namespace, for rule, route, xfrm policy and nftables
 /// changes.
-pub struct Watcher {
+pub(crate) struct Watcher {
     sockets: Vec<Socket>,
     buf: Vec<u8>,
 }
 
 impl Watcher {
-    pub fn new() -> Result<Self> {
+    pub(crate) fn new() -> Result<Self> {
         Self::with(&GROUPS)
     }
 
     /// nftables changes only (what the tracer re-reads its chain bands on).
-    pub fn nftables() -> Result<Self> {
+    pub(crate) fn nftables() -> Result<Self> {
         Self::with(&GROUPS[2..])
     }
 
@@ -65,7 +65,7 @@ impl Watcher {
 
     /// Whether a notification arrived since the last call (all are drained). An overrun
     /// socket (ENOBUFS: more changes than it could queue) counts as a change too.
-    pub fn changed(&mut self) -> bool {
+    pub(crate) fn changed(&mut self) -> bool {
         let mut any = false;
         for s in &self.sockets {
             loop {

@@ -1,177 +1,205 @@
-//! `--metrics ADDR`: the run's counters (the same ones the end-of-run summary shows) served
-//! over HTTP in the Prometheus text format, for a node's monitoring to scrape.
-use std::{fmt::Write, net::SocketAddr, time::Duration};
+//! `--metrics ADDR`: the run's counters (the same ones the end-of-run summary shows) for a
+//! node's monitoring to scrape: encoded by `prometheus-client` (OpenMetrics text) and served
+//! by a small axum endpoint. Each scrape asks the trace loop, which owns the counters, for a
+//! fresh rendering (`Scrapes`), so nothing is shared behind a lock.
+use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+use axum::{extract::State, http::header, response::IntoResponse, routing::get, Router};
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
 };
+use tokio::sync::{mpsc, oneshot};
 
 use super::summary::Summary;
 
 /// Values read from the kernel side at scrape time.
-pub struct Gauges {
-    pub tracked_packets: usize,
-    pub interfaces: usize,
-    pub rss_kb: u64,
+pub(crate) struct Gauges {
+    pub(crate) tracked_packets: usize,
+    pub(crate) interfaces: usize,
+    pub(crate) rss_kb: u64,
 }
 
 /// Binds before the daemon enters a traced namespace, so the endpoint lives in the node's own
 /// namespace; a bad or busy address fails before anything is attached.
-pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
+pub(crate) fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
     let l = std::net::TcpListener::bind(addr)
         .with_context(|| format!("--metrics {addr}: cannot listen"))?;
     l.set_nonblocking(true)?;
     Ok(l)
 }
 
-/// Label values escaped as the text format requires.
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
 }
 
-fn family(
-    out: &mut String,
-    name: &str,
-    kind: &str,
-    help: &str,
-    samples: impl IntoIterator<Item = (String, u64)>,
-) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    for (labels, v) in samples {
-        let _ = writeln!(out, "{name}{labels} {v}");
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OwnerLabel {
+    owner: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WarningLabels {
+    kind: String,
+    owners: String,
+}
+
+/// A counter family with these samples.
+fn counters<L: EncodeLabelSet + Clone + std::hash::Hash + Eq + std::fmt::Debug + Send + Sync>(
+    samples: impl IntoIterator<Item = (L, u64)>,
+) -> Family<L, Counter> {
+    let family = Family::<L, Counter>::default();
+    for (labels, n) in samples {
+        family.get_or_create(&labels).inc_by(n);
     }
+    family
 }
 
-pub fn render(s: &Summary, g: &Gauges) -> String {
+fn gauge(v: u64) -> Gauge {
+    let g = Gauge::default();
+    g.set(i64::try_from(v).unwrap_or(i64::MAX));
+    g
+}
+
+/// The counters and gauges in the OpenMetrics text format.
+pub(crate) fn render(s: &Summary, g: &Gauges) -> String {
+    let mut reg = Registry::with_prefix("fwmark_trace");
+    reg.register(
+        "events",
+        "Events reported, by kind",
+        counters(s.events.iter().map(|(k, n)| {
+            let kind = k.to_string();
+            (KindLabel { kind }, *n)
+        })),
+    );
+    reg.register(
+        "drops",
+        "Packet drops reported, by the kernel's drop reason",
+        counters(s.drops.iter().map(|(r, n)| {
+            let reason = r.to_string();
+            (ReasonLabel { reason }, *n)
+        })),
+    );
+    reg.register(
+        "owner_transitions",
+        "Mark transitions that changed bits of this registered owner",
+        counters(s.attribution.owners.iter().map(|(o, n)| {
+            let owner = o.clone();
+            (OwnerLabel { owner }, *n)
+        })),
+    );
+    reg.register(
+        "warnings",
+        "Clobber and conflict warnings, by kind and owners involved",
+        counters(s.warnings().map(|(kind, owners, n)| {
+            let kind = kind.to_string();
+            (WarningLabels { kind, owners }, n)
+        })),
+    );
+    let lost = Counter::<u64>::default();
+    lost.inc_by(s.lost);
+    reg.register(
+        "lost_events",
+        "Events the kernel could not deliver (ring buffer full)",
+        lost,
+    );
+    reg.register(
+        "tracked_packets",
+        "Packets with state in the kernel's per-packet map",
+        gauge(g.tracked_packets as u64),
+    );
+    reg.register(
+        "interfaces",
+        "Interfaces with tc observers attached",
+        gauge(g.interfaces as u64),
+    );
+    reg.register(
+        "resident_memory_bytes",
+        "Resident memory of the daemon",
+        gauge(g.rss_kb * 1024),
+    );
     let mut out = String::new();
-    family(
-        &mut out,
-        "fwmark_trace_events_total",
-        "counter",
-        "Events reported, by kind.",
-        s.events
-            .iter()
-            .map(|(k, n)| (format!("{{kind=\"{k}\"}}"), *n)),
-    );
-    family(
-        &mut out,
-        "fwmark_trace_drops_total",
-        "counter",
-        "Packet drops reported, by the kernel's drop reason.",
-        s.drops
-            .iter()
-            .map(|(r, n)| (format!("{{reason=\"{}\"}}", label(r)), *n)),
-    );
-    family(
-        &mut out,
-        "fwmark_trace_owner_transitions_total",
-        "counter",
-        "Mark transitions that changed bits of this registered owner.",
-        s.owners
-            .iter()
-            .map(|(o, n)| (format!("{{owner=\"{}\"}}", label(o)), *n)),
-    );
-    family(
-        &mut out,
-        "fwmark_trace_warnings_total",
-        "counter",
-        "Clobber and conflict warnings, by kind and owners involved.",
-        s.clobbers.iter().map(|c| {
-            let labels = format!("{{kind=\"{}\",owners=\"{}\"}}", c.kind, label(&c.owners));
-            (labels, c.count)
-        }),
-    );
-    let one = |v: u64| [(String::new(), v)];
-    family(
-        &mut out,
-        "fwmark_trace_lost_events_total",
-        "counter",
-        "Events the kernel could not deliver (ring buffer full).",
-        one(s.lost),
-    );
-    family(
-        &mut out,
-        "fwmark_trace_tracked_packets",
-        "gauge",
-        "Packets with state in the kernel's per-packet map.",
-        one(g.tracked_packets as u64),
-    );
-    family(
-        &mut out,
-        "fwmark_trace_interfaces",
-        "gauge",
-        "Interfaces with tc observers attached.",
-        one(g.interfaces as u64),
-    );
-    family(
-        &mut out,
-        "fwmark_trace_resident_memory_bytes",
-        "gauge",
-        "Resident memory of the daemon.",
-        one(g.rss_kb * 1024),
-    );
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &reg);
     out
 }
 
-/// Answers one scrape with `body` (already rendered), off the event loop.
-pub fn respond(mut conn: TcpStream, body: String) {
+/// A scrape waiting for its rendering.
+pub(crate) type Scrape = oneshot::Sender<String>;
+
+/// Serves `GET /metrics` on `listener` (inside the running tokio runtime); each request
+/// arrives on the returned channel for the trace loop to answer with `render`.
+pub(crate) fn serve(listener: std::net::TcpListener) -> Result<mpsc::Receiver<Scrape>> {
+    let (tx, rx) = mpsc::channel::<Scrape>(16);
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let app = Router::new().route("/metrics", get(scrape)).with_state(tx);
     tokio::spawn(async move {
-        // Read the request head (whatever the path: there is one page), then answer and close.
-        let mut buf = [0u8; 2048];
-        let mut head = Vec::new();
-        let read = async {
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 << 10 {
-                match conn.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
-            }
-        };
-        if tokio::time::timeout(Duration::from_secs(2), read)
-            .await
-            .is_err()
-        {
-            return;
+        if let Err(err) = axum::serve(listener, app).await {
+            log::warn!("metrics endpoint stopped: {err}");
         }
-        let reply = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        let _ =
-            tokio::time::timeout(Duration::from_secs(2), conn.write_all(reply.as_bytes())).await;
-        let _ = conn.shutdown().await;
     });
+    Ok(rx)
 }
 
-/// Accepts the next scrape, or never resolves when there is no endpoint.
-pub async fn accept(l: Option<&TcpListener>) -> std::io::Result<TcpStream> {
-    match l {
-        Some(l) => l.accept().await.map(|(c, _)| c),
+async fn scrape(State(tx): State<mpsc::Sender<Scrape>>) -> impl IntoResponse {
+    let (reply, rendered) = oneshot::channel();
+    let body = match tx.send(reply).await {
+        Ok(()) => rendered.await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+}
+
+/// The next scrape, or never when there is no endpoint.
+pub(crate) async fn next(rx: Option<&mut mpsc::Receiver<Scrape>>) -> Option<Scrape> {
+    match rx {
+        Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
-    use crate::attribution::ClobberCount;
+    use crate::{
+        attribution::{Totals, WarningKind},
+        event::{DropReason, EventKind},
+    };
 
     #[test]
     fn renders_counters_with_escaped_labels() {
-        let mut s = Summary::new();
-        s.events.insert("transition", 3);
-        s.drops.insert("NETFILTER_DROP".into(), 2);
-        s.owners.insert("kube-proxy@legacy-kubelet<1.28".into(), 3);
-        s.clobbers.push(ClobberCount {
-            kind: "clobber",
-            owners: "calico × tailscale".into(),
-            count: 1,
-        });
-        s.lost = 5;
+        let s = Summary {
+            events: BTreeMap::from([(EventKind::Transition, 3)]),
+            drops: BTreeMap::from([(DropReason::NetfilterDrop, 2)]),
+            attribution: Totals {
+                owners: BTreeMap::from([("kube-proxy@legacy-kubelet<1.28".into(), 3)]),
+                warnings: BTreeMap::from([(
+                    (
+                        WarningKind::Clobber,
+                        vec!["calico".to_string(), "tai\"scale".to_string()],
+                    ),
+                    1,
+                )]),
+            },
+            lost: 5,
+            ..Default::default()
+        };
         let text = render(
             &s,
             &Gauges {
@@ -181,17 +209,16 @@ mod tests {
             },
         );
         for line in [
-            "# TYPE fwmark_trace_events_total counter",
+            "# TYPE fwmark_trace_events counter",
             "fwmark_trace_events_total{kind=\"transition\"} 3",
             "fwmark_trace_drops_total{reason=\"NETFILTER_DROP\"} 2",
             "fwmark_trace_owner_transitions_total{owner=\"kube-proxy@legacy-kubelet<1.28\"} 3",
-            "fwmark_trace_warnings_total{kind=\"clobber\",owners=\"calico × tailscale\"} 1",
+            "fwmark_trace_warnings_total{kind=\"clobber\",owners=\"calico × tai\\\"scale\"} 1",
             "fwmark_trace_lost_events_total 5",
             "fwmark_trace_tracked_packets 7",
             "fwmark_trace_resident_memory_bytes 10240",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }
-        assert_eq!(label("a\"b\\c"), "a\\\"b\\\\c");
     }
 }

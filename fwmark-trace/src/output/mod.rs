@@ -1,9 +1,13 @@
 //! Outputs, written once over the typed events: a readable line per event (default) or one
 //! JSON object per line (`--json`), to stdout or a file, plus the run's counters (end-of-run
-//! summary, `--metrics` endpoint).
+//! summary, `--metrics` endpoint). Text is made here (`text`: the words for points, segments
+//! and warnings) and nowhere before.
 mod human;
-pub mod metrics;
-pub mod summary;
+pub(crate) mod json;
+pub(crate) mod metrics;
+pub(crate) mod summary;
+pub(crate) mod text;
+pub(crate) mod why;
 
 use std::{
     fs::File,
@@ -14,15 +18,15 @@ use std::{
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::events::TraceEvent;
+use crate::event::{Timestamp, TraceEvent};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
+pub(crate) enum Format {
     Human,
     Json,
 }
 
-pub struct Output {
+pub(crate) struct Output {
     format: Format,
     out: Box<dyn Write + Send>,
     /// Flush after every event: someone is watching (a terminal, a pipe to jq).
@@ -30,19 +34,20 @@ pub struct Output {
     /// One record is serialised here, then written in one call (serde_json's many small
     /// writes through a `dyn Write` cost more than the serialisation itself).
     line: Vec<u8>,
+    json: json::EventWriter,
 }
 
 /// A userspace-generated record: events the kernel could not deliver.
 #[derive(Serialize)]
-pub struct LostRecord<'a> {
-    pub time: &'a str,
-    pub kind: &'static str,
-    pub lost: u64,
-    pub total_lost: u64,
+pub(crate) struct LostRecord {
+    pub(crate) time: Timestamp,
+    pub(crate) kind: &'static str,
+    pub(crate) lost: u64,
+    pub(crate) total_lost: u64,
 }
 
 /// Where the trace loop sends what it produces: `Output` writes it; `why` collects flows.
-pub trait Sink {
+pub(crate) trait Sink {
     fn event(&mut self, ev: &TraceEvent) -> Result<()>;
     fn lost(&mut self, rec: &LostRecord) -> Result<()>;
     fn stats(&mut self, rec: &StatsRecord) -> Result<()>;
@@ -60,28 +65,30 @@ pub trait Sink {
 
 /// A periodic health record (`--stats`): the metrics output.
 #[derive(Serialize)]
-pub struct StatsRecord {
-    pub time: String,
-    pub kind: &'static str,
-    pub rss_kb: u64,
-    pub events: u64,
-    pub lost: u64,
-    pub tracked_packets: usize,
-    pub interfaces: usize,
+pub(crate) struct StatsRecord {
+    pub(crate) time: Timestamp,
+    pub(crate) kind: &'static str,
+    pub(crate) rss_kb: u64,
+    pub(crate) events: u64,
+    pub(crate) lost: u64,
+    pub(crate) tracked_packets: usize,
+    pub(crate) interfaces: usize,
 }
 
 impl Output {
     /// Writes to any sink (benchmarks use `io::sink()`), flushing only at the end.
-    pub fn to_writer(format: Format, out: Box<dyn Write + Send>) -> Self {
+    #[cfg(feature = "bench")]
+    pub(crate) fn to_writer(format: Format, out: Box<dyn Write + Send>) -> Self {
         Self {
             format,
             out,
             live: false,
             line: Vec::with_capacity(1024),
+            json: json::EventWriter::default(),
         }
     }
 
-    pub fn new(format: Format, path: Option<&Path>) -> Result<Self> {
+    pub(crate) fn new(format: Format, path: Option<&Path>) -> Result<Self> {
         let (out, live): (Box<dyn Write + Send>, bool) = match path {
             Some(p) => (
                 Box::new(BufWriter::new(File::create(p).with_context(|| {
@@ -96,13 +103,14 @@ impl Output {
             out,
             live,
             line: Vec::with_capacity(1024),
+            json: json::EventWriter::default(),
         })
     }
 
-    pub fn event(&mut self, ev: &TraceEvent) -> Result<()> {
+    pub(crate) fn event(&mut self, ev: &TraceEvent) -> Result<()> {
         self.line.clear();
         match self.format {
-            Format::Json => serde_json::to_writer(&mut self.line, ev)?,
+            Format::Json => self.json.write(ev, &mut self.line)?,
             Format::Human => self.line.extend_from_slice(human::line(ev).as_bytes()),
         }
         self.line.push(b'\n');
@@ -110,7 +118,7 @@ impl Output {
         self.maybe_flush()
     }
 
-    pub fn lost(&mut self, rec: &LostRecord) -> Result<()> {
+    pub(crate) fn lost(&mut self, rec: &LostRecord) -> Result<()> {
         match self.format {
             Format::Json => serde_json::to_writer(&mut self.out, rec)?,
             Format::Human => write!(
@@ -123,7 +131,7 @@ impl Output {
         self.maybe_flush()
     }
 
-    pub fn stats(&mut self, rec: &StatsRecord) -> Result<()> {
+    pub(crate) fn stats(&mut self, rec: &StatsRecord) -> Result<()> {
         match self.format {
             Format::Json => serde_json::to_writer(&mut self.out, rec)?,
             Format::Human => write!(
@@ -136,7 +144,7 @@ impl Output {
         self.flush()
     }
 
-    pub fn summary(&mut self, summary: &summary::Summary) -> Result<()> {
+    pub(crate) fn summary(&mut self, summary: &summary::Summary) -> Result<()> {
         serde_json::to_writer(&mut self.out, summary)?;
         self.out.write_all(b"\n")?;
         self.maybe_flush()
@@ -149,7 +157,7 @@ impl Output {
         Ok(())
     }
 
-    pub fn flush(&mut self) -> Result<()> {
+    pub(crate) fn flush(&mut self) -> Result<()> {
         self.out.flush().context("writing output")
     }
 }

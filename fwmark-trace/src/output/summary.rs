@@ -1,62 +1,85 @@
-//! The run's counters: events by kind, drops by reason, transitions per owner, clobbers per
+//! The run's counters: events by kind, drops by reason, transitions per owner, warnings per
 //! owner pair, lost events. Written at the end of a run and served live as metrics.
 use std::{collections::BTreeMap, fmt};
 
-use serde::Serialize;
+use serde::{ser::SerializeStruct, Serialize, Serializer};
 
 use crate::{
-    attribution::{AttributionCounts, ClobberCount},
-    events::TraceEvent,
+    attribution::{Totals, WarningKind},
+    event::{DropReason, EventKind, TraceEvent},
 };
 
-#[derive(Debug, Default, Serialize)]
-pub struct Summary {
-    pub kind: &'static str,
-    pub duration_s: f64,
-    pub events: BTreeMap<&'static str, u64>,
+#[derive(Debug, Default)]
+pub(crate) struct Summary {
+    pub(crate) duration_s: f64,
+    pub(crate) events: BTreeMap<EventKind, u64>,
     /// Packets reported (a kernel-counted event stands for many).
-    pub total_events: u64,
+    pub(crate) total_events: u64,
     /// Event records written (what `--count` limits).
-    #[serde(skip)]
-    pub records: u64,
-    pub lost: u64,
+    pub(crate) records: u64,
+    pub(crate) lost: u64,
     /// Drops by the kernel's reason.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub drops: BTreeMap<String, u64>,
-    /// Transitions that changed each owner's bits.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub owners: BTreeMap<String, u64>,
-    /// Clobber/conflict warnings per owner pair.
-    pub clobbers: Vec<ClobberCount>,
+    pub(crate) drops: BTreeMap<DropReason, u64>,
+    /// Transitions per owner and warnings per (kind, owners), from the attributor.
+    pub(crate) attribution: Totals,
 }
 
 impl Summary {
-    pub fn new() -> Self {
-        Self {
-            kind: "summary",
-            ..Default::default()
-        }
-    }
-
     /// Counts an event: as many packets as it stands for (kernel-counted events carry a count).
-    pub fn count(&mut self, ev: &TraceEvent) {
-        let n = ev.count.unwrap_or(1);
+    pub(crate) fn count(&mut self, ev: &TraceEvent) {
+        let n = ev.packets();
         self.records += 1;
         *self.events.entry(ev.kind).or_default() += n;
         self.total_events += n;
         if let Some(reason) = &ev.drop_reason {
-            match self.drops.get_mut(reason) {
-                Some(c) => *c += n,
-                None => {
-                    self.drops.insert(reason.clone(), n);
-                }
-            }
+            *self.drops.entry(reason.clone()).or_default() += n;
         }
     }
 
-    /// Takes the attribution counters (kept by the decoder, per shared attribution).
-    pub fn attributions(&mut self, counts: &AttributionCounts) {
-        (self.owners, self.clobbers) = counts.totals();
+    /// Warnings per (kind, owners), owners as "a × b".
+    pub(crate) fn warnings(&self) -> impl Iterator<Item = (WarningKind, String, u64)> + '_ {
+        self.attribution
+            .warnings
+            .iter()
+            .map(|((kind, owners), n)| (*kind, owners.join(" × "), *n))
+    }
+}
+
+/// A count map keyed by the names of its keys.
+fn by_name<K: fmt::Display>(m: &BTreeMap<K, u64>) -> BTreeMap<String, u64> {
+    m.iter().map(|(k, n)| (k.to_string(), *n)).collect()
+}
+
+impl Serialize for Summary {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Clobber {
+            kind: WarningKind,
+            owners: String,
+            count: u64,
+        }
+        let mut st = s.serialize_struct("Summary", 8)?;
+        st.serialize_field("kind", "summary")?;
+        st.serialize_field("duration_s", &self.duration_s)?;
+        st.serialize_field("events", &by_name(&self.events))?;
+        st.serialize_field("total_events", &self.total_events)?;
+        st.serialize_field("lost", &self.lost)?;
+        if !self.drops.is_empty() {
+            st.serialize_field("drops", &by_name(&self.drops))?;
+        }
+        if !self.attribution.owners.is_empty() {
+            st.serialize_field("owners", &self.attribution.owners)?;
+        }
+        let clobbers: Vec<Clobber> = self
+            .warnings()
+            .map(|(kind, owners, count)| Clobber {
+                kind,
+                owners,
+                count,
+            })
+            .collect();
+        st.serialize_field("clobbers", &clobbers)?;
+        st.end()
     }
 }
 
@@ -71,20 +94,22 @@ impl fmt::Display for Summary {
             write!(f, ", {k} {n}")?;
         }
         write!(f, "; lost {}", self.lost)?;
-        let list = |m: &BTreeMap<String, u64>| {
-            m.iter()
+        let list = |m: Vec<(String, u64)>| {
+            m.into_iter()
                 .map(|(k, n)| format!("{k} {n}"))
                 .collect::<Vec<_>>()
                 .join(", ")
         };
         if !self.drops.is_empty() {
-            write!(f, "\n  drops by reason: {}", list(&self.drops))?;
+            let drops = self.drops.iter().map(|(r, n)| (r.to_string(), *n));
+            write!(f, "\n  drops by reason: {}", list(drops.collect()))?;
         }
-        if !self.owners.is_empty() {
-            write!(f, "\n  transitions by owner: {}", list(&self.owners))?;
+        if !self.attribution.owners.is_empty() {
+            let owners = self.attribution.owners.iter().map(|(o, n)| (o.clone(), *n));
+            write!(f, "\n  transitions by owner: {}", list(owners.collect()))?;
         }
-        for c in &self.clobbers {
-            write!(f, "\n  {} {}: {}", c.kind, c.owners, c.count)?;
+        for (kind, owners, n) in self.warnings() {
+            write!(f, "\n  {kind} {owners}: {n}")?;
         }
         Ok(())
     }

@@ -2,24 +2,23 @@
 //! built-in entries ship as `registry/builtin.toml` (documented, with the source of each
 //! fact); users add or override entries with `--registry FILE`, every `*.toml` in
 //! `/etc/fwmark-trace/registry.d/`, or `--owner NAME=MASK`, and pick the software their node
-//! runs with `--owners a,b` (or `profile = [...]` in a registry file).
-pub mod cli;
+//! runs with `--owners a,b` (or `profile = [...]` in a registry file). The file format is
+//! `file.rs`; the `registry` command's reports are `command.rs`.
+pub(crate) mod command;
+mod file;
 
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
-use serde::Deserialize;
-use toml::Spanned;
+use anyhow::{bail, Context, Result};
 
-pub const BUILTIN: &str = include_str!("../../registry/builtin.toml");
-pub const SYSTEM_DIR: &str = "/etc/fwmark-trace/registry.d";
+use crate::nodestate::nft::ChainId;
+
+pub(crate) const BUILTIN: &str = include_str!("../../registry/builtin.toml");
+pub(crate) const SYSTEM_DIR: &str = "/etc/fwmark-trace/registry.d";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Style {
+pub(crate) enum Style {
     /// Owns the bits under its mask and leaves the others alone.
     Bitwise,
     /// Writes whole 32-bit values (any foreign bit is lost or breaks its matches).
@@ -28,39 +27,39 @@ pub enum Style {
 
 /// A named sub-range of an owner's mask (Cilium's magic nibble, its identity bits…).
 #[derive(Clone, Debug, PartialEq)]
-pub struct Field {
-    pub name: String,
-    pub mask: u32,
+pub(crate) struct Field {
+    pub(crate) name: String,
+    pub(crate) mask: u32,
     /// Decode as a number (shifted down) rather than as named values.
-    pub number: bool,
+    pub(crate) number: bool,
     /// Named values, in mark position (not shifted).
-    pub values: Vec<(u32, String)>,
+    pub(crate) values: Vec<(u32, String)>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct Owner {
-    pub name: String,
-    pub version: Option<String>,
-    pub aliases: Vec<String>,
-    pub description: String,
-    pub source: String,
-    pub style: Style,
-    pub mask: u32,
-    pub ct_mask: Option<u32>,
+pub(crate) struct Owner {
+    pub(crate) name: String,
+    pub(crate) version: Option<String>,
+    pub(crate) aliases: Vec<String>,
+    pub(crate) description: String,
+    pub(crate) source: String,
+    pub(crate) style: Style,
+    pub(crate) mask: u32,
+    pub(crate) ct_mask: Option<u32>,
     /// Matches whole values (e.g. `ip rule fwmark 0xca6c` without a mask).
-    pub reads_exact: bool,
+    pub(crate) reads_exact: bool,
     /// Named values of the whole mark.
-    pub values: Vec<(u32, String)>,
+    pub(crate) values: Vec<(u32, String)>,
     /// nft table/chain name patterns of this owner's rules (`*` = any suffix).
-    pub chains: Vec<String>,
-    pub fields: Vec<Field>,
+    pub(crate) chains: Vec<String>,
+    pub(crate) fields: Vec<Field>,
     /// Where the entry came from: "built-in", a file path, or "--owner".
-    pub origin: String,
+    pub(crate) origin: String,
 }
 
 impl Owner {
     /// `name` or `name@version`.
-    pub fn id(&self) -> String {
+    pub(crate) fn id(&self) -> String {
         match &self.version {
             Some(v) => format!("{}@{v}", self.name),
             None => self.name.clone(),
@@ -68,18 +67,18 @@ impl Owner {
     }
 
     /// Whether `name` designates this entry: its id, its name (every version), or an alias.
-    pub fn answers_to(&self, name: &str) -> bool {
+    pub(crate) fn answers_to(&self, name: &str) -> bool {
         self.id() == name
             || self.name == name
             || self.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
     }
 
-    pub fn value_name(&self, v: u32) -> Option<&str> {
+    pub(crate) fn value_name(&self, v: u32) -> Option<&str> {
         lookup(&self.values, v)
     }
 
     /// Whether an nft table or chain name is one of this owner's.
-    pub fn owns_chain(&self, name: &str) -> bool {
+    pub(crate) fn owns_chain(&self, name: &str) -> bool {
         self.chains.iter().any(|p| match p.strip_suffix('*') {
             Some(prefix) => name.starts_with(prefix),
             None => name == p,
@@ -87,7 +86,7 @@ impl Owner {
     }
 }
 
-pub fn lookup(values: &[(u32, String)], v: u32) -> Option<&str> {
+pub(crate) fn lookup(values: &[(u32, String)], v: u32) -> Option<&str> {
     values
         .iter()
         .find(|(x, _)| *x == v)
@@ -95,239 +94,28 @@ pub fn lookup(values: &[(u32, String)], v: u32) -> Option<&str> {
 }
 
 #[derive(Clone, Debug, Default)]
-pub struct Registry {
-    pub owners: Vec<Owner>,
+pub(crate) struct Registry {
+    pub(crate) owners: Vec<Owner>,
     /// Whether a profile narrowed the owners to the software this node runs.
-    pub profiled: bool,
+    pub(crate) profiled: bool,
 }
 
-// ---- file format ----------------------------------------------------------------------------
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawFile {
-    #[serde(default)]
-    profile: Option<Vec<String>>,
-    #[serde(default)]
-    owner: Vec<RawOwner>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawOwner {
-    name: Spanned<String>,
-    version: Option<String>,
-    #[serde(default)]
-    aliases: Vec<String>,
-    #[serde(default)]
-    description: String,
-    #[serde(default)]
-    source: String,
-    style: Spanned<String>,
-    mask: Spanned<String>,
-    ct_mask: Option<Spanned<String>>,
-    #[serde(default)]
-    reads_exact: bool,
-    #[serde(default)]
-    values: BTreeMap<Spanned<String>, String>,
-    #[serde(default)]
-    chains: Vec<String>,
-    #[serde(default)]
-    fields: Vec<RawField>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawField {
-    name: String,
-    mask: Spanned<String>,
-    #[serde(default)]
-    number: bool,
-    #[serde(default)]
-    values: BTreeMap<Spanned<String>, String>,
-}
-
-/// Parses `0x1234` or `4660` (marks are 32 bits).
-pub fn parse_u32(s: &str) -> Option<u32> {
-    let s = s.trim();
-    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(h) => u32::from_str_radix(h, 16).ok(),
-        None => s.parse().ok(),
-    }
-}
-
-/// A file being parsed: turns byte spans into "file, line N: reason" errors.
-struct Source<'a> {
-    origin: &'a str,
-    text: &'a str,
-}
-
-impl Source<'_> {
-    fn line(&self, span: std::ops::Range<usize>) -> usize {
-        self.text[..span.start.min(self.text.len())]
-            .matches('\n')
-            .count()
-            + 1
-    }
-
-    fn err(&self, span: std::ops::Range<usize>, reason: impl std::fmt::Display) -> anyhow::Error {
-        anyhow!(
-            "registry {}, line {}: {reason}",
-            self.origin,
-            self.line(span)
-        )
-    }
-
-    fn number(&self, s: &Spanned<String>, what: &str) -> Result<u32> {
-        parse_u32(s.get_ref()).ok_or_else(|| {
-            self.err(
-                s.span(),
-                format!(
-                    "{what} {:?} is not a 32-bit number (0x… or decimal)",
-                    s.get_ref()
-                ),
-            )
-        })
-    }
-
-    fn values(
-        &self,
-        raw: &BTreeMap<Spanned<String>, String>,
-        within: u32,
-        what: &str,
-    ) -> Result<Vec<(u32, String)>> {
-        raw.iter()
-            .map(|(k, name)| {
-                let v = self.number(k, "value")?;
-                if v & !within != 0 {
-                    return Err(self.err(
-                        k.span(),
-                        format!("value {v:#x} has bits outside {what} {within:#x}"),
-                    ));
-                }
-                Ok((v, name.clone()))
-            })
-            .collect()
-    }
-}
-
-/// Parses one registry file's text: its owners and its optional profile.
-pub fn parse(text: &str, origin: &str) -> Result<(Vec<Owner>, Option<Vec<String>>)> {
-    let src = Source { origin, text };
-    let raw: RawFile = toml::from_str(text).map_err(|e| {
-        let reason = e.message().to_owned();
-        match e.span() {
-            Some(span) => src.err(span, reason),
-            None => anyhow!("registry {origin}: {reason}"),
-        }
-    })?;
-    let mut owners = Vec::new();
-    for o in raw.owner {
-        let name = o.name.get_ref();
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        {
-            return Err(src.err(
-                o.name.span(),
-                format!("owner name {name:?} must be lowercase letters, digits and '-'"),
-            ));
-        }
-        let style = match o.style.get_ref().as_str() {
-            "bitwise" => Style::Bitwise,
-            "whole-mark" => Style::WholeMark,
-            other => {
-                return Err(src.err(
-                    o.style.span(),
-                    format!("style {other:?} is neither \"bitwise\" nor \"whole-mark\""),
-                ))
-            }
-        };
-        let mask = src.number(&o.mask, "mask")?;
-        let fields = o
-            .fields
-            .iter()
-            .map(|f| {
-                let fmask = src.number(&f.mask, "field mask")?;
-                if fmask & !mask != 0 {
-                    return Err(src.err(
-                        f.mask.span(),
-                        format!(
-                            "field {} mask {fmask:#x} is outside the owner's mask {mask:#x}",
-                            f.name
-                        ),
-                    ));
-                }
-                Ok(Field {
-                    name: f.name.clone(),
-                    mask: fmask,
-                    number: f.number,
-                    values: src.values(&f.values, fmask, "field mask")?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        // Whole-mark owners name whole values; bitwise owners only values inside their bits.
-        let within = if style == Style::Bitwise {
-            mask
-        } else {
-            u32::MAX
-        };
-        let owner = Owner {
-            name: name.clone(),
-            version: o.version,
-            aliases: o.aliases,
-            description: o.description,
-            source: o.source,
-            style,
-            mask,
-            ct_mask: o
-                .ct_mask
-                .as_ref()
-                .map(|m| src.number(m, "ct_mask"))
-                .transpose()?,
-            reads_exact: o.reads_exact,
-            values: src.values(&o.values, within, "mask")?,
-            chains: o.chains,
-            fields,
-            origin: origin.to_owned(),
-        };
-        if owners.iter().any(|x: &Owner| x.id() == owner.id()) {
-            return Err(src.err(
-                o.name.span(),
-                format!("owner {} is defined twice in this file", owner.id()),
-            ));
-        }
-        owners.push(owner);
-    }
-    Ok((owners, raw.profile))
-}
-
-/// Where the registry comes from (the CLI flags).
-#[derive(Clone, Debug, Default, clap::Args)]
-pub struct RegistryArgs {
-    /// Add or override owners from a TOML registry file (repeatable).
-    #[arg(long = "registry", value_name = "FILE", global = true)]
-    pub files: Vec<PathBuf>,
-    /// Quick bitwise owner: NAME=MASK (repeatable), e.g. myapp=0xf0000000.
-    #[arg(long = "owner", value_name = "NAME=MASK", global = true)]
-    pub owner: Vec<String>,
-    /// The software this node runs (comma-separated owner names): attribute only to these.
-    #[arg(
-        long = "owners",
-        value_name = "A,B,…",
-        value_delimiter = ',',
-        global = true
-    )]
-    pub owners: Vec<String>,
-    /// Do not read /etc/fwmark-trace/registry.d/.
-    #[arg(long, global = true)]
-    pub no_system_registry: bool,
+/// Where the registry comes from: files, quick owners and the profile (from the flags).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Sources {
+    /// Registry files, read after the built-in one and the system directory.
+    pub(crate) files: Vec<PathBuf>,
+    /// `NAME=MASK` quick bitwise owners.
+    pub(crate) quick: Vec<String>,
+    /// The software this node runs: attribute only to these owners.
+    pub(crate) profile: Vec<String>,
+    /// Skip /etc/fwmark-trace/registry.d/.
+    pub(crate) no_system: bool,
 }
 
 impl Registry {
-    pub fn builtin() -> Result<Self> {
-        let (owners, _) = parse(BUILTIN, "built-in")?;
+    pub(crate) fn builtin() -> Result<Self> {
+        let (owners, _) = file::parse(BUILTIN, "built-in")?;
         Ok(Self {
             owners,
             profiled: false,
@@ -335,7 +123,7 @@ impl Registry {
     }
 
     /// Adds owners; an entry with the id of an existing one replaces it.
-    pub fn merge(&mut self, owners: Vec<Owner>) {
+    pub(crate) fn merge(&mut self, owners: Vec<Owner>) {
         for o in owners {
             match self.owners.iter_mut().find(|x| x.id() == o.id()) {
                 Some(slot) => *slot = o,
@@ -346,10 +134,10 @@ impl Registry {
 
     /// Built-in, then the system directory, then `--registry` files, then `--owner`; then the
     /// profile (`--owners`, else the last `profile` a file set).
-    pub fn load(args: &RegistryArgs) -> Result<Self> {
+    pub(crate) fn load(args: &Sources) -> Result<Self> {
         let mut reg = Self::builtin()?;
         let mut files: Vec<PathBuf> = Vec::new();
-        if !args.no_system_registry && Path::new(SYSTEM_DIR).is_dir() {
+        if !args.no_system && Path::new(SYSTEM_DIR).is_dir() {
             let mut sys: Vec<PathBuf> = std::fs::read_dir(SYSTEM_DIR)
                 .with_context(|| format!("reading {SYSTEM_DIR}"))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
@@ -363,17 +151,17 @@ impl Registry {
         for path in &files {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("registry {}: cannot read", path.display()))?;
-            let (owners, p) = parse(&text, &path.display().to_string())?;
+            let (owners, p) = file::parse(&text, &path.display().to_string())?;
             reg.merge(owners);
             profile = p.or(profile);
         }
-        for spec in &args.owner {
-            reg.merge(vec![parse_owner_flag(spec)?]);
+        for spec in &args.quick {
+            reg.merge(vec![file::parse_owner_flag(spec)?]);
         }
-        let profile = if args.owners.is_empty() {
+        let profile = if args.profile.is_empty() {
             profile
         } else {
-            Some(args.owners.clone())
+            Some(args.profile.clone())
         };
         match profile {
             Some(names) => reg.select(&names),
@@ -382,7 +170,7 @@ impl Registry {
     }
 
     /// Keeps only the owners these names designate (ids, names or aliases).
-    pub fn select(&self, names: &[String]) -> Result<Self> {
+    pub(crate) fn select(&self, names: &[String]) -> Result<Self> {
         let mut owners = Vec::new();
         for name in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
             let hits: Vec<&Owner> = self.owners.iter().filter(|o| o.answers_to(name)).collect();
@@ -422,13 +210,13 @@ impl Registry {
     }
 
     /// Owners (by name, every version together) whose tables or chains appear among `names`
-    /// ((table, chain) pairs from the ruleset), each with the names that matched.
-    pub fn detect(&self, names: &[(String, String)]) -> Vec<(String, Vec<String>)> {
+    /// (every chain of the ruleset), each with the names that matched.
+    pub(crate) fn detect(&self, names: &[ChainId]) -> Vec<(String, Vec<String>)> {
         let mut found: Vec<(String, Vec<String>)> = Vec::new();
         for o in &self.owners {
             let mut hits: Vec<String> = names
                 .iter()
-                .flat_map(|(t, c)| [t, c])
+                .flat_map(|c| [&c.table, &c.name])
                 .filter(|n| o.owns_chain(n))
                 .cloned()
                 .collect();
@@ -447,50 +235,23 @@ impl Registry {
         found
     }
 
-    pub fn get(&self, name: &str) -> Vec<&Owner> {
+    pub(crate) fn get(&self, name: &str) -> Vec<&Owner> {
         self.owners.iter().filter(|o| o.answers_to(name)).collect()
     }
 }
 
-/// `--owner NAME=MASK`: a quick bitwise owner.
-pub fn parse_owner_flag(spec: &str) -> Result<Owner> {
-    let (name, mask) = spec
-        .split_once('=')
-        .ok_or_else(|| anyhow!("--owner {spec:?}: expected NAME=MASK, e.g. myapp=0xf0000000"))?;
-    let mask = parse_u32(mask)
-        .ok_or_else(|| anyhow!("--owner {spec:?}: mask {mask:?} is not a 32-bit number"))?;
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-    {
-        bail!("--owner {spec:?}: name must be lowercase letters, digits and '-'");
-    }
-    Ok(Owner {
-        name: name.to_owned(),
-        version: None,
-        aliases: vec![],
-        description: "given with --owner".into(),
-        source: "--owner".into(),
-        style: Style::Bitwise,
-        mask,
-        ct_mask: None,
-        reads_exact: false,
-        values: vec![],
-        chains: vec![],
-        fields: vec![],
-        origin: "--owner".into(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{
+        file::{parse, parse_owner_flag},
+        *,
+    };
+    use crate::stack::NftFamily;
 
     #[test]
     fn detects_owners_by_their_tables_and_chains() {
         let reg = Registry::builtin().unwrap();
-        let names: Vec<(String, String)> = [
+        let names: Vec<ChainId> = [
             ("nat", "KUBE-MARK-MASQ"),
             ("nat", "KUBE-SERVICES"),
             ("filter", "INPUT"),
@@ -498,7 +259,11 @@ mod tests {
             ("t", "ts-input"),
         ]
         .iter()
-        .map(|(t, c)| (t.to_string(), c.to_string()))
+        .map(|(t, c)| ChainId {
+            family: NftFamily::Ip,
+            table: t.to_string(),
+            name: c.to_string(),
+        })
         .collect();
         let found = reg.detect(&names);
         let owners: Vec<&str> = found.iter().map(|(n, _)| n.as_str()).collect();

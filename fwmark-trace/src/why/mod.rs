@@ -1,52 +1,46 @@
 //! `fwmark-trace why`: watch matching flows with every observation point and routing lookups,
-//! then, per flow that lost its reply (or every flow with `--all`), print both paths, where the
-//! reply died and a plain-language verdict with its evidence (`--json`: one JSON document).
-pub mod nftrace;
-pub mod verdict;
+//! then, per flow that lost its reply (or every flow with `--all`), say where the reply died
+//! and why (`verdict`), with the evidence, both paths and the node state it reasoned with.
+pub(crate) mod nftrace;
+pub(crate) mod verdict;
 
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Result};
-use clap::Args;
-use serde::Serialize;
+use anyhow::{bail, Result};
+use log::{info, warn};
 
 use crate::{
-    events::{self, TraceEvent},
+    event::{monotonic_ns, Timestamp, TraceEvent},
+    flows::{FlowTracker, Selection},
     kernel::tcx,
-    nodestate::{sysctl::Sysctls, watch::Watcher, History, NodeState, Snapshot},
-    output::{summary::Summary, LostRecord, Sink, StatsRecord},
-    registry::{Registry, RegistryArgs},
-    trace::{self, TraceArgs},
-    tracking::flows::{FlowSelect, FlowTracker},
+    nodestate::{sysctl::Sysctls, watch::Watcher, History, NodeState},
+    output::{
+        summary::Summary,
+        why::{text, Document, ReportJson},
+        LostRecord, Sink, StatsRecord,
+    },
+    registry::{self, Registry},
+    trace::{self, TraceConfig},
 };
 
-#[derive(Args, Clone, Debug, Default)]
-pub struct WhyArgs {
-    #[command(flatten)]
-    pub select: FlowSelect,
-    /// How long to watch.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    pub duration: Duration,
+/// What to watch and how to answer.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct WhyConfig {
+    pub(crate) select: Selection,
+    pub(crate) duration: Duration,
     /// Watch inside this network namespace (a name under /run/netns, or a path).
-    #[arg(long, value_name = "NAME|PATH")]
-    pub netns: Option<String>,
-    /// Report every flow, not only those whose reply was lost.
-    #[arg(long)]
-    pub all: bool,
-    /// One JSON document instead of text.
-    #[arg(long)]
-    pub json: bool,
-    /// Also name the exact nft rule that dropped a packet (adds a temporary table setting
-    /// `meta nftrace set 1` on the selected traffic while watching; opt-in).
-    #[arg(long)]
-    pub nftrace: bool,
-    #[command(flatten)]
-    pub registry: RegistryArgs,
+    pub(crate) netns: Option<String>,
+    /// Every flow, not only those whose reply was lost.
+    pub(crate) all: bool,
+    pub(crate) json: bool,
+    /// Name the exact nft rule that dropped a packet (a temporary nftrace table).
+    pub(crate) nftrace: bool,
+    pub(crate) registry: registry::Sources,
 }
 
 /// Collects the watched flows' events instead of printing them.
 struct Collector<'a> {
-    args: &'a WhyArgs,
+    select: &'a Selection,
     flows: FlowTracker,
     /// Node state, checked every second: verdicts use what was in force when the reply died.
     node: History,
@@ -73,11 +67,10 @@ impl Collector<'_> {
                 s
             }
         };
-        let time = events::rfc3339(std::time::SystemTime::now());
-        if self.node.observe(events::monotonic_ns(), time, state) {
+        if self.node.observe(monotonic_ns(), Timestamp::now(), state) {
             if let Some(change) = self.node.changes().last() {
-                let what = change.changed.join(", ");
-                eprintln!("fwmark-trace: node state changed: {what}");
+                let what: Vec<String> = change.changed.iter().map(|c| c.to_string()).collect();
+                info!("node state changed: {}", what.join(", "));
             }
         }
     }
@@ -90,14 +83,14 @@ impl Sink for Collector<'_> {
         // NAT'ed packets no longer match the selection; their conntrack entry still does.
         if ev.route.is_some()
             || self.flows.follows_ct(ev.ct_id)
-            || ev.tuple.as_ref().is_some_and(|t| self.args.select.wants(t))
+            || ev.tuple.as_ref().is_some_and(|t| self.select.wants(t))
         {
             self.flows.add(ev);
         }
         Ok(())
     }
     fn lost(&mut self, rec: &LostRecord) -> Result<()> {
-        eprintln!("fwmark-trace: {} events lost (ring buffer full)", rec.lost);
+        warn!("{} events lost (ring buffer full)", rec.lost);
         Ok(())
     }
     fn stats(&mut self, _: &StatsRecord) -> Result<()> {
@@ -115,49 +108,38 @@ impl Sink for Collector<'_> {
     }
 }
 
-#[derive(Serialize)]
-struct Document<'a> {
-    flows: Vec<verdict::Report>,
-    flows_seen: usize,
-    flows_evicted: u64,
-    /// The state at the end of the watch.
-    node: &'a NodeState,
-    /// Changes to it while watching (each verdict used the state in force at its flow's end).
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    node_changes: &'a [Snapshot],
-}
-
-pub fn run(args: &WhyArgs) -> Result<bool> {
-    run_with(args, || {})
+pub(crate) fn run(cfg: &WhyConfig) -> Result<bool> {
+    run_with(cfg, || {})
 }
 
 /// Like `run`; `on_ready` runs once the observers are attached (the demo sends traffic there).
-pub fn run_with(args: &WhyArgs, on_ready: impl FnOnce()) -> Result<bool> {
-    if !args.select.active() {
+/// True when a watched flow lost its reply.
+pub(crate) fn run_with(cfg: &WhyConfig, on_ready: impl FnOnce()) -> Result<bool> {
+    if !cfg.select.active() {
         bail!("say which flows to watch: --flow, --host, --port or --proto");
     }
-    let targs = TraceArgs {
-        netns: args.netns.clone(),
-        duration: Some(args.duration),
+    let tcfg = TraceConfig {
+        netns: cfg.netns.clone(),
+        duration: Some(cfg.duration),
         full_path: true,
         routes: true,
         ring_size: 16 << 20,
-        registry: args.registry.clone(),
+        registry: cfg.registry.clone(),
         ..Default::default()
     };
     let mut collector = Collector {
-        args,
+        select: &cfg.select,
         flows: FlowTracker::new(4096, 512),
         node: History::default(),
         watch: None,
     };
     let tracer = std::cell::RefCell::new(None);
-    trace::run_into(&targs, &mut collector, || {
+    trace::run_into(&tcfg, &mut collector, || {
         // Now inside the traced namespace.
-        if args.nftrace {
-            match nftrace::NfTrace::start(&args.select) {
+        if cfg.nftrace {
+            match nftrace::NfTrace::start(&cfg.select) {
                 Ok(t) => *tracer.borrow_mut() = Some(t),
-                Err(e) => eprintln!("fwmark-trace: --nftrace unavailable: {e:#}"),
+                Err(e) => warn!("--nftrace unavailable: {e:#}"),
             }
         }
         on_ready()
@@ -169,9 +151,9 @@ pub fn run_with(args: &WhyArgs, on_ready: impl FnOnce()) -> Result<bool> {
     // Still inside the traced namespace: read its state once more.
     collector.read_node();
     let history = &collector.node;
-    let end_ns = events::monotonic_ns();
+    let end_ns = monotonic_ns();
     let empty = NodeState::default();
-    let registry = Registry::load(&args.registry)?;
+    let registry = Registry::load(&cfg.registry)?;
     let names: Vec<(u32, String)> = tcx::list_interfaces().unwrap_or_default();
     let ifname = |i: u32| names.iter().find(|(x, _)| *x == i).map(|(_, n)| n.clone());
     let all: Vec<verdict::Report> = collector
@@ -190,15 +172,15 @@ pub fn run_with(args: &WhyArgs, on_ready: impl FnOnce()) -> Result<bool> {
             let mut report = verdict::judge(f, &cx);
             let start = first.map_or(0, |s| s.ts_ns);
             // Changes that can concern this flow (not the other family's rules and routes).
-            let other = if f.ipv6() { "IPv4" } else { "IPv6" };
-            let concern = |c: &&Snapshot| c.changed.iter().any(|w| !w.starts_with(other));
-            for c in history.changes_between(start, end_ns).filter(concern) {
-                let when = if c.since_ns <= decided { "before" } else { "after" };
-                report.evidence.push(format!(
-                    "node state changed at {} ({}), {when} the flow's last packet; the verdict uses the state in force then",
-                    c.time,
-                    c.changed.join(", ")
-                ));
+            for c in history
+                .changes_between(start, end_ns)
+                .filter(|c| c.changed.iter().any(|w| w.concerns(f.family())))
+            {
+                report.evidence.push(verdict::Evidence::NodeChanged {
+                    time: c.time,
+                    changes: c.changed.clone(),
+                    before_last_packet: c.since_ns <= decided,
+                });
             }
             report
         })
@@ -206,53 +188,20 @@ pub fn run_with(args: &WhyArgs, on_ready: impl FnOnce()) -> Result<bool> {
     let seen = all.len();
     let reports: Vec<verdict::Report> = all
         .into_iter()
-        .filter(|r| args.all || !verdict::healthy(r.verdict))
+        .filter(|r| cfg.all || !r.cause.verdict().healthy())
         .collect();
-    let lost = reports.iter().any(|r| !verdict::healthy(r.verdict));
-    if args.json {
+    let lost = reports.iter().any(|r| !r.cause.verdict().healthy());
+    if cfg.json {
         let doc = Document {
-            flows: reports,
+            flows: reports.iter().map(ReportJson).collect(),
             flows_seen: seen,
             flows_evicted: collector.flows.evicted,
             node: history.latest().unwrap_or(&empty),
             node_changes: history.changes(),
         };
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&doc).map_err(|e| anyhow!(e))?
-        );
+        println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         print!("{}", text(&reports, seen));
     }
     Ok(lost)
-}
-
-fn text(reports: &[verdict::Report], seen: usize) -> String {
-    let mut s = String::new();
-    if seen == 0 {
-        s += "no matching flow was seen\n";
-    } else if reports.is_empty() {
-        s += &format!("{seen} matching flow(s), every reply delivered (--all shows them)\n");
-    }
-    for r in reports {
-        s += &format!("\n== {}\nverdict: {} — {}\n", r.flow, r.verdict, r.summary);
-        for e in &r.evidence {
-            s += &format!("  evidence: {e}\n");
-        }
-        for (name, path) in [("request", &r.request), ("reply", &r.reply)] {
-            s += &format!("  {name} path:\n");
-            if path.is_empty() {
-                s += "    (nothing seen)\n";
-            }
-            for st in path.iter() {
-                let ct = st.ct_mark.map_or(String::new(), |c| format!(" ct {c:#x}"));
-                let extra = st
-                    .drop_reason
-                    .as_deref()
-                    .map_or(String::new(), |r| format!(" DROP {r}"));
-                s += &format!("    {:<52} mark {:#x}{ct}{extra}\n", st.point, st.mark);
-            }
-        }
-    }
-    s
 }

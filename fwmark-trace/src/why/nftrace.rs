@@ -4,6 +4,7 @@
 //! is removed when the watch ends, also on errors.
 use std::{
     io::{BufRead, BufReader},
+    net::IpAddr,
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     thread,
@@ -11,22 +12,26 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use crate::{nodestate::nft::Chain, tracking::flows::FlowSelect};
+use crate::{
+    flows::Selection,
+    nodestate::nft::{Chain, ChainId},
+};
 
 const TABLE: &str = "fwmark_trace_nftrace";
 
-/// A rule that ended a traced packet with `drop`, and the packet it saw.
+/// A rule that ended a traced packet with `drop`, and the packet's addresses.
 #[derive(Clone, Debug, PartialEq)]
-pub struct DropRule {
-    /// "inet f in".
-    pub chain: String,
-    pub rule: String,
-    /// The `packet:` line nft printed for that trace id (addresses, ports, mark).
-    pub packet: String,
+pub(crate) struct DropRule {
+    pub(crate) chain: ChainId,
+    /// The rule as nft printed it.
+    pub(crate) rule: String,
+    /// From the `packet:` line nft printed for that trace id.
+    pub(crate) saddr: Option<IpAddr>,
+    pub(crate) daddr: Option<IpAddr>,
 }
 
 /// nft match expressions for the selection (each rule sets nftrace on one side of it).
-fn matches(sel: &FlowSelect) -> Vec<String> {
+fn matches(sel: &Selection) -> Vec<String> {
     let mut out = Vec::new();
     if let Some(f) = &sel.flow {
         let ip = if f.src.is_ipv6() { "ip6" } else { "ip" };
@@ -49,7 +54,7 @@ fn matches(sel: &FlowSelect) -> Vec<String> {
     out
 }
 
-pub fn ruleset(sel: &FlowSelect) -> String {
+pub(crate) fn ruleset(sel: &Selection) -> String {
     let rules: String = matches(sel)
         .iter()
         .map(|m| format!("  {m} meta nftrace set 1\n"))
@@ -60,14 +65,14 @@ pub fn ruleset(sel: &FlowSelect) -> String {
 }
 
 /// The running monitor and its table; dropping it stops the monitor and removes the table.
-pub struct NfTrace {
+pub(crate) struct NfTrace {
     monitor: Child,
     lines: Arc<Mutex<Vec<String>>>,
 }
 
 impl NfTrace {
     /// Installs the table and starts the monitor in the calling thread's namespace.
-    pub fn start(sel: &FlowSelect) -> Result<Self> {
+    pub(crate) fn start(sel: &Selection) -> Result<Self> {
         let mut nft = Command::new("nft")
             .args(["-f", "-"])
             .stdin(Stdio::piped())
@@ -101,7 +106,7 @@ impl NfTrace {
     }
 
     /// Stops the monitor and returns the drop verdicts it saw.
-    pub fn finish(mut self) -> Vec<DropRule> {
+    pub(crate) fn finish(mut self) -> Vec<DropRule> {
         let _ = self.monitor.kill();
         let _ = self.monitor.wait();
         // Give the reader thread the last buffered lines.
@@ -120,8 +125,26 @@ impl Drop for NfTrace {
     }
 }
 
+/// The address after `key` among a line's words (`ip saddr 10.0.0.1` → 10.0.0.1; the
+/// `ether saddr` before it is not one).
+fn addr_after(words: &[&str], key: &str) -> Option<IpAddr> {
+    words
+        .windows(2)
+        .find_map(|w| (w[0] == key).then(|| w[1].parse().ok()).flatten())
+}
+
+/// `inet f in` → the chain.
+fn chain_id(s: &str) -> Option<ChainId> {
+    let mut words = s.split_whitespace();
+    Some(ChainId {
+        family: words.next()?.parse().ok()?,
+        table: words.next()?.to_owned(),
+        name: words.next()?.to_owned(),
+    })
+}
+
 /// Pairs each `(verdict drop)` rule line with its trace id's `packet:` line.
-pub fn parse(lines: &[String]) -> Vec<DropRule> {
+pub(crate) fn parse(lines: &[String]) -> Vec<DropRule> {
     let mut packets: Vec<(&str, &str)> = Vec::new();
     let mut out = Vec::new();
     for l in lines {
@@ -134,34 +157,39 @@ pub fn parse(lines: &[String]) -> Vec<DropRule> {
         if let Some((_, pkt)) = rest.split_once(" packet: ") {
             packets.push((id, pkt));
         } else if let Some((chain, rule)) = rest.split_once(" rule ") {
-            if let Some(rule) = rule.strip_suffix("(verdict drop)") {
-                let packet = packets
-                    .iter()
-                    .rev()
-                    .find(|(i, _)| *i == id)
-                    .map_or("", |(_, p)| *p);
-                out.push(DropRule {
-                    chain: chain.to_owned(),
-                    rule: rule.trim().to_owned(),
-                    packet: packet.trim().to_owned(),
-                });
-            }
+            let (Some(rule), Some(chain)) = (rule.strip_suffix("(verdict drop)"), chain_id(chain))
+            else {
+                continue;
+            };
+            let packet: Vec<&str> = packets
+                .iter()
+                .rev()
+                .find(|(i, _)| *i == id)
+                .map_or("", |(_, p)| *p)
+                .split_whitespace()
+                .collect();
+            out.push(DropRule {
+                chain,
+                rule: rule.trim().to_owned(),
+                saddr: addr_after(&packet, "saddr"),
+                daddr: addr_after(&packet, "daddr"),
+            });
         }
     }
     out
 }
 
-/// The drop rule that concerns this flow (its packet line names both addresses).
-pub fn for_flow<'a>(drops: &'a [DropRule], src: &str, dst: &str) -> Option<&'a DropRule> {
-    drops
-        .iter()
-        .rev()
-        .find(|d| d.packet.contains(src) && d.packet.contains(dst))
+/// The drop rule that concerns the flow between `a` and `b` (either direction).
+pub(crate) fn for_flow(drops: &[DropRule], a: IpAddr, b: IpAddr) -> Option<&DropRule> {
+    drops.iter().rev().find(|d| {
+        let pair = (d.saddr, d.daddr);
+        pair == (Some(a), Some(b)) || pair == (Some(b), Some(a))
+    })
 }
 
 /// Our own table is not one of the node's chains.
-pub fn is_ours(c: &Chain) -> bool {
-    c.table == TABLE
+pub(crate) fn is_ours(c: &Chain) -> bool {
+    c.id.table == TABLE
 }
 
 #[cfg(test)]
@@ -173,25 +201,26 @@ mod tests {
         let lines: Vec<String> = [
             "trace id ec3b inet t out packet: oif \"lo\" ip saddr 10.0.0.1 ip daddr 10.0.0.2 udp dport 9",
             "trace id ec3b inet t out rule udp dport 9 meta nftrace set 1 (verdict continue)",
-            "trace id 37e3 inet f in packet: iif \"a2\" ip saddr 10.0.0.2 ip daddr 10.0.0.1 udp sport 9",
+            "trace id 37e3 inet f in packet: iif \"a2\" ether saddr 7a:2e:1b:00:00:01 ether daddr 7a:2e:1b:00:00:02 ip saddr 10.0.0.2 ip daddr 10.0.0.1 udp sport 9",
             "trace id 37e3 inet f in rule udp sport 9 meta mark & 0x00004000 == 0x00000000 drop (verdict drop)",
         ]
         .map(String::from)
         .to_vec();
         let drops = parse(&lines);
         assert_eq!(drops.len(), 1);
-        assert_eq!(drops[0].chain, "inet f in");
+        assert_eq!(drops[0].chain.to_string(), "inet f/in");
         assert_eq!(
             drops[0].rule,
             "udp sport 9 meta mark & 0x00004000 == 0x00000000 drop"
         );
-        assert!(for_flow(&drops, "10.0.0.1", "10.0.0.2").is_some());
-        assert!(for_flow(&drops, "10.0.0.1", "10.0.0.3").is_none());
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(for_flow(&drops, ip("10.0.0.1"), ip("10.0.0.2")).is_some());
+        assert!(for_flow(&drops, ip("10.0.0.1"), ip("10.0.0.3")).is_none());
     }
 
     #[test]
     fn ruleset_traces_both_directions() {
-        let sel = FlowSelect {
+        let sel = Selection {
             port: Some(7),
             ..Default::default()
         };

@@ -1,105 +1,272 @@
 //! Why did the reply die? From one flow's timeline (request and reply paths with marks, drops
 //! and routing lookups) and the node's state (ip rules, routes, rp_filter, xfrm policies, nft
-//! chains), name the cause in plain language with the evidence lines behind it.
-use std::net::Ipv4Addr;
+//! chains), find the cause — one function per cause, each returning what it found — and the
+//! evidence behind it. `output::why` says both in words.
+use std::net::IpAddr;
 
-use serde::Serialize;
+use ipnet::IpNet;
 
 use crate::{
     attribution::{attribute, Change},
-    events::hex,
-    nodestate::{nft::Chain, NodeState},
+    event::{DropReason, EventKind, RouteResult, Tuple},
+    flows::{Dir, Flow, Step},
+    mark::Mark,
+    nodestate::{
+        netlink::{IpRule, RuleAction, XfrmAction, XfrmDir, XfrmPolicy, TABLE_LOCAL},
+        nft::{Chain, ChainId},
+        NodeState, StateChange,
+    },
+    place::{Hook, Tracepoint},
     registry::Registry,
-    tracking::flows::{Dir, Flow, Step},
+    stack::{NfHook, Proto},
 };
 
 /// What `judge` needs besides the flow.
-pub struct Context<'a> {
+pub(crate) struct Context<'a> {
     /// The node state in force when the flow's fate was decided (its nft chains included).
-    pub state: &'a NodeState,
-    pub registry: &'a Registry,
+    pub(crate) state: &'a NodeState,
+    pub(crate) registry: &'a Registry,
     /// ifindex → name in the traced namespace.
-    pub ifname: &'a dyn Fn(u32) -> Option<String>,
+    pub(crate) ifname: &'a dyn Fn(u32) -> Option<String>,
     /// Drop verdicts `nft monitor trace` saw (with `--nftrace`).
-    pub nft_drops: &'a [super::nftrace::DropRule],
+    pub(crate) nft_drops: &'a [super::nftrace::DropRule],
 }
 
-#[derive(Debug, Serialize)]
-pub struct MarkDiff {
-    pub request_mark: String,
-    pub reply_mark: String,
-    pub bits: String,
-    pub owners: Vec<String>,
+/// The verdict on a flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    RpFilter,
+    NetfilterDrop,
+    ConnmarkRestoreMask,
+    XfrmPolicy,
+    NoSocket,
+    Dropped,
+    NoReply,
+    ReplyLost,
+    ReplyMisrouted,
+    /// Healthy: the reply was delivered into this namespace.
+    Delivered,
+    /// Healthy, seen from the server: the reply left where the request arrived.
+    ReplySent,
 }
 
-#[derive(Debug, Serialize)]
-pub struct DropInfo {
-    pub reason: String,
+impl Verdict {
+    /// Whether the reply made it (into this namespace, or out of the server's).
+    pub(crate) fn healthy(self) -> bool {
+        matches!(self, Verdict::Delivered | Verdict::ReplySent)
+    }
+}
+
+/// How the reverse-path check went for a reply rp_filter dropped.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum ReversePath {
+    /// The route back to the peer (its table, prefix and device) is not the arrival device.
+    Elsewhere {
+        table: u32,
+        prefix: IpNet,
+        dev: Option<String>,
+    },
+    /// No table the reply's mark selects has a route back.
+    None,
+}
+
+/// A drop's place: the hook and priority of the last observer before it, and the chains
+/// right after that observer.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct DropPlace {
+    pub(crate) hook: Option<Hook>,
+    pub(crate) priority: Option<i32>,
+    pub(crate) chains: Vec<Chain>,
+}
+
+/// What caused the verdict, with what was found.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Cause {
+    /// The request left; nothing came back to this namespace.
+    NoReply {
+        last_request: Option<Step>,
+    },
+    Delivered {
+        last: Step,
+    },
+    ReplyLost {
+        last: Step,
+    },
+    RpFilter {
+        reply_mark: Mark,
+        /// The mark the reverse-path check used (0 unless src_valid_mark).
+        used_mark: Mark,
+        missed: Vec<IpRule>,
+        path: ReversePath,
+        arrival: String,
+        rp_filter: u8,
+        src_valid_mark: bool,
+    },
+    NetfilterDrop {
+        reply_mark: Mark,
+        place: DropPlace,
+    },
+    /// A restore wrote the ct mark over bits set on the reply, which then died in netfilter.
+    ConnmarkRestoreMask {
+        restore: Step,
+        lost: Mark,
+        place: DropPlace,
+    },
+    XfrmPolicy {
+        reply_mark: Mark,
+        policy: Option<XfrmPolicy>,
+    },
+    /// ICMP: the kernel's copy found no ping socket; ping reads a raw socket's clone.
+    IcmpDelivered {
+        reply_mark: Mark,
+    },
+    NoSocket {
+        reply_mark: Mark,
+        after: Option<Step>,
+    },
+    Dropped {
+        reply_mark: Mark,
+        after: Option<Step>,
+        reason: DropReason,
+    },
+    ReplySent {
+        left: String,
+        reply_mark: Mark,
+    },
+    ReplyMisrouted {
+        left: String,
+        arrived: String,
+        reply_mark: Mark,
+        /// The connection's ct mark nothing restored onto the reply.
+        unrestored_ct: Option<Mark>,
+        /// The request's mark the kernel's own reply did not take (fwmark_reflect=0).
+        unreflected: Option<Mark>,
+        missed: Vec<IpRule>,
+        table: Option<u32>,
+    },
+}
+
+impl Cause {
+    pub(crate) fn verdict(&self) -> Verdict {
+        match self {
+            Cause::NoReply { .. } => Verdict::NoReply,
+            Cause::Delivered { .. } | Cause::IcmpDelivered { .. } => Verdict::Delivered,
+            Cause::ReplyLost { .. } => Verdict::ReplyLost,
+            Cause::RpFilter { .. } => Verdict::RpFilter,
+            Cause::NetfilterDrop { .. } => Verdict::NetfilterDrop,
+            Cause::ConnmarkRestoreMask { .. } => Verdict::ConnmarkRestoreMask,
+            Cause::XfrmPolicy { .. } => Verdict::XfrmPolicy,
+            Cause::NoSocket { .. } => Verdict::NoSocket,
+            Cause::Dropped { .. } => Verdict::Dropped,
+            Cause::ReplySent { .. } => Verdict::ReplySent,
+            Cause::ReplyMisrouted { .. } => Verdict::ReplyMisrouted,
+        }
+    }
+}
+
+/// One piece of evidence behind a verdict.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Evidence {
+    /// The routing lookups made for one direction: table, flow mark, result.
+    Lookups {
+        dir: Dir,
+        lookups: Vec<(u32, Mark, RouteResult)>,
+    },
+    RequestLastSeen(Step),
+    /// The request's and the reply's last marks differ in bits of these owners.
+    MarkDiff(MarkDiff),
+    ConnmarkRestore {
+        restore: Step,
+        lost: Mark,
+    },
+    /// `--nftrace` named the rule that dropped the packet.
+    NftTraceRule(String),
+    /// A rule in the dropping chain that matches a mark.
+    MarkMatchingRule {
+        chain: ChainId,
+        rule: String,
+    },
+    XfrmMatching(XfrmPolicy),
+    RpFilterSysctls {
+        arrival: String,
+        rp_filter: u8,
+        src_valid_mark: bool,
+    },
+    RestoreOnOutputHint,
+    FwmarkReflectOff,
+    TcpFwmarkAcceptOff,
+    /// The node's state changed while the flow was watched.
+    NodeChanged {
+        time: crate::event::Timestamp,
+        changes: Vec<StateChange>,
+        before_last_packet: bool,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct MarkDiff {
+    pub(crate) request: Mark,
+    pub(crate) reply: Mark,
+    pub(crate) owners: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct DropInfo {
+    pub(crate) reason: DropReason,
     /// The last observer that saw the reply before it died.
-    pub after: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub hook: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub priority: Option<i32>,
-    /// nft chains in the band right after that observer (where the drop happened).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub chains: Vec<String>,
+    pub(crate) after: Option<Step>,
+    pub(crate) place: DropPlace,
     /// The exact rule, from nftables tracing (`--nftrace`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rule: Option<String>,
+    pub(crate) rule: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
-pub struct Report {
-    pub flow: String,
-    /// rp-filter, netfilter-drop, connmark-restore-mask, xfrm-policy, no-socket, dropped,
-    /// no-reply, reply-lost, reply-misrouted (seen from the server), and the healthy ones:
-    /// delivered, reply-sent (seen from the server).
-    pub verdict: &'static str,
-    pub summary: String,
-    pub evidence: Vec<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub last_reply_point: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub drop: Option<DropInfo>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mark_diff: Option<MarkDiff>,
-    pub request: Vec<Step>,
-    pub reply: Vec<Step>,
+#[derive(Clone, Debug)]
+pub(crate) struct Report {
+    pub(crate) flow: Tuple,
+    pub(crate) cause: Cause,
+    pub(crate) evidence: Vec<Evidence>,
+    pub(crate) last_reply: Option<Step>,
+    pub(crate) drop: Option<DropInfo>,
+    pub(crate) mark_diff: Option<MarkDiff>,
+    pub(crate) request: Vec<Step>,
+    pub(crate) reply: Vec<Step>,
 }
 
+/// The packet steps (not routing lookups) of one direction.
 fn packets(flow: &Flow, dir: Dir) -> Vec<&Step> {
-    flow.path(dir).filter(|s| s.kind != "route").collect()
+    flow.path(dir).filter(|s| !s.is_route()).collect()
 }
 
-/// Longest-prefix match of an IPv4 address in one table: (prefix, oif).
-fn lookup(state: &NodeState, table: u32, addr: Ipv4Addr) -> Option<(String, Option<u32>)> {
+fn last_mark(path: &[&Step]) -> Mark {
+    path.last().map_or(Mark::ZERO, |s| s.mark)
+}
+
+/// Longest-prefix match of an address in one table: the route's prefix and device.
+fn lookup(state: &NodeState, table: u32, addr: IpAddr) -> Option<(IpNet, Option<u32>)> {
     state
         .routes
         .iter()
-        .filter(|r| r.table == table && r.kind != "local" && r.kind != "broadcast")
-        .filter_map(|r| {
-            let (net, len) = if r.destination == "default" {
-                (Ipv4Addr::UNSPECIFIED, 0)
-            } else {
-                let (n, l) = r.destination.split_once('/')?;
-                (n.parse().ok()?, l.parse::<u32>().ok()?)
-            };
-            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-            (u32::from(addr) & mask == u32::from(net) & mask).then_some((len, r))
-        })
-        .max_by_key(|(len, _)| *len)
-        .map(|(_, r)| (r.destination.clone(), r.oif))
+        .filter(|r| r.table == table && r.forwards() && r.destination.contains(&addr))
+        .max_by_key(|r| r.destination.prefix_len())
+        .map(|r| (r.destination, r.oif))
 }
 
 /// A reply transition that looks like a connmark restore clobbering bits set earlier on the
 /// reply: the new mark holds nothing but ct-mark bits, and bits were lost.
-fn restore_clobber<'a>(reply: &[&'a Step]) -> Option<(&'a Step, u32)> {
+fn restore_clobber<'a>(reply: &[&'a Step]) -> Option<(&'a Step, Mark)> {
     reply.iter().copied().find_map(|s| {
         let ct = s.ct_mark?;
         let lost = s.old_mark & !s.mark;
-        (s.kind == "transition" && lost != 0 && s.mark & !ct == 0).then_some((s, lost))
+        (s.kind == EventKind::Transition && !lost.is_zero() && s.mark.within(ct))
+            .then_some((s, lost))
     })
+}
+
+/// The device a direction's packets were seen on at a tracepoint (first or last).
+fn device(path: &[&Step], tp: Tracepoint, last: bool) -> Option<String> {
+    let mut hits = path.iter().filter(|s| s.at.is(Hook::Tracepoint(tp)));
+    let hit = if last { hits.next_back() } else { hits.next() };
+    hit.and_then(|s| s.at.ifname.clone())
 }
 
 /// Seen from the server's side (the request came in from a device, the reply went out of one):
@@ -109,498 +276,436 @@ fn server_side(
     request: &[&Step],
     reply: &[&Step],
     cx: &Context,
-    evidence: &mut Vec<String>,
-) -> Option<(&'static str, String)> {
-    let device = |path: &[&Step], hook: &str| {
-        path.iter()
-            .find(|s| s.hook == Some(hook))
-            .and_then(|s| s.ifname.clone())
-    };
-    let arrived = device(request, "netif_receive_skb")?;
-    let left = reply
-        .iter()
-        .rev()
-        .find(|s| s.hook == Some("net_dev_queue"))
-        .and_then(|s| s.ifname.clone())?;
-    let reply_mark = reply.last().map_or(0, |s| s.mark);
+    evidence: &mut Vec<Evidence>,
+) -> Option<Cause> {
+    let arrived = device(request, Tracepoint::NetifReceiveSkb, false)?;
+    let left = device(reply, Tracepoint::NetDevQueue, true)?;
+    let reply_mark = last_mark(reply);
     if arrived == left {
-        return Some((
-            "reply-sent",
-            format!(
-                "the reply left via {left} (mark {}), where the request arrived",
-                hex(reply_mark)
-            ),
-        ));
+        return Some(Cause::ReplySent { left, reply_mark });
     }
     // The marks the request had (packet or connection) that routing by fwmark may expect. The
     // ct mark is the last one seen: a UDP socket drops the skb's conntrack reference on
     // queueing, so the request's final point may carry none.
-    let request_mark = request.last().map_or(0, |s| s.mark);
+    let request_mark = last_mark(request);
     let request_ct = request.iter().rev().find_map(|s| s.ct_mark);
-    let wanted: Vec<u32> = [request_mark, request_ct.unwrap_or(0)]
+    let missed: Vec<IpRule> = [request_mark, request_ct.unwrap_or_default()]
         .into_iter()
-        .filter(|m| *m != 0 && *m != reply_mark)
-        .collect();
-    let missed: Vec<String> = wanted
-        .iter()
-        .flat_map(|m| cx.state.rules_for(*m))
+        .filter(|m| !m.is_zero() && *m != reply_mark)
+        .flat_map(|m| cx.state.rules_for(m))
         .filter(|r| r.fwmark.is_some() && !r.mark_matches(reply_mark))
-        .map(|r| format!("`{}`", r.describe()))
+        .cloned()
         .collect();
     // The table the reply's (last successful) routing lookup used.
     let table = flow
         .path(Dir::Reply)
-        .filter(|s| s.kind == "route" && s.route_result.as_deref() == Some("ok"))
-        .filter_map(|s| s.table)
+        .filter_map(|s| s.route.filter(|r| r.result == RouteResult::Ok))
+        .map(|r| r.table)
         .last();
-    let table = match table {
-        Some(254) => "table main".to_owned(),
-        Some(t) => format!("table {t}"),
-        None => "routing".to_owned(),
-    };
-    let mut mark = format!("reply mark {}", hex(reply_mark));
-    let ct = request_ct.filter(|c| *c != 0 && c & !reply_mark != 0);
-    if let Some(c) = ct {
-        mark += &format!(" (the connection's ct mark {} was not restored)", hex(c));
-        evidence.push(
-            "to route replies like their requests, restore the mark on output: `meta mark set ct mark` in a `type route hook output` chain (or CONNMARK --restore-mark in mangle OUTPUT)".into(),
-        );
+    let unrestored_ct = request_ct.filter(|c| !c.is_zero() && !c.within(reply_mark));
+    if unrestored_ct.is_some() {
+        evidence.push(Evidence::RestoreOnOutputHint);
     }
     // The kernel answers pings itself; its reply (like its ICMP errors and TCP resets) takes
     // the request's mark only with fwmark_reflect=1.
     let sysctls = &cx.state.sysctls;
-    let reflect = if flow.ipv6() {
-        sysctls.fwmark_reflect6
-    } else {
-        sysctls.fwmark_reflect
+    let reflect = match flow.family() {
+        crate::stack::Family::Ipv4 => sysctls.fwmark_reflect,
+        crate::stack::Family::Ipv6 => sysctls.fwmark_reflect6,
     };
-    if flow.proto.starts_with("icmp") && reflect == 0 && request_mark != 0 {
-        mark += &format!(
-            " (fwmark_reflect=0: the kernel's echo reply does not take the request's mark {})",
-            hex(request_mark)
-        );
-        evidence.push("fwmark_reflect=0: replies the kernel builds itself (ICMP echo replies and errors, TCP resets) carry no mark; with net.ipv4/ipv6.fwmark_reflect=1 they take the request's".into());
+    let unreflected = (flow.tuple.proto.is_icmp() && reflect == 0 && !request_mark.is_zero())
+        .then_some(request_mark);
+    if unreflected.is_some() {
+        evidence.push(Evidence::FwmarkReflectOff);
     }
-    if flow.proto == "tcp" && sysctls.tcp_fwmark_accept == 0 && request_mark != 0 {
-        evidence
-            .push("tcp_fwmark_accept=0: accepted TCP sockets do not take the SYN's mark".into());
+    if flow.tuple.proto == Proto::TCP && sysctls.tcp_fwmark_accept == 0 && !request_mark.is_zero() {
+        evidence.push(Evidence::TcpFwmarkAcceptOff);
     }
-    let rules = if missed.is_empty() {
-        String::new()
-    } else {
-        format!(" → rule {} did not match", missed.join(", "))
-    };
-    Some((
-        "reply-misrouted",
-        format!("the reply left via {left}, not {arrived} where the request arrived: {mark}{rules} → {table} → {left}"),
-    ))
+    Some(Cause::ReplyMisrouted {
+        left,
+        arrived,
+        reply_mark,
+        unrestored_ct,
+        unreflected,
+        missed,
+        table,
+    })
 }
 
-/// Whether a verdict means the reply made it (into this namespace, or out of the server's).
-pub fn healthy(verdict: &str) -> bool {
-    matches!(verdict, "delivered" | "reply-sent")
+/// No drop was seen: the reply was delivered, vanished, or never came.
+fn undropped(request: &[&Step], reply: &[&Step]) -> Cause {
+    let delivered = reply
+        .iter()
+        .any(|s| s.at.is(Hook::Netfilter(NfHook::Input)) || s.kind == EventKind::Consume);
+    match reply.last() {
+        None => Cause::NoReply {
+            last_request: request.last().map(|s| (*s).clone()),
+        },
+        Some(last) if delivered => Cause::Delivered {
+            last: (*last).clone(),
+        },
+        Some(last) => Cause::ReplyLost {
+            last: (*last).clone(),
+        },
+    }
 }
 
-pub fn judge(flow: &Flow, cx: &Context) -> Report {
+/// The nft chains right after the observer that last saw a packet before it was dropped.
+fn drop_place(before: Option<&Step>, flow: &Flow, state: &NodeState) -> DropPlace {
+    let hook = before.and_then(|b| b.at.hook);
+    let priority = before.and_then(|b| b.at.priority);
+    let chains = match (hook, priority) {
+        (Some(Hook::Netfilter(nf)), Some(prio)) => {
+            let here: Vec<&Chain> = state
+                .chains
+                .iter()
+                .filter(|c| c.hook == nf && c.covers(flow.family()) && c.priority >= prio)
+                .collect();
+            let next = here.iter().map(|c| c.priority).min();
+            here.into_iter()
+                .filter(|c| Some(c.priority) == next)
+                .cloned()
+                .collect()
+        }
+        _ => Vec::new(),
+    };
+    DropPlace {
+        hook,
+        priority,
+        chains,
+    }
+}
+
+/// IP_RPFILTER: the reverse-path check, redone with the reply's mark and the node's rules.
+fn rp_filter(flow: &Flow, request: &[&Step], reply: &[&Step], cx: &Context) -> (Cause, Evidence) {
+    let (request_mark, reply_mark) = (last_mark(request), last_mark(reply));
+    let arrival = reply
+        .iter()
+        .find_map(|s| s.at.ifname.clone())
+        .unwrap_or_else(|| "?".into());
+    let sysctls = &cx.state.sysctls;
+    let src_valid_mark = sysctls.src_valid_mark_of(&arrival);
+    let rp_filter = sysctls.rp_filter_of(&arrival);
+    let used_mark = if src_valid_mark {
+        reply_mark
+    } else {
+        Mark::ZERO
+    };
+    let missed = cx
+        .state
+        .rules_for(request_mark)
+        .into_iter()
+        .filter(|r| r.fwmark.is_some() && !r.mark_matches(used_mark))
+        .cloned()
+        .collect();
+    let path = cx
+        .state
+        .rules_for(used_mark)
+        .into_iter()
+        .filter(|r| r.action == RuleAction::Lookup && r.table != TABLE_LOCAL)
+        .find_map(|r| {
+            let (prefix, oif) = lookup(cx.state, r.table, flow.tuple.dst)?;
+            Some(ReversePath::Elsewhere {
+                table: r.table,
+                prefix,
+                dev: oif.and_then(|i| (cx.ifname)(i)),
+            })
+        })
+        .unwrap_or(ReversePath::None);
+    let evidence = Evidence::RpFilterSysctls {
+        arrival: arrival.clone(),
+        rp_filter,
+        src_valid_mark,
+    };
+    let cause = Cause::RpFilter {
+        reply_mark,
+        used_mark,
+        missed,
+        path,
+        arrival,
+        rp_filter,
+        src_valid_mark,
+    };
+    (cause, evidence)
+}
+
+/// NETFILTER_DROP: the band's chains, the rule if nftables tracing named it, the mark-matching
+/// rules in those chains; a restore that clobbered the reply's mark first makes it
+/// `connmark-restore-mask`.
+fn netfilter_drop(
+    flow: &Flow,
+    reply: &[&Step],
+    place: DropPlace,
+    cx: &Context,
+    evidence: &mut Vec<Evidence>,
+) -> (Cause, Option<String>) {
+    let rule = super::nftrace::for_flow(cx.nft_drops, flow.tuple.src, flow.tuple.dst)
+        .map(|d| format!("{}: {}", d.chain, d.rule));
+    if let Some(r) = &rule {
+        evidence.push(Evidence::NftTraceRule(r.clone()));
+    }
+    for c in &place.chains {
+        for r in cx
+            .state
+            .mark_rules
+            .iter()
+            .filter(|r| r.chain == c.id && !r.writes)
+        {
+            evidence.push(Evidence::MarkMatchingRule {
+                chain: r.chain.clone(),
+                rule: r.rule.clone(),
+            });
+        }
+    }
+    let cause = match restore_clobber(reply) {
+        Some((restore, lost)) => Cause::ConnmarkRestoreMask {
+            restore: restore.clone(),
+            lost,
+            place,
+        },
+        None => Cause::NetfilterDrop {
+            reply_mark: last_mark(reply),
+            place,
+        },
+    };
+    (cause, rule)
+}
+
+/// XFRM_POLICY: the inbound block policies whose mark selector takes the reply's mark.
+fn xfrm_policy(reply: &[&Step], cx: &Context, evidence: &mut Vec<Evidence>) -> Cause {
+    let reply_mark = last_mark(reply);
+    let hits: Vec<&XfrmPolicy> = cx
+        .state
+        .xfrm
+        .iter()
+        .filter(|p| {
+            p.direction != XfrmDir::Out
+                && p.action == XfrmAction::Block
+                && p.mark.matches(reply_mark)
+        })
+        .collect();
+    evidence.extend(hits.iter().map(|p| Evidence::XfrmMatching((*p).clone())));
+    Cause::XfrmPolicy {
+        reply_mark,
+        policy: hits.first().map(|p| (*p).clone()),
+    }
+}
+
+/// The request's mark against the reply's: which owners' bits differ.
+fn mark_diff(request: Mark, reply: Mark, registry: &Registry) -> MarkDiff {
+    let a = attribute(
+        registry,
+        &Change {
+            old: request.0,
+            new: reply.0,
+            ..Default::default()
+        },
+    );
+    let mut owners: Vec<String> = a.owners.into_iter().map(|o| o.owner).collect();
+    owners.dedup();
+    MarkDiff {
+        request,
+        reply,
+        owners,
+    }
+}
+
+pub(crate) fn judge(flow: &Flow, cx: &Context) -> Report {
     let request = packets(flow, Dir::Request);
     let reply = packets(flow, Dir::Reply);
-    let request_mark = request.last().map_or(0, |s| s.mark);
-    let reply_mark = reply.last().map_or(0, |s| s.mark);
+    let (request_mark, reply_mark) = (last_mark(&request), last_mark(&reply));
     let mut evidence = Vec::new();
-
     for dir in [Dir::Request, Dir::Reply] {
-        let lookups: Vec<String> = flow
+        let lookups: Vec<(u32, Mark, RouteResult)> = flow
             .path(dir)
-            .filter(|s| s.kind == "route")
-            .map(|s| {
-                format!(
-                    "table {} with mark {} → {}",
-                    s.table.unwrap_or(0),
-                    hex(s.mark),
-                    s.route_result.as_deref().unwrap_or("?")
-                )
-            })
+            .filter_map(|s| s.route.map(|r| (r.table, s.mark, r.result)))
             .collect();
         if !lookups.is_empty() {
-            evidence
-                .push(format!("{dir:?} routing lookups: {}", lookups.join(", ")).to_lowercase());
+            evidence.push(Evidence::Lookups { dir, lookups });
         }
     }
     if let Some(last) = request.last() {
-        evidence.push(format!(
-            "request last seen at {} with mark {}",
-            last.point,
-            hex(last.mark)
-        ));
+        evidence.push(Evidence::RequestLastSeen((*last).clone()));
     }
-    let mark_diff = (request_mark != reply_mark).then(|| {
-        let a = attribute(
-            cx.registry,
-            &Change {
-                old: request_mark,
-                new: reply_mark,
-                ..Default::default()
-            },
-        );
-        let mut owners: Vec<String> = a.owners.iter().map(|o| o.owner.clone()).collect();
-        owners.dedup();
-        evidence.push(format!(
-            "request mark {} vs reply mark {}: bits {} differ (owners: {})",
-            hex(request_mark),
-            hex(reply_mark),
-            hex(request_mark ^ reply_mark),
-            if owners.is_empty() {
-                "none registered".into()
-            } else {
-                owners.join(", ")
-            }
-        ));
-        MarkDiff {
-            request_mark: hex(request_mark),
-            reply_mark: hex(reply_mark),
-            bits: hex(request_mark ^ reply_mark),
-            owners,
-        }
-    });
-    let clobber = restore_clobber(&reply);
-    if let Some((s, lost)) = clobber {
-        evidence.push(format!(
-            "connmark restore {}: reply mark {} -> {} (ct mark {}) lost bits {}",
-            s.segment
-                .as_deref()
-                .map_or(String::new(), |g| format!("in {g}")),
-            hex(s.old_mark),
-            hex(s.mark),
-            hex(s.ct_mark.unwrap_or(0)),
-            hex(lost)
-        ));
+    let mark_diff =
+        (request_mark != reply_mark).then(|| mark_diff(request_mark, reply_mark, cx.registry));
+    if let Some(d) = &mark_diff {
+        evidence.push(Evidence::MarkDiff(d.clone()));
+    }
+    if let Some((restore, lost)) = restore_clobber(&reply) {
+        evidence.push(Evidence::ConnmarkRestore {
+            restore: restore.clone(),
+            lost,
+        });
     }
 
-    let mut report = Report {
-        flow: flow.label(),
-        verdict: "no-reply",
-        summary: String::new(),
+    let drop_at = reply.iter().position(|s| s.kind == EventKind::Drop);
+    let (cause, drop) = match drop_at {
+        None => {
+            let cause = server_side(flow, &request, &reply, cx, &mut evidence)
+                .unwrap_or_else(|| undropped(&request, &reply));
+            (cause, None)
+        }
+        Some(i) => {
+            let before = i.checked_sub(1).map(|j| reply[j]);
+            let reason = reply[i]
+                .drop_reason
+                .clone()
+                .unwrap_or(DropReason::Unnamed(0));
+            let place = drop_place(before, flow, cx.state);
+            let mut info = DropInfo {
+                reason: reason.clone(),
+                after: before.cloned(),
+                place: place.clone(),
+                rule: None,
+            };
+            let cause = match reason {
+                DropReason::IpRpfilter => {
+                    let (cause, e) = rp_filter(flow, &request, &reply, cx);
+                    evidence.push(e);
+                    cause
+                }
+                DropReason::NetfilterDrop => {
+                    let (cause, rule) = netfilter_drop(flow, &reply, place, cx, &mut evidence);
+                    info.rule = rule;
+                    cause
+                }
+                DropReason::XfrmPolicy => xfrm_policy(&reply, cx, &mut evidence),
+                // Past every netfilter hook, the stack found no socket: routing and marks did
+                // their job.
+                DropReason::NoSocket if flow.tuple.proto.is_icmp() => {
+                    Cause::IcmpDelivered { reply_mark }
+                }
+                DropReason::NoSocket => Cause::NoSocket {
+                    reply_mark,
+                    after: before.cloned(),
+                },
+                reason => Cause::Dropped {
+                    reply_mark,
+                    after: before.cloned(),
+                    reason,
+                },
+            };
+            (cause, Some(info))
+        }
+    };
+    Report {
+        flow: flow.tuple,
+        cause,
         evidence,
-        last_reply_point: reply.last().map(|s| s.point.clone()),
-        drop: None,
+        last_reply: reply.last().map(|s| (*s).clone()),
+        drop,
         mark_diff,
         request: flow.path(Dir::Request).cloned().collect(),
         reply: flow.path(Dir::Reply).cloned().collect(),
-    };
-
-    let drop_at = reply.iter().position(|s| s.kind == "drop");
-    if drop_at.is_none() {
-        if let Some(verdict) = server_side(flow, &request, &reply, cx, &mut report.evidence) {
-            (report.verdict, report.summary) = verdict;
-            return report;
-        }
     }
-    let Some(i) = drop_at else {
-        let delivered = reply
-            .iter()
-            .any(|s| s.hook == Some("input") || s.kind == "consume");
-        (report.verdict, report.summary) = match (reply.last(), delivered) {
-            (None, _) => ("no-reply", format!(
-                "the request left (last seen at {}, mark {}) and no reply came back to this namespace",
-                request.last().map_or("?".into(), |s| s.point.clone()),
-                hex(request_mark)
-            )),
-            (Some(last), true) => ("delivered", format!("the reply was delivered (last seen at {}, mark {})", last.point, hex(last.mark))),
-            (Some(last), false) => ("reply-lost", format!("the reply was last seen at {} (mark {}) and then vanished", last.point, hex(last.mark))),
-        };
-        return report;
-    };
-    let dropped = reply[i];
-    let before = i.checked_sub(1).map(|j| reply[j]);
-    let reason = dropped.drop_reason.clone().unwrap_or_default();
-    let chains: Vec<String> = before
-        .and_then(|b| {
-            let (hook, prio) = (b.hook?, b.priority?);
-            let family = if flow.ipv6() { 10 } else { 2 };
-            let here: Vec<&Chain> = cx
-                .state
-                .chains
-                .iter()
-                .filter(|c| {
-                    crate::nodestate::nft::hook_name(c.hook) == hook
-                        && c.covers(family)
-                        && c.priority >= prio
-                })
-                .collect();
-            let next = here.iter().map(|c| c.priority).min()?;
-            Some(
-                here.iter()
-                    .filter(|c| c.priority == next)
-                    .map(|c| c.label())
-                    .collect(),
-            )
-        })
-        .unwrap_or_default();
-    report.drop = Some(DropInfo {
-        reason: reason.clone(),
-        after: before.map_or("?".into(), |b| b.point.clone()),
-        hook: before.and_then(|b| b.hook),
-        priority: before.and_then(|b| b.priority),
-        chains: chains.clone(),
-        rule: None,
-    });
-    let arrival = reply
-        .iter()
-        .find_map(|s| s.ifname.clone())
-        .unwrap_or_else(|| "?".into());
-
-    (report.verdict, report.summary) = match reason.as_str() {
-        "IP_RPFILTER" => {
-            let svm = cx.state.sysctls.src_valid_mark_of(&arrival);
-            let used_mark = if svm { reply_mark } else { 0 };
-            let missed: Vec<String> = cx
-                .state
-                .rules_for(request_mark)
-                .into_iter()
-                .filter(|r| r.fwmark.is_some() && !r.mark_matches(used_mark))
-                .map(|r| format!("`{}`", r.describe()))
-                .collect();
-            let table = cx
-                .state
-                .rules_for(used_mark)
-                .into_iter()
-                .filter(|r| r.action == "lookup" && r.table != 255)
-                .find_map(|r| {
-                    let src: Ipv4Addr = flow.dst.parse().ok()?;
-                    lookup(cx.state, r.table, src).map(|hit| (r.table, hit))
-                });
-            let path = match &table {
-                Some((t, (prefix, oif))) => {
-                    let dev = oif
-                        .and_then(|i| (cx.ifname)(i))
-                        .unwrap_or_else(|| "?".into());
-                    format!(
-                        "table {} → reverse path to {} via {dev} ({prefix}) ≠ arrival {arrival}",
-                        if *t == 254 {
-                            "main".into()
-                        } else {
-                            t.to_string()
-                        },
-                        flow.dst
-                    )
-                }
-                None => format!("no route back to {} for mark {}", flow.dst, hex(used_mark)),
-            };
-            report.evidence.push(format!(
-                "rp_filter={} on {arrival}, src_valid_mark={}",
-                cx.state.sysctls.rp_filter_of(&arrival),
-                u8::from(svm)
-            ));
-            let rules = if missed.is_empty() {
-                "no fwmark rule applies".to_owned()
-            } else {
-                format!("rule {} did not match", missed.join(", "))
-            };
-            ("rp-filter", format!(
-                "reply had mark {} (reverse-path check uses mark {}) → {rules} → {path}, rp_filter={}, src_valid_mark={} → IP_RPFILTER",
-                hex(reply_mark), hex(used_mark), cx.state.sysctls.rp_filter_of(&arrival), u8::from(svm)
-            ))
-        }
-        "NETFILTER_DROP" => {
-            if let Some(d) = super::nftrace::for_flow(cx.nft_drops, &flow.src, &flow.dst) {
-                let rule = format!("{}: {}", d.chain, d.rule);
-                report
-                    .evidence
-                    .push(format!("nft trace: rule `{rule}` (verdict drop)"));
-                if let Some(info) = report.drop.as_mut() {
-                    info.rule = Some(rule);
-                }
-            }
-            for c in &chains {
-                let name = c.rsplit_once('@').map_or(c.as_str(), |(n, _)| n);
-                for r in cx
-                    .state
-                    .mark_rules
-                    .iter()
-                    .filter(|r| r.chain == name && !r.writes)
-                {
-                    report
-                        .evidence
-                        .push(format!("mark-matching rule in {}: `{}`", r.chain, r.rule));
-                }
-            }
-            let place = format!(
-                "{} after priority {}{}",
-                before.and_then(|b| b.hook).unwrap_or("?"),
-                before
-                    .and_then(|b| b.priority)
-                    .map_or("?".into(), |p| p.to_string()),
-                if chains.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", chains.join(", "))
-                }
-            );
-            match clobber {
-                Some((s, lost)) => ("connmark-restore-mask", format!(
-                    "a connmark restore rewrote the reply's mark {} -> {} (ct mark {}), losing bits {}; the reply was then dropped by netfilter at {place}",
-                    hex(s.old_mark), hex(s.mark), hex(s.ct_mark.unwrap_or(0)), hex(lost)
-                )),
-                None => ("netfilter-drop", format!("the reply (mark {}) was dropped by netfilter at {place} → NETFILTER_DROP", hex(reply_mark))),
-            }
-        }
-        "XFRM_POLICY" => {
-            let hits: Vec<String> = cx
-                .state
-                .xfrm
-                .iter()
-                .filter(|p| {
-                    p.direction != "out" && p.action == "block" && p.mark_matches(reply_mark)
-                })
-                .map(|p| p.describe())
-                .collect();
-            for h in &hits {
-                report.evidence.push(format!("matching: {h}"));
-            }
-            (
-                "xfrm-policy",
-                format!(
-                    "the reply (mark {}) was refused by an xfrm policy{} → XFRM_POLICY",
-                    hex(reply_mark),
-                    hits.first().map_or(String::new(), |h| format!(": {h}"))
-                ),
-            )
-        }
-        // Past every netfilter hook, the stack found no socket: routing and marks did their job.
-        "NO_SOCKET" if flow.proto.starts_with("icmp") => (
-            "delivered",
-            format!(
-                "the reply reached this host's input path (mark {}); the kernel's own copy found no ping socket (NO_SOCKET), which is normal when ping reads from a raw socket: raw sockets receive a clone",
-                hex(reply_mark)
-            ),
-        ),
-        "NO_SOCKET" => (
-            "no-socket",
-            format!(
-                "the reply reached this host (mark {}, after {}) but no socket was there to take it (NO_SOCKET): the application closed its socket or never bound this port; not a routing or mark problem",
-                hex(reply_mark),
-                before.map_or("?".into(), |b| b.point.clone())
-            ),
-        ),
-        other => (
-            "dropped",
-            format!(
-                "the reply (mark {}) was dropped after {}: {other}",
-                hex(reply_mark),
-                before.map_or("?".into(), |b| b.point.clone())
-            ),
-        ),
-    };
-    report
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
-    use crate::nodestate::{
-        netlink::{IpRule, Route, XfrmPolicy},
-        nft::Writes,
-        sysctl::Sysctls,
+    use crate::{
+        event::{RouteLookup, Timestamp},
+        nodestate::{
+            netlink::{Route, TABLE_MAIN},
+            nft::{ChainOrigin, Writes},
+            sysctl::Sysctls,
+        },
+        output::why::summary,
+        place::{Layer, PointInfo},
+        stack::{Family, NftFamily},
     };
 
-    fn step(
-        dir: Dir,
-        kind: &'static str,
-        point: &str,
-        hook: Option<&'static str>,
-        prio: Option<i32>,
-        old: u32,
-        mark: u32,
-    ) -> Step {
+    fn nf(hook: NfHook, prio: i32) -> Option<(Hook, i32)> {
+        Some((Hook::Netfilter(hook), prio))
+    }
+
+    fn step(dir: Dir, kind: EventKind, at: Option<(Hook, i32)>, old: u32, mark: u32) -> Step {
         Step {
-            time: String::new(),
+            time: Timestamp::now(),
             ts_ns: 0,
             dir,
             packet_id: 1,
             kind,
-            point: point.into(),
-            layer: "netfilter",
-            hook,
-            priority: prio,
-            ifname: Some("a2".into()),
-            mark,
-            old_mark: old,
+            at: Arc::new(PointInfo {
+                layer: Layer::Netfilter,
+                hook: at.map(|(h, _)| h),
+                family: Some(Family::Ipv4),
+                priority: at.map(|(_, p)| p),
+                ifname: Some("a2".into()),
+                ..Default::default()
+            }),
+            mark: Mark(mark),
+            old_mark: Mark(old),
             ct_mark: None,
             ct_state: None,
             segment: None,
-            chains: vec![],
             drop_reason: None,
-            table: None,
-            route_result: None,
+            route: None,
             nat_tuple: None,
+        }
+    }
+
+    fn at_dev(s: Step, hook: Hook, dev: &str) -> Step {
+        Step {
+            at: Arc::new(PointInfo {
+                hook: Some(hook),
+                ifname: Some(dev.into()),
+                ..(*s.at).clone()
+            }),
+            ..s
+        }
+    }
+
+    fn dropped(reason: DropReason, mark: u32) -> Step {
+        let tp = Some((Hook::Tracepoint(Tracepoint::KfreeSkb), 0));
+        Step {
+            drop_reason: Some(reason),
+            ..step(Dir::Reply, EventKind::Drop, tp, mark, mark)
         }
     }
 
     fn flow(steps: Vec<Step>) -> Flow {
         Flow {
-            proto: "udp".into(),
-            src: "10.77.0.1".into(),
-            sport: 40000,
-            dst: "10.9.9.9".into(),
-            dport: 7,
+            tuple: "udp 10.77.0.1:40000 -> 10.9.9.9:7".parse().unwrap(),
             steps,
             steps_dropped: 0,
+        }
+    }
+
+    fn rule(priority: u32, fwmark: Option<&str>, table: u32) -> IpRule {
+        IpRule {
+            family: Family::Ipv4,
+            priority,
+            fwmark: fwmark.map(|m| m.parse().unwrap()),
+            invert: false,
+            table,
+            action: RuleAction::Lookup,
+            iif: None,
+            suppress_prefixlen: None,
+        }
+    }
+
+    fn route(table: u32, oif: u32) -> Route {
+        Route {
+            table,
+            destination: "10.9.9.9/32".parse().unwrap(),
+            gateway: None,
+            oif: Some(oif),
+            kind: netlink_packet_route::route::RouteType::Unicast,
         }
     }
 
     fn state() -> NodeState {
         NodeState {
             rules: vec![
-                IpRule {
-                    priority: 0,
-                    fwmark: None,
-                    fwmask: None,
-                    invert: false,
-                    table: 255,
-                    action: "lookup".into(),
-                    iif: None,
-                    suppress_prefixlen: None,
-                    ipv6: false,
-                },
-                IpRule {
-                    priority: 1000,
-                    fwmark: Some(0x4000),
-                    fwmask: Some(0x4000),
-                    invert: false,
-                    table: 100,
-                    action: "lookup".into(),
-                    iif: None,
-                    suppress_prefixlen: None,
-                    ipv6: false,
-                },
-                IpRule {
-                    priority: 32766,
-                    fwmark: None,
-                    fwmask: None,
-                    invert: false,
-                    table: 254,
-                    action: "lookup".into(),
-                    iif: None,
-                    suppress_prefixlen: None,
-                    ipv6: false,
-                },
+                rule(0, None, TABLE_LOCAL),
+                rule(1000, Some("0x4000/0x4000"), 100),
+                rule(32766, None, TABLE_MAIN),
             ],
-            routes: vec![
-                Route {
-                    table: 254,
-                    destination: "10.9.9.9/32".into(),
-                    gateway: None,
-                    oif: Some(2),
-                    kind: "unicast".into(),
-                },
-                Route {
-                    table: 100,
-                    destination: "10.9.9.9/32".into(),
-                    gateway: None,
-                    oif: Some(3),
-                    kind: "unicast".into(),
-                },
-            ],
+            routes: vec![route(TABLE_MAIN, 2), route(100, 3)],
             sysctls: Sysctls {
                 rp_filter: [("all".into(), 1)].into(),
                 ..Default::default()
@@ -615,13 +720,7 @@ mod tests {
             ..s.clone()
         };
         let reg = Registry::builtin().unwrap();
-        let names = |i: u32| {
-            Some(if i == 2 {
-                "veth-a".to_string()
-            } else {
-                "a2".to_string()
-            })
-        };
+        let names = |i: u32| Some(if i == 2 { "veth-a" } else { "a2" }.to_string());
         judge(
             f,
             &Context {
@@ -635,222 +734,254 @@ mod tests {
 
     #[test]
     fn unmarked_reply_fails_rp_filter() {
-        let mut drop = step(Dir::Reply, "drop", "tracepoint kfree_skb", None, None, 0, 0);
-        drop.drop_reason = Some("IP_RPFILTER".into());
         let f = flow(vec![
             step(
                 Dir::Request,
-                "transition",
-                "netfilter output ipv4 prio -149",
-                Some("output"),
-                Some(-149),
+                EventKind::Transition,
+                nf(NfHook::Output, -149),
                 0,
                 0x4000,
             ),
             step(
                 Dir::Reply,
-                "observe",
-                "netfilter prerouting ipv4 prio -2147483647",
-                Some("prerouting"),
-                Some(i32::MIN + 1),
+                EventKind::Observe,
+                nf(NfHook::Prerouting, i32::MIN + 1),
                 0,
                 0,
             ),
-            drop,
+            dropped(DropReason::IpRpfilter, 0),
         ]);
         let r = judge_with(&f, &state(), &[]);
-        assert_eq!(r.verdict, "rp-filter");
-        assert!(
-            r.summary
-                .contains("`1000: fwmark 0x4000/0x4000 lookup 100` did not match"),
-            "{}",
-            r.summary
+        let Cause::RpFilter {
+            missed,
+            path,
+            arrival,
+            rp_filter,
+            src_valid_mark,
+            ..
+        } = &r.cause
+        else {
+            panic!("{:?}", r.cause);
+        };
+        assert_eq!(
+            missed.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+            ["1000: fwmark 0x4000/0x4000 lookup 100"]
         );
-        assert!(
-            r.summary
-                .contains("table main → reverse path to 10.9.9.9 via veth-a"),
-            "{}",
-            r.summary
+        assert_eq!(
+            *path,
+            ReversePath::Elsewhere {
+                table: TABLE_MAIN,
+                prefix: "10.9.9.9/32".parse().unwrap(),
+                dev: Some("veth-a".into())
+            }
         );
-        assert!(
-            r.summary.contains("≠ arrival a2")
-                && r.summary.contains("rp_filter=1, src_valid_mark=0"),
-            "{}",
-            r.summary
+        assert_eq!(
+            (arrival.as_str(), *rp_filter, *src_valid_mark),
+            ("a2", 1, false)
         );
-        assert_eq!(r.mark_diff.unwrap().bits, "0x4000");
+        let text = summary(&r);
+        for part in [
+            "`1000: fwmark 0x4000/0x4000 lookup 100` did not match",
+            "table main → reverse path to 10.9.9.9 via veth-a",
+            "≠ arrival a2",
+            "rp_filter=1, src_valid_mark=0",
+        ] {
+            assert!(text.contains(part), "{part} not in {text}");
+        }
+        let d = r.mark_diff.unwrap();
+        assert_eq!(d.request ^ d.reply, Mark(0x4000));
     }
 
     #[test]
     fn netfilter_drop_names_the_band_and_a_restore_clobber() {
         let mut restore = step(
             Dir::Reply,
-            "transition",
-            "netfilter prerouting ipv4 prio -149",
-            Some("prerouting"),
-            Some(-149),
+            EventKind::Transition,
+            nf(NfHook::Prerouting, -149),
             0x100,
             0x4000,
         );
-        restore.ct_mark = Some(0x4000);
+        restore.ct_mark = Some(Mark(0x4000));
         let input = step(
             Dir::Reply,
-            "observe",
-            "netfilter input ipv4 prio -2147483647",
-            Some("input"),
-            Some(i32::MIN + 1),
+            EventKind::Observe,
+            nf(NfHook::Input, i32::MIN + 1),
             0x4000,
             0x4000,
         );
-        let mut drop = step(
-            Dir::Reply,
-            "drop",
-            "tracepoint kfree_skb",
-            None,
-            None,
-            0x4000,
-            0x4000,
-        );
-        drop.drop_reason = Some("NETFILTER_DROP".into());
+        let drop = dropped(DropReason::NetfilterDrop, 0x4000);
         let chains = vec![Chain {
-            family: "inet".into(),
-            table: "t".into(),
-            name: "in".into(),
-            hook: 1,
+            id: ChainId {
+                family: NftFamily::Inet,
+                table: "t".into(),
+                name: "in".into(),
+            },
+            origin: ChainOrigin::Nft,
+            hook: NfHook::Input,
             priority: 0,
             mark_writers: vec![],
             writes: Writes::default(),
         }];
-        let plain = flow(
-            vec![input.clone(), drop.clone()]
-                .into_iter()
-                .map(|mut s| {
-                    s.dir = Dir::Reply;
-                    s
-                })
-                .collect(),
-        );
+        let plain = flow(vec![input.clone(), drop.clone()]);
         let r = judge_with(&plain, &state(), &chains);
-        assert_eq!(r.verdict, "netfilter-drop");
-        assert_eq!(
-            r.drop.as_ref().unwrap().chains,
-            vec!["inet t/in@0".to_string()]
-        );
+        assert_eq!(r.cause.verdict(), Verdict::NetfilterDrop);
+        assert_eq!(r.drop.as_ref().unwrap().place.chains, chains);
         let r = judge_with(&flow(vec![restore, input, drop]), &state(), &chains);
-        assert_eq!(r.verdict, "connmark-restore-mask");
-        assert!(r.summary.contains("losing bits 0x100"), "{}", r.summary);
+        assert!(
+            matches!(r.cause, Cause::ConnmarkRestoreMask { lost, .. } if lost == Mark(0x100)),
+            "{:?}",
+            r.cause
+        );
+        assert!(summary(&r).contains("losing bits 0x100"), "{}", summary(&r));
     }
 
     #[test]
     fn xfrm_block_and_healthy_and_silent() {
         let mut s = state();
-        s.xfrm = vec![XfrmPolicy {
-            direction: "in".into(),
-            action: "block".into(),
-            src: "10.9.9.9/32".into(),
-            dst: "10.77.0.1/32".into(),
-            mark: 0,
-            mask: 0x4000,
+        let policy = XfrmPolicy {
+            direction: XfrmDir::In,
+            action: XfrmAction::Block,
+            src: "10.9.9.9/32".parse().unwrap(),
+            dst: "10.77.0.1/32".parse().unwrap(),
+            mark: "0x0/0x4000".parse().unwrap(),
             priority: 0,
-        }];
-        let mut drop = step(Dir::Reply, "drop", "tracepoint kfree_skb", None, None, 0, 0);
-        drop.drop_reason = Some("XFRM_POLICY".into());
-        let r = judge_with(&flow(vec![drop]), &s, &[]);
-        assert_eq!(r.verdict, "xfrm-policy");
-        assert!(
-            r.summary.contains("mark 0x0/0x4000 action block"),
-            "{}",
-            r.summary
+        };
+        s.xfrm = vec![policy.clone()];
+        let r = judge_with(&flow(vec![dropped(DropReason::XfrmPolicy, 0)]), &s, &[]);
+        assert_eq!(
+            r.cause,
+            Cause::XfrmPolicy {
+                reply_mark: Mark::ZERO,
+                policy: Some(policy)
+            }
         );
-
-        let ok = flow(vec![step(
+        assert!(
+            summary(&r).contains("mark 0x0/0x4000 action block"),
+            "{}",
+            summary(&r)
+        );
+        let consumed = step(
             Dir::Reply,
-            "consume",
-            "tracepoint consume_skb",
-            None,
-            None,
+            EventKind::Consume,
+            Some((Hook::Tracepoint(Tracepoint::ConsumeSkb), 0)),
             0,
             0,
-        )]);
-        assert_eq!(judge_with(&ok, &s, &[]).verdict, "delivered");
-        let silent = flow(vec![step(
-            Dir::Request,
-            "observe",
-            "tc egress veth-a (last)",
-            None,
-            None,
-            0,
-            0,
-        )]);
-        assert_eq!(judge_with(&silent, &s, &[]).verdict, "no-reply");
+        );
+        assert_eq!(
+            judge_with(&flow(vec![consumed]), &s, &[]).cause.verdict(),
+            Verdict::Delivered
+        );
+        let silent = flow(vec![step(Dir::Request, EventKind::Observe, None, 0, 0)]);
+        assert_eq!(
+            judge_with(&silent, &s, &[]).cause.verdict(),
+            Verdict::NoReply
+        );
     }
 
     #[test]
     fn server_side_reply_leaving_elsewhere_is_misrouted() {
-        let point = |dir, hook, dev: &str, mark, ct| Step {
-            hook: Some(hook),
-            ifname: Some(dev.into()),
-            ct_mark: ct,
-            ..step(dir, "observe", hook, None, None, mark, mark)
+        let point = |dir, hook, dev: &str, ct: Option<u32>| Step {
+            ct_mark: ct.map(Mark),
+            ..at_dev(step(dir, EventKind::Observe, None, 0, 0), hook, dev)
         };
+        let rx = Hook::Tracepoint(Tracepoint::NetifReceiveSkb);
+        let queue = Hook::Tracepoint(Tracepoint::NetDevQueue);
         let mut s = state();
         // The request's connection mark would have chosen table 100 for the reply.
-        s.rules[1].fwmark = Some(0x10);
-        s.rules[1].fwmask = Some(0x10);
+        s.rules[1].fwmark = Some("0x10/0x10".parse().unwrap());
         let route = Step {
-            table: Some(254),
-            route_result: Some("ok".into()),
-            ..step(Dir::Reply, "route", "routing table 254", None, None, 0, 0)
+            route: Some(RouteLookup {
+                table: TABLE_MAIN,
+                result: RouteResult::Ok,
+                flow_mark: Mark::ZERO,
+                oif: 0,
+                iif: 0,
+            }),
+            ..step(Dir::Reply, EventKind::Route, None, 0, 0)
         };
         let f = flow(vec![
-            point(Dir::Request, "netif_receive_skb", "veth-b", 0, None),
-            point(Dir::Request, "input", "veth-b", 0, Some(0x10)),
+            point(Dir::Request, rx, "veth-b", None),
+            point(
+                Dir::Request,
+                Hook::Netfilter(NfHook::Input),
+                "veth-b",
+                Some(0x10),
+            ),
             // A UDP socket drops the conntrack reference before the skb is consumed.
-            point(Dir::Request, "consume_skb", "veth-b", 0, None),
+            point(
+                Dir::Request,
+                Hook::Tracepoint(Tracepoint::ConsumeSkb),
+                "veth-b",
+                None,
+            ),
             route,
-            point(Dir::Reply, "output", "b2", 0, Some(0x10)),
-            point(Dir::Reply, "net_dev_queue", "b2", 0, Some(0x10)),
+            point(
+                Dir::Reply,
+                Hook::Netfilter(NfHook::Output),
+                "b2",
+                Some(0x10),
+            ),
+            point(Dir::Reply, queue, "b2", Some(0x10)),
         ]);
         let r = judge_with(&f, &s, &[]);
-        assert_eq!(r.verdict, "reply-misrouted");
-        assert!(
-            r.summary.contains("left via b2, not veth-b")
-                && r.summary.contains("ct mark 0x10 was not restored")
-                && r.summary.contains("lookup 100` did not match")
-                && r.summary.contains("table main"),
-            "{}",
-            r.summary
-        );
+        let Cause::ReplyMisrouted {
+            left,
+            arrived,
+            unrestored_ct,
+            missed,
+            table,
+            ..
+        } = &r.cause
+        else {
+            panic!("{:?}", r.cause);
+        };
+        assert_eq!((left.as_str(), arrived.as_str()), ("b2", "veth-b"));
+        assert_eq!(*unrestored_ct, Some(Mark(0x10)));
+        assert_eq!(missed[0].table, 100);
+        assert_eq!(*table, Some(TABLE_MAIN));
+        let text = summary(&r);
+        for part in [
+            "left via b2, not veth-b",
+            "ct mark 0x10 was not restored",
+            "lookup 100` did not match",
+            "table main",
+        ] {
+            assert!(text.contains(part), "{part} not in {text}");
+        }
         // Leaving where it came in: healthy.
         let mut same = f.clone();
         for st in &mut same.steps {
-            st.ifname = Some("veth-b".into());
+            st.at = Arc::new(PointInfo {
+                ifname: Some("veth-b".into()),
+                ..(*st.at).clone()
+            });
         }
         let r = judge_with(&same, &s, &[]);
-        assert_eq!(r.verdict, "reply-sent");
-        assert!(healthy(r.verdict));
+        assert_eq!(r.cause.verdict(), Verdict::ReplySent);
+        assert!(r.cause.verdict().healthy());
     }
 
     #[test]
     fn no_socket_after_input_is_not_a_mark_problem() {
-        let mut drop = step(Dir::Reply, "drop", "tracepoint kfree_skb", None, None, 0, 0);
-        drop.drop_reason = Some("NO_SOCKET".into());
         let input = step(
             Dir::Reply,
-            "observe",
-            "netfilter input ipv4 prio 2147483646",
-            Some("input"),
-            Some(i32::MAX - 1),
+            EventKind::Observe,
+            nf(NfHook::Input, i32::MAX - 1),
             0,
             0,
         );
-        let mut f = flow(vec![input, drop]);
+        let mut f = flow(vec![input, dropped(DropReason::NoSocket, 0)]);
         let r = judge_with(&f, &state(), &[]);
-        assert_eq!(r.verdict, "no-socket", "{}", r.summary);
+        assert_eq!(r.cause.verdict(), Verdict::NoSocket, "{:?}", r.cause);
         // ping reads replies from a raw socket (a clone); the original finds no ping socket.
-        f.proto = "icmp".into();
+        f.tuple.proto = Proto(libc::IPPROTO_ICMP as u8);
         let r = judge_with(&f, &state(), &[]);
-        assert_eq!(r.verdict, "delivered", "{}", r.summary);
-        assert!(r.summary.contains("raw sockets receive a clone"));
+        assert_eq!(
+            r.cause,
+            Cause::IcmpDelivered {
+                reply_mark: Mark::ZERO
+            }
+        );
+        assert!(summary(&r).contains("raw sockets receive a clone"));
     }
 }

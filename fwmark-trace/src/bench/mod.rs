@@ -22,22 +22,23 @@ use clap::Args;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::{
-    lab::Lab,
-    pipeline_bench::{self, BenchPipelineArgs},
-};
+use self::pipeline::BenchPipelineArgs;
+use crate::lab::Lab;
+
+pub(crate) mod pipeline;
+pub(crate) mod soak;
 
 #[derive(Args, Clone, Debug)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     /// Rounds of every mode × workload (median and spread are over rounds).
     #[arg(long, default_value_t = 3)]
-    pub rounds: usize,
+    pub(crate) rounds: usize,
     /// Seconds of traffic per measurement.
     #[arg(long, default_value_t = 3)]
-    pub seconds: u64,
+    pub(crate) seconds: u64,
     /// Write the full results as JSON here.
     #[arg(long, value_name = "FILE")]
-    pub output: Option<PathBuf>,
+    pub(crate) output: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -209,7 +210,7 @@ struct Report {
     seconds: u64,
     rows: Vec<Row>,
     samples: Vec<Sample>,
-    pipeline: pipeline_bench::PipelineResult,
+    pipeline: pipeline::PipelineResult,
     daemon_cpu_percent: Option<f64>,
     daemon_rss_kb: Option<u64>,
 }
@@ -559,7 +560,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-pub fn run(args: &BenchArgs) -> Result<()> {
+pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     crate::trace::require_root("fwmark-trace bench")?;
     let dir = std::env::temp_dir().join(format!("fwmark-trace-bench-{}", std::process::id()));
     fs::create_dir_all(&dir)?;
@@ -641,7 +642,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     );
     drop(lab);
     let _ = fs::remove_dir_all(&dir);
-    let pipeline = pipeline_bench::run(&BenchPipelineArgs { events: 2_000_000 })?;
+    let pipeline = pipeline::run(&BenchPipelineArgs { events: 2_000_000 })?;
 
     let rows = summarize(&samples);
     // One 3-second sample of CPU ticks is coarse: report the median over rounds.

@@ -16,10 +16,10 @@ use serde_json::Value;
 use crate::lab::{self, Lab};
 
 #[derive(Args, Clone, Debug)]
-pub struct SoakArgs {
+pub(crate) struct SoakArgs {
     /// How long to run.
     #[arg(long, default_value_t = 60)]
-    pub seconds: u64,
+    pub(crate) seconds: u64,
 }
 
 const RULES: &str = "table inet soak {\n chain out {\n type route hook output priority mangle; policy accept;\n meta mark set meta mark | 0x100\n }\n chain post {\n type filter hook postrouting priority 0; policy accept;\n meta mark set meta mark & 0xfffffeff\n }\n}\n";
@@ -38,12 +38,12 @@ fn burst(ns: &str, count: usize) {
     .join();
 }
 
-pub fn run(args: &SoakArgs) -> Result<()> {
+pub(crate) fn run(args: &SoakArgs) -> Result<()> {
     crate::trace::require_root("fwmark-trace soak")?;
     let lab = Lab::new("soak")?;
     lab.nft(&lab.a, RULES)?;
     let mut daemon = Command::new(std::env::current_exe()?)
-        .args(["trace", "--json", "--stats", "2", "--netns", &lab.a])
+        .args(["trace", "--json", "--stats", "2s", "--netns", &lab.a])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;

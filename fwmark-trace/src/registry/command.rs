@@ -1,36 +1,31 @@
 //! `fwmark-trace registry list | show NAME | check [OWNER…] | detect`: browse the registry,
 //! check a set of owners for overlapping bits (exit code 1 when they overlap, for a platform
 //! team's CI), and find which owners' rules the node's ruleset holds.
-use std::{fmt::Write as _, process::ExitCode};
+use std::fmt::Write as _;
 
 use anyhow::{bail, Result};
-use clap::Subcommand;
 
-use super::{Owner, Registry, RegistryArgs, Style};
+use super::{Owner, Registry, Sources, Style};
 use crate::nodestate::nft;
 
-#[derive(Subcommand, Debug, Clone)]
-pub enum RegistryCmd {
-    /// Every owner: id, style, mask, description.
+/// What `fwmark-trace registry` was asked.
+#[derive(Clone, Debug)]
+pub(crate) enum Request {
     List,
-    /// One owner's layout as a bit map, with fields, named values, ct mask and source.
-    Show { name: String },
-    /// Overlapping bits between owners (all when none are named); exits 1 on any overlap.
-    Check { owners: Vec<String> },
-    /// Owners whose nft tables or chains (iptables-nft's included) are in the ruleset, and the
-    /// `--owners` profile they suggest.
-    Detect {
-        /// Look inside this network namespace (a name under /run/netns, or a path).
-        #[arg(long, value_name = "NAME|PATH")]
-        netns: Option<String>,
-    },
+    Show(String),
+    /// These owners (all when none) for overlaps.
+    Check(Vec<String>),
+    /// In this network namespace (the current one when none).
+    Detect(Option<String>),
 }
 
-pub fn run(cmd: &RegistryCmd, args: &RegistryArgs) -> Result<ExitCode> {
-    let reg = Registry::load(args)?;
-    let out = match cmd {
-        RegistryCmd::List => list(&reg),
-        RegistryCmd::Show { name } => {
+/// Runs a registry request; `Found` when `check` found overlapping owners.
+pub(crate) fn run(req: &Request, sources: &Sources) -> Result<crate::cli::Outcome> {
+    use crate::cli::Outcome;
+    let reg = Registry::load(sources)?;
+    let out = match req {
+        Request::List => list(&reg),
+        Request::Show(name) => {
             let owners = reg.get(name);
             if owners.is_empty() {
                 bail!("unknown owner {name:?}; `fwmark-trace registry list` shows every owner");
@@ -41,13 +36,13 @@ pub fn run(cmd: &RegistryCmd, args: &RegistryArgs) -> Result<ExitCode> {
                 .collect::<Vec<_>>()
                 .join("\n")
         }
-        RegistryCmd::Detect { netns } => {
+        Request::Detect(netns) => {
             if let Some(ns) = netns {
                 crate::netns::enter(ns)?;
             }
             detect_report(&reg.detect(&nft::read_names()?))
         }
-        RegistryCmd::Check { owners } => {
+        Request::Check(owners) => {
             let sel = if owners.is_empty() {
                 reg
             } else {
@@ -56,18 +51,18 @@ pub fn run(cmd: &RegistryCmd, args: &RegistryArgs) -> Result<ExitCode> {
             let (text, overlaps) = check(&sel.owners);
             print!("{text}");
             return Ok(if overlaps {
-                ExitCode::from(1)
+                Outcome::Found
             } else {
-                ExitCode::SUCCESS
+                Outcome::Clean
             });
         }
     };
     print!("{out}");
-    Ok(ExitCode::SUCCESS)
+    Ok(Outcome::Clean)
 }
 
 /// What `detect` found, one owner a line with the names that gave it away.
-pub fn detect_report(found: &[(String, Vec<String>)]) -> String {
+pub(crate) fn detect_report(found: &[(String, Vec<String>)]) -> String {
     if found.is_empty() {
         return "no registered owner's tables or chains in this ruleset\n".into();
     }
@@ -88,7 +83,7 @@ pub fn detect_report(found: &[(String, Vec<String>)]) -> String {
 }
 
 /// The `--owners` value naming what `detect` found.
-pub fn profile(found: &[(String, Vec<String>)]) -> String {
+pub(crate) fn profile(found: &[(String, Vec<String>)]) -> String {
     found
         .iter()
         .map(|(n, _)| n.as_str())
@@ -103,7 +98,7 @@ fn style(o: &Owner) -> &'static str {
     }
 }
 
-pub fn list(reg: &Registry) -> String {
+pub(crate) fn list(reg: &Registry) -> String {
     let width = reg.owners.iter().map(|o| o.id().len()).max().unwrap_or(0);
     let mut s = String::new();
     for o in &reg.owners {
@@ -120,7 +115,7 @@ pub fn list(reg: &Registry) -> String {
 }
 
 /// A 32-bit ruler (bit 31 on the left) with one letter per bit naming the field that owns it.
-pub fn bitmap(o: &Owner) -> String {
+pub(crate) fn bitmap(o: &Owner) -> String {
     let mut s = String::from("bit   31      24      16       8       0\n      ");
     let mut legend = String::new();
     let letters: Vec<char> = ('a'..='z').collect();
@@ -153,7 +148,7 @@ pub fn bitmap(o: &Owner) -> String {
     s + &legend
 }
 
-pub fn show(o: &Owner) -> String {
+pub(crate) fn show(o: &Owner) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "{} ({}, mask {:#010x})", o.id(), style(o), o.mask);
     let _ = writeln!(s, "  {}", o.description);
@@ -187,7 +182,7 @@ pub fn show(o: &Owner) -> String {
 
 /// Pairwise overlaps of skb-mark masks (versions of one owner are not compared with each
 /// other): a conflict matrix, then one line per overlapping pair with the exact mask.
-pub fn check(owners: &[Owner]) -> (String, bool) {
+pub(crate) fn check(owners: &[Owner]) -> (String, bool) {
     let ids: Vec<String> = owners.iter().map(Owner::id).collect();
     let w = ids.iter().map(String::len).max().unwrap_or(0).max(5);
     let mut s = format!("{:w$}", "");

@@ -1,0 +1,365 @@
+//! The flags of each command (clap), and how they become the run's configuration. Defaults
+//! shown in `--help` are the configurations' own (`trace::RING_SIZE`, `trace::INTERVAL`; a
+//! test checks the ones clap spells out).
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Subcommand};
+
+use crate::{
+    demo::{DemoConfig, Scenario},
+    event::Tuple,
+    flows::Selection,
+    kernel::features::{Feature, NfBackend, TcBackend},
+    mark::MarkMatch,
+    output::Format,
+    recording::ShowConfig,
+    registry::{self, command::Request},
+    stack::Proto,
+    trace::{self, TraceConfig},
+    why::WhyConfig,
+};
+
+fn format(json: bool) -> Format {
+    if json {
+        Format::Json
+    } else {
+        Format::Human
+    }
+}
+
+/// Where the registry comes from.
+#[derive(Args, Clone, Debug, Default)]
+pub(crate) struct RegistryArgs {
+    /// Add or override owners from a TOML registry file (repeatable).
+    #[arg(long = "registry", value_name = "FILE", global = true)]
+    files: Vec<PathBuf>,
+    /// Quick bitwise owner: NAME=MASK (repeatable), e.g. myapp=0xf0000000.
+    #[arg(long = "owner", value_name = "NAME=MASK", global = true)]
+    owner: Vec<String>,
+    /// The software this node runs (comma-separated owner names): attribute only to these.
+    #[arg(
+        long = "owners",
+        value_name = "A,B,…",
+        value_delimiter = ',',
+        global = true
+    )]
+    owners: Vec<String>,
+    /// Do not read /etc/fwmark-trace/registry.d/.
+    #[arg(long, global = true)]
+    no_system_registry: bool,
+}
+
+impl RegistryArgs {
+    pub(crate) fn sources(&self) -> registry::Sources {
+        registry::Sources {
+            files: self.files.clone(),
+            quick: self.owner.clone(),
+            profile: self.owners.clone(),
+            no_system: self.no_system_registry,
+        }
+    }
+}
+
+/// Which flows to follow.
+#[derive(Args, Clone, Debug, Default)]
+pub(crate) struct FlowArgs {
+    /// One flow: 'PROTO SRC:PORT -> DST:PORT' (either direction matches; IPv6 as [ADDR]:PORT; no ports for icmp).
+    #[arg(long, value_name = "FLOW")]
+    flow: Option<Tuple>,
+    /// Flows to or from this address.
+    #[arg(long)]
+    host: Option<std::net::IpAddr>,
+    /// Flows with this port on either side.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Flows of this protocol (tcp, udp, icmp, … or a number).
+    #[arg(long)]
+    proto: Option<Proto>,
+}
+
+impl FlowArgs {
+    fn selection(&self) -> Selection {
+        Selection {
+            flow: self.flow,
+            host: self.host,
+            port: self.port,
+            proto: self.proto,
+        }
+    }
+}
+
+fn parse_ring_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of bytes"))?;
+    if n < 4096 || !n.is_power_of_two() {
+        return Err(format!("{n} is not a power of two of at least 4096"));
+    }
+    Ok(n)
+}
+
+#[derive(Args, Clone, Debug)]
+pub(crate) struct TraceArgs {
+    /// One JSON object per line instead of readable lines.
+    #[arg(long)]
+    json: bool,
+    /// Write events to FILE instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Only events whose old or new mark matches VALUE[/MASK] (hex 0x.. or decimal).
+    #[arg(long, value_name = "VALUE[/MASK]")]
+    mark: Option<MarkMatch>,
+    /// Only events on this interface (repeatable); tc observers attach only there.
+    #[arg(long = "iface", value_name = "NAME")]
+    ifaces: Vec<String>,
+    /// Trace inside this network namespace (a name under /run/netns, or a path).
+    #[arg(long, value_name = "NAME|PATH")]
+    netns: Option<String>,
+    /// Stop after this long (e.g. 10s, 2m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Stop after this many events.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Report every observation point of every packet (first sight, unchanged points, end of
+    /// life), not only transitions and drops.
+    #[arg(long)]
+    full_path: bool,
+    /// One event per packet through the ring buffer, instead of each distinct transition
+    /// counted in the kernel and reported once per interval (--full-path and followed flows
+    /// are per packet anyway).
+    #[arg(long)]
+    per_packet: bool,
+    /// Per packet, at ring-buffer speed: write the kernel's raw records to FILE, decoded and
+    /// attributed later by `fwmark-trace show FILE` (nothing is lost to a busy consumer). The
+    /// output gets the plan and the summary.
+    #[arg(long, value_name = "FILE")]
+    record: Option<PathBuf>,
+    /// How often counted transitions are reported (e.g. 1s, 10s).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// Ring buffer size in bytes (a power of two, at least one page).
+    #[arg(long, default_value_t = trace::RING_SIZE, value_parser = parse_ring_size)]
+    ring_size: u32,
+    /// Also report routing table lookups (table, flow mark, result) as `route` events.
+    #[arg(long)]
+    routes: bool,
+    /// Report every drop; by default only drops of packets whose mark was written on their
+    /// path (by a rule, a program or their socket) are reported.
+    #[arg(long)]
+    all_drops: bool,
+    /// Every DURATION (e.g. 10s), write a `stats` record (RSS, events, lost, tracked packets).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    stats: Option<Duration>,
+    /// Serve the run's counters (events, drops by reason, transitions by owner, clobbers,
+    /// lost) in the Prometheus text format at http://ADDR/metrics, e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+    /// Fail instead of degrading when this kernel feature is unavailable (repeatable).
+    #[arg(long, value_enum, value_name = "FEATURE")]
+    require: Vec<Feature>,
+    /// Netfilter observers: links (kernel 6.4+) or fentry/fexit on the chain evaluators;
+    /// auto picks links where the kernel has them.
+    #[arg(long, value_enum, default_value = "auto", value_name = "BACKEND")]
+    nf_observers: NfBackend,
+    /// tc observers: tcx (kernel 6.6+) or cls_bpf filters in existing clsact qdiscs; auto
+    /// picks tcx where the kernel has it.
+    #[arg(long, value_enum, default_value = "auto", value_name = "BACKEND")]
+    tc_observers: TcBackend,
+    #[command(flatten)]
+    registry: RegistryArgs,
+    /// Follow only these flows, at every observation point and with their routing lookups.
+    #[command(flatten)]
+    select: FlowArgs,
+}
+
+impl TraceArgs {
+    pub(crate) fn config(&self) -> TraceConfig {
+        TraceConfig {
+            format: format(self.json),
+            output: self.output.clone(),
+            mark: self.mark,
+            ifaces: self.ifaces.clone(),
+            netns: self.netns.clone(),
+            duration: self.duration,
+            count: self.count,
+            full_path: self.full_path,
+            per_packet: self.per_packet,
+            record: self.record.clone(),
+            interval: self.interval,
+            ring_size: self.ring_size,
+            routes: self.routes,
+            all_drops: self.all_drops,
+            stats: self.stats,
+            metrics: self.metrics,
+            require: self.require.clone(),
+            nf_backend: self.nf_observers,
+            tc_backend: self.tc_observers,
+            registry: self.registry.sources(),
+            select: self.select.selection(),
+        }
+    }
+}
+
+#[derive(Args, Clone, Debug)]
+pub(crate) struct WhyArgs {
+    #[command(flatten)]
+    select: FlowArgs,
+    /// How long to watch.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Watch inside this network namespace (a name under /run/netns, or a path).
+    #[arg(long, value_name = "NAME|PATH")]
+    netns: Option<String>,
+    /// Report every flow, not only those whose reply was lost.
+    #[arg(long)]
+    all: bool,
+    /// One JSON document instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Also name the exact nft rule that dropped a packet (adds a temporary table setting
+    /// `meta nftrace set 1` on the selected traffic while watching; opt-in).
+    #[arg(long)]
+    nftrace: bool,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+impl WhyArgs {
+    pub(crate) fn config(&self) -> WhyConfig {
+        WhyConfig {
+            select: self.select.selection(),
+            duration: self.duration,
+            netns: self.netns.clone(),
+            all: self.all,
+            json: self.json,
+            nftrace: self.nftrace,
+            registry: self.registry.sources(),
+        }
+    }
+}
+
+#[derive(Args, Clone, Debug)]
+pub(crate) struct ShowArgs {
+    /// The recording (`trace --record FILE`).
+    file: PathBuf,
+    /// One JSON object per line instead of readable lines.
+    #[arg(long)]
+    json: bool,
+    /// Write events to FILE instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+impl ShowArgs {
+    pub(crate) fn config(&self) -> ShowConfig {
+        ShowConfig {
+            file: self.file.clone(),
+            format: format(self.json),
+            output: self.output.clone(),
+            registry: self.registry.sources(),
+        }
+    }
+}
+
+#[derive(Args, Clone, Debug)]
+pub(crate) struct DemoArgs {
+    /// Which tour.
+    #[arg(long, value_enum, default_value = "marks")]
+    scenario: Scenario,
+    /// One JSON object per line instead of readable lines.
+    #[arg(long)]
+    json: bool,
+    /// How long to trace.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+}
+
+impl DemoArgs {
+    pub(crate) fn config(&self) -> DemoConfig {
+        DemoConfig {
+            scenario: self.scenario,
+            format: format(self.json),
+            duration: self.duration,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub(crate) enum RegistryCmd {
+    /// Every owner: id, style, mask, description.
+    List,
+    /// One owner's layout as a bit map, with fields, named values, ct mask and source.
+    Show { name: String },
+    /// Overlapping bits between owners (all when none are named); exits 1 on any overlap.
+    Check { owners: Vec<String> },
+    /// Owners whose nft tables or chains (iptables-nft's included) are in the ruleset, and the
+    /// `--owners` profile they suggest.
+    Detect {
+        /// Look inside this network namespace (a name under /run/netns, or a path).
+        #[arg(long, value_name = "NAME|PATH")]
+        netns: Option<String>,
+    },
+}
+
+impl RegistryCmd {
+    pub(crate) fn request(&self) -> Request {
+        match self {
+            RegistryCmd::List => Request::List,
+            RegistryCmd::Show { name } => Request::Show(name.clone()),
+            RegistryCmd::Check { owners } => Request::Check(owners.clone()),
+            RegistryCmd::Detect { netns } => Request::Detect(netns.clone()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Trace {
+        #[command(flatten)]
+        args: TraceArgs,
+    }
+
+    #[test]
+    fn flag_defaults_are_the_configuration_defaults() {
+        let cfg = Trace::parse_from(["trace"]).args.config();
+        let default = TraceConfig::default();
+        assert_eq!(cfg.interval, default.interval);
+        assert_eq!(cfg.ring_size, default.ring_size);
+        assert_eq!(cfg.format, default.format);
+        assert!(cfg.counted());
+    }
+
+    #[test]
+    fn typed_flags_parse_and_bad_ones_fail() {
+        let cfg = Trace::parse_from([
+            "trace",
+            "--mark",
+            "0x4000/0x4000",
+            "--flow",
+            "udp 10.0.0.1:4 -> 10.0.0.2:7",
+            "--stats",
+            "10s",
+        ])
+        .args
+        .config();
+        assert_eq!(cfg.mark.unwrap().to_string(), "0x4000/0x4000");
+        assert_eq!(cfg.select.flow.unwrap().dport, 7);
+        assert_eq!(cfg.stats, Some(Duration::from_secs(10)));
+        for bad in [
+            &["trace", "--mark", "0x100/0xf"][..],
+            &["trace", "--flow", "udp 10.0.0.1 -> 10.0.0.2:7"],
+            &["trace", "--ring-size", "1000"],
+            &["trace", "--stats", "soon"],
+        ] {
+            assert!(Trace::try_parse_from(bad).is_err(), "{bad:?}");
+        }
+    }
+}

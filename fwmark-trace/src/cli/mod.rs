@@ -1,0 +1,189 @@
+//! The command line: the commands (clap), the logger every diagnostic goes through, and the
+//! exit code — 0 nothing found, 1 found (a lost reply, overlapping owners), 2 an error (clap's
+//! own usage errors exit 2 too).
+mod args;
+
+use std::{io::Write, process::ExitCode};
+
+use anyhow::Result;
+use clap::{CommandFactory, Parser, Subcommand};
+use log::{Level, LevelFilter};
+
+use self::args::{DemoArgs, RegistryArgs, RegistryCmd, ShowArgs, TraceArgs, WhyArgs};
+use crate::{demo, recording, registry, trace, why};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fwmark-trace",
+    version,
+    about = "Trace Linux packet marks (skb->mark) across tc, netfilter, routing and sockets, and name who changed which bits.",
+    after_help = "Exit status: 0 nothing found, 1 found (a lost reply, overlapping owners), 2 error."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+    /// Only warnings and errors on stderr.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    /// More detail on stderr (-v: debug, -vv: trace). RUST_LOG overrides both.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Attach the observers and print every mark transition and drop.
+    Trace(TraceArgs),
+    /// Decode and attribute a recording made with `trace --record FILE`.
+    Show(ShowArgs),
+    /// Build two throwaway network namespaces with mark-changing rules, trace some traffic
+    /// through them, print the transitions and clean everything up.
+    Demo(DemoArgs),
+    /// Watch flows and say where and why their replies died (rp_filter, netfilter drop,
+    /// connmark restore, xfrm policy…), with the evidence. Exits 1 when a reply was lost.
+    Why(WhyArgs),
+    /// The mark-owner registry: list owners, show one's layout, check owners for overlaps.
+    Registry {
+        #[command(subcommand)]
+        cmd: RegistryCmd,
+        #[command(flatten)]
+        args: RegistryArgs,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff).
+    Man,
+    /// Measure tracing overhead against the alternatives (run by `cargo xtask bench`).
+    #[cfg(feature = "bench")]
+    Bench(crate::bench::BenchArgs),
+    /// Run the daemon under mixed traffic and interface churn; report RSS over time (run by
+    /// `cargo xtask soak`).
+    #[cfg(feature = "bench")]
+    Soak(crate::bench::soak::SoakArgs),
+    /// Measure the userspace pipeline (decode, attribution, JSON) on synthetic events.
+    #[cfg(feature = "bench")]
+    #[command(hide = true)]
+    BenchPipeline(crate::bench::pipeline::BenchPipelineArgs),
+}
+
+/// What a command found, as its exit code says it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Exit 0.
+    Clean,
+    /// Exit 1: a lost reply, overlapping owners, conflicts.
+    Found,
+}
+
+/// Exit 2.
+const ERROR: u8 = 2;
+
+/// Diagnostics on stderr, one line each: `fwmark-trace: …`, `fwmark-trace: warning: …`.
+fn init_logging(cli: &Cli) {
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => LevelFilter::Warn,
+        (false, 0) => LevelFilter::Info,
+        (false, 1) => LevelFilter::Debug,
+        (false, _) => LevelFilter::Trace,
+    };
+    env_logger::Builder::new()
+        // Other crates (aya) only when something is wrong, unless asked.
+        .filter_level(LevelFilter::Warn)
+        .filter_module("fwmark_trace", level)
+        .parse_env("RUST_LOG")
+        .format(|f, record| {
+            let prefix = match record.level() {
+                Level::Error => "error: ",
+                Level::Warn => "warning: ",
+                Level::Info => "",
+                Level::Debug | Level::Trace => "debug: ",
+            };
+            writeln!(f, "fwmark-trace: {prefix}{}", record.args())
+        })
+        .init();
+}
+
+/// A command that reports what it saw but finds nothing to exit 1 for.
+fn clean<T>(r: Result<T>) -> Result<Outcome> {
+    r.map(|_| Outcome::Clean)
+}
+
+fn run(cli: &Cli) -> Result<Outcome> {
+    match &cli.cmd {
+        Cmd::Trace(args) => clean(trace::run(&args.config(), || {})),
+        Cmd::Show(args) => clean(recording::show(&args.config()).map(|s| log::info!("{s}"))),
+        Cmd::Demo(args) => clean(demo::run(&args.config())),
+        Cmd::Why(args) => why::run(&args.config()).map(|lost| match lost {
+            true => Outcome::Found,
+            false => Outcome::Clean,
+        }),
+        Cmd::Registry { cmd, args } => registry::command::run(&cmd.request(), &args.sources()),
+        Cmd::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(*shell, &mut cmd, "fwmark-trace", &mut std::io::stdout());
+            Ok(Outcome::Clean)
+        }
+        Cmd::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(Outcome::Clean)
+        }
+        #[cfg(feature = "bench")]
+        Cmd::Bench(args) => clean(crate::bench::run(args)),
+        #[cfg(feature = "bench")]
+        Cmd::Soak(args) => clean(crate::bench::soak::run(args)),
+        #[cfg(feature = "bench")]
+        Cmd::BenchPipeline(args) => crate::bench::pipeline::run(args).map(|r| {
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            Outcome::Clean
+        }),
+    }
+}
+
+/// The program: parse, run, one clear error line on failure.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    match run(&cli) {
+        Ok(Outcome::Clean) => ExitCode::SUCCESS,
+        Ok(Outcome::Found) => ExitCode::from(1),
+        Err(err) => {
+            log::error!("{err:#}");
+            ExitCode::from(ERROR)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn man_page_and_completions_come_from_the_definitions() {
+        let mut man = Vec::new();
+        clap_mangen::Man::new(Cli::command())
+            .render(&mut man)
+            .unwrap();
+        let man = String::from_utf8(man).unwrap();
+        assert!(
+            man.contains("fwmark\\-trace") && man.contains("Exit status"),
+            "{man}"
+        );
+        let mut bash = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut Cli::command(),
+            "fwmark-trace",
+            &mut bash,
+        );
+        let bash = String::from_utf8(bash).unwrap();
+        assert!(
+            bash.contains("--nf-observers") && bash.contains("why"),
+            "completions"
+        );
+    }
+}

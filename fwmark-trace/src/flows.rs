@@ -1,0 +1,385 @@
+//! Flows: packets grouped by their 5-tuple so a request and its reply share one timeline (the
+//! first packet seen sets the request direction). Routing lookups join the flow whose address
+//! pair they concern. Bounded: at most `max_flows` flows (least recently seen evicted first)
+//! and `max_steps` steps per flow; both are counted when they overflow.
+use std::{
+    collections::{HashMap, VecDeque},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use fwmark_trace_common::FlowFilter;
+
+use crate::{
+    event::{CtState, DropReason, EventKind, RouteLookup, Timestamp, TraceEvent, Tuple},
+    mark::Mark,
+    place::{PointInfo, Segment},
+    stack::{Family, Proto},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Dir {
+    Request,
+    Reply,
+}
+
+/// One observation of a flow's packet (or one routing lookup for it).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Step {
+    pub(crate) time: Timestamp,
+    /// Kernel monotonic time, to find the node state in effect at this step.
+    pub(crate) ts_ns: u64,
+    pub(crate) dir: Dir,
+    pub(crate) packet_id: u64,
+    pub(crate) kind: EventKind,
+    pub(crate) at: Arc<PointInfo>,
+    pub(crate) mark: Mark,
+    pub(crate) old_mark: Mark,
+    pub(crate) ct_mark: Option<Mark>,
+    pub(crate) ct_state: Option<CtState>,
+    /// Where a change or a drop happened.
+    pub(crate) segment: Option<Arc<Segment>>,
+    pub(crate) drop_reason: Option<DropReason>,
+    pub(crate) route: Option<RouteLookup>,
+    /// The packet's 5-tuple where NAT changed it from the flow's.
+    pub(crate) nat_tuple: Option<Tuple>,
+}
+
+impl Step {
+    fn of(ev: &TraceEvent, dir: Dir) -> Step {
+        Step {
+            time: ev.time,
+            ts_ns: ev.ts_ns,
+            dir,
+            packet_id: ev.packet_id,
+            kind: ev.kind,
+            at: ev.at.clone(),
+            mark: ev.mark.new,
+            old_mark: ev.mark.old,
+            ct_mark: ev.ct_mark.map(|c| c.new),
+            ct_state: ev.ct_mark.map(|c| c.state),
+            segment: ev.segment.clone(),
+            drop_reason: ev.drop_reason.clone(),
+            route: ev.route,
+            nat_tuple: None,
+        }
+    }
+
+    pub(crate) fn is_route(&self) -> bool {
+        self.kind == EventKind::Route
+    }
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Flow {
+    /// The first packet's tuple: the request direction.
+    pub(crate) tuple: Tuple,
+    pub(crate) steps: Vec<Step>,
+    pub(crate) steps_dropped: u64,
+}
+
+impl Flow {
+    pub(crate) fn path(&self, dir: Dir) -> impl Iterator<Item = &Step> {
+        self.steps.iter().filter(move |s| s.dir == dir)
+    }
+
+    pub(crate) fn family(&self) -> Family {
+        Family::of(&self.tuple.src)
+    }
+}
+
+/// Both endpoints, ordered, so request and reply share a key.
+type Key = (Proto, (IpAddr, u16), (IpAddr, u16));
+
+fn key(t: &Tuple) -> Key {
+    let a = (t.src, t.sport);
+    let b = (t.dst, t.dport);
+    if a <= b {
+        (t.proto, a, b)
+    } else {
+        (t.proto, b, a)
+    }
+}
+
+/// Which flows to follow (`trace` and `why`); nothing set: all.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Selection {
+    /// One flow, either direction.
+    pub(crate) flow: Option<Tuple>,
+    /// Flows to or from this address.
+    pub(crate) host: Option<IpAddr>,
+    /// Flows with this port on either side.
+    pub(crate) port: Option<u16>,
+    pub(crate) proto: Option<Proto>,
+}
+
+impl Selection {
+    pub(crate) fn active(&self) -> bool {
+        self.flow.is_some() || self.host.is_some() || self.port.is_some() || self.proto.is_some()
+    }
+
+    /// The kernel-side pre-filter: one protocol, one port and one address, each on either
+    /// side, so it selects a superset of `wants` (which refines it in userspace).
+    pub(crate) fn kernel_filter(&self) -> FlowFilter {
+        if !self.active() {
+            return FlowFilter::NONE;
+        }
+        let mut f = FlowFilter {
+            active: 1,
+            ..FlowFilter::NONE
+        };
+        f.proto = self.proto.or(self.flow.map(|s| s.proto)).map_or(0, |p| p.0);
+        f.port = self.port.or(self.flow.map(|s| s.sport)).unwrap_or(0);
+        match self.host.or(self.flow.map(|s| s.dst)) {
+            Some(IpAddr::V4(a)) => {
+                f.addr_version = 4;
+                f.addr[..4].copy_from_slice(&a.octets());
+            }
+            Some(IpAddr::V6(a)) => {
+                f.addr_version = 6;
+                f.addr = a.octets();
+            }
+            None => {}
+        }
+        f
+    }
+
+    /// Whether a packet's 5-tuple is selected (either direction).
+    pub(crate) fn wants(&self, t: &Tuple) -> bool {
+        self.flow.is_none_or(|f| *t == f || *t == f.reversed())
+            && self.host.is_none_or(|h| t.src == h || t.dst == h)
+            && self.port.is_none_or(|p| t.sport == p || t.dport == p)
+            && self.proto.is_none_or(|p| t.proto == p)
+    }
+
+    /// Routing lookups carry partial tuples: selected when they concern a selected address pair.
+    pub(crate) fn wants_route(&self, t: &Tuple) -> bool {
+        match (&self.flow, &self.host) {
+            (Some(f), _) => concerns(t, f.src, f.dst),
+            (None, Some(h)) => t.src == *h || t.dst == *h,
+            _ => true,
+        }
+    }
+
+    /// Whether an event is one of the selected flows' (its packet or a lookup for it).
+    pub(crate) fn wants_event(&self, ev: &TraceEvent) -> bool {
+        match (&ev.tuple, &ev.route) {
+            (Some(t), Some(_)) => self.wants_route(t),
+            (Some(t), None) => self.wants(t),
+            (None, _) => false,
+        }
+    }
+}
+
+/// Whether a lookup concerns the flow between `src` and `dst` (either order; output lookups
+/// may not have a source address yet, reverse-path checks swap them).
+fn concerns(t: &Tuple, src: IpAddr, dst: IpAddr) -> bool {
+    let pair =
+        |x: IpAddr, y: IpAddr| (x == src || x.is_unspecified()) && y == dst || x == dst && y == src;
+    pair(t.src, t.dst) || pair(t.dst, t.src)
+}
+
+pub(crate) struct FlowTracker {
+    flows: HashMap<Key, Flow>,
+    /// Recent routing lookups no flow claimed yet: a request's output lookup happens at
+    /// `sendmsg`, before its packet reaches the first observer.
+    pending: VecDeque<(Tuple, Step)>,
+    /// Conntrack entry → flow: NAT changes the 5-tuple mid-path, not the connection.
+    by_ct: HashMap<u64, Key>,
+    /// Least recently seen first.
+    order: VecDeque<Key>,
+    max_flows: usize,
+    max_steps: usize,
+    pub(crate) evicted: u64,
+}
+
+impl FlowTracker {
+    pub(crate) fn new(max_flows: usize, max_steps: usize) -> Self {
+        Self {
+            flows: HashMap::new(),
+            pending: VecDeque::new(),
+            by_ct: HashMap::new(),
+            order: VecDeque::new(),
+            max_flows,
+            max_steps,
+            evicted: 0,
+        }
+    }
+
+    fn touch(&mut self, k: &Key) {
+        if let Some(i) = self.order.iter().position(|x| x == k) {
+            let k = self.order.remove(i).expect("present");
+            self.order.push_back(k);
+        }
+    }
+
+    /// Whether this conntrack entry belongs to a followed flow.
+    pub(crate) fn follows_ct(&self, ct_id: u64) -> bool {
+        ct_id != 0 && self.by_ct.contains_key(&ct_id)
+    }
+
+    /// Adds an event (events without a 5-tuple are ignored).
+    pub(crate) fn add(&mut self, ev: &TraceEvent) {
+        let Some(t) = &ev.tuple else { return };
+        if ev.route.is_some() {
+            return self.add_route(ev, t);
+        }
+        let mut k = key(t);
+        let mut nat = None;
+        if !self.flows.contains_key(&k) {
+            if let Some(known) = self.by_ct.get(&ev.ct_id).filter(|_| ev.ct_id != 0) {
+                // Same connection, rewritten tuple: NAT.
+                nat = Some(*t);
+                k = *known;
+            }
+        }
+        if !self.flows.contains_key(&k) {
+            if self.flows.len() >= self.max_flows {
+                if let Some(old) = self.order.pop_front() {
+                    self.flows.remove(&old);
+                    self.by_ct.retain(|_, k| *k != old);
+                    self.evicted += 1;
+                }
+            }
+            self.flows.insert(
+                k,
+                Flow {
+                    tuple: *t,
+                    steps: Vec::new(),
+                    steps_dropped: 0,
+                },
+            );
+            self.order.push_back(k);
+        } else {
+            self.touch(&k);
+        }
+        if ev.ct_id != 0 {
+            self.by_ct.insert(ev.ct_id, k);
+        }
+        let flow = self.flows.get_mut(&k).expect("inserted");
+        if flow.steps.is_empty() {
+            // Lookups made for this packet before it was first seen belong to its request.
+            let (src, dst) = (flow.tuple.src, flow.tuple.dst);
+            let (mine, rest): (VecDeque<_>, VecDeque<_>) = self
+                .pending
+                .drain(..)
+                .partition(|(rt, _)| concerns(rt, src, dst));
+            self.pending = rest;
+            flow.steps.extend(mine.into_iter().map(|(_, st)| st));
+        }
+        let dir = match (&nat, ev.ct_mark.map(|c| c.state)) {
+            // After NAT the tuple no longer tells; conntrack's direction does.
+            (Some(_), Some(state)) if state.is_reply() => Dir::Reply,
+            (Some(_), _) => Dir::Request,
+            _ if t.src == flow.tuple.src && t.sport == flow.tuple.sport => Dir::Request,
+            _ => Dir::Reply,
+        };
+        // Lookups are made for the packet that follows them (output routing before the
+        // request's LOCAL_OUT; input and reverse-path routing before the reply's fate).
+        for st in flow.steps.iter_mut().rev().take_while(|st| st.is_route()) {
+            st.dir = dir;
+        }
+        if flow.steps.len() >= self.max_steps {
+            flow.steps_dropped += 1;
+            return;
+        }
+        let mut step = Step::of(ev, dir);
+        step.nat_tuple = nat;
+        flow.steps.push(step);
+    }
+
+    /// A lookup joins the most recently seen flow it concerns (its direction is settled by the
+    /// next packet step); one no flow claims waits in `pending`.
+    fn add_route(&mut self, ev: &TraceEvent, t: &Tuple) {
+        let hit = self
+            .order
+            .iter()
+            .rev()
+            .find(|k| {
+                let f = &self.flows[*k].tuple;
+                concerns(t, f.src, f.dst)
+            })
+            .copied();
+        let Some(k) = hit else {
+            if self.pending.len() >= 256 {
+                self.pending.pop_front();
+            }
+            self.pending.push_back((*t, Step::of(ev, Dir::Request)));
+            return;
+        };
+        let max = self.max_steps;
+        let flow = self.flows.get_mut(&k).expect("found");
+        let dir = flow.steps.last().map_or(Dir::Request, |s| s.dir);
+        if flow.steps.len() >= max {
+            flow.steps_dropped += 1;
+            return;
+        }
+        flow.steps.push(Step::of(ev, dir));
+    }
+
+    pub(crate) fn flows(&self) -> impl Iterator<Item = &Flow> {
+        self.order.iter().map(|k| &self.flows[k])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{decode::Decoder, fixtures::synthetic, place::Topology};
+
+    fn t(s: &str) -> Tuple {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn selection() {
+        let sel = Selection {
+            flow: Some(t("udp 10.0.0.1:4 -> 10.0.0.2:7")),
+            ..Default::default()
+        };
+        assert!(sel.wants(&t("udp 10.0.0.1:4 -> 10.0.0.2:7")));
+        assert!(sel.wants(&t("udp 10.0.0.2:7 -> 10.0.0.1:4")));
+        assert!(!sel.wants(&t("udp 10.0.0.2:7 -> 10.0.0.1:5")));
+        assert!(sel.wants_route(&t("udp 0.0.0.0:4 -> 10.0.0.2:7")));
+        let port = Selection {
+            port: Some(7),
+            ..Default::default()
+        };
+        assert!(port.wants(&t("udp 10.0.0.2:7 -> 10.0.0.1:5")));
+        let proto = Selection {
+            proto: Some(Proto::TCP),
+            ..Default::default()
+        };
+        assert!(!proto.wants(&t("udp 10.0.0.2:7 -> 10.0.0.1:5")));
+        let f = sel.kernel_filter();
+        assert_eq!((f.proto, f.port, f.addr_version), (17, 4, 4));
+    }
+
+    #[test]
+    fn request_and_reply_share_a_flow_and_the_tracker_is_bounded() {
+        let mut d = Decoder::new(Topology::default(), Default::default());
+        let mut tracker = FlowTracker::new(2, 3);
+        let mut req = synthetic(1);
+        let mut rep = synthetic(1);
+        std::mem::swap(&mut rep.saddr, &mut rep.daddr);
+        std::mem::swap(&mut rep.sport, &mut rep.dport);
+        req.sport = 1000;
+        rep.dport = 1000;
+        rep.sport = req.dport;
+        for ev in [&req, &rep, &req, &req] {
+            tracker.add(&d.decode(ev));
+        }
+        let flows: Vec<&Flow> = tracker.flows().collect();
+        assert_eq!(flows.len(), 1);
+        assert_eq!(flows[0].path(Dir::Request).count(), 2);
+        assert_eq!(flows[0].path(Dir::Reply).count(), 1);
+        assert_eq!(flows[0].steps_dropped, 1, "max 3 steps per flow");
+        for port in [2000, 3000] {
+            let mut other = synthetic(1);
+            other.sport = port;
+            tracker.add(&d.decode(&other));
+        }
+        assert_eq!(tracker.flows().count(), 2);
+        assert_eq!(tracker.evicted, 1);
+    }
+}

@@ -1,0 +1,252 @@
+//! JSON lines (`--json`): one object per record, as `schema/trace-records.schema.json`
+//! describes. Events share their points, segments and attributions (`Arc`s from the decoder and
+//! the attributor); each is rendered once and its JSON copied into every event that has it,
+//! instead of escaping the same strings again per event.
+use std::{collections::HashMap, sync::Arc};
+
+use by_address::ByAddress;
+use serde::{ser::SerializeStruct, Serialize, Serializer};
+use serde_json::value::RawValue;
+
+use crate::{
+    attribution::{Attribution, FieldRef, FieldValue, OwnerChange, Recognized, Warning},
+    event::{
+        CtMark, DropReason, EventKind, Interval, MarkChange, RouteLookup, Timestamp, TraceEvent,
+        Tuple,
+    },
+    mark::Mark,
+    place::{Hook, Layer, PointInfo, Segment},
+    stack::Family,
+};
+
+fn raw<T: Serialize>(v: &T) -> Box<RawValue> {
+    serde_json::value::to_raw_value(v).expect("event parts are plain data and always serialise")
+}
+
+/// JSON already rendered, per shared value; bounded (it starts over when full).
+struct Cache<T>(HashMap<ByAddress<Arc<T>>, Box<RawValue>>);
+
+impl<T> Default for Cache<T> {
+    fn default() -> Self {
+        Cache(HashMap::new())
+    }
+}
+
+impl<T> Cache<T> {
+    const MAX: usize = 65536;
+
+    /// Keeping the `Arc` in the key keeps its address from being reused by another value.
+    fn get(&mut self, v: &Arc<T>, render: impl FnOnce(&T) -> Box<RawValue>) -> &RawValue {
+        if self.0.len() >= Self::MAX && !self.0.contains_key(&ByAddress(v.clone())) {
+            self.0.clear();
+        }
+        self.0
+            .entry(ByAddress(v.clone()))
+            .or_insert_with(|| render(v))
+    }
+}
+
+/// Writes events as JSON with the shared parts rendered once.
+#[derive(Default)]
+pub(crate) struct EventWriter {
+    points: Cache<PointInfo>,
+    segments: Cache<Segment>,
+    attributions: Cache<Attribution>,
+}
+
+/// An event as JSON: its own fields, and the shared parts as rendered JSON.
+#[derive(Serialize)]
+struct EventJson<'a> {
+    time: Timestamp,
+    ts_ns: u64,
+    packet_id: u64,
+    kind: EventKind,
+    at: &'a RawValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    segment: Option<&'a RawValue>,
+    mark: MarkChange,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ct_mark: Option<CtMark>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tuple: Option<Tuple>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drop_reason: Option<&'a DropReason>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attribution: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    route: Option<RouteLookup>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    socket_mark: Option<Mark>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    count: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    interval: Option<Interval>,
+}
+
+impl EventWriter {
+    pub(crate) fn write(&mut self, ev: &TraceEvent, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        let Self {
+            points,
+            segments,
+            attributions,
+        } = self;
+        let json = EventJson {
+            time: ev.time,
+            ts_ns: ev.ts_ns,
+            packet_id: ev.packet_id,
+            kind: ev.kind,
+            at: points.get(&ev.at, raw),
+            segment: ev
+                .segment
+                .as_ref()
+                .map(|s| segments.get(s, |s| raw(&SegmentJson(s)))),
+            mark: ev.mark,
+            ct_mark: ev.ct_mark,
+            tuple: ev.tuple,
+            drop_reason: ev.drop_reason.as_ref(),
+            attribution: ev
+                .attribution
+                .as_ref()
+                .map(|a| attributions.get(a, |a| raw(&AttributionJson(a)))),
+            route: ev.route,
+            socket_mark: ev.socket_mark,
+            count: ev.count,
+            interval: ev.interval,
+        };
+        serde_json::to_writer(out, &json)
+    }
+}
+
+/// A segment with its description and the names of what is in it.
+pub(crate) struct SegmentJson<'a>(pub(crate) &'a Segment);
+
+impl Serialize for SegmentJson<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Json<'a> {
+            layer: Layer,
+            description: String,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            hook: Option<Hook>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            family: Option<Family>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            priority_range: Option<[i32; 2]>,
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            chains: Vec<String>,
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            mark_writers: Vec<String>,
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            programs: Vec<String>,
+            from: &'a PointInfo,
+        }
+        let seg = self.0;
+        Json {
+            layer: seg.layer(),
+            description: seg.to_string(),
+            hook: seg.hook(),
+            family: seg.band().and_then(|b| b.family),
+            priority_range: seg.band().and_then(|b| b.range),
+            chains: seg.chains().iter().map(ToString::to_string).collect(),
+            mark_writers: seg.mark_writers().iter().map(ToString::to_string).collect(),
+            programs: seg.programs().iter().map(ToString::to_string).collect(),
+            from: &seg.from,
+        }
+        .serialize(s)
+    }
+}
+
+/// An attribution with its warnings' messages.
+pub(crate) struct AttributionJson<'a>(pub(crate) &'a Attribution);
+
+impl Serialize for AttributionJson<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Json<'a> {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            writer: Option<&'a String>,
+            owners: Vec<OwnerJson<'a>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            unowned_bits: Option<Mark>,
+            #[serde(skip_serializing_if = "<[_]>::is_empty")]
+            recognized: &'a [Recognized],
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            warnings: Vec<WarningJson<'a>>,
+        }
+        let a = self.0;
+        Json {
+            writer: a.writer.as_ref(),
+            owners: a.owners.iter().map(OwnerJson).collect(),
+            unowned_bits: a.unowned_bits,
+            recognized: &a.recognized,
+            warnings: a.warnings.iter().map(WarningJson).collect(),
+        }
+        .serialize(s)
+    }
+}
+
+struct OwnerJson<'a>(&'a OwnerChange);
+
+impl Serialize for OwnerJson<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let o = self.0;
+        let value = |v: FieldValue| match v {
+            FieldValue::Bits(m) => m.to_string(),
+            FieldValue::Number(n) => n.to_string(),
+        };
+        let mut st = s.serialize_struct("OwnerChange", 6)?;
+        st.serialize_field("owner", &o.owner)?;
+        st.serialize_field("bits", &o.bits)?;
+        match &o.field {
+            Some(FieldRef::Named(name)) => st.serialize_field("field", name)?,
+            Some(FieldRef::Conntrack) => st.serialize_field("field", "ct")?,
+            None => st.skip_field("field")?,
+        }
+        st.serialize_field("old_value", &value(o.old_value))?;
+        st.serialize_field("new_value", &value(o.new_value))?;
+        match &o.meaning {
+            Some(m) => st.serialize_field("meaning", m)?,
+            None => st.skip_field("meaning")?,
+        }
+        st.end()
+    }
+}
+
+pub(crate) struct WarningJson<'a>(pub(crate) &'a Warning);
+
+impl Serialize for WarningJson<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let w = self.0;
+        let mut st = s.serialize_struct("Warning", 3)?;
+        st.serialize_field("kind", &w.kind())?;
+        st.serialize_field("message", &w.finding.to_string())?;
+        st.serialize_field("owners", &w.owners)?;
+        st.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{decode::Decoder, fixtures};
+
+    #[test]
+    fn shared_parts_are_rendered_as_the_value_would_be() {
+        let mut d = Decoder::new(fixtures::topology(), Default::default());
+        let ev = d.decode(&fixtures::synthetic(1));
+        let mut w = EventWriter::default();
+        let (mut first, mut again) = (Vec::new(), Vec::new());
+        w.write(&ev, &mut first).unwrap();
+        w.write(&ev, &mut again).unwrap();
+        assert_eq!(first, again, "the cached JSON is the same JSON");
+        let v: serde_json::Value = serde_json::from_slice(&first).unwrap();
+        let seg = ev.segment.as_deref().unwrap();
+        assert_eq!(
+            v["segment"],
+            serde_json::to_value(SegmentJson(seg)).unwrap()
+        );
+        assert_eq!(v["segment"]["description"], seg.to_string());
+        assert_eq!(v["at"], serde_json::to_value(&*ev.at).unwrap());
+        assert_eq!(v["mark"]["new"], "0x80000");
+    }
+}

@@ -1,0 +1,222 @@
+//! The words: how points, segments and attribution warnings read for a person. Both the
+//! human lines and the JSON's `description`/`message` fields come from here.
+use std::fmt;
+
+use crate::{
+    attribution::Finding,
+    mark::Mark,
+    place::{Between, Layer, PointInfo, Segment},
+};
+
+/// `(a, b)` after a value, for the named values it holds; nothing when none.
+struct Meanings<'a>(&'a [String]);
+
+impl fmt::Display for Meanings<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            write!(f, " ({})", self.0.join(", "))
+        }
+    }
+}
+
+/// `a, b, c` of anything shown.
+fn list<T: fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Its name, or `?` when unknown.
+fn or_unknown<T: fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "?".into(), |v| v.to_string())
+}
+
+/// A short label for a point: "netfilter output ipv4 prio -149", "tc egress veth0 (first)".
+impl fmt::Display for PointInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dev = || {
+            self.ifname
+                .clone()
+                .unwrap_or_else(|| format!("if{}", self.ifindex))
+        };
+        match self.layer {
+            Layer::Netfilter => write!(
+                f,
+                "netfilter {} {} prio {}",
+                or_unknown(self.hook),
+                or_unknown(self.family),
+                or_unknown(self.priority)
+            ),
+            Layer::Tc => write!(
+                f,
+                "tc {} {} ({})",
+                or_unknown(self.hook),
+                dev(),
+                or_unknown(self.position)
+            ),
+            Layer::Tracepoint => write!(f, "{} {}", or_unknown(self.hook), dev()),
+            Layer::Socket => f.write_str("socket (SO_MARK)"),
+            Layer::None => f.write_str("before the first observer"),
+            other => other.fmt(f),
+        }
+    }
+}
+
+/// The segment's description: where the change happened, in words.
+impl fmt::Display for Segment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (from, to) = (&self.from, &self.to);
+        match &self.between {
+            Between::SocketAndObserver => write!(
+                f,
+                "between the sending socket (its SO_MARK) and {to}: no observer in between (a writer the plan did not foresee)"
+            ),
+            Between::Socket => f.write_str("socket: SO_MARK of the sending socket"),
+            Between::BeforeFirstObserver => write!(
+                f,
+                "before the first observer ({to}): the mark was already set"
+            ),
+            Between::NetnsCrossing { from, to } => write!(
+                f,
+                "kernel: the packet crossed from netns {from} to {to} (veth/dev_forward_skb scrubs skb->mark)"
+            ),
+            Between::NdTailroom => f.write_str(
+                "kernel: ICMPv6 ND/MLD packet; skb->reserved_tailroom shares storage with skb->mark",
+            ),
+            Between::Netfilter(band) => {
+                let range = band
+                    .range
+                    .map_or("?".into(), |[a, b]| format!("{a}..{b}"));
+                write!(
+                    f,
+                    "netfilter {} {}, priority {range}",
+                    band.hook,
+                    or_unknown(band.family)
+                )?;
+                if !band.chains.is_empty() {
+                    write!(f, ": {}", list(&band.chains))?;
+                }
+                if !band.mark_writers.is_empty() {
+                    write!(f, " (marks written in {})", list(&band.mark_writers))?;
+                }
+                Ok(())
+            }
+            Between::TcChain { programs, .. } => {
+                let chain = if self.tc_filters {
+                    "clsact filter"
+                } else {
+                    "tcx program"
+                };
+                if programs.is_empty() {
+                    write!(f, "{to}: the {chain}s around our observer(s)")
+                } else {
+                    write!(f, "{to}: {chain}(s) {}", list(programs))
+                }
+            }
+            Between::TcEgressAfterChain {
+                from_first,
+                programs,
+            } => {
+                let dev = to.ifname.as_deref().unwrap_or_default();
+                if *from_first {
+                    let tcx = if programs.is_empty() {
+                        String::new()
+                    } else {
+                        format!("tcx program(s) {}, then ", list(programs))
+                    };
+                    write!(
+                        f,
+                        "tc egress {dev}: {tcx}clsact/cls_bpf filters and actions after the tcx chain"
+                    )
+                } else {
+                    write!(
+                        f,
+                        "tc egress {dev} after the tcx chain: clsact/cls_bpf filters and actions"
+                    )
+                }
+            }
+            Between::TcIngressAfterChain => write!(
+                f,
+                "tc ingress {} after the tcx chain: clsact/cls_bpf filters, netdev ingress hook",
+                from.ifname.as_deref().unwrap_or_default()
+            ),
+            Between::Hooks => write!(
+                f,
+                "between netfilter hooks ({from} → {to}): routing decision, xfrm, or the stack"
+            ),
+            Between::Path => write!(f, "between {from} and {to}"),
+        }
+    }
+}
+
+/// A warning's message.
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Finding::WholeOverwrite {
+                writer,
+                old,
+                new,
+                victim,
+                lost,
+            } => write!(
+                f,
+                "{writer} replaced the whole mark ({old} -> {new}): {victim} lost bits {lost}"
+            ),
+            Finding::ValueSetsForeignBits {
+                writer,
+                value,
+                bits,
+                victim,
+                meanings,
+            } => write!(
+                f,
+                "{writer}'s value {value} sets {bits}, which {victim} owns{}",
+                Meanings(meanings)
+            ),
+            Finding::Clobber {
+                writer,
+                cleared,
+                bits,
+                victim,
+                meanings,
+            } => write!(
+                f,
+                "{writer} {} {bits}, which {victim} also owns{}",
+                if *cleared { "cleared" } else { "changed" },
+                Meanings(meanings)
+            ),
+            Finding::MultiOwner { parts } => write!(
+                f,
+                "one change touched bits of several owners: {}",
+                parts
+                    .iter()
+                    .map(|(o, bits)| format!("{o} {bits}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Finding::Unowned { bits } => {
+                write!(f, "bits {bits} changed that no selected owner claims")
+            }
+            Finding::ExactMatchBroken {
+                owner,
+                value,
+                meaning,
+                mark,
+            } => write!(
+                f,
+                "{owner} matches the exact value {value} ({meaning}); the mark is now {mark} with foreign bits {}",
+                *mark & !*value
+            ),
+        }
+    }
+}
+
+/// `+set -cleared` of a change.
+pub(crate) fn bits_delta(old: Mark, new: Mark) -> String {
+    format!("+{} -{}", new & !old, old & !new)
+}

@@ -1,0 +1,494 @@
+//! `why`'s words and JSON: each cause's summary sentence, each piece of evidence, both paths
+//! step by step, and the JSON document (`schema/why.schema.json`).
+use std::fmt::{self, Write as _};
+
+use serde::{Serialize, Serializer};
+
+use crate::{
+    event::{CtState, EventKind, Timestamp},
+    flows::{Dir, Step},
+    mark::Mark,
+    nodestate::{netlink::TABLE_MAIN, NodeState, Snapshot},
+    place::{Hook, Layer},
+    why::verdict::{Cause, DropPlace, Evidence, Report, ReversePath, Verdict},
+};
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Verdict::RpFilter => "rp-filter",
+            Verdict::NetfilterDrop => "netfilter-drop",
+            Verdict::ConnmarkRestoreMask => "connmark-restore-mask",
+            Verdict::XfrmPolicy => "xfrm-policy",
+            Verdict::NoSocket => "no-socket",
+            Verdict::Dropped => "dropped",
+            Verdict::NoReply => "no-reply",
+            Verdict::ReplyLost => "reply-lost",
+            Verdict::ReplyMisrouted => "reply-misrouted",
+            Verdict::Delivered => "delivered",
+            Verdict::ReplySent => "reply-sent",
+        })
+    }
+}
+
+impl fmt::Display for Dir {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Dir::Request => "request",
+            Dir::Reply => "reply",
+        })
+    }
+}
+
+/// "netfilter output ipv4 prio -149 veth-a", "routing table 100 (ok)": a step's point.
+pub(crate) struct StepLabel<'a>(pub(crate) &'a Step);
+
+impl fmt::Display for StepLabel<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.0;
+        if let Some(r) = &s.route {
+            return write!(f, "routing table {} ({})", r.table, r.result);
+        }
+        let at = &s.at;
+        write!(f, "{} ", at.layer)?;
+        if let Some(h) = at.hook {
+            write!(f, "{h}")?;
+        }
+        if let Some(fam) = at.family {
+            write!(f, " {fam}")?;
+        }
+        if let Some(p) = at.priority {
+            write!(f, " prio {p}")?;
+        }
+        if let Some(p) = at.position {
+            write!(f, " ({p})")?;
+        }
+        if let Some(i) = &at.ifname {
+            write!(f, " {i}")?;
+        }
+        Ok(())
+    }
+}
+
+fn label(step: Option<&Step>) -> String {
+    step.map_or_else(|| "?".into(), |s| StepLabel(s).to_string())
+}
+
+fn table_name(t: u32) -> String {
+    if t == TABLE_MAIN {
+        "main".into()
+    } else {
+        t.to_string()
+    }
+}
+
+/// `a`, `b` as code spans, or what to say when there are none.
+fn rules(rules: &[crate::nodestate::netlink::IpRule]) -> String {
+    rules
+        .iter()
+        .map(|r| format!("`{r}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// "output after priority -149 (inet t/out@0)".
+impl fmt::Display for DropPlace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hook = self.hook.map_or("?".into(), |h| h.to_string());
+        let prio = self.priority.map_or("?".into(), |p| p.to_string());
+        write!(f, "{hook} after priority {prio}")?;
+        if !self.chains.is_empty() {
+            let chains: Vec<String> = self.chains.iter().map(ToString::to_string).collect();
+            write!(f, " ({})", chains.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// The verdict's one-line summary.
+pub(crate) fn summary(r: &Report) -> String {
+    let peer = r.flow.dst;
+    match &r.cause {
+        Cause::NoReply { last_request } => format!(
+            "the request left (last seen at {}, mark {}) and no reply came back to this namespace",
+            label(last_request.as_ref()),
+            last_request.as_ref().map_or(Mark::ZERO, |s| s.mark)
+        ),
+        Cause::Delivered { last } => format!(
+            "the reply was delivered (last seen at {}, mark {})",
+            StepLabel(last),
+            last.mark
+        ),
+        Cause::ReplyLost { last } => format!(
+            "the reply was last seen at {} (mark {}) and then vanished",
+            StepLabel(last),
+            last.mark
+        ),
+        Cause::RpFilter {
+            reply_mark,
+            used_mark,
+            missed,
+            path,
+            arrival,
+            rp_filter,
+            src_valid_mark,
+        } => {
+            let rules = if missed.is_empty() {
+                "no fwmark rule applies".to_owned()
+            } else {
+                format!("rule {} did not match", rules(missed))
+            };
+            let path = match path {
+                ReversePath::Elsewhere { table, prefix, dev } => format!(
+                    "table {} → reverse path to {peer} via {} ({prefix}) ≠ arrival {arrival}",
+                    table_name(*table),
+                    dev.as_deref().unwrap_or("?")
+                ),
+                ReversePath::None => format!("no route back to {peer} for mark {used_mark}"),
+            };
+            format!(
+                "reply had mark {reply_mark} (reverse-path check uses mark {used_mark}) → {rules} → {path}, rp_filter={rp_filter}, src_valid_mark={} → IP_RPFILTER",
+                u8::from(*src_valid_mark)
+            )
+        }
+        Cause::NetfilterDrop { reply_mark, place } => format!(
+            "the reply (mark {reply_mark}) was dropped by netfilter at {place} → NETFILTER_DROP"
+        ),
+        Cause::ConnmarkRestoreMask {
+            restore,
+            lost,
+            place,
+        } => format!(
+            "a connmark restore rewrote the reply's mark {} -> {} (ct mark {}), losing bits {lost}; the reply was then dropped by netfilter at {place}",
+            restore.old_mark,
+            restore.mark,
+            restore.ct_mark.unwrap_or_default()
+        ),
+        Cause::XfrmPolicy { reply_mark, policy } => format!(
+            "the reply (mark {reply_mark}) was refused by an xfrm policy{} → XFRM_POLICY",
+            policy.as_ref().map_or(String::new(), |p| format!(": {p}"))
+        ),
+        Cause::IcmpDelivered { reply_mark } => format!(
+            "the reply reached this host's input path (mark {reply_mark}); the kernel's own copy found no ping socket (NO_SOCKET), which is normal when ping reads from a raw socket: raw sockets receive a clone"
+        ),
+        Cause::NoSocket { reply_mark, after } => format!(
+            "the reply reached this host (mark {reply_mark}, after {}) but no socket was there to take it (NO_SOCKET): the application closed its socket or never bound this port; not a routing or mark problem",
+            label(after.as_ref())
+        ),
+        Cause::Dropped {
+            reply_mark,
+            after,
+            reason,
+        } => format!(
+            "the reply (mark {reply_mark}) was dropped after {}: {reason}",
+            label(after.as_ref())
+        ),
+        Cause::ReplySent { left, reply_mark } => format!(
+            "the reply left via {left} (mark {reply_mark}), where the request arrived"
+        ),
+        Cause::ReplyMisrouted {
+            left,
+            arrived,
+            reply_mark,
+            unrestored_ct,
+            unreflected,
+            missed,
+            table,
+        } => {
+            let mut mark = format!("reply mark {reply_mark}");
+            if let Some(c) = unrestored_ct {
+                let _ = write!(mark, " (the connection's ct mark {c} was not restored)");
+            }
+            if let Some(m) = unreflected {
+                let _ = write!(
+                    mark,
+                    " (fwmark_reflect=0: the kernel's echo reply does not take the request's mark {m})"
+                );
+            }
+            let rules = if missed.is_empty() {
+                String::new()
+            } else {
+                format!(" → rule {} did not match", rules(missed))
+            };
+            let table = table.map_or("routing".into(), |t| format!("table {}", table_name(t)));
+            format!(
+                "the reply left via {left}, not {arrived} where the request arrived: {mark}{rules} → {table} → {left}"
+            )
+        }
+    }
+}
+
+impl fmt::Display for Evidence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Evidence::Lookups { dir, lookups } => {
+                let list: Vec<String> = lookups
+                    .iter()
+                    .map(|(t, m, res)| format!("table {t} with mark {m} → {res}"))
+                    .collect();
+                write!(f, "{dir} routing lookups: {}", list.join(", "))
+            }
+            Evidence::RequestLastSeen(s) => write!(
+                f,
+                "request last seen at {} with mark {}",
+                StepLabel(s),
+                s.mark
+            ),
+            Evidence::MarkDiff(d) => write!(
+                f,
+                "request mark {} vs reply mark {}: bits {} differ (owners: {})",
+                d.request,
+                d.reply,
+                d.request ^ d.reply,
+                if d.owners.is_empty() {
+                    "none registered".into()
+                } else {
+                    d.owners.join(", ")
+                }
+            ),
+            Evidence::ConnmarkRestore { restore, lost } => write!(
+                f,
+                "connmark restore {}: reply mark {} -> {} (ct mark {}) lost bits {lost}",
+                restore
+                    .segment
+                    .as_ref()
+                    .map_or(String::new(), |g| format!("in {g}")),
+                restore.old_mark,
+                restore.mark,
+                restore.ct_mark.unwrap_or_default()
+            ),
+            Evidence::NftTraceRule(rule) => write!(f, "nft trace: rule `{rule}` (verdict drop)"),
+            Evidence::MarkMatchingRule { chain, rule } => {
+                write!(f, "mark-matching rule in {chain}: `{rule}`")
+            }
+            Evidence::XfrmMatching(p) => write!(f, "matching: {p}"),
+            Evidence::RpFilterSysctls {
+                arrival,
+                rp_filter,
+                src_valid_mark,
+            } => write!(
+                f,
+                "rp_filter={rp_filter} on {arrival}, src_valid_mark={}",
+                u8::from(*src_valid_mark)
+            ),
+            Evidence::RestoreOnOutputHint => f.write_str(
+                "to route replies like their requests, restore the mark on output: `meta mark set ct mark` in a `type route hook output` chain (or CONNMARK --restore-mark in mangle OUTPUT)",
+            ),
+            Evidence::FwmarkReflectOff => f.write_str(
+                "fwmark_reflect=0: replies the kernel builds itself (ICMP echo replies and errors, TCP resets) carry no mark; with net.ipv4/ipv6.fwmark_reflect=1 they take the request's",
+            ),
+            Evidence::TcpFwmarkAcceptOff => {
+                f.write_str("tcp_fwmark_accept=0: accepted TCP sockets do not take the SYN's mark")
+            }
+            Evidence::NodeChanged {
+                time,
+                changes,
+                before_last_packet,
+            } => write!(
+                f,
+                "node state changed at {time} ({}), {} the flow's last packet; the verdict uses the state in force then",
+                changes
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if *before_last_packet { "before" } else { "after" }
+            ),
+        }
+    }
+}
+
+/// A step as JSON.
+struct StepJson<'a>(&'a Step);
+
+impl Serialize for StepJson<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Json<'a> {
+            time: Timestamp,
+            dir: String,
+            packet_id: u64,
+            kind: EventKind,
+            point: String,
+            layer: Layer,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            hook: Option<Hook>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            priority: Option<i32>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            ifname: Option<&'a String>,
+            mark: Mark,
+            old_mark: Mark,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            ct_mark: Option<Mark>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            ct_state: Option<CtState>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            segment: Option<String>,
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            chains: Vec<String>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            drop_reason: Option<String>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            table: Option<u32>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            route_result: Option<String>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            nat_tuple: Option<String>,
+        }
+        let st = self.0;
+        Json {
+            time: st.time,
+            dir: st.dir.to_string(),
+            packet_id: st.packet_id,
+            kind: st.kind,
+            point: StepLabel(st).to_string(),
+            layer: st.at.layer,
+            hook: st.at.hook,
+            priority: st.at.priority,
+            ifname: st.at.ifname.as_ref(),
+            mark: st.mark,
+            old_mark: st.old_mark,
+            ct_mark: st.ct_mark,
+            ct_state: st.ct_state,
+            segment: st.segment.as_ref().map(|g| g.to_string()),
+            chains: st
+                .segment
+                .iter()
+                .flat_map(|g| g.chains())
+                .map(ToString::to_string)
+                .collect(),
+            drop_reason: st.drop_reason.as_ref().map(ToString::to_string),
+            table: st.route.map(|r| r.table),
+            route_result: st.route.map(|r| r.result.to_string()),
+            nat_tuple: st.nat_tuple.map(|t| t.to_string()),
+        }
+        .serialize(s)
+    }
+}
+
+/// A report as JSON.
+pub(crate) struct ReportJson<'a>(pub(crate) &'a Report);
+
+impl Serialize for ReportJson<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Drop {
+            reason: String,
+            after: String,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            hook: Option<Hook>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            priority: Option<i32>,
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            chains: Vec<String>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            rule: Option<String>,
+        }
+        #[derive(Serialize)]
+        struct MarkDiff {
+            request_mark: Mark,
+            reply_mark: Mark,
+            bits: Mark,
+            owners: Vec<String>,
+        }
+        #[derive(Serialize)]
+        struct Json<'a> {
+            flow: String,
+            verdict: String,
+            summary: String,
+            evidence: Vec<String>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            last_reply_point: Option<String>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            drop: Option<Drop>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            mark_diff: Option<MarkDiff>,
+            request: Vec<StepJson<'a>>,
+            reply: Vec<StepJson<'a>>,
+        }
+        let r = self.0;
+        Json {
+            flow: r.flow.to_string(),
+            verdict: r.cause.verdict().to_string(),
+            summary: summary(r),
+            evidence: r.evidence.iter().map(ToString::to_string).collect(),
+            last_reply_point: r.last_reply.as_ref().map(|s| StepLabel(s).to_string()),
+            drop: r.drop.as_ref().map(|d| Drop {
+                reason: d.reason.to_string(),
+                after: label(d.after.as_ref()),
+                hook: d.place.hook,
+                priority: d.place.priority,
+                chains: d.place.chains.iter().map(ToString::to_string).collect(),
+                rule: d.rule.clone(),
+            }),
+            mark_diff: r.mark_diff.as_ref().map(|d| MarkDiff {
+                request_mark: d.request,
+                reply_mark: d.reply,
+                bits: d.request ^ d.reply,
+                owners: d.owners.clone(),
+            }),
+            request: r.request.iter().map(StepJson).collect(),
+            reply: r.reply.iter().map(StepJson).collect(),
+        }
+        .serialize(s)
+    }
+}
+
+/// `why --json`: the reports, with the node state they reasoned with.
+#[derive(Serialize)]
+pub(crate) struct Document<'a> {
+    pub(crate) flows: Vec<ReportJson<'a>>,
+    pub(crate) flows_seen: usize,
+    pub(crate) flows_evicted: u64,
+    /// The state at the end of the watch.
+    pub(crate) node: &'a NodeState,
+    /// Changes to it while watching (each verdict used the state in force at its flow's end).
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub(crate) node_changes: &'a [Snapshot],
+}
+
+/// `why`'s text: each reported flow with its verdict, evidence and both paths.
+pub(crate) fn text(reports: &[Report], seen: usize) -> String {
+    let mut s = String::new();
+    if seen == 0 {
+        s += "no matching flow was seen\n";
+    } else if reports.is_empty() {
+        let _ = writeln!(
+            s,
+            "{seen} matching flow(s), every reply delivered (--all shows them)"
+        );
+    }
+    for r in reports {
+        let _ = write!(
+            s,
+            "\n== {}\nverdict: {} — {}\n",
+            r.flow,
+            r.cause.verdict(),
+            summary(r)
+        );
+        for e in &r.evidence {
+            let _ = writeln!(s, "  evidence: {e}");
+        }
+        for (name, path) in [("request", &r.request), ("reply", &r.reply)] {
+            let _ = writeln!(s, "  {name} path:");
+            if path.is_empty() {
+                s += "    (nothing seen)\n";
+            }
+            for st in path.iter() {
+                let ct = st.ct_mark.map_or(String::new(), |c| format!(" ct {c}"));
+                let extra = st
+                    .drop_reason
+                    .as_ref()
+                    .map_or(String::new(), |r| format!(" DROP {r}"));
+                let _ = writeln!(
+                    s,
+                    "    {:<52} mark {}{ct}{extra}",
+                    StepLabel(st).to_string(),
+                    st.mark
+                );
+            }
+        }
+    }
+    s
+}
