@@ -14,14 +14,20 @@ use std::{
 use anyhow::{anyhow, Context, Result};
 use aya::maps::{Map, MapData};
 use aya_obj::generated::{bpf_attach_type, bpf_cmd, bpf_prog_type};
-use fwmark_trace_common::NF_SLOTS;
+use fwmark_trace_common::{nf_hook, nfproto, NF_SLOTS};
 
 use super::sys;
 
-/// NFPROTO_IPV4 / NFPROTO_IPV6 (include/uapi/linux/netfilter.h).
-pub const FAMILIES: [u8; 2] = [2, 10];
-/// NF_INET_PRE_ROUTING .. NF_INET_POST_ROUTING.
-pub const HOOKS: [u8; 5] = [0, 1, 2, 3, 4];
+/// The families observed (netfilter links are per family; INET is not one).
+pub const FAMILIES: [u8; 2] = [nfproto::IPV4, nfproto::IPV6];
+/// Every hook of those families.
+pub const HOOKS: [u8; nf_hook::COUNT as usize] = [
+    nf_hook::PRE_ROUTING,
+    nf_hook::LOCAL_IN,
+    nf_hook::FORWARD,
+    nf_hook::LOCAL_OUT,
+    nf_hook::POST_ROUTING,
+];
 /// The kernel refuses INT_MIN and INT_MAX (reserved for the hooks' own first/last users).
 pub const PRIO_FIRST: i32 = i32::MIN + 1;
 pub const PRIO_LAST: i32 = i32::MAX - 1;
@@ -172,14 +178,52 @@ impl NfPrograms {
     fn link_at(&self, site: NfSite, priority: i32) -> io::Result<OwnedFd> {
         let prog = &self.progs[site.slot as usize];
         let mut attr = sys::attr();
-        // SAFETY: the link_create variant of the union is the one BPF_LINK_CREATE reads.
+        // SAFETY: the link_create variant of the union is the one BPF_LINK_CREATE reads; `attr`
+        // is zeroed, a valid value of every variant.
         let lc = unsafe { &mut attr.link_create };
         lc.__bindgen_anon_1.prog_fd = prog.as_raw_fd() as u32;
         lc.attach_type = bpf_attach_type::BPF_NETFILTER as u32;
+        // SAFETY: the netfilter variant is the one a BPF_NETFILTER link reads; integers only,
+        // zeroed.
         let nf = unsafe { &mut lc.__bindgen_anon_3.netfilter };
         nf.pf = site.family as u32;
         nf.hooknum = site.hook as u32;
         nf.priority = priority;
         sys::bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aya_obj::generated::{bpf_insn, BPF_CALL, BPF_JMP, BPF_PSEUDO_CALL};
+
+    /// A call of another function of the object (BPF-to-BPF), not of a helper.
+    fn calls_a_function(insn: &bpf_insn) -> bool {
+        u32::from(insn.code) == BPF_JMP | BPF_CALL && u32::from(insn.src_reg()) == BPF_PSEUDO_CALL
+    }
+
+    /// 6.1's verifier cannot carry precision marks through a subprogram: with one call (the
+    /// memset LLVM emits for zeroing a struct, an entry point macro's body not inlined) it
+    /// stops pruning and gives up at 1M instructions. Every observer must be one function.
+    #[test]
+    fn no_observer_calls_a_subprogram() {
+        let object = super::super::observers::OBJECT;
+        if object.is_empty() {
+            eprintln!("skipped: built without the eBPF object (AYA_BUILD_SKIP)");
+            return;
+        }
+        let obj = aya_obj::Object::parse(object).unwrap();
+        assert!(!obj.programs.is_empty());
+        let mut calling: Vec<String> = obj
+            .programs
+            .iter()
+            .filter_map(|(name, prog)| {
+                let insns = &obj.functions[&prog.function_key()].instructions;
+                let calls = insns.iter().filter(|i| calls_a_function(i)).count();
+                (calls > 0).then(|| format!("{name} ({calls})"))
+            })
+            .collect();
+        calling.sort();
+        assert!(calling.is_empty(), "BPF-to-BPF calls in {calling:?}");
     }
 }

@@ -34,7 +34,8 @@ use crate::nodestate::{
 };
 
 /// The kernel object built from fwmark-trace-ebpf (see build.rs).
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fwmark-trace"));
+pub(super) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fwmark-trace"));
 
 /// The tp_btf observers: (program, tracepoint).
 pub const TRACEPOINTS: [(&str, &str); 6] = [
