@@ -3,6 +3,7 @@
 //! (`PacketState`) and the load-time configuration (`Config`). Defined once, `#[repr(C)]`,
 //! plain integers only, so both sides agree byte for byte.
 #![no_std]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 /// Which family of kernel observation point produced an event.
 pub mod layer {
@@ -18,7 +19,8 @@ pub mod layer {
     pub const TRACEPOINT: u8 = 3;
     /// The mark the packet was born with: its socket's SO_MARK (`sk_mark` equals the mark).
     pub const SOCKET: u8 = 4;
-    /// A FIB lookup (`fib_table_lookup`): `Event::table`, `route_err`, `route_oif`.
+    /// A FIB lookup (`fib_table_lookup`, `fib6_table_lookup`; `hook` = `route_hook::LOOKUP`):
+    /// `Event::table`, `route_err`, `route_oif`.
     pub const ROUTING: u8 = 5;
 }
 
@@ -39,6 +41,13 @@ pub mod nf_hook {
 pub mod nfproto {
     pub const IPV4: u8 = 2;
     pub const IPV6: u8 = 10;
+}
+
+/// `Point::hook` when `layer == ROUTING`.
+pub mod route_hook {
+    /// A routing table lookup, the only routing point there is. The daemon does not read it;
+    /// its value is the one routing events have carried from the start.
+    pub const LOOKUP: u8 = 4;
 }
 
 /// tc direction (`Point::hook` when `layer == TC`).
@@ -104,7 +113,7 @@ pub struct Point {
     pub layer: u8,
     pub hook: u8,
     pub slot: u8,
-    /// NFPROTO_IPV4 (2) / NFPROTO_IPV6 (10) for netfilter points, else 0.
+    /// `nfproto::*` for netfilter and routing points, else 0.
     pub family: u8,
     pub ifindex: u32,
     /// Network namespace inode number (`net->ns.inum`), 0 when unknown.
@@ -305,7 +314,7 @@ impl CpuCache {
 /// seen at a point it cannot reach from its last one is a new packet at a recycled `sk_buff`
 /// address (the previous one ended where no tracepoint fires, e.g. TCP receive coalescing).
 pub mod path {
-    use super::{layer, tc_dir, tracepoint, Point};
+    use super::{layer, nf_hook, tc_dir, tracepoint, Point};
 
     const RX: u16 = 1 << 0;
     const TC_IN: u16 = 1 << 1;
@@ -327,10 +336,10 @@ pub mod path {
             (layer::TRACEPOINT, _) => END,
             (layer::TC, tc_dir::INGRESS) => TC_IN,
             (layer::TC, _) => TC_EG,
-            (layer::NETFILTER, 0) => PRE,
-            (layer::NETFILTER, 1) => IN,
-            (layer::NETFILTER, 2) => FWD,
-            (layer::NETFILTER, 3) => OUT,
+            (layer::NETFILTER, nf_hook::PRE_ROUTING) => PRE,
+            (layer::NETFILTER, nf_hook::LOCAL_IN) => IN,
+            (layer::NETFILTER, nf_hook::FORWARD) => FWD,
+            (layer::NETFILTER, nf_hook::LOCAL_OUT) => OUT,
             (layer::NETFILTER, _) => POST,
             _ => 0,
         }
@@ -379,61 +388,119 @@ pub mod path {
     }
 }
 
-/// Kernel struct field offsets, read from /sys/kernel/btf/vmlinux at start-up.
-/// `u32::MAX` marks a field this kernel lacks (the observer then skips what needs it).
-#[repr(C)]
+/// A field `Offsets` lacks on this kernel (the observer then skips what needs it).
+pub const OFFSET_MISSING: u32 = u32::MAX;
+
+/// Where the daemon finds one of the `Offsets` in the running kernel's BTF.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Offsets {
-    pub skb_mark: u32,
-    pub skb_nfct: u32,
-    pub skb_dev: u32,
-    pub skb_sk: u32,
-    pub skb_head: u32,
-    pub skb_data: u32,
-    pub skb_network_header: u32,
-    pub skb_protocol: u32,
-    pub dev_ifindex: u32,
-    pub dev_nd_net: u32,
-    pub net_ns_inum: u32,
-    pub nf_conn_mark: u32,
-    pub sock_sk_mark: u32,
-    /// `sock.__sk_common.skc_state` (TIME_WAIT/NEW_SYN_RECV mini sockets have no sk_mark).
-    pub sock_state: u32,
-    /// `sock.__sk_common.skc_net.net`: a socket's namespace (a packet dropped before it has a
-    /// device).
-    pub sock_net: u32,
-    pub nf_state_hook: u32,
-    pub nf_state_pf: u32,
-    pub nf_state_in: u32,
-    pub nf_state_out: u32,
-    pub nf_state_net: u32,
-    /// `struct flowi4` (routing lookups) and `fib_nh_common.nhc_dev`.
-    pub fl4_mark: u32,
-    pub fl4_oif: u32,
-    pub fl4_iif: u32,
-    pub fl4_proto: u32,
-    pub fl4_saddr: u32,
-    pub fl4_daddr: u32,
-    pub fl4_ports: u32,
-    pub nhc_dev: u32,
-    /// `struct flowi6` addresses and ports (its `__fl_common` fields sit where flowi4's do:
-    /// the daemon checks), `fib6_result` and `fib6_table` (IPv6 routing lookups).
-    pub fl6_saddr: u32,
-    pub fl6_daddr: u32,
-    pub fl6_ports: u32,
-    pub fib6_res_nh: u32,
-    pub fib6_res_type: u32,
-    pub fib6_tb_id: u32,
-    /// The chain evaluators' arguments (nf_tables and ip_tables, often modules: from their
-    /// BTF): `nft_pktinfo.skb`/`.state`; how far before a base chain's `struct nft_chain` its
-    /// hook's priority is (`nft_base_chain`: `ops.priority` precedes `chain`); `xt_table.priority`.
-    pub nft_pkt_skb: u32,
-    pub nft_pkt_state: u32,
-    pub nft_chain_prio_back: u32,
-    pub xt_table_priority: u32,
+pub enum OffsetSource {
+    /// (struct, member path) in vmlinux: the daemon does not start without it.
+    Required(&'static str, &'static str),
+    /// (struct, member path) in vmlinux; `OFFSET_MISSING` on kernels without it (a config
+    /// option off, another release).
+    Optional(&'static str, &'static str),
+    /// (module, struct, member path): a type that module defines, read from the BTF of the
+    /// module whose function the fentry/fexit back-end observes (vmlinux's when built in).
+    Module(&'static str, &'static str, &'static str),
+    /// Worked out by the daemon from other members (`kernel::btf`).
+    Computed,
 }
 
-pub const OFFSET_MISSING: u32 = u32::MAX;
+/// One field of `Offsets`: its name, where it comes from, and its accessors.
+#[derive(Clone, Copy, Debug)]
+pub struct OffsetField {
+    pub name: &'static str,
+    pub source: OffsetSource,
+    pub get: fn(&Offsets) -> u32,
+    pub set: fn(&mut Offsets, u32),
+}
+
+/// Declares `Offsets` (one `u32` per field, in this order), `Offsets::MISSING` (every field
+/// `OFFSET_MISSING`) and `Offsets::FIELDS` (the table the daemon fills them from), so each
+/// field is written down once.
+macro_rules! offsets {
+    ($($(#[$doc:meta])* $field:ident: $source:expr,)*) => {
+        /// Kernel struct field offsets, read from the kernel's BTF at start-up (see
+        /// `Offsets::FIELDS` for where each comes from). `OFFSET_MISSING` marks a field this
+        /// kernel lacks (the observer then skips what needs it).
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub struct Offsets {
+            $($(#[$doc])* pub $field: u32,)*
+        }
+
+        impl Offsets {
+            /// Every field missing.
+            pub const MISSING: Offsets = Offsets {
+                $($field: OFFSET_MISSING,)*
+            };
+
+            /// Every field, in declaration order, with where the daemon finds it.
+            pub const FIELDS: &'static [OffsetField] = &[$(OffsetField {
+                name: stringify!($field),
+                source: $source,
+                get: |o| o.$field,
+                set: |o, v| o.$field = v,
+            },)*];
+        }
+    };
+}
+
+use OffsetSource::{Computed, Module, Optional, Required};
+
+offsets! {
+    skb_mark: Required("sk_buff", "mark"),
+    skb_nfct: Required("sk_buff", "_nfct"),
+    skb_dev: Required("sk_buff", "dev"),
+    skb_sk: Required("sk_buff", "sk"),
+    skb_head: Required("sk_buff", "head"),
+    skb_data: Required("sk_buff", "data"),
+    skb_network_header: Required("sk_buff", "network_header"),
+    skb_protocol: Required("sk_buff", "protocol"),
+    dev_ifindex: Required("net_device", "ifindex"),
+    dev_nd_net: Required("net_device", "nd_net.net"),
+    net_ns_inum: Required("net", "ns.inum"),
+    /// CONFIG_NF_CONNTRACK_MARK.
+    nf_conn_mark: Optional("nf_conn", "mark"),
+    sock_sk_mark: Optional("sock", "sk_mark"),
+    /// `sock.__sk_common.skc_state` (TIME_WAIT/NEW_SYN_RECV mini sockets have no sk_mark).
+    sock_state: Optional("sock", "__sk_common.skc_state"),
+    /// `sock.__sk_common.skc_net.net`: a socket's namespace (a packet dropped before it has a
+    /// device).
+    sock_net: Optional("sock", "__sk_common.skc_net.net"),
+    /// `hook` and `pf` are read together: the daemon checks they are adjacent.
+    nf_state_hook: Required("nf_hook_state", "hook"),
+    nf_state_pf: Required("nf_hook_state", "pf"),
+    nf_state_in: Required("nf_hook_state", "in"),
+    nf_state_out: Required("nf_hook_state", "out"),
+    nf_state_net: Required("nf_hook_state", "net"),
+    /// `struct flowi4` (routing lookups) and `fib_nh_common.nhc_dev`.
+    fl4_mark: Optional("flowi4", "__fl_common.flowic_mark"),
+    fl4_oif: Optional("flowi4", "__fl_common.flowic_oif"),
+    fl4_iif: Optional("flowi4", "__fl_common.flowic_iif"),
+    fl4_proto: Optional("flowi4", "__fl_common.flowic_proto"),
+    fl4_saddr: Optional("flowi4", "saddr"),
+    fl4_daddr: Optional("flowi4", "daddr"),
+    fl4_ports: Optional("flowi4", "uli"),
+    nhc_dev: Optional("fib_nh_common", "nhc_dev"),
+    /// `struct flowi6` addresses and ports (its `__fl_common` fields sit where flowi4's do:
+    /// the daemon checks), `fib6_result` and `fib6_table` (IPv6 routing lookups).
+    fl6_saddr: Optional("flowi6", "saddr"),
+    fl6_daddr: Optional("flowi6", "daddr"),
+    fl6_ports: Optional("flowi6", "uli"),
+    fib6_res_nh: Optional("fib6_result", "nh"),
+    fib6_res_type: Optional("fib6_result", "fib6_type"),
+    fib6_tb_id: Optional("fib6_table", "tb6_id"),
+    /// The chain evaluators' arguments (fentry/fexit back-end; nf_tables and ip_tables are
+    /// often modules): `nft_do_chain`'s `struct nft_pktinfo *`.
+    nft_pkt_skb: Module("nf_tables", "nft_pktinfo", "skb"),
+    nft_pkt_state: Module("nf_tables", "nft_pktinfo", "state"),
+    /// How far before a base chain's `struct nft_chain` its hook's priority is
+    /// (`nft_base_chain`: `ops.priority` precedes `chain`).
+    nft_chain_prio_back: Computed,
+    /// `ipt_do_table`/`ip6t_do_table`'s `struct xt_table *`.
+    xt_table_priority: Module("x_tables", "xt_table", "priority"),
+}
 
 /// Load-time configuration of the observers (a `.rodata` global, frozen once loaded).
 #[repr(C)]
@@ -494,7 +561,8 @@ impl FlowFilter {
     #[inline(always)]
     pub fn matches(&self, ev: &Event, lenient: bool) -> bool {
         let words = |a: &[u8; 16]| -> [u64; 2] {
-            // SAFETY: 16 bytes either way; compared as two words (no memcmp in BPF).
+            // SAFETY: `[u8; 16]` and `[u64; 2]` have the same size and every bit pattern is
+            // valid for both; compared as two words (a byte comparison would be a memcmp call).
             unsafe { core::mem::transmute(*a) }
         };
         let (want, s, d) = (words(&self.addr), words(&ev.saddr), words(&ev.daddr));
@@ -512,46 +580,7 @@ impl FlowFilter {
 
 impl Config {
     pub const ZERO: Config = Config {
-        offsets: Offsets {
-            skb_mark: OFFSET_MISSING,
-            skb_nfct: OFFSET_MISSING,
-            skb_dev: OFFSET_MISSING,
-            skb_sk: OFFSET_MISSING,
-            skb_head: OFFSET_MISSING,
-            skb_data: OFFSET_MISSING,
-            skb_network_header: OFFSET_MISSING,
-            skb_protocol: OFFSET_MISSING,
-            dev_ifindex: OFFSET_MISSING,
-            dev_nd_net: OFFSET_MISSING,
-            net_ns_inum: OFFSET_MISSING,
-            nf_conn_mark: OFFSET_MISSING,
-            sock_sk_mark: OFFSET_MISSING,
-            sock_state: OFFSET_MISSING,
-            sock_net: OFFSET_MISSING,
-            nf_state_hook: OFFSET_MISSING,
-            nf_state_pf: OFFSET_MISSING,
-            nf_state_in: OFFSET_MISSING,
-            nf_state_out: OFFSET_MISSING,
-            nf_state_net: OFFSET_MISSING,
-            fl4_mark: OFFSET_MISSING,
-            fl4_oif: OFFSET_MISSING,
-            fl4_iif: OFFSET_MISSING,
-            fl4_proto: OFFSET_MISSING,
-            fl4_saddr: OFFSET_MISSING,
-            fl4_daddr: OFFSET_MISSING,
-            fl4_ports: OFFSET_MISSING,
-            nhc_dev: OFFSET_MISSING,
-            fl6_saddr: OFFSET_MISSING,
-            fl6_daddr: OFFSET_MISSING,
-            fl6_ports: OFFSET_MISSING,
-            fib6_res_nh: OFFSET_MISSING,
-            fib6_res_type: OFFSET_MISSING,
-            fib6_tb_id: OFFSET_MISSING,
-            nft_pkt_skb: OFFSET_MISSING,
-            nft_pkt_state: OFFSET_MISSING,
-            nft_chain_prio_back: OFFSET_MISSING,
-            xt_table_priority: OFFSET_MISSING,
-        },
+        offsets: Offsets::MISSING,
         mark_value: 0,
         mark_mask: 0,
         netns: 0,
@@ -586,15 +615,24 @@ pub const GLOBAL_CONFIG: &str = "CONFIG";
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all are #[repr(C)] structs of integers with explicit padding fields.
-    unsafe impl aya::Pod for super::Event {}
-    unsafe impl aya::Pod for super::PacketState {}
-    unsafe impl aya::Pod for super::Config {}
-    unsafe impl aya::Pod for super::Point {}
-    unsafe impl aya::Pod for super::Control {}
-    unsafe impl aya::Pod for super::CpuCache {}
-    unsafe impl aya::Pod for super::AggKey {}
-    unsafe impl aya::Pod for super::AggValue {}
+    macro_rules! pod {
+        ($($t:ident),*) => {$(
+            // SAFETY: `#[repr(C)]`, built of integers (and arrays and structs of them) with
+            // every padding byte an explicit field: no uninitialised bytes, and any bit pattern
+            // is a valid value (what `aya::Pod` requires).
+            unsafe impl aya::Pod for super::$t {}
+        )*};
+    }
+    pod!(
+        Event,
+        PacketState,
+        Config,
+        Point,
+        Control,
+        CpuCache,
+        AggKey,
+        AggValue
+    );
 }
 
 #[cfg(test)]
@@ -651,7 +689,13 @@ mod tests {
     fn a_packet_moves_forward_and_crosses_only_at_devices() {
         use path::continues;
         let nf = |hook| pt(layer::NETFILTER, hook, 1);
-        let (out, post, input, fwd, pre) = (nf(3), nf(4), nf(1), nf(2), nf(0));
+        let (out, post, input, fwd, pre) = (
+            nf(nf_hook::LOCAL_OUT),
+            nf(nf_hook::POST_ROUTING),
+            nf(nf_hook::LOCAL_IN),
+            nf(nf_hook::FORWARD),
+            nf(nf_hook::PRE_ROUTING),
+        );
         let queue = pt(layer::TRACEPOINT, tracepoint::NET_DEV_QUEUE, 1);
         let rx_b = pt(layer::TRACEPOINT, tracepoint::NETIF_RECEIVE_SKB, 2);
         let kfree = pt(layer::TRACEPOINT, tracepoint::KFREE_SKB, 0);
@@ -663,14 +707,40 @@ mod tests {
         // Delivered locally, then an output packet at the same address: a new packet
         // (Istio's loopback case); so is one born in another namespace (Tailscale's case).
         assert!(!continues(&input, &out, true));
-        assert!(!continues(&pt(layer::NETFILTER, 1, 2), &out, false));
+        assert!(!continues(
+            &pt(layer::NETFILTER, nf_hook::LOCAL_IN, 2),
+            &out,
+            false
+        ));
         assert!(!continues(&input, &post, false) && !continues(&fwd, &pre, false));
         // netif_receive_skb after input: only the same buffer, decapsulated.
         let rx = pt(layer::TRACEPOINT, tracepoint::NETIF_RECEIVE_SKB, 1);
         assert!(continues(&input, &rx, true) && !continues(&input, &rx, false));
         // The end of life follows anything; an unknown namespace is not a crossing.
         assert!(continues(&input, &kfree, false));
-        assert!(continues(&pt(layer::NETFILTER, 3, 0), &post, false));
+        assert!(continues(
+            &pt(layer::NETFILTER, nf_hook::LOCAL_OUT, 0),
+            &post,
+            false
+        ));
+    }
+
+    #[test]
+    fn the_offsets_table_names_every_field_once() {
+        assert_eq!(
+            size_of::<Offsets>(),
+            Offsets::FIELDS.len() * size_of::<u32>()
+        );
+        let mut o = Offsets::MISSING;
+        for (i, f) in Offsets::FIELDS.iter().enumerate() {
+            assert_eq!((f.get)(&o), OFFSET_MISSING, "{}", f.name);
+            (f.set)(&mut o, i as u32);
+        }
+        // Each entry reads back what it stored: no two entries share a field.
+        for (i, f) in Offsets::FIELDS.iter().enumerate() {
+            assert_eq!((f.get)(&o), i as u32, "{}", f.name);
+        }
+        assert_eq!(Config::ZERO.offsets, Offsets::MISSING);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! fwmark-trace's kernel observers. Every program reduces to `observe::observe(skb, site)`;
 //! they differ only in how they find the `sk_buff` and describe where they are, which the
 //! macros below turn into data (no per-hook copies):
-//! - tcx: first and last in the ingress and egress chains (the context pointer *is* the skb);
+//! - tc: first and last in the ingress and egress paths, as tcx links (6.6+) or cls_bpf filters
+//!   (the context pointer *is* the skb);
 //! - netfilter: one program per priority slot, linked on every hook of IPv4 and IPv6 by the
 //!   daemon itself (aya 0.14 has no netfilter program type), hook and family read from
 //!   `nf_hook_state`; on kernels without netfilter links (before 6.4), fentry/fexit of the
@@ -10,6 +11,7 @@
 //! - tp_btf: netif_receive_skb, net_dev_queue, kfree_skb (drop reason), consume_skb.
 #![no_std]
 #![no_main]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 mod observe;
 mod skb;
@@ -17,18 +19,20 @@ mod skb;
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
-    bindings::__sk_buff,
-    macros::{btf_tracepoint, fentry, fexit, map},
+    bindings::{tcx_action_base::TCX_NEXT, TC_ACT_UNSPEC},
+    macros::{btf_tracepoint, classifier, fentry, fexit, map},
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
-    programs::{BtfTracePointContext, FEntryContext, FExitContext},
+    programs::{BtfTracePointContext, FEntryContext, FExitContext, TcContext},
 };
 use fwmark_trace_common::{
-    layer, tc_dir, tc_slot, tracepoint, AggKey, AggValue, Config, Control, CpuCache, Event,
-    PacketState, Point, AGG_ENTRIES, NF_SLOT_CHAIN,
+    layer, nf_hook, nfproto, route_hook, tc_dir, tc_slot, tracepoint, AggKey, AggValue, Config,
+    Control, CpuCache, Event, PacketState, Point, AGG_ENTRIES, NF_SLOT_CHAIN,
 };
 use observe::{End, Site};
 use skb::read;
 
+// SAFETY: no other symbol in the object is named CONFIG; the daemon finds the global by this
+// name (`GLOBAL_CONFIG`) and patches its `.rodata` bytes before the load.
 #[unsafe(no_mangle)]
 static CONFIG: Config = Config::ZERO;
 
@@ -112,20 +116,30 @@ fn dev_point(skb: u64, layer: u8, hook: u8, slot: u8) -> Point {
     }
 }
 
-// ---- tcx ----------------------------------------------------------------------------------
+// ---- tc (tcx links, or cls_bpf filters before 6.6) ---------------------------------------
 
-/// Return value that hands the packet to the next program in the tcx chain.
-const TCX_NEXT: i32 = -1;
+/// What a tc observer returns: the packet goes on as if the observer were not there. tcx's
+/// TCX_NEXT (the next program in the chain) is the same -1 as a direct-action cls_bpf filter's
+/// TC_ACT_UNSPEC (the next filter; after the last, the packet goes on), so one program serves
+/// both back-ends.
+const TC_NEXT: i32 = TCX_NEXT;
+const _: () = assert!(TC_NEXT == TC_ACT_UNSPEC);
 
+// aya-ebpf's `#[classifier]` emits the entry point: section `classifier` (which aya loads as a
+// SchedClassifier, attached by the daemon as a tcx link or a cls_bpf filter) taking the
+// `*mut __sk_buff` context, and calls the body as a nested function with a `TcContext`. That
+// call is inlined by request (`inline(always)`), not left to LLVM: a BPF-to-BPF call fails
+// 6.1's verifier (`kernel::netfilter`'s tests check the object has none).
 macro_rules! tc_observer {
     ($name:ident, $dir:expr, $slot:expr) => {
-        // Entry point: the kernel passes a valid context pointer.
-        #[allow(clippy::not_unsafe_ptr_arg_deref)]
-        #[unsafe(no_mangle)]
-        #[unsafe(link_section = "classifier")]
-        pub fn $name(ctx: *mut __sk_buff) -> i32 {
-            // `__sk_buff` fields are direct loads (no helper call): this runs for every packet.
-            let (mark, ifindex) = unsafe { ((*ctx).mark, (*ctx).ifindex) };
+        #[classifier]
+        #[inline(always)]
+        pub fn $name(ctx: TcContext) -> i32 {
+            let skb = ctx.skb.skb;
+            // SAFETY: `skb` is the context the kernel passed this program, a `__sk_buff` valid
+            // for its whole run; `mark` and `ifindex` are fields every tc program may read, as
+            // direct loads (no helper call: this runs for every packet).
+            let (mark, ifindex) = unsafe { ((*skb).mark, (*skb).ifindex) };
             let site = Site {
                 at: Point {
                     layer: layer::TC,
@@ -141,8 +155,10 @@ macro_rules! tc_observer {
                 mark: Some(mark),
                 starts: true,
             };
-            observe::observe::<false>(ctx as u64, &site);
-            TCX_NEXT
+            // The context pointer is the kernel's `struct sk_buff *`: the packet's identity, the
+            // same value the netfilter and tp_btf observers see.
+            observe::observe::<false>(skb as u64, &site);
+            TC_NEXT
         }
     };
 }
@@ -162,9 +178,6 @@ pub struct NfCtx {
 }
 
 const NF_ACCEPT: i32 = 1;
-const NF_INET_PRE_ROUTING: u8 = 0;
-const NF_INET_LOCAL_IN: u8 = 1;
-const NF_INET_FORWARD: u8 = 2;
 
 /// The netfilter point of a hook invocation, from its `nf_hook_state` (a BTF-typed pointer:
 /// plain loads, no helper calls).
@@ -174,7 +187,7 @@ fn nf_point(state: u64, slot: u8, priority: i32, netns: u32) -> Point {
     let hook: u8 = skb::load(state, off.nf_state_hook);
     // Report the device the packet arrived on before routing, and the one it leaves by after.
     let dev: u64 = match hook {
-        NF_INET_PRE_ROUTING | NF_INET_LOCAL_IN | NF_INET_FORWARD => {
+        nf_hook::PRE_ROUTING | nf_hook::LOCAL_IN | nf_hook::FORWARD => {
             skb::load(state, off.nf_state_in)
         }
         _ => skb::load(state, off.nf_state_out),
@@ -207,18 +220,23 @@ fn nf_site(at: Point, starts: bool) -> Site {
 
 #[inline(always)]
 fn nf_observe(ctx: *const NfCtx, slot: u8) -> i32 {
-    // SAFETY: the kernel passes a valid `bpf_nf_ctx`.
+    // SAFETY: `ctx` is the context the kernel passed this netfilter program: a `struct
+    // bpf_nf_ctx` (two pointers, UAPI layout), valid and unchanged for the program's run.
     let ctx = unsafe { &*ctx };
     let at = nf_point(ctx.state, slot, 0, observe::config().own_netns);
     observe::observe::<true>(ctx.skb, &nf_site(at, true));
     NF_ACCEPT
 }
 
-// Section name: aya's ELF parser must accept it (it is loaded by the daemon, not by aya).
+// Not `#[classifier]`: these take a `struct bpf_nf_ctx`, not a `__sk_buff`, and aya 0.14 has
+// no netfilter program type. The daemon loads them itself (`kernel/netfilter.rs`); the section
+// name is only one aya's ELF parser accepts, and aya never loads them.
 macro_rules! nf_observers {
     ($($name:ident = $slot:expr),* $(,)?) => {$(
-        // Entry point: the kernel passes a valid context pointer.
+        // Entry point: the kernel passes a valid context pointer (see `nf_observe`).
         #[allow(clippy::not_unsafe_ptr_arg_deref)]
+        // SAFETY: the symbol is this program's unique name, which the daemon loads it by; the
+        // section holds only programs (aya's parser takes them for classifiers, never loaded).
         #[unsafe(no_mangle)]
         #[unsafe(link_section = "classifier")]
         pub fn $name(ctx: *const NfCtx) -> i32 {
@@ -244,9 +262,6 @@ const _: () = assert!(fwmark_trace_common::NF_SLOTS == 10);
 
 // ---- netfilter chain evaluators (fentry/fexit) ------------------------------------------
 
-const NFPROTO_IPV4: u8 = 2;
-const NFPROTO_IPV6: u8 = 10;
-
 /// One evaluation of a chain (an nftables base chain, an iptables table) at `priority`, seen
 /// on entry and on exit: the exit point sits one past it, so the band in between is exactly
 /// the chains at that priority. Every namespace's chains run through these functions, and
@@ -261,7 +276,7 @@ fn chain_observe(skb: u64, state: u64, priority: i32, exit: bool) -> i32 {
         return 0;
     }
     let family: u8 = skb::load(state, off.nf_state_pf);
-    if family != NFPROTO_IPV4 && family != NFPROTO_IPV6 {
+    if family != nfproto::IPV4 && family != nfproto::IPV6 {
         return 0;
     }
     let priority = if exit {
@@ -407,7 +422,7 @@ fn route_event(
     ev.kind = fwmark_trace_common::kind::ROUTE;
     ev.at = Point {
         layer: layer::ROUTING,
-        hook: 4,
+        hook: route_hook::LOOKUP,
         slot: 0,
         family,
         ifindex,
@@ -420,7 +435,7 @@ fn route_event(
     ev.route_err = err;
     ev.route_oif = read(flp, off.fl4_oif);
     ev.route_iif = read(flp, off.fl4_iif);
-    ev.ip_version = if family == 10 { 6 } else { 4 };
+    ev.ip_version = if family == nfproto::IPV6 { 6 } else { 4 };
     ev.l4_proto = read(flp, off.fl4_proto);
     Some(ev)
 }
@@ -463,7 +478,7 @@ pub fn fwm_fib(ctx: BtfTracePointContext) -> i32 {
         &mut blank,
         flp,
         dev,
-        2,
+        nfproto::IPV4,
         ctx.arg::<u32>(0),
         ctx.arg::<i32>(3),
     ) else {
@@ -504,7 +519,8 @@ pub fn fwm_fib6(ctx: BtfTracePointContext) -> i32 {
     // fib6_nh starts with its fib_nh_common.
     let dev = if nh == 0 { 0 } else { read(nh, off.nhc_dev) };
     let mut blank = MaybeUninit::uninit();
-    let Some(ev) = route_event(&mut blank, flp, dev, 10, read(table, off.fib6_tb_id), 0) else {
+    let tb_id = read(table, off.fib6_tb_id);
+    let Some(ev) = route_event(&mut blank, flp, dev, nfproto::IPV6, tb_id, 0) else {
         return 0;
     };
     // A table without a match answers with the null entry (unreachable, via lo): the rule
@@ -527,6 +543,7 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+// SAFETY: the license section and symbol the kernel's loader reads; nothing else uses them.
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 4] = *b"GPL\0";

@@ -40,22 +40,24 @@ pub enum End {
 
 #[inline(always)]
 pub fn config() -> &'static Config {
-    // SAFETY: CONFIG is a static; read through a volatile pointer because the value is patched
-    // into .rodata at load time, so the compiler must not fold the zero initialiser.
+    // SAFETY: the pointer is CONFIG's own address (a static, valid and never written by the
+    // program); it goes through a volatile read because the daemon patches the value into
+    // .rodata at load time, so the compiler must not fold the zero initialiser.
     unsafe { &*core::ptr::read_volatile(&core::ptr::addr_of!(CONFIG)) }
 }
 
 #[inline(always)]
 fn cpu() -> u32 {
-    // SAFETY: a helper without arguments.
+    // SAFETY: a helper without arguments or memory effects, callable from every program type.
     unsafe { bpf_get_smp_processor_id() }
 }
 
 #[inline(always)]
 fn next_packet_id() -> u64 {
     match SEQ.get_ptr_mut(0) {
-        // SAFETY: a per-CPU slot: only this CPU writes it, and no observer is preempted by
-        // another on the same CPU between the read and the write.
+        // SAFETY: a non-NULL pointer to this CPU's `u64` in SEQ, valid for the program's run;
+        // only this CPU writes it, and no observer is preempted by another on the same CPU
+        // between the read and the write.
         Some(seq) => unsafe {
             *seq += 1;
             ((cpu() as u64) << 48) | *seq
@@ -67,7 +69,7 @@ fn next_packet_id() -> u64 {
 #[inline(always)]
 fn count_lost() {
     if let Some(lost) = LOST.get_ptr_mut(0) {
-        // SAFETY: a per-CPU counter (see next_packet_id).
+        // SAFETY: a non-NULL pointer to this CPU's counter in LOST (see next_packet_id).
         unsafe { *lost += 1 };
     }
 }
@@ -79,7 +81,8 @@ fn mark_matches(cfg: &Config, mark: u32) -> bool {
 
 #[inline(always)]
 fn iface_matches(cfg: &Config, ifindex: u32) -> bool {
-    // SAFETY: a read of a u8 value.
+    // SAFETY: `get` is unsafe because the value may change under a returned reference; this
+    // one is only tested for presence, never read.
     cfg.iface_filter == 0 || unsafe { IFACES.get(ifindex) }.is_some()
 }
 
@@ -100,7 +103,9 @@ pub fn observe<const BTF: bool>(skb: u64, site: &Site) {
     let Some(cache) = CACHE.get_ptr_mut(0) else {
         return;
     };
-    // SAFETY: this CPU's cache; an observer runs to completion without another on this CPU.
+    // SAFETY: a non-NULL pointer to this CPU's `CpuCache` in CACHE, valid for the program's
+    // run; the only other writer is `claim` on another CPU, which takes a packet over only
+    // after this CPU is done with it (an observer runs to completion without another here).
     let cache = unsafe { &mut *cache };
     let found = cache.find(skb);
     if let Some(i) = found {
@@ -152,7 +157,7 @@ pub fn observe<const BTF: bool>(skb: u64, site: &Site) {
 /// (one per slot) it would walk whatever follows once per slot.
 #[inline(always)]
 fn unknown_to_verifier(cache: &mut CpuCache, i: usize) -> usize {
-    // SAFETY: a field of a cache this observer may write.
+    // SAFETY: both pointers come from `&mut cache.pick`: valid, aligned, exclusively ours.
     unsafe {
         core::ptr::write_volatile(&mut cache.pick, i as u32);
         core::ptr::read_volatile(&cache.pick) as usize % CACHE_SLOTS
@@ -192,7 +197,9 @@ fn slow_path<const BTF: bool>(
     let mut shared = None;
     if !mine {
         shared = PACKETS.get_ptr_mut(skb);
-        // SAFETY: map value pointers stay valid for the program's run.
+        // SAFETY: a non-NULL `PacketState` of PACKETS: map values stay valid for the program's
+        // run (a concurrent delete frees them only after it); another CPU writing the same
+        // entry at once is the race the `cpu` hand-over accepts (the newer copy wins).
         let state = shared.and_then(|s| unsafe { claim(&mut *s, skb, here) });
         let unseen_end = matches!(site.end, Some(End::Consume));
         if state.is_none() && (unseen_end || !site.starts || foreign(cfg, &site.at)) {
@@ -251,7 +258,8 @@ fn slow_path<const BTF: bool>(
         let epoch = CONTROL.get(0).map_or(0, |c| c.epoch);
         let found = AGG.get_ptr_mut(key);
         if let Some(v) = found {
-            // SAFETY: this CPU's value of a per-CPU map.
+            // SAFETY: a non-NULL pointer to this CPU's value in the per-CPU AGG, valid for the
+            // program's run and written by no other CPU.
             let v = unsafe { &mut *v };
             v.count += 1;
             // A fresh exemplar once per interval (and where another CPU created the entry,
@@ -261,10 +269,10 @@ fn slow_path<const BTF: bool>(
             }
         }
         skb::fill_socket::<BTF>(ev, skb, off);
-        // SAFETY: a helper without arguments.
+        // SAFETY: a helper without arguments or memory effects.
         ev.ts_ns = unsafe { bpf_ktime_get_ns() };
         if let Some(v) = found {
-            // SAFETY: as above.
+            // SAFETY: the same pointer as above, still valid (no map update in between).
             unsafe {
                 (*v).epoch = epoch;
                 (*v).exemplar = *ev;
@@ -276,7 +284,7 @@ fn slow_path<const BTF: bool>(
         let Some(value) = AGG_SCRATCH.get_ptr_mut(0) else {
             return;
         };
-        // SAFETY: this CPU's scratch slot, used only here.
+        // SAFETY: a non-NULL pointer to this CPU's slot of AGG_SCRATCH, used only here.
         let value = unsafe { &mut *value };
         value.count = 1;
         value.epoch = epoch;
@@ -322,8 +330,9 @@ fn claim(shared: &mut PacketState, skb: u64, here: u32) -> Option<PacketState> {
         return Some(*shared);
     }
     let key = 0u32;
-    // SAFETY: the helper takes the map, a pointer to the key and a CPU number, and returns
-    // that CPU's value or NULL; CACHE is a per-CPU array (its definition is the static).
+    // SAFETY: the helper takes the map (CACHE's definition is the static itself, a per-CPU
+    // array), a pointer to the key (`key`, on this stack for the call) and a CPU number, and
+    // returns that CPU's value or NULL (an unknown CPU).
     let other = unsafe {
         generated::bpf_map_lookup_percpu_elem(
             core::ptr::addr_of!(CACHE) as *mut _,
@@ -334,7 +343,8 @@ fn claim(shared: &mut PacketState, skb: u64, here: u32) -> Option<PacketState> {
     if other.is_null() {
         return None;
     }
-    // SAFETY: a map value of the right type; its CPU is done with this packet.
+    // SAFETY: non-NULL, so `owner`'s `CpuCache` of CACHE, valid for the program's run; the
+    // packet's shared entry named `owner`, which is done with it (it is here now).
     let other = unsafe { &mut *other };
     let i = other.find(skb)?;
     let state = other.slots[i];
@@ -350,7 +360,8 @@ fn evict(c: &PacketState) {
         return;
     }
     if let Some(s) = PACKETS.get_ptr_mut(c.skb) {
-        // SAFETY: a map value pointer; the same packet, not a newer one at that address.
+        // SAFETY: a non-NULL `PacketState` of PACKETS, valid for the program's run; written
+        // only when it is the same packet, not a newer one at that address.
         unsafe {
             if (*s).packet_id == c.packet_id {
                 *s = PacketState {
@@ -369,7 +380,8 @@ fn publish(skb: u64, c: &mut PacketState, shared: Option<*mut PacketState>, here
     c.skb = skb;
     let entry = PacketState { cpu: here, ..*c };
     match shared {
-        // SAFETY: a map value pointer.
+        // SAFETY: a non-NULL `PacketState` of PACKETS, looked up in this run (valid until its
+        // end).
         Some(s) => unsafe {
             let s = &mut *s;
             if s.packet_id != c.packet_id || !c.live() || s.alive != c.alive {
@@ -434,7 +446,7 @@ fn follow(
 #[inline(always)]
 fn set_following(yes: bool) {
     if let Some(flag) = FOLLOWING.get_ptr_mut(0) {
-        // SAFETY: a per-CPU flag.
+        // SAFETY: a non-NULL pointer to this CPU's flag in FOLLOWING.
         unsafe { *flag = yes as u8 };
     }
 }
@@ -444,7 +456,7 @@ fn set_following(yes: bool) {
 /// the ring when every observation is reported.
 #[inline(always)]
 fn followed(cfg: &Config, ev: &Event) -> bool {
-    // SAFETY: a read of a u8 value.
+    // SAFETY: only tested for presence, never read (see `iface_matches`).
     let known = ev.ct_id != 0 && unsafe { FOLLOWED.get(ev.ct_id) }.is_some();
     if cfg.flow.matches(ev, false) {
         if ev.ct_id != 0 && !known {
@@ -471,7 +483,7 @@ const WAKE_BYTES: u64 = 256 << 10;
 pub fn blank_event(ev: &mut MaybeUninit<Event>) -> &mut Event {
     let words = ev.as_mut_ptr().cast::<u64>();
     for i in 0..size_of::<Event>() / 8 {
-        // SAFETY: within `ev`, which is 8-byte aligned and a multiple of 8 bytes long.
+        // SAFETY: word `i` of `ev`, which is 8-byte aligned and a multiple of 8 bytes long.
         unsafe { core::ptr::write_volatile(words.add(i), 0) };
     }
     // SAFETY: every byte was written; all-zero is a valid `Event`.
@@ -481,7 +493,7 @@ pub fn blank_event(ev: &mut MaybeUninit<Event>) -> &mut Event {
 /// Timestamps an event and writes it to the ring buffer (counting it lost when full).
 #[inline(always)]
 pub fn emit(mut ev: Event) {
-    // SAFETY: a helper without arguments.
+    // SAFETY: a helper without arguments or memory effects.
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     match EVENTS.reserve::<Event>(0) {
         Some(mut slot) => {

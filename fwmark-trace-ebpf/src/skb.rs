@@ -19,7 +19,9 @@ pub fn read<T: Copy + Default>(base: u64, off: u32) -> T {
     // byte-aligned struct is a call to memset, a subprogram, which 6.1's verifier cannot
     // track precision through (it then stops pruning and gives up at 1M instructions).
     let mut v = core::mem::MaybeUninit::<T>::uninit();
-    // SAFETY: the helper fills `v` (its size) from any address, faulting safely.
+    // SAFETY: `v` is writable for `size_of::<T>()` bytes; the helper reads any kernel address
+    // without faulting and writes every byte of `v` (zeroes when the read fails), so `v` is
+    // initialised, and `T` is plain data (offsets, integers, pointers as integers).
     unsafe {
         generated::bpf_probe_read_kernel(
             v.as_mut_ptr().cast(),
@@ -38,6 +40,9 @@ pub fn load<T: Copy + Default>(base: u64, off: u32) -> T {
     if off == OFFSET_MISSING {
         return T::default();
     }
+    // SAFETY: not an ordinary dereference. `base` is a pointer the verifier knows the BTF type
+    // of, and `off` a member of that type: it checks the access against BTF and emits a
+    // fault-safe load (a bad pointer reads 0). Volatile, so LLVM keeps it one plain load.
     unsafe { core::ptr::read_volatile((base + off as u64) as *const T) }
 }
 

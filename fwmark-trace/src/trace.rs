@@ -188,17 +188,15 @@ pub(crate) fn run_into(
             info!("the ruleset holds rules of {}; attribution lists every candidate owner: narrow it with --owners {profile}", profile.replace(',', ", "));
         }
     }
-    let attached = obs.report.iter().filter(|s| s.ok && !s.detail_only).count();
     if let Some(l) = &endpoint {
         info!("metrics at http://{}/metrics", l.local_addr()?);
     }
-    info!("tracing ({attached} observation groups attached, netns {own_netns}); Ctrl-C to stop");
-
-    on_ready();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let summary = rt.block_on(stream(&mut obs, sink, cfg, own_netns, registry, endpoint))?;
+    let summary = rt.block_on(stream(
+        &mut obs, sink, cfg, own_netns, registry, endpoint, on_ready,
+    ))?;
     info!("{summary}");
     Ok(summary)
 }
@@ -245,6 +243,7 @@ async fn stream(
     own_netns: u32,
     registry: Registry,
     endpoint: Option<std::net::TcpListener>,
+    on_ready: impl FnOnce(),
 ) -> Result<Summary> {
     let mut scrapes = endpoint.map(metrics::serve).transpose()?;
     let started = Instant::now();
@@ -281,6 +280,15 @@ async fn stream(
     let mut drain_tick = time::interval(Duration::from_millis(50));
     let mut sigterm = unix::signal(unix::SignalKind::terminate())?;
     let mut sigint = unix::signal(unix::SignalKind::interrupt())?;
+    // Ready only now: a Ctrl-C (or a test's SIGINT) from here on stops the run cleanly.
+    let attached = run
+        .obs
+        .report
+        .iter()
+        .filter(|s| s.ok && !s.detail_only)
+        .count();
+    info!("tracing ({attached} observation groups attached, netns {own_netns}); Ctrl-C to stop");
+    on_ready();
     let deadline = time::sleep(cfg.duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
     tokio::pin!(deadline);
     let mut lost_seen = 0u64;

@@ -7,7 +7,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use anyhow::{anyhow, bail, Context, Result};
-use fwmark_trace_common::{Offsets, OFFSET_MISSING};
+use fwmark_trace_common::{OffsetSource, Offsets, OFFSET_MISSING};
 
 const MAGIC: u16 = 0xeb9f;
 /// Bound on type-graph walks, so a malformed (cyclic) type section is an error, not a stack
@@ -381,77 +381,98 @@ impl KernelBtf {
 
     /// Whether any type of that name exists (e.g. `btf_trace_fib_table_lookup`: the tracepoint
     /// exists; `bpf_nf_ctx`: netfilter programs exist).
+    #[cfg(test)]
     pub(crate) fn has_type(&self, name: &str) -> bool {
         self.named(name).next().is_some()
     }
 }
 
-/// The kernel struct offsets the observers need (their `Config::offsets`). Every field is
-/// required except the conntrack mark (CONFIG_NF_CONNTRACK_MARK) and `sk_mark`, which become
-/// `OFFSET_MISSING` (the observers then skip them).
+/// The kernel struct offsets the observers need (their `Config::offsets`), from vmlinux's BTF,
+/// as `Offsets::FIELDS` says: a required member missing is an error, an optional one (the
+/// conntrack mark with CONFIG_NF_CONNTRACK_MARK, `sk_mark`, the routing lookups' members)
+/// becomes `OFFSET_MISSING` (the observers then skip it). The chain evaluators' members are
+/// left missing here: the fentry back-end fills them (`nft_offsets`, `xt_offsets`).
 pub(crate) fn offsets(btf: &KernelBtf) -> Result<Offsets> {
-    let off = |s: &str, p: &str| btf.member_offset(s, p);
-    let optional = |s: &str, p: &str| off(s, p).unwrap_or(OFFSET_MISSING);
-    Ok(Offsets {
-        skb_mark: off("sk_buff", "mark")?,
-        skb_nfct: off("sk_buff", "_nfct")?,
-        skb_dev: off("sk_buff", "dev")?,
-        skb_sk: off("sk_buff", "sk")?,
-        skb_head: off("sk_buff", "head")?,
-        skb_data: off("sk_buff", "data")?,
-        skb_network_header: off("sk_buff", "network_header")?,
-        skb_protocol: off("sk_buff", "protocol")?,
-        dev_ifindex: off("net_device", "ifindex")?,
-        dev_nd_net: off("net_device", "nd_net.net")?,
-        net_ns_inum: off("net", "ns.inum")?,
-        nf_conn_mark: optional("nf_conn", "mark"),
-        sock_sk_mark: optional("sock", "sk_mark"),
-        sock_state: optional("sock", "__sk_common.skc_state"),
-        sock_net: optional("sock", "__sk_common.skc_net.net"),
-        nf_state_hook: off("nf_hook_state", "hook")?,
-        nf_state_pf: off("nf_hook_state", "pf")?,
-        nf_state_in: off("nf_hook_state", "in")?,
-        nf_state_out: off("nf_hook_state", "out")?,
-        nf_state_net: off("nf_hook_state", "net")?,
-        fl4_mark: optional("flowi4", "__fl_common.flowic_mark"),
-        fl4_oif: optional("flowi4", "__fl_common.flowic_oif"),
-        fl4_iif: optional("flowi4", "__fl_common.flowic_iif"),
-        fl4_proto: optional("flowi4", "__fl_common.flowic_proto"),
-        fl4_saddr: optional("flowi4", "saddr"),
-        fl4_daddr: optional("flowi4", "daddr"),
-        fl4_ports: optional("flowi4", "uli"),
-        nhc_dev: optional("fib_nh_common", "nhc_dev"),
-        fl6_saddr: optional("flowi6", "saddr"),
-        fl6_daddr: optional("flowi6", "daddr"),
-        fl6_ports: optional("flowi6", "uli"),
-        fib6_res_nh: optional("fib6_result", "nh"),
-        fib6_res_type: optional("fib6_result", "fib6_type"),
-        fib6_tb_id: optional("fib6_table", "tb6_id"),
-        // Filled by the fentry back-end, from the chain evaluators' BTF (`nft_offsets`).
-        nft_pkt_skb: OFFSET_MISSING,
-        nft_pkt_state: OFFSET_MISSING,
-        nft_chain_prio_back: OFFSET_MISSING,
-        xt_table_priority: OFFSET_MISSING,
-    })
+    let mut offsets = Offsets::MISSING;
+    for field in Offsets::FIELDS {
+        let found = match field.source {
+            OffsetSource::Required(s, p) => btf.member_offset(s, p)?,
+            OffsetSource::Optional(s, p) => btf.member_offset(s, p).unwrap_or(OFFSET_MISSING),
+            OffsetSource::Module(..) | OffsetSource::Computed => continue,
+        };
+        (field.set)(&mut offsets, found);
+    }
+    check_widths(btf)?;
+    // `nf_observe` reads `hook` and `pf` together.
+    if offsets.nf_state_pf != offsets.nf_state_hook + 1 {
+        bail!("this kernel's nf_hook_state has `pf` apart from `hook`: unsupported layout");
+    }
+    // The IPv6 lookup observer reads flowi6's common fields at flowi4's offsets: without that,
+    // no IPv6 lookups.
+    let same_common = ["flowic_mark", "flowic_oif", "flowic_iif", "flowic_proto"]
+        .iter()
+        .all(|f| {
+            let path = format!("__fl_common.{f}");
+            btf.member_offset("flowi4", &path).ok() == btf.member_offset("flowi6", &path).ok()
+        });
+    if !same_common {
+        offsets.fib6_tb_id = OFFSET_MISSING;
+    }
+    Ok(offsets)
+}
+
+/// Members the observers load with a fixed width (a plain load, not a BTF-sized read): a kernel
+/// whose member is another size would have them read garbage, so it is refused at start-up.
+const WIDTHS: [(&str, &str, u32); 8] = [
+    ("sk_buff", "mark", 4),
+    ("sk_buff", "_nfct", 8),
+    ("sk_buff", "protocol", 2),
+    ("sk_buff", "network_header", 2),
+    ("nf_hook_state", "hook", 1),
+    ("nf_hook_state", "pf", 1),
+    ("net_device", "nd_net.net", 8),
+    ("net", "ns.inum", 4),
+];
+
+fn check_widths(btf: &KernelBtf) -> Result<()> {
+    for (s, p, want) in WIDTHS {
+        let size = btf.member_size(s, p)?;
+        if size != want {
+            bail!("this kernel's {s}.{p} is {size} bytes; the observers read {want}: unsupported layout");
+        }
+    }
+    Ok(())
+}
+
+/// The members of the types `module` defines (`OffsetSource::Module`), from `btf`: that
+/// module's BTF, or one that includes its types (a module using them, vmlinux when built in).
+fn module_offsets(btf: &KernelBtf, module: &str, into: &mut Offsets) -> Result<()> {
+    for field in Offsets::FIELDS {
+        if let OffsetSource::Module(m, s, p) = field.source {
+            if m == module {
+                (field.set)(into, btf.member_offset(s, p)?);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What `nft_do_chain`'s observers read (`nft_pkt_skb`, `nft_pkt_state`, `nft_chain_prio_back`),
 /// from the BTF that has nf_tables' types (its module's, or vmlinux's when built in).
 pub(crate) fn nft_offsets(btf: &KernelBtf, into: &mut Offsets) -> Result<()> {
+    module_offsets(btf, "nf_tables", into)?;
     let prio = btf.member_offset("nft_base_chain", "ops.priority")?;
     let chain = btf.member_offset("nft_base_chain", "chain")?;
     into.nft_chain_prio_back = chain
         .checked_sub(prio)
         .context("nft_base_chain: the hook ops follow the chain")?;
-    into.nft_pkt_skb = btf.member_offset("nft_pktinfo", "skb")?;
-    into.nft_pkt_state = btf.member_offset("nft_pktinfo", "state")?;
     Ok(())
 }
 
-/// What `ipt_do_table`'s observers read, from ip_tables' BTF.
+/// What `ipt_do_table`'s and `ip6t_do_table`'s observers read (`xt_table_priority`), from
+/// ip_tables' or ip6_tables' BTF (x_tables defines `struct xt_table`; both include it).
 pub(crate) fn xt_offsets(btf: &KernelBtf, into: &mut Offsets) -> Result<()> {
-    into.xt_table_priority = btf.member_offset("xt_table", "priority")?;
-    Ok(())
+    module_offsets(btf, "x_tables", into)
 }
 
 /// `enum skb_drop_reason` values → names without the `SKB_DROP_REASON_` prefix.
@@ -763,19 +784,8 @@ mod tests {
             assert_eq!(o.skb_mark, CHECKED_KERNEL.1);
         }
         assert!(o.skb_mark > 0 && o.skb_mark < 256);
-        // The widths the observers' plain loads assume.
-        for (s, p, size) in [
-            ("sk_buff", "mark", 4),
-            ("sk_buff", "_nfct", 8),
-            ("sk_buff", "protocol", 2),
-            ("sk_buff", "network_header", 2),
-            ("nf_hook_state", "hook", 1),
-            ("nf_hook_state", "pf", 1),
-            ("net_device", "nd_net.net", 8),
-            ("net", "ns.inum", 4),
-        ] {
-            assert_eq!(btf.member_size(s, p).unwrap(), size, "{s}.{p}");
-        }
+        // The widths the observers' plain loads assume hold here.
+        check_widths(&btf).unwrap();
         // `possible_net_t` is a typedef of an anonymous struct whose only member is `net`.
         assert_eq!(btf.member_offset("possible_net_t", "net").unwrap(), 0);
         let reasons = drop_reason_names(&btf).unwrap();

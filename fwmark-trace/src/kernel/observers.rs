@@ -39,7 +39,8 @@ use crate::{
 };
 
 /// The kernel object built from fwmark-trace-ebpf (see build.rs).
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fwmark-trace"));
+pub(super) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fwmark-trace"));
 
 /// The tp_btf observers: (program, tracepoint).
 pub(crate) const TRACEPOINTS: [(&str, &str); 6] = [
@@ -168,7 +169,7 @@ impl Observers {
             }
         }
         let (mark_value, mark_mask) = opts.mark.map_or((0, 0), |m| (m.value.0, m.mask.0));
-        let mut config = Config {
+        let config = Config {
             offsets,
             mark_value,
             mark_mask,
@@ -181,19 +182,6 @@ impl Observers {
             aggregate: opts.aggregate as u32,
             flow: opts.flow,
         };
-        // The IPv6 lookup observer reads flowi6's common fields at flowi4's offsets.
-        let same_common = ["flowic_mark", "flowic_oif", "flowic_iif", "flowic_proto"]
-            .iter()
-            .all(|f| {
-                let path = format!("__fl_common.{f}");
-                kbtf.member_offset("flowi4", &path).ok() == kbtf.member_offset("flowi6", &path).ok()
-            });
-        if !same_common {
-            config.offsets.fib6_tb_id = OFFSET_MISSING;
-        }
-        if offsets.nf_state_pf != offsets.nf_state_hook + 1 {
-            bail!("this kernel's nf_hook_state has `pf` apart from `hook`: unsupported layout");
-        }
         debug_assert!(config.offsets.skb_mark != OFFSET_MISSING);
         let aya_btf = Btf::from_sys_fs().context("reading kernel BTF for aya")?;
         let mut ebpf = EbpfLoader::new()
