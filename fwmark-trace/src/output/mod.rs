@@ -187,3 +187,99 @@ impl Sink for Output {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashMap, io};
+
+    use super::*;
+    use crate::{
+        attribution::Attributor, decode::Decoder, fixtures, pipeline::Pipeline, registry::Registry,
+    };
+
+    /// The published schema of `trace --json` records.
+    pub(crate) fn schema() -> jsonschema::Validator {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../../schema/trace-records.schema.json"))
+                .expect("the schema is JSON");
+        jsonschema::validator_for(&schema).expect("the schema is a JSON Schema")
+    }
+
+    /// A shared buffer the output writes into.
+    #[derive(Clone, Default)]
+    struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl io::Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn json_records_follow_the_published_schema() {
+        let buf = Buffer::default();
+        let mut out = Output {
+            format: Format::Json,
+            out: Box::new(buf.clone()),
+            live: false,
+            line: Vec::new(),
+            json: json::EventWriter::default(),
+        };
+        let mut p = Pipeline {
+            decoder: Decoder::new(
+                fixtures::topology(),
+                HashMap::from([(12, "NETFILTER_DROP".into())]),
+            ),
+            attributor: Attributor::new(Registry::builtin().unwrap()),
+        };
+        let mut summary = summary::Summary::default();
+        for i in 0..64 {
+            let ev = p.event(&fixtures::synthetic(i));
+            out.event(&ev).unwrap();
+            summary.count(&ev);
+        }
+        let now = Timestamp::now();
+        let interval = crate::event::Interval {
+            start: now,
+            end: now,
+        };
+        out.event(&p.counted(&fixtures::synthetic(3), 7, interval))
+            .unwrap();
+        out.lost(&LostRecord {
+            time: now,
+            kind: "lost",
+            lost: 1,
+            total_lost: 2,
+        })
+        .unwrap();
+        out.stats(&StatsRecord {
+            time: now,
+            kind: "stats",
+            rss_kb: 1,
+            events: 2,
+            lost: 0,
+            tracked_packets: 3,
+            interfaces: 4,
+        })
+        .unwrap();
+        summary.attribution = p.attributor.totals();
+        out.summary(&summary).unwrap();
+        out.flush().unwrap();
+        let schema = schema();
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let mut kinds = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            kinds.insert(v["kind"].as_str().unwrap_or("?").to_owned());
+            let errors: Vec<String> = schema.iter_errors(&v).map(|e| e.to_string()).collect();
+            assert!(errors.is_empty(), "{line}\n{errors:#?}");
+        }
+        for k in ["transition", "drop", "lost", "stats", "summary"] {
+            assert!(kinds.contains(k), "no {k} record in {kinds:?}");
+        }
+    }
+}
