@@ -603,10 +603,7 @@ impl Attributor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        nodestate::nft::Writes,
-        stack::{NfHook, NftFamily},
-    };
+    use crate::stack::{NfHook, NftFamily};
 
     fn reg() -> Registry {
         Registry::builtin().unwrap()
@@ -629,14 +626,7 @@ mod tests {
     }
 
     fn base(family: NftFamily, table: &str, name: &str, priority: i32) -> Chain {
-        Chain {
-            id: id(family, table, name),
-            origin: ChainOrigin::Nft,
-            hook: NfHook::Output,
-            priority,
-            mark_writers: vec![],
-            writes: Writes::default(),
-        }
+        crate::fixtures::chain(family, table, name, NfHook::Output, priority)
     }
 
     fn owners_of(a: &Attribution) -> Vec<&str> {

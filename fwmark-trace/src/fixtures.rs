@@ -68,21 +68,38 @@ pub(crate) fn synthetic(i: u64) -> Event {
     ev
 }
 
+/// An nft base chain that writes nothing and reaches no writer.
+pub(crate) fn chain(
+    family: NftFamily,
+    table: &str,
+    name: &str,
+    hook: NfHook,
+    priority: i32,
+) -> Chain {
+    Chain {
+        id: ChainId {
+            family,
+            table: table.into(),
+            name: name.into(),
+        },
+        origin: ChainOrigin::Nft,
+        hook,
+        priority,
+        mark_writers: vec![],
+        writes: Writes::default(),
+    }
+}
+
 /// One mangle chain on output at -150 (and conntrack), every boundary observed, `veth-a` as
 /// interface 2, namespace 1.
 pub(crate) fn topology() -> Topology {
-    let chains = vec![Chain {
-        id: ChainId {
-            family: NftFamily::Inet,
-            table: "bench".into(),
-            name: "mangle_out".into(),
-        },
-        origin: ChainOrigin::Nft,
-        hook: NfHook::Output,
-        priority: -150,
-        mark_writers: vec![],
-        writes: Writes::default(),
-    }];
+    let chains = vec![chain(
+        NftFamily::Inet,
+        "bench",
+        "mangle_out",
+        NfHook::Output,
+        -150,
+    )];
     let mut topology = Topology {
         plan: Some(NfPlan::new(&chains, PlanMode::Full)),
         chains: [chains, nft::kernel_users()].concat(),

@@ -463,27 +463,22 @@ mod tests {
 
     use super::*;
     use crate::{
+        fixtures::chain,
         kernel::{
             netfilter::{PRIO_FIRST, PRIO_LAST},
             plan::PlanMode,
         },
-        nodestate::nft::{ChainOrigin, Writes},
         stack::NftFamily,
     };
 
     fn topo() -> Topology {
-        let chains = vec![Chain {
-            id: ChainId {
-                family: NftFamily::Inet,
-                table: "fw".into(),
-                name: "mangle_out".into(),
-            },
-            origin: ChainOrigin::Nft,
-            hook: NfHook::Output,
-            priority: -150,
-            mark_writers: vec![],
-            writes: Writes::default(),
-        }];
+        let chains = vec![chain(
+            NftFamily::Inet,
+            "fw",
+            "mangle_out",
+            NfHook::Output,
+            -150,
+        )];
         let mut t = Topology {
             plan: Some(NfPlan::new(&chains, PlanMode::Full)),
             chains,

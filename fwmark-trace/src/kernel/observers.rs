@@ -42,14 +42,15 @@ use crate::{
 pub(super) static OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fwmark-trace"));
 
-/// The tp_btf observers: (program, tracepoint).
-pub(crate) const TRACEPOINTS: [(&str, &str); 6] = [
-    ("fwm_rx", "netif_receive_skb"),
-    ("fwm_dev_queue", "net_dev_queue"),
-    ("fwm_kfree", "kfree_skb"),
-    ("fwm_consume", "consume_skb"),
-    ("fwm_fib", "fib_table_lookup"),
-    ("fwm_fib6", "fib6_table_lookup"),
+/// The tp_btf observers: (program, tracepoint, whether it observes routing lookups, which
+/// only `--routes` and followed flows want).
+const TRACEPOINTS: [(&str, &str, bool); 6] = [
+    ("fwm_rx", "netif_receive_skb", false),
+    ("fwm_dev_queue", "net_dev_queue", false),
+    ("fwm_kfree", "kfree_skb", false),
+    ("fwm_consume", "consume_skb", false),
+    ("fwm_fib", "fib_table_lookup", true),
+    ("fwm_fib6", "fib6_table_lookup", true),
 ];
 
 pub(crate) struct Options {
@@ -211,8 +212,8 @@ impl Observers {
             }
         }
 
-        for (prog, tp) in TRACEPOINTS {
-            if prog.starts_with("fwm_fib") && !opts.routes {
+        for (prog, tp, routing) in TRACEPOINTS {
+            if routing && !opts.routes {
                 continue;
             }
             let res = (|| -> Result<()> {

@@ -205,7 +205,7 @@ mod tests {
     use super::*;
     use crate::{
         fixtures::{NFT_RULESET, NFT_SAMPLE},
-        nodestate::nft::{items, kernel_users, parse_chains, ChainId, Writes},
+        nodestate::nft::{items, kernel_users, parse_chains, Writes},
         stack::NftFamily,
     };
 
@@ -226,16 +226,8 @@ mod tests {
         writes: Writes,
     ) -> Chain {
         Chain {
-            id: ChainId {
-                family,
-                table: table.into(),
-                name: name.into(),
-            },
-            origin: ChainOrigin::Nft,
-            hook,
-            priority,
-            mark_writers: vec![],
             writes,
+            ..crate::fixtures::chain(family, table, name, hook, priority)
         }
     }
 

@@ -390,11 +390,16 @@ fn writes_of(expr: &Value) -> Writes {
 /// An nft rule that reads or writes the packet mark or the conntrack mark.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub(crate) struct MarkRule {
+    #[serde(serialize_with = "as_text")]
     pub(crate) chain: ChainId,
     /// The rule as `nft list ruleset` shows it (without counter values).
     pub(crate) rule: String,
     /// Whether it writes a mark (`mark set`), rather than only matching one.
     pub(crate) writes: bool,
+}
+
+fn as_text<S: serde::Serializer>(id: &ChainId, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(id)
 }
 
 /// Rules mentioning `mark` in `nft list ruleset` text (iptables-nft rules included, shown as

@@ -610,7 +610,6 @@ mod tests {
         event::{RouteLookup, Timestamp},
         nodestate::{
             netlink::{Route, TABLE_MAIN},
-            nft::{ChainOrigin, Writes},
             sysctl::Sysctls,
         },
         output::why::summary,
@@ -810,18 +809,13 @@ mod tests {
             0x4000,
         );
         let drop = dropped(DropReason::NetfilterDrop, 0x4000);
-        let chains = vec![Chain {
-            id: ChainId {
-                family: NftFamily::Inet,
-                table: "t".into(),
-                name: "in".into(),
-            },
-            origin: ChainOrigin::Nft,
-            hook: NfHook::Input,
-            priority: 0,
-            mark_writers: vec![],
-            writes: Writes::default(),
-        }];
+        let chains = vec![crate::fixtures::chain(
+            NftFamily::Inet,
+            "t",
+            "in",
+            NfHook::Input,
+            0,
+        )];
         let plain = flow(vec![input.clone(), drop.clone()]);
         let r = judge_with(&plain, &state(), &chains);
         assert_eq!(r.cause.verdict(), Verdict::NetfilterDrop);
