@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use crate::{
     bench::BenchArgs,
     demo::DemoArgs,
+    inventory::cli::InventoryArgs,
     pipeline_bench::BenchPipelineArgs,
     recording::ShowArgs,
     registry::{cli::RegistryCmd, RegistryArgs},
@@ -36,6 +37,10 @@ pub enum Cmd {
     /// Watch flows and say where and why their replies died (rp_filter, netfilter drop,
     /// connmark restore, xfrm policy…), with the evidence.
     Why(WhyArgs),
+    /// Every place that reads or writes packet-mark or conntrack-mark bits (nft and iptables
+    /// rules, ip rules, xfrm, WireGuard, SO_MARK sockets, BPF programs, conntrack), with its
+    /// owner, grouped by bit, and the conflicts between owners; `--check` exits 1 on conflicts.
+    Inventory(InventoryArgs),
     /// The mark-owner registry: list owners, show one's layout, check owners for overlaps.
     Registry {
         #[command(subcommand)]

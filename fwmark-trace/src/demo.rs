@@ -30,6 +30,9 @@ pub enum Scenario {
     Marks,
     /// A policy-routed request whose unmarked reply dies in rp_filter, diagnosed by `why`.
     LostReply,
+    /// The marks scenario's namespace inventoried (`fwmark-trace inventory`): every reader and
+    /// writer with its owner, and the two documented collisions as conflicts.
+    Inventory,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -108,16 +111,12 @@ fn traffic() -> Result<()> {
 
 pub fn run(args: &DemoArgs) -> Result<()> {
     trace::require_root("fwmark-trace demo")?;
-    if args.scenario == Scenario::LostReply {
-        return lost_reply(args);
+    match args.scenario {
+        Scenario::LostReply => return lost_reply(args),
+        Scenario::Inventory => return inventory(args),
+        Scenario::Marks => {}
     }
-    let lab = Lab::new("demo")?;
-    lab.nft(&lab.a, RULESET)?;
-    lab.ip(&lab.a, "rule add fwmark 0x4000/0x4000 lookup 100 pref 1000")?;
-    lab.ip(
-        &lab.a,
-        &format!("route add 10.77.0.0/24 dev {} table 100", lab::VETH_A),
-    )?;
+    let lab = marks_lab()?;
     eprintln!(
         "fwmark-trace demo: namespaces {} and {} joined by {}/{}; in {}: nft tables kube-proxy, kubelet, calico, `ip rule fwmark 0x4000/0x4000 lookup 100`, sockets with SO_MARK {WG_QUICK_MARK:#x} (wg-quick) and {TAILSCALE_BYPASS:#x} (tailscale); owners: {}",
         lab.a, lab.b, lab::VETH_A, lab::VETH_B, lab.a, PROFILE.join(",")
@@ -147,6 +146,53 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     drop(lab);
     eprintln!("fwmark-trace demo: namespaces removed");
     res.map(|_| ())
+}
+
+/// The marks scenario's lab: namespace A with the demo's nft tables, its `ip rule` and the
+/// route of table 100.
+fn marks_lab() -> Result<Lab> {
+    let lab = Lab::new("demo")?;
+    lab.nft(&lab.a, RULESET)?;
+    lab.ip(&lab.a, "rule add fwmark 0x4000/0x4000 lookup 100 pref 1000")?;
+    lab.ip(
+        &lab.a,
+        &format!("route add 10.77.0.0/24 dev {} table 100", lab::VETH_A),
+    )?;
+    Ok(lab)
+}
+
+/// The inventory of the marks scenario's namespace A, with wg-quick's and Tailscale's marked
+/// sockets open in it (as they would be on such a node).
+fn inventory(args: &DemoArgs) -> Result<()> {
+    use crate::inventory::{render, Inventory, Namespaces, Sources};
+    let lab = marks_lab()?;
+    let ns = lab.a.clone();
+    let sockets = thread::spawn(move || -> Result<_> {
+        crate::netns::enter(&ns)?;
+        Ok((
+            lab::udp_socket(false, WG_QUICK_MARK)?,
+            lab::udp_socket(false, TAILSCALE_BYPASS)?,
+        ))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("socket thread panicked"))??;
+    eprintln!(
+        "fwmark-trace demo: namespace {} with nft tables kube-proxy, kubelet, calico, `ip rule fwmark 0x4000/0x4000 lookup 100` and UDP sockets with SO_MARK {WG_QUICK_MARK:#x} (wg-quick) and {TAILSCALE_BYPASS:#x} (tailscale); its inventory (`fwmark-trace inventory --netns {}`):",
+        lab.a, lab.a
+    );
+    let reg = crate::registry::Registry::builtin()?;
+    let res = Inventory::read(&reg, &Namespaces::One(lab.a.clone()), Sources::default());
+    drop(sockets);
+    drop(lab);
+    let inv = res?;
+    let conflicts = inv.conflicts();
+    if args.json {
+        print!("{}", render::json(&inv, &conflicts));
+    } else {
+        print!("{}", render::human(&inv, &conflicts));
+    }
+    eprintln!("fwmark-trace demo: namespaces removed");
+    Ok(())
 }
 
 /// The "disappearing reply" tour: requests marked 0x4000 are policy-routed out via a2, replies

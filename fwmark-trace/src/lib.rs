@@ -10,6 +10,7 @@ pub mod bench;
 pub mod cli;
 pub mod demo;
 pub mod events;
+pub mod inventory;
 pub mod kernel;
 pub mod lab;
 pub mod netns;

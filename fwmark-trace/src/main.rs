@@ -5,7 +5,7 @@ use clap::Parser;
 use fwmark_trace::{
     bench,
     cli::{Cli, Cmd},
-    demo, pipeline_bench, recording, registry, soak, trace, why,
+    demo, inventory, pipeline_bench, recording, registry, soak, trace, why,
 };
 
 fn main() -> ExitCode {
@@ -18,6 +18,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }),
         Cmd::Demo(args) => demo::run(args).map(|_| ExitCode::SUCCESS),
+        Cmd::Inventory(args) => inventory::cli::run(args),
         Cmd::Registry { cmd, args } => registry::cli::run(cmd, args),
         Cmd::Bench(args) => bench::run(args).map(|_| ExitCode::SUCCESS),
         Cmd::Soak(args) => soak::run(args).map(|_| ExitCode::SUCCESS),

@@ -163,7 +163,7 @@ pub fn read_chains() -> Result<Vec<Chain>> {
 }
 
 /// Runs `nft ARGS` in the calling thread's namespace; its stdout, or its error in one line.
-fn nft(args: &[&str]) -> Result<Vec<u8>> {
+pub(crate) fn nft(args: &[&str]) -> Result<Vec<u8>> {
     let cmd = format!("nft {}", args.join(" "));
     let out = Command::new("nft")
         .args(args)
@@ -220,7 +220,7 @@ pub fn parse_names(items: &[Value]) -> Vec<ChainName> {
 }
 
 /// A chain's identity: (family, table, name).
-type ChainKey = (String, String, String);
+pub(crate) type ChainKey = (String, String, String);
 
 fn key(o: &Value, name: &str) -> Option<ChainKey> {
     let s = |k: &str| o.get(k)?.as_str().map(str::to_owned);
@@ -252,13 +252,13 @@ pub fn parse_chains(items: &[Value]) -> Vec<Chain> {
 }
 
 /// Which chains each chain jumps to, and what each chain's own rules write.
-struct Graph {
-    jumps: HashMap<ChainKey, Vec<String>>,
+pub(crate) struct Graph {
+    pub(crate) jumps: HashMap<ChainKey, Vec<String>>,
     writes: HashMap<ChainKey, Writes>,
 }
 
 impl Graph {
-    fn new(items: &[Value]) -> Self {
+    pub(crate) fn new(items: &[Value]) -> Self {
         let mut g = Graph {
             jumps: HashMap::new(),
             writes: HashMap::new(),
@@ -399,7 +399,7 @@ pub fn parse_mark_rules(ruleset: &str) -> Vec<MarkRule> {
 
 /// A rule's words without its counter's values (`counter packets 3 bytes 180` → `counter`):
 /// they change with every packet, the rule does not.
-fn without_counts(words: &[&str]) -> String {
+pub(crate) fn without_counts(words: &[&str]) -> String {
     let mut out: Vec<&str> = Vec::with_capacity(words.len());
     let mut i = 0;
     while i < words.len() {

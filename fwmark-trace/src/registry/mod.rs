@@ -496,6 +496,7 @@ mod tests {
             ("filter", "INPUT"),
             ("calico", "cali-POSTROUTING"),
             ("t", "ts-input"),
+            ("istio-proxy-mangle", "istio-divert"),
         ]
         .iter()
         .map(|(t, c)| (t.to_string(), c.to_string()))
@@ -505,6 +506,9 @@ mod tests {
         assert!(owners.contains(&"kube-proxy"), "{found:?}");
         assert!(owners.contains(&"calico"), "{found:?}");
         assert!(owners.contains(&"tailscale"), "{found:?}");
+        // Istio's nftables backend, by its tables.
+        let istio = &found.iter().find(|(n, _)| n == "istio").expect("istio").1;
+        assert_eq!(istio, &["istio-proxy-mangle"]);
         assert!(!owners.contains(&"cilium"), "{found:?}");
         // Versions fold into one owner; evidence is listed once.
         let kube = &found.iter().find(|(n, _)| n == "kube-proxy").unwrap().1;
