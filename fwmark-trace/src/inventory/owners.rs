@@ -9,12 +9,15 @@
 //! Ties go to the owner with the fewest bits (the most specific claim), then to owners whose
 //! names appear elsewhere in the same namespace, then to registry order; the others are kept
 //! as `also`.
-use super::model::{Access, By, Entry, OwnerRef};
+use super::model::{Access, By, Entry, MarkKind, OwnerRef, Scope};
 use crate::registry::{Owner, Registry, Style};
 
-/// The bits that identify an entry: those of all its accesses.
-fn entry_bits(access: &[Access]) -> u32 {
-    access.iter().fold(0, |acc, a| acc | a.bits())
+/// The owner's bits in `mark` (its `ct_mask` for the conntrack mark, when it has one).
+fn mask_of(o: &Owner, mark: MarkKind) -> u32 {
+    match mark {
+        MarkKind::Conntrack => o.ct_mask.unwrap_or(o.mask),
+        MarkKind::Packet => o.mask,
+    }
 }
 
 /// Whether `o` names value `v` (whole, or in one of its fields).
@@ -26,9 +29,19 @@ fn names_value(o: &Owner, v: u32) -> bool {
             }))
 }
 
-/// Whether `bits` lie inside the owner's mask (an owner of all 32 bits claims by value only).
-fn fits(o: &Owner, bits: u32) -> bool {
-    bits != 0 && bits & !o.mask == 0 && o.mask != 0
+/// Whether an access lies inside the owner's bits: a whole assignment only fits an owner that
+/// writes whole values; anything else fits when its bits are inside the owner's mask.
+fn fits(o: &Owner, a: &Access) -> bool {
+    if o.style == Style::WholeMark {
+        return true;
+    }
+    let bits = a.bits();
+    a.scope() != Some(Scope::Whole) && bits != 0 && bits & !mask_of(o, a.mark) == 0
+}
+
+/// Every access of the entry fits the owner.
+fn consistent(o: &Owner, e: &Entry) -> bool {
+    e.access.iter().all(|a| fits(o, a))
 }
 
 /// A process named after the owner: `tailscaled` is tailscale's.
@@ -38,26 +51,21 @@ fn process_of(o: &Owner, name: &str) -> bool {
 
 /// Score of `o` for an entry; None when nothing points at it. Higher is better.
 fn score(o: &Owner, e: &Entry) -> Option<(By, i64)> {
-    let bits = entry_bits(&e.access);
     let specific = -i64::from(o.mask.count_ones());
+    let consistent = consistent(o, e);
     let by_name = e.names.iter().any(|n| o.owns_chain(n) || process_of(o, n));
     if by_name {
         // Versions of one owner share names: the one whose bits hold the entry wins.
-        let fit = if fits(o, bits) || o.style == Style::WholeMark {
-            1000
-        } else {
-            0
-        };
-        return Some((By::Name, 3000 + fit + specific));
+        return Some((
+            By::Name,
+            3000 + if consistent { 1000 } else { 0 } + specific,
+        ));
     }
-    let valued = e
-        .access
-        .iter()
-        .any(|a| names_value(o, a.value) && (fits(o, a.bits()) || o.style == Style::WholeMark));
-    if valued {
+    let valued = e.access.iter().any(|a| names_value(o, a.value));
+    if valued && consistent {
         return Some((By::Value, 2000 + specific));
     }
-    if o.style == Style::Bitwise && fits(o, bits) {
+    if o.style == Style::Bitwise && consistent {
         return Some((By::Mask, 1000 + specific));
     }
     None
@@ -108,7 +116,7 @@ pub fn present_by_name(reg: &Registry, entries: &[Entry]) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::inventory::bits::Bits;
-    use crate::inventory::model::{MarkKind, Place};
+    use crate::inventory::model::Place;
 
     fn entry(names: &[&str], access: Vec<Access>) -> Entry {
         Entry {
@@ -186,7 +194,7 @@ mod tests {
         );
         // Nothing fits: unowned.
         let reg = Registry::builtin().unwrap();
-        assert!(attribute(&reg, &entry(&[], vec![Access::origin(0x7)]), &[]).is_none());
+        assert!(attribute(&reg, &entry(&[], vec![Access::origin(0x7000)]), &[]).is_none());
     }
 
     #[test]
