@@ -348,9 +348,23 @@ fn tailscale_rules_and_calico_collide() {
     let ns = Netns::new("inv-ts");
     lab::run(
         "ip",
-        &["-n", &ns.name, "link", "add", "tailscale0", "type", "dummy"],
+        &[
+            "-n",
+            &ns.name,
+            "link",
+            "add",
+            "tailscale0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ts-peer",
+        ],
     )
-    .expect("dummy");
+    .expect("veth");
+    for dev in ["tailscale0", "ts-peer"] {
+        lab::run("ip", &["-n", &ns.name, "link", "set", dev, "up"]).expect("link up");
+    }
     restore_rules(
         &ns.name,
         "iptables-nft-restore",

@@ -297,11 +297,11 @@ pub fn save(tool: &str) -> Result<Option<String>> {
 }
 
 /// Whether the namespace has iptables-legacy tables of this family (the kernel lists the ones
-/// in use; reading them through `*-legacy-save` otherwise loads the modules for nothing).
+/// in use, per namespace: thread-self, since namespaces are entered per thread).
 pub fn legacy_tables_present(family: IpFamily) -> bool {
     let file = match family {
-        IpFamily::Ipv4 => "/proc/net/ip_tables_names",
-        IpFamily::Ipv6 => "/proc/net/ip6_tables_names",
+        IpFamily::Ipv4 => "/proc/thread-self/net/ip_tables_names",
+        IpFamily::Ipv6 => "/proc/thread-self/net/ip6_tables_names",
     };
     std::fs::read_to_string(file).is_ok_and(|s| !s.trim().is_empty())
 }

@@ -44,16 +44,24 @@ fn consistent(o: &Owner, e: &Entry) -> bool {
     e.access.iter().all(|a| fits(o, a))
 }
 
-/// A process named after the owner: `tailscaled` is tailscale's.
-fn process_of(o: &Owner, name: &str) -> bool {
-    o.name.len() >= 4 && name.starts_with(&o.name)
+/// Names of processes carry this prefix among an entry's names (the rest are table, chain and
+/// interface names, matched against the owner's patterns).
+pub const PROCESS: &str = "process:";
+
+/// Whether `name` (an entry's) points at `o`: a table, chain or interface matching its
+/// patterns, or a process named after it (`tailscaled` is tailscale's).
+fn named(o: &Owner, name: &str) -> bool {
+    match name.strip_prefix(PROCESS) {
+        Some(comm) => o.name.len() >= 4 && comm.starts_with(&o.name),
+        None => o.owns_chain(name),
+    }
 }
 
 /// Score of `o` for an entry; None when nothing points at it. Higher is better.
 fn score(o: &Owner, e: &Entry) -> Option<(By, i64)> {
     let specific = -i64::from(o.mask.count_ones());
     let consistent = consistent(o, e);
-    let by_name = e.names.iter().any(|n| o.owns_chain(n) || process_of(o, n));
+    let by_name = e.names.iter().any(|n| named(o, n));
     if by_name {
         // Versions of one owner share names: the one whose bits hold the entry wins.
         return Some((
@@ -101,11 +109,7 @@ pub fn present_by_name(reg: &Registry, entries: &[Entry]) -> Vec<String> {
     let mut out: Vec<String> = reg
         .owners
         .iter()
-        .filter(|o| {
-            entries
-                .iter()
-                .any(|e| e.names.iter().any(|n| o.owns_chain(n) || process_of(o, n)))
-        })
+        .filter(|o| entries.iter().any(|e| e.names.iter().any(|n| named(o, n))))
         .map(|o| o.name.clone())
         .collect();
     out.dedup();
@@ -159,7 +163,11 @@ mod tests {
             ("calico".into(), By::Name)
         );
         assert_eq!(
-            owner(&entry(&["tailscaled"], vec![Access::origin(0x80000)])).0,
+            owner(&entry(
+                &["process:tailscaled"],
+                vec![Access::origin(0x80000)]
+            ))
+            .0,
             "tailscale"
         );
     }

@@ -147,7 +147,10 @@ pub fn read() -> Result<Vec<Found>> {
                 comm.as_ref().map(|c| format!(" ({c})")).unwrap_or_default()
             );
             Found {
-                names: comm.iter().cloned().collect(),
+                names: comm
+                    .iter()
+                    .map(|c| format!("{}{c}", super::owners::PROCESS))
+                    .collect(),
                 text,
                 access: vec![Access::origin(s.mark)],
                 place: Place::Socket {
