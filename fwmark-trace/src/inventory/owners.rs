@@ -87,7 +87,7 @@ pub fn attribute(reg: &Registry, e: &Entry, present: &[String]) -> Option<OwnerR
         .iter()
         .filter_map(|o| score(o, e).map(|(by, s)| (o, by, s)))
         .collect();
-    let here = |o: &Owner| present.iter().any(|p| *p == o.name);
+    let here = |o: &Owner| present.contains(&o.name);
     // Stable: registry order breaks the last ties.
     scored.sort_by_key(|(o, _, s)| (std::cmp::Reverse(*s), !here(o)));
     let (best, by, top) = *scored.first()?;

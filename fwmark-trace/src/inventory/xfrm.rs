@@ -119,9 +119,11 @@ mod tests {
     /// An SA as the kernel dumps it (XFRM_MSG_NEWSA), built with netlink-packet-xfrm's types,
     /// serialised to bytes and decoded back: what `states()` reads from the socket.
     fn sa(nlas: Vec<XfrmAttrs>) -> Vec<XfrmMessage> {
-        let mut info = UserSaInfo::default();
-        info.family = libc::AF_INET as u16;
-        info.saddr = Address::from_ip(&"10.0.0.1".parse().unwrap());
+        let mut info = UserSaInfo {
+            family: libc::AF_INET as u16,
+            saddr: Address::from_ip(&"10.0.0.1".parse().unwrap()),
+            ..Default::default()
+        };
         info.id.daddr = Address::from_ip(&"10.0.0.2".parse().unwrap());
         info.id.spi = 0x100u32.to_be();
         info.id.proto = 50;
