@@ -686,3 +686,49 @@ fn bad_input_is_one_clear_error() {
     assert_ne!(code, 0);
     assert!(err.contains("unknown owner \"calicoo\""), "{err}");
 }
+
+/// A cgroup skb program assigning Calico eBPF's bypass mark (whole, 0x3000000, as its raw
+/// OUTPUT rule does): cgroups are not bound to a namespace, so it is listed node-wide.
+#[test]
+fn cgroup_program_is_node_wide() {
+    use aya_obj::generated::{bpf_attach_type, bpf_insn, bpf_prog_type};
+    require_root();
+    let insn = |code: u64, dst: u64, src: u64, off: i16, imm: i32| {
+        code | (dst | src << 4) << 8 | u64::from(off as u16) << 16 | u64::from(imm as u32) << 32
+    };
+    // r2 = 0x3000000; *(u32 *)(r1 + offsetof(__sk_buff, mark)) = r2; r0 = 1; exit
+    let prog = [
+        insn(0xb7, 2, 0, 0, 0x3000000),
+        insn(0x63, 1, 2, 8, 0),
+        insn(0xb7, 0, 0, 0, 1),
+        insn(0x95, 0, 0, 0, 0),
+    ];
+    // SAFETY: bpf_insn is 8 plain bytes, the layout of the u64s above.
+    let insns: &[bpf_insn] =
+        unsafe { std::slice::from_raw_parts(prog.as_ptr().cast(), prog.len()) };
+    let fd = fwmark_trace::kernel::sys::prog_load(
+        bpf_prog_type::BPF_PROG_TYPE_CGROUP_SKB,
+        bpf_attach_type::BPF_CGROUP_INET_EGRESS,
+        "test_cg_mark",
+        insns,
+        None,
+    )
+    .expect("load test_cg_mark");
+    let ns = Netns::new("inv-cg");
+    let doc = inventory(&ns.name);
+    let e = one(&doc, "bpf-program", "test_cg_mark");
+    assert!(e["netns"].is_null(), "{e:#}");
+    assert_eq!(e["prog_type"], "cgroup-skb");
+    check(
+        e,
+        "calico-ebpf",
+        "value",
+        &[("write", "packet", "0x3000000", "0xffffffff", "whole")],
+    );
+    let (_, out, _) = cli(&["inventory", "--netns", &ns.name]);
+    assert!(
+        out.contains("node-wide (cgroup programs, in every namespace): "),
+        "{out}"
+    );
+    drop(fd);
+}

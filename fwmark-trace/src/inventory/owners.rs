@@ -29,14 +29,19 @@ fn names_value(o: &Owner, v: u32) -> bool {
             }))
 }
 
-/// Whether an access lies inside the owner's bits: a whole assignment only fits an owner that
-/// writes whole values; anything else fits when its bits are inside the owner's mask.
+/// Whether an access lies inside the owner's bits: a whole assignment fits an owner that
+/// writes whole values, or a bitwise one whose named value it assigns (Calico eBPF's raw
+/// OUTPUT sets exactly 0x3000000); anything else fits when its bits are inside the mask.
 fn fits(o: &Owner, a: &Access) -> bool {
     if o.style == Style::WholeMark {
         return true;
     }
+    let mask = mask_of(o, a.mark);
+    if a.scope() == Some(Scope::Whole) {
+        return names_value(o, a.value) && a.value & !mask == 0;
+    }
     let bits = a.bits();
-    a.scope() != Some(Scope::Whole) && bits != 0 && bits & !mask_of(o, a.mark) == 0
+    bits != 0 && bits & !mask == 0
 }
 
 /// Every access of the entry fits the owner.
@@ -62,16 +67,21 @@ fn score(o: &Owner, e: &Entry) -> Option<(By, i64)> {
     let specific = -i64::from(o.mask.count_ones());
     let consistent = consistent(o, e);
     let by_name = e.names.iter().any(|n| named(o, n));
+    // An entry assigning the whole mark is most like an owner that writes whole values.
+    let whole = e.writes().any(|a| a.scope() == Some(Scope::Whole));
+    let bonus = if whole && o.style == Style::WholeMark {
+        500
+    } else {
+        0
+    };
     if by_name {
         // Versions of one owner share names: the one whose bits hold the entry wins.
-        return Some((
-            By::Name,
-            3000 + if consistent { 1000 } else { 0 } + specific,
-        ));
+        let fit = if consistent { 1000 } else { 0 };
+        return Some((By::Name, 3000 + fit + bonus + specific));
     }
     let valued = e.access.iter().any(|a| names_value(o, a.value));
     if valued && consistent {
-        return Some((By::Value, 2000 + specific));
+        return Some((By::Value, 2000 + bonus + specific));
     }
     if o.style == Style::Bitwise && consistent {
         return Some((By::Mask, 1000 + specific));
@@ -199,6 +209,18 @@ mod tests {
         assert_eq!(
             owner(&entry(&[], vec![odd])),
             ("kube-proxy@legacy-kubelet<1.28".into(), By::Mask)
+        );
+        // Calico eBPF's whole 0x3000000 (raw OUTPUT, bypass): its named value.
+        let bypass = Bits::constant(0x3000000).write(MarkKind::Packet).unwrap();
+        assert_eq!(
+            owner(&entry(&[], vec![bypass])),
+            ("calico-ebpf".into(), By::Value)
+        );
+        // Istio's TPROXY rule (whole 0x539) by its chain: the sidecar, which writes whole values.
+        let tproxy = Bits::constant(0x539).write(MarkKind::Packet).unwrap();
+        assert_eq!(
+            owner(&entry(&["mangle", "ISTIO_TPROXY"], vec![tproxy])).0,
+            "istio@sidecar-tproxy"
         );
         // Nothing fits: unowned.
         let reg = Registry::builtin().unwrap();

@@ -134,6 +134,7 @@ pub fn read() -> Result<Vec<Found>> {
             }
         }
     }
+    marked.sort_by_key(|s| (s.mark, s.local, s.inode));
     let who = holders(&marked.iter().map(|s| s.inode).collect());
     Ok(marked
         .into_iter()
