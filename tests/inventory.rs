@@ -732,3 +732,90 @@ fn cgroup_program_is_node_wide() {
     );
     drop(fd);
 }
+
+/// A kernel WireGuard device's fwmark (generic netlink) and a raw socket's SO_MARK (raw_diag),
+/// where the kernel has them: Debian's 6.12 in `cargo xtask vm-test --kernel 6.12 --run …`
+/// (this machine's kernel has neither module). Elsewhere it says so and stops.
+#[test]
+fn kernel_wireguard_and_raw_socket_marks() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    require_root();
+    for module in ["wireguard", "raw_diag"] {
+        let _ = Command::new("modprobe")
+            .arg(module)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    let ns = Netns::new("inv-kwg");
+    if lab::run(
+        "ip",
+        &["-n", &ns.name, "link", "add", "wg0", "type", "wireguard"],
+    )
+    .is_err()
+    {
+        eprintln!("kernel_wireguard_and_raw_socket_marks: this kernel has no WireGuard: not run");
+        return;
+    }
+    let keyfile = std::env::temp_dir().join(format!("fwmt-kwg-{}", std::process::id()));
+    let key = lab::run("wg", &["genkey"]).expect("wg genkey");
+    std::fs::write(&keyfile, key.trim()).unwrap();
+    let set = lab::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &ns.name,
+            "wg",
+            "set",
+            "wg0",
+            "private-key",
+            keyfile.to_str().unwrap(),
+            "listen-port",
+            "51820",
+            "fwmark",
+            "0xca6c",
+        ],
+    );
+    let _ = std::fs::remove_file(&keyfile);
+    set.expect("wg set");
+    // A raw ICMP socket with Istio's 0x539, held open in the namespace.
+    let name = ns.name.clone();
+    let raw = std::thread::spawn(move || {
+        fwmark_trace::netns::enter(&name).expect("enter netns");
+        // SAFETY: a new socket we own, and a u32 option value.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP);
+            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            let mark: u32 = 0x539;
+            let rc = libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_MARK,
+                (&mark as *const u32).cast(),
+                4,
+            );
+            assert_eq!(rc, 0);
+            OwnedFd::from_raw_fd(fd)
+        }
+    })
+    .join()
+    .expect("raw socket thread");
+    let doc = inventory(&ns.name);
+    let wg = one(&doc, "wireguard", "wg0");
+    assert_eq!(wg["implementation"], "kernel", "{wg:#}");
+    assert_eq!(wg["listen_port"], 51820);
+    check(
+        wg,
+        "wg-quick",
+        "value",
+        &[("write", "packet", "0xca6c", "0xffffffff", "origin")],
+    );
+    if std::path::Path::new("/sys/module/raw_diag").exists() {
+        let r = one(&doc, "socket", "SO_MARK 0x539");
+        assert_eq!(r["proto"], "raw", "{r:#}");
+        assert_eq!(r["owner"]["name"], "istio", "{r:#}");
+    } else {
+        eprintln!("kernel_wireguard_and_raw_socket_marks: no raw_diag: raw sockets not checked");
+    }
+    drop(raw);
+}
