@@ -49,32 +49,45 @@ fn one<'a>(doc: &'a Value, what: &str, needle: &str) -> &'a Value {
     found[0]
 }
 
-/// Asserts an entry's owner and its accesses, each as (op, mark, value, mask, scope or "").
-fn check(e: &Value, owner: &str, by: &str, access: &[(&str, &str, &str, &str, &str)]) {
+/// Asserts an entry's owner and accesses: `spec` is "OWNER by BY: ACCESS; ACCESS…", each
+/// access "OP MARK VALUE/MASK [SCOPE]" (e.g. "tailscale by value: read packet 0x80000/0xff0000").
+fn check(e: &Value, spec: &str) {
+    let (who, access) = spec.split_once(": ").expect("OWNER by BY: ACCESS");
+    let (owner, by) = who.rsplit_once(" by ").expect("OWNER by BY");
     assert_eq!(e["owner"]["id"], owner, "{e:#}");
     assert_eq!(e["owner"]["by"], by, "{e:#}");
-    let got: Vec<(String, String, String, String, String)> = e["access"]
+    let got: Vec<String> = e["access"]
         .as_array()
         .unwrap()
         .iter()
         .map(|a| {
             let s = |k: &str| a[k].as_str().unwrap_or("").to_owned();
-            (s("op"), s("mark"), s("value"), s("mask"), s("scope"))
-        })
-        .collect();
-    let want: Vec<(String, String, String, String, String)> = access
-        .iter()
-        .map(|(a, b, c, d, e)| {
-            (
-                a.to_string(),
-                b.to_string(),
-                c.to_string(),
-                d.to_string(),
-                e.to_string(),
+            let scope = a["scope"]
+                .as_str()
+                .map(|s| format!(" {s}"))
+                .unwrap_or_default();
+            format!(
+                "{} {} {}/{}{scope}",
+                s("op"),
+                s("mark"),
+                s("value"),
+                s("mask")
             )
         })
         .collect();
-    assert_eq!(got, want, "{e:#}");
+    assert_eq!(got.join("; "), access, "{e:#}");
+}
+
+/// Checks expected entries, one a line: "WHAT :: TEXT :: OWNER by BY: ACCESS; …" (the entry of
+/// kind WHAT whose text contains TEXT, then as `check`).
+fn expect_entries(doc: &Value, table: &str) {
+    for line in table.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let mut f = line.splitn(3, " :: ");
+        let (Some(what), Some(needle), Some(spec)) = (f.next(), f.next(), f.next()) else {
+            panic!("bad expectation {line:?}");
+        };
+        check(one(doc, what, needle), spec);
+    }
 }
 
 /// The conflicts as (kind, owner, owner, bits).
@@ -95,6 +108,14 @@ fn conflicts(doc: &Value) -> Vec<(String, String, String, String)> {
         .collect()
 }
 
+/// Asserts that each expected conflict, one a line ("KIND OWNER OWNER BITS"), is among `c`.
+fn expect_conflicts(c: &[(String, String, String, String)], table: &str) {
+    for line in table.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert!(has(c, f[0], f[1], f[2], f[3]), "no {line:?} among {c:#?}");
+    }
+}
+
 fn has(c: &[(String, String, String, String)], kind: &str, a: &str, b: &str, bits: &str) -> bool {
     c.iter()
         .any(|x| (x.0.as_str(), x.1.as_str(), x.2.as_str(), x.3.as_str()) == (kind, a, b, bits))
@@ -108,6 +129,43 @@ fn in_chain<'a>(doc: &'a Value, chain: &str, needle: &str) -> &'a Value {
         .collect();
     assert_eq!(found.len(), 1, "{chain} {needle:?}: {found:#?}");
     found[0]
+}
+
+/// One field (`hook`, `chain`) of each base chain an nft rule is reached from.
+fn reached_from<'a>(e: &'a Value, field: &str) -> Vec<&'a str> {
+    e["reached_from"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b[field].as_str().unwrap())
+        .collect()
+}
+
+/// Gives WireGuard interface `ifname` in `ns` a fresh key, wg-quick's port and its fwmark 0xca6c.
+fn wg_set(ns: &str, ifname: &str) {
+    let key = lab::run("wg", &["genkey"]).expect("wg genkey");
+    let keyfile = std::env::temp_dir().join(format!("fwmt-wg-{}-{ifname}", std::process::id()));
+    std::fs::write(&keyfile, key.trim()).unwrap();
+    let key = keyfile.to_str().unwrap();
+    let set = lab::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            ns,
+            "wg",
+            "set",
+            ifname,
+            "private-key",
+            key,
+            "listen-port",
+            "51820",
+            "fwmark",
+            "0xca6c",
+        ],
+    );
+    let _ = std::fs::remove_file(&keyfile);
+    set.expect("wg set");
 }
 
 /// Loads an nft ruleset into `ns`.
@@ -152,73 +210,29 @@ fn demo_namespace_lists_every_reader_and_writer_and_both_collisions() {
     let _sockets = marked_sockets(&lab.a, &[0xca6c, 0x80000]);
     let doc = inventory(&lab.a);
     assert_eq!(doc["entries"].as_array().unwrap().len(), 8, "{doc:#}");
-    let kube = "kube-proxy@current";
-    let kubelet = "kube-proxy@legacy-kubelet<1.28";
-    check(
-        one(&doc, "nft-rule", "meta mark | 0x00004000"),
-        kube,
-        "name",
-        &[("write", "packet", "0x4000", "0x4000", "bits")],
-    );
-    check(
-        one(&doc, "nft-rule", "meta mark ^ 0x00004000"),
-        kube,
-        "name",
-        &[
-            ("read", "packet", "0x4000", "0x4000", ""),
-            ("write", "packet", "0x0", "0x4000", "bits"),
-        ],
-    );
-    check(
-        one(&doc, "nft-rule", "meta mark | 0x00008000"),
-        kubelet,
-        "name",
-        &[("write", "packet", "0x8000", "0x8000", "bits")],
-    );
-    check(
-        one(&doc, "nft-rule", "== 0x00008000 drop"),
-        kubelet,
-        "name",
-        &[("read", "packet", "0x8000", "0x8000", "")],
-    );
-    check(
-        one(&doc, "nft-rule", "0xffe4ffff"),
-        "calico",
-        "name",
-        &[("write", "packet", "0x0", "0x1b0000", "bits")],
-    );
-    check(
-        one(&doc, "ip-rule", "fwmark 0x4000/0x4000 lookup 100"),
-        kube,
-        "value",
-        &[("read", "packet", "0x4000", "0x4000", "")],
-    );
-    check(
-        one(&doc, "socket", "SO_MARK 0xca6c"),
-        "wg-quick",
-        "value",
-        &[("write", "packet", "0xca6c", "0xffffffff", "origin")],
-    );
-    check(
-        one(&doc, "socket", "SO_MARK 0x80000"),
-        "tailscale",
-        "value",
-        &[("write", "packet", "0x80000", "0xffffffff", "origin")],
+    expect_entries(
+        &doc,
+        "
+        nft-rule :: meta mark | 0x00004000 :: kube-proxy@current by name: write packet 0x4000/0x4000 bits
+        nft-rule :: meta mark ^ 0x00004000 :: kube-proxy@current by name: read packet 0x4000/0x4000; write packet 0x0/0x4000 bits
+        nft-rule :: meta mark | 0x00008000 :: kube-proxy@legacy-kubelet<1.28 by name: write packet 0x8000/0x8000 bits
+        nft-rule :: == 0x00008000 drop :: kube-proxy@legacy-kubelet<1.28 by name: read packet 0x8000/0x8000
+        nft-rule :: 0xffe4ffff :: calico by name: write packet 0x0/0x1b0000 bits
+        ip-rule :: fwmark 0x4000/0x4000 lookup 100 :: kube-proxy@current by value: read packet 0x4000/0x4000
+        socket :: SO_MARK 0xca6c :: wg-quick by value: write packet 0xca6c/0xffffffff origin
+        socket :: SO_MARK 0x80000 :: tailscale by value: write packet 0x80000/0xffffffff origin
+        ",
     );
     let sock = one(&doc, "socket", "SO_MARK 0x80000");
     assert_eq!(sock["pid"], std::process::id(), "{sock:#}");
     let c = conflicts(&doc);
-    assert!(
-        has(&c, "shared-write", "calico", "tailscale", "0x80000"),
-        "{c:#?}"
-    );
-    assert!(
-        has(&c, "foreign-reader", "kube-proxy", "wg-quick", "0xc000"),
-        "{c:#?}"
-    );
-    assert!(
-        has(&c, "shared-write", "kube-proxy", "wg-quick", "0xc000"),
-        "{c:#?}"
+    expect_conflicts(
+        &c,
+        "
+        shared-write calico tailscale 0x80000
+        foreign-reader kube-proxy wg-quick 0xc000
+        shared-write kube-proxy wg-quick 0xc000
+        ",
     );
     assert_eq!(c.len(), 3, "{c:#?}");
     // By bit: 0x8000 is written by kubelet's rule and wg-quick's socket, read by KUBE-FIREWALL.
@@ -282,25 +296,17 @@ fn kube_proxy_iptables_nft_and_kubelet_legacy_rules() {
         &real_rules("kubelet-legacy-firewall.rules"),
     );
     let doc = inventory(&ns.name);
-    let kube = "kube-proxy@current";
     let masq = one(&doc, "nft-rule", "-A KUBE-MARK-MASQ -j MARK");
     check(
         masq,
-        kube,
-        "name",
-        &[("write", "packet", "0x4000", "0x4000", "bits")],
+        "kube-proxy@current by name: write packet 0x4000/0x4000 bits",
     );
     assert_eq!(
         masq["iptables"],
         "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000"
     );
     // Reached from nat PREROUTING and OUTPUT through KUBE-SERVICES … KUBE-SVC/KUBE-SEP.
-    let from: Vec<&str> = masq["reached_from"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["hook"].as_str().unwrap())
-        .collect();
+    let from = reached_from(masq, "hook");
     assert!(
         from.contains(&"prerouting") && from.contains(&"output"),
         "{masq:#}"
@@ -312,32 +318,23 @@ fn kube_proxy_iptables_nft_and_kubelet_legacy_rules() {
     );
     check(
         xor,
-        kube,
-        "name",
-        &[("write", "packet", "0x0", "0x4000", "bits")],
+        "kube-proxy@current by name: write packet 0x0/0x4000 bits",
     );
     assert_eq!(xor["access"][0]["toggles"], "0x4000");
-    check(
-        one(&doc, "nft-rule", "-A KUBE-FORWARD"),
-        kube,
-        "name",
-        &[("read", "packet", "0x4000", "0x4000", "")],
+    expect_entries(
+        &doc,
+        "
+        nft-rule :: -A KUBE-FORWARD :: kube-proxy@current by name: read packet 0x4000/0x4000
+        iptables-rule :: --mark 0x8000/0x8000 -j DROP :: kube-proxy@legacy-kubelet<1.28 by name: read packet 0x8000/0x8000
+        ",
     );
     // The legacy tables: kubelet's drop bit.
     let drop = one(&doc, "iptables-rule", "KUBE-MARK-DROP -j MARK");
     check(
         drop,
-        "kube-proxy@legacy-kubelet<1.28",
-        "name",
-        &[("write", "packet", "0x8000", "0x8000", "bits")],
+        "kube-proxy@legacy-kubelet<1.28 by name: write packet 0x8000/0x8000 bits",
     );
     assert_eq!(drop["backend"], "legacy");
-    check(
-        one(&doc, "iptables-rule", "--mark 0x8000/0x8000 -j DROP"),
-        "kube-proxy@legacy-kubelet<1.28",
-        "name",
-        &[("read", "packet", "0x8000", "0x8000", "")],
-    );
     // One owner, two versions: no conflict.
     assert!(conflicts(&doc).is_empty(), "{:#?}", conflicts(&doc));
 }
@@ -373,58 +370,33 @@ fn tailscale_rules_and_calico_collide() {
     ip_lines(&ns.name, &real_rules("tailscale-subnet-router.ip"));
     nft_load(&ns.name, "table inet calico {\n chain cali-POSTROUTING {\n type filter hook postrouting priority mangle; policy accept;\n meta mark set meta mark & 0xffe4ffff\n }\n}\n");
     let doc = inventory(&ns.name);
-    check(
-        one(&doc, "nft-rule", "-A ts-forward -i tailscale0 -j MARK"),
-        "tailscale",
-        "name",
-        &[("write", "packet", "0x40000", "0xff0000", "bits")],
-    );
-    check(
-        one(
-            &doc,
-            "nft-rule",
-            "-A ts-forward -m mark --mark 0x40000/0xff0000 -j ACCEPT",
-        ),
-        "tailscale",
-        "name",
-        &[("read", "packet", "0x40000", "0xff0000", "")],
+    expect_entries(
+        &doc,
+        "
+        nft-rule :: -A ts-forward -i tailscale0 -j MARK :: tailscale by name: write packet 0x40000/0xff0000 bits
+        nft-rule :: -A ts-forward -m mark --mark 0x40000/0xff0000 -j ACCEPT :: tailscale by name: read packet 0x40000/0xff0000
+        nft-rule :: CONNMARK --restore-mark :: tailscale by mask: write packet 0x0/0xff0000 bits
+        ",
     );
     let save = one(&doc, "nft-rule", "CONNMARK --save-mark");
     check(
         save,
-        "tailscale",
-        "mask",
-        &[
-            ("read", "packet", "0x0", "0xff0000", ""),
-            ("write", "ct", "0x0", "0xff0000", "bits"),
-        ],
+        "tailscale by mask: read packet 0x0/0xff0000; write ct 0x0/0xff0000 bits",
     );
     assert_eq!(save["access"][1]["copy_from"], "packet");
-    check(
-        one(&doc, "nft-rule", "CONNMARK --restore-mark"),
-        "tailscale",
-        "mask",
-        &[("write", "packet", "0x0", "0xff0000", "bits")],
-    );
     let rules = entries(&doc, "ip-rule", "fwmark 0x80000/0xff0000");
     assert_eq!(rules.len(), 6, "v4 and v6, three each: {rules:#?}");
     for r in &rules {
-        check(
-            r,
-            "tailscale",
-            "value",
-            &[("read", "packet", "0x80000", "0xff0000", "")],
-        );
+        check(r, "tailscale by value: read packet 0x80000/0xff0000");
     }
     assert!(rules.iter().any(|r| r["family"] == "ipv6"));
     let c = conflicts(&doc);
-    assert!(
-        has(&c, "shared-write", "calico", "tailscale", "0x1b0000"),
-        "{c:#?}"
-    );
-    assert!(
-        has(&c, "foreign-reader", "tailscale", "calico", "0x1b0000"),
-        "{c:#?}"
+    expect_conflicts(
+        &c,
+        "
+        shared-write calico tailscale 0x1b0000
+        foreign-reader tailscale calico 0x1b0000
+        ",
     );
 }
 
@@ -439,28 +411,15 @@ fn istio_iptables_and_nftables_backends() {
         &real_rules("istio-tproxy.v4.rules"),
     );
     let doc = inventory(&ns.name);
-    check(
-        one(&doc, "nft-rule", "TPROXY"),
-        "istio@sidecar-tproxy",
-        "name",
-        &[("write", "packet", "0x539", "0xffffffff", "whole")],
-    );
-    check(
-        one(&doc, "nft-rule", "-A ISTIO_DIVERT -j MARK"),
-        "istio@sidecar-tproxy",
-        "name",
-        &[("write", "packet", "0x539", "0xffffffff", "whole")],
+    expect_entries(
+        &doc,
+        "
+        nft-rule :: TPROXY :: istio@sidecar-tproxy by name: write packet 0x539/0xffffffff whole
+        nft-rule :: -A ISTIO_DIVERT -j MARK :: istio@sidecar-tproxy by name: write packet 0x539/0xffffffff whole
+        ",
     );
     let restore = one(&doc, "nft-rule", "CONNMARK --restore-mark");
-    check(
-        restore,
-        "istio@sidecar-tproxy",
-        "value",
-        &[
-            ("read", "ct", "0x539", "0xffffffff", ""),
-            ("write", "packet", "0x0", "0xffffffff", "whole"),
-        ],
-    );
+    check(restore, "istio@sidecar-tproxy by value: read ct 0x539/0xffffffff; write packet 0x0/0xffffffff whole");
 
     let nft = Netns::new("inv-istio-nft");
     let text = std::fs::read_to_string(real_rules("istio-nft-tproxy.nft")).unwrap();
@@ -470,27 +429,12 @@ fn istio_iptables_and_nftables_backends() {
     let divert = in_chain(&doc, "istio-divert", "meta mark set");
     check(
         divert,
-        owner,
-        "name",
-        &[("write", "packet", "0x539", "0xffffffff", "whole")],
+        "istio@sidecar-tproxy-nftables by name: write packet 0x539/0xffffffff whole",
     );
-    let from: Vec<&str> = divert["reached_from"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["chain"].as_str().unwrap())
-        .collect();
+    let from = reached_from(divert, "chain");
     assert_eq!(from, ["prerouting"], "through istio-inbound: {divert:#}");
     let save = in_chain(&doc, "prerouting", "ct mark set");
-    check(
-        save,
-        owner,
-        "name",
-        &[
-            ("read", "packet", "0x539", "0xffffffff", ""),
-            ("write", "ct", "0x0", "0xffffffff", "whole"),
-        ],
-    );
+    check(save, "istio@sidecar-tproxy-nftables by name: read packet 0x539/0xffffffff; write ct 0x0/0xffffffff whole");
     assert!(doc["owners"].as_array().unwrap().iter().any(|o| o == owner));
     // registry detect knows the backend too.
     let (code, out, _) = cli(&["registry", "detect", "--netns", &nft.name]);
@@ -535,25 +479,7 @@ fn wireguard_xfrm_tc_program_and_conntrack() {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let key = lab.exec(&ns, &["wg", "genkey"]).expect("wg genkey");
-    let keyfile = std::env::temp_dir().join(format!("fwmt-wg-{}", std::process::id()));
-    std::fs::write(&keyfile, key.trim()).unwrap();
-    lab.exec(
-        &ns,
-        &[
-            "wg",
-            "set",
-            &ifname,
-            "private-key",
-            keyfile.to_str().unwrap(),
-            "listen-port",
-            "51820",
-            "fwmark",
-            "0xca6c",
-        ],
-    )
-    .expect("wg set");
-    let _ = std::fs::remove_file(&keyfile);
+    wg_set(&ns, &ifname);
     // wg-quick's add_default: rule and nft table.
     lab.ip(&ns, "rule add not fwmark 0xca6c table 51820 pref 32765")
         .expect("rule");
@@ -595,9 +521,7 @@ fn wireguard_xfrm_tc_program_and_conntrack() {
     let wg = one(&doc, "wireguard", &ifname);
     check(
         wg,
-        "wg-quick",
-        "value",
-        &[("write", "packet", "0xca6c", "0xffffffff", "origin")],
+        "wg-quick by value: write packet 0xca6c/0xffffffff origin",
     );
     assert_eq!(
         (wg["implementation"].as_str(), wg["listen_port"].as_u64()),
@@ -609,23 +533,13 @@ fn wireguard_xfrm_tc_program_and_conntrack() {
         !socks.is_empty() && socks.iter().all(|s| s["comm"] == "wireguard-go"),
         "{socks:#?}"
     );
-    check(
-        one(&doc, "ip-rule", "not fwmark 0xca6c"),
-        "wg-quick",
-        "value",
-        &[("read", "packet", "0xca6c", "0xffffffff", "")],
-    );
-    check(
-        one(&doc, "nft-rule", "meta mark set ct mark"),
-        "wg-quick",
-        "name",
-        &[("write", "packet", "0x0", "0xffffffff", "whole")],
-    );
-    check(
-        one(&doc, "xfrm-policy", "mark 0x20000/0x20000"),
-        "weave",
-        "value",
-        &[("read", "packet", "0x20000", "0x20000", "")],
+    expect_entries(
+        &doc,
+        "
+        ip-rule :: not fwmark 0xca6c :: wg-quick by value: read packet 0xca6c/0xffffffff
+        nft-rule :: meta mark set ct mark :: wg-quick by name: write packet 0x0/0xffffffff whole
+        xfrm-policy :: mark 0x20000/0x20000 :: weave by value: read packet 0x20000/0x20000
+        ",
     );
     let ct = doc["entries"]
         .as_array()
@@ -635,32 +549,21 @@ fn wireguard_xfrm_tc_program_and_conntrack() {
         .expect("conntrack");
     check(
         ct,
-        "aws-vpc-cni@iptables",
-        "value",
-        &[("holds", "ct", "0x80", "0xffffffff", "")],
+        "aws-vpc-cni@iptables by value: holds ct 0x80/0xffffffff",
     );
     let prog = one(&doc, "bpf-program", "test_setmark");
     assert_eq!(prog["id"], prog_id);
     assert_eq!(prog["attached"][0]["via"], "tcx");
     assert_eq!(prog["attached"][0]["direction"], "egress");
-    check(
-        prog,
-        "cilium",
-        "value",
-        &[("write", "packet", "0x200", "0xffffffff", "whole")],
-    );
+    check(prog, "cilium by value: write packet 0x200/0xffffffff whole");
     let c = conflicts(&doc);
-    assert!(
-        has(&c, "foreign-reader", "kube-proxy", "wg-quick", "0xc000"),
-        "{c:#?}"
-    );
-    assert!(
-        has(&c, "whole-overwrite", "wg-quick", "kube-proxy", "0xc000"),
-        "{c:#?}"
-    );
-    assert!(
-        has(&c, "exact-match", "wg-quick", "kube-proxy", "0xc000"),
-        "{c:#?}"
+    expect_conflicts(
+        &c,
+        "
+        foreign-reader kube-proxy wg-quick 0xc000
+        whole-overwrite wg-quick kube-proxy 0xc000
+        exact-match wg-quick kube-proxy 0xc000
+        ",
     );
     let _ = lab.ip(&ns, &format!("link del {ifname}"));
 }
@@ -721,9 +624,7 @@ fn cgroup_program_is_node_wide() {
     assert_eq!(e["prog_type"], "cgroup-skb");
     check(
         e,
-        "calico-ebpf",
-        "value",
-        &[("write", "packet", "0x3000000", "0xffffffff", "whole")],
+        "calico-ebpf by value: write packet 0x3000000/0xffffffff whole",
     );
     let (_, out, _) = cli(&["inventory", "--netns", &ns.name]);
     assert!(
@@ -756,28 +657,7 @@ fn kernel_wireguard_and_raw_socket_marks() {
         eprintln!("kernel_wireguard_and_raw_socket_marks: this kernel has no WireGuard: not run");
         return;
     }
-    let keyfile = std::env::temp_dir().join(format!("fwmt-kwg-{}", std::process::id()));
-    let key = lab::run("wg", &["genkey"]).expect("wg genkey");
-    std::fs::write(&keyfile, key.trim()).unwrap();
-    let set = lab::run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &ns.name,
-            "wg",
-            "set",
-            "wg0",
-            "private-key",
-            keyfile.to_str().unwrap(),
-            "listen-port",
-            "51820",
-            "fwmark",
-            "0xca6c",
-        ],
-    );
-    let _ = std::fs::remove_file(&keyfile);
-    set.expect("wg set");
+    wg_set(&ns.name, "wg0");
     // A raw ICMP socket with Istio's 0x539, held open in the namespace.
     let name = ns.name.clone();
     let raw = std::thread::spawn(move || {
@@ -806,9 +686,7 @@ fn kernel_wireguard_and_raw_socket_marks() {
     assert_eq!(wg["listen_port"], 51820);
     check(
         wg,
-        "wg-quick",
-        "value",
-        &[("write", "packet", "0xca6c", "0xffffffff", "origin")],
+        "wg-quick by value: write packet 0xca6c/0xffffffff origin",
     );
     if std::path::Path::new("/sys/module/raw_diag").exists() {
         let r = one(&doc, "socket", "SO_MARK 0x539");

@@ -669,5 +669,9 @@ mod tests {
         let calico = reg.get("calico")[0];
         assert!(calico.owns_chain("cali-POSTROUTING") && !calico.owns_chain("KUBE-MARK-MASQ"));
         assert!(reg.get("aws-vpc-cni@nftables>=1.23")[0].owns_chain("aws-cni"));
+        // Istio's nftables backend: its tables name the writer (what attribution matches).
+        let nft = reg.get("istio@sidecar-tproxy-nftables")[0];
+        assert!(nft.owns_chain("istio-proxy-mangle") && !nft.owns_chain("ISTIO_DIVERT"));
+        assert_eq!(nft.value_name(0x539), Some("inbound tproxy (1337)"));
     }
 }
