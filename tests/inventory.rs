@@ -445,13 +445,14 @@ fn istio_iptables_and_nftables_backends() {
     );
 }
 
-/// Kills a child process (wireguard-go) when the test ends, however it ends.
-struct Child(std::process::Child);
+/// wireguard-go, killed when the test ends however it ends, with the UAPI socket it leaves.
+struct Child(std::process::Child, String);
 
 impl Drop for Child {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        let _ = std::fs::remove_file(&self.1);
     }
 }
 
@@ -471,8 +472,8 @@ fn wireguard_xfrm_tc_program_and_conntrack() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("wireguard-go (apt install wireguard-go)");
-    let _go = Child(go);
     let sock = format!("/var/run/wireguard/{ifname}.sock");
+    let _go = Child(go, sock.clone());
     for _ in 0..50 {
         if std::path::Path::new(&sock).exists() {
             break;
