@@ -33,6 +33,9 @@ pub(crate) enum Scenario {
     Marks,
     /// A policy-routed request whose unmarked reply dies in rp_filter, diagnosed by `why`.
     LostReply,
+    /// The marks scenario's namespace inventoried (`fwmark-trace inventory`): every reader and
+    /// writer with its owner, and the two documented collisions as conflicts.
+    Inventory,
 }
 
 #[derive(Clone, Debug)]
@@ -42,37 +45,6 @@ pub(crate) struct DemoConfig {
     /// How long to trace.
     pub(crate) duration: Duration,
 }
-
-/// The rules the demo installs in namespace A, one table per owner named the way the owner
-/// names its own (removed with the namespace).
-pub(crate) const RULESET: &str = r#"
-table ip kube-proxy {
-    chain mark-for-masquerade {
-        type filter hook output priority -100; policy accept;
-        udp dport 5201 meta mark set meta mark | 0x4000
-    }
-    chain masquerading {
-        type filter hook postrouting priority 100; policy accept;
-        meta mark & 0x4000 == 0x4000 meta mark set meta mark ^ 0x4000
-    }
-}
-table ip kubelet {
-    chain KUBE-MARK-DROP {
-        type route hook output priority mangle; policy accept;
-        udp dport 5202 meta mark set meta mark | 0x8000
-    }
-    chain KUBE-FIREWALL {
-        type filter hook output priority filter; policy accept;
-        meta mark & 0x8000 == 0x8000 drop
-    }
-}
-table inet calico {
-    chain cali-POSTROUTING {
-        type filter hook postrouting priority mangle; policy accept;
-        meta mark set meta mark & 0xffe4ffff
-    }
-}
-"#;
 
 /// The software the demo pretends the node runs (`--owners`).
 pub(crate) const PROFILE: [&str; 4] = ["kube-proxy", "tailscale", "calico", "wg-quick"];
@@ -106,16 +78,12 @@ fn traffic() -> Result<()> {
 
 pub(crate) fn run(args: &DemoConfig) -> Result<()> {
     trace::require_root("fwmark-trace demo")?;
-    if args.scenario == Scenario::LostReply {
-        return lost_reply(args);
+    match args.scenario {
+        Scenario::LostReply => return lost_reply(args),
+        Scenario::Inventory => return inventory(args),
+        Scenario::Marks => {}
     }
-    let lab = Lab::new("demo")?;
-    lab.nft(&lab.a, RULESET)?;
-    lab.ip(&lab.a, "rule add fwmark 0x4000/0x4000 lookup 100 pref 1000")?;
-    lab.ip(
-        &lab.a,
-        &format!("route add 10.77.0.0/24 dev {} table 100", lab::VETH_A),
-    )?;
+    let lab = marks_lab()?;
     info!(
         "demo: namespaces {} and {} joined by {}/{}; in {}: nft tables kube-proxy, kubelet, calico, `ip rule fwmark 0x4000/0x4000 lookup 100`, sockets with SO_MARK {WG_QUICK_MARK:#x} (wg-quick) and {TAILSCALE_BYPASS:#x} (tailscale); owners: {}",
         lab.a, lab.b, lab::VETH_A, lab::VETH_B, lab.a, PROFILE.join(",")
@@ -144,6 +112,52 @@ pub(crate) fn run(args: &DemoConfig) -> Result<()> {
     drop(lab);
     info!("demo: namespaces removed");
     res.map(|_| ())
+}
+
+/// The marks scenario's lab: namespace A with the demo's nft tables, its `ip rule` and the
+/// route of table 100.
+fn marks_lab() -> Result<Lab> {
+    let lab = Lab::new("demo")?;
+    lab.nft(&lab.a, lab::DEMO_RULESET)?;
+    lab.ip(&lab.a, "rule add fwmark 0x4000/0x4000 lookup 100 pref 1000")?;
+    lab.ip(
+        &lab.a,
+        &format!("route add 10.77.0.0/24 dev {} table 100", lab::VETH_A),
+    )?;
+    Ok(lab)
+}
+
+/// The inventory of the marks scenario's namespace A, with wg-quick's and Tailscale's marked
+/// sockets open in it (as they would be on such a node).
+fn inventory(args: &DemoConfig) -> Result<()> {
+    use crate::inventory::{render, Inventory, Namespaces, Sources};
+    let lab = marks_lab()?;
+    let ns = lab.a.clone();
+    let sockets = thread::spawn(move || -> Result<_> {
+        crate::netns::enter(&ns)?;
+        Ok((
+            lab::udp_socket(false, WG_QUICK_MARK)?,
+            lab::udp_socket(false, TAILSCALE_BYPASS)?,
+        ))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("socket thread panicked"))??;
+    info!(
+        "demo: namespace {} with nft tables kube-proxy, kubelet, calico, `ip rule fwmark 0x4000/0x4000 lookup 100` and UDP sockets with SO_MARK {WG_QUICK_MARK:#x} (wg-quick) and {TAILSCALE_BYPASS:#x} (tailscale); its inventory (`fwmark-trace inventory --netns {}`):",
+        lab.a, lab.a
+    );
+    let reg = crate::registry::Registry::builtin()?;
+    let res = Inventory::read(&reg, &Namespaces::One(lab.a.clone()), Sources::default());
+    drop(sockets);
+    drop(lab);
+    let inv = res?;
+    let conflicts = inv.conflicts();
+    match args.format {
+        Format::Json => print!("{}", render::json(&inv, &conflicts)),
+        Format::Human => print!("{}", render::human(&inv, &conflicts)),
+    }
+    info!("demo: namespaces removed");
+    Ok(())
 }
 
 /// The "disappearing reply" tour: requests marked 0x4000 are policy-routed out via a2, replies

@@ -24,6 +24,37 @@ pub const ADDR6_B: &str = "fd77::2";
 pub const VETH_A: &str = "veth-a";
 pub const VETH_B: &str = "veth-b";
 
+/// The rules the demo installs in namespace A (the inventory tests too), one table per owner
+/// named the way the owner names its own (removed with the namespace).
+pub const DEMO_RULESET: &str = r#"
+table ip kube-proxy {
+    chain mark-for-masquerade {
+        type filter hook output priority -100; policy accept;
+        udp dport 5201 meta mark set meta mark | 0x4000
+    }
+    chain masquerading {
+        type filter hook postrouting priority 100; policy accept;
+        meta mark & 0x4000 == 0x4000 meta mark set meta mark ^ 0x4000
+    }
+}
+table ip kubelet {
+    chain KUBE-MARK-DROP {
+        type route hook output priority mangle; policy accept;
+        udp dport 5202 meta mark set meta mark | 0x8000
+    }
+    chain KUBE-FIREWALL {
+        type filter hook output priority filter; policy accept;
+        meta mark & 0x8000 == 0x8000 drop
+    }
+}
+table inet calico {
+    chain cali-POSTROUTING {
+        type filter hook postrouting priority mangle; policy accept;
+        meta mark set meta mark & 0xffe4ffff
+    }
+}
+"#;
+
 /// Sets SO_MARK on a socket: its packets start with this mark.
 pub fn set_mark(sock: &UdpSocket, mark: u32) -> Result<()> {
     if mark == 0 {
@@ -289,6 +320,32 @@ pub fn echo_client(ns: &str, dst: &str, port: u16, mark: u32) -> Result<bool> {
 // ---- Foreign tc programs: what other software attaches, for tests to observe ---------------
 // Panics on failure: these build test fixtures, where a failure is the test's.
 
+/// Loads a program `name` of `prog_type` that sets `skb->mark = mark` (`__sk_buff.mark`) and
+/// returns `ret`.
+fn load_mark_program(
+    prog_type: aya_obj::generated::bpf_prog_type,
+    attach: aya_obj::generated::bpf_attach_type,
+    name: &str,
+    mark: u32,
+    ret: i32,
+) -> std::os::fd::OwnedFd {
+    // r2 = mark; *(u32 *)(r1 + offsetof(__sk_buff, mark)) = r2; r0 = ret; exit
+    let insn = |code: u64, dst: u64, src: u64, off: i16, imm: i32| {
+        code | (dst | src << 4) << 8 | ((off as u16) as u64) << 16 | ((imm as u32) as u64) << 32
+    };
+    let prog = [
+        insn(0xb7, 2, 0, 0, mark as i32),
+        insn(0x63, 1, 2, 8, 0),
+        insn(0xb7, 0, 0, 0, ret),
+        insn(0x95, 0, 0, 0, 0),
+    ];
+    // SAFETY: bpf_insn is 8 plain bytes, the layout of the u64s above.
+    let insns: &[aya_obj::generated::bpf_insn] =
+        unsafe { std::slice::from_raw_parts(prog.as_ptr().cast(), prog.len()) };
+    crate::kernel::sys::prog_load(prog_type, attach, name, insns, None)
+        .unwrap_or_else(|e| panic!("load {name}: {e:#}"))
+}
+
 /// Loads a tc program that sets `skb->mark = mark` and hands the packet on (-1: next in the
 /// tcx chain, TC_ACT_UNSPEC for a classic filter).
 fn load_mark_setter(
@@ -296,27 +353,27 @@ fn load_mark_setter(
     attach: aya_obj::generated::bpf_attach_type,
 ) -> std::os::fd::OwnedFd {
     use aya_obj::generated::bpf_prog_type;
-    // r2 = mark; *(u32 *)(r1 + offsetof(__sk_buff, mark)) = r2; r0 = -1; exit
-    let insn = |code: u64, dst: u64, src: u64, off: i16, imm: i32| {
-        code | (dst | src << 4) << 8 | ((off as u16) as u64) << 16 | ((imm as u32) as u64) << 32
-    };
-    let prog = [
-        insn(0xb7, 2, 0, 0, mark as i32),
-        insn(0x63, 1, 2, 8, 0),
-        insn(0xb7, 0, 0, 0, -1),
-        insn(0x95, 0, 0, 0, 0),
-    ];
-    // SAFETY: bpf_insn is 8 plain bytes, the layout of the u64s above.
-    let insns: &[aya_obj::generated::bpf_insn] =
-        unsafe { std::slice::from_raw_parts(prog.as_ptr().cast(), prog.len()) };
-    crate::kernel::sys::prog_load(
+    load_mark_program(
         bpf_prog_type::BPF_PROG_TYPE_SCHED_CLS,
         attach,
         "test_setmark",
-        insns,
-        None,
+        mark,
+        -1,
     )
-    .expect("load test_setmark")
+}
+
+/// Loads (does not attach) a cgroup skb egress program `test_cg_mark` that assigns
+/// `skb->mark = mark` and lets the packet pass: what Calico eBPF's programs look like to the
+/// inventory. Unloaded when the descriptor is dropped.
+pub fn cgroup_mark_setter(mark: u32) -> std::os::fd::OwnedFd {
+    use aya_obj::generated::{bpf_attach_type, bpf_prog_type};
+    load_mark_program(
+        bpf_prog_type::BPF_PROG_TYPE_CGROUP_SKB,
+        bpf_attach_type::BPF_CGROUP_INET_EGRESS,
+        "test_cg_mark",
+        mark,
+        1,
+    )
 }
 
 /// Attaches, inside `ns`, a foreign tcx egress program on `ifname` that sets `skb->mark = mark`,

@@ -17,6 +17,7 @@ mod decode;
 mod demo;
 mod event;
 mod flows;
+mod inventory;
 mod kernel;
 pub mod lab;
 mod mark;

@@ -23,6 +23,10 @@ const APT_PACKAGES: &[&str] = &[
     "procps",
     "ethtool",
     "strace",
+    // The inventory tests run a userspace WireGuard device (wg-quick's fwmark) where the
+    // kernel has no WireGuard module.
+    "wireguard-tools",
+    "wireguard-go",
 ];
 
 /// bpf-linker release known to build against the nightly's LLVM 22.

@@ -9,6 +9,7 @@ use crate::{
     demo::{DemoConfig, Scenario},
     event::Tuple,
     flows::Selection,
+    inventory::{command::InventoryConfig, Namespaces},
     kernel::features::{Feature, NfBackend, TcBackend},
     mark::MarkMatch,
     output::Format,
@@ -283,6 +284,39 @@ impl DemoArgs {
             scenario: self.scenario,
             format: format(self.json),
             duration: self.duration,
+        }
+    }
+}
+
+#[derive(Args, Clone, Debug)]
+pub(crate) struct InventoryArgs {
+    /// One JSON document (entries, by_bit, conflicts, notes) instead of readable text.
+    #[arg(long)]
+    json: bool,
+    /// Look inside this network namespace (a name under /run/netns, or a path).
+    #[arg(long, value_name = "NAME|PATH", conflicts_with = "all_netns")]
+    netns: Option<String>,
+    /// Every network namespace: /run/netns names and those processes hold.
+    #[arg(long)]
+    all_netns: bool,
+    /// Exit 1 when owners conflict (0 when none do, 2 on an error).
+    #[arg(long)]
+    check: bool,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+impl InventoryArgs {
+    pub(crate) fn config(&self) -> InventoryConfig {
+        InventoryConfig {
+            format: format(self.json),
+            which: match (&self.netns, self.all_netns) {
+                (Some(ns), _) => Namespaces::One(ns.clone()),
+                (None, true) => Namespaces::All,
+                (None, false) => Namespaces::Current,
+            },
+            check: self.check,
+            registry: self.registry.sources(),
         }
     }
 }

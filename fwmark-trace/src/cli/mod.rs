@@ -1,5 +1,5 @@
 //! The command line: the commands (clap), the logger every diagnostic goes through, and the
-//! exit code — 0 nothing found, 1 found (a lost reply, overlapping owners), 2 an error (clap's
+//! exit code — 0 nothing found, 1 found (a lost reply, overlapping or conflicting owners), 2 an error (clap's
 //! own usage errors exit 2 too).
 mod args;
 
@@ -9,15 +9,17 @@ use anyhow::Result;
 use clap::{CommandFactory, Parser, Subcommand};
 use log::{Level, LevelFilter};
 
-use self::args::{DemoArgs, RegistryArgs, RegistryCmd, ShowArgs, TraceArgs, WhyArgs};
-use crate::{demo, recording, registry, trace, why};
+use self::args::{
+    DemoArgs, InventoryArgs, RegistryArgs, RegistryCmd, ShowArgs, TraceArgs, WhyArgs,
+};
+use crate::{demo, inventory, recording, registry, trace, why};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "fwmark-trace",
     version,
     about = "Trace Linux packet marks (skb->mark) across tc, netfilter, routing and sockets, and name who changed which bits.",
-    after_help = "Exit status: 0 nothing found, 1 found (a lost reply, overlapping owners), 2 error."
+    after_help = "Exit status: 0 nothing found, 1 found (a lost reply, overlapping or conflicting owners), 2 error."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -42,6 +44,10 @@ enum Cmd {
     /// Watch flows and say where and why their replies died (rp_filter, netfilter drop,
     /// connmark restore, xfrm policy…), with the evidence. Exits 1 when a reply was lost.
     Why(WhyArgs),
+    /// Every place that reads or writes packet-mark or conntrack-mark bits (nft and iptables
+    /// rules, ip rules, xfrm, WireGuard, SO_MARK sockets, BPF programs, conntrack), with its
+    /// owner, grouped by bit, and the conflicts between owners; `--check` exits 1 on conflicts.
+    Inventory(InventoryArgs),
     /// The mark-owner registry: list owners, show one's layout, check owners for overlaps.
     Registry {
         #[command(subcommand)]
@@ -71,7 +77,7 @@ enum Cmd {
 pub(crate) enum Outcome {
     /// Exit 0.
     Clean,
-    /// Exit 1: a lost reply, overlapping owners, conflicts.
+    /// Exit 1: a lost reply, overlapping owners, conflicts (`inventory --check`).
     Found,
 }
 
@@ -117,6 +123,7 @@ fn run(cli: &Cli) -> Result<Outcome> {
             true => Outcome::Found,
             false => Outcome::Clean,
         }),
+        Cmd::Inventory(args) => inventory::command::run(&args.config()),
         Cmd::Registry { cmd, args } => registry::command::run(&cmd.request(), &args.sources()),
         Cmd::Completions { shell } => {
             let mut cmd = Cli::command();

@@ -29,7 +29,7 @@ use crate::{
 };
 
 /// Sends one dump request and collects every reply message until NLMSG_DONE.
-fn dump<T>(protocol: isize, request: T) -> Result<Vec<T>>
+pub(crate) fn dump<T>(protocol: isize, request: T) -> Result<Vec<T>>
 where
     T: NetlinkSerializable + NetlinkDeserializable + std::fmt::Debug,
 {

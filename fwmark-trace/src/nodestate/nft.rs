@@ -21,6 +21,7 @@ use crate::stack::{Family, NfHook, NftFamily};
 pub(crate) struct ChainId {
     pub(crate) family: NftFamily,
     pub(crate) table: String,
+    #[serde(rename = "chain")]
     pub(crate) name: String,
 }
 
@@ -186,7 +187,7 @@ pub(crate) fn read_chains() -> Result<Vec<Chain>> {
 }
 
 /// Runs `nft ARGS` in the calling thread's namespace; its stdout, or its error in one line.
-fn nft(args: &[&str]) -> Result<Vec<u8>> {
+pub(crate) fn nft(args: &[&str]) -> Result<Vec<u8>> {
     let cmd = format!("nft {}", args.join(" "));
     let out = Command::new("nft")
         .args(args)
@@ -271,13 +272,13 @@ pub(crate) fn parse_chains(items: &[Value]) -> Vec<Chain> {
 
 /// Which chains each chain jumps to (by name, within its table), and what each chain's own
 /// rules write.
-struct Graph {
-    jumps: HashMap<ChainId, Vec<String>>,
+pub(crate) struct Graph {
+    pub(crate) jumps: HashMap<ChainId, Vec<String>>,
     writes: HashMap<ChainId, Writes>,
 }
 
 impl Graph {
-    fn new(items: &[Value]) -> Self {
+    pub(crate) fn new(items: &[Value]) -> Self {
         let mut g = Graph {
             jumps: HashMap::new(),
             writes: HashMap::new(),
@@ -437,7 +438,7 @@ pub(crate) fn parse_mark_rules(ruleset: &str) -> Vec<MarkRule> {
 
 /// A rule's words without its counter's values (`counter packets 3 bytes 180` → `counter`):
 /// they change with every packet, the rule does not.
-fn without_counts(words: &[&str]) -> String {
+pub(crate) fn without_counts(words: &[&str]) -> String {
     let mut out: Vec<&str> = Vec::with_capacity(words.len());
     let mut i = 0;
     while i < words.len() {

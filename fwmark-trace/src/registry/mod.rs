@@ -257,6 +257,7 @@ mod tests {
             ("filter", "INPUT"),
             ("calico", "cali-POSTROUTING"),
             ("t", "ts-input"),
+            ("istio-proxy-mangle", "istio-divert"),
         ]
         .iter()
         .map(|(t, c)| ChainId {
@@ -270,6 +271,9 @@ mod tests {
         assert!(owners.contains(&"kube-proxy"), "{found:?}");
         assert!(owners.contains(&"calico"), "{found:?}");
         assert!(owners.contains(&"tailscale"), "{found:?}");
+        // Istio's nftables backend, by its tables.
+        let istio = &found.iter().find(|(n, _)| n == "istio").expect("istio").1;
+        assert_eq!(istio, &["istio-proxy-mangle"]);
         assert!(!owners.contains(&"cilium"), "{found:?}");
         // Versions fold into one owner; evidence is listed once.
         let kube = &found.iter().find(|(n, _)| n == "kube-proxy").unwrap().1;
@@ -430,5 +434,9 @@ mod tests {
         let calico = reg.get("calico")[0];
         assert!(calico.owns_chain("cali-POSTROUTING") && !calico.owns_chain("KUBE-MARK-MASQ"));
         assert!(reg.get("aws-vpc-cni@nftables>=1.23")[0].owns_chain("aws-cni"));
+        // Istio's nftables backend: its tables name the writer (what attribution matches).
+        let nft = reg.get("istio@sidecar-tproxy-nftables")[0];
+        assert!(nft.owns_chain("istio-proxy-mangle") && !nft.owns_chain("ISTIO_DIVERT"));
+        assert_eq!(nft.value_name(0x539), Some("inbound tproxy (1337)"));
     }
 }

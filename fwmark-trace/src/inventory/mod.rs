@@ -1,0 +1,444 @@
+//! `fwmark-trace inventory`: every place on a node that reads or writes packet-mark or
+//! conntrack-mark bits, with value and mask, attributed to its owner, and the conflicts between
+//! owners. A library first (`Inventory::read`, then queries: `owners_present`,
+//! `writers_in_chain`, `touching`, `conflicts`, `by_bit`), a command second (`cli`).
+//!
+//! One module per source, each returning `Found` places: `nft` (nft rules, iptables-nft's
+//! included), `iptables` (iptables-legacy tables), `iprule`, `xfrm` (policies and states),
+//! `wireguard` (device fwmarks), `sockets` (SO_MARK), `bpf` (tc and cgroup programs),
+//! `conntrack` (marks in use). `owners` attributes, `conflicts` compares, `render` prints.
+pub(crate) mod bits;
+pub(crate) mod bpf;
+pub(crate) mod command;
+pub(crate) mod conflicts;
+pub(crate) mod conntrack;
+pub(crate) mod iprule;
+pub(crate) mod iptables;
+pub(crate) mod model;
+pub(crate) mod nft;
+pub(crate) mod nl;
+pub(crate) mod owners;
+pub(crate) mod render;
+pub(crate) mod sockets;
+pub(crate) mod wireguard;
+pub(crate) mod xfrm;
+
+use std::{collections::BTreeSet, os::unix::fs::MetadataExt, path::PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+pub(crate) use conflicts::{Conflict, ConflictKind};
+pub(crate) use model::{Access, Entry, Found, MarkKind, Netns, Op, Place, Scope, What};
+
+use crate::{nodestate::nft::ChainId, registry::Registry};
+
+/// Which sources to read (all by default; trace start-up may skip the slow ones).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Sources {
+    pub(crate) nft: bool,
+    pub(crate) iptables_legacy: bool,
+    pub(crate) ip_rules: bool,
+    pub(crate) xfrm: bool,
+    pub(crate) wireguard: bool,
+    pub(crate) sockets: bool,
+    pub(crate) bpf: bool,
+    pub(crate) conntrack: bool,
+}
+
+impl Default for Sources {
+    fn default() -> Self {
+        Sources {
+            nft: true,
+            iptables_legacy: true,
+            ip_rules: true,
+            xfrm: true,
+            wireguard: true,
+            sockets: true,
+            bpf: true,
+            conntrack: true,
+        }
+    }
+}
+
+/// Which namespaces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Namespaces {
+    /// The calling thread's.
+    Current,
+    /// An `ip netns` name or a path such as /proc/PID/ns/net.
+    One(String),
+    /// Every namespace: /run/netns names, then the unnamed ones processes hold.
+    All,
+}
+
+/// A source that could not be read, or was skipped, and why.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub(crate) struct Note {
+    pub(crate) netns: Option<Netns>,
+    pub(crate) source: &'static str,
+    pub(crate) message: String,
+}
+
+/// One bit's readers and writers in one namespace.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub(crate) struct BitUse {
+    pub(crate) netns: Option<Netns>,
+    pub(crate) mark: MarkKind,
+    #[serde(serialize_with = "model::hex")]
+    pub(crate) bit: u32,
+    pub(crate) writers: Vec<usize>,
+    pub(crate) readers: Vec<usize>,
+    /// Conntrack entries holding a value with this bit.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) held: Vec<usize>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub(crate) struct Inventory {
+    pub(crate) namespaces: Vec<Netns>,
+    pub(crate) entries: Vec<Entry>,
+    pub(crate) notes: Vec<Note>,
+}
+
+/// The namespaces to read: (what to enter, None for the current one; how it is named).
+fn namespaces(which: &Namespaces) -> Result<Vec<(Option<PathBuf>, Netns)>> {
+    let inode = |p: &std::path::Path| -> Result<u32> {
+        Ok(std::fs::metadata(p)
+            .with_context(|| format!("network namespace {}", p.display()))?
+            .ino() as u32)
+    };
+    match which {
+        Namespaces::Current => Ok(vec![(
+            None,
+            Netns {
+                inode: crate::netns::current()?,
+                name: "current".into(),
+            },
+        )]),
+        Namespaces::One(spec) => {
+            let path = crate::netns::path_of(spec);
+            if !path.exists() {
+                bail!(
+                    "network namespace {spec:?} not found (looked for {})",
+                    path.display()
+                );
+            }
+            let ino = inode(&path)?;
+            Ok(vec![(
+                Some(path),
+                Netns {
+                    inode: ino,
+                    name: spec.clone(),
+                },
+            )])
+        }
+        Namespaces::All => {
+            let mut out: Vec<(Option<PathBuf>, Netns)> = Vec::new();
+            let mut seen = BTreeSet::new();
+            let mut named: Vec<PathBuf> = std::fs::read_dir("/run/netns")
+                .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+                .unwrap_or_default();
+            named.sort();
+            for p in named {
+                let (Ok(ino), Some(name)) = (inode(&p), p.file_name().and_then(|n| n.to_str()))
+                else {
+                    continue;
+                };
+                if seen.insert(ino) {
+                    let name = name.to_owned();
+                    out.push((Some(p), Netns { inode: ino, name }));
+                }
+            }
+            let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+                .context("listing /proc")?
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect();
+            pids.sort_unstable();
+            for pid in pids {
+                let p = PathBuf::from(format!("/proc/{pid}/ns/net"));
+                let Ok(ino) = inode(&p) else { continue };
+                if seen.insert(ino) {
+                    let name = format!("pid {pid}");
+                    out.push((Some(p), Netns { inode: ino, name }));
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// iptables table names: an nft table of family ip/ip6 with one of these may be
+/// iptables-nft's, whose xt expressions need iptables-nft-save's arguments.
+const IPTABLES_TABLES: [&str; 5] = ["filter", "nat", "mangle", "raw", "security"];
+
+/// Reads every source in the calling thread's namespace.
+fn read_here(
+    sources: Sources,
+    programs: &[bpf::Program],
+) -> (Vec<Found>, Vec<(&'static str, String)>) {
+    use crate::stack::Family;
+    use model::IptablesBackend;
+    let mut found = Vec::new();
+    let mut notes = Vec::new();
+    let mut take = |source: &'static str, r: Result<Vec<Found>>| match r {
+        Ok(f) => found.extend(f),
+        Err(e) => notes.push((source, format!("{e:#}"))),
+    };
+    if sources.nft {
+        take(
+            "nft",
+            (|| {
+                let json = crate::nodestate::nft::nft(&["-j", "list", "ruleset"])?;
+                let items = crate::nodestate::nft::items(&json)?;
+                let text = String::from_utf8_lossy(&crate::nodestate::nft::nft(&[
+                    "-a", "list", "ruleset",
+                ])?)
+                .into_owned();
+                let mut saves = Vec::new();
+                for (family, tool) in [
+                    (Family::Ipv4, "iptables-nft-save"),
+                    (Family::Ipv6, "ip6tables-nft-save"),
+                ] {
+                    let has = items.iter().filter_map(|i| i.get("table")).any(|t| {
+                        t.get("family")
+                            .and_then(|f| f.as_str())
+                            .and_then(|f| f.parse::<crate::stack::NftFamily>().ok())
+                            == Some(nft::iptables_family(family))
+                            && t.get("name")
+                                .and_then(|n| n.as_str())
+                                .is_some_and(|n| IPTABLES_TABLES.contains(&n))
+                    });
+                    if has {
+                        if let Some(text) = iptables::save(tool).ok().flatten() {
+                            saves.push((family, iptables::parse_save(&text)));
+                        }
+                    }
+                }
+                Ok(nft::found(&items, &text, &saves))
+            })(),
+        );
+    }
+    if sources.iptables_legacy {
+        for (family, tool) in [
+            (Family::Ipv4, "iptables-legacy-save"),
+            (Family::Ipv6, "ip6tables-legacy-save"),
+        ] {
+            if !iptables::legacy_tables_present(family) {
+                continue;
+            }
+            take("iptables-legacy", match iptables::save(tool) {
+                Ok(Some(text)) => Ok(iptables::found(&text, IptablesBackend::Legacy, family)),
+                Ok(None) => Err(anyhow::anyhow!("iptables-legacy tables are in use but {tool} is not installed: their rules are not listed")),
+                Err(e) => Err(e),
+            });
+        }
+    }
+    if sources.ip_rules {
+        take("ip rules", iprule::read());
+    }
+    if sources.xfrm {
+        take("xfrm policies", xfrm::policies());
+        take("xfrm states", xfrm::states());
+    }
+    if sources.wireguard {
+        take("wireguard", wireguard::read());
+    }
+    if sources.sockets {
+        take("sockets", sockets::read());
+    }
+    if sources.bpf {
+        take("bpf programs", bpf::tc_here(programs));
+    }
+    if sources.conntrack {
+        take("conntrack", conntrack::read());
+    }
+    (found, notes)
+}
+
+impl Inventory {
+    /// Reads the namespaces' sources and attributes every entry with `reg`.
+    pub(crate) fn read(reg: &Registry, which: &Namespaces, sources: Sources) -> Result<Self> {
+        let list = namespaces(which)?;
+        let mut inv = Inventory::default();
+        let programs = if sources.bpf {
+            match bpf::programs() {
+                Ok(p) => p,
+                Err(e) => {
+                    inv.note(None, "bpf programs", format!("{e:#}"));
+                    Vec::new()
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        let mut per_ns: Vec<(Netns, Vec<Found>)> = Vec::new();
+        for (path, ns) in list {
+            let progs = programs.clone();
+            let res = std::thread::spawn(move || -> Result<_> {
+                if let Some(p) = path {
+                    crate::netns::enter(&p.to_string_lossy())?;
+                }
+                Ok(read_here(sources, &progs))
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("reading namespace {}: a reader panicked", ns.name))?;
+            match res {
+                Ok((found, notes)) => {
+                    for (source, message) in notes {
+                        inv.note(Some(ns.clone()), source, message);
+                    }
+                    per_ns.push((ns.clone(), found));
+                }
+                // A namespace that went away while listing: said, not fatal with --all-netns.
+                Err(e) if *which == Namespaces::All => {
+                    inv.note(Some(ns.clone()), "netns", format!("{e:#}"));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            inv.namespaces.push(ns);
+        }
+        for (ns, found) in per_ns {
+            inv.add(Some(ns), found);
+        }
+        inv.add(None, bpf::cgroup(&programs));
+        inv.attribute(reg);
+        Ok(inv)
+    }
+
+    fn note(&mut self, netns: Option<Netns>, source: &'static str, message: String) {
+        self.notes.push(Note {
+            netns,
+            source,
+            message,
+        });
+    }
+
+    /// Adds found places as entries of `netns` (numbered, not yet attributed).
+    pub(crate) fn add(&mut self, netns: Option<Netns>, found: Vec<Found>) {
+        for f in found {
+            self.entries.push(Entry {
+                id: self.entries.len(),
+                netns: netns.clone(),
+                place: f.place,
+                text: f.text,
+                access: f.access,
+                owner: None,
+                names: f.names,
+            });
+        }
+    }
+
+    /// Attributes every entry (ties go to owners recognised by name in the same namespace).
+    pub(crate) fn attribute(&mut self, reg: &Registry) {
+        let groups: Vec<Option<Netns>> = self
+            .entries
+            .iter()
+            .map(|e| e.netns.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for g in groups {
+            let members: Vec<Entry> = self
+                .entries
+                .iter()
+                .filter(|e| e.netns.is_none() || e.netns == g)
+                .cloned()
+                .collect();
+            let present = owners::present_by_name(reg, &members);
+            for e in self.entries.iter_mut().filter(|e| e.netns == g) {
+                e.owner = owners::attribute(reg, e, &present);
+            }
+        }
+    }
+
+    /// Registry ids of the owners of any entry, sorted.
+    pub(crate) fn owners_present(&self) -> Vec<String> {
+        self.entries
+            .iter()
+            .filter_map(|e| e.owner.as_ref().map(|o| o.id.clone()))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    }
+
+    /// Entries in namespace `inode` (node-wide ones included).
+    pub(crate) fn in_netns(&self, inode: u32) -> impl Iterator<Item = &Entry> {
+        self.entries
+            .iter()
+            .filter(move |e| e.netns.as_ref().is_none_or(|n| n.inode == inode))
+    }
+
+    /// The writers in nft chain `id`: its own rules, and for a base chain the rules of the
+    /// chains it reaches.
+    pub(crate) fn writers_in_chain<'a>(
+        &'a self,
+        id: &'a ChainId,
+    ) -> impl Iterator<Item = &'a Entry> {
+        self.entries.iter().filter(move |e| {
+            let Place::NftRule {
+                chain,
+                reached_from,
+                ..
+            } = &e.place
+            else {
+                return false;
+            };
+            let here = chain == id || reached_from.iter().any(|b| b.id == *id);
+            here && e.writes().next().is_some()
+        })
+    }
+
+    /// Entries with an access to any of `bits` of `mark`.
+    pub(crate) fn touching(&self, mark: MarkKind, bits: u32) -> impl Iterator<Item = &Entry> {
+        self.entries.iter().filter(move |e| {
+            e.access
+                .iter()
+                .any(|a| a.mark == mark && (a.bits() | a.written()) & bits != 0)
+        })
+    }
+
+    pub(crate) fn conflicts(&self) -> Vec<Conflict> {
+        conflicts::conflicts(&self.entries)
+    }
+
+    /// Per namespace, mark and bit in use: who writes, reads or holds it. A whole write counts
+    /// for the bits it sets or copies (it clears all the others: see its access).
+    pub(crate) fn by_bit(&self) -> Vec<BitUse> {
+        let mut out: Vec<BitUse> = Vec::new();
+        for e in &self.entries {
+            for a in &e.access {
+                for bit in (0..32).map(|b| 1u32 << b).filter(|b| a.bits() & b != 0) {
+                    let slot = match out
+                        .iter_mut()
+                        .position(|u| u.netns == e.netns && u.mark == a.mark && u.bit == bit)
+                    {
+                        Some(i) => &mut out[i],
+                        None => {
+                            out.push(BitUse {
+                                netns: e.netns.clone(),
+                                mark: a.mark,
+                                bit,
+                                writers: vec![],
+                                readers: vec![],
+                                held: vec![],
+                            });
+                            out.last_mut().expect("just pushed")
+                        }
+                    };
+                    let list = match a.op {
+                        Op::Read { .. } => &mut slot.readers,
+                        Op::Write { .. } => &mut slot.writers,
+                        Op::Holds { .. } => &mut slot.held,
+                    };
+                    if list.last() != Some(&e.id) {
+                        list.push(e.id);
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| (&a.netns, a.mark, a.bit).cmp(&(&b.netns, b.mark, b.bit)));
+        out
+    }
+}

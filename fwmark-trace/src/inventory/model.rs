@@ -1,0 +1,603 @@
+//! The inventory's data model: one `Entry` per place that reads or writes packet-mark or
+//! conntrack-mark bits (an nft or iptables rule, an ip rule, an xfrm policy or state, a
+//! WireGuard device, a socket, a BPF program, the conntrack table), each with its typed
+//! accesses (value, mask, whole or bitwise) and the owner it was attributed to. Text appears
+//! only where a person reads it (`text`, `describe`) and in the JSON rendering.
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+use serde::{Serialize, Serializer};
+
+use crate::{
+    nodestate::{
+        netlink::{RuleAction, XfrmAction, XfrmDir},
+        nft::ChainId,
+    },
+    stack::{Family, NfHook},
+};
+
+/// Serialises a mark or mask as `0x…` (how every mark in fwmark-trace's JSON reads).
+pub(crate) fn hex<S: Serializer>(v: &u32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{v:#x}"))
+}
+
+/// Which mark: the packet's (`skb->mark`, nft `meta mark`, SO_MARK) or its connection's
+/// (`nf_conn->mark`, nft `ct mark`, CONNMARK).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum MarkKind {
+    Packet,
+    #[serde(rename = "ct")]
+    Conntrack,
+}
+
+impl MarkKind {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            MarkKind::Packet => "packet mark",
+            MarkKind::Conntrack => "ct mark",
+        }
+    }
+
+    /// The other one (a restore copies the ct mark into the packet mark, a save the reverse).
+    pub(crate) fn other(self) -> MarkKind {
+        match self {
+            MarkKind::Packet => MarkKind::Conntrack,
+            MarkKind::Conntrack => MarkKind::Packet,
+        }
+    }
+}
+
+/// How much of the mark a write replaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Scope {
+    /// Changes only the bits under its mask (`--or-mark`, `meta mark set meta mark | V`).
+    Bits,
+    /// Assigns all 32 bits of a mark packets already carry: every bit outside its value is
+    /// cleared (`meta mark set ct mark & 0x80`, `--set-mark V` without a mask, `skb->mark = V`).
+    Whole,
+    /// The first mark of the packets it sends (SO_MARK, a WireGuard device's fwmark): whole, but
+    /// there are no earlier bits to lose.
+    Origin,
+}
+
+/// What an access does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub(crate) enum Op {
+    /// Compares `mark & mask` with `value` (exact when the mask is all 32 bits).
+    Read { negated: bool },
+    /// Sets the bits of `value` under `mask` (bits of the mask outside `value` are cleared).
+    Write {
+        scope: Scope,
+        /// Bits flipped (xor) rather than set.
+        #[serde(serialize_with = "hex", skip_serializing_if = "is_zero")]
+        toggles: u32,
+        /// Bits copied from the other mark (a save or restore), and which mark that is.
+        #[serde(serialize_with = "hex", skip_serializing_if = "is_zero")]
+        copies: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        copy_from: Option<MarkKind>,
+        /// False when the written value is not visible (a program's register, a map lookup).
+        known: bool,
+    },
+    /// Conntrack entries carry this mark (state, not a rule).
+    Holds { count: u64 },
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+/// One read or write of one mark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub(crate) struct Access {
+    pub(crate) mark: MarkKind,
+    #[serde(serialize_with = "hex")]
+    pub(crate) value: u32,
+    #[serde(serialize_with = "hex")]
+    pub(crate) mask: u32,
+    #[serde(flatten)]
+    pub(crate) op: Op,
+}
+
+impl Access {
+    pub(crate) fn read(mark: MarkKind, value: u32, mask: u32, negated: bool) -> Self {
+        Access {
+            mark,
+            value: value & mask,
+            mask,
+            op: Op::Read { negated },
+        }
+    }
+
+    /// A write of a constant whole value that starts the packets of a socket or device.
+    pub(crate) fn origin(value: u32) -> Self {
+        Access {
+            mark: MarkKind::Packet,
+            value,
+            mask: u32::MAX,
+            op: Op::Write {
+                scope: Scope::Origin,
+                toggles: 0,
+                copies: 0,
+                copy_from: None,
+                known: true,
+            },
+        }
+    }
+
+    pub(crate) fn is_read(&self) -> bool {
+        matches!(self.op, Op::Read { .. })
+    }
+
+    pub(crate) fn is_write(&self) -> bool {
+        matches!(self.op, Op::Write { .. })
+    }
+
+    pub(crate) fn scope(&self) -> Option<Scope> {
+        match self.op {
+            Op::Write { scope, .. } => Some(scope),
+            _ => None,
+        }
+    }
+
+    /// A read of all 32 bits (`ip rule fwmark V` without a mask, nft `meta mark V`).
+    pub(crate) fn is_exact_read(&self) -> bool {
+        self.is_read() && self.mask == u32::MAX
+    }
+
+    /// The bits that say whose access this is: a read's mask (an exact read's value), a bitwise
+    /// write's mask, a whole or origin write's value and copied bits, a conntrack value.
+    pub(crate) fn bits(&self) -> u32 {
+        match self.op {
+            Op::Read { .. } if self.mask == u32::MAX => self.value,
+            Op::Read { .. } => self.mask,
+            Op::Write {
+                scope: Scope::Bits, ..
+            } => self.mask,
+            Op::Write { copies, .. } => self.value | copies,
+            Op::Holds { .. } => self.value,
+        }
+    }
+
+    /// The bits a write may change: its mask, for an origin write the bits it sets.
+    pub(crate) fn written(&self) -> u32 {
+        match self.op {
+            Op::Write {
+                scope: Scope::Origin,
+                ..
+            } => self.value,
+            Op::Write { .. } => self.mask,
+            _ => 0,
+        }
+    }
+
+    /// What it does, in words: "sets 0x4000", "clears 0x1b0000", "= ct mark & 0x80 (whole)",
+    /// "matches & 0x8000 == 0x8000".
+    pub(crate) fn describe(&self) -> String {
+        let m = self.mark.label();
+        match self.op {
+            Op::Read { negated } => {
+                let op = if negated { "!=" } else { "==" };
+                if self.mask == u32::MAX {
+                    format!("reads {m} {op} {:#x} (exact)", self.value)
+                } else {
+                    format!("reads {m} & {:#x} {op} {:#x}", self.mask, self.value)
+                }
+            }
+            Op::Holds { count } => {
+                format!("{count} conntrack entries with ct mark {:#x}", self.value)
+            }
+            Op::Write {
+                scope,
+                toggles,
+                copies,
+                copy_from,
+                known,
+            } => {
+                let mut parts = Vec::new();
+                if !known {
+                    parts.push("a value not visible".to_owned());
+                }
+                if let Some(from) = copy_from.filter(|_| copies != 0) {
+                    let whole = if copies == u32::MAX {
+                        String::new()
+                    } else {
+                        format!(" & {copies:#x}")
+                    };
+                    parts.push(format!("copies {}{whole}", from.label()));
+                }
+                let set = self.value & !copies;
+                if set != 0 {
+                    parts.push(format!("sets {set:#x}"));
+                }
+                if toggles != 0 {
+                    parts.push(format!("toggles {toggles:#x}"));
+                }
+                let cleared = self.mask & !self.value & !toggles & !copies;
+                match scope {
+                    Scope::Bits if cleared != 0 => parts.push(format!("clears {cleared:#x}")),
+                    Scope::Whole => parts.push("clears every other bit (whole)".into()),
+                    _ => {}
+                }
+                if parts.is_empty() {
+                    parts.push(format!("= {:#x}", self.value));
+                }
+                let what = match scope {
+                    Scope::Origin => "starts its packets with",
+                    _ => "writes",
+                };
+                if scope == Scope::Origin {
+                    format!("{what} {m} {:#x}", self.value)
+                } else {
+                    format!("{what} {m}: {}", parts.join(", "))
+                }
+            }
+        }
+    }
+}
+
+/// A network namespace, by inode (what the kernel reports) and the name it was found by.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub(crate) struct Netns {
+    pub(crate) inode: u32,
+    /// `ip netns` name, `pid N` (found through /proc/N/ns/net), or `current`.
+    pub(crate) name: String,
+}
+
+/// Where iptables rules live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum IptablesBackend {
+    Legacy,
+    Nft,
+}
+
+/// A base chain (on a hook) that reaches a rule's chain through jumps, gotos or verdict maps.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub(crate) struct BaseChain {
+    #[serde(flatten)]
+    pub(crate) id: ChainId,
+    pub(crate) hook: NfHook,
+    pub(crate) priority: i32,
+}
+
+/// How a WireGuard device is run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum WgImpl {
+    /// The kernel module (generic netlink family "wireguard").
+    Kernel,
+    /// wireguard-go, boringtun…: a TUN device and a UAPI socket in /var/run/wireguard.
+    Userspace,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum SockProto {
+    Tcp,
+    Udp,
+    Raw,
+}
+
+impl SockProto {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            SockProto::Tcp => "tcp",
+            SockProto::Udp => "udp",
+            SockProto::Raw => "raw",
+        }
+    }
+}
+
+/// Program types that can write the packet mark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum BpfKind {
+    /// tc classifier (tcx or cls_bpf).
+    SchedCls,
+    /// tc action.
+    SchedAct,
+    /// cgroup skb ingress/egress.
+    CgroupSkb,
+    /// cgroup sock (socket creation: `bpf_sock.mark`).
+    CgroupSock,
+}
+
+/// Where a BPF program is attached in the namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub(crate) struct Attachment {
+    pub(crate) ifname: String,
+    /// ingress or egress.
+    pub(crate) direction: &'static str,
+    /// tcx or clsact (a classic cls_bpf filter).
+    pub(crate) via: &'static str,
+}
+
+/// What the entry is and where it sits.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "what", rename_all = "kebab-case")]
+pub(crate) enum Place {
+    /// A rule of the nft ruleset (iptables-nft's rules included: `iptables` then holds the
+    /// rule as iptables-nft-save prints it).
+    NftRule {
+        #[serde(flatten)]
+        chain: ChainId,
+        handle: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        iptables: Option<String>,
+        reached_from: Vec<BaseChain>,
+    },
+    /// A rule of the iptables-legacy tables (`iptables-legacy-save`).
+    IptablesRule {
+        backend: IptablesBackend,
+        family: Family,
+        table: String,
+        chain: String,
+        /// 1-based position in its chain.
+        position: usize,
+        reached_from: Vec<String>,
+    },
+    IpRule {
+        family: Family,
+        priority: u32,
+        table: u32,
+        action: RuleAction,
+    },
+    XfrmPolicy {
+        dir: XfrmDir,
+        action: XfrmAction,
+        src: IpNet,
+        dst: IpNet,
+        priority: u32,
+    },
+    XfrmState {
+        src: IpAddr,
+        dst: IpAddr,
+        #[serde(serialize_with = "hex")]
+        spi: u32,
+        proto: u8,
+    },
+    Wireguard {
+        ifname: String,
+        ifindex: u32,
+        listen_port: u16,
+        implementation: WgImpl,
+    },
+    Socket {
+        proto: SockProto,
+        local: SocketAddr,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        remote: Option<SocketAddr>,
+        inode: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pid: Option<u32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        comm: Option<String>,
+    },
+    BpfProgram {
+        id: u32,
+        name: String,
+        prog_type: BpfKind,
+        attached: Vec<Attachment>,
+    },
+    /// Conntrack entries of one mark value.
+    Conntrack { entries: u64 },
+}
+
+/// The kinds of place, as `--json` names them (`what`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum What {
+    NftRule,
+    IptablesRule,
+    IpRule,
+    XfrmPolicy,
+    XfrmState,
+    Wireguard,
+    Socket,
+    BpfProgram,
+    Conntrack,
+}
+
+impl Place {
+    pub(crate) fn what(&self) -> What {
+        match self {
+            Place::NftRule { .. } => What::NftRule,
+            Place::IptablesRule { .. } => What::IptablesRule,
+            Place::IpRule { .. } => What::IpRule,
+            Place::XfrmPolicy { .. } => What::XfrmPolicy,
+            Place::XfrmState { .. } => What::XfrmState,
+            Place::Wireguard { .. } => What::Wireguard,
+            Place::Socket { .. } => What::Socket,
+            Place::BpfProgram { .. } => What::BpfProgram,
+            Place::Conntrack { .. } => What::Conntrack,
+        }
+    }
+
+    /// Where, in a few words: "nft ip kube-proxy/mark-for-masquerade #3", "socket udp
+    /// 0.0.0.0:5000 (pid 42 tailscaled)", "bpf program 42 set_mark (tcx egress veth-a)".
+    pub(crate) fn label(&self) -> String {
+        match self {
+            Place::NftRule { chain, handle, .. } => format!("nft {chain} #{handle}"),
+            Place::IptablesRule {
+                backend,
+                family,
+                table,
+                chain,
+                position,
+                ..
+            } => {
+                let tool = match (backend, family) {
+                    (IptablesBackend::Legacy, Family::Ipv4) => "iptables-legacy",
+                    (IptablesBackend::Legacy, Family::Ipv6) => "ip6tables-legacy",
+                    (IptablesBackend::Nft, Family::Ipv4) => "iptables-nft",
+                    (IptablesBackend::Nft, Family::Ipv6) => "ip6tables-nft",
+                };
+                format!("{tool} {table}/{chain} #{position}")
+            }
+            Place::IpRule {
+                family, priority, ..
+            } => {
+                let v = if *family == Family::Ipv6 { " -6" } else { "" };
+                format!("ip{v} rule {priority}")
+            }
+            Place::XfrmPolicy { dir, .. } => format!("xfrm policy {dir:?}").to_lowercase(),
+            Place::XfrmState { spi, .. } => format!("xfrm state spi {spi:#x}"),
+            Place::Wireguard {
+                ifname,
+                implementation,
+                ..
+            } => match implementation {
+                WgImpl::Kernel => format!("wireguard {ifname}"),
+                WgImpl::Userspace => format!("wireguard {ifname} (userspace)"),
+            },
+            Place::Socket {
+                proto,
+                local,
+                pid,
+                comm,
+                ..
+            } => {
+                let who = match (pid, comm) {
+                    (Some(p), Some(c)) => format!(" (pid {p} {c})"),
+                    _ => String::new(),
+                };
+                format!("socket {} {local}{who}", proto.name())
+            }
+            Place::BpfProgram {
+                id, name, attached, ..
+            } => {
+                let at: Vec<String> = attached
+                    .iter()
+                    .map(|a| format!("{} {} {}", a.via, a.direction, a.ifname))
+                    .collect();
+                if at.is_empty() {
+                    format!("bpf program {id} {name}")
+                } else {
+                    format!("bpf program {id} {name} ({})", at.join(", "))
+                }
+            }
+            Place::Conntrack { .. } => "conntrack table".into(),
+        }
+    }
+}
+
+/// How an owner was decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum By {
+    /// A table, chain, interface or process name matched the owner's patterns.
+    Name,
+    /// A value the access reads or writes is one the owner names.
+    Value,
+    /// The bits fit inside the owner's mask.
+    Mask,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub(crate) struct OwnerRef {
+    /// Registry id (`kube-proxy@current`).
+    pub(crate) id: String,
+    /// Owner name, every version together (`kube-proxy`): what conflicts compare.
+    pub(crate) name: String,
+    pub(crate) by: By,
+    /// Other owners that fit as well (same evidence), best first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) also: Vec<String>,
+}
+
+/// One place that reads or writes mark bits.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub(crate) struct Entry {
+    /// Index in `Inventory::entries` (stable within one inventory).
+    pub(crate) id: usize,
+    /// None: node-wide (cgroup BPF programs are not bound to a namespace).
+    pub(crate) netns: Option<Netns>,
+    #[serde(flatten)]
+    pub(crate) place: Place,
+    /// The rule or object as its tool prints it.
+    pub(crate) text: String,
+    pub(crate) access: Vec<Access>,
+    pub(crate) owner: Option<OwnerRef>,
+    /// Names the owner may be recognised by (tables, chains, interfaces, processes).
+    #[serde(skip)]
+    pub(crate) names: Vec<String>,
+}
+
+impl Entry {
+    pub(crate) fn owner_name(&self) -> Option<&str> {
+        self.owner.as_ref().map(|o| o.name.as_str())
+    }
+
+    pub(crate) fn owner_id(&self) -> &str {
+        self.owner.as_ref().map_or("unowned", |o| o.id.as_str())
+    }
+
+    pub(crate) fn reads(&self) -> impl Iterator<Item = &Access> {
+        self.access.iter().filter(|a| a.is_read())
+    }
+
+    pub(crate) fn writes(&self) -> impl Iterator<Item = &Access> {
+        self.access.iter().filter(|a| a.is_write())
+    }
+}
+
+/// What a place found before it is numbered and attributed (what each source returns).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Found {
+    pub(crate) place: Place,
+    pub(crate) text: String,
+    pub(crate) access: Vec<Access>,
+    pub(crate) names: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(scope: Scope, value: u32, mask: u32) -> Access {
+        Access {
+            mark: MarkKind::Packet,
+            value,
+            mask,
+            op: Op::Write {
+                scope,
+                toggles: 0,
+                copies: 0,
+                copy_from: None,
+                known: true,
+            },
+        }
+    }
+
+    #[test]
+    fn bits_and_descriptions() {
+        let or = write(Scope::Bits, 0x4000, 0x4000);
+        assert_eq!((or.bits(), or.written()), (0x4000, 0x4000));
+        assert_eq!(or.describe(), "writes packet mark: sets 0x4000");
+        let clear = write(Scope::Bits, 0, 0x1b0000);
+        assert_eq!(clear.describe(), "writes packet mark: clears 0x1b0000");
+        let origin = Access::origin(0xca6c);
+        assert_eq!((origin.bits(), origin.written()), (0xca6c, 0xca6c));
+        assert_eq!(
+            origin.describe(),
+            "starts its packets with packet mark 0xca6c"
+        );
+        let exact = Access::read(MarkKind::Packet, 0xca6c, u32::MAX, true);
+        assert!(exact.is_exact_read());
+        assert_eq!(exact.bits(), 0xca6c);
+        assert_eq!(exact.describe(), "reads packet mark != 0xca6c (exact)");
+        let masked = Access::read(MarkKind::Conntrack, 0x40000, 0xff0000, false);
+        assert_eq!(masked.bits(), 0xff0000);
+        assert_eq!(masked.describe(), "reads ct mark & 0xff0000 == 0x40000");
+        let json = serde_json::to_value(or).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"mark": "packet", "value": "0x4000", "mask": "0x4000",
+                               "op": "write", "scope": "bits", "known": true})
+        );
+    }
+}

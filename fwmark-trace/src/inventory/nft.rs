@@ -1,0 +1,500 @@
+//! nft rules that read or write the packet or conntrack mark, derived structurally from `nft -j
+//! list ruleset`: `match` expressions on `meta mark`/`ct mark` (under `&` masks, against values
+//! or sets, in verdict-map keys) are reads; `mangle` statements on them are writes, their value
+//! expressions (`&`, `|`, `^`, the other mark, constants) evaluated bit by bit (`bits`). Each rule
+//! names the base chains that reach it through jumps, gotos and verdict maps (the graph of
+//! `nodestate::nft`). iptables-nft rules are nft rules, but their MARK, CONNMARK and TPROXY
+//! targets (and some matches) stay `xt` expressions whose values nft's JSON leaves out: those
+//! rules take their accesses from the same rule in `iptables-nft-save` (same chain, same
+//! position). Rule text comes from `nft -a list ruleset` (by handle).
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use serde_json::Value;
+
+use super::bits::Bits;
+use super::iptables::{self, SavedRule};
+use super::model::{Access, BaseChain, Found, MarkKind, Op, Place, Scope};
+use crate::{
+    nodestate::nft::{without_counts, ChainId, Graph},
+    stack::{Family, NfHook, NftFamily},
+};
+
+/// `meta mark` or `ct mark`.
+fn mark_of(v: &Value) -> Option<MarkKind> {
+    if v.get("meta")?.get("key")? == "mark" {
+        return Some(MarkKind::Packet);
+    }
+    None
+}
+
+fn mark_or_ct(v: &Value) -> Option<MarkKind> {
+    mark_of(v).or_else(|| (v.get("ct")?.get("key")? == "mark").then_some(MarkKind::Conntrack))
+}
+
+fn number(v: &Value) -> Option<u32> {
+    match v {
+        Value::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
+        Value::String(s) => crate::mark::parse_u32(s),
+        _ => None,
+    }
+}
+
+/// A binary operation `{"&": [a, b]}` (nft JSON nests longer chains).
+fn binop(v: &Value) -> Option<(&str, &Value, &Value)> {
+    let obj = v.as_object()?;
+    let (op, args) = obj.iter().next()?;
+    if obj.len() != 1 || !matches!(op.as_str(), "&" | "|" | "^") {
+        return None;
+    }
+    match args.as_array()?.as_slice() {
+        [a, b] => Some((op.as_str(), a, b)),
+        _ => None,
+    }
+}
+
+/// A read operand: a mark, possibly under a constant `&` mask.
+fn operand(v: &Value) -> Option<(MarkKind, u32)> {
+    if let Some(m) = mark_or_ct(v) {
+        return Some((m, u32::MAX));
+    }
+    match binop(v)? {
+        ("&", a, b) => Some((mark_or_ct(a)?, number(b)?)),
+        _ => None,
+    }
+}
+
+/// What a value expression writes into `target`, bit by bit.
+fn eval(v: &Value, target: MarkKind) -> Bits {
+    if let Some(n) = number(v) {
+        return Bits::constant(n);
+    }
+    if let Some(m) = mark_or_ct(v) {
+        return if m == target {
+            Bits::same()
+        } else {
+            Bits::copy_of(m)
+        };
+    }
+    let Some((op, a, b)) = binop(v) else {
+        return Bits::unknown();
+    };
+    let (x, c) = match (number(a), number(b)) {
+        (_, Some(c)) => (eval(a, target), c),
+        (Some(c), None) => (eval(b, target), c),
+        (None, None) => return Bits::unknown(),
+    };
+    match op {
+        "&" => x.and(c),
+        "|" => x.or(c),
+        _ => x.xor(c),
+    }
+}
+
+/// Numbers of a set (`{"set": [1, 2]}`) or a single number.
+fn values(v: &Value) -> Vec<u32> {
+    match v.get("set").and_then(Value::as_array) {
+        Some(items) => items.iter().filter_map(number).collect(),
+        None => number(v).into_iter().collect(),
+    }
+}
+
+/// Names of iptables targets and matches that touch marks.
+const XT_MARK: [&str; 5] = ["MARK", "CONNMARK", "TPROXY", "mark", "connmark"];
+
+/// The mark accesses of one rule's expressions, and whether some are hidden in `xt`
+/// expressions (iptables-nft targets and matches nft cannot show).
+pub(crate) fn rule_accesses(expr: &[Value]) -> (Vec<Access>, Vec<String>) {
+    let mut out = Vec::new();
+    let mut xt = Vec::new();
+    for e in expr {
+        if let Some(m) = e.get("match") {
+            let negated = m.get("op").and_then(Value::as_str) == Some("!=");
+            if let Some((mark, mask)) = m.get("left").and_then(operand) {
+                for v in values(m.get("right").unwrap_or(&Value::Null)) {
+                    out.push(Access::read(mark, v, mask, negated));
+                }
+            }
+        } else if let Some(m) = e.get("mangle") {
+            let Some(target) = m.get("key").and_then(mark_or_ct) else {
+                continue;
+            };
+            let bits = eval(m.get("value").unwrap_or(&Value::Null), target);
+            out.extend(bits.write(target));
+        } else if let Some(vm) = e.get("vmap") {
+            // `meta mark & M vmap { V: jump x, … }`: one read per key.
+            if let Some((mark, mask)) = vm.get("key").and_then(operand) {
+                let keys = vm
+                    .get("data")
+                    .and_then(|d| d.get("set"))
+                    .and_then(Value::as_array);
+                for v in keys
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|el| number(el.get(0)?))
+                {
+                    out.push(Access::read(mark, v, mask, false));
+                }
+            }
+        } else if let Some(x) = e.get("xt") {
+            if let Some(name) = x.get("name").and_then(Value::as_str) {
+                if XT_MARK.contains(&name) {
+                    xt.push(name.to_owned());
+                }
+            }
+        }
+    }
+    (out, xt)
+}
+
+/// A write whose value the ruleset does not show (an `xt` target without its save line).
+fn unknown_write(mark: MarkKind) -> Access {
+    Access {
+        mark,
+        value: 0,
+        mask: u32::MAX,
+        op: Op::Write {
+            scope: Scope::Whole,
+            toggles: 0,
+            copies: 0,
+            copy_from: None,
+            known: false,
+        },
+    }
+}
+
+/// Rule texts by (family, table, chain, handle), from `nft -a list ruleset`.
+pub(crate) fn rule_texts(text: &str) -> HashMap<(ChainId, u64), String> {
+    let mut table: Option<(NftFamily, String)> = None;
+    let mut chain = String::new();
+    let mut out = HashMap::new();
+    for line in text.lines().map(str::trim) {
+        let (body, handle) = match line.rsplit_once("# handle ") {
+            Some((b, h)) => (b.trim(), h.trim().parse::<u64>().ok()),
+            None => (line, None),
+        };
+        let words: Vec<&str> = body.split_whitespace().collect();
+        match words.as_slice() {
+            ["table", f, t, ..] => table = f.parse().ok().map(|f| (f, t.to_string())),
+            ["chain", c, ..] => chain = c.to_string(),
+            _ => {
+                if let (Some(h), Some((family, table))) = (handle, &table) {
+                    let id = ChainId {
+                        family: *family,
+                        table: table.clone(),
+                        name: chain.clone(),
+                    };
+                    out.insert((id, h), without_counts(&words));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// For each chain, the base chains that reach it (itself included when it is one).
+fn reached_from(items: &[Value]) -> HashMap<ChainId, Vec<BaseChain>> {
+    let graph = Graph::new(items);
+    let mut out: HashMap<ChainId, Vec<BaseChain>> = HashMap::new();
+    for c in items.iter().filter_map(|i| i.get("chain")) {
+        let s = |k: &str| c.get(k).and_then(Value::as_str);
+        let (Some(family), Some(table), Some(name), Some(hook)) =
+            (s("family"), s("table"), s("name"), s("hook"))
+        else {
+            continue;
+        };
+        let (Ok(family), Ok(hook)) = (family.parse::<NftFamily>(), hook.parse::<NfHook>()) else {
+            continue;
+        };
+        let start = ChainId {
+            family,
+            table: table.to_owned(),
+            name: name.to_owned(),
+        };
+        let base = BaseChain {
+            id: start.clone(),
+            hook,
+            priority: c
+                .get("prio")
+                .and_then(Value::as_i64)
+                .and_then(|p| i32::try_from(p).ok())
+                .unwrap_or(0),
+        };
+        let mut seen = HashSet::from([start.clone()]);
+        let mut queue = VecDeque::from([start]);
+        while let Some(k) = queue.pop_front() {
+            for t in graph.jumps.get(&k).into_iter().flatten() {
+                let next = ChainId {
+                    name: t.clone(),
+                    ..k.clone()
+                };
+                if seen.insert(next.clone()) {
+                    queue.push_back(next);
+                }
+            }
+            out.entry(k).or_default().push(base.clone());
+        }
+    }
+    out
+}
+
+/// The mark rules of a ruleset. `saves` holds iptables-nft-save's rules per family (for the
+/// tables iptables-nft manages).
+pub(crate) fn found(items: &[Value], text: &str, saves: &[(Family, Vec<SavedRule>)]) -> Vec<Found> {
+    let texts = rule_texts(text);
+    let reach = reached_from(items);
+    let rules: Vec<&Value> = items.iter().filter_map(|i| i.get("rule")).collect();
+    // (family, table, chain) → number of rules, to check positions against iptables-nft-save.
+    let mut per_chain: HashMap<ChainId, usize> = HashMap::new();
+    for r in &rules {
+        if let Some(k) = key(r) {
+            *per_chain.entry(k).or_default() += 1;
+        }
+    }
+    let mut saved: HashMap<ChainId, Vec<&SavedRule>> = HashMap::new();
+    for (family, list) in saves {
+        for s in list {
+            saved
+                .entry(ChainId {
+                    family: iptables_family(*family),
+                    table: s.table.clone(),
+                    name: s.chain.clone(),
+                })
+                .or_default()
+                .push(s);
+        }
+    }
+    let mut position: HashMap<ChainId, usize> = HashMap::new();
+    let mut out = Vec::new();
+    for r in rules {
+        let Some(k) = key(r) else { continue };
+        let pos = position.entry(k.clone()).or_default();
+        *pos += 1;
+        let expr = r
+            .get("expr")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let (mut access, xt) = rule_accesses(expr);
+        // The same rule as iptables-nft-save prints it, when the chain lines up.
+        let line = saved
+            .get(&k)
+            .filter(|s| s.len() == per_chain[&k])
+            .and_then(|s| s.get(*pos - 1));
+        if !xt.is_empty() {
+            match line {
+                Some(l) => access = iptables::accesses(&l.args),
+                None => {
+                    for name in &xt {
+                        match name.as_str() {
+                            "MARK" | "TPROXY" => access.push(unknown_write(MarkKind::Packet)),
+                            "CONNMARK" => access.push(unknown_write(MarkKind::Conntrack)),
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+        if access.is_empty() {
+            continue;
+        }
+        let handle = r.get("handle").and_then(Value::as_u64).unwrap_or(0);
+        let text = texts
+            .get(&(k.clone(), handle))
+            .cloned()
+            .or_else(|| line.map(|l| l.line.clone()))
+            .unwrap_or_default();
+        out.push(Found {
+            names: vec![k.table.clone(), k.name.clone()],
+            text,
+            access,
+            place: Place::NftRule {
+                iptables: line.map(|l| l.line.clone()),
+                reached_from: reach.get(&k).cloned().unwrap_or_default(),
+                chain: k,
+                handle,
+            },
+        });
+    }
+    out
+}
+
+fn key(rule: &Value) -> Option<ChainId> {
+    let s = |k: &str| rule.get(k)?.as_str();
+    Some(ChainId {
+        family: s("family")?.parse().ok()?,
+        table: s("table")?.to_owned(),
+        name: s("chain")?.to_owned(),
+    })
+}
+
+/// The nft table family iptables-nft keeps a family's tables in.
+pub(crate) fn iptables_family(f: Family) -> NftFamily {
+    match f {
+        Family::Ipv4 => NftFamily::Ip,
+        Family::Ipv6 => NftFamily::Ip6,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nodestate::nft::items;
+
+    fn json(s: &str) -> Vec<Value> {
+        serde_json::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn reads_and_writes_from_expressions() {
+        // udp dport 5201 meta mark set meta mark | 0x4000
+        let (a, _) = rule_accesses(&json(
+            r#"[{"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 5201}},
+                {"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"|": [{"meta": {"key": "mark"}}, 16384]}}}]"#,
+        ));
+        assert_eq!(a.len(), 1);
+        assert_eq!(
+            (a[0].value, a[0].mask, a[0].scope()),
+            (0x4000, 0x4000, Some(Scope::Bits))
+        );
+        // meta mark & 0x8000 == 0x8000 drop
+        let (a, _) = rule_accesses(&json(
+            r#"[{"match": {"op": "==", "left": {"&": [{"meta": {"key": "mark"}}, 32768]}, "right": 32768}}, {"drop": null}]"#,
+        ));
+        assert_eq!(
+            a,
+            vec![Access::read(MarkKind::Packet, 0x8000, 0x8000, false)]
+        );
+        // AWS VPC CNI: ct mark & 0x80 == 0x80 meta mark set ct mark & 0x80 (whole)
+        let (a, _) = rule_accesses(&json(
+            r#"[{"match": {"op": "==", "left": {"&": [{"ct": {"key": "mark"}}, 128]}, "right": 128}},
+                {"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"&": [{"ct": {"key": "mark"}}, 128]}}}]"#,
+        ));
+        assert_eq!(a[0], Access::read(MarkKind::Conntrack, 0x80, 0x80, false));
+        assert_eq!((a[1].mask, a[1].scope()), (u32::MAX, Some(Scope::Whole)));
+        // wg-quick postmangle: meta mark 0xca6c ct mark set meta mark (exact read, whole ct copy)
+        let (a, _) = rule_accesses(&json(
+            r#"[{"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": 51820}},
+                {"mangle": {"key": {"ct": {"key": "mark"}}, "value": {"meta": {"key": "mark"}}}}]"#,
+        ));
+        assert!(a[0].is_exact_read());
+        assert_eq!(
+            (a[1].mark, a[1].scope()),
+            (MarkKind::Conntrack, Some(Scope::Whole))
+        );
+        // A set and a verdict map on the mark; an xt target.
+        let (a, xt) = rule_accesses(&json(
+            r#"[{"match": {"op": "!=", "left": {"meta": {"key": "mark"}}, "right": {"set": [1, 2]}}},
+                {"vmap": {"key": {"&": [{"meta": {"key": "mark"}}, 240]}, "data": {"set": [[16, {"jump": {"target": "a"}}]]}}},
+                {"xt": {"type": "target", "name": "MARK"}}]"#,
+        ));
+        assert_eq!(a.len(), 3);
+        assert_eq!(a[2], Access::read(MarkKind::Packet, 16, 0xf0, false));
+        assert_eq!(xt, ["MARK"]);
+        // A value nft computes from a map: written, value unknown.
+        let (a, _) = rule_accesses(&json(
+            r#"[{"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"map": {"key": {"payload": {"protocol": "ip", "field": "saddr"}}, "data": "@m"}}}}]"#,
+        ));
+        assert!(matches!(
+            a[0].op,
+            Op::Write {
+                known: false,
+                scope: Scope::Whole,
+                ..
+            }
+        ));
+    }
+
+    /// iptables-nft's kube rules: the MARK target is `xt` in nft's JSON; its values come from
+    /// iptables-nft-save's line at the same position. Reached through the jump from POSTROUTING.
+    #[test]
+    fn xt_targets_take_values_from_iptables_save() {
+        let doc = r#"{"nftables": [
+          {"chain": {"family": "ip", "table": "nat", "name": "POSTROUTING", "handle": 1, "hook": "postrouting", "prio": 100}},
+          {"chain": {"family": "ip", "table": "nat", "name": "KUBE-POSTROUTING", "handle": 2}},
+          {"rule": {"family": "ip", "table": "nat", "chain": "POSTROUTING", "handle": 3, "expr": [{"jump": {"target": "KUBE-POSTROUTING"}}]}},
+          {"rule": {"family": "ip", "table": "nat", "chain": "KUBE-POSTROUTING", "handle": 4, "expr": [
+            {"match": {"op": "!=", "left": {"&": [{"meta": {"key": "mark"}}, 16384]}, "right": 16384}}, {"return": null}]}},
+          {"rule": {"family": "ip", "table": "nat", "chain": "KUBE-POSTROUTING", "handle": 5, "expr": [
+            {"counter": {"packets": 0, "bytes": 0}}, {"xt": {"type": "target", "name": "MARK"}}]}}]}"#;
+        let text = "table ip nat { # handle 9\n\tchain KUBE-POSTROUTING { # handle 2\n\t\tmeta mark & 0x00004000 != 0x00004000 counter packets 3 bytes 9 return # handle 4\n\t\tcounter packets 0 bytes 0 meta mark set mark xor 0x4000 # handle 5\n\t}\n}\n";
+        let save = iptables::parse_save("*nat\n-A POSTROUTING -j KUBE-POSTROUTING\n-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0\nCOMMIT\n");
+        let items = items(doc.as_bytes()).unwrap();
+        let f = found(&items, text, &[(Family::Ipv4, save)]);
+        assert_eq!(f.len(), 2);
+        assert_eq!(
+            f[0].text,
+            "meta mark & 0x00004000 != 0x00004000 counter return"
+        );
+        assert!(matches!(
+            f[1].access[0].op,
+            Op::Write {
+                toggles: 0x4000,
+                known: true,
+                ..
+            }
+        ));
+        let Place::NftRule {
+            iptables,
+            reached_from,
+            handle,
+            ..
+        } = &f[1].place
+        else {
+            panic!()
+        };
+        assert_eq!(
+            iptables.as_deref(),
+            Some("-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0")
+        );
+        assert_eq!(*handle, 5);
+        assert_eq!(reached_from.len(), 1);
+        assert_eq!(
+            (reached_from[0].id.name.as_str(), reached_from[0].hook),
+            ("POSTROUTING", NfHook::Postrouting)
+        );
+        // Without the save line the write is there, its value unknown.
+        let f = found(&items, text, &[]);
+        assert!(matches!(f[1].access[0].op, Op::Write { known: false, .. }));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::testing::fixed_seed())]
+        #[test]
+        fn any_text_is_handled(text in "(\\PC|\n){0,300}") {
+            let _ = rule_texts(&text);
+        }
+
+        #[test]
+        fn any_json_is_handled(doc in json_value()) {
+            let items = vec![serde_json::json!({"rule": {"family": "ip", "table": "t", "chain": "c", "expr": doc.clone()}}), doc.clone()];
+            let _ = found(&items, "", &[]);
+            if let Some(a) = doc.as_array() {
+                let _ = rule_accesses(a);
+            }
+        }
+    }
+
+    /// JSON built from the keys and operators the parser looks at.
+    fn json_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let key = prop::sample::select(vec![
+            "match", "mangle", "vmap", "xt", "left", "right", "key", "value", "meta", "ct", "&",
+            "|", "^", "set", "data", "op", "name", "chain", "hook", "x",
+        ]);
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<i64>().prop_map(Value::from),
+            any::<u32>().prop_map(Value::from),
+            prop::sample::select(vec!["mark", "==", "!=", "MARK", "0x10", "output", ""])
+                .prop_map(Value::from),
+        ];
+        leaf.prop_recursive(5, 80, 4, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::vec((key.clone(), inner), 0..4).prop_map(|kv| {
+                    Value::Object(kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+                }),
+            ]
+        })
+    }
+}

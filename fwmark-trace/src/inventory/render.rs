@@ -1,0 +1,173 @@
+//! The inventory for people (grouped by namespace, then by bit, then the conflicts) and as one
+//! JSON document (`entries`, `by_bit`, `conflicts`, `notes`).
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::{BitUse, Conflict, Entry, Inventory, MarkKind, Netns, Note, Scope};
+
+/// The `--json` document.
+#[derive(Serialize)]
+pub(crate) struct Document<'a> {
+    pub(crate) namespaces: &'a [Netns],
+    pub(crate) owners: Vec<String>,
+    pub(crate) entries: &'a [Entry],
+    pub(crate) by_bit: Vec<BitUse>,
+    pub(crate) conflicts: &'a [Conflict],
+    pub(crate) notes: &'a [Note],
+}
+
+pub(crate) fn json(inv: &Inventory, conflicts: &[Conflict]) -> String {
+    let doc = Document {
+        namespaces: &inv.namespaces,
+        owners: inv.owners_present(),
+        entries: &inv.entries,
+        by_bit: inv.by_bit(),
+        conflicts,
+        notes: &inv.notes,
+    };
+    serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
+}
+
+fn owner_of(e: &Entry) -> String {
+    match &e.owner {
+        Some(o) => {
+            let by = format!("{:?}", o.by).to_lowercase();
+            if o.also.is_empty() {
+                format!("{} (by {by})", o.id)
+            } else {
+                format!("{} (by {by}; also {})", o.id, o.also.join(", "))
+            }
+        }
+        None => "unowned".into(),
+    }
+}
+
+fn entry(s: &mut String, e: &Entry) {
+    let _ = writeln!(s, "  #{:<3} {}  → {}", e.id, e.place.label(), owner_of(e));
+    if !e.text.is_empty() {
+        let _ = writeln!(s, "         {}", e.text);
+    }
+    for a in &e.access {
+        let _ = writeln!(s, "         {}", a.describe());
+    }
+}
+
+fn ids(inv: &Inventory, list: &[usize]) -> String {
+    list.iter()
+        .map(|i| format!("#{i} {}", inv.entries[*i].owner_id()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One namespace's section (or the node-wide one when `ns` is None).
+fn section(s: &mut String, inv: &Inventory, ns: Option<&Netns>, uses: &[BitUse]) {
+    let entries: Vec<&Entry> = inv
+        .entries
+        .iter()
+        .filter(|e| e.netns.as_ref() == ns)
+        .collect();
+    match ns {
+        Some(n) => {
+            let _ = writeln!(
+                s,
+                "netns {} (inode {}): {} entries",
+                n.name,
+                n.inode,
+                entries.len()
+            );
+        }
+        None if entries.is_empty() => return,
+        None => {
+            let _ = writeln!(
+                s,
+                "node-wide (cgroup programs, in every namespace): {} entries",
+                entries.len()
+            );
+        }
+    }
+    for e in &entries {
+        entry(s, e);
+    }
+    for mark in [MarkKind::Packet, MarkKind::Conntrack] {
+        let here: Vec<&BitUse> = uses
+            .iter()
+            .filter(|u| u.netns.as_ref() == ns && u.mark == mark)
+            .collect();
+        if here.is_empty() {
+            continue;
+        }
+        let _ = writeln!(s, "  by bit, {}:", mark.label());
+        for u in here {
+            let mut parts = Vec::new();
+            if !u.writers.is_empty() {
+                parts.push(format!("written by {}", ids(inv, &u.writers)));
+            }
+            if !u.readers.is_empty() {
+                parts.push(format!("read by {}", ids(inv, &u.readers)));
+            }
+            if !u.held.is_empty() {
+                parts.push(format!("held by {}", ids(inv, &u.held)));
+            }
+            let _ = writeln!(
+                s,
+                "    {:#010x} (bit {:>2})  {}",
+                u.bit,
+                u.bit.trailing_zeros(),
+                parts.join("; ")
+            );
+        }
+        let whole: Vec<usize> = entries
+            .iter()
+            .filter(|e| {
+                e.access
+                    .iter()
+                    .any(|a| a.mark == mark && a.scope() == Some(Scope::Whole))
+            })
+            .map(|e| e.id)
+            .collect();
+        if !whole.is_empty() {
+            let _ = writeln!(s, "    every bit  assigned whole by {}", ids(inv, &whole));
+        }
+    }
+}
+
+pub(crate) fn human(inv: &Inventory, conflicts: &[Conflict]) -> String {
+    let mut s = String::new();
+    let uses = inv.by_bit();
+    for ns in &inv.namespaces {
+        section(&mut s, inv, Some(ns), &uses);
+    }
+    section(&mut s, inv, None, &uses);
+    for n in &inv.notes {
+        let at = n
+            .netns
+            .as_ref()
+            .map(|n| format!(" in {}", n.name))
+            .unwrap_or_default();
+        let _ = writeln!(s, "note: {}{at}: {}", n.source, n.message);
+    }
+    if conflicts.is_empty() {
+        s.push_str("conflicts: none\n");
+        return s;
+    }
+    let _ = writeln!(s, "conflicts: {}", conflicts.len());
+    for c in conflicts {
+        let at = c
+            .netns
+            .as_ref()
+            .map(|n| format!(" [{}]", n.name))
+            .unwrap_or_default();
+        let refs: Vec<String> = c.entries.iter().map(|i| format!("#{i}")).collect();
+        let _ = writeln!(
+            s,
+            "  !! {} {} × {}: {} ({}){at}",
+            c.kind.label(),
+            c.owners[0],
+            c.owners[1],
+            c.message,
+            refs.join(", ")
+        );
+    }
+    s
+}
