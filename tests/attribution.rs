@@ -266,24 +266,17 @@ fn owners_are_detected_from_the_ruleset() {
     let lab = Lab::new("detect").expect("lab");
     lab.nft(
         &lab.a,
-        "table inet calico {\n chain cali-POSTROUTING {\n type filter hook postrouting priority mangle; policy accept;\n }\n}\n",
+        "table inet calico {\n chain cali-POSTROUTING {\n type filter hook postrouting priority mangle; policy accept;\n meta mark set meta mark & 0xffe4ffff\n }\n}\n",
     )
     .expect("nft");
-    // kube-proxy's chain, created the way kube-proxy does it (iptables, here iptables-nft).
-    lab::run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &lab.a,
-            "iptables",
-            "-t",
-            "nat",
-            "-N",
-            "KUBE-MARK-MASQ",
-        ],
-    )
-    .expect("iptables");
+    // kube-proxy's chain and rule, made the way kube-proxy does (iptables, here iptables-nft).
+    let iptables = |args: &str| {
+        let mut all = vec!["netns", "exec", &lab.a, "iptables", "-t", "nat"];
+        all.extend(args.split_whitespace());
+        lab::run("ip", &all).expect("iptables");
+    };
+    iptables("-N KUBE-MARK-MASQ");
+    iptables("-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000");
     let (code, out, err) = cli(&["registry", "detect", "--netns", &lab.a]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
@@ -296,13 +289,15 @@ fn owners_are_detected_from_the_ruleset() {
     );
     assert!(!out.contains("cilium"), "{out}");
     assert!(out.contains("suggested profile: --owners "), "{out}");
-    // `trace` says the same at start-up when no profile narrows attribution.
+    // `trace` names, at start-up, the owners its attribution considers: those whose rules
+    // are here (the inventory), when no profile names them.
     let mut d = Daemon::start(&["--netns", &lab.a]);
     d.stderr_lines.extend(d.stderr.try_iter());
     assert!(
         d.stderr_lines
             .iter()
-            .any(|l| l.contains("narrow it with --owners") && l.contains("kube-proxy")),
+            .any(|l| l
+                .contains("owners with mark rules, programs or sockets here: calico, kube-proxy;")),
         "{:#?}",
         d.stderr_lines
     );
@@ -311,4 +306,147 @@ fn owners_are_detected_from_the_ruleset() {
     let (code, out, _) = cli(&["registry", "detect", "--netns", &lab.b]);
     assert_eq!(code, 0);
     assert!(out.contains("no registered owner"), "{out}");
+}
+
+/// Opens UDP sockets with these SO_MARKs inside `ns` (they stay open while held): daemons such
+/// as tailscaled keep theirs for as long as they run.
+fn held_sockets(ns: &str, marks: &[u32]) -> Vec<std::net::UdpSocket> {
+    let (ns, marks) = (ns.to_owned(), marks.to_vec());
+    std::thread::spawn(move || {
+        fwmark_trace::netns::enter(&ns).expect("enter netns");
+        marks
+            .iter()
+            .map(|m| lab::udp_socket(false, *m).expect("socket"))
+            .collect()
+    })
+    .join()
+    .expect("socket thread")
+}
+
+/// Every owner any warning or bit of these events names.
+fn named_owners(events: &[&Value]) -> Vec<String> {
+    let mut out: Vec<String> = events
+        .iter()
+        .flat_map(|e| {
+            let a = &e["attribution"];
+            let owners = a["owners"].as_array().into_iter().flatten();
+            let warned = a["warnings"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|w| w["owners"].as_array().into_iter().flatten());
+            owners
+                .map(|o| o["owner"].clone())
+                .chain(warned.cloned())
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// A chain whose name says nothing (`inet t/x`) assigns wg-quick's whole value 0xCA6C over
+/// Tailscale's bypass bit (tailscaled's socket mark): flagged by what the rule writes, with the
+/// default options and with `--owners` naming both; owners with nothing here are not named.
+#[test]
+fn a_neutral_chain_overwriting_another_owners_bit_is_flagged() {
+    const PORT: u16 = 9931;
+    let lab = Lab::new("neutral").expect("lab");
+    lab.nft(
+        &lab.a,
+        &format!("table inet t {{\n chain x {{\n type route hook output priority mangle; policy accept;\n udp dport {PORT} meta mark set 0xca6c\n }}\n}}\n"),
+    )
+    .expect("nft");
+    // tailscaled runs on this node: its socket is open before tracing starts.
+    let _tailscaled = held_sockets(&lab.a, &[0x80000]);
+    for owners in [None, Some("wg-quick,tailscale")] {
+        let mut args = vec!["--netns", lab.a.as_str()];
+        if let Some(o) = owners {
+            args.extend(["--owners", o]);
+        }
+        let d = Daemon::start(&args);
+        send_udp(&lab.a, lab::ADDR_B, PORT, 2, Some(0x80000));
+        let events = d.stop();
+        let tr = events_to(&events, "transition", PORT);
+        let over = tr
+            .iter()
+            .find(|e| e["mark"]["old"] == "0x80000" && e["mark"]["new"] == "0xca6c")
+            .unwrap_or_else(|| panic!("no 0x80000 -> 0xca6c transition ({owners:?}): {tr:#?}"));
+        assert_eq!(
+            over["segment"]["chains"],
+            serde_json::json!(["inet t/x@-150"]),
+            "{over}"
+        );
+        assert_eq!(over["attribution"]["writer"], "wg-quick", "{over}");
+        let w = warnings(over, "whole-overwrite");
+        assert_eq!(w.len(), 1, "{owners:?}: {over}");
+        assert_eq!(w[0]["owners"], serde_json::json!(["wg-quick", "tailscale"]));
+        // Only owners with something here: no NetworkManager (which also claims 0xca6c), no
+        // Calico or kube-proxy (whose bits 0xca6c and 0x80000 touch).
+        let named = named_owners(&tr);
+        assert!(!named.is_empty(), "{tr:#?}");
+        for n in &named {
+            assert!(
+                n == "wg-quick" || n == "tailscale",
+                "{owners:?}: {n} named, with nothing on this node: {named:?}"
+            );
+        }
+    }
+}
+
+/// Istio's real TPROXY rules (iptables-nft): the sidecar's connection mark 1337 is restored on
+/// the app's packets by CONNMARK in the built-in `ip mangle/OUTPUT`, whose name says nothing of
+/// Istio. The writer is found by what the rule writes, with the default options.
+#[test]
+fn istio_restore_in_a_builtin_chain_is_istios() {
+    use std::sync::{atomic::AtomicBool, Arc};
+    const PORT: u16 = 9080;
+    let lab = Lab::new("istio-attr").expect("lab");
+    let pod = lab.a.as_str();
+    restore_rules(
+        pod,
+        "iptables-nft-restore",
+        &real_rules("istio-tproxy.v4.rules"),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    drop(tcp_echo_server(pod, lab::ADDR_A, PORT, stop.clone()));
+    let d = Daemon::start(&["--netns", pod]);
+    let (ports, _) = tcp_traffic(
+        pod,
+        lab::ADDR_A,
+        PORT,
+        1337,
+        20,
+        64 << 10,
+        std::time::Duration::from_secs(10),
+    );
+    let events = d.stop();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(!ports.is_empty(), "no connection was made");
+    let restored: Vec<&Value> = events
+        .iter()
+        .filter(|e| {
+            e["kind"] == "transition"
+                && e["mark"]["new"] == "0x539"
+                && e["segment"]["hook"] == "output"
+                && e["segment"]["chains"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().any(|c| c == "ip mangle/OUTPUT@-150"))
+        })
+        .collect();
+    assert!(
+        !restored.is_empty(),
+        "no restore of 0x539 in ip mangle/OUTPUT"
+    );
+    for e in &restored {
+        let writer = e["attribution"]["writer"].as_str().unwrap_or_default();
+        assert!(writer.starts_with("istio"), "writer {writer:?}: {e}");
+    }
+    let named = named_owners(&restored);
+    assert!(
+        named.iter().all(|n| n.starts_with("istio")),
+        "owners with nothing here named: {named:?}"
+    );
 }

@@ -334,7 +334,7 @@ fn kube_proxy_iptables_nft_and_kubelet_legacy_rules() {
         drop,
         "kube-proxy@legacy-kubelet<1.28 by name: write packet 0x8000/0x8000 bits",
     );
-    assert_eq!(drop["backend"], "legacy");
+    assert_eq!(drop["what"], "iptables-rule");
     // One owner, two versions: no conflict.
     assert!(conflicts(&doc).is_empty(), "{:#?}", conflicts(&doc));
 }

@@ -4,7 +4,7 @@
 //! the writer). Output: one `Attribution` per distinct transition, shared by the events that
 //! made it (`Attributor` keeps them, and counts them for the summary).
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     sync::Arc,
 };
@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::{
     event::TraceEvent,
+    inventory::{Inventory, MarkKind},
     mark::Mark,
     nodestate::nft::{Chain, ChainId, ChainOrigin},
     place::Segment,
@@ -179,6 +180,19 @@ pub(crate) struct Change<'a> {
     pub(crate) mark_writers: &'a [ChainId],
     /// The mark came from the sending socket (SO_MARK): a recognised value names the writer.
     pub(crate) socket: bool,
+    /// The owner (registry id) of the rule or program in the segment whose write can have made
+    /// the change, from the node's inventory: the writer by what it writes, not by its name.
+    pub(crate) written_by: Option<&'a str>,
+    /// Owner names with something on this node (the inventory): without a profile only these
+    /// are named. None: every registered owner may be.
+    pub(crate) present: Option<&'a BTreeSet<String>>,
+}
+
+impl Change<'_> {
+    /// Whether `o` may be named here: it has something on the node, or nothing says otherwise.
+    fn eligible(&self, o: &Owner) -> bool {
+        self.present.is_none_or(|p| p.contains(&o.name))
+    }
 }
 
 fn field_value(v: u32, mask: u32, number: bool) -> FieldValue {
@@ -251,8 +265,9 @@ fn split(o: &Owner, c: &Change, changed: u32, out: &mut Vec<OwnerChange>) {
     }
 }
 
-/// The writer among the owners whose rules sit in the segment, or whose value the socket set.
-fn writer<'r>(reg: &'r Registry, c: &Change, recognized: &[Recognized]) -> Option<&'r Owner> {
+/// The writer by name: the owner whose tables or chains sit in the segment (or the chains
+/// they reach).
+fn named_writer<'r>(reg: &'r Registry, c: &Change) -> Option<&'r Owner> {
     let changed = c.old ^ c.new;
     let mut writers: Vec<&Owner> = reg.owners.iter().filter(|o| writes_here(o, c)).collect();
     if writers.iter().any(|w| w.name != writers[0].name) {
@@ -260,7 +275,7 @@ fn writer<'r>(reg: &'r Registry, c: &Change, recognized: &[Recognized]) -> Optio
         // bits the change stayed within.
         writers.retain(|w| changed & !w.mask == 0);
     }
-    let by_chains = match writers.as_slice() {
+    match writers.as_slice() {
         [first, rest @ ..] if rest.iter().all(|w| w.name == first.name) => {
             // Several versions match: the one whose bits hold the change, else one that
             // writes whole values.
@@ -277,13 +292,31 @@ fn writer<'r>(reg: &'r Registry, c: &Change, recognized: &[Recognized]) -> Optio
                 .or(Some(*first))
         }
         _ => None,
-    };
-    by_chains.or_else(|| {
-        let r = recognized
-            .iter()
-            .find(|r| c.socket && r.side == Side::New)?;
-        reg.owners.iter().find(|o| o.id() == r.owner)
-    })
+    }
+}
+
+/// Who wrote the change, by the best evidence there is: the inventory's rule or program in
+/// the segment that writes such a change; else the owner whose chains sit there; else the
+/// owner whose whole value the new mark is (a socket's SO_MARK, or a rule assigning it under
+/// a name that says nothing), one with something on the node first.
+fn writer<'r>(reg: &'r Registry, c: &Change, recognized: &[Recognized]) -> Option<&'r Owner> {
+    let by_id = |id: &str| reg.owners.iter().find(|o| o.id() == id);
+    if let Some(o) = c.written_by.and_then(by_id) {
+        return Some(o);
+    }
+    if let Some(o) = named_writer(reg, c) {
+        return Some(o);
+    }
+    let valued: Vec<&Owner> = recognized
+        .iter()
+        .filter(|r| r.side == Side::New)
+        .filter_map(|r| by_id(&r.owner))
+        .collect();
+    valued
+        .iter()
+        .copied()
+        .find(|o| c.eligible(o))
+        .or(valued.first().copied().filter(|_| c.socket))
 }
 
 pub(crate) fn attribute(reg: &Registry, c: &Change) -> Attribution {
@@ -304,25 +337,30 @@ pub(crate) fn attribute(reg: &Registry, c: &Change) -> Attribution {
     }
     let writer = writer(reg, c, &a.recognized);
     a.writer = writer.map(Owner::id);
-
-    let named = |o: &Owner| {
-        a.recognized.iter().any(|r| r.owner == o.id()) || writer.is_some_and(|w| w.id() == o.id())
-    };
+    let is_writer = |o: &Owner| writer.is_some_and(|w| w.id() == o.id());
+    // Without a profile, owners with nothing on the node are not named (the writer is: it
+    // was just seen writing).
+    let eligible = |o: &Owner| c.eligible(o) || is_writer(o);
+    a.recognized
+        .retain(|r| reg.owners.iter().any(|o| o.id() == r.owner && eligible(o)));
+    // Owners narrowed to a profile or to the node's own may decode layouts of all 32 bits.
+    let scoped = reg.profiled || c.present.is_some();
+    let named = |o: &Owner| a.recognized.iter().any(|r| r.owner == o.id()) || is_writer(o);
     let candidates: Vec<&Owner> = reg
         .owners
         .iter()
-        .filter(|o| candidate(o, changed, reg.profiled, named(o)))
+        .filter(|o| eligible(o) && candidate(o, changed, scoped, named(o)))
         .collect();
     for o in &candidates {
         split(o, c, changed, &mut a.owners);
     }
     if let Some((old, new)) = c.ct.filter(|(o, n)| o != n) {
         let ct_changed = old ^ new;
-        for o in reg.owners.iter() {
+        for o in reg.owners.iter().filter(|o| eligible(o)) {
             let Some(m) = o.ct_mask.filter(|m| m & ct_changed != 0) else {
                 continue;
             };
-            if !(m != u32::MAX || named(o) || (reg.profiled && !o.fields.is_empty())) {
+            if !(m != u32::MAX || named(o) || (scoped && !o.fields.is_empty())) {
                 continue;
             }
             a.owners.push(OwnerChange {
@@ -438,7 +476,7 @@ fn multi_owner_warning(changed: u32, candidates: &[&Owner]) -> Option<Warning> {
 fn exact_match_warnings(reg: &Registry, c: &Change) -> Vec<Warning> {
     let changed = c.old ^ c.new;
     let mut out = Vec::new();
-    for o in reg.owners.iter().filter(|o| o.reads_exact) {
+    for o in reg.owners.iter().filter(|o| o.reads_exact && c.eligible(o)) {
         for (v, meaning) in o.values.iter().filter(|(v, _)| *v != 0) {
             if c.new & v == *v && c.new != *v && (c.old == *v || changed & !v != 0) {
                 out.push(Warning {
@@ -520,10 +558,57 @@ type Key = (u32, u32, Option<(u32, u32)>, ByAddress<Arc<Segment>>);
 /// pointer hash per event) and grouped into the totals when the cache is dropped.
 pub(crate) struct Attributor {
     registry: Registry,
+    /// What the traced namespace has (without a profile): who writes there, and whom to name.
+    node: Option<Node>,
     /// Holding the segment in the key keeps its address from being reused by another.
     cache: HashMap<Key, Arc<Attribution>>,
     seen: HashMap<ByAddress<Arc<Attribution>>, u64>,
     totals: Totals,
+}
+
+/// The node's inventory as attribution uses it.
+pub(crate) struct Node {
+    pub(crate) inventory: Inventory,
+    /// The traced namespace (its inode).
+    pub(crate) netns: u32,
+    present: BTreeSet<String>,
+}
+
+impl Node {
+    pub(crate) fn new(inventory: Inventory, netns: u32) -> Self {
+        let present = inventory.owner_names(netns);
+        Node {
+            inventory,
+            netns,
+            present,
+        }
+    }
+
+    /// Owner names with something in the traced namespace.
+    pub(crate) fn present(&self) -> &BTreeSet<String> {
+        &self.present
+    }
+
+    /// The owner whose rule or program in `seg` writes such a change: the packet mark's when
+    /// it changed, else the conntrack mark's.
+    fn writer(
+        &self,
+        seg: &Segment,
+        (old, new): (u32, u32),
+        ct: Option<(u32, u32)>,
+    ) -> Option<String> {
+        let chains: Vec<ChainId> = seg.chains().iter().map(|c| c.id.clone()).collect();
+        let programs: Vec<u32> = seg.programs().iter().map(|p| p.id).collect();
+        let (mark, change) = match ct {
+            Some((ct_old, ct_new)) if old == new => {
+                (MarkKind::Conntrack, (ct_old, ct_new, Some(new)))
+            }
+            _ => (MarkKind::Packet, (old, new, ct.map(|(_, n)| n))),
+        };
+        self.inventory
+            .writer_of(self.netns, &chains, &programs, mark, change)
+            .map(|o| o.id.clone())
+    }
 }
 
 impl Attributor {
@@ -533,6 +618,7 @@ impl Attributor {
     pub(crate) fn new(registry: Registry) -> Self {
         Self {
             registry,
+            node: None,
             cache: HashMap::new(),
             seen: HashMap::new(),
             totals: Totals::default(),
@@ -554,27 +640,56 @@ impl Attributor {
             self.cache.clear();
             self.fold();
         }
-        let key = (ev.mark.old.0, ev.mark.new.0, ct, ByAddress(seg.clone()));
-        let registry = &self.registry;
+        let (old, new) = (ev.mark.old.0, ev.mark.new.0);
+        let key = (old, new, ct, ByAddress(seg.clone()));
+        let (registry, node) = (&self.registry, &self.node);
         let a = self
             .cache
             .entry(key)
             .or_insert_with(|| {
+                let written_by = node.as_ref().and_then(|n| n.writer(seg, (old, new), ct));
                 Arc::new(attribute(
                     registry,
                     &Change {
-                        old: ev.mark.old.0,
-                        new: ev.mark.new.0,
+                        old,
+                        new,
                         ct,
                         chains: seg.chains(),
                         mark_writers: seg.mark_writers(),
                         socket: seg.layer() == crate::place::Layer::Socket,
+                        written_by: written_by.as_deref(),
+                        present: node.as_ref().map(Node::present),
                     },
                 ))
             })
             .clone();
         *self.seen.entry(ByAddress(a.clone())).or_default() += ev.packets();
+        // A socket's SO_MARK is something on the node too, seen as it writes: its owner may
+        // be named from now on (the inventory read at start-up may not have had the socket).
+        let writer = a
+            .writer
+            .as_ref()
+            .and_then(|id| self.registry.get(id).first().copied());
+        if let (Some(node), Some(w)) = (self.node.as_mut(), writer) {
+            if seg.layer() == crate::place::Layer::Socket && node.present.insert(w.name.clone()) {
+                self.cache.clear();
+            }
+        }
         ev.attribution = Some(a);
+    }
+
+    /// Attributes with what the node has from now on (a fresh inventory); none with a
+    /// profile, which names the owners itself.
+    pub(crate) fn set_node(&mut self, node: Node) {
+        if !self.registry.profiled {
+            self.node = Some(node);
+            self.topology_changed();
+        }
+    }
+
+    /// Owner names the node's inventory found, when attribution is narrowed to them.
+    pub(crate) fn present(&self) -> Option<&BTreeSet<String>> {
+        self.node.as_ref().map(Node::present)
     }
 
     /// Forgets the cached attributions (the segments they were made for are gone).
@@ -799,6 +914,114 @@ mod tests {
             "{:?}",
             a.warnings
         );
+    }
+
+    fn present(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    /// The case: a chain with a name that says nothing assigns wg-quick's whole value
+    /// over Tailscale's bypass bit; flagged by what it wrote, with and without a profile.
+    #[test]
+    fn a_whole_value_over_another_owners_bit_is_flagged_whatever_the_chain_is_called() {
+        let chains = [base(NftFamily::Inet, "t", "x", -150)];
+        let change = Change {
+            old: 0x80000,
+            new: 0xca6c,
+            chains: &chains,
+            ..Default::default()
+        };
+        let here = present(&["wg-quick", "tailscale", "kube-proxy"]);
+        let profile = reg()
+            .select(&["wg-quick".into(), "tailscale".into(), "kube-proxy".into()])
+            .unwrap();
+        for (registry, c) in [
+            // By value alone: the new mark is wg-quick's whole value.
+            (reg(), change),
+            // The inventory found the rule and its owner (by value, too).
+            (
+                reg(),
+                Change {
+                    written_by: Some("wg-quick"),
+                    present: Some(&here),
+                    ..change
+                },
+            ),
+            (profile, change),
+        ] {
+            let a = attribute(&registry, &c);
+            assert_eq!(a.writer.as_deref(), Some("wg-quick"), "{a:?}");
+            let pairs: Vec<(WarningKind, &[String])> = a
+                .warnings
+                .iter()
+                .map(|w| (w.kind(), &w.owners[..]))
+                .collect();
+            assert!(
+                pairs.contains(&(
+                    WarningKind::WholeOverwrite,
+                    &["wg-quick".into(), "tailscale".into()][..]
+                )),
+                "{pairs:?}"
+            );
+            assert!(
+                pairs.contains(&(
+                    WarningKind::Clobber,
+                    &["wg-quick".into(), "kube-proxy".into()][..]
+                )),
+                "{pairs:?}"
+            );
+        }
+    }
+
+    /// Without a profile, an owner with nothing on the node is never named: wg-quick's socket
+    /// mark on a node running kube-proxy names neither NetworkManager (which also claims
+    /// 0xca6c) nor Calico, Antrea…
+    #[test]
+    fn owners_with_nothing_here_are_not_named() {
+        let socket = Change {
+            old: 0,
+            new: 0xca6c,
+            socket: true,
+            ..Default::default()
+        };
+        let everyone = attribute(&reg(), &socket);
+        let named = |a: &Attribution| -> BTreeSet<String> {
+            a.owners
+                .iter()
+                .map(|o| o.owner.clone())
+                .chain(a.recognized.iter().map(|r| r.owner.clone()))
+                .chain(a.warnings.iter().flat_map(|w| w.owners.clone()))
+                .collect()
+        };
+        assert!(named(&everyone).contains("networkmanager-wireguard"));
+        let here = present(&["kube-proxy"]);
+        let a = attribute(
+            &reg(),
+            &Change {
+                present: Some(&here),
+                ..socket
+            },
+        );
+        // The writer was just seen writing: it is named; the others only if present.
+        assert_eq!(a.writer.as_deref(), Some("wg-quick"));
+        for n in named(&a) {
+            let name = n.split('@').next().unwrap_or(&n).to_owned();
+            assert!(
+                ["wg-quick", "kube-proxy"].contains(&name.as_str()),
+                "{n} named: {a:?}"
+            );
+        }
+        // A change no writer explains, with nobody present: no owner at all.
+        let empty = present(&[]);
+        let a = attribute(
+            &reg(),
+            &Change {
+                present: Some(&empty),
+                ..ch(0, 0x84000)
+            },
+        );
+        assert!(a.owners.is_empty() && a.warnings.is_empty(), "{a:?}");
+        assert_eq!(a.unowned_bits, Some(Mark(0x84000)));
     }
 
     #[test]

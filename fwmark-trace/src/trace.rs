@@ -15,10 +15,11 @@ use log::{debug, info, log_enabled, warn, Level};
 use tokio::{io::unix::AsyncFd, signal::unix, time};
 
 use crate::{
-    attribution::Attributor,
+    attribution::{Attributor, Node},
     decode::Decoder,
     event::{Interval, Timestamp},
     flows::Selection,
+    inventory::{self, Inventory},
     kernel::{
         counts::KernelCounts,
         features::{Feature, NfBackend, TcBackend},
@@ -180,13 +181,18 @@ pub(crate) fn run_into(
             info!("{line}");
         }
     }
-    if !registry.profiled {
-        // Built-in owners overlap; name the software whose rules are here so the user can say.
-        let found = registry.detect(&obs.chain_names);
-        if !found.is_empty() {
-            let profile = crate::registry::command::profile(&found);
-            info!("the ruleset holds rules of {}; attribution lists every candidate owner: narrow it with --owners {profile}", profile.replace(',', ", "));
-        }
+    // Without a profile, attribution names the owners with something here (the inventory of
+    // this namespace's rules, programs, sockets and devices) and finds writers by what they
+    // write.
+    let node = (!registry.profiled)
+        .then(|| node(&registry, own_netns))
+        .flatten();
+    if let Some(n) = &node {
+        let present: Vec<&str> = n.present().iter().map(String::as_str).collect();
+        info!(
+            "owners with mark rules, programs or sockets here: {}; attribution names only these (--owners chooses)",
+            if present.is_empty() { "none".into() } else { present.join(", ") }
+        );
     }
     if let Some(l) = &endpoint {
         info!("metrics at http://{}/metrics", l.local_addr()?);
@@ -194,11 +200,37 @@ pub(crate) fn run_into(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let mut attributor = Attributor::new(registry.clone());
+    if let Some(n) = node {
+        attributor.set_node(n);
+    }
     let summary = rt.block_on(stream(
-        &mut obs, sink, cfg, own_netns, registry, endpoint, on_ready,
+        &mut obs,
+        sink,
+        cfg,
+        own_netns,
+        (registry, attributor),
+        endpoint,
+        on_ready,
     ))?;
     info!("{summary}");
     Ok(summary)
+}
+
+/// The traced namespace's inventory, as attribution uses it (conntrack entries left out: they
+/// hold marks, they do not write them). A failure is said and attribution goes on by names.
+fn node(registry: &Registry, netns: u32) -> Option<Node> {
+    let sources = inventory::Sources {
+        conntrack: false,
+        ..Default::default()
+    };
+    match Inventory::read(registry, &inventory::Namespaces::Current, sources) {
+        Ok(inv) => Some(Node::new(inv, netns)),
+        Err(err) => {
+            warn!("node inventory unavailable ({err:#}): attribution considers every registered owner");
+            None
+        }
+    }
 }
 
 fn topology(obs: &Observers, own_netns: u32) -> Topology {
@@ -228,6 +260,7 @@ fn topology(obs: &Observers, own_netns: u32) -> Topology {
 /// The pieces of one run's loop that the arms share.
 struct Run<'a> {
     obs: &'a mut Observers,
+    registry: Registry,
     out: &'a mut dyn Sink,
     cfg: &'a TraceConfig,
     pipeline: Pipeline,
@@ -241,7 +274,7 @@ async fn stream(
     out: &mut dyn Sink,
     cfg: &TraceConfig,
     own_netns: u32,
-    registry: Registry,
+    (registry, attributor): (Registry, Attributor),
     endpoint: Option<std::net::TcpListener>,
     on_ready: impl FnOnce(),
 ) -> Result<Summary> {
@@ -261,12 +294,13 @@ async fn stream(
         r.context(&decoder)?;
     }
     let mut run = Run {
+        registry: registry.clone(),
         obs,
         out,
         cfg,
         pipeline: Pipeline {
             decoder,
-            attributor: Attributor::new(registry),
+            attributor,
         },
         summary: Summary::default(),
         recorder,
@@ -329,8 +363,10 @@ async fn stream(
                     run.out.lost(&LostRecord { time: Timestamp::now(), kind: "lost", lost: lost - lost_seen, total_lost: lost })?;
                     lost_seen = lost;
                 }
+                let mut node_changed = false;
                 for change in run.obs.refresh_interfaces()? {
                     info!("{change}");
+                    node_changed = true;
                 }
                 ticks += 1;
                 if ticks.is_multiple_of(3) {
@@ -340,6 +376,13 @@ async fn stream(
                     }
                     if !changes.is_empty() {
                         run.out.plan(&run.obs.plan_record())?;
+                        node_changed = true;
+                    }
+                }
+                // New rules or tc programs: who writes what, read again.
+                if node_changed && run.pipeline.attributor.present().is_some() {
+                    if let Some(n) = node(&run.registry, own_netns) {
+                        run.pipeline.attributor.set_node(n);
                     }
                 }
                 if run.pipeline.set_topology(topology(run.obs, own_netns)) {
@@ -438,7 +481,10 @@ impl Run<'_> {
             start: Timestamp(span.0),
             end: Timestamp(span.1),
         };
-        for c in counts.read() {
+        let mut counted = counts.read();
+        // Sockets' own marks first: the owners they show are on the node for what follows.
+        counted.sort_by_key(|c| c.exemplar.prev.layer != fwmark_trace_common::layer::SOCKET);
+        for c in counted {
             if self.summary.records >= self.limit {
                 return Ok(true);
             }

@@ -52,6 +52,7 @@ impl Bits {
     }
 
     /// The value when it is a constant.
+    #[cfg(test)]
     pub(crate) fn as_constant(&self) -> Option<u32> {
         (self.keep | self.flip | self.copy | self.unknown == 0).then_some(self.ones)
     }

@@ -17,7 +17,9 @@ use anyhow::{Context, Result};
 use aya_obj::generated::{bpf_cmd, bpf_prog_info, bpf_prog_type};
 
 use super::bits::Bits;
-use super::model::{Access, Attachment, BpfKind, Found, MarkKind, Op, Place, Scope};
+use super::model::{Access, Attachment, BpfKind, Found, MarkKind, Place};
+#[cfg(test)]
+use super::model::{Op, Scope};
 use crate::kernel::{btf::KernelBtf, sys};
 
 /// A loaded program that touches the mark, and how.
@@ -382,6 +384,7 @@ pub(crate) fn cgroup(programs: &[Program]) -> Vec<Found> {
 }
 
 /// Whether an access is a write whose value the code computes from nothing visible.
+#[cfg(test)]
 pub(crate) fn is_opaque(a: &Access) -> bool {
     matches!(
         a.op,

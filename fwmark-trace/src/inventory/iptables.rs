@@ -9,7 +9,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 use super::bits::Bits;
-use super::model::{Access, Found, IptablesBackend, MarkKind, Place};
+use super::model::{Access, Found, MarkKind, Place};
 use crate::mark::parse_u32;
 use crate::stack::Family;
 
@@ -249,7 +249,7 @@ pub(crate) fn reached_from(rules: &[SavedRule]) -> HashMap<(String, String), Vec
 }
 
 /// The rules of an `iptables-save` text that read or write a mark.
-pub(crate) fn found(text: &str, backend: IptablesBackend, family: Family) -> Vec<Found> {
+pub(crate) fn found(text: &str, family: Family) -> Vec<Found> {
     let rules = parse_save(text);
     let reach = reached_from(&rules);
     rules
@@ -268,7 +268,6 @@ pub(crate) fn found(text: &str, backend: IptablesBackend, family: Family) -> Vec
                 text: r.line,
                 access,
                 place: Place::IptablesRule {
-                    backend,
                     family,
                     table: r.table,
                     chain: r.chain,
@@ -316,7 +315,7 @@ mod tests {
 
     #[test]
     fn kube_rules_as_iptables_save_prints_them() {
-        let f = found(KUBE, IptablesBackend::Legacy, Family::Ipv4);
+        let f = found(KUBE, Family::Ipv4);
         assert_eq!(f.len(), 4, "{f:#?}");
         let or = &f[0].access[0];
         assert_eq!(
@@ -399,7 +398,7 @@ mod tests {
         #![proptest_config(crate::testing::fixed_seed())]
         #[test]
         fn any_text_is_handled(text in "(\\PC|\n){0,300}") {
-            let _ = found(&text, IptablesBackend::Nft, Family::Ipv6);
+            let _ = found(&text, Family::Ipv6);
         }
 
         /// Random words drawn from the options the parser looks for.
@@ -408,7 +407,7 @@ mod tests {
             "-A", "X", "-m", "mark", "connmark", "!", "--mark", "0x10/0x30", "zz", "-j", "-g", "MARK",
             "CONNMARK", "TPROXY", "--set-xmark", "--set-mark", "--or-mark", "--save-mark", "--restore-mark",
             "--nfmask", "--ctmask", "--mask", "--tproxy-mark", "1/", "/", "0xffffffff", "*nat", "\n"]), 0..30)) {
-            let _ = found(&words.join(" "), IptablesBackend::Legacy, Family::Ipv4);
+            let _ = found(&words.join(" "), Family::Ipv4);
         }
     }
 }

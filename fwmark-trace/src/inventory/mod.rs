@@ -1,7 +1,7 @@
 //! `fwmark-trace inventory`: every place on a node that reads or writes packet-mark or
 //! conntrack-mark bits, with value and mask, attributed to its owner, and the conflicts between
-//! owners. A library first (`Inventory::read`, then queries: `owners_present`,
-//! `writers_in_chain`, `touching`, `conflicts`, `by_bit`), a command second (`cli`).
+//! owners. A library first (`Inventory::read`, then queries: `owner_names`, `writer_of` — what
+//! trace's attribution asks —, `conflicts`, `by_bit`), a command second (`command`).
 //!
 //! One module per source, each returning `Found` places: `nft` (nft rules, iptables-nft's
 //! included), `iptables` (iptables-legacy tables), `iprule`, `xfrm` (policies and states),
@@ -28,8 +28,8 @@ use std::{collections::BTreeSet, os::unix::fs::MetadataExt, path::PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-pub(crate) use conflicts::{Conflict, ConflictKind};
-pub(crate) use model::{Access, Entry, Found, MarkKind, Netns, Op, Place, Scope, What};
+pub(crate) use conflicts::Conflict;
+pub(crate) use model::{Entry, Found, MarkKind, Netns, Op, OwnerRef, Place, Scope};
 
 use crate::{nodestate::nft::ChainId, registry::Registry};
 
@@ -168,17 +168,12 @@ fn namespaces(which: &Namespaces) -> Result<Vec<(Option<PathBuf>, Netns)>> {
     }
 }
 
-/// iptables table names: an nft table of family ip/ip6 with one of these may be
-/// iptables-nft's, whose xt expressions need iptables-nft-save's arguments.
-const IPTABLES_TABLES: [&str; 5] = ["filter", "nat", "mangle", "raw", "security"];
-
 /// Reads every source in the calling thread's namespace.
 fn read_here(
     sources: Sources,
     programs: &[bpf::Program],
 ) -> (Vec<Found>, Vec<(&'static str, String)>) {
     use crate::stack::Family;
-    use model::IptablesBackend;
     let mut found = Vec::new();
     let mut notes = Vec::new();
     let mut take = |source: &'static str, r: Result<Vec<Found>>| match r {
@@ -186,38 +181,7 @@ fn read_here(
         Err(e) => notes.push((source, format!("{e:#}"))),
     };
     if sources.nft {
-        take(
-            "nft",
-            (|| {
-                let json = crate::nodestate::nft::nft(&["-j", "list", "ruleset"])?;
-                let items = crate::nodestate::nft::items(&json)?;
-                let text = String::from_utf8_lossy(&crate::nodestate::nft::nft(&[
-                    "-a", "list", "ruleset",
-                ])?)
-                .into_owned();
-                let mut saves = Vec::new();
-                for (family, tool) in [
-                    (Family::Ipv4, "iptables-nft-save"),
-                    (Family::Ipv6, "ip6tables-nft-save"),
-                ] {
-                    let has = items.iter().filter_map(|i| i.get("table")).any(|t| {
-                        t.get("family")
-                            .and_then(|f| f.as_str())
-                            .and_then(|f| f.parse::<crate::stack::NftFamily>().ok())
-                            == Some(nft::iptables_family(family))
-                            && t.get("name")
-                                .and_then(|n| n.as_str())
-                                .is_some_and(|n| IPTABLES_TABLES.contains(&n))
-                    });
-                    if has {
-                        if let Some(text) = iptables::save(tool).ok().flatten() {
-                            saves.push((family, iptables::parse_save(&text)));
-                        }
-                    }
-                }
-                Ok(nft::found(&items, &text, &saves))
-            })(),
-        );
+        take("nft", nft::read());
     }
     if sources.iptables_legacy {
         for (family, tool) in [
@@ -228,7 +192,7 @@ fn read_here(
                 continue;
             }
             take("iptables-legacy", match iptables::save(tool) {
-                Ok(Some(text)) => Ok(iptables::found(&text, IptablesBackend::Legacy, family)),
+                Ok(Some(text)) => Ok(iptables::found(&text, family)),
                 Ok(None) => Err(anyhow::anyhow!("iptables-legacy tables are in use but {tool} is not installed: their rules are not listed")),
                 Err(e) => Err(e),
             });
@@ -370,33 +334,49 @@ impl Inventory {
             .filter(move |e| e.netns.as_ref().is_none_or(|n| n.inode == inode))
     }
 
-    /// The writers in nft chain `id`: its own rules, and for a base chain the rules of the
-    /// chains it reaches.
-    pub(crate) fn writers_in_chain<'a>(
-        &'a self,
-        id: &'a ChainId,
-    ) -> impl Iterator<Item = &'a Entry> {
-        self.entries.iter().filter(move |e| {
-            let Place::NftRule {
+    /// Owner names (every version together) with something in namespace `netns`, node-wide
+    /// entries included: whom attribution may name without `--owners`.
+    pub(crate) fn owner_names(&self, netns: u32) -> BTreeSet<String> {
+        self.in_netns(netns)
+            .filter_map(|e| e.owner_name().map(str::to_owned))
+            .collect()
+    }
+
+    /// The owner of the writes, among the rules of `chains` (and the chains they reach) and
+    /// the BPF programs `programs` of namespace `netns`, that can have turned `old` into `new`
+    /// (`mark`; `other`: the other mark, when known). None when no write can, or when writes
+    /// of different owners can: the change is then nobody's in particular.
+    pub(crate) fn writer_of(
+        &self,
+        netns: u32,
+        chains: &[ChainId],
+        programs: &[u32],
+        mark: MarkKind,
+        (old, new, other): (u32, u32, Option<u32>),
+    ) -> Option<&OwnerRef> {
+        let here = |e: &Entry| match &e.place {
+            Place::NftRule {
                 chain,
                 reached_from,
                 ..
-            } = &e.place
-            else {
-                return false;
-            };
-            let here = chain == id || reached_from.iter().any(|b| b.id == *id);
-            here && e.writes().next().is_some()
-        })
-    }
-
-    /// Entries with an access to any of `bits` of `mark`.
-    pub(crate) fn touching(&self, mark: MarkKind, bits: u32) -> impl Iterator<Item = &Entry> {
-        self.entries.iter().filter(move |e| {
-            e.access
+            } => chains
                 .iter()
-                .any(|a| a.mark == mark && (a.bits() | a.written()) & bits != 0)
-        })
+                .any(|c| c == chain || reached_from.iter().any(|b| b.id == *c)),
+            Place::BpfProgram { id, .. } => programs.contains(id),
+            _ => false,
+        };
+        let mut owners = self
+            .in_netns(netns)
+            .filter(|e| here(e))
+            .filter(|e| {
+                e.writes()
+                    .any(|a| a.mark == mark && a.explains(old, new, other))
+            })
+            .map(|e| e.owner.as_ref());
+        let first = owners.next()??;
+        owners
+            .all(|o| o.is_some_and(|o| o.name == first.name))
+            .then_some(first)
     }
 
     pub(crate) fn conflicts(&self) -> Vec<Conflict> {
@@ -440,5 +420,82 @@ impl Inventory {
         }
         out.sort_by(|a, b| (&a.netns, a.mark, a.bit).cmp(&(&b.netns, b.mark, b.bit)));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{nodestate::nft::items, stack::NftFamily};
+
+    /// Two base chains writing marks: a neutral name assigning wg-quick's value, and
+    /// kube-proxy's masquerade chain (reached by a jump) OR-ing its bit.
+    const RULESET: &str = r#"{"nftables": [
+      {"chain": {"family": "inet", "table": "t", "name": "x", "hook": "output", "prio": -150}},
+      {"chain": {"family": "ip", "table": "kube-proxy", "name": "nat-output", "hook": "output", "prio": -100}},
+      {"chain": {"family": "ip", "table": "kube-proxy", "name": "mark-for-masquerade"}},
+      {"rule": {"family": "inet", "table": "t", "chain": "x", "handle": 2, "expr": [
+        {"mangle": {"key": {"meta": {"key": "mark"}}, "value": 51820}}]}},
+      {"rule": {"family": "ip", "table": "kube-proxy", "chain": "nat-output", "handle": 3, "expr": [
+        {"jump": {"target": "mark-for-masquerade"}}]}},
+      {"rule": {"family": "ip", "table": "kube-proxy", "chain": "mark-for-masquerade", "handle": 4, "expr": [
+        {"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"|": [{"meta": {"key": "mark"}}, 16384]}}}]}}]}"#;
+
+    fn inventory() -> Inventory {
+        let reg = Registry::builtin().unwrap();
+        let mut inv = Inventory::default();
+        let found = nft::found(&items(RULESET.as_bytes()).unwrap(), "", &[]);
+        let ns = Netns {
+            inode: 7,
+            name: "test".into(),
+        };
+        inv.add(Some(ns), found);
+        inv.attribute(&reg);
+        inv
+    }
+
+    fn id(family: NftFamily, table: &str, name: &str) -> ChainId {
+        ChainId {
+            family,
+            table: table.into(),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn the_writer_is_the_rule_whose_write_explains_the_change() {
+        let inv = inventory();
+        let x = id(NftFamily::Inet, "t", "x");
+        let kube = id(NftFamily::Ip, "kube-proxy", "nat-output");
+        let writer = |chains: &[ChainId], old, new| {
+            inv.writer_of(7, chains, &[], MarkKind::Packet, (old, new, None))
+                .map(|o| o.id.clone())
+        };
+        // The neutral chain's rule assigns 0xca6c: wg-quick's, by value.
+        assert_eq!(
+            writer(&[x.clone()], 0x80000, 0xca6c).as_deref(),
+            Some("wg-quick")
+        );
+        // kube-proxy's write sits in the chain its base chain jumps to.
+        assert_eq!(
+            writer(&[kube.clone()], 0x100, 0x4100).as_deref(),
+            Some("kube-proxy@current")
+        );
+        // Nothing there writes that; in both bands, only the write that fits counts.
+        assert_eq!(writer(&[x.clone()], 0, 0x4000), None);
+        assert_eq!(
+            writer(&[x, kube], 0, 0x4000).as_deref(),
+            Some("kube-proxy@current")
+        );
+        // Another namespace has none of these rules.
+        assert!(inv
+            .writer_of(8, &[], &[], MarkKind::Packet, (0, 0xca6c, None))
+            .is_none());
+        let names = inv.owner_names(7);
+        assert!(
+            names.contains("wg-quick") && names.contains("kube-proxy"),
+            "{names:?}"
+        );
+        assert!(inv.owner_names(8).is_empty());
     }
 }

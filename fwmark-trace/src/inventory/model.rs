@@ -38,14 +38,6 @@ impl MarkKind {
             MarkKind::Conntrack => "ct mark",
         }
     }
-
-    /// The other one (a restore copies the ct mark into the packet mark, a save the reverse).
-    pub(crate) fn other(self) -> MarkKind {
-        match self {
-            MarkKind::Packet => MarkKind::Conntrack,
-            MarkKind::Conntrack => MarkKind::Packet,
-        }
-    }
 }
 
 /// How much of the mark a write replaces.
@@ -134,6 +126,37 @@ impl Access {
 
     pub(crate) fn is_write(&self) -> bool {
         matches!(self.op, Op::Write { .. })
+    }
+
+    /// Whether this write can have turned `old` into `new` (this mark's values before and
+    /// after; `other`: the other mark, which a save or restore copies, when known). What its
+    /// constant bits set, flip and keep must agree with the change; bits it copies or cannot
+    /// be seen to write may be anything.
+    pub(crate) fn explains(&self, old: u32, new: u32, other: Option<u32>) -> bool {
+        let Op::Write {
+            scope,
+            toggles,
+            copies,
+            known,
+            ..
+        } = self.op
+        else {
+            return false;
+        };
+        let changed = old ^ new;
+        if scope == Scope::Origin {
+            return new == self.value;
+        }
+        // Bits outside the mask are kept (a whole write's mask is all of them).
+        if changed & !self.mask != 0 {
+            return false;
+        }
+        if !known {
+            return true;
+        }
+        let fixed = self.mask & !toggles & !copies;
+        let copied = other.is_none_or(|o| (new ^ o) & copies == 0);
+        new & fixed == self.value & fixed && changed & toggles == toggles && copied
     }
 
     pub(crate) fn scope(&self) -> Option<Scope> {
@@ -247,14 +270,6 @@ pub(crate) struct Netns {
     pub(crate) name: String,
 }
 
-/// Where iptables rules live.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub(crate) enum IptablesBackend {
-    Legacy,
-    Nft,
-}
-
 /// A base chain (on a hook) that reaches a rule's chain through jumps, gotos or verdict maps.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub(crate) struct BaseChain {
@@ -329,10 +344,12 @@ pub(crate) enum Place {
         #[serde(skip_serializing_if = "Option::is_none")]
         iptables: Option<String>,
         reached_from: Vec<BaseChain>,
+        /// Its verdict drops (or rejects) the packets it matches.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        drops: bool,
     },
     /// A rule of the iptables-legacy tables (`iptables-legacy-save`).
     IptablesRule {
-        backend: IptablesBackend,
         family: Family,
         table: String,
         chain: String,
@@ -387,54 +404,22 @@ pub(crate) enum Place {
     Conntrack { entries: u64 },
 }
 
-/// The kinds of place, as `--json` names them (`what`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub(crate) enum What {
-    NftRule,
-    IptablesRule,
-    IpRule,
-    XfrmPolicy,
-    XfrmState,
-    Wireguard,
-    Socket,
-    BpfProgram,
-    Conntrack,
-}
-
 impl Place {
-    pub(crate) fn what(&self) -> What {
-        match self {
-            Place::NftRule { .. } => What::NftRule,
-            Place::IptablesRule { .. } => What::IptablesRule,
-            Place::IpRule { .. } => What::IpRule,
-            Place::XfrmPolicy { .. } => What::XfrmPolicy,
-            Place::XfrmState { .. } => What::XfrmState,
-            Place::Wireguard { .. } => What::Wireguard,
-            Place::Socket { .. } => What::Socket,
-            Place::BpfProgram { .. } => What::BpfProgram,
-            Place::Conntrack { .. } => What::Conntrack,
-        }
-    }
-
     /// Where, in a few words: "nft ip kube-proxy/mark-for-masquerade #3", "socket udp
     /// 0.0.0.0:5000 (pid 42 tailscaled)", "bpf program 42 set_mark (tcx egress veth-a)".
     pub(crate) fn label(&self) -> String {
         match self {
             Place::NftRule { chain, handle, .. } => format!("nft {chain} #{handle}"),
             Place::IptablesRule {
-                backend,
                 family,
                 table,
                 chain,
                 position,
                 ..
             } => {
-                let tool = match (backend, family) {
-                    (IptablesBackend::Legacy, Family::Ipv4) => "iptables-legacy",
-                    (IptablesBackend::Legacy, Family::Ipv6) => "ip6tables-legacy",
-                    (IptablesBackend::Nft, Family::Ipv4) => "iptables-nft",
-                    (IptablesBackend::Nft, Family::Ipv6) => "ip6tables-nft",
+                let tool = match family {
+                    Family::Ipv4 => "iptables-legacy",
+                    Family::Ipv6 => "ip6tables-legacy",
                 };
                 format!("{tool} {table}/{chain} #{position}")
             }
@@ -536,10 +521,6 @@ impl Entry {
         self.owner.as_ref().map_or("unowned", |o| o.id.as_str())
     }
 
-    pub(crate) fn reads(&self) -> impl Iterator<Item = &Access> {
-        self.access.iter().filter(|a| a.is_read())
-    }
-
     pub(crate) fn writes(&self) -> impl Iterator<Item = &Access> {
         self.access.iter().filter(|a| a.is_write())
     }
@@ -570,6 +551,65 @@ mod tests {
                 copy_from: None,
                 known: true,
             },
+        }
+    }
+
+    #[test]
+    fn a_write_explains_the_changes_it_can_make() {
+        let or = write(Scope::Bits, 0x4000, 0x4000);
+        assert!(or.explains(0x100, 0x4100, None));
+        assert!(!or.explains(0x100, 0x4200, None), "0x200 is not its bit");
+        assert!(
+            !or.explains(0x4100, 0x100, None),
+            "it sets, it does not clear"
+        );
+        let clear = write(Scope::Bits, 0, 0x1b0000);
+        assert!(clear.explains(0x80000, 0, None) && !clear.explains(0, 0x80000, None));
+        let whole = write(Scope::Whole, 0xca6c, u32::MAX);
+        assert!(whole.explains(0x80000, 0xca6c, None) && !whole.explains(0, 0xca6d, None));
+        let restore = Access {
+            op: Op::Write {
+                scope: Scope::Whole,
+                toggles: 0,
+                copies: 0x80,
+                copy_from: Some(MarkKind::Conntrack),
+                known: true,
+            },
+            ..write(Scope::Whole, 0, u32::MAX)
+        };
+        // `meta mark set ct mark & 0x80`: everything but the copied bit goes.
+        assert!(restore.explains(0x0100_0000, 0x80, Some(0x80)));
+        assert!(restore.explains(0x0100_0000, 0, None));
+        assert!(!restore.explains(0x0100_0000, 0x80, Some(0)));
+        assert!(!restore.explains(0, 0x100, None));
+        let xor = Access {
+            op: Op::Write {
+                scope: Scope::Bits,
+                toggles: 0x4000,
+                copies: 0,
+                copy_from: None,
+                known: true,
+            },
+            ..write(Scope::Bits, 0, 0x4000)
+        };
+        assert!(xor.explains(0x4000, 0, None) && xor.explains(0, 0x4000, None));
+        assert!(!xor.explains(0x4000, 0x4000, None));
+        let unknown = unknown_write();
+        assert!(unknown.explains(1, 2, None));
+        assert!(Access::origin(0xca6c).explains(0, 0xca6c, None));
+        assert!(!Access::read(MarkKind::Packet, 1, 1, false).explains(0, 1, None));
+    }
+
+    fn unknown_write() -> Access {
+        Access {
+            op: Op::Write {
+                scope: Scope::Whole,
+                toggles: 0,
+                copies: 0,
+                copy_from: None,
+                known: false,
+            },
+            ..write(Scope::Whole, 0, u32::MAX)
         }
     }
 

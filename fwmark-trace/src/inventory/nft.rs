@@ -9,13 +9,15 @@
 //! position). Rule text comes from `nft -a list ruleset` (by handle).
 use std::collections::{HashMap, HashSet, VecDeque};
 
+use anyhow::Result;
 use serde_json::Value;
 
 use super::bits::Bits;
 use super::iptables::{self, SavedRule};
 use super::model::{Access, BaseChain, Found, MarkKind, Op, Place, Scope};
 use crate::{
-    nodestate::nft::{without_counts, ChainId, Graph},
+    mark::Mark,
+    nodestate::nft::{without_counts, ChainId, Graph, MarkRule, MarkTest},
     stack::{Family, NfHook, NftFamily},
 };
 
@@ -237,6 +239,76 @@ fn reached_from(items: &[Value]) -> HashMap<ChainId, Vec<BaseChain>> {
     out
 }
 
+/// iptables' own tables, the ones iptables-nft keeps in nft tables of the same names.
+const IPTABLES_TABLES: [&str; 5] = ["raw", "mangle", "nat", "filter", "security"];
+
+/// The mark rules of the current namespace's ruleset (`nft -j`, with each rule's text from
+/// `nft -a`, and iptables-nft's values from iptables-nft-save where nft hides them).
+pub(crate) fn read() -> Result<Vec<Found>> {
+    use crate::nodestate::nft::{items, nft};
+    let items = items(&nft(&["-j", "list", "ruleset"])?)?;
+    let text = String::from_utf8_lossy(&nft(&["-a", "list", "ruleset"])?).into_owned();
+    let mut saves = Vec::new();
+    for (family, tool) in [
+        (Family::Ipv4, "iptables-nft-save"),
+        (Family::Ipv6, "ip6tables-nft-save"),
+    ] {
+        let has = items.iter().filter_map(|i| i.get("table")).any(|t| {
+            t.get("family")
+                .and_then(|f| f.as_str())
+                .and_then(|f| f.parse::<crate::stack::NftFamily>().ok())
+                == Some(iptables_family(family))
+                && t.get("name")
+                    .and_then(|n| n.as_str())
+                    .is_some_and(|n| IPTABLES_TABLES.contains(&n))
+        });
+        if has {
+            if let Some(text) = iptables::save(tool).ok().flatten() {
+                saves.push((family, iptables::parse_save(&text)));
+            }
+        }
+    }
+    Ok(found(&items, &text, &saves))
+}
+
+/// The current namespace's nft mark rules as the node state keeps them (what `why` reasons
+/// with when a reply died in a chain).
+pub(crate) fn mark_rules() -> Result<Vec<MarkRule>> {
+    Ok(read()?
+        .into_iter()
+        .filter_map(|f| {
+            let Place::NftRule {
+                chain,
+                reached_from,
+                drops,
+                ..
+            } = f.place
+            else {
+                return None;
+            };
+            Some(MarkRule {
+                chain,
+                reached_from: reached_from.into_iter().map(|b| b.id).collect(),
+                rule: f.text,
+                matches: f
+                    .access
+                    .iter()
+                    .filter_map(|a| match a.op {
+                        Op::Read { negated } if a.mark == MarkKind::Packet => Some(MarkTest {
+                            value: Mark(a.value),
+                            mask: Mark(a.mask),
+                            negated,
+                        }),
+                        _ => None,
+                    })
+                    .collect(),
+                writes: f.access.iter().any(Access::is_write),
+                drops,
+            })
+        })
+        .collect())
+}
+
 /// The mark rules of a ruleset. `saves` holds iptables-nft-save's rules per family (for the
 /// tables iptables-nft manages).
 pub(crate) fn found(items: &[Value], text: &str, saves: &[(Family, Vec<SavedRule>)]) -> Vec<Found> {
@@ -312,6 +384,9 @@ pub(crate) fn found(items: &[Value], text: &str, saves: &[(Family, Vec<SavedRule
                 reached_from: reach.get(&k).cloned().unwrap_or_default(),
                 chain: k,
                 handle,
+                drops: expr
+                    .iter()
+                    .any(|e| e.get("drop").is_some() || e.get("reject").is_some()),
             },
         });
     }

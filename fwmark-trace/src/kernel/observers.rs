@@ -31,10 +31,7 @@ use super::{
 };
 use crate::{
     event::Timestamp,
-    nodestate::{
-        nft::{self, ChainId},
-        watch::Watcher,
-    },
+    nodestate::{nft, watch::Watcher},
     stack::{Family, NfHook},
 };
 
@@ -109,8 +106,6 @@ pub(crate) struct Observers {
     pub(crate) tc: Option<TcObservers>,
     pub(crate) plan: NfPlan,
     pub(crate) chains: Vec<nft::Chain>,
-    /// Every (table, chain) name of the ruleset at start, base or not: whose rules are here.
-    pub(crate) chain_names: Vec<ChainId>,
     pub(crate) drop_reasons: HashMap<u32, String>,
     pub(crate) report: Vec<AttachStatus>,
     /// Kernel-side log records (aya-log); keeping it keeps its ring buffer alive.
@@ -230,7 +225,7 @@ impl Observers {
 
         // Listening before the first read: a change in between is not missed.
         let nft_watch = Watcher::nftables().ok();
-        let (mut chains, chain_names) = match nft::read_chains_and_names() {
+        let mut chains = match nft::read_chains() {
             Ok(c) => c,
             Err(err) => {
                 report.push(status("nftables chain bands".into(), Err(err)));
@@ -311,7 +306,6 @@ impl Observers {
             tc,
             plan,
             chains,
-            chain_names,
             drop_reasons,
             report,
             logger,

@@ -32,7 +32,9 @@ pub(crate) struct NodeState {
 }
 
 impl NodeState {
-    pub(crate) fn read() -> Self {
+    /// Reads the calling thread's namespace; its nft mark rules come from the caller (the
+    /// inventory reads them).
+    pub(crate) fn read(mark_rules: anyhow::Result<Vec<nft::MarkRule>>) -> Self {
         let mut s = NodeState::default();
         match netlink::rules() {
             Ok(r) => s.rules = r,
@@ -47,7 +49,7 @@ impl NodeState {
             Err(e) => s.errors.push(format!("xfrm policies: {e:#}")),
         }
         s.sysctls = sysctl::Sysctls::read();
-        match nft::read_mark_rules() {
+        match mark_rules {
             Ok(r) => s.mark_rules = r,
             Err(e) => s.errors.push(format!("nft rules: {e:#}")),
         }

@@ -14,7 +14,10 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::stack::{Family, NfHook, NftFamily};
+use crate::{
+    mark::Mark,
+    stack::{serialize_as_display, Family, NfHook, NftFamily},
+};
 
 /// A chain's identity: family, table and name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -210,12 +213,6 @@ pub(crate) fn read_names() -> Result<Vec<ChainId>> {
     Ok(parse_names(&items(&nft(&["-j", "list", "chains"])?)?))
 }
 
-/// The base chains and every chain's identity, from one `nft -j list ruleset`.
-pub(crate) fn read_chains_and_names() -> Result<(Vec<Chain>, Vec<ChainId>)> {
-    let items = items(&nft(&["-j", "list", "ruleset"])?)?;
-    Ok((parse_chains(&items), parse_names(&items)))
-}
-
 /// The objects of nft JSON output (`{"nftables": [{"chain": …}, {"rule": …}, …]}`).
 pub(crate) fn items(json: &[u8]) -> Result<Vec<Value>> {
     let mut doc: Value = serde_json::from_slice(json).context("parsing nft JSON output")?;
@@ -388,52 +385,63 @@ fn writes_of(expr: &Value) -> Writes {
     })
 }
 
-/// An nft rule that reads or writes the packet mark or the conntrack mark.
+/// An nft rule that reads or writes the packet mark or the conntrack mark (read by the
+/// inventory: `inventory::nft::mark_rules`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub(crate) struct MarkRule {
     #[serde(serialize_with = "as_text")]
     pub(crate) chain: ChainId,
-    /// The rule as `nft list ruleset` shows it (without counter values).
+    /// The base chains that reach it (its own when it is one).
+    #[serde(skip)]
+    pub(crate) reached_from: Vec<ChainId>,
+    /// The rule as `nft list ruleset` shows it.
     pub(crate) rule: String,
-    /// Whether it writes a mark (`mark set`), rather than only matching one.
+    /// Its tests of the packet mark.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) matches: Vec<MarkTest>,
+    /// Whether it writes a mark, rather than only matching one.
     pub(crate) writes: bool,
+    /// Whether its verdict drops (or rejects) the packets it matches.
+    pub(crate) drops: bool,
 }
+
+impl MarkRule {
+    /// Whether it runs for packets going through base chain `base`.
+    pub(crate) fn runs_in(&self, base: &ChainId) -> bool {
+        self.chain == *base || self.reached_from.contains(base)
+    }
+}
+
+/// `mark & mask == value` (or `!=`): a rule's test of the packet mark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MarkTest {
+    pub(crate) value: Mark,
+    pub(crate) mask: Mark,
+    pub(crate) negated: bool,
+}
+
+impl MarkTest {
+    /// Whether a packet with `mark` passes the test.
+    pub(crate) fn holds(&self, mark: Mark) -> bool {
+        (mark & self.mask == self.value) != self.negated
+    }
+}
+
+impl fmt::Display for MarkTest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let op = if self.negated { "!=" } else { "==" };
+        if self.mask == Mark::ALL {
+            write!(f, "mark {op} {}", self.value)
+        } else {
+            write!(f, "mark & {} {op} {}", self.mask, self.value)
+        }
+    }
+}
+
+serialize_as_display!(MarkTest);
 
 fn as_text<S: serde::Serializer>(id: &ChainId, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(id)
-}
-
-/// Rules mentioning `mark` in `nft list ruleset` text (iptables-nft rules included, shown as
-/// nft translates them).
-pub(crate) fn parse_mark_rules(ruleset: &str) -> Vec<MarkRule> {
-    let mut table: Option<(NftFamily, String)> = None;
-    let mut chain = String::new();
-    let mut out = Vec::new();
-    for line in ruleset.lines().map(str::trim) {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            ["table", family, name, ..] => {
-                table = family.parse().ok().map(|f| (f, name.to_string()));
-            }
-            ["chain", name, ..] => chain = name.to_string(),
-            _ if line.contains("mark") && !line.starts_with("type ") => {
-                let Some((family, table)) = &table else {
-                    continue;
-                };
-                out.push(MarkRule {
-                    chain: ChainId {
-                        family: *family,
-                        table: table.clone(),
-                        name: chain.clone(),
-                    },
-                    rule: without_counts(&words),
-                    writes: line.contains("mark set"),
-                })
-            }
-            _ => {}
-        }
-    }
-    out
 }
 
 /// A rule's words without its counter's values (`counter packets 3 bytes 180` → `counter`):
@@ -451,12 +459,6 @@ pub(crate) fn without_counts(words: &[&str]) -> String {
         }
     }
     out.join(" ")
-}
-
-pub(crate) fn read_mark_rules() -> Result<Vec<MarkRule>> {
-    Ok(parse_mark_rules(&String::from_utf8_lossy(&nft(&[
-        "list", "ruleset",
-    ])?)))
 }
 
 #[cfg(test)]
@@ -560,20 +562,14 @@ mod tests {
     }
 
     #[test]
-    fn mark_rules_are_found_with_their_chain() {
-        let text = "table inet fw {\n\tchain out {\n\t\ttype route hook output priority mangle; policy accept;\n\t\tudp dport 5201 meta mark set meta mark | 0x00004000\n\t\tip daddr 10.0.0.1 accept\n\t}\n}\ntable ip filter {\n\tchain INPUT {\n\t\tmeta mark & 0x00008000 == 0x00008000 counter packets 0 bytes 0 drop\n\t}\n}\n";
-        let rules = parse_mark_rules(text);
-        assert_eq!(rules.len(), 2);
-        assert_eq!(rules[0].chain.to_string(), "inet fw/out");
-        assert!(rules[0].writes && !rules[1].writes);
-        assert_eq!(rules[1].chain.to_string(), "ip filter/INPUT");
-        // Counter values are not part of the rule (they change with every packet).
+    fn counter_values_are_not_part_of_a_rule() {
+        let rule = |l: &str| without_counts(&l.split_whitespace().collect::<Vec<_>>());
+        let quiet = rule("meta mark & 0x00008000 == 0x00008000 counter packets 0 bytes 0 drop");
+        assert_eq!(quiet, "meta mark & 0x00008000 == 0x00008000 counter drop");
         assert_eq!(
-            rules[1].rule,
-            "meta mark & 0x00008000 == 0x00008000 counter drop"
+            rule("meta mark & 0x00008000 == 0x00008000 counter packets 7 bytes 420 drop"),
+            quiet
         );
-        let busier = text.replace("packets 0 bytes 0", "packets 7 bytes 420");
-        assert_eq!(parse_mark_rules(&busier), rules);
     }
 
     #[test]

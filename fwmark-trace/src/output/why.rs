@@ -91,6 +91,15 @@ fn rules(rules: &[crate::nodestate::netlink::IpRule]) -> String {
         .join(", ")
 }
 
+/// `: owner, owner` after some bits, or nothing when they are nobody's.
+fn owners(owners: &[String]) -> String {
+    if owners.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", owners.join(", "))
+    }
+}
+
 /// "output after priority -149 (inet t/out@0)".
 impl fmt::Display for DropPlace {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -151,9 +160,24 @@ pub(crate) fn summary(r: &Report) -> String {
                 u8::from(*src_valid_mark)
             )
         }
-        Cause::NetfilterDrop { reply_mark, place } => format!(
-            "the reply (mark {reply_mark}) was dropped by netfilter at {place} → NETFILTER_DROP"
-        ),
+        Cause::NetfilterDrop {
+            reply_mark,
+            place,
+            rule,
+        } => {
+            let by = rule.as_ref().map_or(String::new(), |r| {
+                format!(
+                    " by `{}` in {}, which tests bits {}{} and the reply's mark passed",
+                    r.rule,
+                    r.chain,
+                    r.bits,
+                    owners(&r.owners)
+                )
+            });
+            format!(
+                "the reply (mark {reply_mark}) was dropped by netfilter at {place}{by} → NETFILTER_DROP"
+            )
+        }
         Cause::ConnmarkRestoreMask {
             restore,
             lost,
@@ -258,8 +282,18 @@ impl fmt::Display for Evidence {
                 restore.ct_mark.unwrap_or_default()
             ),
             Evidence::NftTraceRule(rule) => write!(f, "nft trace: rule `{rule}` (verdict drop)"),
-            Evidence::MarkMatchingRule { chain, rule } => {
-                write!(f, "mark-matching rule in {chain}: `{rule}`")
+            Evidence::DroppingRule(r) => {
+                let tests: Vec<String> = r.tests.iter().map(ToString::to_string).collect();
+                write!(
+                    f,
+                    "dropping rule in {}: `{}` tests {} (bits {}{}); the reply's mark {} it",
+                    r.chain,
+                    r.rule,
+                    tests.join(" and "),
+                    r.bits,
+                    owners(&r.owners),
+                    if r.matched { "passed" } else { "did not pass" }
+                )
             }
             Evidence::XfrmMatching(p) => write!(f, "matching: {p}"),
             Evidence::RpFilterSysctls {

@@ -62,7 +62,7 @@ impl Collector<'_> {
                 ..last.clone()
             },
             _ => {
-                let mut s = NodeState::read();
+                let mut s = NodeState::read(crate::inventory::nft::mark_rules());
                 s.chains.retain(|c| !nftrace::is_ours(c));
                 s
             }

@@ -13,7 +13,7 @@ use crate::{
     mark::Mark,
     nodestate::{
         netlink::{IpRule, RuleAction, XfrmAction, XfrmDir, XfrmPolicy, TABLE_LOCAL},
-        nft::{Chain, ChainId},
+        nft::{Chain, ChainId, MarkTest},
         NodeState, StateChange,
     },
     place::{Hook, Tracepoint},
@@ -105,6 +105,8 @@ pub(crate) enum Cause {
     NetfilterDrop {
         reply_mark: Mark,
         place: DropPlace,
+        /// The dropping rule there whose mark tests the reply passed, when there is one.
+        rule: Option<DroppingRule>,
     },
     /// A restore wrote the ct mark over bits set on the reply, which then died in netfilter.
     ConnmarkRestoreMask {
@@ -181,11 +183,8 @@ pub(crate) enum Evidence {
     },
     /// `--nftrace` named the rule that dropped the packet.
     NftTraceRule(String),
-    /// A rule in the dropping chain that matches a mark.
-    MarkMatchingRule {
-        chain: ChainId,
-        rule: String,
-    },
+    /// A rule that drops on a mark test, in the chains where the reply died.
+    DroppingRule(DroppingRule),
     XfrmMatching(XfrmPolicy),
     RpFilterSysctls {
         arrival: String,
@@ -201,6 +200,20 @@ pub(crate) enum Evidence {
         changes: Vec<StateChange>,
         before_last_packet: bool,
     },
+}
+
+/// A rule that drops what passes its mark tests, with what they test and whether the reply's
+/// mark passed them.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct DroppingRule {
+    pub(crate) chain: ChainId,
+    pub(crate) rule: String,
+    pub(crate) tests: Vec<MarkTest>,
+    /// The bits the tests look at, and whose they are.
+    pub(crate) bits: Mark,
+    pub(crate) owners: Vec<String>,
+    /// Whether the reply's mark passed every test (so this rule can have dropped it).
+    pub(crate) matched: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -444,19 +457,12 @@ fn netfilter_drop(
     if let Some(r) = &rule {
         evidence.push(Evidence::NftTraceRule(r.clone()));
     }
-    for c in &place.chains {
-        for r in cx
-            .state
-            .mark_rules
-            .iter()
-            .filter(|r| r.chain == c.id && !r.writes)
-        {
-            evidence.push(Evidence::MarkMatchingRule {
-                chain: r.chain.clone(),
-                rule: r.rule.clone(),
-            });
-        }
-    }
+    let reply_mark = last_mark(reply);
+    let dropping = dropping_rules(&place, reply_mark, cx);
+    evidence.extend(dropping.iter().cloned().map(Evidence::DroppingRule));
+    // The one rule the reply's mark passed is the one that dropped it.
+    let mut passed = dropping.into_iter().filter(|r| r.matched);
+    let rule_hit = passed.next().filter(|_| passed.next().is_none());
     let cause = match restore_clobber(reply) {
         Some((restore, lost)) => Cause::ConnmarkRestoreMask {
             restore: restore.clone(),
@@ -464,11 +470,50 @@ fn netfilter_drop(
             place,
         },
         None => Cause::NetfilterDrop {
-            reply_mark: last_mark(reply),
+            reply_mark,
             place,
+            rule: rule_hit,
         },
     };
     (cause, rule)
+}
+
+/// The rules of the dropping chains (and the chains they reach) that drop on a test of the
+/// packet mark, from the ruleset in force when the reply died: the bits they test, whose those
+/// are, and whether the reply's mark passed.
+fn dropping_rules(place: &DropPlace, reply_mark: Mark, cx: &Context) -> Vec<DroppingRule> {
+    cx.state
+        .mark_rules
+        .iter()
+        .filter(|r| r.drops && !r.matches.is_empty())
+        .filter(|r| place.chains.iter().any(|c| r.runs_in(&c.id)))
+        .map(|r| {
+            let bits = r.matches.iter().fold(Mark::ZERO, |b, t| b | t.mask);
+            DroppingRule {
+                chain: r.chain.clone(),
+                rule: r.rule.clone(),
+                tests: r.matches.clone(),
+                bits,
+                owners: bit_owners(bits, cx.registry),
+                matched: r.matches.iter().all(|t| t.holds(reply_mark)),
+            }
+        })
+        .collect()
+}
+
+/// The owners (by id) of these bits.
+fn bit_owners(bits: Mark, registry: &Registry) -> Vec<String> {
+    let a = attribute(
+        registry,
+        &Change {
+            old: 0,
+            new: bits.0,
+            ..Default::default()
+        },
+    );
+    let mut owners: Vec<String> = a.owners.into_iter().map(|o| o.owner).collect();
+    owners.dedup();
+    owners
 }
 
 /// XFRM_POLICY: the inbound block policies whose mark selector takes the reply's mark.
@@ -493,20 +538,10 @@ fn xfrm_policy(reply: &[&Step], cx: &Context, evidence: &mut Vec<Evidence>) -> C
 
 /// The request's mark against the reply's: which owners' bits differ.
 fn mark_diff(request: Mark, reply: Mark, registry: &Registry) -> MarkDiff {
-    let a = attribute(
-        registry,
-        &Change {
-            old: request.0,
-            new: reply.0,
-            ..Default::default()
-        },
-    );
-    let mut owners: Vec<String> = a.owners.into_iter().map(|o| o.owner).collect();
-    owners.dedup();
     MarkDiff {
         request,
         reply,
-        owners,
+        owners: bit_owners(request ^ reply, registry),
     }
 }
 
@@ -820,6 +855,48 @@ mod tests {
         let r = judge_with(&plain, &state(), &chains);
         assert_eq!(r.cause.verdict(), Verdict::NetfilterDrop);
         assert_eq!(r.drop.as_ref().unwrap().place.chains, chains);
+        // With the chain's rules known: the one whose test the reply's mark passed is named,
+        // with the bits it tests and whose they are.
+        let test = |mask: u32, value: u32| MarkTest {
+            value: Mark(value),
+            mask: Mark(mask),
+            negated: false,
+        };
+        let rule = |text: &str, t: MarkTest| crate::nodestate::nft::MarkRule {
+            chain: chains[0].id.clone(),
+            reached_from: vec![],
+            rule: text.into(),
+            matches: vec![t],
+            writes: false,
+            drops: true,
+        };
+        let with_rules = NodeState {
+            mark_rules: vec![
+                rule("meta mark & 0x4000 == 0x0 drop", test(0x4000, 0)),
+                rule("meta mark & 0x8000 == 0x8000 drop", test(0x8000, 0x8000)),
+            ],
+            ..state()
+        };
+        let unmarked = flow(vec![
+            Step {
+                mark: Mark::ZERO,
+                ..input.clone()
+            },
+            dropped(DropReason::NetfilterDrop, 0),
+        ]);
+        let r = judge_with(&unmarked, &with_rules, &chains);
+        let text = summary(&r);
+        assert!(
+            text.contains("by `meta mark & 0x4000 == 0x0 drop` in inet t/in, which tests bits 0x4000: kube-proxy"),
+            "{text}"
+        );
+        let evidence: Vec<String> = r.evidence.iter().map(ToString::to_string).collect();
+        assert!(
+            evidence.iter().any(|e| e
+                .contains("`meta mark & 0x8000 == 0x8000 drop` tests mark & 0x8000 == 0x8000")
+                && e.ends_with("did not pass it")),
+            "{evidence:#?}"
+        );
         let r = judge_with(&flow(vec![restore, input, drop]), &state(), &chains);
         assert!(
             matches!(r.cause, Cause::ConnmarkRestoreMask { lost, .. } if lost == Mark(0x100)),
