@@ -280,6 +280,8 @@ async fn stream(
     let limit = args.count.unwrap_or(u64::MAX);
     let mut last_stats = Instant::now();
     let mut ticks = 0u64;
+    let metrics_addr = endpoint.as_ref().and_then(|l| l.local_addr().ok());
+    crate::output::ready::announce(obs, out, own_netns, metrics_addr)?;
 
     'run: loop {
         tokio::select! {
