@@ -87,6 +87,11 @@ const PACKAGES: [&str; 6] = [
     "xtask",
 ];
 
+/// The integration tests' package (tests/): not a default member; its tests run the daemon
+/// binary found in `DAEMON_ENV`.
+pub(crate) const TESTS: &str = "fwmark-trace-tests";
+pub(crate) const DAEMON_ENV: &str = "FWMARK_TRACE_BIN";
+
 pub(crate) fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
@@ -145,6 +150,8 @@ fn test(args: &[String]) -> Result<()> {
     })?;
     timed("clippy", || {
         cmd::run(cargo().arg("clippy").args(PACKAGES).args([
+            "-p",
+            TESTS,
             "--all-targets",
             "--",
             "-D",
@@ -152,14 +159,18 @@ fn test(args: &[String]) -> Result<()> {
         ]))
     })?;
     timed("clippy (eBPF)", clippy_ebpf)?;
-    timed("tests", || {
-        // Integration tests share the kernel's hooks and program list: one at a time.
+    timed("unit tests", || {
+        cmd::run(cargo().arg("test").args(PACKAGES).arg("--").args(args))
+    })?;
+    timed("integration tests", || {
+        // Each test has its own namespaces and checks only what its own daemons attached:
+        // they run in parallel (one thread per core, the test harness's default).
+        let daemon = build(false)?;
         cmd::run(
             cargo()
-                .arg("test")
-                .args(PACKAGES)
+                .args(["test", "-p", TESTS])
+                .env(DAEMON_ENV, daemon)
                 .arg("--")
-                .arg("--test-threads=1")
                 .args(args),
         )
     })
