@@ -3,31 +3,20 @@
 //! head on the same sk_buff as a new packet, and taking a recycled sk_buff (a new packet at the
 //! address of one that ended where no tracepoint fires, e.g. TCP's silent frees) for the old
 //! one. One test per report, with the rules that showed it, in throwaway namespaces.
-mod common;
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{atomic::AtomicBool, atomic::Ordering, Arc},
     time::Duration,
 };
 
-use common::*;
+use fwmark_trace_tests::*;
 use serde_json::Value;
 
-/// Stops a server thread when dropped (also when an assertion fails first).
-struct StopOnDrop(Arc<AtomicBool>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
 fn server(ns: &str, addr: &str, port: u16) -> StopOnDrop {
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = StopOnDrop::new();
     // The thread ends by itself once `stop` is set; it is not joined.
-    drop(tcp_echo_server(ns, addr, port, stop.clone()));
-    StopOnDrop(stop)
+    drop(tcp_echo_server(ns, addr, port, stop.flag()));
+    stop
 }
 
 fn short(e: &Value) -> String {

@@ -5,15 +5,13 @@
 //! rule), an xfrm policy with a mark, a tc program setting a mark, sockets with SO_MARK and a
 //! marked conntrack entry. Every entry is asserted (kind, owner, value/mask, read or write)
 //! and every documented collision shows up as a conflict; `--check` exits 1 on them.
-mod common;
-
 use std::{net::UdpSocket, process::Command};
 
-use common::*;
+use fwmark_trace_tests::*;
 use serde_json::Value;
 
 fn cli(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).output().expect("run");
+    let out = Command::new(bin()).args(args).output().expect("run");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -596,7 +594,7 @@ fn bad_input_is_one_clear_error() {
 #[test]
 fn cgroup_program_is_node_wide() {
     require_root();
-    let fd = lab::cgroup_mark_setter(0x3000000);
+    let fd = cgroup_mark_setter(0x3000000);
     let ns = Netns::new("inv-cg");
     let doc = inventory(&ns.name);
     let e = one(&doc, "bpf-program", "test_cg_mark");

@@ -1,15 +1,15 @@
 //! Faults a node throws at a tracer: kill -9 and restart, two daemons at once, the traced
 //! namespace deleted mid-run, output that stops accepting data, bad input of every kind, and a
 //! short soak with traffic and interface churn whose RSS must stay flat.
-mod common;
 
 use std::{
     io::{BufRead, BufReader},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use common::*;
+use fwmark_trace_tests::*;
+use serde_json::Value;
 
 const RULES: &str = "table inet t {\n chain out {\n type route hook output priority mangle; policy accept;\n udp dport 9970 meta mark set 0x70\n }\n}\n";
 
@@ -28,9 +28,8 @@ fn saw_transition(events: &[serde_json::Value]) -> bool {
 #[test]
 fn sigkill_then_restart_and_two_daemons_at_once() {
     let lab = lab();
-    let d = Daemon::start(&["--netns", &lab.a]);
-    unsafe { libc::kill(d.pid() as i32, libc::SIGKILL) };
-    drop(d);
+    // Killed: nothing of it left (`kill` checks).
+    Daemon::start(&["--netns", &lab.a]).kill();
     // Restart at once: the new daemon attaches cleanly and traces.
     let d1 = Daemon::start(&["--netns", &lab.a]);
     // A second daemon on the same hooks: the kernel refuses two BPF hooks at one priority, so it
@@ -40,7 +39,6 @@ fn sigkill_then_restart_and_two_daemons_at_once() {
     let (e1, e2) = (d1.stop(), d2.stop());
     assert!(saw_transition(&e1), "first daemon missed the transition");
     assert!(saw_transition(&e2), "second daemon missed the transition");
-    assert!(wait_unloaded().is_empty());
 }
 
 #[test]
@@ -49,16 +47,8 @@ fn deleted_netns_stops_the_run_cleanly() {
     let mut d = Daemon::start(&["--netns", &lab.a]);
     lab::run("ip", &["netns", "del", &lab.a]).expect("delete netns");
     d.wait_for_stderr("was deleted; stopping", Duration::from_secs(10));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(st) = d.try_wait() {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "daemon did not stop");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = d.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "{status}");
-    assert!(wait_unloaded().is_empty());
 }
 
 fn one_error_line(stderr: &str, expect: &str) {
@@ -71,7 +61,7 @@ fn one_error_line(stderr: &str, expect: &str) {
 fn stdout_closed_early_is_a_clear_error() {
     require_root();
     let lab = lab();
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(bin())
         .args(["trace", "--json", "--full-path", "--netns", &lab.a])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -79,6 +69,13 @@ fn stdout_closed_early_is_a_clear_error() {
         .unwrap();
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
+    // Ready (its record on stdout, after the plan): then traffic.
+    let ready = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .map(|l| serde_json::from_str::<Value>(&l).expect("a JSON record"))
+        .find(|r| r["kind"] == "ready")
+        .expect("a ready record");
     // Like `| head -1`: read one event, then close the pipe while events keep coming.
     let sender = {
         let ns = lab.a.clone();
@@ -94,7 +91,7 @@ fn stdout_closed_early_is_a_clear_error() {
     sender.join().unwrap();
     assert!(!out.status.success());
     one_error_line(&String::from_utf8_lossy(&out.stderr), "Broken pipe");
-    assert!(wait_unloaded().is_empty());
+    assert_released(&ready, Some(&lab.a));
 }
 
 /// A tmpfs too small for the events, unmounted even when the test fails.
@@ -111,7 +108,7 @@ impl Drop for TinyFs {
 fn full_filesystem_is_a_clear_error() {
     require_root();
     let lab = lab();
-    let dir = std::env::temp_dir().join(format!("fwmark-trace-tinyfs-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("fwmark-trace-tinyfs-{}", unique()));
     std::fs::create_dir_all(&dir).unwrap();
     let fs = TinyFs(dir.clone());
     lab::run(
@@ -126,33 +123,19 @@ fn full_filesystem_is_a_clear_error() {
         ],
     )
     .expect("mount tmpfs");
-    let out_file = dir.join("events.jsonl");
-    let mut child = Command::new(BIN)
-        .args([
-            "trace",
-            "--json",
-            "--full-path",
-            "--netns",
-            &lab.a,
-            "--output",
-            out_file.to_str().unwrap(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
-        send_udp_burst(&lab.a, lab::ADDR_B, 9970, 500);
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(!out.status.success(), "should fail on ENOSPC");
-    one_error_line(
-        &String::from_utf8_lossy(&out.stderr),
-        "No space left on device",
+    let mut d = Daemon::start_writing(
+        dir.join("events.jsonl"),
+        &["--full-path", "--netns", &lab.a],
     );
-    assert!(wait_unloaded().is_empty());
+    // Events until the file system is full and the daemon has given up.
+    wait_until(scaled(Duration::from_secs(20)), || {
+        send_udp_burst(&lab.a, lab::ADDR_B, 9970, 500);
+        d.try_wait().is_some()
+    });
+    let status = d.wait_exit(Duration::from_secs(10));
+    assert!(!status.success(), "should fail on ENOSPC");
+    one_error_line(&d.stderr_lines.join("\n"), "No space left on device");
+    drop(d);
     drop(fs);
 }
 
@@ -173,11 +156,9 @@ fn bad_input_gets_one_clear_error() {
         (&["trace", "--iface"], "--iface"),
     ];
     for (args, expect) in cases {
-        let out = Command::new(BIN).args(args).output().unwrap();
-        assert_ne!(out.status.code(), Some(0), "{args:?}");
-        let err = String::from_utf8_lossy(&out.stderr);
+        // Fails, and was never ready.
+        let (_, err) = trace_fails(args);
         one_error_line(&err, expect);
-        assert!(wait_unloaded().is_empty(), "{args:?} left programs loaded");
     }
     // Not root: a clear refusal (dropping to nobody with setpriv).
     let out = Command::new("setpriv")
@@ -185,7 +166,7 @@ fn bad_input_gets_one_clear_error() {
             "--reuid=65534",
             "--regid=65534",
             "--clear-groups",
-            BIN,
+            bin(),
             "trace",
         ])
         .output()
@@ -197,7 +178,7 @@ fn bad_input_gets_one_clear_error() {
 #[test]
 fn short_soak_keeps_rss_flat() {
     require_root();
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["soak", "--seconds", "30"])
         .output()
         .unwrap();

@@ -1,9 +1,8 @@
 //! End to end: real nft/iptables rules change marks at known hooks and priorities inside a
 //! throwaway namespace, the real daemon traces them, and the JSON events must say exactly what
 //! changed, where (hook, family, priority band, chain), and why packets died.
-mod common;
 
-use common::*;
+use fwmark_trace_tests::*;
 use serde_json::Value;
 
 const RULES: &str = r#"
@@ -41,7 +40,7 @@ fn first<'a>(evs: &[&'a Value], what: &str) -> &'a Value {
 fn traced_transition(lab: &Lab, port: u16, what: &str) -> Value {
     let d = Daemon::start(&["--netns", &lab.a]);
     send_udp(&lab.a, lab::ADDR_B, port, 2, None);
-    let events = d.stop();
+    let events = d.stop_when(what, |ev| !events_to(ev, "transition", port).is_empty());
     first(&events_to(&events, "transition", port), what).clone()
 }
 
@@ -129,7 +128,14 @@ fn tc_egress_sees_the_mark_set_in_netfilter() {
     let lab = lab_with_rules("tc");
     let d = Daemon::start(&["--netns", &lab.a, "--full-path"]);
     send_udp(&lab.a, lab::ADDR_B, 9996, 2, None);
-    let events = d.stop();
+    // The first datagram waits for ARP: its tc and net_dev_queue come when the reply does.
+    let events = d.stop_when("the datagrams at tc and net_dev_queue", |ev| {
+        let at = |k: &str, v: &str| {
+            ev.iter()
+                .any(|e| e["tuple"]["dport"] == 9996 && e["at"][k] == v)
+        };
+        at("position", "first") && at("position", "last") && at("hook", "net_dev_queue")
+    });
     let at_tc: Vec<&Value> = events
         .iter()
         .filter(|e| e["tuple"]["dport"] == 9996 && e["at"]["layer"] == "tc")
@@ -218,7 +224,10 @@ fn socket_mark_is_attributed_to_so_mark() {
     let lab = Lab::new("sock").expect("lab");
     let d = Daemon::start(&["--netns", &lab.a]);
     send_udp(&lab.a, lab::ADDR_B, 9994, 2, Some(0xCA6C));
-    let events = d.stop();
+    // No rule here: the first observer is net_dev_queue, after ARP for the first datagram.
+    let events = d.stop_when("the SO_MARK transition", |ev| {
+        !events_to(ev, "transition", 9994).is_empty()
+    });
     let tr = events_to(&events, "transition", 9994);
     let e = first(&tr, "SO_MARK transition");
     assert_eq!(e["mark"]["old"], "0x0");
@@ -253,44 +262,38 @@ fn mark_filter_keeps_only_matching_events() {
     }
 }
 
+/// The ready record names what the daemon attached, all of it there while it traces; after
+/// SIGINT and after SIGKILL none of it is left (`stop` and `kill` check each id, and its
+/// namespace's tc and nft).
 #[test]
 fn nothing_stays_attached_after_sigint_or_sigkill() {
     let lab = Lab::new("clean").expect("lab");
-    let d = Daemon::start(&["--netns", &lab.a]);
-    assert!(
-        !ours_loaded().is_empty(),
-        "programs should be loaded while tracing"
-    );
+    let attached = |d: &Daemon| {
+        let (programs, links) = (ids(&d.ready, "programs"), ids(&d.ready, "links"));
+        // At least the tracepoints: a program and a link each.
+        assert!(
+            programs.len() >= 4 && links.len() >= 4,
+            "too little attached: {}",
+            d.ready
+        );
+        assert!(
+            programs.iter().all(|&id| program_exists(id))
+                && links.iter().all(|&id| link_exists(id)),
+            "named but not loaded while tracing: {}",
+            d.ready
+        );
+    };
+    let d = Daemon::start(&["--netns", &lab.a, "--full-path"]);
+    attached(&d);
     let events = d.stop();
     assert_eq!(
         events.last().map(|e| e["kind"].clone()),
         Some(Value::from("summary"))
     );
-    assert_eq!(
-        wait_unloaded(),
-        Vec::<String>::new(),
-        "left loaded after SIGINT"
-    );
 
-    let d = Daemon::start(&["--netns", &lab.a]);
-    unsafe { libc::kill(d.pid() as i32, libc::SIGKILL) };
-    drop(d);
-    assert_eq!(
-        wait_unloaded(),
-        Vec::<String>::new(),
-        "left loaded after SIGKILL"
-    );
-}
-
-fn run_bad(args: &[&str]) -> (i32, String) {
-    let out = std::process::Command::new(BIN)
-        .args(args)
-        .output()
-        .expect("run");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let d = Daemon::start(&["--netns", &lab.a, "--full-path"]);
+    attached(&d);
+    d.kill();
 }
 
 #[test]
@@ -315,14 +318,13 @@ fn bad_input_gets_one_clear_error_and_nothing_attached() {
         (&["trace", "--ring-size", "1000"], "power of two"),
     ];
     for (args, expect) in cases {
-        let (code, err) = run_bad(args);
-        assert_ne!(code, 0, "{args:?} should fail");
+        // Fails, never ready, nothing left in the namespace it was given.
+        let (_, err) = trace_fails(args);
         assert!(err.contains(expect), "{args:?}: {err}");
         assert!(
             err.lines().filter(|l| l.contains("error:")).count() == 1,
             "{args:?}: {err}"
         );
-        assert!(wait_unloaded().is_empty(), "{args:?} left programs loaded");
     }
 }
 
@@ -342,36 +344,26 @@ fn new_interfaces_are_picked_up_and_iface_filter_applies() {
     let events = d.stop();
     assert!(events.iter().any(|e| e["kind"] == "summary"));
 
-    // With --iface only that interface's events are reported.
+    // With --iface only that interface's events are reported: A's datagrams to B go over
+    // veth-a, those to itself over lo.
     let d = Daemon::start(&["--netns", &lab.a, "--full-path", "--iface", "lo"]);
     send_udp(&lab.a, lab::ADDR_B, 9999, 2, None);
-    let events = d.stop();
+    send_udp(&lab.a, lab::ADDR_A, 9999, 2, None);
+    let on_lo = |e: &Value| e["at"]["ifname"] == "lo" || e["segment"]["from"]["ifname"] == "lo";
+    let looped = |e: &Value| e["tuple"]["dst"] == lab::ADDR_A && on_lo(e);
+    let events = d.stop_when("the datagrams over lo", |ev| ev.iter().any(looped));
     let evs: Vec<&Value> = events.iter().filter(|e| e["kind"] != "summary").collect();
-    assert!(
-        evs.iter()
-            .all(|e| e["at"]["ifname"] == "lo" || e["segment"]["from"]["ifname"] == "lo"),
-        "events outside lo: {evs:?}"
-    );
+    assert!(evs.iter().any(|e| looped(e)), "nothing seen on lo: {evs:?}");
+    assert!(evs.iter().all(|e| on_lo(e)), "events outside lo: {evs:?}");
 }
 
 #[test]
 fn count_stops_after_n_events() {
     let lab = lab_with_rules("count");
-    let d = Daemon::start(&["--netns", &lab.a, "--count", "2"]);
+    let mut d = Daemon::start(&["--netns", &lab.a, "--count", "2"]);
     send_udp(&lab.a, lab::ADDR_B, 9999, 5, None);
-    let mut d = d;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let status = loop {
-        if let Some(st) = d.try_wait() {
-            break st;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "--count 2 did not stop the daemon"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
-    assert!(status.success());
+    let status = d.wait_exit(std::time::Duration::from_secs(10));
+    assert!(status.success(), "--count 2: {status}");
     let events = read_jsonl(&d.output);
     let n = events.iter().filter(|e| e["kind"] != "summary").count();
     assert_eq!(n, 2);
@@ -389,7 +381,9 @@ fn tcx_program_between_observers_is_named() {
         std::time::Duration::from_secs(10),
     );
     send_udp(&lab.a, lab::ADDR_B, 9993, 2, None);
-    let events = d.stop();
+    let events = d.stop_when("the tcx transition", |ev| {
+        !events_to(ev, "transition", 9993).is_empty()
+    });
     let tr = events_to(&events, "transition", 9993);
     let e = first(&tr, "tcx transition");
     assert_eq!(e["mark"]["new"], "0x77");
@@ -413,18 +407,15 @@ fn tcx_program_added_during_the_run_gets_observers_around_it() {
         std::time::Duration::from_secs(10),
     );
     send_udp(&lab.a, lab::ADDR_B, 9991, 3, None);
-    // Counted transitions are named at the end of their interval: let it be reported while
-    // the program is still there (the names are those of the chain at the report).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    // Text, not JSON: the file may end in a line being written.
-    let reported = |d: &Daemon| {
-        let text = std::fs::read_to_string(&d.output).unwrap_or_default();
-        text.lines()
-            .any(|l| l.contains("\"dport\":9991") && l.contains("\"new\":\"0x77\""))
-    };
-    while !reported(&d) && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    // Counted transitions are named at the end of their interval: let every packet be reported
+    // while the program is still there (the names are those of the chain at the report).
+    let reported = d.wait_for(std::time::Duration::from_secs(20), |r| {
+        packets(&marked(r, 9991, "0x77")) >= 3
+    });
+    assert!(
+        reported,
+        "the 3 packets were not reported while the program ran"
+    );
     // Gone again: so are our observers.
     drop(link);
     d.wait_for_stderr(
@@ -432,10 +423,7 @@ fn tcx_program_added_during_the_run_gets_observers_around_it() {
         std::time::Duration::from_secs(10),
     );
     let events = d.stop();
-    let set: Vec<&Value> = events_to(&events, "transition", 9991)
-        .into_iter()
-        .filter(|e| e["mark"]["new"] == "0x77")
-        .collect();
+    let set = marked(&events, 9991, "0x77");
     assert_eq!(
         packets(&set),
         3,
@@ -463,12 +451,17 @@ fn interfaces_without_tc_get_tcx_observers_only_in_full_path() {
     };
     let d = Daemon::start(&["--netns", &lab.a]);
     assert_eq!(ours(), 0, "tcx observers where no tc program runs");
+    let plan = &d.plans()[0];
     assert!(
-        d.stderr_lines
+        plan["observers"]
+            .as_array()
+            .unwrap()
             .iter()
-            .any(|l| l.contains("tcx: observers on 0 of 2 interfaces")),
-        "{:#?}",
-        d.stderr_lines
+            .any(|o| o["point"] == "tcx"
+                && o["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with("observers on 0 of 2 interfaces"))),
+        "{plan:#}"
     );
     d.stop();
     let d = Daemon::start(&["--netns", &lab.a, "--full-path"]);
@@ -503,8 +496,25 @@ fn clsact_back_end_names_the_filter_between_its_observers() {
     let lab = Lab::new("clsf").expect("lab");
     attach_clsact_mark_setter(&lab.a, lab::VETH_A, 0x66);
     let d = Daemon::start(&["--netns", &lab.a, "--tc-observers", "clsact"]);
+    // Its filters, first and last in veth-a's egress (and ingress): named by place.
+    let filters: Vec<(&Value, &Value, &Value)> = d.ready["tc_filters"]
+        .as_array()
+        .expect("tc_filters")
+        .iter()
+        .map(|f| (&f["ifname"], &f["direction"], &f["priority"]))
+        .collect();
+    for prio in [1, 65535] {
+        assert!(
+            filters.contains(&(&lab::VETH_A.into(), &"egress".into(), &prio.into())),
+            "{}",
+            d.ready
+        );
+    }
     send_udp(&lab.a, lab::ADDR_B, 9991, 2, None);
-    let events = d.stop();
+    // `stop` also checks that the filters went with the daemon.
+    let events = d.stop_when("the clsact transition", |ev| {
+        !events_to(ev, "transition", 9991).is_empty()
+    });
     let tr = events_to(&events, "transition", 9991);
     let e = first(&tr, "clsact back-end transition");
     assert_eq!(e["mark"]["new"], "0x66");
@@ -517,8 +527,6 @@ fn clsact_back_end_names_the_filter_between_its_observers() {
     assert_eq!(seg["programs"].as_array().map_or(0, |p| p.len()), 1, "{e}");
     let description = seg["description"].as_str().unwrap_or_default();
     assert!(description.contains("clsact filter"), "{e}");
-    drop(lab);
-    assert!(wait_unloaded().is_empty(), "observer filters left behind");
 }
 
 #[test]
@@ -527,8 +535,8 @@ fn ring_overflow_is_counted_and_reported() {
     // One page of ring (~39 events) against a burst of thousands of observations.
     let d = Daemon::start(&["--netns", &lab.a, "--full-path", "--ring-size", "4096"]);
     send_udp_burst(&lab.a, lab::ADDR_B, 9999, 3000);
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    let events = d.stop();
+    // `lost` records come once a second.
+    let events = d.stop_when("a lost record", |ev| ev.iter().any(|e| e["kind"] == "lost"));
     let summary = events.last().expect("summary");
     assert_eq!(summary["kind"], "summary");
     let lost = summary["lost"].as_u64().unwrap();
@@ -554,7 +562,9 @@ fn followed_flows_are_filtered_in_the_kernel() {
     let d = Daemon::start(&["--netns", &lab.a, "--port", "9990", "--ring-size", "4096"]);
     send_udp_burst(&lab.a, lab::ADDR_B, 9999, 3000);
     send_udp(&lab.a, lab::ADDR_B, 9990, 2, None);
-    let events = d.stop();
+    let events = d.stop_when("the followed packets' points", |ev| {
+        events_to(ev, "observe", 9990).len() >= 2
+    });
     let summary = events.last().expect("summary");
     assert_eq!(summary["lost"], 0, "{summary}");
     let followed = events_to(&events, "observe", 9990);
@@ -604,17 +614,16 @@ fn followed_flow_shows_every_point_and_its_routing_lookups() {
     let d = Daemon::start(&["--netns", &lab.a, "--port", "9960", "--proto", "udp"]);
     send_udp(&lab.a, lab::ADDR_B, 9960, 2, Some(0x4000));
     send_udp(&lab.a, lab::ADDR_B, 9961, 2, Some(0x4000));
-    let events = d.stop();
+    let at_tc = |e: &Value| e["kind"] == "observe" && e["at"]["layer"] == "tc";
+    let events = d.stop_when("the flow at tc", |ev| {
+        events_to(ev, "observe", 9960).into_iter().any(at_tc)
+    });
     let evs: Vec<&Value> = events.iter().filter(|e| e["kind"] != "summary").collect();
+    assert!(evs.iter().any(|e| at_tc(e)), "every point of the flow");
     assert!(
         evs.iter()
             .all(|e| e["kind"] == "route" || e["tuple"]["dport"] == 9960),
         "unselected events"
-    );
-    assert!(
-        evs.iter()
-            .any(|e| e["kind"] == "observe" && e["at"]["layer"] == "tc"),
-        "every point of the flow"
     );
     let lookup = evs
         .iter()
@@ -662,10 +671,9 @@ fn chains_added_during_the_run_get_their_band() {
         "table inet late {\n chain out { type filter hook output priority 50; policy accept; udp dport 9958 meta mark set 0x58; }\n}\n",
     )
     .unwrap();
-    d.wait_for_stderr(
-        "band observer added at ipv4 output prio 51",
-        std::time::Duration::from_secs(10),
-    );
+    d.wait_for_plan("with an observer after the new chain", |p| {
+        has_site(p, "ipv4", "output", 51)
+    });
     send_udp(&lab.a, lab::ADDR_B, 9958, 2, None);
     let events = d.stop();
     let tr = events_to(&events, "transition", 9958);
@@ -676,6 +684,15 @@ fn chains_added_during_the_run_get_their_band() {
         "{e}"
     );
     assert_eq!(e["segment"]["priority_range"][1], 51);
+}
+
+/// Whether a plan record has a netfilter observer at (family, hook, priority).
+fn has_site(plan: &Value, family: &str, hook: &str, priority: i32) -> bool {
+    plan["netfilter"].as_array().is_some_and(|sites| {
+        sites
+            .iter()
+            .any(|s| s["family"] == family && s["hook"] == hook && s["priority"] == priority)
+    })
 }
 
 /// Scrapes the `--metrics` endpoint once (HTTP/1.0 GET over loopback) and returns the body.
@@ -703,18 +720,12 @@ fn sample(body: &str, series: &str) -> u64 {
 #[test]
 fn metrics_endpoint_serves_the_run_counters() {
     let lab = lab_with_rules("metrics");
-    // Port 0: the kernel picks a free one, and the daemon says which.
+    // Port 0: the kernel picks a free one, and the ready record says which.
     let d = Daemon::start(&["--netns", &lab.a, "--metrics", "127.0.0.1:0"]);
-    let addr = d
-        .stderr_lines
-        .iter()
-        .find_map(|l| {
-            l.split("metrics at http://")
-                .nth(1)?
-                .strip_suffix("/metrics")
-        })
-        .map(str::to_owned)
-        .expect("the daemon prints its metrics address");
+    let addr = d.ready["metrics"]
+        .as_str()
+        .expect("the ready record has the metrics address")
+        .to_owned();
     let before = scrape(&addr);
     assert!(
         before.contains("# TYPE fwmark_trace_lost_events counter"),
@@ -722,15 +733,12 @@ fn metrics_endpoint_serves_the_run_counters() {
     );
     send_udp(&lab.a, lab::ADDR_B, 9999, 3, None); // 0x0 → 0x100 → 0x4100
     send_udp(&lab.a, lab::ADDR_B, 9998, 2, None); // 0x8000, then dropped
-                                                  // The consumer drains every 50 ms; allow it a few rounds.
+                                                  // Counted in the kernel, reported (and so counted here) once per interval.
     let mut body = String::new();
-    for _ in 0..20 {
-        std::thread::sleep(std::time::Duration::from_millis(250));
+    wait_until(std::time::Duration::from_secs(10), || {
         body = scrape(&addr);
-        if sample(&body, "fwmark_trace_drops_total{reason=\"NETFILTER_DROP\"}") >= 2 {
-            break;
-        }
-    }
+        sample(&body, "fwmark_trace_drops_total{reason=\"NETFILTER_DROP\"}") >= 2
+    });
     assert!(
         sample(&body, "fwmark_trace_events_total{kind=\"transition\"}") >= 6,
         "{body}"
@@ -774,20 +782,24 @@ fn packets(evs: &[&Value]) -> u64 {
     evs.iter().map(|e| e["count"].as_u64().unwrap_or(1)).sum()
 }
 
+/// The transitions to `dport` whose new mark is `new`.
+fn marked<'a>(events: &'a [Value], dport: u16, new: &str) -> Vec<&'a Value> {
+    events_to(events, "transition", dport)
+        .into_iter()
+        .filter(|e| e["mark"]["new"] == new)
+        .collect()
+}
+
 #[test]
 fn transitions_are_counted_in_the_kernel_and_add_up_to_the_packets_sent() {
     let lab = lab_with_rules("agg");
     let d = Daemon::start(&["--netns", &lab.a, "--interval", "300ms"]);
     send_udp(&lab.a, lab::ADDR_B, 9999, 40, None);
     let events = d.stop();
-    let tr = events_to(&events, "transition", 9999);
     // Each distinct transition is a record with a count and an interval, not one per packet.
     for new in ["0x100", "0x4100"] {
-        let these: Vec<&Value> = tr
-            .iter()
-            .copied()
-            .filter(|e| e["mark"]["new"] == new)
-            .collect();
+        let these = marked(&events, 9999, new);
+        assert!(!these.is_empty(), "no transition to {new}");
         assert!(
             these
                 .iter()
@@ -837,10 +849,9 @@ fn observer_plan_follows_the_ruleset() {
         "table ip late {\n chain post { type filter hook postrouting priority 10; policy accept; udp dport 9957 meta mark set 0x57; }\n}\n",
     )
     .unwrap();
-    d.wait_for_stderr(
-        "band observer added at ipv4 postrouting prio 11",
-        std::time::Duration::from_secs(10),
-    );
+    d.wait_for_plan("with an observer after the new chain", |p| {
+        has_site(p, "ipv4", "postrouting", 11)
+    });
     send_udp(&lab.a, lab::ADDR_B, 9957, 25, None);
     let (plans, events) = d.stop_with_plans();
     assert!(
@@ -891,11 +902,11 @@ fn a_change_where_no_observer_sits_is_seen_by_the_next_one() {
     // Added after start: until the next refresh nothing observes tc on veth-a.
     attach_clsact_mark_setter(&lab.a, lab::VETH_A, 0x77);
     send_udp(&lab.a, lab::ADDR_B, 9956, 5, None);
-    let events = d.stop();
-    let tr: Vec<&Value> = events_to(&events, "transition", 9956)
-        .into_iter()
-        .filter(|e| e["mark"]["new"] == "0x77")
-        .collect();
+    // Seen at net_dev_queue: the first datagram only once ARP is answered.
+    let events = d.stop_when("the 5 packets at net_dev_queue", |ev| {
+        packets(&marked(ev, 9956, "0x77")) >= 5
+    });
+    let tr = marked(&events, 9956, "0x77");
     assert_eq!(packets(&tr), 5, "{tr:#?}");
     let e = tr[0];
     assert_eq!(e["at"]["hook"], "net_dev_queue", "{e}");
@@ -907,17 +918,16 @@ fn a_change_where_no_observer_sits_is_seen_by_the_next_one() {
 #[test]
 fn recorded_packets_are_shown_later_with_their_segments() {
     let lab = lab_with_rules("rec");
-    let rec = std::env::temp_dir().join(format!("fwmt-rec-{}.rec", std::process::id()));
-    let rec_s = rec.display().to_string();
+    let rec = Scratch::file("rec", "rec");
+    let rec_s = rec.0.display().to_string();
     let d = Daemon::start(&["--netns", &lab.a, "--record", &rec_s]);
     send_udp(&lab.a, lab::ADDR_B, 9999, 12, None);
     let summary = d.stop();
     drop(lab);
-    let out = std::process::Command::new(BIN)
+    let out = std::process::Command::new(bin())
         .args(["show", &rec_s, "--json"])
         .output()
         .expect("fwmark-trace show");
-    let _ = std::fs::remove_file(&rec);
     assert!(
         out.status.success(),
         "{}",
@@ -954,15 +964,19 @@ fn recorded_packets_are_shown_later_with_their_segments() {
 #[test]
 fn drops_of_unmarked_packets_only_with_all_drops() {
     let lab = Lab::new("nodrop").expect("lab");
+    // 9955 dropped unmarked; 9954 marked by a rule first, then dropped the same way.
     lab.nft(
         &lab.a,
-        "table ip d {\n chain out { type filter hook output priority 0; policy accept; udp dport 9955 drop; }\n}\n",
+        "table ip d {\n chain marker { type route hook output priority mangle; policy accept; udp dport 9954 meta mark set 0x1; }\n chain out { type filter hook output priority 0; policy accept; udp dport { 9954, 9955 } drop; }\n}\n",
     )
     .unwrap();
     let d = Daemon::start(&["--netns", &lab.a]);
     send_udp(&lab.a, lab::ADDR_B, 9955, 3, None);
+    send_udp(&lab.a, lab::ADDR_B, 9954, 1, None);
     let events = d.stop();
     assert!(events_to(&events, "drop", 9955).is_empty(), "{events:#?}");
+    // The marked packet's drop is reported: this run did see the traffic die.
+    assert_eq!(packets(&events_to(&events, "drop", 9954)), 1, "{events:#?}");
     let d = Daemon::start(&["--netns", &lab.a, "--all-drops"]);
     send_udp(&lab.a, lab::ADDR_B, 9955, 3, None);
     let events = d.stop();

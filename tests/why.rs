@@ -3,19 +3,10 @@
 //! echo on 10.9.9.9:7; A routes 10.9.9.9 via veth-a in main and via a2 in table 100 for
 //! `fwmark 0x4000/0x4000`; B sends everything for A's 10.77.0.1 back through b2, so replies
 //! arrive on a2. The client in A marks its requests 0x4000 with SO_MARK.
-mod common;
 
-use std::{
-    process::{Command, Stdio},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    thread,
-    time::Duration,
-};
+use std::process::{Command, Stdio};
 
-use common::*;
+use fwmark_trace_tests::*;
 use serde_json::Value;
 
 fn two_path(tag: &str) -> Lab {
@@ -41,14 +32,13 @@ fn sysctl(ns: &str, kv: &[(&str, &str)]) {
     }
 }
 
-/// Runs `why --json` in A while the client talks to the echo server; returns (report for the
-/// flow, whether the client got a reply).
-fn why(lab: &Lab, extra: &[&str]) -> (Value, bool) {
+/// Runs `why --json` in A while the client talks to the echo server (see `why_at`).
+fn why(lab: &Lab, extra: &[&str]) -> (Value, bool, i32) {
     why_then(lab, extra, || {})
 }
 
 /// `why`, with `after` run once the client is done, while `why` still watches.
-fn why_then(lab: &Lab, extra: &[&str], after: impl FnOnce()) -> (Value, bool) {
+fn why_then(lab: &Lab, extra: &[&str], after: impl FnOnce()) -> (Value, bool, i32) {
     why_at(
         lab,
         &Watch {
@@ -100,41 +90,27 @@ impl<'a> Watch<'a> {
     }
 }
 
-/// Runs `why --json` while the client talks to the echo server; returns (report for the
-/// flow, whether the client got a reply).
-fn why_at(lab: &Lab, w: &Watch, after: impl FnOnce()) -> (Value, bool) {
+/// Runs `why --json` while the client talks to the echo server; returns the report for the
+/// flow, whether the client got a reply, and `why`'s exit code (README: 1 when a watched flow
+/// lost its reply, 0 when every one was delivered).
+fn why_at(lab: &Lab, w: &Watch, after: impl FnOnce()) -> (Value, bool, i32) {
     require_root();
-    let stop = Arc::new(AtomicBool::new(false));
-    let server = lab::echo_server(&lab.b, w.server.0, w.server.1, stop.clone());
-    let mut child = Command::new(BIN)
+    let stop = StopOnDrop::new();
+    let server = lab::echo_server(&lab.b, w.server.0, w.server.1, stop.flag());
+    // Ready: it says READY=1 on $NOTIFY_SOCKET, as to systemd.
+    let notify = NotifySocket::new();
+    let mut child = Command::new(bin())
         .args(["why", "--netns", w.ns, "--duration", "4s", "--json"])
         .args(w.select)
         .args(w.extra)
+        .env("NOTIFY_SOCKET", &notify.path)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    thread::spawn(move || {
-        use std::io::BufRead;
-        for l in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(l);
-        }
-    });
-    let mut log = Vec::new();
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("why did not start");
-        let ready = line.contains("tracing (");
-        log.push(line);
-        if ready {
-            break;
-        }
+    let stderr = line_reader(child.stderr.take().unwrap());
+    if let Err(why) = notify.wait_ready(&mut child) {
+        panic!("{why}: {:#?}", stderr.try_iter().collect::<Vec<_>>());
     }
     let replied = match w.client {
         Some(client) => client(),
@@ -142,15 +118,16 @@ fn why_at(lab: &Lab, w: &Watch, after: impl FnOnce()) -> (Value, bool) {
     };
     after();
     let out = child.wait_with_output().unwrap();
-    stop.store(true, Ordering::Relaxed);
+    drop(stop);
     server.join().unwrap().expect("echo server");
-    log.extend(rx.try_iter());
+    let log: Vec<String> = stderr.try_iter().collect();
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "why output is not JSON ({e}): {}\n{log:#?}",
             String::from_utf8_lossy(&out.stdout)
         )
     });
+    check_why(&doc);
     let flow = doc["flows"]
         .as_array()
         .and_then(|f| {
@@ -159,7 +136,11 @@ fn why_at(lab: &Lab, w: &Watch, after: impl FnOnce()) -> (Value, bool) {
         })
         .cloned()
         .unwrap_or_else(|| panic!("no report for the flow: {doc:#}"));
-    (flow, replied)
+    let code = out
+        .status
+        .code()
+        .unwrap_or_else(|| panic!("why: {}", out.status));
+    (flow, replied, code)
 }
 
 #[test]
@@ -173,9 +154,10 @@ fn cause1_policy_routed_request_unmarked_reply_fails_rp_filter() {
             ("all.src_valid_mark", "0"),
         ],
     );
-    let (r, replied) = why(&lab, &[]);
+    let (r, replied, code) = why(&lab, &[]);
     assert!(!replied, "the reply should die");
     assert_eq!(r["verdict"], "rp-filter", "{r:#}");
+    assert_eq!(code, 1, "why's exit code for a lost reply");
     assert_eq!(r["drop"]["reason"], "IP_RPFILTER");
     let summary = r["summary"].as_str().unwrap();
     assert!(
@@ -213,7 +195,7 @@ fn verdict_uses_the_state_in_force_when_the_reply_died() {
         ("all.src_valid_mark", "0"),
     ];
     sysctl(&lab.a, &strict);
-    let (r, replied) = why_then(&lab, &[], || {
+    let (r, replied, code) = why_then(&lab, &[], || {
         sysctl(&lab.a, &[("all.rp_filter", "0"), ("a2.rp_filter", "0")]);
         // A rule change arrives as a netlink notification (a full re-read).
         lab.ip(
@@ -224,6 +206,7 @@ fn verdict_uses_the_state_in_force_when_the_reply_died() {
     });
     assert!(!replied, "the reply should die");
     assert_eq!(r["verdict"], "rp-filter", "{r:#}");
+    assert_eq!(code, 1, "why's exit code for a lost reply");
     // The values in force at the drop, not the fixed ones read at the end.
     let summary = r["summary"].as_str().unwrap();
     assert!(
@@ -275,7 +258,7 @@ fn server_routes_by_mark(tag: &str, stmt: &str) -> Lab {
 #[test]
 fn cause1_server_side_reply_leaves_by_another_interface() {
     let lab = server_routes_by_mark("why-srv", "ct mark set");
-    let (r, _) = why_at(
+    let (r, _, code) = why_at(
         &lab,
         &Watch {
             ns: &lab.b,
@@ -286,6 +269,7 @@ fn cause1_server_side_reply_leaves_by_another_interface() {
         || {},
     );
     assert_eq!(r["verdict"], "reply-misrouted", "{r:#}");
+    assert_eq!(code, 1, "why's exit code for a misrouted reply");
     let summary = r["summary"].as_str().unwrap();
     for part in [
         "left via b2, not veth-b",
@@ -331,10 +315,10 @@ fn server_side_echo_reply_takes_the_mark_only_with_fwmark_reflect() {
             },
             || {},
         )
-        .0
     };
-    let off = watch("0");
+    let (off, _, code) = watch("0");
     assert_eq!(off["verdict"], "reply-misrouted", "{off:#}");
+    assert_eq!(code, 1, "why's exit code for a misrouted reply");
     let summary = off["summary"].as_str().unwrap();
     for part in [
         "left via b2, not veth-b",
@@ -343,8 +327,9 @@ fn server_side_echo_reply_takes_the_mark_only_with_fwmark_reflect() {
     ] {
         assert!(summary.contains(part), "{part:?} missing: {summary}");
     }
-    let on = watch("1");
+    let (on, _, code) = watch("1");
     assert_eq!(on["verdict"], "reply-sent", "{on:#}");
+    assert_eq!(code, 0, "why's exit code for a reply sent");
     assert!(
         on["summary"].as_str().unwrap().contains("left via veth-b"),
         "{on:#}"
@@ -357,9 +342,10 @@ fn server_side_echo_reply_takes_the_mark_only_with_fwmark_reflect() {
 fn ping_reply_read_from_a_raw_socket_is_delivered() {
     let lab = Lab::new("why-ping").expect("lab");
     let ping = || ping_raw(&lab.a, lab::ADDR_B);
-    let (r, replied) = why_at(&lab, &Watch::ping(&lab, &ping), || {});
+    let (r, replied, code) = why_at(&lab, &Watch::ping(&lab, &ping), || {});
     assert!(replied, "the echo reply should reach the raw socket");
     assert_eq!(r["verdict"], "delivered", "{r:#}");
+    assert_eq!(code, 0, "why's exit code for a delivered reply");
 }
 
 const CONNMARK: &str = "table inet cm {
@@ -383,9 +369,10 @@ fn cause2_connmark_restore_with_the_wrong_mask_loses_a_bit() {
 }\n",
     )
     .unwrap();
-    let (r, replied) = why(&lab, &[]);
+    let (r, replied, code) = why(&lab, &[]);
     assert!(!replied);
     assert_eq!(r["verdict"], "connmark-restore-mask", "{r:#}");
+    assert_eq!(code, 1, "why's exit code for a lost reply");
     assert!(
         r["summary"].as_str().unwrap().contains("losing bits 0x100"),
         "{r:#}"
@@ -402,20 +389,35 @@ fn cause3_filter_drops_replies_without_the_bit() {
         "table inet f {\n chain in { type filter hook input priority 0; policy accept; iifname \"a2\" udp sport 7 meta mark & 0x4000 == 0 drop; }\n}\n",
     )
     .unwrap();
-    let (r, replied) = why(&lab, &["--nftrace"]);
+    // Without --nftrace: the dropping rule is named from the ruleset in force, with the bits
+    // its test looks at and whose they are.
+    let (r, replied, code) = why(&lab, &[]);
     assert!(!replied);
     assert_eq!(r["verdict"], "netfilter-drop", "{r:#}");
-    // --nftrace names the exact rule, and leaves no table behind.
+    assert_eq!(code, 1, "why's exit code for a lost reply");
+    let summary = r["summary"].as_str().unwrap();
+    assert!(
+        summary.contains("meta mark & 0x00004000 == 0x00000000 drop` in inet f/in, which tests bits 0x4000: kube-proxy"),
+        "{summary}"
+    );
+    let evidence = r["evidence"].to_string();
+    assert!(
+        evidence.contains("dropping rule in inet f/in")
+            && evidence.contains("tests mark & 0x4000 == 0x0")
+            && evidence.contains("the reply's mark passed it"),
+        "{evidence}"
+    );
+    assert!(
+        r["drop"]["rule"].is_null(),
+        "no nftrace, no traced rule: {r:#}"
+    );
+    // --nftrace names the exact rule too, and leaves no table behind.
+    let (r, _, _) = why(&lab, &["--nftrace"]);
     let rule = r["drop"]["rule"].as_str().expect("nft rule");
     assert!(
         rule.starts_with("inet f/in: ")
             && rule.contains("meta mark & 0x00004000 == 0x00000000 drop"),
         "{rule}"
-    );
-    let evidence = r["evidence"].to_string();
-    assert!(
-        evidence.contains("mark-matching rule in inet f/in"),
-        "{evidence}"
     );
     let tables = lab.exec(&lab.a, &["nft", "list", "tables"]).unwrap();
     assert!(!tables.contains("fwmark_trace_nftrace"), "{tables}");
@@ -450,9 +452,10 @@ fn cause4_xfrm_policy_selected_by_mark_blocks_the_reply() {
         ],
     )
     .expect("xfrm policy");
-    let (r, replied) = why(&lab, &[]);
+    let (r, replied, code) = why(&lab, &[]);
     assert!(!replied);
     assert_eq!(r["verdict"], "xfrm-policy", "{r:#}");
+    assert_eq!(code, 1, "why's exit code for a lost reply");
     assert_eq!(r["drop"]["reason"], "XFRM_POLICY");
     assert!(
         r["summary"]
@@ -475,9 +478,10 @@ fn cause5_healthy_flow_is_reported_delivered() {
         ],
     );
     lab.nft(&lab.a, CONNMARK).unwrap();
-    let (r, replied) = why(&lab, &["--all"]);
+    let (r, replied, code) = why(&lab, &["--all"]);
     assert!(replied, "the reply should arrive");
     assert_eq!(r["verdict"], "delivered", "{r:#}");
+    assert_eq!(code, 0, "why's exit code for a delivered reply");
     assert!(r["last_reply_point"].as_str().is_some());
 }
 
@@ -496,7 +500,7 @@ fn flows_are_followed_across_nat() {
         "table ip svc {\n chain out { type nat hook output priority -100; policy accept; ip daddr 10.66.6.6 udp dport 9950 dnat to 10.77.0.2:9951; }\n}\n",
     )
     .unwrap();
-    let (r, replied) = why_at(
+    let (r, replied, code) = why_at(
         &lab,
         &Watch {
             select: &["--host", "10.66.6.6", "--all"],
@@ -508,6 +512,7 @@ fn flows_are_followed_across_nat() {
     );
     assert!(replied, "the NAT'ed reply should arrive");
     assert_eq!(r["verdict"], "delivered", "{r:#}");
+    assert_eq!(code, 0, "why's exit code for a delivered reply");
     assert!(
         r["flow"].as_str().unwrap().ends_with("-> 10.66.6.6:9950"),
         "{r:#}"

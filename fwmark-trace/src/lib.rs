@@ -38,6 +38,9 @@ mod why;
 mod bench;
 #[cfg(any(test, feature = "bench"))]
 mod fixtures;
+/// What the integration tests need from inside (the `testing` feature).
+#[cfg(feature = "testing")]
+pub mod test_support;
 
 pub use cli::main;
 

@@ -278,6 +278,7 @@ async fn stream(
     endpoint: Option<std::net::TcpListener>,
     on_ready: impl FnOnce(),
 ) -> Result<Summary> {
+    let metrics_addr = endpoint.as_ref().and_then(|l| l.local_addr().ok());
     let mut scrapes = endpoint.map(metrics::serve).transpose()?;
     let started = Instant::now();
     let decoder = Decoder::new(topology(obs, own_netns), obs.drop_reasons.clone());
@@ -322,6 +323,7 @@ async fn stream(
         .filter(|s| s.ok && !s.detail_only)
         .count();
     info!("tracing ({attached} observation groups attached, netns {own_netns}); Ctrl-C to stop");
+    crate::output::ready::announce(run.obs, run.out, own_netns, metrics_addr)?;
     on_ready();
     let deadline = time::sleep(cfg.duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
     tokio::pin!(deadline);

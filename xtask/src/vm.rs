@@ -123,6 +123,8 @@ pub fn run(kernel: &str, command: Option<&str>) -> Result<()> {
             "demo".to_string(),
             format!("timeout {STEP_TIMEOUT_SECS} {} demo", quote(daemon)),
         )];
+        // The tests run this daemon (see tests/src/lib.rs).
+        let env = format!("env {}={}", crate::DAEMON_ENV, quote(daemon));
         for t in SMOKE {
             if numbers(k.name) < numbers(t.since) {
                 continue;
@@ -133,7 +135,7 @@ pub fn run(kernel: &str, command: Option<&str>) -> Result<()> {
                 .map(|(_, exe)| exe)
                 .with_context(|| format!("cargo built no test binary {:?}", t.bin))?;
             let run = format!(
-                "timeout {STEP_TIMEOUT_SECS} {} --exact {} --test-threads=1 --color=never",
+                "{env} timeout {STEP_TIMEOUT_SECS} {} --exact {} --test-threads=1 --color=never",
                 quote(exe),
                 t.name
             );
@@ -298,7 +300,7 @@ fn test_binaries() -> Result<Vec<(String, PathBuf)>> {
         .args([
             "test",
             "-p",
-            "fwmark-trace",
+            crate::TESTS,
             "--no-run",
             "--release",
             "--message-format=json-render-diagnostics",

@@ -150,6 +150,13 @@ impl NfPrograms {
         Ok(Self { progs })
     }
 
+    /// The kernel ids of the slot programs.
+    pub(crate) fn ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.progs
+            .iter()
+            .filter_map(|p| sys::prog_id(p.as_fd()).ok())
+    }
+
     /// Links the program of `site.slot` at (family, hook, priority). The kernel refuses a BPF
     /// hook at a priority another hook already holds (EBUSY); then the nearest free priority
     /// towards the middle is used, and returned.

@@ -3,7 +3,7 @@
 //! (`nf_chains.rs`), and tc programs (see `tcx.rs`). An observation point that cannot attach
 //! is reported with the kernel's reason and the run goes on without it.
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     os::fd::{AsFd, OwnedFd},
     sync::Arc,
     time::Instant,
@@ -103,6 +103,8 @@ pub(crate) struct PlannedSite {
 
 pub(crate) struct Observers {
     pub(crate) ebpf: Ebpf,
+    /// The netfilter back-end in use (`None`: netfilter is not observed).
+    pub(crate) nf_backend: Option<NfBackend>,
     pub(crate) tc: Option<TcObservers>,
     pub(crate) plan: NfPlan,
     pub(crate) chains: Vec<nft::Chain>,
@@ -303,6 +305,7 @@ impl Observers {
         set_ct_watch(&mut ebpf, &chains, mode)?;
         let mut me = Self {
             ebpf,
+            nf_backend,
             tc,
             plan,
             chains,
@@ -419,6 +422,31 @@ impl Observers {
             observers: self.report.clone(),
             netfilter,
         }
+    }
+
+    /// The kernel ids of every program this run has loaded and of every link holding one of
+    /// them (tracepoints, netfilter, fentry/fexit, tcx): what must be gone once it has exited.
+    pub(crate) fn attached_ids(&self) -> (Vec<u32>, Vec<u32>) {
+        let mut programs: BTreeSet<u32> = self
+            .ebpf
+            .programs()
+            .filter_map(|(_, p)| p.info().ok())
+            .map(|info| info.id())
+            .collect();
+        programs.extend(self.nf.iter().flat_map(NfPrograms::ids));
+        // fentry/fexit programs are held by their links alone.
+        programs.extend(
+            self.nf_links
+                .iter()
+                .filter_map(|link| sys::link_ids(link.as_fd()).ok())
+                .map(|(_, prog)| prog),
+        );
+        let links = aya::programs::loaded_links()
+            .filter_map(Result::ok)
+            .filter(|link| programs.contains(&link.program_id()))
+            .map(|link| link.id())
+            .collect::<BTreeSet<u32>>();
+        (programs.into_iter().collect(), links.into_iter().collect())
     }
 
     /// Starts a new reporting interval: counted transitions take fresh exemplars in it.

@@ -9,7 +9,8 @@ use std::{
 
 use anyhow::{bail, Result};
 use aya_obj::generated::{
-    bpf_attach_type, bpf_attr, bpf_btf_info, bpf_cmd, bpf_insn, bpf_prog_info, bpf_prog_type,
+    bpf_attach_type, bpf_attr, bpf_btf_info, bpf_cmd, bpf_insn, bpf_link_info, bpf_prog_info,
+    bpf_prog_type,
 };
 
 /// Issues one `bpf()` command that returns a new file descriptor.
@@ -113,18 +114,37 @@ pub(crate) fn prog_load(
 /// what decides whether a kernel's verifier accepts the observers in reasonable time.
 pub(crate) fn log_verified(name: &str, prog: BorrowedFd, started: Instant) {
     let took = started.elapsed();
-    // SAFETY: all-zero is a valid bpf_prog_info.
-    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
-    let mut a = attr();
-    a.info.bpf_fd = prog.as_raw_fd() as u32;
-    a.info.info_len = std::mem::size_of::<bpf_prog_info>() as u32;
-    a.info.info = &mut info as *mut bpf_prog_info as u64;
     // verified_insns is 0 before 5.16 and when the query fails.
-    let _ = bpf_status(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut a);
-    log::debug!(
-        "loaded {name}: {} instructions verified in {took:.1?}",
-        info.verified_insns
-    );
+    let verified = obj_info::<bpf_prog_info>(prog).map_or(0, |i| i.verified_insns);
+    log::debug!("loaded {name}: {verified} instructions verified in {took:.1?}");
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD into `info`, the info struct of the object's kind (bpf_prog_info,
+/// bpf_link_info, bpf_btf_info): the kernel fills what it knows of it.
+fn get_info<T>(fd: BorrowedFd, info: &mut T) -> io::Result<()> {
+    let mut a = attr();
+    a.info.bpf_fd = fd.as_raw_fd() as u32;
+    a.info.info_len = std::mem::size_of::<T>() as u32;
+    a.info.info = info as *mut T as u64;
+    bpf_status(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut a)
+}
+
+/// `get_info` into a zeroed struct.
+fn obj_info<T>(fd: BorrowedFd) -> io::Result<T> {
+    // SAFETY: every bpf_*_info is plain integers, for which all-zero is valid.
+    let mut info: T = unsafe { std::mem::zeroed() };
+    get_info(fd, &mut info)?;
+    Ok(info)
+}
+
+/// The kernel's id of a loaded program.
+pub(crate) fn prog_id(prog: BorrowedFd) -> io::Result<u32> {
+    obj_info::<bpf_prog_info>(prog).map(|i| i.id)
+}
+
+/// A link's kernel id and the id of the program it holds.
+pub(crate) fn link_ids(link: BorrowedFd) -> io::Result<(u32, u32)> {
+    obj_info::<bpf_link_info>(link).map(|i| (i.id, i.prog_id))
 }
 
 /// Attaches a loaded fentry/fexit program (BPF_RAW_TRACEPOINT_OPEN without a name: the oldest
@@ -157,11 +177,7 @@ pub(crate) fn module_btf(module: &str) -> io::Result<OwnedFd> {
         let mut info: bpf_btf_info = unsafe { std::mem::zeroed() };
         info.name = name.as_mut_ptr() as u64;
         info.name_len = name.len() as u32;
-        let mut a = attr();
-        a.info.bpf_fd = fd.as_raw_fd() as u32;
-        a.info.info_len = std::mem::size_of::<bpf_btf_info>() as u32;
-        a.info.info = &mut info as *mut bpf_btf_info as u64;
-        bpf_status(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut a)?;
+        get_info(fd.as_fd(), &mut info)?;
         let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
         if info.kernel_btf != 0 && &name[..len] == module.as_bytes() {
             return Ok(fd);

@@ -370,6 +370,41 @@ impl TcObservers {
     }
 }
 
+/// A classic filter this run put in a clsact qdisc (the clsact back-end). Filters are not
+/// links: they are named by place, and outlive a killed daemon.
+#[derive(Clone, Debug, serde::Serialize)]
+pub(crate) struct OwnFilter {
+    pub(crate) ifindex: u32,
+    pub(crate) ifname: String,
+    pub(crate) direction: &'static str,
+    pub(crate) priority: u16,
+    pub(crate) program: &'static str,
+}
+
+impl TcObservers {
+    /// The filters this run has attached (none with tcx, whose observers are links).
+    pub(crate) fn own_filters(&self) -> Vec<OwnFilter> {
+        if self.backend != TcBackend::Clsact {
+            return Vec::new();
+        }
+        self.interfaces
+            .iter()
+            .flat_map(|(ifindex, iface)| {
+                iface.links.iter().map(move |(p, _)| {
+                    let (program, dir, slot) = PROGRAMS[*p];
+                    OwnFilter {
+                        ifindex: *ifindex,
+                        ifname: iface.name.clone(),
+                        direction: dir_name(dir),
+                        priority: filter_priority(slot),
+                        program,
+                    }
+                })
+            })
+            .collect()
+    }
+}
+
 fn ours(name: &str) -> bool {
     name.starts_with("fwm_tc_")
 }
@@ -428,6 +463,15 @@ fn detach_links(ebpf: &mut Ebpf, links: Vec<(usize, SchedClassifierLinkId)>) {
 const FILTER_PRIO_FIRST: u16 = 1;
 const FILTER_PRIO_LAST: u16 = u16::MAX;
 
+/// Where an observer's filter goes in the clsact back-end.
+fn filter_priority(slot: u8) -> u16 {
+    if slot == tc_slot::FIRST {
+        FILTER_PRIO_FIRST
+    } else {
+        FILTER_PRIO_LAST
+    }
+}
+
 fn attach_all(
     ebpf: &mut Ebpf,
     backend: TcBackend,
@@ -441,11 +485,7 @@ fn attach_all(
                 // Not attached here, so a filter of that name is a killed run's leftover.
                 let _ = aya_tc::qdisc_detach_program(ifname, attach_type(dir), name);
                 TcAttachOptions::Netlink(NlOptions {
-                    priority: if first {
-                        FILTER_PRIO_FIRST
-                    } else {
-                        FILTER_PRIO_LAST
-                    },
+                    priority: filter_priority(slot),
                     ..Default::default()
                 })
             }

@@ -5,6 +5,7 @@
 mod human;
 pub(crate) mod json;
 pub(crate) mod metrics;
+pub(crate) mod ready;
 pub(crate) mod summary;
 pub(crate) mod text;
 pub(crate) mod why;
@@ -55,6 +56,10 @@ pub(crate) trait Sink {
     fn flush(&mut self) -> Result<()>;
     /// The observer plan (JSON output only: people read it from the start-up lines).
     fn plan(&mut self, _plan: &crate::kernel::observers::PlanRecord) -> Result<()> {
+        Ok(())
+    }
+    /// Everything is attached (JSON output only; see `ready`).
+    fn ready(&mut self, _ready: &ready::ReadyRecord) -> Result<()> {
         Ok(())
     }
     /// Called once a second while tracing (inside the traced namespace).
@@ -185,6 +190,19 @@ impl Sink for Output {
             self.maybe_flush()?;
         }
         Ok(())
+    }
+    fn ready(&mut self, ready: &ready::ReadyRecord) -> Result<()> {
+        if matches!(self.format, Format::Json) {
+            serde_json::to_writer(&mut self.out, ready)?;
+            self.out.write_all(b"\n")?;
+            // Whoever waits for it reads it now, from a file too.
+            self.flush()?;
+        }
+        Ok(())
+    }
+    /// A file gets what was written at least once a second (someone may be following it).
+    fn tick(&mut self) -> Result<()> {
+        self.flush()
     }
 }
 
