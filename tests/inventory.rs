@@ -10,7 +10,17 @@ use std::{net::UdpSocket, process::Command};
 use fwmark_trace_tests::*;
 use serde_json::Value;
 
+/// A cgroup program is in every namespace's inventory: the test that loads one runs alone
+/// (write), every other inventory runs beside the others (read).
+static NODE_WIDE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
 fn cli(args: &[&str]) -> (i32, String, String) {
+    let _others = NODE_WIDE.read().unwrap_or_else(|e| e.into_inner());
+    cli_alone(args)
+}
+
+/// `cli`, by a test that holds `NODE_WIDE` itself.
+fn cli_alone(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(bin()).args(args).output().expect("run");
     (
         out.status.code().unwrap_or(-1),
@@ -21,8 +31,13 @@ fn cli(args: &[&str]) -> (i32, String, String) {
 
 /// The JSON inventory of namespace `ns`.
 fn inventory(ns: &str) -> Value {
+    let _others = NODE_WIDE.read().unwrap_or_else(|e| e.into_inner());
+    inventory_alone(ns)
+}
+
+fn inventory_alone(ns: &str) -> Value {
     require_root();
-    let (code, out, err) = cli(&["inventory", "--netns", ns, "--json"]);
+    let (code, out, err) = cli_alone(&["inventory", "--netns", ns, "--json"]);
     assert_eq!(code, 0, "{err}");
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON ({e}): {out}"))
 }
@@ -594,9 +609,10 @@ fn bad_input_is_one_clear_error() {
 #[test]
 fn cgroup_program_is_node_wide() {
     require_root();
+    let _alone = NODE_WIDE.write().unwrap_or_else(|e| e.into_inner());
     let fd = cgroup_mark_setter(0x3000000);
     let ns = Netns::new("inv-cg");
-    let doc = inventory(&ns.name);
+    let doc = inventory_alone(&ns.name);
     let e = one(&doc, "bpf-program", "test_cg_mark");
     assert!(e["netns"].is_null(), "{e:#}");
     assert_eq!(e["prog_type"], "cgroup-skb");
@@ -604,7 +620,7 @@ fn cgroup_program_is_node_wide() {
         e,
         "calico-ebpf by value: write packet 0x3000000/0xffffffff whole",
     );
-    let (_, out, _) = cli(&["inventory", "--netns", &ns.name]);
+    let (_, out, _) = cli_alone(&["inventory", "--netns", &ns.name]);
     assert!(
         out.contains("node-wide (cgroup programs, in every namespace): "),
         "{out}"

@@ -473,16 +473,16 @@ mod tests {
         };
         // The neutral chain's rule assigns 0xca6c: wg-quick's, by value.
         assert_eq!(
-            writer(&[x.clone()], 0x80000, 0xca6c).as_deref(),
+            writer(std::slice::from_ref(&x), 0x80000, 0xca6c).as_deref(),
             Some("wg-quick")
         );
         // kube-proxy's write sits in the chain its base chain jumps to.
         assert_eq!(
-            writer(&[kube.clone()], 0x100, 0x4100).as_deref(),
+            writer(std::slice::from_ref(&kube), 0x100, 0x4100).as_deref(),
             Some("kube-proxy@current")
         );
         // Nothing there writes that; in both bands, only the write that fits counts.
-        assert_eq!(writer(&[x.clone()], 0, 0x4000), None);
+        assert_eq!(writer(std::slice::from_ref(&x), 0, 0x4000), None);
         assert_eq!(
             writer(&[x, kube], 0, 0x4000).as_deref(),
             Some("kube-proxy@current")
