@@ -180,24 +180,12 @@ fn iptables_writer_is_named_from_the_chain_jumped_to() {
     }
 }
 
-fn cli(args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(bin())
-        .args(args)
-        .output()
-        .expect("run");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn registry_check_exits_nonzero_on_overlap() {
-    let (code, out, _) = cli(&["registry", "check", "cilium", "calico"]);
+    let (code, out, _) = run(&["registry", "check", "cilium", "calico"]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("overlap cilium × calico: 0xffff0000"), "{out}");
-    let (code, out, _) = cli(&[
+    let (code, out, _) = run(&[
         "registry",
         "check",
         "kube-proxy@current",
@@ -206,7 +194,7 @@ fn registry_check_exits_nonzero_on_overlap() {
     ]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("no overlapping bits"));
-    let (code, out, _) = cli(&["registry", "show", "tailscale"]);
+    let (code, out, _) = run(&["registry", "show", "tailscale"]);
     assert_eq!(code, 0);
     assert!(
         out.contains("0x80000 = bypass") && out.contains("source: tailscale/tailscale"),
@@ -220,7 +208,7 @@ fn user_registry_files_extend_and_bad_ones_are_rejected() {
     let dir = &scratch.0;
     let good = dir.join("good.toml");
     std::fs::write(&good, "[[owner]]\nname = \"myapp\"\nstyle = \"bitwise\"\nmask = \"0x3\"\ndescription = \"ours\"\nsource = \"us\"\n").unwrap();
-    let (code, out, err) = cli(&[
+    let (code, out, err) = run(&[
         "registry",
         "check",
         "--registry",
@@ -229,7 +217,7 @@ fn user_registry_files_extend_and_bad_ones_are_rejected() {
         "kube-proxy",
     ]);
     assert_eq!(code, 0, "{out}{err}");
-    let (code, out, _) = cli(&[
+    let (code, out, _) = run(&[
         "registry",
         "check",
         "--owner",
@@ -246,7 +234,7 @@ fn user_registry_files_extend_and_bad_ones_are_rejected() {
         "[[owner]]\nname = \"x\"\nstyle = \"bitwise\"\nmask = \"0xZZ\"\n",
     )
     .unwrap();
-    let (code, _, err) = cli(&["registry", "list", "--registry", bad.to_str().unwrap()]);
+    let (code, _, err) = run(&["registry", "list", "--registry", bad.to_str().unwrap()]);
     assert_ne!(code, 0);
     assert!(
         err.contains(&format!("registry {}, line 4: mask", bad.display())),
@@ -276,7 +264,7 @@ fn owners_are_detected_from_the_ruleset() {
     };
     iptables("-N KUBE-MARK-MASQ");
     iptables("-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000");
-    let (code, out, err) = cli(&["registry", "detect", "--netns", &lab.a]);
+    let (code, out, err) = run(&["registry", "detect", "--netns", &lab.a]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
         out.contains("calico") && out.contains("cali-POSTROUTING"),
@@ -297,24 +285,9 @@ fn owners_are_detected_from_the_ruleset() {
     );
     drop(d.stop());
     // An empty namespace has nothing to detect.
-    let (code, out, _) = cli(&["registry", "detect", "--netns", &lab.b]);
+    let (code, out, _) = run(&["registry", "detect", "--netns", &lab.b]);
     assert_eq!(code, 0);
     assert!(out.contains("no registered owner"), "{out}");
-}
-
-/// Opens UDP sockets with these SO_MARKs inside `ns` (they stay open while held): daemons such
-/// as tailscaled keep theirs for as long as they run.
-fn held_sockets(ns: &str, marks: &[u32]) -> Vec<std::net::UdpSocket> {
-    let (ns, marks) = (ns.to_owned(), marks.to_vec());
-    std::thread::spawn(move || {
-        fwmark_trace::netns::enter(&ns).expect("enter netns");
-        marks
-            .iter()
-            .map(|m| lab::udp_socket(false, *m).expect("socket"))
-            .collect()
-    })
-    .join()
-    .expect("socket thread")
 }
 
 /// Every owner any warning or bit of these events names.
@@ -354,7 +327,7 @@ fn a_neutral_chain_overwriting_another_owners_bit_is_flagged() {
     )
     .expect("nft");
     // tailscaled runs on this node: its socket is open before tracing starts.
-    let _tailscaled = held_sockets(&lab.a, &[0x80000]);
+    let _tailscaled = marked_sockets(&lab.a, &[0x80000]);
     for owners in [None, Some("wg-quick,tailscale")] {
         let mut args = vec!["--netns", lab.a.as_str()];
         if let Some(o) = owners {
@@ -443,4 +416,60 @@ fn istio_restore_in_a_builtin_chain_is_istios() {
         named.iter().all(|n| n.starts_with("istio")),
         "owners with nothing here named: {named:?}"
     );
+}
+
+/// Tailscale's real subnet-router rules (iptables-nft): a connection tailscaled marks 0x80000 has
+/// its mark saved to the conntrack mark in the built-in `ip mangle/OUTPUT`, and restored onto the
+/// replies in `ip mangle/PREROUTING` (CONNMARK, mask 0xff0000). Neither chain's name says
+/// Tailscale: both writes are Tailscale's by what they write, with the default options.
+#[test]
+fn tailscale_connmark_restore_in_prerouting_is_tailscales() {
+    use std::sync::{atomic::AtomicBool, Arc};
+    const PORT: u16 = 9441;
+    let lab = Lab::new("ts-attr").expect("lab");
+    restore_rules(
+        &lab.a,
+        "iptables-nft-restore",
+        &real_rules("tailscale-subnet-router.v4.rules"),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    drop(tcp_echo_server(&lab.b, lab::ADDR_B, PORT, stop.clone()));
+    let d = Daemon::start(&["--netns", &lab.a]);
+    let (ports, _) = tcp_traffic(
+        &lab.a,
+        lab::ADDR_B,
+        PORT,
+        0x80000,
+        5,
+        0,
+        std::time::Duration::from_secs(10),
+    );
+    let events = d.stop();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(!ports.is_empty(), "no connection was made");
+    let in_chain = |e: &&Value, chain: &str| {
+        e["kind"] == "transition"
+            && e["segment"]["chains"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c == chain))
+    };
+    let saved: Vec<&Value> = events
+        .iter()
+        .filter(|e| in_chain(e, "ip mangle/OUTPUT@-150") && e["ct_mark"]["new"] == "0x80000")
+        .collect();
+    let restored: Vec<&Value> = events
+        .iter()
+        .filter(|e| {
+            in_chain(e, "ip mangle/PREROUTING@-150")
+                && e["mark"]["old"] == "0x0"
+                && e["mark"]["new"] == "0x80000"
+        })
+        .collect();
+    assert!(!saved.is_empty(), "no save of 0x80000 to the ct mark");
+    assert!(!restored.is_empty(), "no restore of 0x80000 in PREROUTING");
+    for e in saved.iter().chain(&restored) {
+        assert_eq!(e["attribution"]["writer"], "tailscale", "{e}");
+    }
+    let named = named_owners(&[saved, restored].concat());
+    assert_eq!(named, ["tailscale"], "owners with nothing here named");
 }

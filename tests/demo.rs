@@ -1,22 +1,11 @@
 //! The demo, as a new user runs it: its JSON lines follow the published schema and show the
 //! two documented collisions; its inventory tour lists them as conflicts.
-use std::process::Command;
-
 use fwmark_trace_tests::*;
 use serde_json::Value;
 
 fn demo(args: &[&str]) -> (i32, String, String) {
     require_root();
-    let out = Command::new(bin())
-        .arg("demo")
-        .args(args)
-        .output()
-        .expect("run the demo");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    run(&[["demo"].as_slice(), args].concat())
 }
 
 #[test]

@@ -5,7 +5,7 @@
 //! rule), an xfrm policy with a mark, a tc program setting a mark, sockets with SO_MARK and a
 //! marked conntrack entry. Every entry is asserted (kind, owner, value/mask, read or write)
 //! and every documented collision shows up as a conflict; `--check` exits 1 on them.
-use std::{net::UdpSocket, process::Command};
+use std::process::Command;
 
 use fwmark_trace_tests::*;
 use serde_json::Value;
@@ -16,17 +16,7 @@ static NODE_WIDE: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
 fn cli(args: &[&str]) -> (i32, String, String) {
     let _others = NODE_WIDE.read().unwrap_or_else(|e| e.into_inner());
-    cli_alone(args)
-}
-
-/// `cli`, by a test that holds `NODE_WIDE` itself.
-fn cli_alone(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin()).args(args).output().expect("run");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    run(args)
 }
 
 /// The JSON inventory of namespace `ns`.
@@ -37,7 +27,7 @@ fn inventory(ns: &str) -> Value {
 
 fn inventory_alone(ns: &str) -> Value {
     require_root();
-    let (code, out, err) = cli_alone(&["inventory", "--netns", ns, "--json"]);
+    let (code, out, err) = run(&["inventory", "--netns", ns, "--json"]);
     assert_eq!(code, 0, "{err}");
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON ({e}): {out}"))
 }
@@ -196,20 +186,6 @@ fn nft_load(ns: &str, ruleset: &str) {
         .write_all(ruleset.as_bytes())
         .unwrap();
     assert!(child.wait().unwrap().success(), "nft -f in {ns}");
-}
-
-/// UDP sockets with these SO_MARKs, opened inside `ns` (they stay in it; closed on drop).
-fn marked_sockets(ns: &str, marks: &[u32]) -> Vec<UdpSocket> {
-    let (ns, marks) = (ns.to_owned(), marks.to_vec());
-    std::thread::spawn(move || {
-        fwmark_trace::netns::enter(&ns).expect("enter netns");
-        marks
-            .iter()
-            .map(|m| lab::udp_socket(false, *m).expect("socket"))
-            .collect()
-    })
-    .join()
-    .expect("socket thread")
 }
 
 /// The demo's namespace: every reader and writer with its owner, the two documented
@@ -620,7 +596,7 @@ fn cgroup_program_is_node_wide() {
         e,
         "calico-ebpf by value: write packet 0x3000000/0xffffffff whole",
     );
-    let (_, out, _) = cli_alone(&["inventory", "--netns", &ns.name]);
+    let (_, out, _) = run(&["inventory", "--netns", &ns.name]);
     assert!(
         out.contains("node-wide (cgroup programs, in every namespace): "),
         "{out}"

@@ -135,6 +135,20 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
     .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
+/// Runs the daemon binary with `args` to completion: its exit code (-1 if killed), stdout and
+/// stderr.
+pub fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run fwmark-trace");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Polls `done` every 50 ms until it holds (true) or `timeout` passes (false): for waiting on
 /// something observable, never a fixed sleep.
 pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {

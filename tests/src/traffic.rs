@@ -22,6 +22,18 @@ pub fn send_udp(ns: &str, dst: &str, port: u16, count: usize, so_mark: Option<u3
     });
 }
 
+/// UDP sockets with these SO_MARKs opened inside `ns` (they stay in it; closed on drop), as
+/// daemons such as tailscaled or wg-quick hold theirs for as long as they run.
+pub fn marked_sockets(ns: &str, marks: &[u32]) -> Vec<UdpSocket> {
+    let marks = marks.to_vec();
+    in_netns(ns, move || {
+        marks
+            .iter()
+            .map(|m| lab::udp_socket(false, *m).expect("socket"))
+            .collect()
+    })
+}
+
 /// Sends one UDP datagram over IPv6 with a hop-by-hop options header (one PadN option), as
 /// MLD and router-alert traffic carry, from inside `ns`.
 pub fn send_udp6_with_hop_by_hop(ns: &str, dst: &str, port: u16) {

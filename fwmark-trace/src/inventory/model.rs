@@ -120,6 +120,22 @@ impl Access {
         }
     }
 
+    /// A write whose value the ruleset does not show (an `xt` target without its save line).
+    pub(crate) fn unknown_write(mark: MarkKind) -> Self {
+        Access {
+            mark,
+            value: 0,
+            mask: u32::MAX,
+            op: Op::Write {
+                scope: Scope::Whole,
+                toggles: 0,
+                copies: 0,
+                copy_from: None,
+                known: false,
+            },
+        }
+    }
+
     pub(crate) fn is_read(&self) -> bool {
         matches!(self.op, Op::Read { .. })
     }
@@ -594,23 +610,10 @@ mod tests {
         };
         assert!(xor.explains(0x4000, 0, None) && xor.explains(0, 0x4000, None));
         assert!(!xor.explains(0x4000, 0x4000, None));
-        let unknown = unknown_write();
+        let unknown = Access::unknown_write(MarkKind::Packet);
         assert!(unknown.explains(1, 2, None));
         assert!(Access::origin(0xca6c).explains(0, 0xca6c, None));
         assert!(!Access::read(MarkKind::Packet, 1, 1, false).explains(0, 1, None));
-    }
-
-    fn unknown_write() -> Access {
-        Access {
-            op: Op::Write {
-                scope: Scope::Whole,
-                toggles: 0,
-                copies: 0,
-                copy_from: None,
-                known: false,
-            },
-            ..write(Scope::Whole, 0, u32::MAX)
-        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use super::bits::Bits;
 use super::iptables::{self, SavedRule};
-use super::model::{Access, BaseChain, Found, MarkKind, Op, Place, Scope};
+use super::model::{Access, BaseChain, Found, MarkKind, Op, Place};
 use crate::{
     mark::Mark,
     nodestate::nft::{without_counts, ChainId, Graph, MarkRule, MarkTest},
@@ -146,22 +146,6 @@ pub(crate) fn rule_accesses(expr: &[Value]) -> (Vec<Access>, Vec<String>) {
         }
     }
     (out, xt)
-}
-
-/// A write whose value the ruleset does not show (an `xt` target without its save line).
-fn unknown_write(mark: MarkKind) -> Access {
-    Access {
-        mark,
-        value: 0,
-        mask: u32::MAX,
-        op: Op::Write {
-            scope: Scope::Whole,
-            toggles: 0,
-            copies: 0,
-            copy_from: None,
-            known: false,
-        },
-    }
 }
 
 /// Rule texts by (family, table, chain, handle), from `nft -a list ruleset`.
@@ -358,8 +342,10 @@ pub(crate) fn found(items: &[Value], text: &str, saves: &[(Family, Vec<SavedRule
                 None => {
                     for name in &xt {
                         match name.as_str() {
-                            "MARK" | "TPROXY" => access.push(unknown_write(MarkKind::Packet)),
-                            "CONNMARK" => access.push(unknown_write(MarkKind::Conntrack)),
+                            "MARK" | "TPROXY" => {
+                                access.push(Access::unknown_write(MarkKind::Packet))
+                            }
+                            "CONNMARK" => access.push(Access::unknown_write(MarkKind::Conntrack)),
                             _ => {}
                         }
                     }
@@ -413,6 +399,7 @@ pub(crate) fn iptables_family(f: Family) -> NftFamily {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inventory::model::Scope;
     use crate::nodestate::nft::items;
 
     fn json(s: &str) -> Vec<Value> {
