@@ -666,12 +666,13 @@ impl Attributor {
         *self.seen.entry(ByAddress(a.clone())).or_default() += ev.packets();
         // A socket's SO_MARK is something on the node too, seen as it writes: its owner may
         // be named from now on (the inventory read at start-up may not have had the socket).
-        let writer = a
-            .writer
-            .as_ref()
-            .and_then(|id| self.registry.get(id).first().copied());
-        if let (Some(node), Some(w)) = (self.node.as_mut(), writer) {
-            if seg.layer() == crate::place::Layer::Socket && node.present.insert(w.name.clone()) {
+        if let (Some(node), crate::place::Layer::Socket) = (self.node.as_mut(), seg.layer()) {
+            let writer = a
+                .writer
+                .as_ref()
+                .and_then(|id| self.registry.get(id).first().copied());
+            if let Some(w) = writer.filter(|w| !node.present.contains(&w.name)) {
+                node.present.insert(w.name.clone());
                 self.cache.clear();
             }
         }

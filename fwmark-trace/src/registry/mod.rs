@@ -66,10 +66,21 @@ impl Owner {
         }
     }
 
+    /// Whether `s` is `id()`, without building it (attribution asks per event).
+    fn is_id(&self, s: &str) -> bool {
+        match &self.version {
+            Some(v) => s
+                .strip_prefix(self.name.as_str())
+                .and_then(|rest| rest.strip_prefix('@'))
+                .is_some_and(|rest| rest == v),
+            None => s == self.name,
+        }
+    }
+
     /// Whether `name` designates this entry: its id, its name (every version), or an alias.
     pub(crate) fn answers_to(&self, name: &str) -> bool {
-        self.id() == name
-            || self.name == name
+        self.name == name
+            || self.is_id(name)
             || self.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
     }
 
@@ -321,6 +332,16 @@ mod tests {
         // Versions of one owner.
         let k: Vec<String> = reg.get("kube-proxy").iter().map(|o| o.id()).collect();
         assert_eq!(k, ["kube-proxy@current", "kube-proxy@legacy-kubelet<1.28"]);
+        // An id names one version exactly; anything near it names none.
+        for near in [
+            "kube-proxy@",
+            "kube-proxy@curren",
+            "kube-proxy@current2",
+            "@current",
+        ] {
+            assert!(reg.get(near).is_empty(), "{near}");
+        }
+        assert_eq!(reg.get("kube-proxy@current").len(), 1);
         assert!(
             reg.owners.iter().all(|o| !o.source.is_empty()),
             "every entry cites a source"
