@@ -55,4 +55,30 @@ mod testing {
             ..Default::default()
         }
     }
+
+    /// JSON documents of any shape whose object keys and strings come from `keys` and
+    /// `strings` (the words a parser looks for), so that the parser goes deep.
+    pub(crate) fn json_with(
+        keys: &[&'static str],
+        strings: &[&'static str],
+    ) -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        use serde_json::Value;
+        let key = prop::sample::select(keys.to_vec());
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u32>().prop_map(Value::from),
+            prop::sample::select(strings.to_vec()).prop_map(Value::from),
+        ];
+        leaf.prop_recursive(5, 80, 6, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::vec((key.clone(), inner), 0..6).prop_map(|kv| {
+                    Value::Object(kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+                }),
+            ]
+        })
+    }
 }

@@ -513,26 +513,13 @@ mod tests {
 
     /// Any JSON value, with the keys nft's output uses so that parsers go deep.
     fn json() -> impl proptest::strategy::Strategy<Value = Value> {
-        use proptest::prelude::*;
-        let key = prop::sample::select(vec![
-            "chain", "rule", "family", "table", "name", "hook", "prio", "expr", "jump", "goto",
-            "target", "vmap", "mangle", "key", "meta", "ct", "xt", "type", "nftables", "x",
-        ]);
-        let leaf = prop_oneof![
-            Just(Value::Null),
-            any::<bool>().prop_map(Value::from),
-            any::<i64>().prop_map(Value::from),
-            prop::sample::select(vec!["output", "ip", "inet", "mark", "MARK", "t", ""])
-                .prop_map(Value::from),
-        ];
-        leaf.prop_recursive(4, 64, 6, move |inner| {
-            prop_oneof![
-                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-                prop::collection::vec((key.clone(), inner), 0..6).prop_map(|kv| {
-                    Value::Object(kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
-                }),
-            ]
-        })
+        crate::testing::json_with(
+            &[
+                "chain", "rule", "family", "table", "name", "hook", "prio", "expr", "jump", "goto",
+                "target", "vmap", "mangle", "key", "meta", "ct", "xt", "type", "nftables", "x",
+            ],
+            &["output", "ip", "inet", "mark", "MARK", "t", ""],
+        )
     }
 
     /// Found by the property test on a fresh machine: JSON that is not an object panicked.
