@@ -17,7 +17,7 @@ fn warnings<'a>(e: &'a Value, kind: &str) -> Vec<&'a Value> {
 #[test]
 fn calico_clearing_tailscale_bypass_is_flagged() {
     let lab = Lab::new("ts-cali").expect("lab");
-    lab.nft(
+    lab::nft(
         &lab.a,
         "table inet calico {\n chain cali-POSTROUTING {\n type filter hook postrouting priority mangle; policy accept;\n meta mark set meta mark & 0xffe4ffff\n }\n}\n",
     )
@@ -69,7 +69,7 @@ fn calico_clearing_tailscale_bypass_is_flagged() {
 #[test]
 fn aws_cni_nft_restore_wipes_calico_ebpf_mark() {
     let lab = Lab::new("aws").expect("lab");
-    lab.nft(
+    lab::nft(
         &lab.b,
         r#"
 table inet calico {
@@ -95,9 +95,7 @@ table ip aws-cni {
     send_udp(&lab.a, lab::ADDR_B, 9982, 1, None);
     // B receives it in softirq (and the first datagram waits for ARP): after the send returns.
     let events = d.stop_when("the restore in B", |ev| {
-        events_to(ev, "transition", 9982)
-            .iter()
-            .any(|e| e["mark"]["new"] == "0x80")
+        !marked(ev, 9982, "0x80").is_empty()
     });
     let tr = events_to(&events, "transition", 9982);
     let restore = tr
@@ -137,7 +135,7 @@ fn iptables_writer_is_named_from_the_chain_jumped_to() {
     let ipt = |args: &str| {
         let mut cmd = vec!["iptables", "-t", "nat"];
         cmd.extend(args.split_whitespace());
-        lab.exec(&lab.a, &cmd).expect("iptables");
+        lab::exec(&lab.a, &cmd).expect("iptables");
     };
     ipt("-N KUBE-MARK-MASQ");
     ipt("-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000");
@@ -251,16 +249,16 @@ fn user_registry_files_extend_and_bad_ones_are_rejected() {
 fn owners_are_detected_from_the_ruleset() {
     require_root();
     let lab = Lab::new("detect").expect("lab");
-    lab.nft(
+    lab::nft(
         &lab.a,
         "table inet calico {\n chain cali-POSTROUTING {\n type filter hook postrouting priority mangle; policy accept;\n meta mark set meta mark & 0xffe4ffff\n }\n}\n",
     )
     .expect("nft");
     // kube-proxy's chain and rule, made the way kube-proxy does (iptables, here iptables-nft).
     let iptables = |args: &str| {
-        let mut all = vec!["netns", "exec", &lab.a, "iptables", "-t", "nat"];
-        all.extend(args.split_whitespace());
-        lab::run("ip", &all).expect("iptables");
+        let mut cmd = vec!["iptables", "-t", "nat"];
+        cmd.extend(args.split_whitespace());
+        lab::exec(&lab.a, &cmd).expect("iptables");
     };
     iptables("-N KUBE-MARK-MASQ");
     iptables("-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000");
@@ -321,7 +319,7 @@ fn named_owners(events: &[&Value]) -> Vec<String> {
 fn a_neutral_chain_overwriting_another_owners_bit_is_flagged() {
     const PORT: u16 = 9931;
     let lab = Lab::new("neutral").expect("lab");
-    lab.nft(
+    lab::nft(
         &lab.a,
         &format!("table inet t {{\n chain x {{\n type route hook output priority mangle; policy accept;\n udp dport {PORT} meta mark set 0xca6c\n }}\n}}\n"),
     )
@@ -368,7 +366,6 @@ fn a_neutral_chain_overwriting_another_owners_bit_is_flagged() {
 /// Istio. The writer is found by what the rule writes, with the default options.
 #[test]
 fn istio_restore_in_a_builtin_chain_is_istios() {
-    use std::sync::{atomic::AtomicBool, Arc};
     const PORT: u16 = 9080;
     let lab = Lab::new("istio-attr").expect("lab");
     let pod = lab.a.as_str();
@@ -377,8 +374,7 @@ fn istio_restore_in_a_builtin_chain_is_istios() {
         "iptables-nft-restore",
         &real_rules("istio-tproxy.v4.rules"),
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    drop(tcp_echo_server(pod, lab::ADDR_A, PORT, stop.clone()));
+    let _server = tcp_echo_server(pod, lab::ADDR_A, PORT);
     let d = Daemon::start(&["--netns", pod]);
     let (ports, _) = tcp_traffic(
         pod,
@@ -390,7 +386,6 @@ fn istio_restore_in_a_builtin_chain_is_istios() {
         std::time::Duration::from_secs(10),
     );
     let events = d.stop();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(!ports.is_empty(), "no connection was made");
     let restored: Vec<&Value> = events
         .iter()
@@ -424,7 +419,6 @@ fn istio_restore_in_a_builtin_chain_is_istios() {
 /// Tailscale: both writes are Tailscale's by what they write, with the default options.
 #[test]
 fn tailscale_connmark_restore_in_prerouting_is_tailscales() {
-    use std::sync::{atomic::AtomicBool, Arc};
     const PORT: u16 = 9441;
     let lab = Lab::new("ts-attr").expect("lab");
     restore_rules(
@@ -432,8 +426,7 @@ fn tailscale_connmark_restore_in_prerouting_is_tailscales() {
         "iptables-nft-restore",
         &real_rules("tailscale-subnet-router.v4.rules"),
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    drop(tcp_echo_server(&lab.b, lab::ADDR_B, PORT, stop.clone()));
+    let _server = tcp_echo_server(&lab.b, lab::ADDR_B, PORT);
     let d = Daemon::start(&["--netns", &lab.a]);
     let (ports, _) = tcp_traffic(
         &lab.a,
@@ -445,7 +438,6 @@ fn tailscale_connmark_restore_in_prerouting_is_tailscales() {
         std::time::Duration::from_secs(10),
     );
     let events = d.stop();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(!ports.is_empty(), "no connection was made");
     let in_chain = |e: &&Value, chain: &str| {
         e["kind"] == "transition"

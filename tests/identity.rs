@@ -12,13 +12,6 @@ use std::{
 use fwmark_trace_tests::*;
 use serde_json::Value;
 
-fn server(ns: &str, addr: &str, port: u16) -> StopOnDrop {
-    let stop = StopOnDrop::new();
-    // The thread ends by itself once `stop` is set; it is not joined.
-    drop(tcp_echo_server(ns, addr, port, stop.flag()));
-    stop
-}
-
 fn short(e: &Value) -> String {
     let mut e = e.clone();
     if let Some(o) = e.as_object_mut() {
@@ -67,7 +60,7 @@ fn kube_proxy_nodeport_forwarded_packets_keep_their_identity() {
     let lab = Lab::new("kpnp").expect("lab"); // a: client, b: the node
     let backend = Netns::new("kpnp-ep");
     let node = lab.b.as_str();
-    lab.ip(
+    lab::ip(
         node,
         &format!(
             "link add kp-node type veth peer name kp-ep netns {}",
@@ -75,20 +68,17 @@ fn kube_proxy_nodeport_forwarded_packets_keep_their_identity() {
         ),
     )
     .expect("veth to the endpoint");
-    lab.ip(node, &format!("addr add {NODE_TO_ENDPOINT}/24 dev kp-node"))
-        .unwrap();
-    lab.ip(node, "link set kp-node up").unwrap();
-    lab.ip(&backend.name, &format!("addr add {ENDPOINT}/24 dev kp-ep"))
-        .unwrap();
-    lab.ip(&backend.name, "link set kp-ep up").unwrap();
-    lab.exec(node, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])
-        .unwrap();
+    lab::ip(node, &format!("addr add {NODE_TO_ENDPOINT}/24 dev kp-node")).unwrap();
+    lab::ip(node, "link set kp-node up").unwrap();
+    lab::ip(&backend.name, &format!("addr add {ENDPOINT}/24 dev kp-ep")).unwrap();
+    lab::ip(&backend.name, "link set kp-ep up").unwrap();
+    lab::exec(node, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]).unwrap();
     restore_rules(
         node,
         "iptables-nft-restore",
         &real_rules("kube-proxy-nodeport.rules"),
     );
-    let _srv = server(&backend.name, ENDPOINT, 80);
+    let _srv = tcp_echo_server(&backend.name, ENDPOINT, 80);
 
     let d = Daemon::start(&["--netns", node, "--owners", "kube-proxy", "--full-path"]);
     let (ports, echoed) = tcp_traffic(
@@ -202,7 +192,7 @@ fn istio_tproxy_loopback_new_packets_are_not_old_ones() {
         "iptables-nft-restore",
         &real_rules("istio-tproxy.v4.rules"),
     );
-    let _app = server(pod, lab::ADDR_A, APP_PORT);
+    let _app = tcp_echo_server(pod, lab::ADDR_A, APP_PORT);
 
     let d = Daemon::start(&["--netns", pod, "--owners", "istio"]);
     let (ports, echoed) = tcp_traffic(
@@ -255,7 +245,7 @@ fn tailscale_so_mark_packets_start_at_the_socket() {
     let lab = Lab::new("ts").expect("lab");
     let node = lab.a.as_str();
     // The rules' tailscale0: a veth end instead of a TUN (as the .ip file's header says).
-    lab.ip(
+    lab::ip(
         node,
         &format!(
             "link add tailscale0 type veth peer name ts-peer netns {}",
@@ -263,8 +253,8 @@ fn tailscale_so_mark_packets_start_at_the_socket() {
         ),
     )
     .expect("tailscale0");
-    lab.ip(node, "link set tailscale0 up").unwrap();
-    lab.ip(&lab.b, "link set ts-peer up").unwrap();
+    lab::ip(node, "link set tailscale0 up").unwrap();
+    lab::ip(&lab.b, "link set ts-peer up").unwrap();
     ip_lines(node, &real_rules("tailscale-subnet-router.ip"));
     restore_rules(
         node,
@@ -276,7 +266,7 @@ fn tailscale_so_mark_packets_start_at_the_socket() {
         "ip6tables-nft-restore",
         &real_rules("tailscale-subnet-router.v6.rules"),
     );
-    let _peer = server(&lab.b, lab::ADDR_B, TS_PORT);
+    let _peer = tcp_echo_server(&lab.b, lab::ADDR_B, TS_PORT);
 
     let d = Daemon::start(&["--netns", node, "--owners", "tailscale"]);
     send_udp(node, lab::ADDR_B, TS_PORT, 5, Some(TS_BYPASS));

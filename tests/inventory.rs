@@ -150,12 +150,9 @@ fn wg_set(ns: &str, ifname: &str) {
     let keyfile = std::env::temp_dir().join(format!("fwmt-wg-{}-{ifname}", std::process::id()));
     std::fs::write(&keyfile, key.trim()).unwrap();
     let key = keyfile.to_str().unwrap();
-    let set = lab::run(
-        "ip",
+    let set = lab::exec(
+        ns,
         &[
-            "netns",
-            "exec",
-            ns,
             "wg",
             "set",
             ifname,
@@ -171,31 +168,13 @@ fn wg_set(ns: &str, ifname: &str) {
     set.expect("wg set");
 }
 
-/// Loads an nft ruleset into `ns`.
-fn nft_load(ns: &str, ruleset: &str) {
-    use std::io::Write;
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, "nft", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("nft");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(ruleset.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "nft -f in {ns}");
-}
-
 /// The demo's namespace: every reader and writer with its owner, the two documented
 /// collisions (#1 Calico × Tailscale, #7 wg-quick × kube) as conflicts, `--check` exits 1.
 #[test]
 fn demo_namespace_lists_every_reader_and_writer_and_both_collisions() {
     let lab = Lab::new("inv-demo").expect("lab");
-    lab.nft(&lab.a, lab::DEMO_RULESET).expect("nft");
-    lab.ip(&lab.a, "rule add fwmark 0x4000/0x4000 lookup 100 pref 1000")
-        .expect("ip rule");
+    lab::nft(&lab.a, lab::DEMO_RULESET).expect("nft");
+    lab::ip(&lab.a, "rule add fwmark 0x4000/0x4000 lookup 100 pref 1000").expect("ip rule");
     let _sockets = marked_sockets(&lab.a, &[0xca6c, 0x80000]);
     let doc = inventory(&lab.a);
     assert_eq!(doc["entries"].as_array().unwrap().len(), 8, "{doc:#}");
@@ -332,24 +311,9 @@ fn kube_proxy_iptables_nft_and_kubelet_legacy_rules() {
 #[test]
 fn tailscale_rules_and_calico_collide() {
     let ns = Netns::new("inv-ts");
-    lab::run(
-        "ip",
-        &[
-            "-n",
-            &ns.name,
-            "link",
-            "add",
-            "tailscale0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "ts-peer",
-        ],
-    )
-    .expect("veth");
+    lab::ip(&ns.name, "link add tailscale0 type veth peer name ts-peer").expect("veth");
     for dev in ["tailscale0", "ts-peer"] {
-        lab::run("ip", &["-n", &ns.name, "link", "set", dev, "up"]).expect("link up");
+        lab::ip(&ns.name, &format!("link set {dev} up")).expect("link up");
     }
     restore_rules(
         &ns.name,
@@ -357,7 +321,7 @@ fn tailscale_rules_and_calico_collide() {
         &real_rules("tailscale-subnet-router.v4.rules"),
     );
     ip_lines(&ns.name, &real_rules("tailscale-subnet-router.ip"));
-    nft_load(&ns.name, "table inet calico {\n chain cali-POSTROUTING {\n type filter hook postrouting priority mangle; policy accept;\n meta mark set meta mark & 0xffe4ffff\n }\n}\n");
+    lab::nft(&ns.name, "table inet calico {\n chain cali-POSTROUTING {\n type filter hook postrouting priority mangle; policy accept;\n meta mark set meta mark & 0xffe4ffff\n }\n}\n").expect("nft");
     let doc = inventory(&ns.name);
     expect_entries(
         &doc,
@@ -412,7 +376,7 @@ fn istio_iptables_and_nftables_backends() {
 
     let nft = Netns::new("inv-istio-nft");
     let text = std::fs::read_to_string(real_rules("istio-nft-tproxy.nft")).unwrap();
-    nft_load(&nft.name, &text);
+    lab::nft(&nft.name, &text).expect("nft");
     let doc = inventory(&nft.name);
     let owner = "istio@sidecar-tproxy-nftables";
     let divert = in_chain(&doc, "istio-divert", "meta mark set");
@@ -463,17 +427,13 @@ fn wireguard_xfrm_tc_program_and_conntrack() {
         .expect("wireguard-go (apt install wireguard-go)");
     let sock = format!("/var/run/wireguard/{ifname}.sock");
     let _go = Child(go, sock.clone());
-    for _ in 0..50 {
-        if std::path::Path::new(&sock).exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    wait_until(std::time::Duration::from_secs(5), || {
+        std::path::Path::new(&sock).exists()
+    });
     wg_set(&ns, &ifname);
     // wg-quick's add_default: rule and nft table.
-    lab.ip(&ns, "rule add not fwmark 0xca6c table 51820 pref 32765")
-        .expect("rule");
-    lab.nft(&ns, &format!("table ip wg-quick-{ifname} {{\n chain premangle {{\n type filter hook prerouting priority mangle; policy accept;\n meta l4proto udp meta mark set ct mark\n }}\n chain postmangle {{\n type filter hook postrouting priority mangle; policy accept;\n meta l4proto udp meta mark 0x0000ca6c ct mark set meta mark\n }}\n}}\n"))
+    lab::ip(&ns, "rule add not fwmark 0xca6c table 51820 pref 32765").expect("rule");
+    lab::nft(&ns, &format!("table ip wg-quick-{ifname} {{\n chain premangle {{\n type filter hook prerouting priority mangle; policy accept;\n meta l4proto udp meta mark set ct mark\n }}\n chain postmangle {{\n type filter hook postrouting priority mangle; policy accept;\n meta l4proto udp meta mark 0x0000ca6c ct mark set meta mark\n }}\n}}\n"))
         .expect("nft");
     restore_rules(
         &ns,
@@ -481,9 +441,9 @@ fn wireguard_xfrm_tc_program_and_conntrack() {
         &real_rules("kubelet-legacy-firewall.rules"),
     );
     // Weave's IPsec bit on a blocking policy; a marked conntrack entry; a tc program.
-    lab.ip(&ns, "xfrm policy add dir out src 10.0.0.0/24 dst 10.1.0.0/24 mark 0x20000 mask 0x20000 action block")
+    lab::ip(&ns, "xfrm policy add dir out src 10.0.0.0/24 dst 10.1.0.0/24 mark 0x20000 mask 0x20000 action block")
         .expect("xfrm policy");
-    lab.exec(
+    lab::exec(
         &ns,
         &[
             "conntrack",
@@ -555,7 +515,7 @@ fn wireguard_xfrm_tc_program_and_conntrack() {
         exact-match wg-quick kube-proxy 0xc000
         ",
     );
-    let _ = lab.ip(&ns, &format!("link del {ifname}"));
+    let _ = lab::ip(&ns, &format!("link del {ifname}"));
 }
 
 #[test]
@@ -618,20 +578,13 @@ fn kernel_wireguard_and_raw_socket_marks() {
             .status();
     }
     let ns = Netns::new("inv-kwg");
-    if lab::run(
-        "ip",
-        &["-n", &ns.name, "link", "add", "wg0", "type", "wireguard"],
-    )
-    .is_err()
-    {
+    if lab::ip(&ns.name, "link add wg0 type wireguard").is_err() {
         eprintln!("kernel_wireguard_and_raw_socket_marks: this kernel has no WireGuard: not run");
         return;
     }
     wg_set(&ns.name, "wg0");
     // A raw ICMP socket with Istio's 0x539, held open in the namespace.
-    let name = ns.name.clone();
-    let raw = std::thread::spawn(move || {
-        fwmark_trace::netns::enter(&name).expect("enter netns");
+    let raw = in_netns(&ns.name, || {
         // SAFETY: a new socket we own, and a u32 option value.
         unsafe {
             let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP);
@@ -647,9 +600,7 @@ fn kernel_wireguard_and_raw_socket_marks() {
             assert_eq!(rc, 0);
             OwnedFd::from_raw_fd(fd)
         }
-    })
-    .join()
-    .expect("raw socket thread");
+    });
     let doc = inventory(&ns.name);
     let wg = one(&doc, "wireguard", "wg0");
     assert_eq!(wg["implementation"], "kernel", "{wg:#}");

@@ -15,14 +15,12 @@ const RULES: &str = "table inet t {\n chain out {\n type route hook output prior
 
 fn lab() -> Lab {
     let lab = Lab::new("rel").expect("lab");
-    lab.nft(&lab.a, RULES).expect("nft");
+    lab::nft(&lab.a, RULES).expect("nft");
     lab
 }
 
 fn saw_transition(events: &[serde_json::Value]) -> bool {
-    events_to(events, "transition", 9970)
-        .iter()
-        .any(|e| e["mark"]["new"] == "0x70")
+    !marked(events, 9970, "0x70").is_empty()
 }
 
 #[test]
@@ -178,15 +176,7 @@ fn bad_input_gets_one_clear_error() {
 #[test]
 fn short_soak_keeps_rss_flat() {
     require_root();
-    let out = Command::new(bin())
-        .args(["soak", "--seconds", "30"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, text, err) = run(&["soak", "--seconds", "30"]);
+    assert_eq!(code, 0, "{text}\n{err}");
     assert!(text.contains("rss flat: yes"), "{text}");
 }

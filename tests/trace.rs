@@ -26,7 +26,7 @@ table inet t {
 
 fn lab_with_rules(tag: &str) -> Lab {
     let lab = Lab::new(tag).expect("lab");
-    lab.nft(&lab.a, RULES).expect("nft rules");
+    lab::nft(&lab.a, RULES).expect("nft rules");
     lab
 }
 
@@ -52,13 +52,7 @@ fn transitions_carry_hook_band_chain_and_values() {
     let events = d.stop();
     let tr = events_to(&events, "transition", 9999);
 
-    let set = first(
-        &tr.iter()
-            .copied()
-            .filter(|e| e["mark"]["new"] == "0x100")
-            .collect::<Vec<_>>(),
-        "0x0→0x100",
-    );
+    let set = first(&marked(&events, 9999, "0x100"), "0x0→0x100");
     assert_eq!(set["mark"]["old"], "0x0");
     assert_eq!(set["mark"]["set"], "0x100");
     let seg = &set["segment"];
@@ -73,13 +67,7 @@ fn transitions_carry_hook_band_chain_and_values() {
     assert_eq!(set["tuple"]["src"], lab::ADDR_A);
     assert_eq!(set["tuple"]["dst"], lab::ADDR_B);
 
-    let or = first(
-        &tr.iter()
-            .copied()
-            .filter(|e| e["mark"]["new"] == "0x4100")
-            .collect::<Vec<_>>(),
-        "0x100→0x4100",
-    );
+    let or = first(&marked(&events, 9999, "0x4100"), "0x100→0x4100");
     assert_eq!(or["mark"]["old"], "0x100");
     assert_eq!(or["mark"]["set"], "0x4000");
     assert_eq!(or["mark"]["cleared"], "0x0");
@@ -163,7 +151,7 @@ fn tc_egress_sees_the_mark_set_in_netfilter() {
 #[test]
 fn iptables_mark_is_seen_in_its_table_band() {
     let lab = Lab::new("ipt").expect("lab");
-    lab.exec(
+    lab::exec(
         &lab.a,
         &[
             "iptables",
@@ -248,16 +236,7 @@ fn mark_filter_keeps_only_matching_events() {
         "the 0x4000 transition should pass the filter"
     );
     for e in evs {
-        let old = u32::from_str_radix(
-            e["mark"]["old"].as_str().unwrap().trim_start_matches("0x"),
-            16,
-        )
-        .unwrap();
-        let new = u32::from_str_radix(
-            e["mark"]["new"].as_str().unwrap().trim_start_matches("0x"),
-            16,
-        )
-        .unwrap();
+        let (old, new) = (mark_of(&e["mark"]["old"]), mark_of(&e["mark"]["new"]));
         assert!(old & 0x4000 != 0 || new & 0x4000 != 0, "{e}");
     }
 }
@@ -332,14 +311,12 @@ fn bad_input_gets_one_clear_error_and_nothing_attached() {
 fn new_interfaces_are_picked_up_and_iface_filter_applies() {
     let lab = lab_with_rules("churn");
     let mut d = Daemon::start(&["--netns", &lab.a, "--full-path"]);
-    lab.ip(&lab.a, "link add late0 type veth peer name late1")
-        .expect("veth");
+    lab::ip(&lab.a, "link add late0 type veth peer name late1").expect("veth");
     d.wait_for_stderr(
         "tcx observers added on late",
         std::time::Duration::from_secs(10),
     );
-    lab.exec(&lab.a, &["ip", "link", "del", "late0"])
-        .expect("del veth");
+    lab::exec(&lab.a, &["ip", "link", "del", "late0"]).expect("del veth");
     d.wait_for_stderr("vanished", std::time::Duration::from_secs(10));
     let events = d.stop();
     assert!(events.iter().any(|e| e["kind"] == "summary"));
@@ -583,7 +560,7 @@ fn followed_flows_are_filtered_in_the_kernel() {
 #[test]
 fn conntrack_mark_changes_are_transitions() {
     let lab = Lab::new("ct").expect("lab");
-    lab.nft(
+    lab::nft(
         &lab.a,
         "table ip c {\n chain out {\n type filter hook output priority 0; policy accept;\n udp dport 9992 ct mark set 0x42\n }\n}\n",
     )
@@ -604,9 +581,8 @@ fn conntrack_mark_changes_are_transitions() {
 #[test]
 fn followed_flow_shows_every_point_and_its_routing_lookups() {
     let lab = Lab::new("flow").expect("lab");
-    lab.ip(&lab.a, "rule add fwmark 0x4000/0x4000 lookup 100 pref 1000")
-        .unwrap();
-    lab.ip(
+    lab::ip(&lab.a, "rule add fwmark 0x4000/0x4000 lookup 100 pref 1000").unwrap();
+    lab::ip(
         &lab.a,
         &format!("route add 10.77.0.0/24 dev {} table 100", lab::VETH_A),
     )
@@ -636,12 +612,12 @@ fn followed_flow_shows_every_point_and_its_routing_lookups() {
 #[test]
 fn ipv6_routing_lookups_show_the_fwmark_table() {
     let lab = Lab::new("route6").expect("lab");
-    lab.ip(
+    lab::ip(
         &lab.a,
         "-6 rule add fwmark 0x4000/0x4000 lookup 100 pref 1000",
     )
     .unwrap();
-    lab.ip(
+    lab::ip(
         &lab.a,
         &format!("-6 route add fd77::/64 dev {} table 100", lab::VETH_A),
     )
@@ -666,7 +642,7 @@ fn ipv6_routing_lookups_show_the_fwmark_table() {
 fn chains_added_during_the_run_get_their_band() {
     let lab = Lab::new("late").expect("lab");
     let mut d = Daemon::start(&["--netns", &lab.a]);
-    lab.nft(
+    lab::nft(
         &lab.a,
         "table inet late {\n chain out { type filter hook output priority 50; policy accept; udp dport 9958 meta mark set 0x58; }\n}\n",
     )
@@ -777,19 +753,6 @@ fn metrics_endpoint_serves_the_run_counters() {
     );
 }
 
-/// The packets a set of counted events stands for.
-fn packets(evs: &[&Value]) -> u64 {
-    evs.iter().map(|e| e["count"].as_u64().unwrap_or(1)).sum()
-}
-
-/// The transitions to `dport` whose new mark is `new`.
-fn marked<'a>(events: &'a [Value], dport: u16, new: &str) -> Vec<&'a Value> {
-    events_to(events, "transition", dport)
-        .into_iter()
-        .filter(|e| e["mark"]["new"] == new)
-        .collect()
-}
-
 #[test]
 fn transitions_are_counted_in_the_kernel_and_add_up_to_the_packets_sent() {
     let lab = lab_with_rules("agg");
@@ -827,10 +790,7 @@ fn per_packet_mode_reports_every_packet() {
     let d = Daemon::start(&["--netns", &lab.a, "--per-packet"]);
     send_udp(&lab.a, lab::ADDR_B, 9999, 10, None);
     let events = d.stop();
-    let set: Vec<&Value> = events_to(&events, "transition", 9999)
-        .into_iter()
-        .filter(|e| e["mark"]["new"] == "0x100")
-        .collect();
+    let set = marked(&events, 9999, "0x100");
     let ids: std::collections::HashSet<&Value> = set.iter().map(|e| &e["packet_id"]).collect();
     assert_eq!((set.len(), ids.len()), (10, 10), "{set:#?}");
     assert!(set.iter().all(|e| e["count"].is_null()));
@@ -844,7 +804,7 @@ fn observer_plan_follows_the_ruleset() {
     let mut d = Daemon::start(&["--netns", &lab.a, "--interval", "300ms"]);
     // Nothing writes a mark yet: no netfilter observer at all.
     send_udp(&lab.a, lab::ADDR_B, 9957, 3, None);
-    lab.nft(
+    lab::nft(
         &lab.a,
         "table ip late {\n chain post { type filter hook postrouting priority 10; policy accept; udp dport 9957 meta mark set 0x57; }\n}\n",
     )
@@ -879,10 +839,7 @@ fn observer_plan_follows_the_ruleset() {
             .all(|s| s["hook"] == "postrouting"),
         "only the hook that writes: {last}"
     );
-    let tr: Vec<&Value> = events_to(&events, "transition", 9957)
-        .into_iter()
-        .filter(|e| e["mark"]["new"] == "0x57")
-        .collect();
+    let tr = marked(&events, 9957, "0x57");
     assert_eq!(packets(&tr), 25, "every packet after the re-plan: {tr:#?}");
     let e = tr[0];
     assert_eq!(e["segment"]["layer"], "netfilter", "{e}");
@@ -937,10 +894,7 @@ fn recorded_packets_are_shown_later_with_their_segments() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("JSON line"))
         .collect();
-    let set: Vec<&Value> = events_to(&shown, "transition", 9999)
-        .into_iter()
-        .filter(|e| e["mark"]["new"] == "0x100")
-        .collect();
+    let set = marked(&shown, 9999, "0x100");
     assert_eq!(set.len(), 12, "one event per packet: {set:#?}");
     let e = set[0];
     assert_eq!(
@@ -965,7 +919,7 @@ fn recorded_packets_are_shown_later_with_their_segments() {
 fn drops_of_unmarked_packets_only_with_all_drops() {
     let lab = Lab::new("nodrop").expect("lab");
     // 9955 dropped unmarked; 9954 marked by a rule first, then dropped the same way.
-    lab.nft(
+    lab::nft(
         &lab.a,
         "table ip d {\n chain marker { type route hook output priority mangle; policy accept; udp dport 9954 meta mark set 0x1; }\n chain out { type filter hook output priority 0; policy accept; udp dport { 9954, 9955 } drop; }\n}\n",
     )

@@ -15,23 +15,6 @@ fn two_path(tag: &str) -> Lab {
     lab
 }
 
-fn sysctl(ns: &str, kv: &[(&str, &str)]) {
-    for (k, v) in kv {
-        lab::run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                ns,
-                "sysctl",
-                "-qw",
-                &format!("net.ipv4.conf.{k}={v}"),
-            ],
-        )
-        .expect("sysctl");
-    }
-}
-
 /// Runs `why --json` in A while the client talks to the echo server (see `why_at`).
 fn why(lab: &Lab, extra: &[&str]) -> (Value, bool, i32) {
     why_then(lab, extra, || {})
@@ -146,14 +129,15 @@ fn why_at(lab: &Lab, w: &Watch, after: impl FnOnce()) -> (Value, bool, i32) {
 #[test]
 fn cause1_policy_routed_request_unmarked_reply_fails_rp_filter() {
     let lab = two_path("why-rpf");
-    sysctl(
+    lab::sysctl(
         &lab.a,
         &[
             ("all.rp_filter", "1"),
             ("a2.rp_filter", "1"),
             ("all.src_valid_mark", "0"),
         ],
-    );
+    )
+    .expect("sysctl");
     let (r, replied, code) = why(&lab, &[]);
     assert!(!replied, "the reply should die");
     assert_eq!(r["verdict"], "rp-filter", "{r:#}");
@@ -194,11 +178,11 @@ fn verdict_uses_the_state_in_force_when_the_reply_died() {
         ("a2.rp_filter", "1"),
         ("all.src_valid_mark", "0"),
     ];
-    sysctl(&lab.a, &strict);
+    lab::sysctl(&lab.a, &strict).expect("sysctl");
     let (r, replied, code) = why_then(&lab, &[], || {
-        sysctl(&lab.a, &[("all.rp_filter", "0"), ("a2.rp_filter", "0")]);
+        lab::sysctl(&lab.a, &[("all.rp_filter", "0"), ("a2.rp_filter", "0")]).expect("sysctl");
         // A rule change arrives as a netlink notification (a full re-read).
-        lab.ip(
+        lab::ip(
             &lab.a,
             "rule add fwmark 0x8000/0x8000 lookup 200 priority 900",
         )
@@ -237,18 +221,17 @@ fn verdict_uses_the_state_in_force_when_the_reply_died() {
 /// `fwmark 0x10 lookup 110` would route replies back via veth-b; the main table says b2.
 fn server_routes_by_mark(tag: &str, stmt: &str) -> Lab {
     let lab = two_path(tag);
-    lab.nft(
+    lab::nft(
         &lab.b,
         &format!("table inet srv {{\n chain pre {{ type filter hook prerouting priority mangle; policy accept; iifname \"veth-b\" {stmt} 0x10; }}\n}}\n"),
     )
     .expect("nft");
-    lab.ip(
+    lab::ip(
         &lab.b,
         &format!("route add {}/32 dev veth-b table 110", lab::ADDR_A),
     )
     .expect("route");
-    lab.ip(&lab.b, "rule add fwmark 0x10/0x10 lookup 110 pref 900")
-        .expect("rule");
+    lab::ip(&lab.b, "rule add fwmark 0x10/0x10 lookup 110 pref 900").expect("rule");
     lab
 }
 
@@ -298,7 +281,7 @@ fn server_side_echo_reply_takes_the_mark_only_with_fwmark_reflect() {
     let lab = server_routes_by_mark("why-refl", "meta mark set");
     let ping = || ping_raw(&lab.a, lab::ADDR_B);
     let watch = |reflect: &str| {
-        lab.exec(
+        lab::exec(
             &lab.b,
             &[
                 "sysctl",
@@ -356,12 +339,13 @@ const CONNMARK: &str = "table inet cm {
 #[test]
 fn cause2_connmark_restore_with_the_wrong_mask_loses_a_bit() {
     let lab = two_path("why-cm");
-    sysctl(
+    lab::sysctl(
         &lab.a,
         &[("all.rp_filter", "1"), ("all.src_valid_mark", "1")],
-    );
-    lab.nft(&lab.a, CONNMARK).unwrap();
-    lab.nft(
+    )
+    .expect("sysctl");
+    lab::nft(&lab.a, CONNMARK).unwrap();
+    lab::nft(
         &lab.a,
         "table inet other {
  chain raw { type filter hook prerouting priority raw; policy accept; iifname \"a2\" meta mark set meta mark | 0x100; }
@@ -383,8 +367,8 @@ fn cause2_connmark_restore_with_the_wrong_mask_loses_a_bit() {
 #[test]
 fn cause3_filter_drops_replies_without_the_bit() {
     let lab = two_path("why-nf");
-    sysctl(&lab.a, &[("all.rp_filter", "0"), ("a2.rp_filter", "0")]);
-    lab.nft(
+    lab::sysctl(&lab.a, &[("all.rp_filter", "0"), ("a2.rp_filter", "0")]).expect("sysctl");
+    lab::nft(
         &lab.a,
         "table inet f {\n chain in { type filter hook input priority 0; policy accept; iifname \"a2\" udp sport 7 meta mark & 0x4000 == 0 drop; }\n}\n",
     )
@@ -419,7 +403,7 @@ fn cause3_filter_drops_replies_without_the_bit() {
             && rule.contains("meta mark & 0x00004000 == 0x00000000 drop"),
         "{rule}"
     );
-    let tables = lab.exec(&lab.a, &["nft", "list", "tables"]).unwrap();
+    let tables = lab::exec(&lab.a, &["nft", "list", "tables"]).unwrap();
     assert!(!tables.contains("fwmark_trace_nftrace"), "{tables}");
     assert_eq!(r["drop"]["hook"], "input");
     assert_eq!(r["drop"]["chains"], serde_json::json!(["inet f/in@0"]));
@@ -428,28 +412,10 @@ fn cause3_filter_drops_replies_without_the_bit() {
 #[test]
 fn cause4_xfrm_policy_selected_by_mark_blocks_the_reply() {
     let lab = two_path("why-xfrm");
-    sysctl(&lab.a, &[("all.rp_filter", "0"), ("a2.rp_filter", "0")]);
-    lab::run(
-        "ip",
-        &[
-            "-n",
-            &lab.a,
-            "xfrm",
-            "policy",
-            "add",
-            "src",
-            "10.9.9.9/32",
-            "dst",
-            "10.77.0.1/32",
-            "dir",
-            "in",
-            "action",
-            "block",
-            "mark",
-            "0",
-            "mask",
-            "0x4000",
-        ],
+    lab::sysctl(&lab.a, &[("all.rp_filter", "0"), ("a2.rp_filter", "0")]).expect("sysctl");
+    lab::ip(
+        &lab.a,
+        "xfrm policy add src 10.9.9.9/32 dst 10.77.0.1/32 dir in action block mark 0 mask 0x4000",
     )
     .expect("xfrm policy");
     let (r, replied, code) = why(&lab, &[]);
@@ -469,15 +435,16 @@ fn cause4_xfrm_policy_selected_by_mark_blocks_the_reply() {
 #[test]
 fn cause5_healthy_flow_is_reported_delivered() {
     let lab = two_path("why-ok");
-    sysctl(
+    lab::sysctl(
         &lab.a,
         &[
             ("all.rp_filter", "1"),
             ("a2.rp_filter", "1"),
             ("all.src_valid_mark", "1"),
         ],
-    );
-    lab.nft(&lab.a, CONNMARK).unwrap();
+    )
+    .expect("sysctl");
+    lab::nft(&lab.a, CONNMARK).unwrap();
     let (r, replied, code) = why(&lab, &["--all"]);
     assert!(replied, "the reply should arrive");
     assert_eq!(r["verdict"], "delivered", "{r:#}");
@@ -490,12 +457,12 @@ fn cause5_healthy_flow_is_reported_delivered() {
 #[test]
 fn flows_are_followed_across_nat() {
     let lab = Lab::new("why-nat").expect("lab");
-    lab.exec(
+    lab::exec(
         &lab.a,
         &["ip", "route", "add", "10.66.6.6/32", "dev", lab::VETH_A],
     )
     .unwrap();
-    lab.nft(
+    lab::nft(
         &lab.a,
         "table ip svc {\n chain out { type nat hook output priority -100; policy accept; ip daddr 10.66.6.6 udp dport 9950 dnat to 10.77.0.2:9951; }\n}\n",
     )

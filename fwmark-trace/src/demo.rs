@@ -118,9 +118,9 @@ pub(crate) fn run(args: &DemoConfig) -> Result<()> {
 /// route of table 100.
 fn marks_lab() -> Result<Lab> {
     let lab = Lab::new("demo")?;
-    lab.nft(&lab.a, lab::DEMO_RULESET)?;
-    lab.ip(&lab.a, "rule add fwmark 0x4000/0x4000 lookup 100 pref 1000")?;
-    lab.ip(
+    lab::nft(&lab.a, lab::DEMO_RULESET)?;
+    lab::ip(&lab.a, "rule add fwmark 0x4000/0x4000 lookup 100 pref 1000")?;
+    lab::ip(
         &lab.a,
         &format!("route add 10.77.0.0/24 dev {} table 100", lab::VETH_A),
     )?;
@@ -165,7 +165,7 @@ fn inventory(args: &DemoConfig) -> Result<()> {
 fn lost_reply(args: &DemoConfig) -> Result<()> {
     let lab = Lab::new("demo")?;
     lab.add_second_path()?;
-    lab.sysctl(
+    lab::sysctl(
         &lab.a,
         &[
             ("all.rp_filter", "1"),

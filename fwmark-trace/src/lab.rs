@@ -109,6 +109,51 @@ pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `ip -n NS ARGS…` with ARGS written as one string ("rule add fwmark 0x4000 lookup 100").
+pub fn ip(ns: &str, args: &str) -> Result<String> {
+    let mut all = vec!["-n", ns];
+    all.extend(args.split_whitespace());
+    run("ip", &all)
+}
+
+/// Runs a command inside namespace `ns`.
+pub fn exec(ns: &str, cmd: &[&str]) -> Result<String> {
+    let mut args = vec!["netns", "exec", ns];
+    args.extend_from_slice(cmd);
+    run("ip", &args)
+}
+
+/// Loads an nft ruleset (nft -f syntax) into namespace `ns`.
+pub fn nft(ns: &str, ruleset: &str) -> Result<()> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running nft (is nftables installed?)")?;
+    child
+        .stdin
+        .take()
+        .context("nft stdin")?
+        .write_all(ruleset.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "nft -f failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Sets `net.ipv4.conf.<key>` values inside namespace `ns`.
+pub fn sysctl(ns: &str, kv: &[(&str, &str)]) -> Result<()> {
+    for (k, v) in kv {
+        exec(ns, &["sysctl", "-qw", &format!("net.ipv4.conf.{k}={v}")])?;
+    }
+    Ok(())
+}
+
 impl Lab {
     /// Creates `fwmt-<tag>-<pid>-<n>-{a,b}` with addresses on both ends, links up.
     pub fn new(tag: &str) -> Result<Self> {
@@ -121,7 +166,7 @@ impl Lab {
         for ns in [&lab.a, &lab.b] {
             run("ip", &["netns", "add", ns])?;
         }
-        lab.ip(
+        ip(
             &lab.a,
             &format!(
                 "link add {VETH_A} type veth peer name {VETH_B} netns {}",
@@ -132,19 +177,12 @@ impl Lab {
             (&lab.a, VETH_A, ADDR_A, ADDR6_A),
             (&lab.b, VETH_B, ADDR_B, ADDR6_B),
         ] {
-            lab.ip(ns, &format!("addr add {v4}/24 dev {dev}"))?;
-            lab.ip(ns, &format!("addr add {v6}/64 dev {dev} nodad"))?;
-            lab.ip(ns, &format!("link set {dev} up"))?;
-            lab.ip(ns, "link set lo up")?;
+            ip(ns, &format!("addr add {v4}/24 dev {dev}"))?;
+            ip(ns, &format!("addr add {v6}/64 dev {dev} nodad"))?;
+            ip(ns, &format!("link set {dev} up"))?;
+            ip(ns, "link set lo up")?;
         }
         Ok(lab)
-    }
-
-    /// `ip -n NS ARGS…` with ARGS written as one string ("rule add fwmark 0x4000 lookup 100").
-    pub fn ip(&self, ns: &str, args: &str) -> Result<String> {
-        let mut all = vec!["-n", ns];
-        all.extend(args.split_whitespace());
-        run("ip", &all)
     }
 
     /// One iperf3 run from A to B (`client_args` e.g. "-t 3 -J -u -l 64 -b 0"): starts a
@@ -184,69 +222,31 @@ impl Lab {
         Ok(out?.stdout)
     }
 
-    /// Runs a command inside namespace `ns`.
-    pub fn exec(&self, ns: &str, cmd: &[&str]) -> Result<String> {
-        let mut args = vec!["netns", "exec", ns];
-        args.extend_from_slice(cmd);
-        run("ip", &args)
-    }
-
-    /// Loads an nft ruleset (nft -f syntax) into namespace `ns`.
-    pub fn nft(&self, ns: &str, ruleset: &str) -> Result<()> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns, "nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running nft (is nftables installed?)")?;
-        child
-            .stdin
-            .take()
-            .context("nft stdin")?
-            .write_all(ruleset.as_bytes())?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "nft -f failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
-    }
-
-    /// Sets `net.ipv4.conf.<key>` values inside namespace `ns`.
-    pub fn sysctl(&self, ns: &str, kv: &[(&str, &str)]) -> Result<()> {
-        for (k, v) in kv {
-            self.exec(ns, &["sysctl", "-qw", &format!("net.ipv4.conf.{k}={v}")])?;
-        }
-        Ok(())
-    }
-
     /// A second path for the "disappearing reply" scenarios: veth a2/b2 (10.78.0.0/24), B serves
     /// SERVICE on its lo, A routes SERVICE via veth-a in main and via a2 in table 100 for
     /// `fwmark 0x4000/0x4000` (policy routing by mark), and B sends everything for A's ADDR_A
     /// back through b2, so replies arrive on a2.
     pub fn add_second_path(&self) -> Result<()> {
         let (a, b) = (self.a.as_str(), self.b.as_str());
-        self.ip(a, &format!("link add a2 type veth peer name b2 netns {b}"))?;
-        self.ip(a, "addr add 10.78.0.1/24 dev a2")?;
-        self.ip(b, "addr add 10.78.0.2/24 dev b2")?;
-        self.ip(a, "link set a2 up")?;
-        self.ip(b, "link set b2 up")?;
-        self.ip(b, &format!("addr add {SERVICE}/32 dev lo"))?;
-        self.ip(
+        ip(a, &format!("link add a2 type veth peer name b2 netns {b}"))?;
+        ip(a, "addr add 10.78.0.1/24 dev a2")?;
+        ip(b, "addr add 10.78.0.2/24 dev b2")?;
+        ip(a, "link set a2 up")?;
+        ip(b, "link set b2 up")?;
+        ip(b, &format!("addr add {SERVICE}/32 dev lo"))?;
+        ip(
             a,
             &format!("route add {SERVICE}/32 via 10.77.0.2 dev {VETH_A}"),
         )?;
-        self.ip(
+        ip(
             a,
             &format!("route add {SERVICE}/32 via 10.78.0.2 dev a2 table 100"),
         )?;
-        self.ip(a, "rule add fwmark 0x4000/0x4000 lookup 100 pref 1000")?;
-        self.ip(b, &format!("route add {ADDR_A}/32 via 10.78.0.1 dev b2"))?;
+        ip(a, "rule add fwmark 0x4000/0x4000 lookup 100 pref 1000")?;
+        ip(b, &format!("route add {ADDR_A}/32 via 10.78.0.1 dev b2"))?;
         // ARP towards A's a2 must come from B's link address: with SERVICE as sender, A's
         // rp_filter would refuse the ARP itself and the reply would never leave B.
-        self.sysctl(
+        sysctl(
             b,
             &[
                 ("all.rp_filter", "0"),

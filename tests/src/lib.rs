@@ -172,6 +172,19 @@ pub fn events_to<'a>(events: &'a [Value], kind: &str, dport: u16) -> Vec<&'a Val
         .collect()
 }
 
+/// The transitions to `dport` whose new mark is `new`.
+pub fn marked<'a>(events: &'a [Value], dport: u16, new: &str) -> Vec<&'a Value> {
+    events_to(events, "transition", dport)
+        .into_iter()
+        .filter(|e| e["mark"]["new"] == new)
+        .collect()
+}
+
+/// The packets a set of counted events stands for.
+pub fn packets(evs: &[&Value]) -> u64 {
+    evs.iter().map(|e| e["count"].as_u64().unwrap_or(1)).sum()
+}
+
 /// A real rule set from the owners' own repositories, read where CI lays `shared/` beside the
 /// project root (`../shared/real-rules/FILE`); never copied into the project.
 pub fn real_rules(file: &str) -> PathBuf {
@@ -212,9 +225,7 @@ pub fn ip_lines(ns: &str, file: &std::path::Path) {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let mut args = vec!["-n", ns];
-        args.extend(line.split_whitespace());
-        lab::run("ip", &args).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        lab::ip(ns, line).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
     }
 }
 

@@ -89,7 +89,7 @@ pub fn assert_nothing_left(ns: &str, programs: Option<&[u32]>) {
         left
     });
     assert!(tc.is_empty(), "left behind in {ns}: {tc:#?}");
-    let tables = lab::run("ip", &["netns", "exec", ns, "nft", "list", "tables"]).expect("nft");
+    let tables = lab::exec(ns, &["nft", "list", "tables"]).expect("nft");
     assert!(
         !tables.contains("fwmark_trace"),
         "nft tables left behind in {ns}: {tables}"

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{in_netns, lab};
+use crate::{in_netns, lab, StopOnDrop};
 
 /// Sends `count` UDP datagrams to `dst:port` from inside namespace `ns` (a thread that enters
 /// it), optionally from a socket with SO_MARK. Send errors (a netfilter drop) are ignored.
@@ -137,19 +137,17 @@ pub fn send_udp_burst(ns: &str, dst: &str, port: u16, count: usize) {
     });
 }
 
-/// A TCP echo server on `addr:port` inside `ns` until `stop` is set: every connection is
-/// echoed (one thread each, idle ones closed after 2 s).
-pub fn tcp_echo_server(
-    ns: &str,
-    addr: &str,
-    port: u16,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> thread::JoinHandle<()> {
+/// A TCP echo server on `addr:port` inside `ns` until the returned guard drops (also when an
+/// assertion fails first): every connection is echoed (one thread each, idle ones closed after
+/// 2 s). The thread ends by itself once stopped; it is not joined.
+pub fn tcp_echo_server(ns: &str, addr: &str, port: u16) -> StopOnDrop {
     use std::io::{Read, Write};
     use std::sync::atomic::Ordering;
     let (ns, addr) = (ns.to_owned(), addr.to_owned());
     let (ready_tx, ready_rx) = mpsc::channel();
-    let h = thread::spawn(move || {
+    let guard = StopOnDrop::new();
+    let stop = guard.flag();
+    thread::spawn(move || {
         fwmark_trace::netns::enter(&ns).expect("enter netns");
         let l = std::net::TcpListener::bind((addr.as_str(), port)).expect("bind tcp server");
         l.set_nonblocking(true).unwrap();
@@ -176,7 +174,7 @@ pub fn tcp_echo_server(
     ready_rx
         .recv_timeout(Duration::from_secs(5))
         .expect("tcp server ready");
-    h
+    guard
 }
 
 /// A blocking IPv4 TCP connection from the calling thread's namespace with SO_MARK `mark`

@@ -23,7 +23,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use self::pipeline::BenchPipelineArgs;
-use crate::lab::Lab;
+use crate::lab::{self, Lab};
 
 pub(crate) mod pipeline;
 pub(crate) mod soak;
@@ -402,7 +402,7 @@ fn start(mode: Mode, lab: &Lab, dir: &Path) -> Result<Option<Tracer>> {
         Mode::FwmarkTraceFullPath => daemon(&["--full-path"])?,
         Mode::FwmarkTraceOtherFlow => daemon(&["--port", "1"])?,
         Mode::NftMonitorTrace => {
-            lab.nft(&lab.a, NFTRACE)?;
+            lab::nft(&lab.a, NFTRACE)?;
             let c = Command::new("ip")
                 .args(["netns", "exec", &lab.a, "nft", "monitor", "trace"])
                 .stdout(fs::File::create(&out)?)
@@ -444,7 +444,7 @@ fn stop(mut t: Tracer, lab: &Lab) -> Result<(Option<u64>, Option<u64>)> {
     let _ = fs::remove_file(&t.out);
     Ok(match t.mode {
         Mode::NftMonitorTrace => {
-            lab.exec(&lab.a, &["nft", "delete", "table", "inet", "benchtrace"])?;
+            lab::exec(&lab.a, &["nft", "delete", "table", "inet", "benchtrace"])?;
             (
                 Some(text.lines().filter(|l| l.starts_with("trace id")).count() as u64),
                 None,
@@ -565,7 +565,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("fwmark-trace-bench-{}", std::process::id()));
     fs::create_dir_all(&dir)?;
     let lab = Lab::new("bench")?;
-    lab.nft(&lab.a, RULES)?;
+    lab::nft(&lab.a, RULES)?;
     let mut samples = Vec::new();
     let started = Instant::now();
     // Round 0 measures the observers' kernel cost with bpf_stats on (which itself adds ~50 ns

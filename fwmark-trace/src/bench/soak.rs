@@ -41,7 +41,7 @@ fn burst(ns: &str, count: usize) {
 pub(crate) fn run(args: &SoakArgs) -> Result<()> {
     crate::trace::require_root("fwmark-trace soak")?;
     let lab = Lab::new("soak")?;
-    lab.nft(&lab.a, RULES)?;
+    lab::nft(&lab.a, RULES)?;
     let mut daemon = Command::new(std::env::current_exe()?)
         .args(["trace", "--json", "--stats", "2s", "--netns", &lab.a])
         .stdout(Stdio::piped())
@@ -71,7 +71,7 @@ pub(crate) fn run(args: &SoakArgs) -> Result<()> {
         if t.is_multiple_of(5) {
             // Interface churn: a veth appears, the previous one goes.
             let name = format!("churn{churn}");
-            let _ = lab.exec(
+            let _ = lab::exec(
                 &lab.a,
                 &[
                     "ip",
@@ -85,9 +85,9 @@ pub(crate) fn run(args: &SoakArgs) -> Result<()> {
                     &format!("{name}p"),
                 ],
             );
-            let _ = lab.exec(&lab.a, &["ip", "link", "set", &name, "up"]);
+            let _ = lab::exec(&lab.a, &["ip", "link", "set", &name, "up"]);
             if churn > 0 {
-                let _ = lab.exec(
+                let _ = lab::exec(
                     &lab.a,
                     &["ip", "link", "del", &format!("churn{}", churn - 1)],
                 );
