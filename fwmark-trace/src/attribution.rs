@@ -213,12 +213,13 @@ fn writes_here(o: &Owner, c: &Change) -> bool {
         || c.mark_writers.iter().any(named)
 }
 
-/// Whether an owner is a candidate for these changed bits. An owner of all 32 bits takes part
-/// only when a value of theirs is recognised, or it writes here, or a profile selected it and
-/// it has a layout to decode (Cilium's fields): otherwise every whole-value owner (wg-quick,
-/// Mullvad, …) would claim every change.
-fn candidate(o: &Owner, changed: u32, profiled: bool, named: bool) -> bool {
-    o.mask & changed != 0 && (o.mask != u32::MAX || named || (profiled && !o.fields.is_empty()))
+/// Whether an owner of `mask` (its packet-mark or its conntrack-mark bits) is a candidate for
+/// these changed bits. An owner of all 32 bits takes part only when a value of theirs is
+/// recognised, or it writes here, or a profile selected it and it has a layout to decode
+/// (Cilium's fields): otherwise every whole-value owner (wg-quick, Mullvad, …) would claim
+/// every change.
+fn candidate(o: &Owner, mask: u32, changed: u32, profiled: bool, named: bool) -> bool {
+    mask & changed != 0 && (mask != u32::MAX || named || (profiled && !o.fields.is_empty()))
 }
 
 /// The named values of `o` that `bits` hold, whole or per field.
@@ -349,7 +350,7 @@ pub(crate) fn attribute(reg: &Registry, c: &Change) -> Attribution {
     let candidates: Vec<&Owner> = reg
         .owners
         .iter()
-        .filter(|o| eligible(o) && candidate(o, changed, scoped, named(o)))
+        .filter(|o| eligible(o) && candidate(o, o.mask, changed, scoped, named(o)))
         .collect();
     for o in &candidates {
         split(o, c, changed, &mut a.owners);
@@ -357,12 +358,12 @@ pub(crate) fn attribute(reg: &Registry, c: &Change) -> Attribution {
     if let Some((old, new)) = c.ct.filter(|(o, n)| o != n) {
         let ct_changed = old ^ new;
         for o in reg.owners.iter().filter(|o| eligible(o)) {
-            let Some(m) = o.ct_mask.filter(|m| m & ct_changed != 0) else {
+            let Some(m) = o
+                .ct_mask
+                .filter(|&m| candidate(o, m, ct_changed, scoped, named(o)))
+            else {
                 continue;
             };
-            if !(m != u32::MAX || named(o) || (scoped && !o.fields.is_empty())) {
-                continue;
-            }
             a.owners.push(OwnerChange {
                 owner: o.id(),
                 bits: Mark(ct_changed & m),

@@ -57,8 +57,7 @@ pub(crate) fn tuple(ev: &Event) -> Option<Tuple> {
 /// Turns raw records into `TraceEvent`s.
 pub(crate) struct Decoder {
     topology: Topology,
-    /// `enum skb_drop_reason` names from kernel BTF (as the kernel spells them).
-    drop_names: HashMap<u32, String>,
+    /// `enum skb_drop_reason` from kernel BTF (each displays as the kernel spells it).
     drop_reasons: HashMap<u32, DropReason>,
     /// Wall clock at CLOCK_MONOTONIC's zero (what bpf_ktime_get_ns counts).
     boot: SystemTime,
@@ -78,7 +77,6 @@ impl Decoder {
             .collect();
         Self {
             topology,
-            drop_names,
             drop_reasons,
             boot: boot_time(),
             tailroom: HashSet::new(),
@@ -91,8 +89,8 @@ impl Decoder {
         &self.topology
     }
 
-    pub(crate) fn drop_names(&self) -> &HashMap<u32, String> {
-        &self.drop_names
+    pub(crate) fn drop_reasons(&self) -> &HashMap<u32, DropReason> {
+        &self.drop_reasons
     }
 
     /// Wall-clock time of CLOCK_MONOTONIC's zero, as this decoder names kernel timestamps.
@@ -172,8 +170,10 @@ impl Decoder {
 
     pub(crate) fn decode(&mut self, ev: &Event) -> TraceEvent {
         let kind = event_kind(ev.kind);
-        let both_ct = ev.ct_flags & (CT_NOW | CT_BEFORE) == CT_NOW | CT_BEFORE;
-        let changed = ev.old_mark != ev.new_mark || (both_ct && ev.old_ct_mark != ev.new_ct_mark);
+        // The conntrack mark changed between two points that both had an entry.
+        let ct_changed = ev.ct_flags & (CT_NOW | CT_BEFORE) == CT_NOW | CT_BEFORE
+            && ev.old_ct_mark != ev.new_ct_mark;
+        let changed = ev.old_mark != ev.new_mark || ct_changed;
         let mut segment = (kind == Some(EventKind::Transition)
             || (kind == Some(EventKind::Drop) && changed))
             .then(|| self.segment(&ev.prev, &ev.at));
@@ -188,7 +188,7 @@ impl Decoder {
         let ct_mark = (ev.ct_flags & CT_NOW != 0).then(|| CtMark {
             old: Mark(ev.old_ct_mark),
             new: Mark(ev.new_ct_mark),
-            changed: ev.ct_flags & CT_BEFORE != 0 && ev.old_ct_mark != ev.new_ct_mark,
+            changed: ct_changed,
             state: CtState::from_raw(ev.ct_info),
         });
         let drop_reason = (kind == Some(EventKind::Drop)).then(|| {

@@ -127,8 +127,7 @@ impl fmt::Display for Hook {
 }
 
 /// First or last in a tc chain.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Position {
     First,
     Last,
@@ -143,7 +142,7 @@ impl fmt::Display for Position {
     }
 }
 
-serialize_as_display!(Layer, Hook);
+serialize_as_display!(Layer, Hook, Position);
 
 /// An observation point, named.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]

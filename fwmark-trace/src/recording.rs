@@ -68,7 +68,11 @@ impl Recorder {
         self.flush_events()?;
         let ctx = ContextRef {
             topology: decoder.topology(),
-            drop_reasons: decoder.drop_names().iter().map(|(k, v)| (*k, v)).collect(),
+            drop_reasons: decoder
+                .drop_reasons()
+                .iter()
+                .map(|(k, r)| (*k, r.to_string()))
+                .collect(),
             boot_unix_ns: decoder
                 .boot()
                 .duration_since(UNIX_EPOCH)
@@ -113,7 +117,7 @@ fn frame(out: &mut impl Write, tag: u8, payload: &[u8]) -> Result<()> {
 #[derive(Serialize)]
 struct ContextRef<'a> {
     topology: &'a Topology,
-    drop_reasons: Vec<(u32, &'a String)>,
+    drop_reasons: Vec<(u32, String)>,
     boot_unix_ns: u64,
 }
 

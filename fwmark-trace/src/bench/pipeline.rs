@@ -16,6 +16,7 @@ use crate::{
     decode::Decoder,
     fixtures,
     output::{summary::Summary, Format, Output},
+    pipeline::Pipeline,
     registry::Registry,
 };
 
@@ -35,16 +36,17 @@ pub(crate) struct PipelineResult {
 
 pub(crate) fn run(args: &BenchPipelineArgs) -> Result<PipelineResult> {
     let topology = fixtures::topology();
-    let mut decoder = Decoder::new(topology, [(12, "NETFILTER_DROP".to_string())].into());
-    let mut attributor = Attributor::new(Registry::builtin()?);
+    let mut pipeline = Pipeline {
+        decoder: Decoder::new(topology, [(12, "NETFILTER_DROP".to_string())].into()),
+        attributor: Attributor::new(Registry::builtin()?),
+    };
     let mut out = Output::to_writer(Format::Json, Box::new(io::BufWriter::new(io::sink())));
     let raw: Vec<Event> = (0..4096).map(fixtures::synthetic).collect();
     let mut summary = Summary::default();
     let start = Instant::now();
     for i in 0..args.events {
-        // What the ring buffer consumer does with each record (`trace::drain`).
-        let mut ev = decoder.decode(&raw[(i % 4096) as usize]);
-        attributor.attribute(&mut ev);
+        // What the ring buffer consumer does with each record (`trace::Run::drain`).
+        let ev = pipeline.event(&raw[(i % 4096) as usize]);
         out.event(&ev)?;
         summary.count(&ev);
     }

@@ -10,7 +10,7 @@
 //! M and `= 0x200` a whole one. fwmark-trace's own programs (`fwm_*`) are left out.
 use std::{
     collections::HashSet,
-    os::fd::{AsRawFd, OwnedFd},
+    os::fd::{AsFd, OwnedFd},
 };
 
 use anyhow::{Context, Result};
@@ -224,14 +224,6 @@ fn kind_of(t: u32) -> Option<BpfKind> {
     })
 }
 
-fn info(fd: &OwnedFd, info: &mut bpf_prog_info) -> std::io::Result<()> {
-    let mut a = sys::attr();
-    a.info.bpf_fd = fd.as_raw_fd() as u32;
-    a.info.info_len = std::mem::size_of::<bpf_prog_info>() as u32;
-    a.info.info = info as *mut bpf_prog_info as u64;
-    sys::bpf_status(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut a)
-}
-
 /// Every loaded program of the kinds that can write the mark (ours left out), with the
 /// accesses its translated code shows; those that touch the mark.
 pub(crate) fn programs() -> Result<Vec<Program>> {
@@ -251,11 +243,9 @@ pub(crate) fn programs() -> Result<Vec<Program>> {
         let Ok(fd) = sys::bpf(bpf_cmd::BPF_PROG_GET_FD_BY_ID, &mut a) else {
             continue;
         };
-        // SAFETY: all-zero is a valid bpf_prog_info.
-        let mut i: bpf_prog_info = unsafe { std::mem::zeroed() };
-        if info(&fd, &mut i).is_err() {
+        let Ok(i) = sys::obj_info::<bpf_prog_info>(fd.as_fd()) else {
             continue;
-        }
+        };
         let name: String = i
             .name
             .iter()
@@ -290,7 +280,7 @@ pub(crate) fn programs() -> Result<Vec<Program>> {
         let mut i: bpf_prog_info = unsafe { std::mem::zeroed() };
         i.xlated_prog_len = (raw.len() * 8) as u32;
         i.xlated_prog_insns = raw.as_mut_ptr() as u64;
-        if info(&fd, &mut i).is_err() || i.xlated_prog_insns == 0 {
+        if sys::get_info(fd.as_fd(), &mut i).is_err() || i.xlated_prog_insns == 0 {
             log::debug!("bpf program {id} {name}: translated instructions not readable");
             continue;
         }

@@ -23,7 +23,7 @@ pub(crate) mod sockets;
 pub(crate) mod wireguard;
 pub(crate) mod xfrm;
 
-use std::{collections::BTreeSet, os::unix::fs::MetadataExt, path::PathBuf};
+use std::{collections::BTreeSet, path::PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -103,11 +103,7 @@ pub(crate) struct Inventory {
 
 /// The namespaces to read: (what to enter, None for the current one; how it is named).
 fn namespaces(which: &Namespaces) -> Result<Vec<(Option<PathBuf>, Netns)>> {
-    let inode = |p: &std::path::Path| -> Result<u32> {
-        Ok(std::fs::metadata(p)
-            .with_context(|| format!("network namespace {}", p.display()))?
-            .ino() as u32)
-    };
+    use crate::netns::inode;
     match which {
         Namespaces::Current => Ok(vec![(
             None,

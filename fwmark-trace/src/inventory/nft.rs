@@ -17,7 +17,7 @@ use super::iptables::{self, SavedRule};
 use super::model::{Access, BaseChain, Found, MarkKind, Op, Place};
 use crate::{
     mark::Mark,
-    nodestate::nft::{without_counts, ChainId, Graph, MarkRule, MarkTest},
+    nodestate::nft::{chain_id, without_counts, ChainId, Graph, MarkRule, MarkTest},
     stack::{Family, NfHook, NftFamily},
 };
 
@@ -302,7 +302,7 @@ pub(crate) fn found(items: &[Value], text: &str, saves: &[(Family, Vec<SavedRule
     // (family, table, chain) → number of rules, to check positions against iptables-nft-save.
     let mut per_chain: HashMap<ChainId, usize> = HashMap::new();
     for r in &rules {
-        if let Some(k) = key(r) {
+        if let Some(k) = chain_id(r, "chain") {
             *per_chain.entry(k).or_default() += 1;
         }
     }
@@ -322,7 +322,9 @@ pub(crate) fn found(items: &[Value], text: &str, saves: &[(Family, Vec<SavedRule
     let mut position: HashMap<ChainId, usize> = HashMap::new();
     let mut out = Vec::new();
     for r in rules {
-        let Some(k) = key(r) else { continue };
+        let Some(k) = chain_id(r, "chain") else {
+            continue;
+        };
         let pos = position.entry(k.clone()).or_default();
         *pos += 1;
         let expr = r
@@ -377,15 +379,6 @@ pub(crate) fn found(items: &[Value], text: &str, saves: &[(Family, Vec<SavedRule
         });
     }
     out
-}
-
-fn key(rule: &Value) -> Option<ChainId> {
-    let s = |k: &str| rule.get(k)?.as_str();
-    Some(ChainId {
-        family: s("family")?.parse().ok()?,
-        table: s("table")?.to_owned(),
-        name: s("chain")?.to_owned(),
-    })
 }
 
 /// The nft table family iptables-nft keeps a family's tables in.

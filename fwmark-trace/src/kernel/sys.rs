@@ -121,7 +121,7 @@ pub(crate) fn log_verified(name: &str, prog: BorrowedFd, started: Instant) {
 
 /// BPF_OBJ_GET_INFO_BY_FD into `info`, the info struct of the object's kind (bpf_prog_info,
 /// bpf_link_info, bpf_btf_info): the kernel fills what it knows of it.
-fn get_info<T>(fd: BorrowedFd, info: &mut T) -> io::Result<()> {
+pub(crate) fn get_info<T>(fd: BorrowedFd, info: &mut T) -> io::Result<()> {
     let mut a = attr();
     a.info.bpf_fd = fd.as_raw_fd() as u32;
     a.info.info_len = std::mem::size_of::<T>() as u32;
@@ -130,7 +130,7 @@ fn get_info<T>(fd: BorrowedFd, info: &mut T) -> io::Result<()> {
 }
 
 /// `get_info` into a zeroed struct.
-fn obj_info<T>(fd: BorrowedFd) -> io::Result<T> {
+pub(crate) fn obj_info<T>(fd: BorrowedFd) -> io::Result<T> {
     // SAFETY: every bpf_*_info is plain integers, for which all-zero is valid.
     let mut info: T = unsafe { std::mem::zeroed() };
     get_info(fd, &mut info)?;

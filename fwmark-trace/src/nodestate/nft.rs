@@ -236,7 +236,7 @@ pub(crate) fn parse_names(items: &[Value]) -> Vec<ChainId> {
 
 /// The identity of a chain object (`name_key` "name"), or of a rule's or map's chain or table
 /// (`name_key` "chain", or "name" for a map: a map shares a chain's namespace of names).
-fn chain_id(o: &Value, name_key: &str) -> Option<ChainId> {
+pub(crate) fn chain_id(o: &Value, name_key: &str) -> Option<ChainId> {
     let s = |k: &str| o.get(k)?.as_str();
     Some(ChainId {
         family: s("family")?.parse().ok()?,

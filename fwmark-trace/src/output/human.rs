@@ -4,7 +4,6 @@ use std::fmt::Write as _;
 use crate::{
     attribution::{Attribution, FieldRef},
     event::{EventKind, TraceEvent},
-    output::text::bits_delta,
 };
 
 pub(crate) fn line(ev: &TraceEvent) -> String {
@@ -16,13 +15,20 @@ pub(crate) fn line(ev: &TraceEvent) -> String {
         Some(n) => format!("{time} {n:>8}× {kind:<10} e.g. pkt {:#x}", ev.packet_id),
         None => format!("{time} pkt {:>#14x} {kind:<10}", ev.packet_id),
     };
-    let (old, new) = (ev.mark.old, ev.mark.new);
+    let m = &ev.mark;
     if let Some(r) = &ev.route {
         let _ = write!(s, " table {} mark {} -> {}", r.table, r.flow_mark, r.result);
-    } else if old != new || ev.kind == EventKind::Transition {
-        let _ = write!(s, " mark {old} -> {new} ({})", bits_delta(old, new));
+    } else if m.changed() || ev.kind == EventKind::Transition {
+        let _ = write!(
+            s,
+            " mark {} -> {} (+{} -{})",
+            m.old,
+            m.new,
+            m.set(),
+            m.cleared()
+        );
     } else {
-        let _ = write!(s, " mark {new}");
+        let _ = write!(s, " mark {}", m.new);
     }
     if let Some(ct) = &ev.ct_mark {
         if ct.changed {

@@ -4,7 +4,6 @@ use std::fmt;
 
 use crate::{
     attribution::Finding,
-    mark::Mark,
     place::{Between, Layer, PointInfo, Segment},
 };
 
@@ -22,7 +21,7 @@ impl fmt::Display for Meanings<'_> {
 }
 
 /// `a, b, c` of anything shown.
-fn list<T: fmt::Display>(items: &[T]) -> String {
+pub(crate) fn list<T: fmt::Display>(items: &[T]) -> String {
     items
         .iter()
         .map(ToString::to_string)
@@ -31,7 +30,7 @@ fn list<T: fmt::Display>(items: &[T]) -> String {
 }
 
 /// Its name, or `?` when unknown.
-fn or_unknown<T: fmt::Display>(v: Option<T>) -> String {
+pub(crate) fn or_unknown<T: fmt::Display>(v: Option<T>) -> String {
     v.map_or_else(|| "?".into(), |v| v.to_string())
 }
 
@@ -214,9 +213,4 @@ impl fmt::Display for Finding {
             ),
         }
     }
-}
-
-/// `+set -cleared` of a change.
-pub(crate) fn bits_delta(old: Mark, new: Mark) -> String {
-    format!("+{} -{}", new & !old, old & !new)
 }

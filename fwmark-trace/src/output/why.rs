@@ -9,6 +9,7 @@ use crate::{
     flows::{Dir, Step},
     mark::Mark,
     nodestate::{netlink::TABLE_MAIN, NodeState, Snapshot},
+    output::text::{list, or_unknown},
     place::{Hook, Layer},
     why::verdict::{Cause, DropPlace, Evidence, Report, ReversePath, Verdict},
 };
@@ -71,7 +72,7 @@ impl fmt::Display for StepLabel<'_> {
 }
 
 fn label(step: Option<&Step>) -> String {
-    step.map_or_else(|| "?".into(), |s| StepLabel(s).to_string())
+    or_unknown(step.map(StepLabel))
 }
 
 fn table_name(t: u32) -> String {
@@ -103,12 +104,10 @@ fn owners(owners: &[String]) -> String {
 /// "output after priority -149 (inet t/out@0)".
 impl fmt::Display for DropPlace {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let hook = self.hook.map_or("?".into(), |h| h.to_string());
-        let prio = self.priority.map_or("?".into(), |p| p.to_string());
+        let (hook, prio) = (or_unknown(self.hook), or_unknown(self.priority));
         write!(f, "{hook} after priority {prio}")?;
         if !self.chains.is_empty() {
-            let chains: Vec<String> = self.chains.iter().map(ToString::to_string).collect();
-            write!(f, " ({})", chains.join(", "))?;
+            write!(f, " ({})", list(&self.chains))?;
         }
         Ok(())
     }
@@ -321,11 +320,7 @@ impl fmt::Display for Evidence {
             } => write!(
                 f,
                 "node state changed at {time} ({}), {} the flow's last packet; the verdict uses the state in force then",
-                changes
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                list(changes),
                 if *before_last_packet { "before" } else { "after" }
             ),
         }

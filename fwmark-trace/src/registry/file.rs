@@ -122,11 +122,7 @@ pub(crate) fn parse(text: &str, origin: &str) -> Result<(Vec<Owner>, Option<Vec<
     let mut owners = Vec::new();
     for o in raw.owner {
         let name = o.name.get_ref();
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        {
+        if !valid_name(name) {
             return Err(src.err(
                 o.name.span(),
                 format!("owner name {name:?} must be lowercase letters, digits and '-'"),
@@ -201,6 +197,14 @@ pub(crate) fn parse(text: &str, origin: &str) -> Result<(Vec<Owner>, Option<Vec<
     Ok((owners, raw.profile))
 }
 
+/// An owner name: lowercase letters, digits and '-', not empty.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
 /// `--owner NAME=MASK`: a quick bitwise owner.
 pub(crate) fn parse_owner_flag(spec: &str) -> Result<Owner> {
     let (name, mask) = spec
@@ -208,11 +212,7 @@ pub(crate) fn parse_owner_flag(spec: &str) -> Result<Owner> {
         .ok_or_else(|| anyhow!("--owner {spec:?}: expected NAME=MASK, e.g. myapp=0xf0000000"))?;
     let mask = parse_u32(mask)
         .ok_or_else(|| anyhow!("--owner {spec:?}: mask {mask:?} is not a 32-bit number"))?;
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-    {
+    if !valid_name(name) {
         bail!("--owner {spec:?}: name must be lowercase letters, digits and '-'");
     }
     Ok(Owner {

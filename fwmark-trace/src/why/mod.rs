@@ -16,6 +16,7 @@ use crate::{
     nodestate::{sysctl::Sysctls, watch::Watcher, History, NodeState},
     output::{
         summary::Summary,
+        text::list,
         why::{text, Document, ReportJson},
         LostRecord, Sink, StatsRecord,
     },
@@ -69,8 +70,7 @@ impl Collector<'_> {
         };
         if self.node.observe(monotonic_ns(), Timestamp::now(), state) {
             if let Some(change) = self.node.changes().last() {
-                let what: Vec<String> = change.changed.iter().map(|c| c.to_string()).collect();
-                info!("node state changed: {}", what.join(", "));
+                info!("node state changed: {}", list(&change.changed));
             }
         }
     }
