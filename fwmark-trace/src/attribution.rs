@@ -338,7 +338,7 @@ pub(crate) fn attribute(reg: &Registry, c: &Change) -> Attribution {
     }
     let writer = writer(reg, c, &a.recognized);
     a.writer = writer.map(Owner::id);
-    let is_writer = |o: &Owner| writer.is_some_and(|w| w.id() == o.id());
+    let is_writer = |o: &Owner| writer.is_some_and(|w| std::ptr::eq(w, o));
     // Without a profile, owners with nothing on the node are not named (the writer is: it
     // was just seen writing).
     let eligible = |o: &Owner| c.eligible(o) || is_writer(o);
@@ -643,14 +643,13 @@ impl Attributor {
         }
         let (old, new) = (ev.mark.old.0, ev.mark.new.0);
         let key = (old, new, ct, ByAddress(seg.clone()));
-        let (registry, node) = (&self.registry, &self.node);
-        let a = self
-            .cache
-            .entry(key)
-            .or_insert_with(|| {
-                let written_by = node.as_ref().and_then(|n| n.writer(seg, (old, new), ct));
-                Arc::new(attribute(
-                    registry,
+        let a = match self.cache.get(&key) {
+            Some(a) => a.clone(),
+            None => {
+                let node = self.node.as_ref();
+                let written_by = node.and_then(|n| n.writer(seg, (old, new), ct));
+                let a = Arc::new(attribute(
+                    &self.registry,
                     &Change {
                         old,
                         new,
@@ -659,25 +658,39 @@ impl Attributor {
                         mark_writers: seg.mark_writers(),
                         socket: seg.layer() == crate::place::Layer::Socket,
                         written_by: written_by.as_deref(),
-                        present: node.as_ref().map(Node::present),
+                        present: node.map(Node::present),
                     },
-                ))
-            })
-            .clone();
-        *self.seen.entry(ByAddress(a.clone())).or_default() += ev.packets();
-        // A socket's SO_MARK is something on the node too, seen as it writes: its owner may
-        // be named from now on (the inventory read at start-up may not have had the socket).
-        if let (Some(node), crate::place::Layer::Socket) = (self.node.as_mut(), seg.layer()) {
-            let writer = a
-                .writer
-                .as_ref()
-                .and_then(|id| self.registry.get(id).first().copied());
-            if let Some(w) = writer.filter(|w| !node.present.contains(&w.name)) {
-                node.present.insert(w.name.clone());
-                self.cache.clear();
+                ));
+                // A socket's SO_MARK is something on the node too, seen as it writes: its
+                // owner may be named from now on (the inventory read at start-up may not have
+                // had the socket), so what was attributed without it goes.
+                if self.socket_writer_joins(seg, &a) {
+                    self.cache.clear();
+                } else {
+                    self.cache.insert(key, a.clone());
+                }
+                a
             }
-        }
+        };
+        *self.seen.entry(ByAddress(a.clone())).or_default() += ev.packets();
         ev.attribution = Some(a);
+    }
+
+    /// Whether `a` is a socket's write by an owner not yet among those present, who now is.
+    fn socket_writer_joins(&mut self, seg: &Segment, a: &Attribution) -> bool {
+        let Some(node) = self.node.as_mut() else {
+            return false;
+        };
+        let writer = a
+            .writer
+            .as_ref()
+            .and_then(|id| self.registry.get(id).first().copied());
+        match writer {
+            Some(w) if seg.layer() == crate::place::Layer::Socket => {
+                node.present.insert(w.name.clone())
+            }
+            _ => false,
+        }
     }
 
     /// Attributes with what the node has from now on (a fresh inventory); none with a

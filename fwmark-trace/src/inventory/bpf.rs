@@ -224,6 +224,22 @@ fn kind_of(t: u32) -> Option<BpfKind> {
     })
 }
 
+/// Where the running kernel keeps `sk_buff.mark` and `sock.sk_mark` (absent on some
+/// kernels): read from BTF once per process, since trace reads the inventory again on every
+/// ruleset or tc change and the kernel's layout does not change meanwhile.
+fn mark_offsets() -> Result<(u32, Option<u32>)> {
+    static OFFSETS: std::sync::OnceLock<(u32, Option<u32>)> = std::sync::OnceLock::new();
+    if let Some(o) = OFFSETS.get() {
+        return Ok(*o);
+    }
+    let btf = KernelBtf::load().context("reading kernel BTF (for the mark's offset)")?;
+    let o = (
+        btf.member_offset("sk_buff", "mark")?,
+        btf.member_offset("sock", "sk_mark").ok(),
+    );
+    Ok(*OFFSETS.get_or_init(|| o))
+}
+
 /// Every loaded program of the kinds that can write the mark (ours left out), with the
 /// accesses its translated code shows; those that touch the mark.
 pub(crate) fn programs() -> Result<Vec<Program>> {
@@ -263,9 +279,7 @@ pub(crate) fn programs() -> Result<Vec<Program>> {
     if candidates.is_empty() {
         return Ok(Vec::new());
     }
-    let btf = KernelBtf::load().context("reading kernel BTF (for the mark's offset)")?;
-    let skb_mark = btf.member_offset("sk_buff", "mark")?;
-    let sk_mark = btf.member_offset("sock", "sk_mark").ok();
+    let (skb_mark, sk_mark) = mark_offsets()?;
     let mut out = Vec::new();
     for (fd, id, name, kind, len) in candidates {
         let off = match kind {

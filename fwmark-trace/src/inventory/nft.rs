@@ -7,7 +7,7 @@
 //! targets (and some matches) stay `xt` expressions whose values nft's JSON leaves out: those
 //! rules take their accesses from the same rule in `iptables-nft-save` (same chain, same
 //! position). Rule text comes from `nft -a list ruleset` (by handle).
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 
 use anyhow::Result;
 use serde_json::Value;
@@ -205,18 +205,7 @@ fn reached_from(items: &[Value]) -> HashMap<ChainId, Vec<BaseChain>> {
                 .and_then(|p| i32::try_from(p).ok())
                 .unwrap_or(0),
         };
-        let mut seen = HashSet::from([start.clone()]);
-        let mut queue = VecDeque::from([start]);
-        while let Some(k) = queue.pop_front() {
-            for t in graph.jumps.get(&k).into_iter().flatten() {
-                let next = ChainId {
-                    name: t.clone(),
-                    ..k.clone()
-                };
-                if seen.insert(next.clone()) {
-                    queue.push_back(next);
-                }
-            }
+        for k in graph.reachable(&start) {
             out.entry(k).or_default().push(base.clone());
         }
     }
@@ -229,8 +218,12 @@ const IPTABLES_TABLES: [&str; 5] = ["raw", "mangle", "nat", "filter", "security"
 /// The mark rules of the current namespace's ruleset (`nft -j`, with each rule's text from
 /// `nft -a`, and iptables-nft's values from iptables-nft-save where nft hides them).
 pub(crate) fn read() -> Result<Vec<Found>> {
-    use crate::nodestate::nft::{items, nft};
-    let items = items(&nft(&["-j", "list", "ruleset"])?)?;
+    from_items(&crate::nodestate::nft::read_items()?)
+}
+
+/// `read`, with the ruleset's JSON items already listed (`items`).
+fn from_items(items: &[Value]) -> Result<Vec<Found>> {
+    use crate::nodestate::nft::nft;
     let text = String::from_utf8_lossy(&nft(&["-a", "list", "ruleset"])?).into_owned();
     let mut saves = Vec::new();
     for (family, tool) in [
@@ -252,13 +245,13 @@ pub(crate) fn read() -> Result<Vec<Found>> {
             }
         }
     }
-    Ok(found(&items, &text, &saves))
+    Ok(found(items, &text, &saves))
 }
 
 /// The current namespace's nft mark rules as the node state keeps them (what `why` reasons
-/// with when a reply died in a chain).
-pub(crate) fn mark_rules() -> Result<Vec<MarkRule>> {
-    Ok(read()?
+/// with when a reply died in a chain), from its ruleset's JSON `items`.
+pub(crate) fn mark_rules(items: &[Value]) -> Result<Vec<MarkRule>> {
+    Ok(from_items(items)?
         .into_iter()
         .filter_map(|f| {
             let Place::NftRule {

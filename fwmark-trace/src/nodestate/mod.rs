@@ -32,9 +32,11 @@ pub(crate) struct NodeState {
 }
 
 impl NodeState {
-    /// Reads the calling thread's namespace; its nft mark rules come from the caller (the
-    /// inventory reads them).
-    pub(crate) fn read(mark_rules: anyhow::Result<Vec<nft::MarkRule>>) -> Self {
+    /// Reads the calling thread's namespace. The ruleset is listed once: its base chains are
+    /// read here, its mark rules by `mark_rules` (the inventory's reader) from the same items.
+    pub(crate) fn read(
+        mark_rules: impl FnOnce(&[serde_json::Value]) -> anyhow::Result<Vec<nft::MarkRule>>,
+    ) -> Self {
         let mut s = NodeState::default();
         match netlink::rules() {
             Ok(r) => s.rules = r,
@@ -49,13 +51,18 @@ impl NodeState {
             Err(e) => s.errors.push(format!("xfrm policies: {e:#}")),
         }
         s.sysctls = sysctl::Sysctls::read();
-        match mark_rules {
-            Ok(r) => s.mark_rules = r,
-            Err(e) => s.errors.push(format!("nft rules: {e:#}")),
-        }
-        match nft::read_chains() {
-            Ok(c) => s.chains = c,
-            Err(e) => s.errors.push(format!("nft chains: {e:#}")),
+        match nft::read_items() {
+            Ok(items) => {
+                match mark_rules(&items) {
+                    Ok(r) => s.mark_rules = r,
+                    Err(e) => s.errors.push(format!("nft rules: {e:#}")),
+                }
+                s.chains = nft::parse_chains(&items);
+            }
+            Err(e) => {
+                s.errors.push(format!("nft rules: {e:#}"));
+                s.errors.push(format!("nft chains: {e:#}"));
+            }
         }
         s
     }

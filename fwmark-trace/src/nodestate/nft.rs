@@ -186,7 +186,12 @@ impl fmt::Display for Chain {
 /// Reads the base chains of the current network namespace. No `nft` binary or no permission is
 /// an error; an empty ruleset is not.
 pub(crate) fn read_chains() -> Result<Vec<Chain>> {
-    Ok(parse_chains(&items(&nft(&["-j", "list", "ruleset"])?)?))
+    Ok(parse_chains(&read_items()?))
+}
+
+/// The calling thread's namespace's ruleset (`nft -j list ruleset`), as its items.
+pub(crate) fn read_items() -> Result<Vec<Value>> {
+    items(&nft(&["-j", "list", "ruleset"])?)
 }
 
 /// Runs `nft ARGS` in the calling thread's namespace; its stdout, or its error in one line.
@@ -270,7 +275,7 @@ pub(crate) fn parse_chains(items: &[Value]) -> Vec<Chain> {
 /// Which chains each chain jumps to (by name, within its table), and what each chain's own
 /// rules write.
 pub(crate) struct Graph {
-    pub(crate) jumps: HashMap<ChainId, Vec<String>>,
+    jumps: HashMap<ChainId, Vec<String>>,
     writes: HashMap<ChainId, Writes>,
 }
 
@@ -310,26 +315,35 @@ impl Graph {
         g
     }
 
+    /// `from` and every chain its jumps and gotos reach (within its table), nearest first.
+    pub(crate) fn reachable(&self, from: &ChainId) -> Vec<ChainId> {
+        let mut out = vec![from.clone()];
+        let mut seen = HashSet::from([from.clone()]);
+        let mut next = 0;
+        while let Some(k) = out.get(next).cloned() {
+            next += 1;
+            for target in self.jumps.get(&k).into_iter().flatten() {
+                let t = ChainId {
+                    name: target.clone(),
+                    ..k.clone()
+                };
+                if seen.insert(t.clone()) {
+                    out.push(t);
+                }
+            }
+        }
+        out
+    }
+
     /// The chains reachable from `base` (itself left out) that write a mark, nearest first,
     /// and what `base` and they can write together.
     fn writers_below(&self, base: &ChainId) -> (Vec<ChainId>, Writes) {
         let mut writes = self.writes.get(base).copied().unwrap_or_default();
-        let mut seen = HashSet::from([base.clone()]);
-        let mut queue = std::collections::VecDeque::from([base.clone()]);
         let mut out = Vec::new();
-        while let Some(k) = queue.pop_front() {
-            for target in self.jumps.get(&k).into_iter().flatten() {
-                let t = ChainId {
-                    name: target.clone(),
-                    ..base.clone()
-                };
-                if seen.insert(t.clone()) {
-                    if let Some(w) = self.writes.get(&t) {
-                        writes = writes.or(*w);
-                        out.push(t.clone());
-                    }
-                    queue.push_back(t);
-                }
+        for c in self.reachable(base).into_iter().skip(1) {
+            if let Some(w) = self.writes.get(&c) {
+                writes = writes.or(*w);
+                out.push(c);
             }
         }
         (out, writes)

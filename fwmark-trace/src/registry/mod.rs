@@ -66,21 +66,10 @@ impl Owner {
         }
     }
 
-    /// Whether `s` is `id()`, without building it (attribution asks per event).
-    fn is_id(&self, s: &str) -> bool {
-        match &self.version {
-            Some(v) => s
-                .strip_prefix(self.name.as_str())
-                .and_then(|rest| rest.strip_prefix('@'))
-                .is_some_and(|rest| rest == v),
-            None => s == self.name,
-        }
-    }
-
     /// Whether `name` designates this entry: its id, its name (every version), or an alias.
     pub(crate) fn answers_to(&self, name: &str) -> bool {
-        self.name == name
-            || self.is_id(name)
+        self.id() == name
+            || self.name == name
             || self.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
     }
 

@@ -63,7 +63,7 @@ impl Collector<'_> {
                 ..last.clone()
             },
             _ => {
-                let mut s = NodeState::read(crate::inventory::nft::mark_rules());
+                let mut s = NodeState::read(crate::inventory::nft::mark_rules);
                 s.chains.retain(|c| !nftrace::is_ours(c));
                 s
             }

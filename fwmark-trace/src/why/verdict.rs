@@ -443,11 +443,12 @@ fn rp_filter(flow: &Flow, request: &[&Step], reply: &[&Step], cx: &Context) -> (
 }
 
 /// NETFILTER_DROP: the band's chains, the rule if nftables tracing named it, the mark-matching
-/// rules in those chains; a restore that clobbered the reply's mark first makes it
-/// `connmark-restore-mask`.
+/// rules in those chains; a restore that clobbered the reply's mark first (`clobber`, from
+/// `restore_clobber`) makes it `connmark-restore-mask`.
 fn netfilter_drop(
     flow: &Flow,
     reply: &[&Step],
+    clobber: Option<(&Step, Mark)>,
     place: DropPlace,
     cx: &Context,
     evidence: &mut Vec<Evidence>,
@@ -463,7 +464,7 @@ fn netfilter_drop(
     // The one rule the reply's mark passed is the one that dropped it.
     let mut passed = dropping.into_iter().filter(|r| r.matched);
     let rule_hit = passed.next().filter(|_| passed.next().is_none());
-    let cause = match restore_clobber(reply) {
+    let cause = match clobber {
         Some((restore, lost)) => Cause::ConnmarkRestoreMask {
             restore: restore.clone(),
             lost,
@@ -567,7 +568,8 @@ pub(crate) fn judge(flow: &Flow, cx: &Context) -> Report {
     if let Some(d) = &mark_diff {
         evidence.push(Evidence::MarkDiff(d.clone()));
     }
-    if let Some((restore, lost)) = restore_clobber(&reply) {
+    let clobber = restore_clobber(&reply);
+    if let Some((restore, lost)) = clobber {
         evidence.push(Evidence::ConnmarkRestore {
             restore: restore.clone(),
             lost,
@@ -601,7 +603,8 @@ pub(crate) fn judge(flow: &Flow, cx: &Context) -> Report {
                     cause
                 }
                 DropReason::NetfilterDrop => {
-                    let (cause, rule) = netfilter_drop(flow, &reply, place, cx, &mut evidence);
+                    let (cause, rule) =
+                        netfilter_drop(flow, &reply, clobber, place, cx, &mut evidence);
                     info.rule = rule;
                     cause
                 }
