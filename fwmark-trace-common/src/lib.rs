@@ -104,6 +104,10 @@ pub mod kind {
     pub const CONSUME: u8 = 5;
     /// A routing table lookup (with `Config::routes`); `new_mark` is the flow's mark.
     pub const ROUTE: u8 = 6;
+    /// The packet was encapsulated or decapsulated (`path::tunnel`) and kept a non-zero mark:
+    /// the mark the inner packet had now rides on the outer one (or the reverse). A change
+    /// across the tunnel is a `TRANSITION` like any other.
+    pub const TUNNEL: u8 = 7;
 }
 
 /// An observation point. `slot` and `hook` are interpreted per `layer` (see the modules above).
@@ -368,9 +372,10 @@ pub mod path {
     }
 
     /// Whether a packet last seen at `prev` can be the one now seen at `now`. Only a device
-    /// crossing (veth, loopback, a redirect) leads into another namespace. `same_head`: the
-    /// buffer is the one seen last, so a decapsulated packet (tunnel: input, then
-    /// netif_receive_skb of the tunnel device) continues too.
+    /// crossing (veth, loopback, a redirect) or a tunnel leads into another namespace (a
+    /// tunnel device may live in another namespace than the socket that carries its outer
+    /// packets). `same_head`: the buffer is the one seen last, so a decapsulated packet
+    /// (tunnel: input, then netif_receive_skb of the tunnel device) continues too.
     #[inline(always)]
     pub fn continues(prev: &Point, now: &Point, same_head: bool) -> bool {
         let (from, to) = (stage(prev), stage(now));
@@ -378,6 +383,8 @@ pub mod path {
         let allowed = if crossed {
             match to {
                 RX | TC_IN => QUEUE | TC_EG | TC_IN,
+                // A tunnel's outer packet, where its socket is.
+                OUT | TC_EG | QUEUE => QUEUE | TC_EG,
                 END => ANY,
                 _ => 0,
             }
@@ -386,6 +393,33 @@ pub mod path {
         };
         from & allowed != 0 || (same_head && to == RX && from == IN)
     }
+
+    /// Whether the step from `prev` to `now` (one packet: `continues` said so) is an
+    /// encapsulation or a decapsulation (`tunnel::*`). A packet queued on a device and then
+    /// at an output hook again was encapsulated by that device (VXLAN, Geneve, WireGuard, GRE,
+    /// IPIP); one at the output hook again after postrouting, by xfrm (its second pass, the
+    /// outer ESP packet); one received again after local input was decapsulated (the
+    /// tunnel's device, or xfrm in tunnel mode, hands the inner packet to netif_receive_skb).
+    /// Without observers at the output hook, the outer packet is next seen queued on the
+    /// underlay: a tunnel when that is in another namespace (a veth crossing is received
+    /// there, not queued).
+    #[inline(always)]
+    pub fn tunnel(prev: &Point, now: &Point) -> u8 {
+        let crossed = prev.netns != now.netns && prev.netns != 0 && now.netns != 0;
+        match (stage(prev), stage(now)) {
+            (QUEUE | TC_EG | POST, OUT) => super::tunnel::ENCAP,
+            (QUEUE | TC_EG, QUEUE | TC_EG) if crossed => super::tunnel::ENCAP,
+            (IN, RX) => super::tunnel::DECAP,
+            _ => super::tunnel::NONE,
+        }
+    }
+}
+
+/// Encapsulation steps (`path::tunnel`).
+pub mod tunnel {
+    pub const NONE: u8 = 0;
+    pub const ENCAP: u8 = 1;
+    pub const DECAP: u8 = 2;
 }
 
 /// A field `Offsets` lacks on this kernel (the observer then skips what needs it).
@@ -716,6 +750,29 @@ mod tests {
         // netif_receive_skb after input: only the same buffer, decapsulated.
         let rx = pt(layer::TRACEPOINT, tracepoint::NETIF_RECEIVE_SKB, 1);
         assert!(continues(&input, &rx, true) && !continues(&input, &rx, false));
+        // A tunnel: queued on its device, then the outer packet at the output hook, also in
+        // the namespace of the tunnel's socket; decapsulated into another namespace.
+        let out_b = pt(layer::NETFILTER, nf_hook::LOCAL_OUT, 2);
+        assert!(continues(&queue, &out, false) && continues(&queue, &out_b, false));
+        assert_eq!(path::tunnel(&queue, &out_b), tunnel::ENCAP);
+        assert_eq!(
+            path::tunnel(&post, &out),
+            tunnel::ENCAP,
+            "xfrm's second pass"
+        );
+        assert_eq!(path::tunnel(&input, &rx), tunnel::DECAP);
+        assert!(continues(&input, &rx_b, true) && !continues(&input, &rx_b, false));
+        assert_eq!(path::tunnel(&out, &post), tunnel::NONE);
+        assert_eq!(path::tunnel(&queue, &rx_b), tunnel::NONE, "a veth crossing");
+        let queue_b = pt(layer::TRACEPOINT, tracepoint::NET_DEV_QUEUE, 2);
+        assert!(continues(&queue, &queue_b, false));
+        assert_eq!(path::tunnel(&queue, &queue_b), tunnel::ENCAP);
+        assert_eq!(
+            path::tunnel(&queue, &queue),
+            tunnel::NONE,
+            "a stacked device"
+        );
+        assert!(!continues(&input, &out_b, false));
         // The end of life follows anything; an unknown namespace is not a crossing.
         assert!(continues(&input, &kfree, false));
         assert!(continues(

@@ -11,7 +11,7 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, generated};
 use fwmark_trace_common::{
-    kind, layer, path, socket_slot, AggKey, Config, CpuCache, Event, PacketState, Point,
+    kind, layer, path, socket_slot, tunnel, AggKey, Config, CpuCache, Event, PacketState, Point,
     CACHE_SLOTS, CT_BEFORE, CT_NOW,
 };
 
@@ -131,7 +131,9 @@ pub fn observe<const BTF: bool>(skb: u64, site: &Site) {
             match site.end {
                 None if !ct_watched(&at) => {
                     fill_device(&mut at, &c.last);
-                    if path::continues(&c.last, &at, false) {
+                    // A mark carried into (or out of) a tunnel is reported (`kind::TUNNEL`).
+                    let carried = mark != 0 && path::tunnel(&c.last, &at) != tunnel::NONE;
+                    if !carried && path::continues(&c.last, &at, false) {
                         c.last = at;
                         return;
                     }
@@ -423,11 +425,12 @@ fn follow(
         }
         _ if changed => kind::TRANSITION,
         Some(End::Consume) => kind::CONSUME,
+        None if mark != 0 && path::tunnel(&st.last, &ev.at) != tunnel::NONE => kind::TUNNEL,
         None => kind::OBSERVE,
     };
     let cfg = config();
     let report = match ev.kind {
-        kind::TRANSITION => true,
+        kind::TRANSITION | kind::TUNNEL => true,
         kind::DROP => st.changed != 0 || cfg.all_drops != 0 || cfg.full_path != 0,
         _ => cfg.full_path != 0,
     };
@@ -600,7 +603,11 @@ fn first_sight<const BTF: bool>(
 fn wanted(cfg: &Config, ev: &Event) -> bool {
     // State is kept in every namespace (a packet crossing back must not look new); only what
     // is reported is limited to the traced one.
-    (cfg.netns == 0 || ev.at.netns == cfg.netns)
+    // A tunnel's outer packet may live elsewhere: its step out of the traced namespace is
+    // reported too.
+    let here = ev.at.netns == cfg.netns
+        || (ev.prev.netns == cfg.netns && path::tunnel(&ev.prev, &ev.at) != tunnel::NONE);
+    (cfg.netns == 0 || here)
         && (cfg.mark_mask == 0 || mark_matches(cfg, ev.old_mark) || mark_matches(cfg, ev.new_mark))
         && (iface_matches(cfg, ev.at.ifindex) || iface_matches(cfg, ev.prev.ifindex))
 }

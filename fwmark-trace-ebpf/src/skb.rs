@@ -145,6 +145,9 @@ struct Ipv6Hdr {
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_SCTP: u8 = 132;
+/// ESP's header starts with its SPI where ports would be: read as the two "ports" (high and
+/// low half), it names the xfrm state that made the packet.
+const IPPROTO_ESP: u8 = 50;
 
 /// IPv6 extension headers (RFC 8200 §4): hop-by-hop, routing and destination options are
 /// `{next, len in 8-octet units not counting the first}`; a fragment header is 8 octets.
@@ -236,7 +239,10 @@ pub fn fill_tuple<const BTF: bool>(
         }
         _ => return,
     };
-    if matches!(ev.l4_proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+    if matches!(
+        ev.l4_proto,
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_ESP
+    ) {
         let ports: [u16; 2] = read(l4, 0);
         ev.sport = u16::from_be(ports[0]);
         ev.dport = u16::from_be(ports[1]);

@@ -17,7 +17,7 @@ use crate::{
     inventory::{Inventory, MarkKind},
     mark::Mark,
     nodestate::nft::{Chain, ChainId, ChainOrigin},
-    place::Segment,
+    place::{MarkFate, Segment},
     registry::{lookup, Owner, Registry, Style},
     stack::serialize_as_display,
 };
@@ -186,6 +186,9 @@ pub(crate) struct Change<'a> {
     /// Owner names with something on this node (the inventory): without a profile only these
     /// are named. None: every registered owner may be.
     pub(crate) present: Option<&'a BTreeSet<String>>,
+    /// The segment names the writer itself and it is no registry owner (an xfrm state whose
+    /// output mark made the change): no owner is taken for the writer by name or value.
+    pub(crate) written_outside: bool,
 }
 
 impl Change<'_> {
@@ -301,6 +304,9 @@ fn named_writer<'r>(reg: &'r Registry, c: &Change) -> Option<&'r Owner> {
 /// owner whose whole value the new mark is (a socket's SO_MARK, or a rule assigning it under
 /// a name that says nothing), one with something on the node first.
 fn writer<'r>(reg: &'r Registry, c: &Change, recognized: &[Recognized]) -> Option<&'r Owner> {
+    if c.written_outside {
+        return None;
+    }
     let by_id = |id: &str| reg.owners.iter().find(|o| o.id() == id);
     if let Some(o) = c.written_by.and_then(by_id) {
         return Some(o);
@@ -659,6 +665,9 @@ impl Attributor {
                         socket: seg.layer() == crate::place::Layer::Socket,
                         written_by: written_by.as_deref(),
                         present: node.map(Node::present),
+                        written_outside: seg
+                            .tunnel()
+                            .is_some_and(|t| t.fate(old, new) == MarkFate::SetByXfrmState),
                     },
                 ));
                 // A socket's SO_MARK is something on the node too, seen as it writes: its

@@ -8,7 +8,9 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use fwmark_trace_common::{kind, layer, socket_slot, Event, Point, CT_BEFORE, CT_NOW, SK_FULL};
+use fwmark_trace_common::{
+    kind, layer, nf_hook, socket_slot, Event, Point, CT_BEFORE, CT_NOW, SK_FULL,
+};
 
 use crate::{
     event::{
@@ -16,9 +18,12 @@ use crate::{
         Timestamp, TraceEvent, Tuple,
     },
     mark::Mark,
-    place::{Between, PointInfo, Segment, Topology},
+    place::{Between, Encapsulator, PointInfo, Segment, Topology, Tunnel, TunnelDir},
     stack::Proto,
 };
+
+/// IPPROTO_ESP: the kernel reads its SPI where ports would be (sport: high half).
+const ESP: Proto = Proto(50);
 
 fn event_kind(k: u8) -> Option<EventKind> {
     Some(match k {
@@ -28,6 +33,7 @@ fn event_kind(k: u8) -> Option<EventKind> {
         kind::OBSERVE => EventKind::Observe,
         kind::CONSUME => EventKind::Consume,
         kind::ROUTE => EventKind::Route,
+        kind::TUNNEL => EventKind::Tunnel,
         _ => return None,
     })
 }
@@ -67,6 +73,8 @@ pub(crate) struct Decoder {
     /// Named points and segments depend only on the points and the topology: built once each.
     points: HashMap<Point, Arc<PointInfo>>,
     segments: HashMap<(Point, Point), Arc<Segment>>,
+    /// xfrm output segments, per (segment, SPI).
+    xfrm_segments: HashMap<(Point, Point, u32), Arc<Segment>>,
 }
 
 impl Decoder {
@@ -82,6 +90,7 @@ impl Decoder {
             tailroom: HashSet::new(),
             points: HashMap::new(),
             segments: HashMap::new(),
+            xfrm_segments: HashMap::new(),
         }
     }
 
@@ -114,6 +123,7 @@ impl Decoder {
         self.topology = topology;
         self.points.clear();
         self.segments.clear();
+        self.xfrm_segments.clear();
         true
     }
 
@@ -168,13 +178,58 @@ impl Decoder {
         scrubbed && self.tailroom.contains(&ev.old_mark)
     }
 
+    /// An ESP packet is made by xfrm, and its SPI names the state: a change seen on one, since
+    /// it left its socket or the output hooks (where xfrm runs between two passes), is xfrm's
+    /// output, whatever observers stood around it.
+    fn xfrm_output(&mut self, ev: &Event, seg: &Segment) -> Option<Arc<Segment>> {
+        let t = tuple(ev).filter(|t| t.proto == ESP)?;
+        let before_device = match ev.prev.layer {
+            layer::SOCKET => true,
+            layer::NETFILTER => matches!(ev.prev.hook, nf_hook::LOCAL_OUT | nf_hook::POST_ROUTING),
+            _ => false,
+        };
+        let xfrm_tunnel = matches!(
+            seg.tunnel(),
+            Some(Tunnel {
+                dir: TunnelDir::Encap,
+                by: Encapsulator::Xfrm { .. },
+                ..
+            })
+        );
+        if !(before_device || xfrm_tunnel) {
+            return None;
+        }
+        let spi = (t.sport as u32) << 16 | t.dport as u32;
+        if self.xfrm_segments.len() > 1024 {
+            self.xfrm_segments.clear();
+        }
+        let topo = &self.topology;
+        let made = self
+            .xfrm_segments
+            .entry((ev.prev, ev.at, spi))
+            .or_insert_with(|| {
+                Arc::new(Segment {
+                    between: Between::Tunnel(Tunnel {
+                        dir: TunnelDir::Encap,
+                        by: Encapsulator::Xfrm {
+                            spi: Some(spi),
+                            state: topo.xfrm_state(spi, Some(t.dst)).cloned(),
+                        },
+                        crossed: None,
+                    }),
+                    ..seg.clone()
+                })
+            });
+        Some(made.clone())
+    }
+
     pub(crate) fn decode(&mut self, ev: &Event) -> TraceEvent {
         let kind = event_kind(ev.kind);
         // The conntrack mark changed between two points that both had an entry.
         let ct_changed = ev.ct_flags & (CT_NOW | CT_BEFORE) == CT_NOW | CT_BEFORE
             && ev.old_ct_mark != ev.new_ct_mark;
         let changed = ev.old_mark != ev.new_mark || ct_changed;
-        let mut segment = (kind == Some(EventKind::Transition)
+        let mut segment = (matches!(kind, Some(EventKind::Transition | EventKind::Tunnel))
             || (kind == Some(EventKind::Drop) && changed))
             .then(|| self.segment(&ev.prev, &ev.at));
         if let Some(seg) = segment.as_mut() {
@@ -183,6 +238,8 @@ impl Decoder {
                     between: Between::NdTailroom,
                     ..(**seg).clone()
                 });
+            } else if let Some(xfrm) = self.xfrm_output(ev, seg) {
+                *seg = xfrm;
             }
         }
         let ct_mark = (ev.ct_flags & CT_NOW != 0).then(|| CtMark {

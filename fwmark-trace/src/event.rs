@@ -66,6 +66,9 @@ pub(crate) enum EventKind {
     Consume,
     /// A routing table lookup.
     Route,
+    /// The packet was encapsulated or decapsulated and kept a non-zero mark (a change across
+    /// a tunnel is a transition).
+    Tunnel,
 }
 
 impl EventKind {
@@ -77,6 +80,7 @@ impl EventKind {
             EventKind::Observe => "observe",
             EventKind::Consume => "consume",
             EventKind::Route => "route",
+            EventKind::Tunnel => "tunnel",
         }
     }
 }

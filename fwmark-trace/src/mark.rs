@@ -141,6 +141,14 @@ impl Serialize for MarkMatch {
     }
 }
 
+impl<'de> Deserialize<'de> for MarkMatch {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,12 +5,18 @@
 //! Segments are typed; `output` writes them as sentences.
 use std::{collections::HashMap, fmt};
 
-use fwmark_trace_common::{layer, socket_slot, tc_slot, tracepoint, Point, NF_SLOT_CHAIN};
+use fwmark_trace_common::{
+    layer, path, socket_slot, tc_slot, tracepoint, tunnel, Point, NF_SLOT_CHAIN,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     kernel::{plan::NfPlan, tcx::ForeignProgram},
-    nodestate::nft::{Chain, ChainId},
+    nodestate::{
+        links::TunnelKind,
+        netlink::XfrmState,
+        nft::{Chain, ChainId},
+    },
     stack::{serialize_as_display, Family, NfHook, TcDir},
 };
 
@@ -29,6 +35,12 @@ pub(crate) struct Topology {
     /// Interface names are those of this namespace (where the daemon attached).
     pub(crate) ifnames: HashMap<u32, String>,
     pub(crate) own_netns: u32,
+    /// This namespace's tunnel devices, by ifindex.
+    #[serde(default, with = "pairs")]
+    pub(crate) tunnels: HashMap<u32, TunnelKind>,
+    /// This namespace's xfrm states (SAs): an ESP packet's SPI names the one that made it.
+    #[serde(default)]
+    pub(crate) xfrm_states: Vec<XfrmState>,
 }
 
 /// A map with tuple keys as a list of pairs (JSON keys are strings).
@@ -66,6 +78,10 @@ pub(crate) enum Layer {
     Routing,
     /// The kernel itself changed the mark (a namespace crossing scrubs it).
     Kernel,
+    /// A tunnel device's encapsulation or decapsulation.
+    Tunnel,
+    /// xfrm (IPsec): a state's transform.
+    Xfrm,
     /// Between observers of different layers.
     Path,
     #[default]
@@ -82,6 +98,8 @@ impl fmt::Display for Layer {
             Layer::Socket => "socket",
             Layer::Routing => "routing",
             Layer::Kernel => "kernel",
+            Layer::Tunnel => "tunnel",
+            Layer::Xfrm => "xfrm",
             Layer::Path => "path",
             Layer::Unknown => "unknown",
         })
@@ -212,9 +230,99 @@ pub(crate) enum Between {
     TcIngressAfterChain,
     /// Between two netfilter hooks: routing, xfrm, the stack.
     Hooks,
+    /// Into or out of an encapsulation: a tunnel device's, or xfrm's.
+    Tunnel(Tunnel),
     /// Anything else between two observers.
     Path,
 }
+
+/// Into the outer packet, or out of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TunnelDir {
+    Encap,
+    Decap,
+}
+
+impl fmt::Display for TunnelDir {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TunnelDir::Encap => "encap",
+            TunnelDir::Decap => "decap",
+        })
+    }
+}
+
+/// What encapsulated (or decapsulated) a packet.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Encapsulator {
+    /// A tunnel device: the one the inner packet was queued on (encapsulation), or received
+    /// on (decapsulation). Its kind is known for the daemon's own namespace.
+    Device {
+        ifindex: u32,
+        netns: u32,
+        name: Option<String>,
+        kind: Option<TunnelKind>,
+    },
+    /// xfrm: the state (SA) named by the outer ESP packet's SPI, when it is known.
+    Xfrm {
+        spi: Option<u32>,
+        state: Option<XfrmState>,
+    },
+}
+
+/// An encapsulation step, and what it did to the mark.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Tunnel {
+    pub(crate) dir: TunnelDir,
+    pub(crate) by: Encapsulator,
+    /// The outer packet lives in another namespace than the inner one (the tunnel's socket is
+    /// elsewhere): the kernel scrubs the mark on the way (`skb_scrub_packet`).
+    pub(crate) crossed: Option<(u32, u32)>,
+}
+
+impl Tunnel {
+    /// What became of the mark, from `old` (before the step) to `new`.
+    pub(crate) fn fate(&self, old: u32, new: u32) -> MarkFate {
+        if old == new {
+            return MarkFate::Kept;
+        }
+        if new == 0 && self.crossed.is_some() {
+            return MarkFate::ClearedCrossingNetns;
+        }
+        match &self.by {
+            Encapsulator::Xfrm {
+                state: Some(sa), ..
+            } if sa.writes(old) == Some(new) => MarkFate::SetByXfrmState,
+            _ => MarkFate::Changed,
+        }
+    }
+}
+
+/// What an encapsulation step did to the mark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MarkFate {
+    /// The outer packet carries the inner packet's mark (or the reverse).
+    Kept,
+    /// The tunnel's socket is in another namespace: the kernel scrubbed it.
+    ClearedCrossingNetns,
+    /// The xfrm state's output mark.
+    SetByXfrmState,
+    /// Changed by something else on the way (the tunnel's own fwmark, a rule).
+    Changed,
+}
+
+impl fmt::Display for MarkFate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MarkFate::Kept => "kept",
+            MarkFate::ClearedCrossingNetns => "cleared-crossing-netns",
+            MarkFate::SetByXfrmState => "set-by-xfrm-state",
+            MarkFate::Changed => "changed",
+        })
+    }
+}
+
+serialize_as_display!(TunnelDir, MarkFate);
 
 /// The stretch of the path a change (or a drop) happened in.
 #[derive(Clone, Debug, PartialEq)]
@@ -234,6 +342,11 @@ impl Segment {
             Between::Socket => Layer::Socket,
             Between::BeforeFirstObserver => Layer::Unknown,
             Between::NetnsCrossing { .. } | Between::NdTailroom => Layer::Kernel,
+            Between::Tunnel(Tunnel {
+                by: Encapsulator::Xfrm { .. },
+                ..
+            }) => Layer::Xfrm,
+            Between::Tunnel(_) => Layer::Tunnel,
             Between::Netfilter(_) => Layer::Netfilter,
             Between::TcChain { .. }
             | Between::TcEgressAfterChain { .. }
@@ -276,9 +389,17 @@ impl Segment {
         }
     }
 
-    /// Whether the kernel, not a rule, program or socket, made the change.
+    pub(crate) fn tunnel(&self) -> Option<&Tunnel> {
+        match &self.between {
+            Between::Tunnel(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// Whether the kernel, not a rule, program or socket, made the change: a namespace
+    /// crossing, or a tunnel whose outer packet lives in another namespace.
     pub(crate) fn by_kernel(&self) -> bool {
-        self.layer() == Layer::Kernel
+        self.layer() == Layer::Kernel || self.tunnel().is_some_and(|t| t.crossed.is_some())
     }
 }
 
@@ -359,6 +480,7 @@ impl Topology {
             (layer::SOCKET, _) if prev.slot == socket_slot::LEFT => Between::SocketAndObserver,
             (layer::SOCKET, _) => Between::Socket,
             (layer::NONE, _) => Between::BeforeFirstObserver,
+            _ if path::tunnel(prev, at) != tunnel::NONE => Between::Tunnel(self.tunnel(prev, at)),
             _ if prev.netns != at.netns && prev.netns != 0 && at.netns != 0 => {
                 Between::NetnsCrossing {
                     from: prev.netns,
@@ -413,6 +535,49 @@ impl Topology {
             (layer::NETFILTER, layer::NETFILTER) => Between::Hooks,
             _ => Between::Path,
         }
+    }
+
+    /// The encapsulation step from `prev` to `at` (`path::tunnel` says it is one): by the
+    /// device the inner packet was queued on, or received on; by xfrm when the packet went
+    /// from postrouting straight back to output, or was decapsulated on a device that is no
+    /// tunnel (ESP in tunnel mode hands the inner packet to the device it came in on).
+    fn tunnel(&self, prev: &Point, at: &Point) -> Tunnel {
+        let crossed = (prev.netns != at.netns && prev.netns != 0 && at.netns != 0)
+            .then_some((prev.netns, at.netns));
+        let (dir, dev) = if path::tunnel(prev, at) == tunnel::ENCAP {
+            (TunnelDir::Encap, prev)
+        } else {
+            (TunnelDir::Decap, at)
+        };
+        let here = dev.netns == self.own_netns || dev.netns == 0 || self.own_netns == 0;
+        let kind = here
+            .then(|| self.tunnels.get(&dev.ifindex).cloned())
+            .flatten();
+        let xfrm =
+            dev.layer == layer::NETFILTER || (dir == TunnelDir::Decap && kind.is_none() && here);
+        let by = if xfrm {
+            Encapsulator::Xfrm {
+                spi: None,
+                state: None,
+            }
+        } else {
+            Encapsulator::Device {
+                ifindex: dev.ifindex,
+                netns: dev.netns,
+                name: here
+                    .then(|| self.ifnames.get(&dev.ifindex).cloned())
+                    .flatten(),
+                kind,
+            }
+        };
+        Tunnel { dir, by, crossed }
+    }
+
+    /// The xfrm state with this SPI (and, when known, this destination).
+    pub(crate) fn xfrm_state(&self, spi: u32, dst: Option<std::net::IpAddr>) -> Option<&XfrmState> {
+        self.xfrm_states
+            .iter()
+            .find(|s| s.spi == spi && dst.is_none_or(|d| d == s.dst))
     }
 
     fn tc_programs(&self, ifindex: u32, dir: TcDir) -> Vec<ForeignProgram> {

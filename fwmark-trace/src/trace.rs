@@ -254,6 +254,16 @@ fn topology(obs: &Observers, own_netns: u32) -> Topology {
             t.ifnames.entry(i).or_insert(n);
         }
     }
+    // Encapsulations are named by their device or xfrm state; without them they are still
+    // reported, by ifindex or SPI.
+    match crate::nodestate::links::tunnels() {
+        Ok(tunnels) => t.tunnels = tunnels,
+        Err(e) => debug!("listing tunnel devices: {e:#}"),
+    }
+    match crate::nodestate::netlink::xfrm_states() {
+        Ok(states) => t.xfrm_states = states,
+        Err(e) => debug!("listing xfrm states: {e:#}"),
+    }
     t
 }
 

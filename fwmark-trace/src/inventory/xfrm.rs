@@ -2,18 +2,11 @@
 //! read); a state (SA) has a mark/mask selector too, and an output mark (XFRMA_SET_MARK, under
 //! XFRMA_SET_MARK_MASK, all 32 bits when no mask is given) that it writes on the packets it
 //! transforms: `mark = (mark & ~mask) | (value & mask)`.
-use std::net::IpAddr;
-
 use anyhow::Result;
-use netlink_packet_xfrm::{
-    state::{GetDumpMessage, ModifyMessage},
-    XfrmAttrs, XfrmMessage,
-};
-use netlink_sys::protocols;
 
 use super::bits::Bits;
 use super::model::{Access, Found, MarkKind, Place};
-use crate::nodestate::netlink::{self, dump};
+use crate::nodestate::netlink::{self, XfrmState};
 
 /// Policies with a mark selector.
 pub(crate) fn policies() -> Result<Vec<Found>> {
@@ -41,69 +34,30 @@ pub(crate) fn policies() -> Result<Vec<Found>> {
 }
 
 /// A state's mark selector and output mark, when it has either.
-pub(crate) fn state(sa: &ModifyMessage) -> Option<Found> {
-    let info = &sa.user_sa_info;
-    let ip = |a: &netlink_packet_xfrm::Address| -> IpAddr {
-        if info.family == libc::AF_INET6 as u16 {
-            a.to_ipv6().into()
-        } else {
-            a.to_ipv4().into()
-        }
-    };
-    let (mut selector, mut set, mut set_mask) = (None, None, u32::MAX);
-    for a in &sa.nlas {
-        match a {
-            XfrmAttrs::Mark(m) if m.mask != 0 => selector = Some((m.value, m.mask)),
-            XfrmAttrs::MarkVal(v) => set = Some(*v),
-            XfrmAttrs::MarkMask(m) => set_mask = *m,
-            _ => {}
-        }
-    }
+pub(crate) fn state(sa: &XfrmState) -> Option<Found> {
     let mut access = Vec::new();
-    let mut text = vec![format!(
-        "src {} dst {} proto {} spi {:#x}",
-        ip(&info.saddr),
-        ip(&info.id.daddr),
-        info.id.proto,
-        u32::from_be(info.id.spi)
-    )];
-    if let Some((v, m)) = selector {
-        access.push(Access::read(MarkKind::Packet, v, m, false));
-        text.push(format!("mark {v:#x}/{m:#x}"));
+    if let Some(m) = sa.mark {
+        access.push(Access::read(MarkKind::Packet, m.value.0, m.mask.0, false));
     }
-    if let Some(v) = set {
-        access.extend(Bits::set_mark(v & set_mask, set_mask).write(MarkKind::Packet));
-        text.push(format!("output-mark {v:#x}/{set_mask:#x}"));
+    if let Some(m) = sa.output_mark {
+        access.extend(Bits::set_mark(m.value.0, m.mask.0).write(MarkKind::Packet));
     }
     (!access.is_empty()).then(|| Found {
-        text: text.join(" "),
+        text: sa.to_string(),
         access,
         names: Vec::new(),
         place: Place::XfrmState {
-            src: ip(&info.saddr),
-            dst: ip(&info.id.daddr),
-            spi: u32::from_be(info.id.spi),
-            proto: info.id.proto,
+            src: sa.src,
+            dst: sa.dst,
+            spi: sa.spi,
+            proto: sa.proto,
         },
     })
 }
 
 /// States (SAs) with a mark selector or an output mark.
 pub(crate) fn states() -> Result<Vec<Found>> {
-    Ok(decode_states(dump(
-        protocols::NETLINK_XFRM,
-        XfrmMessage::GetDumpSa(GetDumpMessage::default()),
-    )?))
-}
-
-pub(crate) fn decode_states(messages: Vec<XfrmMessage>) -> Vec<Found> {
-    messages
-        .iter()
-        .filter_map(|m| match m {
-            XfrmMessage::AddSa(sa) => state(sa),
-            _ => None,
-        })
-        .collect()
+    Ok(netlink::xfrm_states()?.iter().filter_map(state).collect())
 }
 
 #[cfg(test)]
@@ -111,7 +65,16 @@ mod tests {
     use super::*;
     use crate::inventory::model::{Op, Scope};
     use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload};
-    use netlink_packet_xfrm::{nlas::mark::Mark, Address, UserSaInfo};
+    use netlink_packet_xfrm::{
+        nlas::mark::Mark, state::ModifyMessage, Address, UserSaInfo, XfrmAttrs, XfrmMessage,
+    };
+
+    fn decode_states(messages: Vec<XfrmMessage>) -> Vec<Found> {
+        netlink::decode_xfrm_states(&messages)
+            .iter()
+            .filter_map(state)
+            .collect()
+    }
 
     /// An SA as the kernel dumps it (XFRM_MSG_NEWSA), built with netlink-packet-xfrm's types,
     /// serialised to bytes and decoded back: what `states()` reads from the socket.
@@ -162,7 +125,7 @@ mod tests {
         );
         assert_eq!(
             f[0].text,
-            "src 10.0.0.1 dst 10.0.0.2 proto 50 spi 0x100 mark 0x10/0xff output-mark 0xd0c4e3/0xffffffff"
+            "src 10.0.0.1 dst 10.0.0.2 proto 50 spi 0x100 mode transport reqid 0 mark 0x10/0xff output-mark 0xd0c4e3/0xffffffff"
         );
         assert!(matches!(
             f[0].place,

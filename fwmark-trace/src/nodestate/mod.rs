@@ -1,5 +1,6 @@
 //! State of the node that decides what marks do: nftables chains (priority bands), `ip rule`s
 //! and routes, xfrm policies, and the sysctls that make routing mark-aware.
+pub(crate) mod links;
 pub(crate) mod netlink;
 pub(crate) mod nft;
 pub(crate) mod sysctl;

@@ -1,6 +1,6 @@
 //! Routing, tc and xfrm state over netlink: `ip rule`s (fwmark/mask → table), the routes of every
-//! table a rule names, the qdiscs classic tc filters hang on, and xfrm policies with their
-//! marks. One generic dump per message family.
+//! table a rule names, the qdiscs classic tc filters hang on, and xfrm policies and states
+//! with their marks. One generic dump per message family.
 use std::{
     collections::HashMap,
     fmt,
@@ -19,9 +19,13 @@ use netlink_packet_route::{
     tc::{TcAttribute, TcFilterBpfOption, TcHandle, TcMessage, TcOption},
     AddressFamily, RouteNetlinkMessage,
 };
-use netlink_packet_xfrm::{policy::DelGetMessage, XfrmAttrs, XfrmMessage};
+use netlink_packet_xfrm::{
+    policy::DelGetMessage,
+    state::{GetDumpMessage, ModifyMessage},
+    XfrmAttrs, XfrmMessage,
+};
 use netlink_sys::{protocols, Socket, SocketAddr};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     mark::{Mark, MarkMatch},
@@ -235,6 +239,150 @@ impl fmt::Display for XfrmPolicy {
             self.direction, self.src, self.dst, self.mark.value, self.mark.mask, self.action
         )
     }
+}
+
+/// An xfrm state (SA): what identifies it, its mark selector and the output mark it writes on
+/// the packets it transforms (`mark = (mark & !mask) | (value & mask)`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct XfrmState {
+    pub(crate) src: IpAddr,
+    pub(crate) dst: IpAddr,
+    /// IPPROTO_ESP (50), IPPROTO_AH (51), IPPROTO_COMP (108).
+    pub(crate) proto: u8,
+    pub(crate) spi: u32,
+    pub(crate) mode: XfrmMode,
+    pub(crate) reqid: u32,
+    /// The xfrm interface the state belongs to (XFRMA_IF_ID), if any.
+    pub(crate) if_id: Option<u32>,
+    pub(crate) mark: Option<MarkMatch>,
+    /// XFRMA_SET_MARK under XFRMA_SET_MARK_MASK (all 32 bits when no mask is given).
+    pub(crate) output_mark: Option<MarkMatch>,
+}
+
+/// `XFRM_MODE_*` (include/uapi/linux/xfrm.h).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum XfrmMode {
+    Transport,
+    Tunnel,
+    RouteOptimization,
+    InTrigger,
+    Beet,
+    Other(u8),
+}
+
+impl XfrmMode {
+    fn from_raw(m: u8) -> Self {
+        match m {
+            0 => XfrmMode::Transport,
+            1 => XfrmMode::Tunnel,
+            2 => XfrmMode::RouteOptimization,
+            3 => XfrmMode::InTrigger,
+            4 => XfrmMode::Beet,
+            other => XfrmMode::Other(other),
+        }
+    }
+}
+
+impl fmt::Display for XfrmMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            XfrmMode::Transport => f.write_str("transport"),
+            XfrmMode::Tunnel => f.write_str("tunnel"),
+            XfrmMode::RouteOptimization => f.write_str("ro"),
+            XfrmMode::InTrigger => f.write_str("in_trigger"),
+            XfrmMode::Beet => f.write_str("beet"),
+            XfrmMode::Other(m) => write!(f, "mode {m}"),
+        }
+    }
+}
+
+impl XfrmState {
+    pub(crate) fn from_message(sa: &ModifyMessage) -> Self {
+        let info = &sa.user_sa_info;
+        let ip = |a: &netlink_packet_xfrm::Address| -> IpAddr {
+            if info.family == libc::AF_INET6 as u16 {
+                a.to_ipv6().into()
+            } else {
+                a.to_ipv4().into()
+            }
+        };
+        let (mut mark, mut set, mut set_mask, mut if_id) = (None, None, u32::MAX, None);
+        for a in &sa.nlas {
+            match a {
+                XfrmAttrs::Mark(m) if m.mask != 0 => {
+                    mark = Some(MarkMatch {
+                        value: Mark(m.value),
+                        mask: Mark(m.mask),
+                    })
+                }
+                XfrmAttrs::MarkVal(v) => set = Some(*v),
+                XfrmAttrs::MarkMask(m) => set_mask = *m,
+                XfrmAttrs::IfId(i) if *i != 0 => if_id = Some(*i),
+                _ => {}
+            }
+        }
+        XfrmState {
+            src: ip(&info.saddr),
+            dst: ip(&info.id.daddr),
+            proto: info.id.proto,
+            spi: u32::from_be(info.id.spi),
+            mode: XfrmMode::from_raw(info.mode),
+            reqid: info.reqid,
+            if_id,
+            mark,
+            output_mark: set.map(|v| MarkMatch {
+                value: Mark(v & set_mask),
+                mask: Mark(set_mask),
+            }),
+        }
+    }
+
+    /// The mark this state leaves on a packet that had `old`.
+    pub(crate) fn writes(&self, old: u32) -> Option<u32> {
+        self.output_mark
+            .map(|m| (old & !m.mask.0) | (m.value.0 & m.mask.0))
+    }
+}
+
+/// `src 10.0.0.1 dst 10.0.0.2 proto 50 spi 0x100 mode tunnel reqid 1 mark 0x10/0xff
+/// output-mark 0x300/0xf00 if_id 5`: `ip xfrm state`'s words.
+impl fmt::Display for XfrmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "src {} dst {} proto {} spi {:#x} mode {} reqid {}",
+            self.src, self.dst, self.proto, self.spi, self.mode, self.reqid
+        )?;
+        if let Some(m) = self.mark {
+            write!(f, " mark {}/{}", m.value, m.mask)?;
+        }
+        if let Some(m) = self.output_mark {
+            write!(f, " output-mark {}/{}", m.value, m.mask)?;
+        }
+        if let Some(i) = self.if_id {
+            write!(f, " if_id {i}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Every xfrm state (SA) of the calling thread's namespace.
+pub(crate) fn xfrm_states() -> Result<Vec<XfrmState>> {
+    Ok(decode_xfrm_states(&dump(
+        protocols::NETLINK_XFRM,
+        XfrmMessage::GetDumpSa(GetDumpMessage::default()),
+    )?))
+}
+
+pub(crate) fn decode_xfrm_states(messages: &[XfrmMessage]) -> Vec<XfrmState> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            XfrmMessage::AddSa(sa) => Some(XfrmState::from_message(sa)),
+            _ => None,
+        })
+        .collect()
 }
 
 fn addr(a: &RouteAddress) -> Option<IpAddr> {

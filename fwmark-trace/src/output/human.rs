@@ -43,6 +43,9 @@ pub(crate) fn line(ev: &TraceEvent) -> String {
     match &ev.segment {
         Some(seg) => {
             let _ = write!(s, "\n    in   {seg}");
+            if let Some(t) = seg.tunnel() {
+                let _ = write!(s, " (mark {})", t.fate(m.old.0, m.new.0));
+            }
         }
         None => {
             let hook = ev.at.hook.map_or(String::new(), |h| h.to_string());

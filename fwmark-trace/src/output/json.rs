@@ -15,7 +15,8 @@ use crate::{
         Tuple,
     },
     mark::Mark,
-    place::{Hook, Layer, PointInfo, Segment},
+    nodestate::links::TunnelKind,
+    place::{Encapsulator, Hook, Layer, MarkFate, PointInfo, Segment, Tunnel, TunnelDir},
     stack::Family,
 };
 
@@ -77,6 +78,9 @@ struct EventJson<'a> {
     route: Option<RouteLookup>,
     #[serde(skip_serializing_if = "Option::is_none")]
     socket_mark: Option<Mark>,
+    /// What an encapsulation step did to the mark.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mark_fate: Option<MarkFate>,
     #[serde(skip_serializing_if = "Option::is_none")]
     count: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -110,6 +114,11 @@ impl EventWriter {
                 .map(|a| attributions.get(a, |a| raw(&AttributionJson(a)))),
             route: ev.route,
             socket_mark: ev.socket_mark,
+            mark_fate: ev
+                .segment
+                .as_ref()
+                .and_then(|s| s.tunnel())
+                .map(|t| t.fate(ev.mark.old.0, ev.mark.new.0)),
             count: ev.count,
             interval: ev.interval,
         };
@@ -138,6 +147,8 @@ impl Serialize for SegmentJson<'_> {
             mark_writers: Vec<String>,
             #[serde(skip_serializing_if = "Vec::is_empty")]
             programs: Vec<String>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            tunnel: Option<TunnelJson<'a>>,
             from: &'a PointInfo,
         }
         let seg = self.0;
@@ -150,7 +161,66 @@ impl Serialize for SegmentJson<'_> {
             chains: seg.chains().iter().map(ToString::to_string).collect(),
             mark_writers: seg.mark_writers().iter().map(ToString::to_string).collect(),
             programs: seg.programs().iter().map(ToString::to_string).collect(),
+            tunnel: seg.tunnel().map(TunnelJson),
             from: &seg.from,
+        }
+        .serialize(s)
+    }
+}
+
+/// An encapsulation step: its direction, the device or xfrm state, the namespaces.
+struct TunnelJson<'a>(&'a Tunnel);
+
+impl Serialize for TunnelJson<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Device<'a> {
+            ifindex: u32,
+            netns: u32,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            ifname: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            kind: Option<&'a TunnelKind>,
+        }
+        #[derive(Serialize)]
+        struct Json<'a> {
+            direction: TunnelDir,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            device: Option<Device<'a>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            xfrm_spi: Option<String>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            xfrm_state: Option<&'a crate::nodestate::netlink::XfrmState>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            crossed_netns: Option<[u32; 2]>,
+        }
+        let t = self.0;
+        let (device, xfrm_spi, xfrm_state) = match &t.by {
+            Encapsulator::Device {
+                ifindex,
+                netns,
+                name,
+                kind,
+            } => (
+                Some(Device {
+                    ifindex: *ifindex,
+                    netns: *netns,
+                    ifname: name.as_deref(),
+                    kind: kind.as_ref(),
+                }),
+                None,
+                None,
+            ),
+            Encapsulator::Xfrm { spi, state } => {
+                (None, spi.map(|s| format!("{s:#x}")), state.as_ref())
+            }
+        };
+        Json {
+            direction: t.dir,
+            device,
+            xfrm_spi,
+            xfrm_state,
+            crossed_netns: t.crossed.map(|(a, b)| [a, b]),
         }
         .serialize(s)
     }

@@ -4,7 +4,7 @@ use std::fmt;
 
 use crate::{
     attribution::Finding,
-    place::{Between, Layer, PointInfo, Segment},
+    place::{Between, Encapsulator, Layer, PointInfo, Segment, Tunnel, TunnelDir},
 };
 
 /// `(a, b)` after a value, for the named values it holds; nothing when none.
@@ -148,7 +148,48 @@ impl fmt::Display for Segment {
                 "between netfilter hooks ({from} → {to}): routing decision, xfrm, or the stack"
             ),
             Between::Path => write!(f, "between {from} and {to}"),
+            Between::Tunnel(t) => t.fmt(f),
         }
+    }
+}
+
+/// "vxlan0 (vxlan (VNI 42, port 4789)) encapsulated it", "xfrm state spi 0x100 (src … dst …)
+/// encapsulated it", with the namespaces when the outer packet lives in another one.
+impl fmt::Display for Tunnel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.by {
+            Encapsulator::Device {
+                ifindex,
+                netns,
+                name,
+                kind,
+            } => {
+                let dev = name.clone().unwrap_or_else(|| format!("if{ifindex}"));
+                write!(f, "tunnel device {dev} in netns {netns}")?;
+                if let Some(k) = kind {
+                    write!(f, " ({k})")?;
+                }
+            }
+            Encapsulator::Xfrm { spi, state } => match (state, spi) {
+                (Some(sa), _) => write!(f, "xfrm state {sa}")?,
+                (None, Some(spi)) => write!(
+                    f,
+                    "xfrm state spi {spi:#x} (not among this namespace's states)"
+                )?,
+                (None, None) => f.write_str("xfrm")?,
+            },
+        }
+        f.write_str(match self.dir {
+            TunnelDir::Encap => " encapsulated the packet",
+            TunnelDir::Decap => " decapsulated the packet",
+        })?;
+        if let Some((from, to)) = self.crossed {
+            write!(
+                f,
+                "; the outer side is in another netns ({from} → {to}): skb_scrub_packet clears the mark"
+            )?;
+        }
+        Ok(())
     }
 }
 
