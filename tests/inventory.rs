@@ -2,9 +2,10 @@
 //! sets (../shared/real-rules: kube-proxy's and kubelet's iptables rules, Tailscale's
 //! iptables rules and ip rules, Istio's iptables and nftables TPROXY rules), the rules
 //! wg-quick installs (a userspace WireGuard device with fwmark 0xca6c, its nft table and ip
-//! rule), an xfrm policy with a mark, a tc program setting a mark, sockets with SO_MARK and a
-//! marked conntrack entry. Every entry is asserted (kind, owner, value/mask, read or write)
-//! and every documented collision shows up as a conflict; `--check` exits 1 on them.
+//! rule), an xfrm policy with a mark, a tc program setting a mark, sockets with SO_MARK, a
+//! marked conntrack entry and Open vSwitch flows (a private ovs-vswitchd, userspace datapath).
+//! Every entry is asserted (kind, owner, value/mask, read or write) and every documented
+//! collision shows up as a conflict; `--check` exits 1 on them.
 use std::process::Command;
 
 use fwmark_trace_tests::*;
@@ -617,4 +618,231 @@ fn kernel_wireguard_and_raw_socket_marks() {
         eprintln!("kernel_wireguard_and_raw_socket_marks: no raw_diag: raw sockets not checked");
     }
     drop(raw);
+}
+
+/// Open vSwitch run privately for one test: its database, sockets, pidfiles and logs in a
+/// scratch directory (`OVS_RUNDIR`), ovs-vswitchd in a throwaway namespace with the userspace
+/// datapath (this kernel has no openvswitch module). Dropped, however the test ends: the
+/// bridge deleted, both daemons stopped, the directory and the namespace removed.
+struct Ovs {
+    dir: Scratch,
+    ns: Netns,
+    bridge: String,
+}
+
+impl Ovs {
+    /// An OVS tool run against this instance: stdout, or stderr when it fails.
+    fn tool(&self, tool: &str, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(tool)
+            .args(args)
+            .env("OVS_RUNDIR", &self.dir.0)
+            .env("OVS_DBDIR", &self.dir.0)
+            .env("OVS_LOGDIR", &self.dir.0)
+            .output()
+            .unwrap_or_else(|e| panic!("{tool} (apt install openvswitch-switch): {e}"));
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    fn log(&self, daemon: &str) -> String {
+        std::fs::read_to_string(self.dir.0.join(format!("{daemon}.log"))).unwrap_or_default()
+    }
+}
+
+impl Drop for Ovs {
+    fn drop(&mut self) {
+        let _ = self.tool(
+            "ovs-vsctl",
+            &["--timeout=5", "--if-exists", "del-br", &self.bridge],
+        );
+        for daemon in ["ovs-vswitchd", "ovsdb-server"] {
+            if self
+                .tool("ovs-appctl", &["--timeout=5", "-t", daemon, "exit"])
+                .is_err()
+            {
+                // Not answering: stopped by its pid.
+                let pid = std::fs::read_to_string(self.dir.0.join(format!("{daemon}.pid")));
+                if let Ok(pid) = pid.unwrap_or_default().trim().parse::<i32>() {
+                    // SAFETY: a signal to the daemon's pid, read from its own pidfile.
+                    unsafe { libc::kill(pid, libc::SIGTERM) };
+                }
+            }
+        }
+    }
+}
+
+/// A flow matching and setting pkt_mark, and one matching ct_mark, loading bits 8..9 of
+/// pkt_mark and committing a ct_mark bit, on a bridge that speaks only OpenFlow13: each is an
+/// `ovs-flow` entry with its reads and writes, in the namespace of the bridge's interface
+/// (ovs-vswitchd's) and not in another one.
+#[test]
+fn open_vswitch_flows() {
+    require_root();
+    let ovs = Ovs {
+        dir: Scratch::dir("ovs"),
+        ns: Netns::new("inv-ovs"),
+        bridge: format!("fwmtbr{}", std::process::id() % 100_000),
+    };
+    let dir = ovs.dir.0.to_str().unwrap().to_owned();
+    let db = format!("{dir}/conf.db");
+    let sock = format!("unix:{dir}/db.sock");
+    ovs.tool(
+        "ovsdb-tool",
+        &["create", &db, "/usr/share/openvswitch/vswitch.ovsschema"],
+    )
+    .expect("ovsdb-tool create");
+    let pidfile = |d: &str| format!("--pidfile={dir}/{d}.pid");
+    let logfile = |d: &str| format!("--log-file={dir}/{d}.log");
+    ovs.tool(
+        "ovsdb-server",
+        &[
+            &format!("--remote=p{sock}"),
+            &pidfile("ovsdb-server"),
+            &logfile("ovsdb-server"),
+            "--detach",
+            "--no-chdir",
+            &db,
+        ],
+    )
+    .unwrap_or_else(|e| panic!("ovsdb-server: {e}{}", ovs.log("ovsdb-server")));
+    ovs.tool("ovs-vsctl", &["--timeout=5", "--no-wait", "init"])
+        .expect("ovs-vsctl init");
+    let started = ovs.tool(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &ovs.ns.name,
+            "ovs-vswitchd",
+            &sock,
+            &pidfile("ovs-vswitchd"),
+            &logfile("ovs-vswitchd"),
+            "--detach",
+            "--no-chdir",
+            "--disable-system",
+        ],
+    );
+    if let Err(e) = started {
+        eprintln!(
+            "open_vswitch_flows: ovs-vswitchd cannot start here: not run\n{e}{}",
+            ovs.log("ovs-vswitchd")
+        );
+        return;
+    }
+    let br = ovs.bridge.as_str();
+    ovs.tool(
+        "ovs-vsctl",
+        &[
+            "--timeout=10",
+            "add-br",
+            br,
+            "--",
+            "set",
+            "bridge",
+            br,
+            "datapath_type=netdev",
+            "protocols=OpenFlow13",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("add-br: {e}{}", ovs.log("ovs-vswitchd")));
+    for flow in [
+        "table=0,priority=100,pkt_mark=0x4/0x4,actions=set_field:0x7->pkt_mark,normal",
+        "table=1,cookie=0x2a,priority=5,ip,ct_mark=0x1/0x1,actions=load:0x3->NXM_NX_PKT_MARK[8..9],ct(commit,exec(set_field:0x20/0x20->ct_mark)),resubmit(,2)",
+        "table=2,priority=1,actions=drop",
+    ] {
+        ovs.tool("ovs-ofctl", &["-O", "OpenFlow13", "add-flow", br, flow])
+            .unwrap_or_else(|e| panic!("add-flow {flow}: {e}"));
+    }
+
+    let inventory_with_ovs = |ns: &str| -> Value {
+        let _others = NODE_WIDE.read().unwrap_or_else(|e| e.into_inner());
+        let out = Command::new(bin())
+            .args(["inventory", "--netns", ns, "--json"])
+            .env("OVS_RUNDIR", &dir)
+            .output()
+            .expect("run fwmark-trace");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("bad JSON ({e}): {stdout}"))
+    };
+    let doc = inventory_with_ovs(&ovs.ns.name);
+    assert!(
+        doc["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["source"] != "ovs"),
+        "{:#}",
+        doc["notes"]
+    );
+    let flows = entries(&doc, "ovs-flow", "");
+    assert_eq!(flows.len(), 2, "the drop flow has no mark: {flows:#?}");
+    let accesses = |e: &Value| -> Vec<String> {
+        e["access"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                let s = |k: &str| a[k].as_str().unwrap_or("-").to_owned();
+                format!(
+                    "{} {} {}/{} {}",
+                    s("op"),
+                    s("mark"),
+                    s("value"),
+                    s("mask"),
+                    s("scope")
+                )
+            })
+            .collect()
+    };
+    let set = one(&doc, "ovs-flow", "pkt_mark=0x4/0x4");
+    assert_eq!(
+        (
+            &set["bridge"],
+            &set["table"],
+            &set["priority"],
+            &set["cookie"]
+        ),
+        (
+            &Value::from(br),
+            &Value::from(0),
+            &Value::from(100),
+            &Value::from("0x0")
+        ),
+        "{set:#}"
+    );
+    assert_eq!(
+        set["text"], "priority=100,pkt_mark=0x4/0x4 actions=set_field:0x7->pkt_mark,NORMAL",
+        "{set:#}"
+    );
+    assert_eq!(
+        accesses(set),
+        ["read packet 0x4/0x4 -", "write packet 0x7/0xffffffff whole"],
+        "{set:#}"
+    );
+    let ct = one(&doc, "ovs-flow", "ct_mark=0x1/0x1");
+    assert_eq!(
+        (&ct["table"], &ct["priority"], &ct["cookie"]),
+        (&Value::from(1), &Value::from(5), &Value::from("0x2a")),
+        "{ct:#}"
+    );
+    assert_eq!(
+        accesses(ct),
+        [
+            "read ct 0x1/0x1 -",
+            "write packet 0x300/0x300 bits",
+            "write ct 0x20/0x20 bits"
+        ],
+        "{ct:#}"
+    );
+    // The same OVS seen from another namespace: its bridges are not there.
+    let other = Netns::new("inv-ovs-other");
+    let doc = inventory_with_ovs(&other.name);
+    assert!(entries(&doc, "ovs-flow", "").is_empty(), "{doc:#}");
 }

@@ -22,9 +22,6 @@ use crate::{
     stack::Proto,
 };
 
-/// IPPROTO_ESP: the kernel reads its SPI where ports would be (sport: high half).
-const ESP: Proto = Proto(50);
-
 fn event_kind(k: u8) -> Option<EventKind> {
     Some(match k {
         kind::TRANSITION => EventKind::Transition,
@@ -182,7 +179,8 @@ impl Decoder {
     /// it left its socket or the output hooks (where xfrm runs between two passes), is xfrm's
     /// output, whatever observers stood around it.
     fn xfrm_output(&mut self, ev: &Event, seg: &Segment) -> Option<Arc<Segment>> {
-        let t = tuple(ev).filter(|t| t.proto == ESP)?;
+        // The kernel reads ESP's SPI where ports would be (sport: its high half).
+        let t = tuple(ev).filter(|t| t.proto == Proto::ESP)?;
         let before_device = match ev.prev.layer {
             layer::SOCKET => true,
             layer::NETFILTER => matches!(ev.prev.hook, nf_hook::LOCAL_OUT | nf_hook::POST_ROUTING),
@@ -401,5 +399,74 @@ mod tests {
         let renamed = d.point(&at);
         assert!(!Arc::ptr_eq(&first, &renamed));
         assert_eq!(renamed.ifname.as_deref(), Some("eth9"));
+    }
+}
+
+#[cfg(test)]
+mod xfrm_tests {
+    use fwmark_trace_common::{socket_slot, tracepoint};
+
+    use super::*;
+    use crate::{
+        mark::MarkMatch,
+        nodestate::netlink::{XfrmMode, XfrmState},
+        place::{Layer, MarkFate},
+    };
+
+    /// An ESP packet seen after its socket: xfrm's output, named by its SPI.
+    #[test]
+    fn an_esp_packet_names_the_state_of_its_spi() {
+        let state = XfrmState {
+            src: "10.0.0.1".parse().unwrap(),
+            dst: "10.0.0.2".parse().unwrap(),
+            proto: 50,
+            spi: 0x100,
+            mode: XfrmMode::Tunnel,
+            reqid: 1,
+            if_id: None,
+            mark: None,
+            output_mark: Some(MarkMatch {
+                value: Mark(0x300),
+                mask: Mark(0xf00),
+            }),
+        };
+        let topo = Topology {
+            xfrm_states: vec![state],
+            ..Default::default()
+        };
+        let mut d = Decoder::new(topo, HashMap::new());
+        let at = Point {
+            layer: layer::TRACEPOINT,
+            hook: tracepoint::NET_DEV_QUEUE,
+            ifindex: 2,
+            netns: 1,
+            ..Default::default()
+        };
+        let mut ev = Event {
+            kind: kind::TRANSITION,
+            prev: Point {
+                layer: layer::SOCKET,
+                slot: socket_slot::LEFT,
+                ..at
+            },
+            at,
+            old_mark: 0x100,
+            new_mark: 0x300,
+            ip_version: 4,
+            l4_proto: 50,
+            dport: 0x100,
+            ..Default::default()
+        };
+        ev.saddr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        ev.daddr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        let out = d.decode(&ev);
+        let seg = out.segment.expect("a segment");
+        assert_eq!(seg.layer(), Layer::Xfrm);
+        let t = seg.tunnel().expect("a tunnel");
+        assert_eq!(t.fate(0x100, 0x300), MarkFate::SetByXfrmState);
+        // Another SPI: still xfrm's, without a state to name.
+        ev.dport = 0x200;
+        let seg = d.decode(&ev).segment.expect("a segment");
+        assert_eq!(seg.tunnel().unwrap().fate(0x100, 0x300), MarkFate::Changed);
     }
 }

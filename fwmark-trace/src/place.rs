@@ -293,6 +293,10 @@ impl Tunnel {
             Encapsulator::Xfrm {
                 state: Some(sa), ..
             } if sa.writes(old) == Some(new) => MarkFate::SetByXfrmState,
+            Encapsulator::Device {
+                kind: Some(TunnelKind::Wireguard { fwmark: Some(f) }),
+                ..
+            } if *f == new && self.dir == TunnelDir::Encap => MarkFate::SetByTunnelFwmark,
             _ => MarkFate::Changed,
         }
     }
@@ -307,6 +311,8 @@ pub(crate) enum MarkFate {
     ClearedCrossingNetns,
     /// The xfrm state's output mark.
     SetByXfrmState,
+    /// The tunnel device's own fwmark (WireGuard's) on its outer packets.
+    SetByTunnelFwmark,
     /// Changed by something else on the way (the tunnel's own fwmark, a rule).
     Changed,
 }
@@ -317,6 +323,7 @@ impl fmt::Display for MarkFate {
             MarkFate::Kept => "kept",
             MarkFate::ClearedCrossingNetns => "cleared-crossing-netns",
             MarkFate::SetByXfrmState => "set-by-xfrm-state",
+            MarkFate::SetByTunnelFwmark => "set-by-tunnel-fwmark",
             MarkFate::Changed => "changed",
         })
     }

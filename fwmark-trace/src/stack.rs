@@ -160,7 +160,7 @@ impl fmt::Display for TcDir {
 pub(crate) struct Proto(pub(crate) u8);
 
 /// Names of the protocols worth naming (IANA protocol numbers).
-const PROTO_NAMES: [(u8, &str); 6] = [
+const PROTO_NAMES: [(u8, &str); 7] = [
     (libc::IPPROTO_ICMP as u8, "icmp"),
     (libc::IPPROTO_TCP as u8, "tcp"),
     (libc::IPPROTO_UDP as u8, "udp"),
@@ -168,11 +168,14 @@ const PROTO_NAMES: [(u8, &str); 6] = [
     (libc::IPPROTO_HOPOPTS as u8, "ipv6-hopopt"),
     (libc::IPPROTO_ICMPV6 as u8, "icmpv6"),
     (libc::IPPROTO_SCTP as u8, "sctp"),
+    // What xfrm makes: the kernel side reads its SPI where ports would be.
+    (libc::IPPROTO_ESP as u8, "esp"),
 ];
 
 impl Proto {
     pub(crate) const TCP: Proto = Proto(libc::IPPROTO_TCP as u8);
     pub(crate) const UDP: Proto = Proto(libc::IPPROTO_UDP as u8);
+    pub(crate) const ESP: Proto = Proto(libc::IPPROTO_ESP as u8);
 
     /// Whether its header carries ports the kernel side reads (TCP, UDP, SCTP).
     pub(crate) fn has_ports(self) -> bool {

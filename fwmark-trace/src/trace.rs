@@ -12,6 +12,8 @@ use anyhow::{bail, Context, Result};
 use aya::maps::{MapData, RingBuf};
 use fwmark_trace_common::Event;
 use log::{debug, info, log_enabled, warn, Level};
+
+use crate::nodestate::links::TunnelKind;
 use tokio::{io::unix::AsyncFd, signal::unix, time};
 
 use crate::{
@@ -259,6 +261,22 @@ fn topology(obs: &Observers, own_netns: u32) -> Topology {
     match crate::nodestate::links::tunnels() {
         Ok(tunnels) => t.tunnels = tunnels,
         Err(e) => debug!("listing tunnel devices: {e:#}"),
+    }
+    // A WireGuard device puts its fwmark on its outer packets.
+    if t.tunnels
+        .values()
+        .any(|k| matches!(k, TunnelKind::Wireguard { .. }))
+    {
+        match crate::inventory::wireguard::kernel_devices() {
+            Ok(devices) => {
+                for d in devices {
+                    if let Some(TunnelKind::Wireguard { fwmark }) = t.tunnels.get_mut(&d.ifindex) {
+                        *fwmark = Some(d.fwmark);
+                    }
+                }
+            }
+            Err(e) => debug!("reading WireGuard devices: {e:#}"),
+        }
     }
     match crate::nodestate::netlink::xfrm_states() {
         Ok(states) => t.xfrm_states = states,

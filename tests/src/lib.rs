@@ -290,3 +290,28 @@ pub fn ready_wait() -> Duration {
 pub fn scaled(base: Duration) -> Duration {
     base.mul_f64((ready_wait().as_secs_f64() / 30.0).max(1.0))
 }
+
+/// Loads the kernel modules a test needs (ESP, Geneve, WireGuard, Open vSwitch: none is built
+/// into this host's kernel, all are in the guests of `cargo xtask vm-test`). When one is
+/// missing the test is skipped, saying so, unless `FWMARK_TEST_REQUIRE_MODULES` is set (the
+/// guests set it: there a missing module fails the test).
+pub fn modules_or_skip(test: &str, modules: &[&str]) -> bool {
+    for m in modules {
+        let loaded = Command::new("modprobe")
+            .arg(m)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !loaded {
+            assert!(
+                std::env::var_os("FWMARK_TEST_REQUIRE_MODULES").is_none(),
+                "{test}: kernel module {m} is required here (FWMARK_TEST_REQUIRE_MODULES) but does not load"
+            );
+            eprintln!(
+                "SKIPPED {test}: this kernel has no module {m} (the kernel matrix runs it: cargo xtask vm-test --kernel 6.12)"
+            );
+            return false;
+        }
+    }
+    true
+}

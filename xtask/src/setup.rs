@@ -27,6 +27,9 @@ const APT_PACKAGES: &[&str] = &[
     // kernel has no WireGuard module.
     "wireguard-tools",
     "wireguard-go",
+    // The inventory tests run Open vSwitch (userspace datapath: no kernel module needed) for
+    // its flows' pkt_mark and ct_mark.
+    "openvswitch-switch",
 ];
 
 /// bpf-linker release known to build against the nightly's LLVM 22.

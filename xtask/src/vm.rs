@@ -44,7 +44,20 @@ const fn smoke(name: &'static str, since: &'static str, fentry_too: bool) -> Smo
     }
 }
 
+/// A test of another target than `trace`, without a second back-end run.
+const fn smoke_of(bin: &'static str, name: &'static str, since: &'static str) -> Smoke {
+    Smoke {
+        bin,
+        name,
+        since,
+        fentry_too: false,
+    }
+}
+
 const ANY: &str = "0";
+/// Debian's 6.12 has the modules this host's kernel lacks (esp4, geneve, wireguard): tests
+/// that need them run there (and fail, never skip, when one is missing).
+const MODULES_SINCE: &str = "6.12";
 /// BPF netfilter links arrived in 6.4: from there `--nf-observers fentry` is a choice.
 const LINKS_SINCE: &str = "6.4";
 
@@ -67,6 +80,31 @@ const SMOKE: &[Smoke] = &[
     ),
     smoke("conntrack_mark_changes_are_transitions", ANY, true),
     smoke("nothing_stays_attached_after_sigint_or_sigkill", ANY, false),
+    smoke_of(
+        "tunnel",
+        "esp_output_mark_names_its_state_not_an_owner",
+        MODULES_SINCE,
+    ),
+    smoke_of(
+        "tunnel",
+        "esp_state_and_policy_marks_are_in_the_inventory",
+        MODULES_SINCE,
+    ),
+    smoke_of(
+        "tunnel",
+        "geneve_keeps_the_inner_mark_on_the_outer_packet",
+        MODULES_SINCE,
+    ),
+    smoke_of(
+        "tunnel",
+        "wireguard_puts_its_fwmark_on_the_outer_packet",
+        MODULES_SINCE,
+    ),
+    smoke_of(
+        "tunnel",
+        "vxlan_keeps_the_inner_mark_on_the_outer_packet_within_a_netns",
+        MODULES_SINCE,
+    ),
 ];
 
 /// QEMU, depmod for the extracted modules, and what virtme-ng needs for its initramfs
@@ -335,6 +373,8 @@ fn guest_script(steps: &[(String, String)]) -> String {
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 # Under emulation the verifier alone takes tens of seconds: the tests wait longer for a daemon.
 export FWMARK_TEST_READY_SECS=150
+# Tests that need modules this host lacks (ESP, Geneve, WireGuard, OVS) run here, never skip.
+export FWMARK_TEST_REQUIRE_MODULES=1
 # Kernel messages would cut into this script's lines on the console they share.
 dmesg -n 1
 # virtme-ng mounts proc, sysfs, tracefs and cgroup2, but no bpffs.

@@ -6,7 +6,8 @@
 //! One module per source, each returning `Found` places: `nft` (nft rules, iptables-nft's
 //! included), `iptables` (iptables-legacy tables), `iprule`, `xfrm` (policies and states),
 //! `wireguard` (device fwmarks), `sockets` (SO_MARK), `bpf` (tc and cgroup programs),
-//! `conntrack` (marks in use). `owners` attributes, `conflicts` compares, `render` prints.
+//! `ovs` (Open vSwitch flows), `conntrack` (marks in use). `owners` attributes, `conflicts`
+//! compares, `render` prints.
 pub(crate) mod bits;
 pub(crate) mod bpf;
 pub(crate) mod command;
@@ -17,6 +18,7 @@ pub(crate) mod iptables;
 pub(crate) mod model;
 pub(crate) mod nft;
 pub(crate) mod nl;
+pub(crate) mod ovs;
 pub(crate) mod owners;
 pub(crate) mod render;
 pub(crate) mod sockets;
@@ -43,6 +45,7 @@ pub(crate) struct Sources {
     pub(crate) wireguard: bool,
     pub(crate) sockets: bool,
     pub(crate) bpf: bool,
+    pub(crate) ovs: bool,
     pub(crate) conntrack: bool,
 }
 
@@ -56,6 +59,7 @@ impl Default for Sources {
             wireguard: true,
             sockets: true,
             bpf: true,
+            ovs: true,
             conntrack: true,
         }
     }
@@ -209,6 +213,9 @@ fn read_here(
     }
     if sources.bpf {
         take("bpf programs", bpf::tc_here(programs));
+    }
+    if sources.ovs {
+        take("ovs", ovs::read());
     }
     if sources.conntrack {
         take("conntrack", conntrack::read());

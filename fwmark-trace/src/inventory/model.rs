@@ -1,8 +1,8 @@
 //! The inventory's data model: one `Entry` per place that reads or writes packet-mark or
 //! conntrack-mark bits (an nft or iptables rule, an ip rule, an xfrm policy or state, a
-//! WireGuard device, a socket, a BPF program, the conntrack table), each with its typed
-//! accesses (value, mask, whole or bitwise) and the owner it was attributed to. Text appears
-//! only where a person reads it (`text`, `describe`) and in the JSON rendering.
+//! WireGuard device, a socket, a BPF program, an Open vSwitch flow, the conntrack table), each
+//! with its typed accesses (value, mask, whole or bitwise) and the owner it was attributed to.
+//! Text appears only where a person reads it (`text`, `describe`) and in the JSON rendering.
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
@@ -18,6 +18,11 @@ use crate::{
 
 /// Serialises a mark or mask as `0x…` (how every mark in fwmark-trace's JSON reads).
 pub(crate) fn hex<S: Serializer>(v: &u32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{v:#x}"))
+}
+
+/// Serialises a 64-bit number (an OpenFlow cookie) as `0x…`.
+pub(crate) fn hex64<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format!("{v:#x}"))
 }
 
@@ -416,6 +421,14 @@ pub(crate) enum Place {
         prog_type: BpfKind,
         attached: Vec<Attachment>,
     },
+    /// An Open vSwitch flow (`ovs-ofctl dump-flows`).
+    OvsFlow {
+        bridge: String,
+        table: u8,
+        priority: u16,
+        #[serde(serialize_with = "hex64")]
+        cookie: u64,
+    },
     /// Conntrack entries of one mark value.
     Conntrack { entries: u64 },
 }
@@ -480,6 +493,19 @@ impl Place {
                 } else {
                     format!("bpf program {id} {name} ({})", at.join(", "))
                 }
+            }
+            Place::OvsFlow {
+                bridge,
+                table,
+                priority,
+                cookie,
+            } => {
+                let cookie = if *cookie == 0 {
+                    String::new()
+                } else {
+                    format!(" cookie {cookie:#x}")
+                };
+                format!("ovs {bridge} table {table} priority {priority}{cookie}")
             }
             Place::Conntrack { .. } => "conntrack table".into(),
         }

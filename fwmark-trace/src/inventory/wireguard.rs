@@ -12,15 +12,11 @@ use std::{
 };
 
 use anyhow::Result;
-use netlink_packet_route::{
-    link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
-    RouteNetlinkMessage,
-};
 use netlink_sys::protocols;
 
 use super::model::{Access, Found, Place, WgImpl};
 use super::nl::{attr, attrs, u16_ne, u32_ne, RawMessage};
-use crate::nodestate::netlink::dump;
+use crate::nodestate::{links::TunnelKind, netlink::dump};
 
 /// GENL_ID_CTRL, CTRL_CMD_GETFAMILY, CTRL_ATTR_FAMILY_ID/NAME (include/uapi/linux/genetlink.h).
 const GENL_ID_CTRL: u16 = 0x10;
@@ -113,38 +109,13 @@ pub(crate) fn parse_uapi(text: &str) -> Option<(u32, u16)> {
     (errno == Some(0)).then_some((fwmark, port))
 }
 
-/// Links of kind "wireguard" (kernel devices): (ifindex, name).
-fn kernel_links() -> Result<Vec<(u32, String)>> {
-    let mut out = Vec::new();
-    for m in dump(
-        protocols::NETLINK_ROUTE,
-        RouteNetlinkMessage::GetLink(LinkMessage::default()),
-    )? {
-        let RouteNetlinkMessage::NewLink(l) = m else {
-            continue;
-        };
-        let mut name = None;
-        let mut wg = false;
-        for a in &l.attributes {
-            match a {
-                LinkAttribute::IfName(n) => name = Some(n.clone()),
-                LinkAttribute::LinkInfo(infos) => {
-                    wg = infos
-                        .iter()
-                        .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Wireguard)))
-                }
-                _ => {}
-            }
-        }
-        if let (true, Some(n)) = (wg, name) {
-            out.push((l.header.index, n));
-        }
-    }
-    Ok(out)
-}
-
-fn kernel_devices() -> Result<Vec<Device>> {
-    let links = kernel_links()?;
+/// The kernel's WireGuard devices (links of kind "wireguard") with their fwmarks.
+pub(crate) fn kernel_devices() -> Result<Vec<Device>> {
+    let links: Vec<u32> = crate::nodestate::links::tunnels()?
+        .into_iter()
+        .filter(|(_, kind)| matches!(kind, TunnelKind::Wireguard { .. }))
+        .map(|(ifindex, _)| ifindex)
+        .collect();
     if links.is_empty() {
         return Ok(Vec::new());
     }
@@ -156,7 +127,7 @@ fn kernel_devices() -> Result<Vec<Device>> {
         anyhow::bail!("links of kind wireguard but no generic netlink family \"wireguard\"");
     };
     let mut out = Vec::new();
-    for (ifindex, _) in links {
+    for ifindex in links {
         let req = genl(
             id,
             WG_CMD_GET_DEVICE,

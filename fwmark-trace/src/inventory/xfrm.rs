@@ -85,7 +85,7 @@ mod tests {
             ..Default::default()
         };
         info.id.daddr = Address::from_ip(&"10.0.0.2".parse().unwrap());
-        info.id.spi = 0x100u32.to_be();
+        info.id.spi = 0x100;
         info.id.proto = 50;
         let mut msg = NetlinkMessage::new(
             NetlinkHeader::default(),

@@ -28,7 +28,11 @@ pub(crate) enum TunnelKind {
         #[serde(skip_serializing_if = "Option::is_none")]
         vni: Option<u32>,
     },
-    Wireguard,
+    /// Its fwmark is put on the outer packets (when the daemon could read it).
+    Wireguard {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        fwmark: Option<u32>,
+    },
     /// An xfrm interface: its packets are encrypted by states with the same `if_id`.
     Xfrm {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -69,7 +73,7 @@ impl TunnelKind {
                     _ => None,
                 },
             },
-            InfoKind::Wireguard => TunnelKind::Wireguard,
+            InfoKind::Wireguard => TunnelKind::Wireguard { fwmark: None },
             InfoKind::Xfrm => TunnelKind::Xfrm {
                 if_id: match data {
                     Some(InfoData::Xfrm(n)) => n.iter().find_map(|n| match n {
@@ -107,7 +111,10 @@ impl fmt::Display for TunnelKind {
                 Some(v) => write!(f, "geneve (VNI {v})"),
                 None => f.write_str("geneve"),
             },
-            TunnelKind::Wireguard => f.write_str("wireguard"),
+            TunnelKind::Wireguard { fwmark: Some(m) } if *m != 0 => {
+                write!(f, "wireguard (fwmark {m:#x})")
+            }
+            TunnelKind::Wireguard { .. } => f.write_str("wireguard"),
             TunnelKind::Xfrm { if_id } => match if_id {
                 Some(i) => write!(f, "xfrm interface (if_id {i})"),
                 None => f.write_str("xfrm interface"),
@@ -172,7 +179,7 @@ mod tests {
         );
         assert_eq!(
             TunnelKind::of(&InfoKind::Wireguard, None),
-            Some(TunnelKind::Wireguard)
+            Some(TunnelKind::Wireguard { fwmark: None })
         );
         assert_eq!(TunnelKind::of(&InfoKind::Veth, None), None);
         assert_eq!(TunnelKind::of(&InfoKind::Bridge, None), None);

@@ -326,7 +326,8 @@ impl XfrmState {
             src: ip(&info.saddr),
             dst: ip(&info.id.daddr),
             proto: info.id.proto,
-            spi: u32::from_be(info.id.spi),
+            // netlink-packet-xfrm reads the SPI in host order already.
+            spi: info.id.spi,
             mode: XfrmMode::from_raw(info.mode),
             reqid: info.reqid,
             if_id,
