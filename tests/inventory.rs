@@ -620,60 +620,6 @@ fn kernel_wireguard_and_raw_socket_marks() {
     drop(raw);
 }
 
-/// Open vSwitch run privately for one test: its database, sockets, pidfiles and logs in a
-/// scratch directory (`OVS_RUNDIR`), ovs-vswitchd in a throwaway namespace with the userspace
-/// datapath (this kernel has no openvswitch module). Dropped, however the test ends: the
-/// bridge deleted, both daemons stopped, the directory and the namespace removed.
-struct Ovs {
-    dir: Scratch,
-    ns: Netns,
-    bridge: String,
-}
-
-impl Ovs {
-    /// An OVS tool run against this instance: stdout, or stderr when it fails.
-    fn tool(&self, tool: &str, args: &[&str]) -> Result<String, String> {
-        let out = Command::new(tool)
-            .args(args)
-            .env("OVS_RUNDIR", &self.dir.0)
-            .env("OVS_DBDIR", &self.dir.0)
-            .env("OVS_LOGDIR", &self.dir.0)
-            .output()
-            .unwrap_or_else(|e| panic!("{tool} (apt install openvswitch-switch): {e}"));
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    }
-
-    fn log(&self, daemon: &str) -> String {
-        std::fs::read_to_string(self.dir.0.join(format!("{daemon}.log"))).unwrap_or_default()
-    }
-}
-
-impl Drop for Ovs {
-    fn drop(&mut self) {
-        let _ = self.tool(
-            "ovs-vsctl",
-            &["--timeout=5", "--if-exists", "del-br", &self.bridge],
-        );
-        for daemon in ["ovs-vswitchd", "ovsdb-server"] {
-            if self
-                .tool("ovs-appctl", &["--timeout=5", "-t", daemon, "exit"])
-                .is_err()
-            {
-                // Not answering: stopped by its pid.
-                let pid = std::fs::read_to_string(self.dir.0.join(format!("{daemon}.pid")));
-                if let Ok(pid) = pid.unwrap_or_default().trim().parse::<i32>() {
-                    // SAFETY: a signal to the daemon's pid, read from its own pidfile.
-                    unsafe { libc::kill(pid, libc::SIGTERM) };
-                }
-            }
-        }
-    }
-}
-
 /// A flow matching and setting pkt_mark, and one matching ct_mark, loading bits 8..9 of
 /// pkt_mark and committing a ct_mark bit, on a bridge that speaks only OpenFlow13: each is an
 /// `ovs-flow` entry with its reads and writes, in the namespace of the bridge's interface
@@ -681,73 +627,12 @@ impl Drop for Ovs {
 #[test]
 fn open_vswitch_flows() {
     require_root();
-    let ovs = Ovs {
-        dir: Scratch::dir("ovs"),
-        ns: Netns::new("inv-ovs"),
-        bridge: format!("fwmtbr{}", std::process::id() % 100_000),
+    let Some(ovs) = Ovs::start("inv-ovs", Datapath::Userspace) else {
+        return;
     };
     let dir = ovs.dir.0.to_str().unwrap().to_owned();
-    let db = format!("{dir}/conf.db");
-    let sock = format!("unix:{dir}/db.sock");
-    ovs.tool(
-        "ovsdb-tool",
-        &["create", &db, "/usr/share/openvswitch/vswitch.ovsschema"],
-    )
-    .expect("ovsdb-tool create");
-    let pidfile = |d: &str| format!("--pidfile={dir}/{d}.pid");
-    let logfile = |d: &str| format!("--log-file={dir}/{d}.log");
-    ovs.tool(
-        "ovsdb-server",
-        &[
-            &format!("--remote=p{sock}"),
-            &pidfile("ovsdb-server"),
-            &logfile("ovsdb-server"),
-            "--detach",
-            "--no-chdir",
-            &db,
-        ],
-    )
-    .unwrap_or_else(|e| panic!("ovsdb-server: {e}{}", ovs.log("ovsdb-server")));
-    ovs.tool("ovs-vsctl", &["--timeout=5", "--no-wait", "init"])
-        .expect("ovs-vsctl init");
-    let started = ovs.tool(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &ovs.ns.name,
-            "ovs-vswitchd",
-            &sock,
-            &pidfile("ovs-vswitchd"),
-            &logfile("ovs-vswitchd"),
-            "--detach",
-            "--no-chdir",
-            "--disable-system",
-        ],
-    );
-    if let Err(e) = started {
-        eprintln!(
-            "open_vswitch_flows: ovs-vswitchd cannot start here: not run\n{e}{}",
-            ovs.log("ovs-vswitchd")
-        );
-        return;
-    }
     let br = ovs.bridge.as_str();
-    ovs.tool(
-        "ovs-vsctl",
-        &[
-            "--timeout=10",
-            "add-br",
-            br,
-            "--",
-            "set",
-            "bridge",
-            br,
-            "datapath_type=netdev",
-            "protocols=OpenFlow13",
-        ],
-    )
-    .unwrap_or_else(|e| panic!("add-br: {e}{}", ovs.log("ovs-vswitchd")));
+    ovs.add_bridge(&["protocols=OpenFlow13"]);
     for flow in [
         "table=0,priority=100,pkt_mark=0x4/0x4,actions=set_field:0x7->pkt_mark,normal",
         "table=1,cookie=0x2a,priority=5,ip,ct_mark=0x1/0x1,actions=load:0x3->NXM_NX_PKT_MARK[8..9],ct(commit,exec(set_field:0x20/0x20->ct_mark)),resubmit(,2)",

@@ -129,12 +129,11 @@ fn vxlan_with_its_socket_in_another_netns_scrubs_the_mark() {
     assert!(tr["attribution"].is_null(), "{tr}");
 }
 
-/// An ESP tunnel from A to B whose state writes an output mark (`output-mark 0x300 mask
-/// 0xf00`, Cilium's encryption nibble), taken by the policy for packets marked 0x100/0xf00.
-/// Null ciphers: what is under test is the mark, not the crypto.
-fn esp_tunnel(ns: &str) {
+/// The ESP state from A to B: SPI 0x100, null ciphers (what is under test is the mark, not
+/// the crypto), with `extra` (e.g. an output mark).
+fn esp_state(ns: &str, extra: &str) {
     // (Empty keys are arguments of their own: `lab::ip` splits at spaces.)
-    let state = "xfrm state add src 10.77.0.1 dst 10.77.0.2 proto esp spi 0x100 reqid 1 mode tunnel enc cipher_null KEY auth digest_null KEY output-mark 0x300 mask 0xf00";
+    let state = format!("xfrm state add src 10.77.0.1 dst 10.77.0.2 proto esp spi 0x100 reqid 1 mode tunnel enc cipher_null KEY auth digest_null KEY {extra}");
     let mut args = vec!["-n", ns];
     args.extend(
         state
@@ -142,6 +141,12 @@ fn esp_tunnel(ns: &str) {
             .map(|w| if w == "KEY" { "" } else { w }),
     );
     lab::run("ip", &args).expect("xfrm state");
+}
+
+/// An ESP tunnel from A to B whose state writes an output mark (`output-mark 0x300 mask
+/// 0xf00`, Cilium's encryption nibble), taken by the policy for packets marked 0x100/0xf00.
+fn esp_tunnel(ns: &str) {
+    esp_state(ns, "output-mark 0x300 mask 0xf00");
     lab::ip(
         ns,
         "xfrm policy add src 10.77.0.1/32 dst 10.77.0.2/32 proto udp dir out mark 0x100 mask 0xf00 tmpl src 10.77.0.1 dst 10.77.0.2 proto esp reqid 1 mode tunnel",
@@ -339,4 +344,50 @@ fn wireguard_puts_its_fwmark_on_the_outer_packet() {
     let kind = &tunnel_of(ev)["device"]["kind"];
     assert_eq!(kind["type"], "wireguard", "{ev}");
     assert_eq!(kind["fwmark"], 0xca6c, "{ev}");
+}
+
+/// B decrypts A's ESP packets (the state, and the inbound policy tunnel mode needs): the inner
+/// packet, marked by a rule at prerouting after its decryption, names the state that
+/// decrypted it.
+#[test]
+fn esp_decrypted_packet_names_the_state_that_decrypted_it() {
+    let test = "esp_decrypted_packet_names_the_state_that_decrypted_it";
+    if !modules_or_skip(test, &["esp4"]) {
+        return;
+    }
+    let lab = Lab::new("espin").expect("lab");
+    esp_tunnel(&lab.a);
+    esp_state(&lab.b, "");
+    lab::ip(
+        &lab.b,
+        "xfrm policy add src 10.77.0.1/32 dst 10.77.0.2/32 proto udp dir in tmpl src 10.77.0.1 dst 10.77.0.2 proto esp reqid 1 mode tunnel",
+    )
+    .expect("xfrm policy in");
+    lab::nft(
+        &lab.b,
+        "table inet t {
+            chain pre {
+                type filter hook prerouting priority mangle; policy accept;
+                udp dport 9201 meta mark set 0x4000
+            }
+        }",
+    )
+    .expect("nft");
+    let d = Daemon::start(&["--netns", &lab.b]);
+    send_udp(&lab.a, lab::ADDR_B, 9201, 3, Some(0x100));
+    let marked_inner = |e: &&Value| {
+        e["kind"] == "transition" && e["tuple"]["dport"] == 9201 && e["mark"]["new"] == "0x4000"
+    };
+    let events = d.stop_when("the decrypted packet's transition", |evs| {
+        evs.iter().any(|e| marked_inner(&e))
+    });
+    let tr = events
+        .iter()
+        .find(marked_inner)
+        .unwrap_or_else(|| panic!("no transition of the decrypted packet: {events:#?}"));
+    let by = &tr["decrypted_by"];
+    assert_eq!(by["spi"], "0x100", "{tr}");
+    assert_eq!(by["state"]["src"], lab::ADDR_A, "{tr}");
+    assert_eq!(by["state"]["mode"], "tunnel", "{tr}");
+    assert_eq!(tr["segment"]["hook"], "prerouting", "{tr}");
 }

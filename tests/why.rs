@@ -452,6 +452,101 @@ fn cause5_healthy_flow_is_reported_delivered() {
     assert!(r["last_reply_point"].as_str().is_some());
 }
 
+/// `ip -n NS xfrm LINE`, where `KEY` stands for an empty argument (null ciphers' keys):
+/// `lab::ip` splits at spaces and would pass `""` as two quote characters.
+fn xfrm(ns: &str, line: &str) {
+    let mut args = vec!["-n", ns, "xfrm"];
+    args.extend(
+        line.split_whitespace()
+            .map(|w| if w == "KEY" { "" } else { w }),
+    );
+    lab::run("ip", &args).unwrap_or_else(|e| panic!("ip xfrm {line}: {e:#}"));
+}
+
+/// The request goes into an ESP tunnel (A's out policy takes the client's SO_MARK 0x100 under
+/// 0xf00, state SPI 0x100, null ciphers); B decrypts it (the same state, and an in policy
+/// with its template) and answers in the clear (no out policy there); A's in policy wants ESP
+/// from B (reqid 2), so the plain reply dies with XFRM_POLICY. `why` names A's in policy, the
+/// state the request went through and the out policy its mark selected.
+#[test]
+fn cause6_reply_bypasses_the_ipsec_tunnel_the_request_took() {
+    if !modules_or_skip(
+        "cause6_reply_bypasses_the_ipsec_tunnel_the_request_took",
+        &["esp4"],
+    ) {
+        return;
+    }
+    let lab = Lab::new("why-esp").expect("lab");
+    let (a, b) = (lab::ADDR_A, lab::ADDR_B);
+    let sa = format!("state add src {a} dst {b} proto esp spi 0x100 reqid 1 mode tunnel enc cipher_null KEY auth digest_null KEY");
+    let request = format!("src {a}/32 dst {b}/32 proto udp");
+    let to_b = format!("tmpl src {a} dst {b} proto esp reqid 1 mode tunnel");
+    xfrm(&lab.a, &sa);
+    xfrm(
+        &lab.a,
+        &format!("policy add {request} dir out mark 0x100 mask 0xf00 {to_b}"),
+    );
+    xfrm(
+        &lab.a,
+        &format!("policy add src {b}/32 dst {a}/32 proto udp dir in tmpl src {b} dst {a} proto esp reqid 2 mode tunnel"),
+    );
+    xfrm(&lab.b, &sa);
+    xfrm(&lab.b, &format!("policy add {request} dir in {to_b}"));
+    let (r, replied, code) = why_at(
+        &lab,
+        &Watch {
+            server: (b, 7),
+            target: (b, 7),
+            client_mark: 0x100,
+            ..Watch::echo(&lab)
+        },
+        || {},
+    );
+    assert!(!replied, "the plain reply should die");
+    assert_eq!(r["verdict"], "xfrm-policy", "{r:#}");
+    assert_eq!(code, 1, "why's exit code for a lost reply");
+    assert_eq!(r["drop"]["reason"], "XFRM_POLICY", "{r:#}");
+    // B decrypted the request and answered: the reply reached A.
+    assert!(!r["reply"].as_array().unwrap().is_empty(), "{r:#}");
+    let x = &r["xfrm"];
+    assert_eq!(x["reply_decrypted"], false, "{r:#}");
+    let inbound = &x["inbound_policy"];
+    assert_eq!(
+        (&inbound["direction"], &inbound["src"], &inbound["dst"]),
+        (
+            &"in".into(),
+            &format!("{b}/32").into(),
+            &format!("{a}/32").into()
+        ),
+        "{x:#}"
+    );
+    assert_eq!(x["required"][0]["proto"], 50, "{x:#}");
+    assert_eq!(x["required"][0]["reqid"], 2, "{x:#}");
+    assert_eq!(x["required"][0]["mode"], "tunnel", "{x:#}");
+    // The request's step into the tunnel, named by its SPI's state.
+    let tunnel = &x["request_tunnel"];
+    assert_eq!(tunnel["spi"], "0x100", "{r:#}");
+    assert_eq!(tunnel["state"]["spi"], 0x100, "{x:#}");
+    assert_eq!(tunnel["state"]["reqid"], 1, "{x:#}");
+    assert_eq!(tunnel["state"]["dst"], b, "{x:#}");
+    assert_eq!(x["request_mark"], "0x100", "{x:#}");
+    let out = &x["outbound_policies"];
+    assert_eq!(out.as_array().map(Vec::len), Some(1), "{x:#}");
+    assert_eq!(out[0]["direction"], "out", "{x:#}");
+    assert_eq!(out[0]["mark"], "0x100/0xf00", "{x:#}");
+    assert_eq!(out[0]["templates"][0]["reqid"], 1, "{x:#}");
+    let summary = r["summary"].as_str().unwrap();
+    for part in [
+        "came back outside the IPsec tunnel (no decryption step on its path)",
+        "action allow tmpl src 10.77.0.2 dst 10.77.0.1 proto esp reqid 2 mode tunnel",
+        "requires proto esp (reqid 2, mode tunnel, 10.77.0.2 → 10.77.0.1) → XFRM_POLICY",
+        "the request went into the tunnel by state spi 0x100 10.77.0.1 → 10.77.0.2 reqid 1 mode tunnel",
+        "its mark 0x100 selected `xfrm policy dir out src 10.77.0.1/32 dst 10.77.0.2/32 mark 0x100/0xf00",
+    ] {
+        assert!(summary.contains(part), "{part:?} missing: {summary}");
+    }
+}
+
 /// Request and reply join through their conntrack entry across NAT: a DNAT'ed "service address"
 /// (like a kube-proxy ClusterIP) is followed to the backend and back.
 #[test]

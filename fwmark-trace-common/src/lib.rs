@@ -166,6 +166,10 @@ pub struct Event {
     /// `sk->sk_mark` of the packet's socket, when it has a full socket (`SK_FULL`).
     pub sk_mark: u32,
     pub sk_flags: u32,
+    /// The SPI of the xfrm state that decrypted the packet (the last of its sec_path), 0 when
+    /// none did.
+    pub sec_spi: u32,
+    pub _pad2: u32,
 }
 
 /// What makes two reports the same transition (or drop), counted together in the kernel: the
@@ -534,6 +538,17 @@ offsets! {
     nft_chain_prio_back: Computed,
     /// `ipt_do_table`/`ip6t_do_table`'s `struct xt_table *`.
     xt_table_priority: Module("x_tables", "xt_table", "priority"),
+    /// The xfrm state that decrypted a packet: its sec_path is an skb extension (bit
+    /// `skb_ext_sec_path` of `active_extensions`; `offset[id]` in 8-byte chunks into
+    /// `extensions`), whose last state's SPI is read (CONFIG_XFRM, CONFIG_SKB_EXTENSIONS).
+    skb_active_extensions: Optional("sk_buff", "active_extensions"),
+    skb_extensions: Optional("sk_buff", "extensions"),
+    skb_ext_offset: Optional("skb_ext", "offset"),
+    sec_path_len: Optional("sec_path", "len"),
+    sec_path_xvec: Optional("sec_path", "xvec"),
+    xfrm_state_spi: Optional("xfrm_state", "id.spi"),
+    /// `SKB_EXT_SEC_PATH` of `enum skb_ext_id` (its value depends on the kernel's options).
+    skb_ext_sec_path: Computed,
 }
 
 /// Load-time configuration of the observers (a `.rodata` global, frozen once loaded).

@@ -254,6 +254,7 @@ fn slow_path<const BTF: bool>(
         return;
     }
     skb::fill_tuple::<BTF>(ev, skb, head, off, site.l3_at_data);
+    skb::fill_sec_path(ev, skb, off);
     if cfg.aggregate != 0 {
         // Counted here; the first packet of each transition on this CPU is its exemplar.
         let key = AggKey::of(ev);

@@ -248,3 +248,29 @@ pub fn fill_tuple<const BTF: bool>(
         ev.dport = u16::from_be(ports[1]);
     }
 }
+
+/// `XFRM_MAX_DEPTH`: the most states a sec_path holds.
+const XFRM_MAX_DEPTH: i32 = 6;
+
+/// The SPI of the xfrm state that decrypted the packet (the last in its sec_path), when one
+/// did: helper reads, made only for a reported event.
+#[inline(always)]
+pub fn fill_sec_path(ev: &mut Event, skb: u64, off: &Offsets) {
+    let id = off.skb_ext_sec_path;
+    if id == OFFSET_MISSING || id >= 8 || off.skb_ext_offset == OFFSET_MISSING {
+        return;
+    }
+    let active: u8 = read(skb, off.skb_active_extensions);
+    if active & (1 << id) == 0 {
+        return;
+    }
+    let ext: u64 = read(skb, off.skb_extensions);
+    let chunk: u8 = read(ext, off.skb_ext_offset + id);
+    let sp = ext + chunk as u64 * 8;
+    let len: i32 = read(sp, off.sec_path_len);
+    if !(1..=XFRM_MAX_DEPTH).contains(&len) || off.sec_path_xvec == OFFSET_MISSING {
+        return;
+    }
+    let x: u64 = read(sp, off.sec_path_xvec + (len as u32 - 1) * 8);
+    ev.sec_spi = u32::from_be(read(x, off.xfrm_state_spi));
+}

@@ -613,7 +613,14 @@ impl Node {
             _ => (MarkKind::Packet, (old, new, ct.map(|(_, n)| n))),
         };
         self.inventory
-            .writer_of(self.netns, &chains, &programs, mark, change)
+            .writer_of(
+                self.netns,
+                &chains,
+                &programs,
+                seg.ovs().map(|p| p.bridge.as_str()),
+                mark,
+                change,
+            )
             .map(|o| o.id.clone())
     }
 }

@@ -15,7 +15,7 @@ use fwmark_trace_common::{
 use crate::{
     event::{
         boot_time, CtMark, CtState, DropReason, EventKind, MarkChange, RouteLookup, RouteResult,
-        Timestamp, TraceEvent, Tuple,
+        Timestamp, TraceEvent, Tuple, XfrmRef,
     },
     mark::Mark,
     place::{Between, Encapsulator, PointInfo, Segment, Topology, Tunnel, TunnelDir},
@@ -175,29 +175,41 @@ impl Decoder {
         scrubbed && self.tailroom.contains(&ev.old_mark)
     }
 
-    /// An ESP packet is made by xfrm, and its SPI names the state: a change seen on one, since
-    /// it left its socket or the output hooks (where xfrm runs between two passes), is xfrm's
-    /// output, whatever observers stood around it.
-    fn xfrm_output(&mut self, ev: &Event, seg: &Segment) -> Option<Arc<Segment>> {
-        // The kernel reads ESP's SPI where ports would be (sport: its high half).
-        let t = tuple(ev).filter(|t| t.proto == Proto::ESP)?;
-        let before_device = match ev.prev.layer {
-            layer::SOCKET => true,
-            layer::NETFILTER => matches!(ev.prev.hook, nf_hook::LOCAL_OUT | nf_hook::POST_ROUTING),
-            _ => false,
+    /// An xfrm step named by its state. An ESP packet is made by xfrm and its SPI names the
+    /// state: a change seen on one, since it left its socket or the output hooks (where xfrm
+    /// runs between two passes), is xfrm's output, whatever observers stood around it. A
+    /// packet decrypted by xfrm carries the state in its sec_path.
+    fn xfrm_step(&mut self, ev: &Event, seg: &Segment) -> Option<Arc<Segment>> {
+        let xfrm = |dir| {
+            matches!(
+                seg.tunnel(),
+                Some(Tunnel { dir: d, by: Encapsulator::Xfrm { .. }, .. }) if *d == dir
+            )
         };
-        let xfrm_tunnel = matches!(
-            seg.tunnel(),
-            Some(Tunnel {
-                dir: TunnelDir::Encap,
-                by: Encapsulator::Xfrm { .. },
-                ..
-            })
-        );
-        if !(before_device || xfrm_tunnel) {
-            return None;
-        }
-        let spi = (t.sport as u32) << 16 | t.dport as u32;
+        let (dir, spi, dst) = match tuple(ev).filter(|t| t.proto == Proto::ESP) {
+            Some(t) => {
+                let before_device = match ev.prev.layer {
+                    layer::SOCKET => true,
+                    layer::NETFILTER => {
+                        matches!(ev.prev.hook, nf_hook::LOCAL_OUT | nf_hook::POST_ROUTING)
+                    }
+                    _ => false,
+                };
+                if !(before_device || xfrm(TunnelDir::Encap)) {
+                    return None;
+                }
+                // The kernel reads ESP's SPI where ports would be (sport: its high half).
+                (
+                    TunnelDir::Encap,
+                    (t.sport as u32) << 16 | t.dport as u32,
+                    Some(t.dst),
+                )
+            }
+            None if ev.sec_spi != 0 && xfrm(TunnelDir::Decap) => {
+                (TunnelDir::Decap, ev.sec_spi, None)
+            }
+            None => return None,
+        };
         if self.xfrm_segments.len() > 1024 {
             self.xfrm_segments.clear();
         }
@@ -208,10 +220,10 @@ impl Decoder {
             .or_insert_with(|| {
                 Arc::new(Segment {
                     between: Between::Tunnel(Tunnel {
-                        dir: TunnelDir::Encap,
+                        dir,
                         by: Encapsulator::Xfrm {
                             spi: Some(spi),
-                            state: topo.xfrm_state(spi, Some(t.dst)).cloned(),
+                            state: topo.xfrm_state(spi, dst).cloned(),
                         },
                         crossed: None,
                     }),
@@ -236,7 +248,7 @@ impl Decoder {
                     between: Between::NdTailroom,
                     ..(**seg).clone()
                 });
-            } else if let Some(xfrm) = self.xfrm_output(ev, seg) {
+            } else if let Some(xfrm) = self.xfrm_step(ev, seg) {
                 *seg = xfrm;
             }
         }
@@ -270,6 +282,10 @@ impl Decoder {
             attribution: None,
             socket_mark: (ev.sk_flags & SK_FULL != 0).then_some(Mark(ev.sk_mark)),
             ct_id: ev.ct_id,
+            decrypted_by: (ev.sec_spi != 0).then(|| XfrmRef {
+                spi: ev.sec_spi,
+                state: self.topology.xfrm_state(ev.sec_spi, None).cloned(),
+            }),
             count: None,
             interval: None,
             route: (kind == Some(EventKind::Route)).then(|| RouteLookup {

@@ -14,6 +14,7 @@ use serde::{ser::SerializeStruct, Serialize, Serializer};
 use crate::{
     attribution::Attribution,
     mark::Mark,
+    nodestate::netlink::XfrmState,
     place::{PointInfo, Segment},
     stack::{serialize_as_display, Proto},
 };
@@ -333,6 +334,20 @@ pub(crate) struct RouteLookup {
     pub(crate) iif: u32,
 }
 
+/// An xfrm state as a packet names it: its SPI, and the state itself when this namespace
+/// has it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub(crate) struct XfrmRef {
+    #[serde(serialize_with = "hex_u32")]
+    pub(crate) spi: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) state: Option<XfrmState>,
+}
+
+fn hex_u32<S: Serializer>(v: &u32, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{v:#x}"))
+}
+
 /// The stretch of time a counted event covers.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub(crate) struct Interval {
@@ -361,6 +376,9 @@ pub(crate) struct TraceEvent {
     pub(crate) socket_mark: Option<Mark>,
     /// Conntrack entry identity (not shown: a kernel address), for joining flows across NAT.
     pub(crate) ct_id: u64,
+    /// The xfrm state that decrypted the packet (its sec_path): a reply that came back
+    /// through a tunnel.
+    pub(crate) decrypted_by: Option<XfrmRef>,
     /// Counted in the kernel (the default): how many packets made this transition in the
     /// interval; the event's packet, tuple and time are those of one of them (the exemplar).
     pub(crate) count: Option<u64>,

@@ -186,6 +186,11 @@ pub(crate) struct FlowTracker {
     pending: VecDeque<(Tuple, Step)>,
     /// Conntrack entry → flow: NAT changes the 5-tuple mid-path, not the connection.
     by_ct: HashMap<u64, Key>,
+    /// Recent packets (by id) → their flow and direction, oldest first in `packet_order`:
+    /// encapsulation (xfrm's ESP, a UDP tunnel's outer header) puts the same skb under
+    /// another 5-tuple, and it stays on its flow's path.
+    by_packet: HashMap<u64, (Key, Dir)>,
+    packet_order: VecDeque<u64>,
     /// Least recently seen first.
     order: VecDeque<Key>,
     max_flows: usize,
@@ -199,6 +204,8 @@ impl FlowTracker {
             flows: HashMap::new(),
             pending: VecDeque::new(),
             by_ct: HashMap::new(),
+            by_packet: HashMap::new(),
+            packet_order: VecDeque::new(),
             order: VecDeque::new(),
             max_flows,
             max_steps,
@@ -218,6 +225,27 @@ impl FlowTracker {
         ct_id != 0 && self.by_ct.contains_key(&ct_id)
     }
 
+    /// Whether this packet (by id) was seen on a followed flow: its encapsulated form (an
+    /// ESP packet, a tunnel's outer packet) belongs to that flow too.
+    pub(crate) fn follows_packet(&self, packet_id: u64) -> bool {
+        packet_id != 0 && self.by_packet.contains_key(&packet_id)
+    }
+
+    /// Remembers which flow and direction a packet is on (the most recent 4096 packets).
+    fn remember_packet(&mut self, packet_id: u64, k: Key, dir: Dir) {
+        if packet_id == 0 {
+            return;
+        }
+        if self.by_packet.insert(packet_id, (k, dir)).is_none() {
+            self.packet_order.push_back(packet_id);
+            if self.packet_order.len() > 4096 {
+                if let Some(old) = self.packet_order.pop_front() {
+                    self.by_packet.remove(&old);
+                }
+            }
+        }
+    }
+
     /// Adds an event (events without a 5-tuple are ignored).
     pub(crate) fn add(&mut self, ev: &TraceEvent) {
         let Some(t) = &ev.tuple else { return };
@@ -231,6 +259,20 @@ impl FlowTracker {
                 // Same connection, rewritten tuple: NAT.
                 nat = Some(*t);
                 k = *known;
+            }
+        }
+        // Same packet (skb), another tuple with no flow of its own, and no conntrack entry in
+        // common: encapsulated (the request's ESP packet after xfrm, a tunnel's outer packet).
+        // It joins its packet's flow in that packet's direction, so the request's path shows
+        // the step into the tunnel. (A tuple that has its flow keeps it: a decrypted reply is
+        // the ESP packet's skb, and belongs to its own flow.)
+        let mut encapsulated = None;
+        if nat.is_none() && !self.flows.contains_key(&k) && ev.packet_id != 0 {
+            if let Some(&(known, dir)) = self.by_packet.get(&ev.packet_id) {
+                if self.flows.contains_key(&known) {
+                    k = known;
+                    encapsulated = Some(dir);
+                }
             }
         }
         if !self.flows.contains_key(&k) {
@@ -253,7 +295,9 @@ impl FlowTracker {
         } else {
             self.touch(&k);
         }
-        if ev.ct_id != 0 {
+        // An outer packet's conntrack entry is the tunnel's, shared with other flows: not this
+        // flow's.
+        if ev.ct_id != 0 && encapsulated.is_none() {
             self.by_ct.insert(ev.ct_id, k);
         }
         let flow = self.flows.get_mut(&k).expect("inserted");
@@ -267,10 +311,12 @@ impl FlowTracker {
             self.pending = rest;
             flow.steps.extend(mine.into_iter().map(|(_, st)| st));
         }
-        let dir = match (&nat, ev.ct_mark.map(|c| c.state)) {
+        let dir = match (encapsulated, &nat, ev.ct_mark.map(|c| c.state)) {
+            // An outer packet goes the way its inner packet went.
+            (Some(dir), _, _) => dir,
             // After NAT the tuple no longer tells; conntrack's direction does.
-            (Some(_), Some(state)) if state.is_reply() => Dir::Reply,
-            (Some(_), _) => Dir::Request,
+            (None, Some(_), Some(state)) if state.is_reply() => Dir::Reply,
+            (None, Some(_), _) => Dir::Request,
             _ if t.src == flow.tuple.src && t.sport == flow.tuple.sport => Dir::Request,
             _ => Dir::Reply,
         };
@@ -281,11 +327,12 @@ impl FlowTracker {
         }
         if flow.steps.len() >= self.max_steps {
             flow.steps_dropped += 1;
-            return;
+        } else {
+            let mut step = Step::of(ev, dir);
+            step.nat_tuple = nat;
+            flow.steps.push(step);
         }
-        let mut step = Step::of(ev, dir);
-        step.nat_tuple = nat;
-        flow.steps.push(step);
+        self.remember_packet(ev.packet_id, k, dir);
     }
 
     /// A lookup joins the most recently seen flow it concerns (its direction is settled by the
@@ -381,5 +428,31 @@ mod tests {
         }
         assert_eq!(tracker.flows().count(), 2);
         assert_eq!(tracker.evicted, 1);
+    }
+
+    /// The request's ESP packet is its skb under another tuple: it stays on the request's
+    /// path; another packet's ESP makes a flow of its own.
+    #[test]
+    fn an_encapsulated_packet_stays_on_its_flow() {
+        let mut d = Decoder::new(Topology::default(), Default::default());
+        let mut tracker = FlowTracker::new(8, 16);
+        let mut req = synthetic(1);
+        req.packet_id = 7;
+        req.sport = 1000;
+        let mut esp = synthetic(1);
+        esp.packet_id = 7;
+        esp.l4_proto = 50;
+        (esp.sport, esp.dport) = (0, 0x100);
+        assert!(!tracker.follows_packet(7));
+        tracker.add(&d.decode(&req));
+        assert!(tracker.follows_packet(7));
+        tracker.add(&d.decode(&esp));
+        let flows: Vec<&Flow> = tracker.flows().collect();
+        assert_eq!(flows.len(), 1, "{flows:#?}");
+        assert_eq!(flows[0].tuple.proto, Proto::UDP);
+        assert_eq!(flows[0].path(Dir::Request).count(), 2);
+        esp.packet_id = 8;
+        tracker.add(&d.decode(&esp));
+        assert_eq!(tracker.flows().count(), 2);
     }
 }

@@ -11,6 +11,7 @@ use fwmark_trace_common::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    inventory::ovs,
     kernel::{plan::NfPlan, tcx::ForeignProgram},
     nodestate::{
         links::TunnelKind,
@@ -41,6 +42,10 @@ pub(crate) struct Topology {
     /// This namespace's xfrm states (SAs): an ESP packet's SPI names the one that made it.
     #[serde(default)]
     pub(crate) xfrm_states: Vec<XfrmState>,
+    /// This namespace's Open vSwitch bridges: a packet in on one port, out on another,
+    /// crossed the datapath.
+    #[serde(default)]
+    pub(crate) ovs: Vec<ovs::Bridge>,
 }
 
 /// A map with tuple keys as a list of pairs (JSON keys are strings).
@@ -82,6 +87,8 @@ pub(crate) enum Layer {
     Tunnel,
     /// xfrm (IPsec): a state's transform.
     Xfrm,
+    /// An Open vSwitch datapath, between two of its ports.
+    Ovs,
     /// Between observers of different layers.
     Path,
     #[default]
@@ -100,6 +107,7 @@ impl fmt::Display for Layer {
             Layer::Kernel => "kernel",
             Layer::Tunnel => "tunnel",
             Layer::Xfrm => "xfrm",
+            Layer::Ovs => "ovs",
             Layer::Path => "path",
             Layer::Unknown => "unknown",
         })
@@ -232,6 +240,8 @@ pub(crate) enum Between {
     Hooks,
     /// Into or out of an encapsulation: a tunnel device's, or xfrm's.
     Tunnel(Tunnel),
+    /// Through an Open vSwitch bridge: in on one port, out on another.
+    Ovs(OvsPath),
     /// Anything else between two observers.
     Path,
 }
@@ -268,6 +278,16 @@ pub(crate) enum Encapsulator {
         spi: Option<u32>,
         state: Option<XfrmState>,
     },
+}
+
+/// A packet's way through an Open vSwitch datapath.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct OvsPath {
+    pub(crate) bridge: String,
+    pub(crate) in_port: String,
+    pub(crate) out_port: String,
+    /// The bridge's flows that write `pkt_mark`.
+    pub(crate) mark_writers: Vec<String>,
 }
 
 /// An encapsulation step, and what it did to the mark.
@@ -354,6 +374,7 @@ impl Segment {
                 ..
             }) => Layer::Xfrm,
             Between::Tunnel(_) => Layer::Tunnel,
+            Between::Ovs(_) => Layer::Ovs,
             Between::Netfilter(_) => Layer::Netfilter,
             Between::TcChain { .. }
             | Between::TcEgressAfterChain { .. }
@@ -393,6 +414,13 @@ impl Segment {
                 programs
             }
             _ => &[],
+        }
+    }
+
+    pub(crate) fn ovs(&self) -> Option<&OvsPath> {
+        match &self.between {
+            Between::Ovs(p) => Some(p),
+            _ => None,
         }
     }
 
@@ -481,6 +509,10 @@ impl Topology {
     }
 
     fn between(&self, prev: &Point, at: &Point) -> Between {
+        // Received on one port of a bridge, leaving by another: the datapath's actions.
+        if let Some(p) = self.ovs_path(prev, at) {
+            return Between::Ovs(p);
+        }
         let same_dev = prev.ifindex == at.ifindex;
         let tp = |p: &Point, id| p.layer == layer::TRACEPOINT && p.hook == id;
         match (prev.layer, at.layer) {
@@ -578,6 +610,34 @@ impl Topology {
             }
         };
         Tunnel { dir, by, crossed }
+    }
+
+    /// The OVS bridge a packet crossed from `prev` (received on a port) to `at` (leaving by
+    /// another port of the same bridge), in the daemon's namespace.
+    fn ovs_path(&self, prev: &Point, at: &Point) -> Option<OvsPath> {
+        let here = |p: &Point| p.netns == self.own_netns || p.netns == 0 || self.own_netns == 0;
+        let received = (prev.layer == layer::TRACEPOINT
+            && prev.hook == tracepoint::NETIF_RECEIVE_SKB)
+            || (prev.layer == layer::TC && TcDir::from_raw(prev.hook) == TcDir::Ingress);
+        let leaving = (at.layer == layer::TRACEPOINT && at.hook == tracepoint::NET_DEV_QUEUE)
+            || (at.layer == layer::TC && TcDir::from_raw(at.hook) == TcDir::Egress);
+        if self.ovs.is_empty() || !received || !leaving || !here(prev) || !here(at) {
+            return None;
+        }
+        let (in_port, out_port) = (
+            self.ifnames.get(&prev.ifindex)?,
+            self.ifnames.get(&at.ifindex)?,
+        );
+        let bridge = self
+            .ovs
+            .iter()
+            .find(|b| b.ports.contains(in_port) && b.ports.contains(out_port))?;
+        Some(OvsPath {
+            bridge: bridge.name.clone(),
+            in_port: in_port.clone(),
+            out_port: out_port.clone(),
+            mark_writers: bridge.mark_writers.clone(),
+        })
     }
 
     /// The xfrm state with this SPI (and, when known, this destination).

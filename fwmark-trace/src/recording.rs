@@ -30,7 +30,7 @@ use crate::{
 
 /// 2: `Point` carries a priority (16 bytes); 3: the topology's chains and sites are typed
 /// (hooks and families by name).
-const MAGIC: &[u8; 9] = b"FWMTREC3\n";
+const MAGIC: &[u8; 9] = b"FWMTREC4\n";
 const CONTEXT: u8 = b'C';
 const EVENTS: u8 = b'E';
 /// A frame larger than this is not one we wrote.

@@ -235,7 +235,33 @@ fn node(registry: &Registry, netns: u32) -> Option<Node> {
     }
 }
 
-fn topology(obs: &Observers, own_netns: u32) -> Topology {
+/// This namespace's Open vSwitch bridges (ports, flows writing pkt_mark), read through OVS's
+/// tools: only where a kernel datapath is, and again at most every `OvsView::EVERY` (each read
+/// runs a process per bridge).
+#[derive(Default)]
+struct OvsView {
+    read_at: Option<Instant>,
+    bridges: Vec<crate::inventory::ovs::Bridge>,
+}
+
+impl OvsView {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn bridges(&mut self, datapath: bool) -> Vec<crate::inventory::ovs::Bridge> {
+        if !datapath {
+            self.bridges.clear();
+        } else if self.read_at.is_none_or(|t| t.elapsed() >= Self::EVERY) {
+            self.read_at = Some(Instant::now());
+            self.bridges = crate::inventory::ovs::bridges_here().unwrap_or_else(|e| {
+                debug!("reading Open vSwitch bridges: {e:#}");
+                Vec::new()
+            });
+        }
+        self.bridges.clone()
+    }
+}
+
+fn topology(obs: &Observers, own_netns: u32, ovs: &mut OvsView) -> Topology {
     let mut t = Topology {
         plan: Some(obs.plan.clone()),
         chains: obs.chains.clone(),
@@ -258,10 +284,12 @@ fn topology(obs: &Observers, own_netns: u32) -> Topology {
     }
     // Encapsulations are named by their device or xfrm state; without them they are still
     // reported, by ifindex or SPI.
-    match crate::nodestate::links::tunnels() {
-        Ok(tunnels) => t.tunnels = tunnels,
-        Err(e) => debug!("listing tunnel devices: {e:#}"),
-    }
+    let links = crate::nodestate::links::read().unwrap_or_else(|e| {
+        debug!("listing links: {e:#}");
+        Default::default()
+    });
+    t.tunnels = links.tunnels;
+    t.ovs = ovs.bridges(links.openvswitch);
     // A WireGuard device puts its fwmark on its outer packets.
     if t.tunnels
         .values()
@@ -309,7 +337,8 @@ async fn stream(
     let metrics_addr = endpoint.as_ref().and_then(|l| l.local_addr().ok());
     let mut scrapes = endpoint.map(metrics::serve).transpose()?;
     let started = Instant::now();
-    let decoder = Decoder::new(topology(obs, own_netns), obs.drop_reasons.clone());
+    let mut ovs = OvsView::default();
+    let decoder = Decoder::new(topology(obs, own_netns, &mut ovs), obs.drop_reasons.clone());
     // SAFETY: the AsyncFd owns the ring buffer, so its fd stays open while registered.
     let mut ring =
         unsafe { AsyncFd::register(obs.take_ring()?) }.context("polling the ring buffer")?;
@@ -415,7 +444,10 @@ async fn stream(
                         run.pipeline.attributor.set_node(n);
                     }
                 }
-                if run.pipeline.set_topology(topology(run.obs, own_netns)) {
+                if run
+                    .pipeline
+                    .set_topology(topology(run.obs, own_netns, &mut ovs))
+                {
                     if let Some(r) = run.recorder.as_mut() {
                         r.context(&run.pipeline.decoder)?;
                     }

@@ -46,9 +46,21 @@ impl Daemon {
 
     /// Starts the daemon writing its records to `output` and waits for its ready record.
     pub fn start_writing(output: PathBuf, args: &[&str]) -> Daemon {
+        Self::start_in(output, args, &[])
+    }
+
+    /// Starts the daemon with these environment variables besides the test's own (e.g.
+    /// where a private Open vSwitch runs).
+    pub fn start_with_env(args: &[&str], env: &[(&str, &Path)]) -> Daemon {
+        let output = std::env::temp_dir().join(format!("fwmark-trace-test-{}.jsonl", unique()));
+        Self::start_in(output, args, env)
+    }
+
+    fn start_in(output: PathBuf, args: &[&str], env: &[(&str, &Path)]) -> Daemon {
         require_root();
         let extra = extra_trace_args();
         let mut child = Command::new(bin())
+            .envs(env.iter().copied())
             .arg("trace")
             .arg("--json")
             .arg("--output")

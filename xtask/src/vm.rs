@@ -92,6 +92,11 @@ const SMOKE: &[Smoke] = &[
     ),
     smoke_of(
         "tunnel",
+        "esp_decrypted_packet_names_the_state_that_decrypted_it",
+        MODULES_SINCE,
+    ),
+    smoke_of(
+        "tunnel",
         "geneve_keeps_the_inner_mark_on_the_outer_packet",
         MODULES_SINCE,
     ),
@@ -103,6 +108,16 @@ const SMOKE: &[Smoke] = &[
     smoke_of(
         "tunnel",
         "vxlan_keeps_the_inner_mark_on_the_outer_packet_within_a_netns",
+        MODULES_SINCE,
+    ),
+    smoke_of(
+        "ovs",
+        "open_vswitch_datapath_names_the_bridge_ports_and_flow",
+        MODULES_SINCE,
+    ),
+    smoke_of(
+        "why",
+        "cause6_reply_bypasses_the_ipsec_tunnel_the_request_took",
         MODULES_SINCE,
     ),
 ];

@@ -345,8 +345,9 @@ impl Inventory {
             .collect()
     }
 
-    /// The owner of the writes, among the rules of `chains` (and the chains they reach) and
-    /// the BPF programs `programs` of namespace `netns`, that can have turned `old` into `new`
+    /// The owner of the writes, among the rules of `chains` (and the chains they reach), the
+    /// BPF programs `programs` and the flows of OVS `bridge` in namespace `netns`, that can
+    /// have turned `old` into `new`
     /// (`mark`; `other`: the other mark, when known). None when no write can, or when writes
     /// of different owners can: the change is then nobody's in particular.
     pub(crate) fn writer_of(
@@ -354,10 +355,12 @@ impl Inventory {
         netns: u32,
         chains: &[ChainId],
         programs: &[u32],
+        bridge: Option<&str>,
         mark: MarkKind,
         (old, new, other): (u32, u32, Option<u32>),
     ) -> Option<&OwnerRef> {
         let here = |e: &Entry| match &e.place {
+            Place::OvsFlow { bridge: b, .. } => bridge == Some(b.as_str()),
             Place::NftRule {
                 chain,
                 reached_from,
@@ -471,7 +474,7 @@ mod tests {
         let x = id(NftFamily::Inet, "t", "x");
         let kube = id(NftFamily::Ip, "kube-proxy", "nat-output");
         let writer = |chains: &[ChainId], old, new| {
-            inv.writer_of(7, chains, &[], MarkKind::Packet, (old, new, None))
+            inv.writer_of(7, chains, &[], None, MarkKind::Packet, (old, new, None))
                 .map(|o| o.id.clone())
         };
         // The neutral chain's rule assigns 0xca6c: wg-quick's, by value.
@@ -492,7 +495,7 @@ mod tests {
         );
         // Another namespace has none of these rules.
         assert!(inv
-            .writer_of(8, &[], &[], MarkKind::Packet, (0, 0xca6c, None))
+            .writer_of(8, &[], &[], None, MarkKind::Packet, (0, 0xca6c, None))
             .is_none());
         let names = inv.owner_names(7);
         assert!(

@@ -282,6 +282,80 @@ fn here(bridge: &str) -> bool {
     unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
 }
 
+/// The flows of one bridge.
+fn flows(bridge: &str) -> Result<Vec<Flow>> {
+    let args = [
+        "--timeout=2",
+        "-O",
+        VERSIONS,
+        "--no-stats",
+        "--no-names",
+        "dump-flows",
+        bridge,
+    ];
+    let Some(out) = tool("ovs-ofctl", &args)? else {
+        bail!("ovs-vsctl is installed but ovs-ofctl is not: the flows of {bridge} are not listed");
+    };
+    if !out.status.success() {
+        bail!("`ovs-ofctl dump-flows {bridge}` failed: {}", stderr(&out));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(parse_flow)
+        .collect())
+}
+
+/// The ports of one bridge, by name.
+fn ports(bridge: &str) -> Result<Vec<String>> {
+    let Some(out) = tool("ovs-vsctl", &["--timeout=2", "list-ports", bridge])? else {
+        return Ok(Vec::new());
+    };
+    if !out.status.success() {
+        bail!("`ovs-vsctl list-ports {bridge}` failed: {}", stderr(&out));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect())
+}
+
+/// A bridge of this namespace as the trace names its datapath: its ports, and the flows that
+/// write the packet mark.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Bridge {
+    pub(crate) name: String,
+    pub(crate) ports: Vec<String>,
+    /// The flows (as `dump-flows --no-stats` prints them) with a write of `pkt_mark`.
+    pub(crate) mark_writers: Vec<String>,
+}
+
+/// The bridges of this namespace (see `here`).
+pub(crate) fn bridges_here() -> Result<Vec<Bridge>> {
+    let Some(bridges) = bridges()? else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for name in bridges.into_iter().filter(|b| here(b)) {
+        let writes_mark = |f: &Flow| {
+            f.access.iter().any(|a| {
+                a.mark == MarkKind::Packet && matches!(a.op, super::model::Op::Write { .. })
+            })
+        };
+        out.push(Bridge {
+            ports: ports(&name)?,
+            mark_writers: flows(&name)?
+                .into_iter()
+                .filter(writes_mark)
+                .map(|f| f.text)
+                .collect(),
+            name,
+        });
+    }
+    Ok(out)
+}
+
 /// The flows of this namespace's bridges that read or write a mark.
 pub(crate) fn read() -> Result<Vec<Found>> {
     let Some(bridges) = bridges()? else {
@@ -289,29 +363,7 @@ pub(crate) fn read() -> Result<Vec<Found>> {
     };
     let mut found_all = Vec::new();
     for bridge in bridges.iter().filter(|b| here(b)) {
-        let args = [
-            "--timeout=2",
-            "-O",
-            VERSIONS,
-            "--no-stats",
-            "--no-names",
-            "dump-flows",
-            bridge,
-        ];
-        let Some(out) = tool("ovs-ofctl", &args)? else {
-            bail!(
-                "ovs-vsctl is installed but ovs-ofctl is not: the flows of {bridge} are not listed"
-            );
-        };
-        if !out.status.success() {
-            bail!("`ovs-ofctl dump-flows {bridge}` failed: {}", stderr(&out));
-        }
-        found_all.extend(
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter_map(parse_flow)
-                .filter_map(|f| found(bridge, f)),
-        );
+        found_all.extend(flows(bridge)?.into_iter().filter_map(|f| found(bridge, f)));
     }
     Ok(found_all)
 }

@@ -111,7 +111,8 @@ pub(crate) fn parse_uapi(text: &str) -> Option<(u32, u16)> {
 
 /// The kernel's WireGuard devices (links of kind "wireguard") with their fwmarks.
 pub(crate) fn kernel_devices() -> Result<Vec<Device>> {
-    let links: Vec<u32> = crate::nodestate::links::tunnels()?
+    let links: Vec<u32> = crate::nodestate::links::read()?
+        .tunnels
         .into_iter()
         .filter(|(_, kind)| matches!(kind, TunnelKind::Wireguard { .. }))
         .map(|(ifindex, _)| ifindex)

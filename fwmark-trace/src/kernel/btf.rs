@@ -418,6 +418,13 @@ pub(crate) fn offsets(btf: &KernelBtf) -> Result<Offsets> {
     if !same_common {
         offsets.fib6_tb_id = OFFSET_MISSING;
     }
+    // Which extension the sec_path is depends on the kernel's options.
+    offsets.skb_ext_sec_path = btf
+        .enum_values("skb_ext_id")
+        .ok()
+        .and_then(|v| v.into_iter().find(|(n, _)| n == "SKB_EXT_SEC_PATH"))
+        .and_then(|(_, v)| u32::try_from(v).ok())
+        .unwrap_or(OFFSET_MISSING);
     Ok(offsets)
 }
 

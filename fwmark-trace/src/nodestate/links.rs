@@ -1,7 +1,7 @@
-//! Tunnel devices of a namespace, over netlink (RTM_GETLINK with IFLA_LINKINFO): what
-//! encapsulates the packets queued on them (VXLAN, Geneve, WireGuard, GRE, IPIP, xfrm
+//! Links of a namespace, over netlink (RTM_GETLINK with IFLA_LINKINFO): the tunnel devices
+//! that encapsulate the packets queued on them (VXLAN, Geneve, WireGuard, GRE, IPIP, xfrm
 //! interfaces…), with the identifiers their packets carry, so an encapsulation is named by its
-//! device.
+//! device; and whether an Open vSwitch kernel datapath is here.
 use std::{collections::HashMap, fmt};
 
 use anyhow::Result;
@@ -128,9 +128,18 @@ impl fmt::Display for TunnelKind {
     }
 }
 
-/// The tunnel devices of the calling thread's namespace, by ifindex.
-pub(crate) fn tunnels() -> Result<HashMap<u32, TunnelKind>> {
-    let mut out = HashMap::new();
+/// What the trace needs to know of a namespace's links besides their names.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Links {
+    /// Tunnel devices, by ifindex.
+    pub(crate) tunnels: HashMap<u32, TunnelKind>,
+    /// An Open vSwitch kernel datapath (a link of kind "openvswitch", `ovs-system`) is here.
+    pub(crate) openvswitch: bool,
+}
+
+/// The links of the calling thread's namespace.
+pub(crate) fn read() -> Result<Links> {
+    let mut out = Links::default();
     for m in dump(
         protocols::NETLINK_ROUTE,
         RouteNetlinkMessage::GetLink(Default::default()),
@@ -151,8 +160,11 @@ pub(crate) fn tunnels() -> Result<HashMap<u32, TunnelKind>> {
             LinkInfo::Data(d) => Some(d),
             _ => None,
         });
+        if matches!(kind, Some(InfoKind::Other(k)) if k == "openvswitch") {
+            out.openvswitch = true;
+        }
         if let Some(t) = kind.and_then(|k| TunnelKind::of(k, data)) {
-            out.insert(l.header.index, t);
+            out.tunnels.insert(l.header.index, t);
         }
     }
     Ok(out)
@@ -188,6 +200,6 @@ mod tests {
     #[test]
     fn this_namespace_can_be_listed() {
         // Whatever it holds (the test machine may have no tunnel): the dump itself works.
-        tunnels().unwrap();
+        read().unwrap();
     }
 }

@@ -20,7 +20,7 @@ use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
 };
 use netlink_packet_xfrm::{
-    policy::DelGetMessage,
+    policy::{DelGetMessage, ModifyMessage as PolicyModifyMessage},
     state::{GetDumpMessage, ModifyMessage},
     XfrmAttrs, XfrmMessage,
 };
@@ -219,7 +219,7 @@ impl fmt::Display for XfrmAction {
 
 serialize_as_display!(RuleAction, XfrmDir, XfrmAction);
 
-/// An xfrm policy with its mark selector.
+/// An xfrm policy with its mark selector and its templates.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub(crate) struct XfrmPolicy {
     pub(crate) direction: XfrmDir,
@@ -228,16 +228,176 @@ pub(crate) struct XfrmPolicy {
     pub(crate) dst: IpNet,
     pub(crate) mark: MarkMatch,
     pub(crate) priority: u32,
+    /// XFRMA_TMPL, in order: outbound, the transforms applied to what the policy selects;
+    /// inbound (and forward), the ones such a packet must have come through.
+    pub(crate) templates: Vec<XfrmTemplate>,
 }
 
-/// `xfrm policy dir in src 10.0.0.0/24 dst 10.0.1.0/24 mark 0x0/0x4000 action block`.
+impl XfrmPolicy {
+    /// Whether a packet from `src` to `dst` with `mark` is in this policy's selector (its
+    /// prefixes and mark; protocol and ports are not read).
+    pub(crate) fn selects(&self, src: IpAddr, dst: IpAddr, mark: Mark) -> bool {
+        self.src.contains(&src) && self.dst.contains(&dst) && self.mark.matches(mark)
+    }
+
+    /// The templates a packet the policy selects cannot go without (not `level use`).
+    pub(crate) fn required(&self) -> impl Iterator<Item = &XfrmTemplate> {
+        self.templates.iter().filter(|t| !t.optional)
+    }
+
+    /// From an XFRM_MSG_NEWPOLICY; `None` for per-socket policies and selectors that do not
+    /// decode.
+    pub(crate) fn from_message(p: &PolicyModifyMessage) -> Option<Self> {
+        let info = &p.user_policy_info;
+        let sel = &info.selector;
+        let v6 = |family: u16| Family::from_raw(family as u8) == Some(Family::Ipv6);
+        let ip = |a: &netlink_packet_xfrm::Address, family: u16| -> IpAddr {
+            if v6(family) {
+                a.to_ipv6().into()
+            } else {
+                a.to_ipv4().into()
+            }
+        };
+        let net =
+            |a: &netlink_packet_xfrm::Address, len: u8| IpNet::new(ip(a, sel.family), len).ok();
+        let mut mark = MarkMatch {
+            value: Mark::ZERO,
+            mask: Mark::ZERO,
+        };
+        let mut templates = Vec::new();
+        for a in &p.nlas {
+            match a {
+                XfrmAttrs::Mark(m) => {
+                    mark = MarkMatch {
+                        value: Mark(m.value),
+                        mask: Mark(m.mask),
+                    }
+                }
+                XfrmAttrs::Template(ts) => templates.extend(ts.iter().map(|t| {
+                    // A template without a family takes the selector's (the kernel fills it
+                    // in the same way).
+                    let family = if t.family == 0 { sel.family } else { t.family };
+                    XfrmTemplate {
+                        src: ip(&t.saddr, family),
+                        dst: ip(&t.id.daddr, family),
+                        proto: t.id.proto,
+                        // netlink-packet-xfrm reads the SPI in host order already; the reqid
+                        // is host order on the wire.
+                        spi: t.id.spi,
+                        reqid: t.reqid,
+                        mode: XfrmMode::from_raw(t.mode),
+                        optional: t.optional != 0,
+                    }
+                })),
+                _ => {}
+            }
+        }
+        // XFRM_POLICY_IN/OUT/FWD and XFRM_POLICY_ALLOW/BLOCK (include/uapi/linux/xfrm.h).
+        let direction = match info.direction {
+            0 => XfrmDir::In,
+            1 => XfrmDir::Out,
+            2 => XfrmDir::Fwd,
+            // Per-socket policies (XFRM_POLICY_MAX and beyond) are not the node's.
+            _ => return None,
+        };
+        Some(XfrmPolicy {
+            direction,
+            action: if info.action == 1 {
+                XfrmAction::Block
+            } else {
+                XfrmAction::Allow
+            },
+            src: net(&sel.saddr, sel.prefixlen_s)?,
+            dst: net(&sel.daddr, sel.prefixlen_d)?,
+            mark,
+            priority: info.priority,
+            templates,
+        })
+    }
+}
+
+/// `xfrm policy dir in src 10.0.0.0/24 dst 10.0.1.0/24 mark 0x0/0x4000 action block`, then
+/// each template as `ip xfrm policy` shows it: `tmpl src 10.0.0.1 dst 10.0.0.2 proto esp reqid
+/// 1 mode tunnel`.
 impl fmt::Display for XfrmPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
             "xfrm policy dir {} src {} dst {} mark {}/{} action {}",
             self.direction, self.src, self.dst, self.mark.value, self.mark.mask, self.action
-        )
+        )?;
+        for t in &self.templates {
+            write!(f, " {t}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A policy's template (`struct xfrm_user_tmpl`): the transform, by protocol, mode, reqid
+/// (and SPI), between the tunnel's endpoints.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub(crate) struct XfrmTemplate {
+    /// The tunnel's endpoints (unspecified in transport mode: the packet's own addresses).
+    pub(crate) src: IpAddr,
+    pub(crate) dst: IpAddr,
+    /// IPPROTO_ESP (50), IPPROTO_AH (51), IPPROTO_COMP (108).
+    pub(crate) proto: u8,
+    /// 0: any SPI.
+    pub(crate) spi: u32,
+    /// 0: any state (the kernel looks for one by addresses, protocol and mode).
+    pub(crate) reqid: u32,
+    pub(crate) mode: XfrmMode,
+    /// `level use`: packets may also go without this transform.
+    pub(crate) optional: bool,
+}
+
+impl XfrmTemplate {
+    /// Whether a state (SA) can apply this template: its protocol and mode, and the reqid,
+    /// SPI and tunnel destination when the template names them.
+    pub(crate) fn fits(&self, sa: &XfrmState) -> bool {
+        self.proto == sa.proto
+            && self.mode == sa.mode
+            && (self.reqid == 0 || self.reqid == sa.reqid)
+            && (self.spi == 0 || self.spi == sa.spi)
+            && (self.dst.is_unspecified() || self.dst == sa.dst)
+    }
+}
+
+/// An IPsec protocol's name as `ip xfrm` spells it (`esp`, `ah`, `comp`), else its number.
+pub(crate) struct XfrmProto(pub(crate) u8);
+
+impl fmt::Display for XfrmProto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            50 => f.write_str("esp"),
+            51 => f.write_str("ah"),
+            108 => f.write_str("comp"),
+            43 => f.write_str("route2"),
+            60 => f.write_str("hao"),
+            255 => f.write_str("ipsec-any"),
+            n => write!(f, "{n}"),
+        }
+    }
+}
+
+/// `tmpl src 10.0.0.1 dst 10.0.0.2 proto esp spi 0x100 reqid 1 mode tunnel level use`.
+impl fmt::Display for XfrmTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "tmpl src {} dst {} proto {}",
+            self.src,
+            self.dst,
+            XfrmProto(self.proto)
+        )?;
+        if self.spi != 0 {
+            write!(f, " spi {:#x}", self.spi)?;
+        }
+        write!(f, " reqid {} mode {}", self.reqid, self.mode)?;
+        if self.optional {
+            f.write_str(" level use")?;
+        }
+        Ok(())
     }
 }
 
@@ -581,64 +741,20 @@ pub(crate) fn tc_filters(ifindex: u32, egress: bool) -> Result<Vec<TcFilter>> {
 }
 
 pub(crate) fn xfrm_policies() -> Result<Vec<XfrmPolicy>> {
-    let mut out = Vec::new();
-    for m in dump(
+    Ok(decode_xfrm_policies(&dump(
         protocols::NETLINK_XFRM,
         XfrmMessage::GetPolicy(DelGetMessage::default()),
-    )? {
-        let XfrmMessage::AddPolicy(p) = m else {
-            continue;
-        };
-        let info = &p.user_policy_info;
-        let sel = &info.selector;
-        let net = |a: &netlink_packet_xfrm::Address, len: u8| -> Option<IpNet> {
-            let ip: IpAddr = if Family::from_raw(sel.family as u8) == Some(Family::Ipv6) {
-                a.to_ipv6().into()
-            } else {
-                a.to_ipv4().into()
-            };
-            IpNet::new(ip, len).ok()
-        };
-        let mut mark = MarkMatch {
-            value: Mark::ZERO,
-            mask: Mark::ZERO,
-        };
-        for a in &p.nlas {
-            if let XfrmAttrs::Mark(m) = a {
-                mark = MarkMatch {
-                    value: Mark(m.value),
-                    mask: Mark(m.mask),
-                };
-            }
-        }
-        // XFRM_POLICY_IN/OUT/FWD and XFRM_POLICY_ALLOW/BLOCK (include/uapi/linux/xfrm.h).
-        let direction = match info.direction {
-            0 => XfrmDir::In,
-            1 => XfrmDir::Out,
-            2 => XfrmDir::Fwd,
-            // Per-socket policies (XFRM_POLICY_MAX and beyond) are not the node's.
-            _ => continue,
-        };
-        let (Some(src), Some(dst)) = (
-            net(&sel.saddr, sel.prefixlen_s),
-            net(&sel.daddr, sel.prefixlen_d),
-        ) else {
-            continue;
-        };
-        out.push(XfrmPolicy {
-            direction,
-            action: if info.action == 1 {
-                XfrmAction::Block
-            } else {
-                XfrmAction::Allow
-            },
-            src,
-            dst,
-            mark,
-            priority: info.priority,
-        });
-    }
-    Ok(out)
+    )?))
+}
+
+pub(crate) fn decode_xfrm_policies(messages: &[XfrmMessage]) -> Vec<XfrmPolicy> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            XfrmMessage::AddPolicy(p) => XfrmPolicy::from_message(p),
+            _ => None,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -672,6 +788,44 @@ mod tests {
         );
         assert_eq!(exact.to_string(), "1000: not fwmark 0xca6c lookup 100");
         assert!(rule(None, false).mark_matches(m(0x1234)));
+    }
+
+    /// A dumped policy with a template, its bytes laid out as the kernel's `struct
+    /// xfrm_user_tmpl` (SPI in network order, reqid in host order): read as `ip xfrm policy`
+    /// shows it.
+    #[test]
+    fn policy_templates_read_like_ip_xfrm_policy() {
+        use netlink_packet_xfrm::{Address, UserPolicyInfo, UserTemplate};
+        let mut raw = [0u8; 64];
+        raw[..4].copy_from_slice(&[10, 77, 0, 1]); // id.daddr
+        raw[16..20].copy_from_slice(&0x1234u32.to_be_bytes()); // id.spi
+        raw[20] = 50; // id.proto: esp
+        raw[24..26].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        raw[28..32].copy_from_slice(&[10, 77, 0, 2]); // saddr
+        raw[44..48].copy_from_slice(&7u32.to_ne_bytes()); // reqid
+        raw[48] = 1; // mode: tunnel
+        raw[50] = 1; // optional: level use
+        let tmpl = UserTemplate::parse(&raw).unwrap();
+        let mut info = UserPolicyInfo::default();
+        info.selector.family = libc::AF_INET as u16;
+        info.selector.saddr = Address::from_ip(&"10.77.0.2".parse().unwrap());
+        info.selector.daddr = Address::from_ip(&"10.77.0.1".parse().unwrap());
+        info.selector.prefixlen_s = 32;
+        info.selector.prefixlen_d = 32;
+        info.direction = 0;
+        let msg = PolicyModifyMessage {
+            user_policy_info: info,
+            nlas: vec![XfrmAttrs::Template(vec![tmpl])],
+        };
+        let p = &decode_xfrm_policies(&[XfrmMessage::AddPolicy(msg)])[0];
+        assert_eq!(
+            p.to_string(),
+            "xfrm policy dir in src 10.77.0.2/32 dst 10.77.0.1/32 mark 0x0/0x0 action allow tmpl src 10.77.0.2 dst 10.77.0.1 proto esp spi 0x1234 reqid 7 mode tunnel level use"
+        );
+        assert_eq!(p.required().count(), 0, "level use requires nothing");
+        let m = Mark::ZERO;
+        let (a, b) = ("10.77.0.1".parse().unwrap(), "10.77.0.2".parse().unwrap());
+        assert!(p.selects(b, a, m) && !p.selects(a, b, m));
     }
 
     #[test]

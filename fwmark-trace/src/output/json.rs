@@ -12,7 +12,7 @@ use crate::{
     attribution::{Attribution, FieldRef, FieldValue, OwnerChange, Recognized, Warning},
     event::{
         CtMark, DropReason, EventKind, Interval, MarkChange, RouteLookup, Timestamp, TraceEvent,
-        Tuple,
+        Tuple, XfrmRef,
     },
     mark::Mark,
     nodestate::links::TunnelKind,
@@ -82,6 +82,8 @@ struct EventJson<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     mark_fate: Option<MarkFate>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    decrypted_by: Option<&'a XfrmRef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     count: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     interval: Option<Interval>,
@@ -119,6 +121,7 @@ impl EventWriter {
                 .as_ref()
                 .and_then(|s| s.tunnel())
                 .map(|t| t.fate(ev.mark.old.0, ev.mark.new.0)),
+            decrypted_by: ev.decrypted_by.as_ref(),
             count: ev.count,
             interval: ev.interval,
         };
@@ -149,6 +152,8 @@ impl Serialize for SegmentJson<'_> {
             programs: Vec<String>,
             #[serde(skip_serializing_if = "Option::is_none")]
             tunnel: Option<TunnelJson<'a>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            ovs: Option<OvsJson<'a>>,
             from: &'a PointInfo,
         }
         let seg = self.0;
@@ -162,10 +167,26 @@ impl Serialize for SegmentJson<'_> {
             mark_writers: seg.mark_writers().iter().map(ToString::to_string).collect(),
             programs: seg.programs().iter().map(ToString::to_string).collect(),
             tunnel: seg.tunnel().map(TunnelJson),
+            ovs: seg.ovs().map(|p| OvsJson {
+                bridge: &p.bridge,
+                in_port: &p.in_port,
+                out_port: &p.out_port,
+                flows: &p.mark_writers,
+            }),
             from: &seg.from,
         }
         .serialize(s)
     }
+}
+
+/// A way through an Open vSwitch bridge.
+#[derive(Serialize)]
+struct OvsJson<'a> {
+    bridge: &'a str,
+    in_port: &'a str,
+    out_port: &'a str,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    flows: &'a [String],
 }
 
 /// An encapsulation step: its direction, the device or xfrm state, the namespaces.

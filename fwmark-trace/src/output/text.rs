@@ -149,6 +149,17 @@ impl fmt::Display for Segment {
             ),
             Between::Path => write!(f, "between {from} and {to}"),
             Between::Tunnel(t) => t.fmt(f),
+            Between::Ovs(p) => {
+                write!(
+                    f,
+                    "Open vSwitch bridge {}: in {}, out {}",
+                    p.bridge, p.in_port, p.out_port
+                )?;
+                if !p.mark_writers.is_empty() {
+                    write!(f, " (flows writing pkt_mark: {})", p.mark_writers.join("; "))?;
+                }
+                Ok(())
+            }
         }
     }
 }

@@ -8,10 +8,13 @@ use crate::{
     event::{CtState, EventKind, Timestamp},
     flows::{Dir, Step},
     mark::Mark,
-    nodestate::{netlink::TABLE_MAIN, NodeState, Snapshot},
+    nodestate::{
+        netlink::{XfrmPolicy, XfrmProto, XfrmState, XfrmTemplate, TABLE_MAIN},
+        NodeState, Snapshot,
+    },
     output::text::{list, or_unknown},
     place::{Hook, Layer},
-    why::verdict::{Cause, DropPlace, Evidence, Report, ReversePath, Verdict},
+    why::verdict::{Cause, DropPlace, Evidence, Report, ReversePath, Verdict, XfrmEncap},
 };
 
 impl fmt::Display for Verdict {
@@ -113,6 +116,58 @@ impl fmt::Display for DropPlace {
     }
 }
 
+/// "proto esp (reqid 1, mode tunnel, 10.0.0.2 → 10.0.0.1)": what a template requires.
+fn requirement(t: &XfrmTemplate) -> String {
+    let mut what = Vec::new();
+    if t.spi != 0 {
+        what.push(format!("spi {:#x}", t.spi));
+    }
+    if t.reqid != 0 {
+        what.push(format!("reqid {}", t.reqid));
+    }
+    what.push(format!("mode {}", t.mode));
+    if !(t.src.is_unspecified() && t.dst.is_unspecified()) {
+        what.push(format!("{} → {}", t.src, t.dst));
+    }
+    format!("proto {} ({})", XfrmProto(t.proto), what.join(", "))
+}
+
+/// "`p`, `q`": policies as code spans.
+fn policies(ps: &[XfrmPolicy]) -> String {
+    ps.iter()
+        .map(|p| format!("`{p}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The request's way into the tunnel, for a reply that came back outside it.
+fn request_tunnel(tunnel: Option<&XfrmEncap>, mark: Mark, outbound: &[XfrmPolicy]) -> String {
+    let by = if outbound.is_empty() {
+        format!("no outbound policy with a template selects its mark {mark}")
+    } else {
+        format!("its mark {mark} selected {}", policies(outbound))
+    };
+    let Some(t) = tunnel else {
+        return if outbound.is_empty() {
+            "; the request's path shows no tunnel either".into()
+        } else {
+            format!("; {by}, but the request's path shows no encapsulation")
+        };
+    };
+    let sa = match (&t.state, t.spi) {
+        (Some(sa), _) => format!(
+            "state spi {:#x} {} → {} reqid {} mode {}",
+            sa.spi, sa.src, sa.dst, sa.reqid, sa.mode
+        ),
+        (None, Some(spi)) => format!("spi {spi:#x} (no state with that SPI was read)"),
+        (None, None) => "a state whose SPI was not seen".into(),
+    };
+    format!(
+        "; the request went into the tunnel by {sa} (seen at {}): {by}",
+        StepLabel(&t.step)
+    )
+}
+
 /// The verdict's one-line summary.
 pub(crate) fn summary(r: &Report) -> String {
     let peer = r.flow.dst;
@@ -191,6 +246,20 @@ pub(crate) fn summary(r: &Report) -> String {
             "the reply (mark {reply_mark}) was refused by an xfrm policy{} → XFRM_POLICY",
             policy.as_ref().map_or(String::new(), |p| format!(": {p}"))
         ),
+        Cause::XfrmOutsideTunnel {
+            reply_mark,
+            policy,
+            request_tunnel: tunnel,
+            request_mark,
+            outbound,
+        } => {
+            let required: Vec<String> = policy.required().map(requirement).collect();
+            format!(
+                "the reply (mark {reply_mark}) came back outside the IPsec tunnel (no decryption step on its path) and the inbound policy `{policy}` requires {} → XFRM_POLICY{}",
+                required.join(" then "),
+                request_tunnel(tunnel.as_ref(), *request_mark, outbound)
+            )
+        }
         Cause::IcmpDelivered { reply_mark } => format!(
             "the reply reached this host's input path (mark {reply_mark}); the kernel's own copy found no ping socket (NO_SOCKET), which is normal when ping reads from a raw socket: raw sockets receive a clone"
         ),
@@ -396,6 +465,74 @@ impl Serialize for StepJson<'_> {
     }
 }
 
+/// An xfrm policy as JSON: its fields and `ip xfrm`'s words.
+#[derive(Serialize)]
+struct PolicyJson<'a> {
+    text: String,
+    #[serde(flatten)]
+    policy: &'a XfrmPolicy,
+}
+
+impl<'a> PolicyJson<'a> {
+    fn of(policy: &'a XfrmPolicy) -> Self {
+        PolicyJson {
+            text: policy.to_string(),
+            policy,
+        }
+    }
+}
+
+/// Where the request went into the tunnel.
+#[derive(Serialize)]
+struct TunnelJson<'a> {
+    point: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spi: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<&'a XfrmState>,
+}
+
+/// A reply that came back outside the IPsec tunnel (`xfrm` in a report).
+#[derive(Serialize)]
+struct XfrmJson<'a> {
+    /// Whether the reply's path shows a decryption step: false, or it would not be here.
+    reply_decrypted: bool,
+    inbound_policy: PolicyJson<'a>,
+    /// The inbound policy's templates the reply cannot do without.
+    required: Vec<&'a XfrmTemplate>,
+    request_mark: Mark,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_tunnel: Option<TunnelJson<'a>>,
+    outbound_policies: Vec<PolicyJson<'a>>,
+}
+
+impl<'a> XfrmJson<'a> {
+    fn of(cause: &'a Cause) -> Option<Self> {
+        let Cause::XfrmOutsideTunnel {
+            policy,
+            request_tunnel,
+            request_mark,
+            outbound,
+            ..
+        } = cause
+        else {
+            return None;
+        };
+        Some(XfrmJson {
+            reply_decrypted: false,
+            inbound_policy: PolicyJson::of(policy),
+            required: policy.required().collect(),
+            request_mark: *request_mark,
+            request_tunnel: request_tunnel.as_ref().map(|t| TunnelJson {
+                point: StepLabel(&t.step).to_string(),
+                spi: t.spi.map(|s| format!("{s:#x}")),
+                state: t.state.as_ref(),
+            }),
+            outbound_policies: outbound.iter().map(PolicyJson::of).collect(),
+        })
+    }
+}
+
 /// A report as JSON.
 pub(crate) struct ReportJson<'a>(pub(crate) &'a Report);
 
@@ -433,6 +570,8 @@ impl Serialize for ReportJson<'_> {
             drop: Option<Drop>,
             #[serde(skip_serializing_if = "Option::is_none")]
             mark_diff: Option<MarkDiff>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            xfrm: Option<XfrmJson<'a>>,
             request: Vec<StepJson<'a>>,
             reply: Vec<StepJson<'a>>,
         }
@@ -457,6 +596,7 @@ impl Serialize for ReportJson<'_> {
                 bits: d.request ^ d.reply,
                 owners: d.owners.clone(),
             }),
+            xfrm: XfrmJson::of(&r.cause),
             request: r.request.iter().map(StepJson).collect(),
             reply: r.reply.iter().map(StepJson).collect(),
         }

@@ -81,8 +81,11 @@ impl Sink for Collector<'_> {
         // Routing lookups carry partial tuples (no source yet, or reversed): the tracker joins
         // them to flows it already follows.
         // NAT'ed packets no longer match the selection; their conntrack entry still does.
+        // Encapsulated ones (the request's ESP packet) are a followed packet under another
+        // tuple.
         if ev.route.is_some()
             || self.flows.follows_ct(ev.ct_id)
+            || self.flows.follows_packet(ev.packet_id)
             || ev.tuple.as_ref().is_some_and(|t| self.select.wants(t))
         {
             self.flows.add(ev);

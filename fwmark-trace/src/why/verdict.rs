@@ -12,11 +12,11 @@ use crate::{
     flows::{Dir, Flow, Step},
     mark::Mark,
     nodestate::{
-        netlink::{IpRule, RuleAction, XfrmAction, XfrmDir, XfrmPolicy, TABLE_LOCAL},
+        netlink::{IpRule, RuleAction, XfrmAction, XfrmDir, XfrmPolicy, XfrmState, TABLE_LOCAL},
         nft::{Chain, ChainId, MarkTest},
         NodeState, StateChange,
     },
-    place::{Hook, Tracepoint},
+    place::{Encapsulator, Hook, Tracepoint, TunnelDir},
     registry::Registry,
     stack::{NfHook, Proto},
 };
@@ -70,6 +70,15 @@ pub(crate) enum ReversePath {
     None,
 }
 
+/// The request's step into an xfrm tunnel: the ESP packet's first observation, the SPI it
+/// carries and the state (SA) that SPI names.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct XfrmEncap {
+    pub(crate) step: Step,
+    pub(crate) spi: Option<u32>,
+    pub(crate) state: Option<XfrmState>,
+}
+
 /// A drop's place: the hook and priority of the last observer before it, and the chains
 /// right after that observer.
 #[derive(Clone, Debug, PartialEq)]
@@ -118,6 +127,20 @@ pub(crate) enum Cause {
         reply_mark: Mark,
         policy: Option<XfrmPolicy>,
     },
+    /// The reply came back outside the IPsec tunnel (no decryption on its path) and the
+    /// inbound policy that took it requires a transform (its templates: ESP, tunnel mode, …).
+    XfrmOutsideTunnel {
+        reply_mark: Mark,
+        /// The inbound (or forward) policy the kernel applied to the reply.
+        policy: XfrmPolicy,
+        /// Where the request went into the tunnel, when its path shows it.
+        request_tunnel: Option<XfrmEncap>,
+        /// The request's mark when its policy was looked up (before a state's output mark).
+        request_mark: Mark,
+        /// The outbound policies with templates that select the request (by address and
+        /// mark); with the tunnel's state known, those whose template names it.
+        outbound: Vec<XfrmPolicy>,
+    },
     /// ICMP: the kernel's copy found no ping socket; ping reads a raw socket's clone.
     IcmpDelivered {
         reply_mark: Mark,
@@ -157,7 +180,7 @@ impl Cause {
             Cause::RpFilter { .. } => Verdict::RpFilter,
             Cause::NetfilterDrop { .. } => Verdict::NetfilterDrop,
             Cause::ConnmarkRestoreMask { .. } => Verdict::ConnmarkRestoreMask,
-            Cause::XfrmPolicy { .. } => Verdict::XfrmPolicy,
+            Cause::XfrmPolicy { .. } | Cause::XfrmOutsideTunnel { .. } => Verdict::XfrmPolicy,
             Cause::NoSocket { .. } => Verdict::NoSocket,
             Cause::Dropped { .. } => Verdict::Dropped,
             Cause::ReplySent { .. } => Verdict::ReplySent,
@@ -517,24 +540,106 @@ fn bit_owners(bits: Mark, registry: &Registry) -> Vec<String> {
     owners
 }
 
-/// XFRM_POLICY: the inbound block policies whose mark selector takes the reply's mark.
-fn xfrm_policy(reply: &[&Step], cx: &Context, evidence: &mut Vec<Evidence>) -> Cause {
+/// The step where a path went through an xfrm transform in direction `dir` (encapsulation on
+/// the request's, decryption on the reply's), with the SPI and state it names.
+fn xfrm_step(path: &[&Step], dir: TunnelDir) -> Option<XfrmEncap> {
+    path.iter().find_map(|s| {
+        let t = s.segment.as_ref()?.tunnel().filter(|t| t.dir == dir)?;
+        let Encapsulator::Xfrm { spi, state } = &t.by else {
+            return None;
+        };
+        Some(XfrmEncap {
+            step: (*s).clone(),
+            spi: *spi,
+            state: state.clone(),
+        })
+    })
+}
+
+/// XFRM_POLICY: the inbound (and forward) policies whose selector (addresses, mark) takes the
+/// reply, those that block and those with templates it must have been decrypted by; the one
+/// the kernel applies comes first (lowest priority value). A template policy and a reply whose
+/// path shows no decryption: the reply came back outside the tunnel, and the request's way
+/// into it (its state, the outbound policy its mark selected) is named.
+fn xfrm_policy(
+    flow: &Flow,
+    request: &[&Step],
+    reply: &[&Step],
+    dropped: &Step,
+    cx: &Context,
+    evidence: &mut Vec<Evidence>,
+) -> Cause {
     let reply_mark = last_mark(reply);
-    let hits: Vec<&XfrmPolicy> = cx
+    // The reply's addresses where it died (its own tuple where NAT changed it).
+    let at = dropped.nat_tuple.unwrap_or_else(|| flow.tuple.reversed());
+    let mut hits: Vec<&XfrmPolicy> = cx
         .state
         .xfrm
         .iter()
         .filter(|p| {
             p.direction != XfrmDir::Out
-                && p.action == XfrmAction::Block
-                && p.mark.matches(reply_mark)
+                && (p.action == XfrmAction::Block || p.required().next().is_some())
+                && p.selects(at.src, at.dst, reply_mark)
         })
         .collect();
+    hits.sort_by_key(|p| p.priority);
     evidence.extend(hits.iter().map(|p| Evidence::XfrmMatching((*p).clone())));
-    Cause::XfrmPolicy {
-        reply_mark,
-        policy: hits.first().map(|p| (*p).clone()),
+    let decrypted = xfrm_step(reply, TunnelDir::Decap).is_some();
+    match hits.first() {
+        Some(p) if p.action == XfrmAction::Allow && !decrypted => {
+            let request_tunnel = xfrm_step(request, TunnelDir::Encap);
+            // The policy lookup saw the inner packet's mark: before the encapsulation (where
+            // a state's output mark may rewrite it), or the request's last.
+            let request_mark = request_tunnel
+                .as_ref()
+                .map_or(last_mark(request), |t| t.step.old_mark);
+            let state = request_tunnel.as_ref().and_then(|t| t.state.as_ref());
+            Cause::XfrmOutsideTunnel {
+                reply_mark,
+                policy: (*p).clone(),
+                outbound: outbound_policies(flow, request, request_mark, state, cx),
+                request_tunnel,
+                request_mark,
+            }
+        }
+        p => Cause::XfrmPolicy {
+            reply_mark,
+            policy: p.map(|p| (*p).clone()),
+        },
     }
+}
+
+/// The outbound policies with templates whose selector takes the request (its addresses, or
+/// those NAT gave it, and `mark`), in the kernel's order; with the tunnel's state known, only
+/// those whose template it fits, when some do.
+fn outbound_policies(
+    flow: &Flow,
+    request: &[&Step],
+    mark: Mark,
+    state: Option<&XfrmState>,
+    cx: &Context,
+) -> Vec<XfrmPolicy> {
+    let tuples: Vec<Tuple> = std::iter::once(flow.tuple)
+        .chain(request.iter().filter_map(|s| s.nat_tuple))
+        .collect();
+    let mut out: Vec<&XfrmPolicy> = cx
+        .state
+        .xfrm
+        .iter()
+        .filter(|p| {
+            p.direction == XfrmDir::Out
+                && !p.templates.is_empty()
+                && tuples.iter().any(|t| p.selects(t.src, t.dst, mark))
+        })
+        .collect();
+    if let Some(sa) = state {
+        let fits = |p: &&XfrmPolicy| p.templates.iter().any(|t| t.fits(sa));
+        if out.iter().any(fits) {
+            out.retain(fits);
+        }
+    }
+    out.sort_by_key(|p| p.priority);
+    out.into_iter().cloned().collect()
 }
 
 /// The request's mark against the reply's: which owners' bits differ.
@@ -608,7 +713,9 @@ pub(crate) fn judge(flow: &Flow, cx: &Context) -> Report {
                     info.rule = rule;
                     cause
                 }
-                DropReason::XfrmPolicy => xfrm_policy(&reply, cx, &mut evidence),
+                DropReason::XfrmPolicy => {
+                    xfrm_policy(flow, &request, &reply, reply[i], cx, &mut evidence)
+                }
                 // Past every netfilter hook, the stack found no socket: routing and marks did
                 // their job.
                 DropReason::NoSocket if flow.tuple.proto.is_icmp() => {
@@ -646,12 +753,13 @@ mod tests {
     use super::*;
     use crate::{
         event::{RouteLookup, Timestamp},
+        nodestate::netlink::{XfrmMode, XfrmTemplate},
         nodestate::{
             netlink::{Route, TABLE_MAIN},
             sysctl::Sysctls,
         },
         output::why::summary,
-        place::{Layer, PointInfo},
+        place::{Between, Layer, PointInfo, Segment, Tunnel},
         stack::{Family, NftFamily},
     };
 
@@ -919,6 +1027,7 @@ mod tests {
             dst: "10.77.0.1/32".parse().unwrap(),
             mark: "0x0/0x4000".parse().unwrap(),
             priority: 0,
+            templates: vec![],
         };
         s.xfrm = vec![policy.clone()];
         let r = judge_with(&flow(vec![dropped(DropReason::XfrmPolicy, 0)]), &s, &[]);
@@ -949,6 +1058,215 @@ mod tests {
         assert_eq!(
             judge_with(&silent, &s, &[]).cause.verdict(),
             Verdict::NoReply
+        );
+    }
+
+    /// A policy with one ESP tunnel-mode template between `from` and `to`.
+    fn esp_policy(
+        dir: XfrmDir,
+        sel: (&str, &str),
+        mark: &str,
+        tmpl: (&str, &str),
+        reqid: u32,
+    ) -> XfrmPolicy {
+        XfrmPolicy {
+            direction: dir,
+            action: XfrmAction::Allow,
+            src: sel.0.parse().unwrap(),
+            dst: sel.1.parse().unwrap(),
+            mark: mark.parse().unwrap(),
+            priority: 0,
+            templates: vec![XfrmTemplate {
+                src: tmpl.0.parse().unwrap(),
+                dst: tmpl.1.parse().unwrap(),
+                proto: libc::IPPROTO_ESP as u8,
+                spi: 0,
+                reqid,
+                mode: XfrmMode::Tunnel,
+                optional: false,
+            }],
+        }
+    }
+
+    /// An xfrm step of `dir` (the ESP packet on the request's path, the decrypted reply).
+    fn xfrm_at(s: Step, dir: TunnelDir, sa: Option<XfrmState>) -> Step {
+        Step {
+            segment: Some(Arc::new(Segment {
+                between: Between::Tunnel(Tunnel {
+                    dir,
+                    by: Encapsulator::Xfrm {
+                        spi: Some(0x100),
+                        state: sa,
+                    },
+                    crossed: None,
+                }),
+                from: (*s.at).clone(),
+                to: (*s.at).clone(),
+                tc_filters: false,
+            })),
+            ..s
+        }
+    }
+
+    /// The request (SO_MARK 0x100) went into an ESP tunnel by the state with SPI 0x100, which
+    /// the out policy for mark 0x100/0xf00 selected; the reply came back in the clear and the
+    /// in policy wants ESP from the peer: it names both, in words and JSON.
+    #[test]
+    fn reply_outside_the_tunnel_names_the_policy_and_the_request_state() {
+        let (a, peer) = ("10.77.0.1", "10.9.9.9");
+        let sa = XfrmState {
+            src: a.parse().unwrap(),
+            dst: peer.parse().unwrap(),
+            proto: libc::IPPROTO_ESP as u8,
+            spi: 0x100,
+            mode: XfrmMode::Tunnel,
+            reqid: 1,
+            if_id: None,
+            mark: None,
+            output_mark: None,
+        };
+        let inbound = esp_policy(
+            XfrmDir::In,
+            ("10.9.9.9/32", "10.77.0.1/32"),
+            "0/0",
+            (peer, a),
+            2,
+        );
+        let outbound = esp_policy(
+            XfrmDir::Out,
+            ("10.77.0.1/32", "10.9.9.9/32"),
+            "0x100/0xf00",
+            (a, peer),
+            1,
+        );
+        let mut s = state();
+        s.xfrm = vec![
+            // Not selecting the request's mark, or not covering the reply: not named.
+            esp_policy(
+                XfrmDir::Out,
+                ("10.77.0.1/32", "10.9.9.9/32"),
+                "0x200/0xf00",
+                (a, peer),
+                1,
+            ),
+            esp_policy(
+                XfrmDir::In,
+                ("10.1.1.1/32", "10.77.0.1/32"),
+                "0/0",
+                ("10.1.1.1", a),
+                3,
+            ),
+            outbound.clone(),
+            inbound.clone(),
+        ];
+        let out = nf(NfHook::Output, i32::MIN + 1);
+        let sent = step(Dir::Request, EventKind::Transition, out, 0, 0x100);
+        let esp = xfrm_at(
+            step(Dir::Request, EventKind::Tunnel, out, 0x100, 0x100),
+            TunnelDir::Encap,
+            Some(sa.clone()),
+        );
+        let arrived = step(
+            Dir::Reply,
+            EventKind::Observe,
+            nf(NfHook::Prerouting, i32::MIN + 1),
+            0,
+            0,
+        );
+        let drop = dropped(DropReason::XfrmPolicy, 0);
+        let f = flow(vec![
+            sent.clone(),
+            esp.clone(),
+            arrived.clone(),
+            drop.clone(),
+        ]);
+        let r = judge_with(&f, &s, &[]);
+        assert_eq!(r.cause.verdict(), Verdict::XfrmPolicy);
+        let Cause::XfrmOutsideTunnel {
+            policy,
+            request_tunnel,
+            request_mark,
+            outbound: named,
+            ..
+        } = &r.cause
+        else {
+            panic!("{:?}", r.cause);
+        };
+        assert_eq!(*policy, inbound);
+        assert_eq!(*request_mark, Mark(0x100));
+        assert_eq!(*named, vec![outbound.clone()]);
+        let t = request_tunnel.as_ref().expect("the request's ESP step");
+        assert_eq!((t.spi, t.state.as_ref()), (Some(0x100), Some(&sa)));
+        let text = summary(&r);
+        for part in [
+            "came back outside the IPsec tunnel (no decryption step on its path)",
+            "xfrm policy dir in src 10.9.9.9/32 dst 10.77.0.1/32 mark 0x0/0x0 action allow tmpl src 10.9.9.9 dst 10.77.0.1 proto esp reqid 2 mode tunnel",
+            "requires proto esp (reqid 2, mode tunnel, 10.9.9.9 → 10.77.0.1) → XFRM_POLICY",
+            "the request went into the tunnel by state spi 0x100 10.77.0.1 → 10.9.9.9 reqid 1 mode tunnel",
+            "its mark 0x100 selected `xfrm policy dir out src 10.77.0.1/32 dst 10.9.9.9/32 mark 0x100/0xf00",
+        ] {
+            assert!(text.contains(part), "{part:?} not in {text}");
+        }
+        let json = serde_json::to_value(crate::output::why::ReportJson(&r)).unwrap();
+        let x = &json["xfrm"];
+        assert_eq!(x["reply_decrypted"], false, "{json:#}");
+        assert_eq!(x["inbound_policy"]["direction"], "in", "{x:#}");
+        assert_eq!(x["required"][0]["reqid"], 2, "{x:#}");
+        assert_eq!(x["request_mark"], "0x100", "{x:#}");
+        assert_eq!(x["request_tunnel"]["spi"], "0x100", "{x:#}");
+        assert_eq!(x["request_tunnel"]["state"]["reqid"], 1, "{x:#}");
+        assert_eq!(x["outbound_policies"][0]["mark"], "0x100/0xf00", "{x:#}");
+        assert!(x["outbound_policies"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("dir out"));
+
+        // No ESP step seen: the outbound policy is still named, the state is not.
+        let r = judge_with(
+            &flow(vec![sent.clone(), arrived.clone(), drop.clone()]),
+            &s,
+            &[],
+        );
+        assert!(
+            matches!(&r.cause, Cause::XfrmOutsideTunnel { request_tunnel: None, outbound, .. } if outbound.len() == 1),
+            "{:?}",
+            r.cause
+        );
+        assert!(
+            summary(&r).contains("but the request's path shows no encapsulation"),
+            "{}",
+            summary(&r)
+        );
+
+        // The reply was decrypted (and still refused): not "outside the tunnel".
+        let decrypted = xfrm_at(arrived.clone(), TunnelDir::Decap, None);
+        let r = judge_with(
+            &flow(vec![sent.clone(), esp, decrypted, drop.clone()]),
+            &s,
+            &[],
+        );
+        assert_eq!(
+            r.cause,
+            Cause::XfrmPolicy {
+                reply_mark: Mark::ZERO,
+                policy: Some(inbound.clone())
+            }
+        );
+
+        // A block policy the kernel applies first (lower priority value) keeps its cause.
+        let mut block = inbound.clone();
+        block.action = XfrmAction::Block;
+        block.templates.clear();
+        let mut later = inbound.clone();
+        later.priority = 10;
+        s.xfrm = vec![later, block.clone()];
+        let r = judge_with(&flow(vec![sent, arrived, drop]), &s, &[]);
+        assert_eq!(
+            r.cause,
+            Cause::XfrmPolicy {
+                reply_mark: Mark::ZERO,
+                policy: Some(block)
+            }
         );
     }
 
