@@ -230,7 +230,11 @@ fn slow_path<const BTF: bool>(
         fill_device(&mut at, &c.last);
         ev.at = at;
     }
-    let continues = c.live() && path::continues(&c.last, &at, head == c.head);
+    // A life that ended without a tracepoint (TCP frees pure ACKs with `__kfree_skb`) leaves
+    // its address to an unrelated buffer: one that ends with no protocol (netlink, unix
+    // sockets) was never a network packet, so it is not the packet last seen there.
+    let recycled = site.end.is_some() && skb::field::<BTF, u16>(skb, off.skb_protocol) == 0;
+    let continues = c.live() && !recycled && path::continues(&c.last, &at, head == c.head);
     if !continues && !site.starts {
         return;
     }
