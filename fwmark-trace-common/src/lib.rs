@@ -230,8 +230,19 @@ pub struct AggValue {
     pub exemplar: Event,
 }
 
-/// Distinct transitions counted in the kernel at once (an LRU: the oldest go first).
+/// Distinct transitions counted in the kernel at once (an LRU: the oldest go first), as the
+/// object declares it; the daemon sizes it from a memory budget at load time.
 pub const AGG_ENTRIES: u32 = 16384;
+
+/// Why events were lost: the `LOST` map's index.
+pub mod lost_reason {
+    /// The ring buffer had no room for an event.
+    pub const RING_FULL: u32 = 0;
+    /// The counting map (`AGG`) refused a new transition.
+    pub const COUNT_MAP_FULL: u32 = 1;
+    /// How many reasons there are.
+    pub const COUNT: u32 = 2;
+}
 
 /// `Event::sk_flags`: the packet belongs to a full socket and `sk_mark` is its SO_MARK.
 pub const SK_FULL: u32 = 1;
@@ -649,6 +660,9 @@ pub const MAP_LOST: &str = "LOST";
 pub const MAP_IFACES: &str = "IFACES";
 pub const MAP_CONTROL: &str = "CONTROL";
 pub const MAP_AGG: &str = "AGG";
+/// Per CPU: packets counted in `AGG` since load. The daemon compares it with what it read out
+/// of `AGG`: the difference went with entries the LRU evicted between two reads.
+pub const MAP_COUNTED: &str = "COUNTED";
 
 /// Settings the daemon changes while running (the `CONTROL` array map, one entry), unlike
 /// `Config`, which is frozen at load.

@@ -25,8 +25,8 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, FEntryContext, FExitContext, TcContext},
 };
 use fwmark_trace_common::{
-    layer, nf_hook, nfproto, route_hook, tc_dir, tc_slot, tracepoint, AggKey, AggValue, Config,
-    Control, CpuCache, Event, PacketState, Point, AGG_ENTRIES, NF_SLOT_CHAIN,
+    layer, lost_reason, nf_hook, nfproto, route_hook, tc_dir, tc_slot, tracepoint, AggKey,
+    AggValue, Config, Control, CpuCache, Event, PacketState, Point, AGG_ENTRIES, NF_SLOT_CHAIN,
 };
 use observe::{End, Site};
 use skb::read;
@@ -63,9 +63,13 @@ static AGG_SCRATCH: PerCpuArray<AggValue> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static CONTROL: Array<Control> = Array::with_max_entries(1, 0);
 
-/// Events the ring buffer had no room for.
+/// Events lost, per reason (`lost_reason::*`).
 #[map]
-static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(lost_reason::COUNT, 0);
+
+/// Packets counted in `AGG` (see `MAP_COUNTED`).
+#[map]
+static COUNTED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU packet id counter.
 #[map]

@@ -11,13 +11,13 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, generated};
 use fwmark_trace_common::{
-    kind, layer, path, socket_slot, tunnel, AggKey, Config, CpuCache, Event, PacketState, Point,
-    CACHE_SLOTS, CT_BEFORE, CT_NOW,
+    kind, layer, lost_reason, path, socket_slot, tunnel, AggKey, Config, CpuCache, Event,
+    PacketState, Point, CACHE_SLOTS, CT_BEFORE, CT_NOW,
 };
 
 use crate::{
-    skb, AGG, AGG_SCRATCH, CACHE, CONFIG, CONTROL, EVENTS, FOLLOWED, FOLLOWING, IFACES, LOST,
-    PACKETS, SEQ,
+    skb, AGG, AGG_SCRATCH, CACHE, CONFIG, CONTROL, COUNTED, EVENTS, FOLLOWED, FOLLOWING, IFACES,
+    LOST, PACKETS, SEQ,
 };
 
 /// What the observer knows besides the skb pointer.
@@ -67,10 +67,19 @@ fn next_packet_id() -> u64 {
 }
 
 #[inline(always)]
-fn count_lost() {
-    if let Some(lost) = LOST.get_ptr_mut(0) {
+fn count_lost(reason: u32) {
+    if let Some(lost) = LOST.get_ptr_mut(reason) {
         // SAFETY: a non-NULL pointer to this CPU's counter in LOST (see next_packet_id).
         unsafe { *lost += 1 };
+    }
+}
+
+/// One more packet counted in `AGG`.
+#[inline(always)]
+fn count_counted() {
+    if let Some(n) = COUNTED.get_ptr_mut(0) {
+        // SAFETY: a non-NULL pointer to this CPU's counter in COUNTED (see next_packet_id).
+        unsafe { *n += 1 };
     }
 }
 
@@ -269,6 +278,7 @@ fn slow_path<const BTF: bool>(
             // program's run and written by no other CPU.
             let v = unsafe { &mut *v };
             v.count += 1;
+            count_counted();
             // A fresh exemplar once per interval (and where another CPU created the entry,
             // this CPU's value started empty).
             if v.epoch == epoch && v.exemplar.kind != 0 {
@@ -298,9 +308,9 @@ fn slow_path<const BTF: bool>(
         value.exemplar = *ev;
         // By reference: a copy (what clippy suggests) would put the value on the stack again.
         #[allow(clippy::needless_borrows_for_generic_args)]
-        let inserted = AGG.insert(key, &*value, 0);
-        if inserted.is_err() {
-            count_lost();
+        match AGG.insert(key, &*value, 0) {
+            Ok(()) => count_counted(),
+            Err(_) => count_lost(lost_reason::COUNT_MAP_FULL),
         }
         return;
     }
@@ -513,7 +523,7 @@ pub fn emit(mut ev: Event) {
             };
             slot.submit(wake);
         }
-        None => count_lost(),
+        None => count_lost(lost_reason::RING_FULL),
     }
 }
 

@@ -3,38 +3,67 @@
 //! context needed to name them; `fwmark-trace show FILE` decodes and attributes them afterwards
 //! with the same code the live output uses.
 //!
-//! Format: the magic line `FWMTREC3\n`, then frames of `tag: u8, len: u32 (little endian),
-//! payload`: `C` a context (JSON: topology, drop reason names, boot time), valid for the records
-//! after it; `E` raw `Event` records, back to back. A file cut short (the daemon was killed) ends
-//! at its last whole record.
+//! Format: the magic line `FWMTREC5\n`, then frames. A frame is a 13-byte header — `tag: u8`,
+//! `len: u32`, `crc: u32` (CRC-32C of the payload), `head_crc: u32` (CRC-32C of the 9 bytes
+//! before it), integers little endian — and `len` bytes of payload:
+//!
+//! - `C` a context (JSON: topology, drop reason names, boot time), valid for the records after
+//!   it; at most `MAX_CONTEXT` bytes;
+//! - `E` raw `Event` records back to back: a whole number of them, at most `MAX_EVENTS` bytes;
+//! - `L` events the kernel could not deliver: `reason: u8` (1: the ring buffer was full),
+//!   `lost: u64`, `total_lost: u64`, `time: u64` (ns since the epoch);
+//! - `Z` the end, written when the run finishes: `records: u64`, `total_lost: u64`, which must
+//!   match what came before it.
+//!
+//! Nothing is shown that the file does not hold intact: a frame is used only once its header
+//! and payload pass their checksums and its length fits its kind. A recording cut short (the
+//! daemon was killed, its disk filled up) or damaged ends at the last intact frame before the
+//! damage; `show` says where (byte offset, frame number) and what it recovered, once, and exits 1.
 use std::{
     collections::HashMap,
     fs::File,
-    io::{BufReader, BufWriter, Read, Write},
+    io::{self, BufReader, BufWriter, Read, Write},
     path::{Path, PathBuf},
-    time::{Duration, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, ensure, Context as _, Result};
 use fwmark_trace_common::Event;
 use serde::{Deserialize, Serialize};
 
 use crate::{
     attribution::Attributor,
+    cli::Outcome,
     decode::Decoder,
-    output::{summary::Summary, Format, Output},
+    event::Timestamp,
+    output::{summary::Summary, text::escape_controls, Format, LostRecord, Output},
     pipeline::Pipeline,
     place::Topology,
     registry::{self, Registry},
 };
 
 /// 2: `Point` carries a priority (16 bytes); 3: the topology's chains and sites are typed
-/// (hooks and families by name).
-const MAGIC: &[u8; 9] = b"FWMTREC4\n";
+/// (hooks and families by name); 5: checksummed frames, lost and end frames.
+const MAGIC: &[u8; 9] = b"FWMTREC5\n";
 const CONTEXT: u8 = b'C';
 const EVENTS: u8 = b'E';
-/// A frame larger than this is not one we wrote.
-const MAX_FRAME: u32 = 64 << 20;
+const LOST: u8 = b'L';
+const END: u8 = b'Z';
+/// A frame's header: tag, length, payload checksum, header checksum.
+const HEADER: usize = 13;
+/// One raw record.
+const RECORD: usize = std::mem::size_of::<Event>();
+/// The largest context frame we write is far smaller (a topology as JSON).
+const MAX_CONTEXT: u32 = 64 << 20;
+/// The largest events frame read; the recorder writes frames of about `EVENTS_FRAME` bytes.
+const MAX_EVENTS: u32 = 1 << 20;
+/// An events frame is written once this many bytes of records wait: a torn frame loses at most
+/// this much, and the checksum is computed on data still in the cache.
+const EVENTS_FRAME: usize = 64 << 10;
+const LOST_LEN: u32 = 25;
+const END_LEN: u32 = 16;
+/// `L` frames' reason: the ring buffer was full (the kernel's lost counter).
+const RING_FULL: u8 = 1;
 
 /// What is needed to name recorded points: as the daemon knew it when they were recorded.
 #[derive(Serialize, Deserialize)]
@@ -45,22 +74,34 @@ pub(crate) struct Context {
     pub(crate) boot_unix_ns: u64,
 }
 
-pub(crate) struct Recorder {
-    out: BufWriter<File>,
+/// Writes a recording: to a file (`create`), or to any writer in tests.
+pub(crate) struct Recorder<W: Write = BufWriter<File>> {
+    out: W,
     pending: Vec<u8>,
+    /// An events frame is written once this many bytes wait.
+    frame_bytes: usize,
     pub(crate) records: u64,
+    /// The kernel's lost counter as last recorded.
+    lost: u64,
 }
 
 impl Recorder {
     pub(crate) fn create(path: &Path) -> Result<Self> {
         let file =
             File::create(path).with_context(|| format!("creating recording {}", path.display()))?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
+        Recorder::to_writer(BufWriter::with_capacity(1 << 20, file), EVENTS_FRAME)
+    }
+}
+
+impl<W: Write> Recorder<W> {
+    fn to_writer(mut out: W, frame_bytes: usize) -> Result<Self> {
         out.write_all(MAGIC)?;
         Ok(Self {
             out,
-            pending: Vec::with_capacity(1 << 20),
+            pending: Vec::with_capacity(frame_bytes + RECORD),
+            frame_bytes,
             records: 0,
+            lost: 0,
         })
     }
 
@@ -79,17 +120,48 @@ impl Recorder {
                 .unwrap_or_default()
                 .as_nanos() as u64,
         };
-        frame(&mut self.out, CONTEXT, &serde_json::to_vec(&ctx)?)
+        let json = serde_json::to_vec(&ctx)?;
+        ensure!(
+            json.len() <= MAX_CONTEXT as usize,
+            "recording: a context of {} bytes is too large",
+            json.len()
+        );
+        frame(&mut self.out, CONTEXT, &json)
     }
 
     /// One raw record as the kernel wrote it.
     pub(crate) fn record(&mut self, raw: &[u8]) -> Result<()> {
+        ensure!(
+            raw.len() == RECORD,
+            "recording: a record of {} bytes",
+            raw.len()
+        );
         self.pending.extend_from_slice(raw);
         self.records += 1;
-        if self.pending.len() >= 1 << 20 {
+        if self.pending.len() >= self.frame_bytes {
             self.flush_events()?;
         }
         Ok(())
+    }
+
+    /// The kernel's lost counter (`total`, events it could not put in the ring buffer because
+    /// it was full): a lost frame when it grew, after the records that came before.
+    pub(crate) fn lost(&mut self, total: u64) -> Result<()> {
+        if total <= self.lost {
+            return Ok(());
+        }
+        self.flush_events()?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        let mut payload = Vec::with_capacity(LOST_LEN as usize);
+        payload.push(RING_FULL);
+        payload.extend_from_slice(&(total - self.lost).to_le_bytes());
+        payload.extend_from_slice(&total.to_le_bytes());
+        payload.extend_from_slice(&now.to_le_bytes());
+        self.lost = total;
+        frame(&mut self.out, LOST, &payload)
     }
 
     fn flush_events(&mut self) -> Result<()> {
@@ -100,15 +172,27 @@ impl Recorder {
         Ok(())
     }
 
-    pub(crate) fn finish(&mut self) -> Result<()> {
+    /// The end of the run: what waits, the lost counter (`total_lost`) if it grew, the end
+    /// frame, then everything to the file.
+    pub(crate) fn finish(&mut self, total_lost: u64) -> Result<()> {
         self.flush_events()?;
+        self.lost(total_lost)?;
+        let mut payload = Vec::with_capacity(END_LEN as usize);
+        payload.extend_from_slice(&self.records.to_le_bytes());
+        payload.extend_from_slice(&self.lost.to_le_bytes());
+        frame(&mut self.out, END, &payload)?;
         self.out.flush().context("writing the recording")
     }
 }
 
 fn frame(out: &mut impl Write, tag: u8, payload: &[u8]) -> Result<()> {
-    out.write_all(&[tag])?;
-    out.write_all(&(payload.len() as u32).to_le_bytes())?;
+    let mut head = [0u8; HEADER];
+    head[0] = tag;
+    head[1..5].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    head[5..9].copy_from_slice(&crc32c(payload).to_le_bytes());
+    let head_crc = crc32c(&head[..9]);
+    head[9..].copy_from_slice(&head_crc.to_le_bytes());
+    out.write_all(&head)?;
     out.write_all(payload)?;
     Ok(())
 }
@@ -125,20 +209,81 @@ struct ContextRef<'a> {
 pub(crate) enum Frame {
     Context(Box<Context>),
     Events(Vec<Event>),
+    Lost(Lost),
 }
 
-/// Reads the frames of a recording. Anything that is not one (bad magic, a bad context) is an
-/// error; a file cut short ends at its last whole record.
+/// Events the kernel could not deliver (an `L` frame).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Lost {
+    pub(crate) lost: u64,
+    pub(crate) total_lost: u64,
+    /// When the daemon saw the counter grow (ns since the epoch).
+    pub(crate) time_unix_ns: u64,
+}
+
+/// Where a recording stops being intact, and what was read before it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Damage {
+    /// Byte offset of the first frame not read (the damaged one).
+    pub(crate) offset: u64,
+    /// Its number (the first frame is 1).
+    pub(crate) frame: u64,
+    pub(crate) what: String,
+    /// The intact frames before it, the event records and the lost frames they held.
+    pub(crate) frames: u64,
+    pub(crate) events: u64,
+    pub(crate) lost_frames: u64,
+}
+
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cut short or damaged at byte {} (frame {}): {}; recovered the {} intact frame(s) before it ({} events, {} lost records), nothing after",
+            self.offset, self.frame, self.what, self.frames, self.events, self.lost_frames
+        )
+    }
+}
+
+/// Reads the frames of a recording. What is not a recording (no magic, another version's) is an
+/// error; a recording cut short or damaged ends at its last intact frame (`damage` says where).
 pub(crate) struct Reader<R> {
     input: R,
+    /// Byte offset of the next frame.
+    offset: u64,
+    frames: u64,
+    events: u64,
+    lost_frames: u64,
+    total_lost: u64,
+    /// The end frame was read.
+    ended: bool,
+    done: bool,
+    damage: Option<Damage>,
 }
 
 impl<R: Read> Reader<R> {
     pub(crate) fn new(mut input: R) -> Result<Self> {
         let mut magic = [0u8; 9];
-        input
-            .read_exact(&mut magic)
-            .context("not a fwmark-trace recording (too short)")?;
+        let n = read_up_to(&mut input, &mut magic)?;
+        let mut reader = Self {
+            input,
+            offset: n as u64,
+            frames: 0,
+            events: 0,
+            lost_frames: 0,
+            total_lost: 0,
+            ended: false,
+            done: false,
+            damage: None,
+        };
+        if n < MAGIC.len() && magic[..n] == MAGIC[..n] {
+            // Cut short inside its first line (an empty file: killed before anything reached it).
+            let _ = reader.damaged(format!(
+                "the file ends inside its {}-byte header ({n} bytes)",
+                MAGIC.len()
+            ));
+            return Ok(reader);
+        }
         if magic.starts_with(b"FWMTREC") && &magic != MAGIC {
             bail!(
                 "a recording of another fwmark-trace version ({}; this one reads {})",
@@ -149,53 +294,218 @@ impl<R: Read> Reader<R> {
         if &magic != MAGIC {
             bail!("not a fwmark-trace recording (no FWMTREC header)");
         }
-        Ok(Self { input })
+        Ok(reader)
     }
 
-    /// The next frame; `None` at the end.
+    /// Where the recording stopped being intact, once `next_frame` has said `None`.
+    pub(crate) fn damage(&self) -> Option<&Damage> {
+        self.damage.as_ref()
+    }
+
+    /// Marks the recording damaged at the next frame: nothing more is read.
+    fn damaged(&mut self, what: String) -> Option<Frame> {
+        self.done = true;
+        self.damage = Some(Damage {
+            offset: self.offset,
+            frame: self.frames + 1,
+            what,
+            frames: self.frames,
+            events: self.events,
+            lost_frames: self.lost_frames,
+        });
+        None
+    }
+
+    /// The next intact frame; `None` at the end, or where the recording stops being intact
+    /// (then `damage` says why). An error only when reading fails.
     pub(crate) fn next_frame(&mut self) -> Result<Option<Frame>> {
-        let mut head = [0u8; 5];
-        if !read_full(&mut self.input, &mut head)? {
+        if self.done {
             return Ok(None);
         }
-        let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]);
-        if len > MAX_FRAME {
-            bail!("corrupt recording: a frame of {len} bytes");
+        let mut head = [0u8; HEADER];
+        let n = read_up_to(&mut self.input, &mut head)?;
+        if n == 0 {
+            if self.ended {
+                self.done = true;
+                return Ok(None);
+            }
+            return Ok(self.damaged(
+                "the recording ends without its end frame (the daemon stopped before finishing it: killed, or its disk filled up)".into(),
+            ));
         }
-        let mut payload = vec![0u8; len as usize];
-        let whole = read_full(&mut self.input, &mut payload)?;
-        match head[0] {
-            CONTEXT if whole => Ok(Some(Frame::Context(Box::new(
-                serde_json::from_slice(&payload).context("corrupt recording context")?,
-            )))),
-            CONTEXT => Ok(None),
-            EVENTS => Ok(Some(Frame::Events(events_of(&payload)))),
-            t => bail!("corrupt recording: unknown frame {t:#x}"),
+        if n < HEADER {
+            return Ok(self.damaged(format!(
+                "the file ends inside the frame's {HEADER}-byte header ({n} bytes)"
+            )));
         }
+        let word =
+            |at: usize| u32::from_le_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
+        let (tag, len, crc, head_crc) = (head[0], word(1), word(5), word(9));
+        if crc32c(&head[..9]) != head_crc {
+            return Ok(self.damaged(
+                "the frame's header fails its checksum (its type or length is damaged)".into(),
+            ));
+        }
+        if self.ended {
+            return Ok(self.damaged("a frame after the end frame".into()));
+        }
+        let fits = match tag {
+            CONTEXT => len > 0 && len <= MAX_CONTEXT,
+            EVENTS => len > 0 && len <= MAX_EVENTS && (len as usize).is_multiple_of(RECORD),
+            LOST => len == LOST_LEN,
+            END => len == END_LEN,
+            t => return Ok(self.damaged(format!("an unknown frame type {t:#04x}"))),
+        };
+        if !fits {
+            return Ok(self.damaged(format!(
+                "a {} frame of {len} bytes (not a length this kind of frame has)",
+                tag as char
+            )));
+        }
+        let mut payload = Vec::new();
+        (&mut self.input)
+            .take(u64::from(len))
+            .read_to_end(&mut payload)?;
+        if payload.len() < len as usize {
+            return Ok(self.damaged(format!(
+                "the file ends inside the frame ({} of its {len} bytes)",
+                payload.len()
+            )));
+        }
+        if crc32c(&payload) != crc {
+            return Ok(self.damaged("the frame's contents fail their checksum".into()));
+        }
+        let u64_at = |at: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&payload[at..at + 8]);
+            u64::from_le_bytes(b)
+        };
+        let frame = match tag {
+            CONTEXT => match serde_json::from_slice(&payload) {
+                Ok(ctx) => Frame::Context(Box::new(ctx)),
+                Err(e) => return Ok(self.damaged(format!("a context that does not parse ({e})"))),
+            },
+            EVENTS => Frame::Events(events_of(&payload)),
+            LOST => {
+                let l = Lost {
+                    lost: u64_at(1),
+                    total_lost: u64_at(9),
+                    time_unix_ns: u64_at(17),
+                };
+                if payload[0] != RING_FULL {
+                    return Ok(
+                        self.damaged(format!("a lost frame of unknown reason {}", payload[0]))
+                    );
+                }
+                if l.total_lost != self.total_lost.saturating_add(l.lost) {
+                    return Ok(self.damaged(format!(
+                        "a lost frame of {} events that does not add up ({} in total after {})",
+                        l.lost, l.total_lost, self.total_lost
+                    )));
+                }
+                Frame::Lost(l)
+            }
+            _ => {
+                let (records, lost) = (u64_at(0), u64_at(8));
+                if (records, lost) != (self.events, self.total_lost) {
+                    return Ok(self.damaged(format!(
+                        "the end frame counts {records} records and {lost} lost events, the frames before it {} and {}",
+                        self.events, self.total_lost
+                    )));
+                }
+                self.ended = true;
+                self.offset += (HEADER + payload.len()) as u64;
+                self.frames += 1;
+                return self.next_frame();
+            }
+        };
+        self.offset += (HEADER + payload.len()) as u64;
+        self.frames += 1;
+        match &frame {
+            Frame::Events(evs) => self.events += evs.len() as u64,
+            Frame::Lost(l) => {
+                self.lost_frames += 1;
+                self.total_lost = l.total_lost;
+            }
+            Frame::Context(_) => {}
+        }
+        Ok(Some(frame))
     }
 }
 
-/// Fills `buf`; false if the input ended first (the part read is left in `buf`, zeroed after).
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<bool> {
+/// Reads until `buf` is full or the input ends: how many bytes it got.
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> Result<usize> {
     let mut at = 0;
     while at < buf.len() {
-        match r.read(&mut buf[at..])? {
-            0 => {
-                buf[at..].fill(0);
-                return Ok(at == buf.len());
-            }
-            n => at += n,
+        match r.read(&mut buf[at..]) {
+            Ok(0) => break,
+            Ok(n) => at += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).context("reading the recording"),
         }
     }
-    Ok(true)
+    Ok(at)
 }
 
-/// Whole records in `data` (a trailing partial one is dropped).
+/// The records of an events frame (a whole number of them: checked by the reader).
 fn events_of(data: &[u8]) -> Vec<Event> {
-    data.chunks_exact(std::mem::size_of::<Event>())
+    data.chunks_exact(RECORD)
         // SAFETY: `Event` is plain integers (any bytes are a value); read unaligned.
         .map(|c| unsafe { std::ptr::read_unaligned(c.as_ptr().cast::<Event>()) })
         .collect()
+}
+
+/// CRC-32C (Castagnoli: reflected polynomial 0x82F63B78, initial and final value all ones),
+/// table driven, eight bytes at a time ("slicing by 8"); tables made at compile time.
+fn crc32c(data: &[u8]) -> u32 {
+    const fn tables() -> [[u32; 256]; 8] {
+        let mut t = [[0u32; 256]; 8];
+        let mut i = 0;
+        while i < 256 {
+            let mut c = i as u32;
+            let mut bit = 0;
+            while bit < 8 {
+                c = if c & 1 == 1 {
+                    (c >> 1) ^ 0x82F6_3B78
+                } else {
+                    c >> 1
+                };
+                bit += 1;
+            }
+            t[0][i] = c;
+            i += 1;
+        }
+        let mut i = 0;
+        while i < 256 {
+            let mut k = 1;
+            while k < 8 {
+                let prev = t[k - 1][i];
+                t[k][i] = (prev >> 8) ^ t[0][(prev & 0xff) as usize];
+                k += 1;
+            }
+            i += 1;
+        }
+        t
+    }
+    static T: [[u32; 256]; 8] = tables();
+    let mut c = !0u32;
+    let mut chunks = data.chunks_exact(8);
+    for b in &mut chunks {
+        let lo = c ^ u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let hi = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        c = T[7][(lo & 0xff) as usize]
+            ^ T[6][((lo >> 8) & 0xff) as usize]
+            ^ T[5][((lo >> 16) & 0xff) as usize]
+            ^ T[4][(lo >> 24) as usize]
+            ^ T[3][(hi & 0xff) as usize]
+            ^ T[2][((hi >> 8) & 0xff) as usize]
+            ^ T[1][((hi >> 16) & 0xff) as usize]
+            ^ T[0][(hi >> 24) as usize];
+    }
+    for &b in chunks.remainder() {
+        c = (c >> 8) ^ T[0][((c ^ u32::from(b)) & 0xff) as usize];
+    }
+    !c
 }
 
 /// What `show` reads and where it writes.
@@ -206,8 +516,25 @@ pub(crate) struct ShowConfig {
     pub(crate) registry: registry::Sources,
 }
 
-/// `fwmark-trace show`: decodes and attributes a recording.
-pub(crate) fn show(cfg: &ShowConfig) -> Result<Summary> {
+/// Whether two paths name the same file (device and inode: through symlinks and hard links).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// `fwmark-trace show`: decodes and attributes a recording. `Found` (exit 1) when the recording
+/// is cut short or damaged: what was intact is shown, and one warning says where it stopped.
+pub(crate) fn show(cfg: &ShowConfig) -> Result<Outcome> {
+    if let Some(output) = cfg.output.as_deref().filter(|o| same_file(o, &cfg.file)) {
+        bail!(
+            "--output {} is the recording {} itself: writing there would destroy it",
+            output.display(),
+            cfg.file.display()
+        );
+    }
     let registry = Registry::load(&cfg.registry)?;
     let file = File::open(&cfg.file)
         .with_context(|| format!("opening recording {}", cfg.file.display()))?;
@@ -216,7 +543,10 @@ pub(crate) fn show(cfg: &ShowConfig) -> Result<Summary> {
     let mut out = Output::new(cfg.format, cfg.output.as_deref())?;
     let mut summary = Summary::default();
     let mut pipeline: Option<Pipeline> = None;
-    while let Some(frame) = reader.next_frame()? {
+    while let Some(frame) = reader
+        .next_frame()
+        .with_context(|| cfg.file.display().to_string())?
+    {
         match frame {
             Frame::Context(ctx) => {
                 let boot = UNIX_EPOCH + Duration::from_nanos(ctx.boot_unix_ns);
@@ -243,6 +573,16 @@ pub(crate) fn show(cfg: &ShowConfig) -> Result<Summary> {
                     summary.count(&ev);
                 }
             }
+            Frame::Lost(l) => {
+                out.lost(&LostRecord {
+                    time: Timestamp(UNIX_EPOCH + Duration::from_nanos(l.time_unix_ns)),
+                    kind: "lost",
+                    lost: l.lost,
+                    total_lost: l.total_lost,
+                    reasons: None,
+                })?;
+                summary.lost = l.total_lost;
+            }
         }
     }
     if let Some(p) = &pipeline {
@@ -252,87 +592,376 @@ pub(crate) fn show(cfg: &ShowConfig) -> Result<Summary> {
         out.summary(&summary)?;
     }
     out.flush()?;
-    Ok(summary)
+    // Names in it come from the recording (drop reasons, owners): no raw control characters.
+    let text = summary.to_string();
+    let lines: Vec<_> = text.lines().map(escape_controls).collect();
+    log::info!("{}", lines.join("\n"));
+    Ok(match reader.damage() {
+        None => Outcome::Clean,
+        Some(d) => {
+            log::warn!("{}: {d}", escape_controls(&cfg.file.display().to_string()));
+            Outcome::Found
+        }
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
-    fn recording(events: &[Event]) -> Vec<u8> {
-        let dir = std::env::temp_dir().join(format!("fwmt-rec-{}", std::process::id()));
-        let mut r = Recorder::create(&dir).unwrap();
+    fn event(i: u64) -> Event {
+        Event {
+            ts_ns: 1000 + i,
+            packet_id: i,
+            new_mark: 0x40 * i as u32,
+            ..Default::default()
+        }
+    }
+
+    fn bytes(e: &Event) -> Vec<u8> {
+        // SAFETY: viewing a plain-integer struct without padding as bytes.
+        unsafe { std::slice::from_raw_parts((e as *const Event).cast::<u8>(), RECORD) }.to_vec()
+    }
+
+    /// What a recording is made of.
+    #[derive(Clone, Debug)]
+    enum Op {
+        Context,
+        Records(u64),
+        /// The kernel's lost counter grows by this much.
+        Lost(u64),
+    }
+
+    /// A recording of `ops` with events frames of `frame_records` records; the events written.
+    fn recording(ops: &[Op], frame_records: usize) -> (Vec<u8>, Vec<Vec<u8>>) {
+        let mut r = Recorder::to_writer(Vec::new(), frame_records * RECORD).unwrap();
         let d = Decoder::new(
             Topology::default(),
             HashMap::from([(2, "NOT_SPECIFIED".into())]),
         );
-        r.context(&d).unwrap();
-        for e in events {
-            // SAFETY: viewing a plain-integer struct as bytes.
-            let bytes = unsafe {
-                std::slice::from_raw_parts((e as *const Event).cast::<u8>(), size_of::<Event>())
-            };
-            r.record(bytes).unwrap();
+        let (mut written, mut lost) = (Vec::new(), 0);
+        for op in ops {
+            match op {
+                Op::Context => r.context(&d).unwrap(),
+                Op::Records(n) => {
+                    for _ in 0..*n {
+                        let e = bytes(&event(written.len() as u64));
+                        r.record(&e).unwrap();
+                        written.push(e);
+                    }
+                }
+                Op::Lost(n) => {
+                    lost += n;
+                    r.lost(lost).unwrap();
+                }
+            }
         }
-        r.finish().unwrap();
-        let data = std::fs::read(&dir).unwrap();
-        let _ = std::fs::remove_file(&dir);
-        data
+        r.finish(lost).unwrap();
+        (r.out, written)
     }
 
-    fn frames(data: &[u8]) -> Result<Vec<Frame>> {
+    struct Read {
+        frames: Vec<Frame>,
+        events: Vec<Vec<u8>>,
+        damage: Option<Damage>,
+    }
+
+    fn read(data: &[u8]) -> Result<Read> {
         let mut r = Reader::new(data)?;
-        let mut out = Vec::new();
+        let mut frames = Vec::new();
         while let Some(f) = r.next_frame()? {
-            out.push(f);
+            frames.push(f);
         }
-        Ok(out)
-    }
-
-    #[test]
-    fn records_come_back_with_their_context() {
-        let evs: Vec<Event> = (1..=3)
-            .map(|i| Event {
-                packet_id: i,
-                new_mark: 0x40 * i as u32,
-                ..Default::default()
+        let events = frames
+            .iter()
+            .flat_map(|f| match f {
+                Frame::Events(e) => e.iter().map(bytes).collect(),
+                _ => Vec::new(),
             })
             .collect();
-        let data = recording(&evs);
-        let f = frames(&data).unwrap();
-        assert!(
-            matches!(&f[0], Frame::Context(c) if c.drop_reasons == vec![(2, "NOT_SPECIFIED".to_string())])
-        );
-        let Frame::Events(back) = &f[1] else {
-            panic!("no events")
-        };
-        assert_eq!(
-            back.iter().map(|e| e.new_mark).collect::<Vec<_>>(),
-            [0x40, 0x80, 0xc0]
-        );
-        // Cut anywhere: no panic, whole records only.
-        for cut in 0..data.len() {
-            if let Ok(f) = frames(&data[..cut]) {
-                let n: usize = f
-                    .iter()
-                    .map(|f| match f {
-                        Frame::Events(e) => e.len(),
-                        Frame::Context(_) => 0,
-                    })
-                    .sum();
-                assert!(n <= 3);
+        Ok(Read {
+            frames,
+            events,
+            damage: r.damage,
+        })
+    }
+
+    /// Each intact frame's end offset and the events in the frames up to it.
+    fn boundaries(data: &[u8]) -> Vec<(u64, usize)> {
+        let mut r = Reader::new(data).unwrap();
+        let mut out = vec![(r.offset, 0)];
+        loop {
+            let f = r.next_frame().unwrap();
+            out.push((r.offset, r.events as usize));
+            if f.is_none() {
+                break;
+            }
+        }
+        assert!(r.damage.is_none(), "{:?}", r.damage);
+        out
+    }
+
+    const OPS: &[Op] = &[
+        Op::Context,
+        Op::Records(3),
+        Op::Lost(2),
+        Op::Records(4),
+        Op::Context,
+        Op::Records(1),
+        Op::Lost(5),
+    ];
+
+    #[test]
+    fn crc32c_matches_known_vectors() {
+        // The check value of CRC-32C, and RFC 3720's (iSCSI) test vectors.
+        assert_eq!(crc32c(b""), 0);
+        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+        assert_eq!(crc32c(&[0u8; 32]), 0x8A91_36AA);
+        assert_eq!(crc32c(&[0xffu8; 32]), 0x62A8_AB43);
+        let up: Vec<u8> = (0..32).collect();
+        assert_eq!(crc32c(&up), 0x46DD_794E);
+        let down: Vec<u8> = (0..32).rev().collect();
+        assert_eq!(crc32c(&down), 0x113F_DB5C);
+        // Every length and alignment against the polynomial bit by bit.
+        let data: Vec<u8> = (0..300u32).map(|i| (i * 7 + i / 5) as u8).collect();
+        for start in 0..8 {
+            for end in start..data.len() {
+                let part = &data[start..end];
+                let mut c = !0u32;
+                for &b in part {
+                    c ^= u32::from(b);
+                    for _ in 0..8 {
+                        c = if c & 1 == 1 {
+                            (c >> 1) ^ 0x82F6_3B78
+                        } else {
+                            c >> 1
+                        };
+                    }
+                }
+                assert_eq!(crc32c(part), !c, "{start}..{end}");
             }
         }
     }
 
+    #[test]
+    fn records_come_back_with_their_context_and_lost_counts() {
+        let (data, written) = recording(OPS, 2);
+        let back = read(&data).unwrap();
+        assert!(back.damage.is_none(), "{:?}", back.damage);
+        assert_eq!(back.events, written);
+        assert!(
+            matches!(&back.frames[0], Frame::Context(c) if c.drop_reasons == vec![(2, "NOT_SPECIFIED".to_string())])
+        );
+        let lost: Vec<Lost> = back
+            .frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Lost(l) => Some(*l),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            lost.iter()
+                .map(|l| (l.lost, l.total_lost))
+                .collect::<Vec<_>>(),
+            [(2, 2), (5, 7)]
+        );
+        assert!(lost[0].time_unix_ns > 0);
+        // Events frames hold whole records, at most `frame_records` of them.
+        for f in &back.frames {
+            if let Frame::Events(e) = f {
+                assert!((1..=2).contains(&e.len()));
+            }
+        }
+    }
+
+    /// Cut at every byte: never an event that was not written, exactly the events of the frames
+    /// wholly before the cut, and the damage named at the first frame not whole.
+    #[test]
+    fn a_recording_cut_anywhere_yields_exactly_its_intact_prefix() {
+        let (data, written) = recording(OPS, 2);
+        let bounds = boundaries(&data);
+        for cut in 0..data.len() {
+            let back = read(&data[..cut]).unwrap_or_else(|e| panic!("cut {cut}: {e:#}"));
+            // The last frame wholly before the cut (inside the magic: none).
+            let (start, frame, n) = match bounds.iter().rposition(|(end, _)| *end as usize <= cut) {
+                Some(i) => (bounds[i].0, i as u64 + 1, bounds[i].1),
+                None => (cut as u64, 1, 0),
+            };
+            assert_eq!(back.events, written[..n], "cut at {cut}");
+            let d = back
+                .damage
+                .unwrap_or_else(|| panic!("cut at {cut}: not reported"));
+            assert_eq!(
+                (d.offset, d.frame, d.events),
+                (start, frame, n as u64),
+                "cut at {cut}: {d}"
+            );
+        }
+        assert!(read(&data).unwrap().damage.is_none());
+    }
+
+    /// A bit flipped anywhere (a frame's type, length, checksum or payload) is detected; what
+    /// comes before it is shown, nothing else.
+    #[test]
+    fn a_flipped_bit_anywhere_is_detected() {
+        let (data, written) = recording(OPS, 2);
+        let bounds = boundaries(&data);
+        for bit in 0..data.len() * 8 {
+            let mut bad = data.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            let Ok(back) = read(&bad) else {
+                assert!(bit / 8 < MAGIC.len(), "bit {bit}: an error after the magic");
+                continue;
+            };
+            let d = back
+                .damage
+                .unwrap_or_else(|| panic!("bit {bit}: not detected"));
+            // Damaged in the frame holding the bit: the frames before it are shown, whole.
+            let (start, n) = *bounds
+                .iter()
+                .rev()
+                .find(|(end, _)| *end as usize <= bit / 8)
+                .unwrap();
+            assert_eq!(d.offset, start, "bit {bit}: {d}");
+            assert_eq!(back.events, written[..n], "bit {bit}");
+        }
+    }
+
+    /// A frame whose checksums hold but whose length is not one we write (not whole records,
+    /// too large, the wrong size for its kind) ends the read there.
+    #[test]
+    fn lengths_are_bounded_even_with_good_checksums() {
+        let (mut data, _) = recording(&[Op::Context], 2);
+        // Drop the end frame; append a crafted frame.
+        data.truncate(data.len() - HEADER - END_LEN as usize);
+        let ok = read(&data).unwrap();
+        assert!(ok.damage.unwrap().what.contains("without its end frame"));
+        let cases: Vec<(u8, Vec<u8>)> = vec![
+            (EVENTS, vec![0u8; RECORD + 1]),
+            (EVENTS, vec![0u8; RECORD - 1]),
+            (EVENTS, Vec::new()),
+            (LOST, vec![RING_FULL; LOST_LEN as usize + 1]),
+            (END, vec![0u8; END_LEN as usize - 1]),
+            (b'X', vec![0u8; 8]),
+        ];
+        for (tag, payload) in cases {
+            let mut bad = data.clone();
+            frame(&mut bad, tag, &payload).unwrap();
+            let back = read(&bad).unwrap();
+            let d = back.damage.expect("detected");
+            assert_eq!(d.offset as usize, data.len(), "{d}");
+            assert!(back.events.is_empty());
+        }
+        // A length beyond the maximum, with a header checksum that holds: refused before
+        // anything is read or allocated.
+        let mut bad = data.clone();
+        let mut head = [0u8; HEADER];
+        head[0] = EVENTS;
+        head[1..5].copy_from_slice(&(MAX_EVENTS + RECORD as u32).to_le_bytes());
+        let c = crc32c(&head[..9]);
+        head[9..].copy_from_slice(&c.to_le_bytes());
+        bad.extend_from_slice(&head);
+        let d = read(&bad).unwrap().damage.unwrap();
+        assert!(d.what.contains("not a length"), "{d}");
+        // An events frame missing from the middle: the end frame's count says so.
+        let (data, _) = recording(&[Op::Context, Op::Records(4)], 2);
+        let second = HEADER + 2 * RECORD;
+        let ends: Vec<u64> = boundaries(&data).iter().map(|b| b.0).collect();
+        let mut cut = data[..ends[2] as usize].to_vec();
+        cut.extend_from_slice(&data[ends[2] as usize + second..]);
+        let back = read(&cut).unwrap();
+        assert_eq!(back.events.len(), 2);
+        assert!(back.damage.unwrap().what.contains("end frame counts"));
+    }
+
+    #[test]
+    fn other_files_are_errors() {
+        assert!(read(b"FWMTREC4\nwhatever").is_err());
+        assert!(read(b"GIF89a, not a recording").is_err());
+        // Cut inside the magic: a damaged (empty) recording.
+        let d = read(&MAGIC[..4]).unwrap().damage.unwrap();
+        assert_eq!((d.offset, d.frame, d.events), (4, 1, 0));
+        assert!(read(b"").unwrap().damage.is_some());
+    }
+
+    #[test]
+    fn the_output_may_not_be_the_recording() {
+        let dir = std::env::temp_dir().join(format!("fwmt-same-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rec = dir.join("a.rec");
+        std::fs::write(&rec, MAGIC).unwrap();
+        let (link, hard, other) = (dir.join("l"), dir.join("h"), dir.join("o"));
+        std::os::unix::fs::symlink(&rec, &link).unwrap();
+        std::fs::hard_link(&rec, &hard).unwrap();
+        std::fs::write(&other, MAGIC).unwrap();
+        assert!(same_file(&rec, &rec));
+        assert!(same_file(&link, &rec));
+        assert!(same_file(&hard, &rec));
+        assert!(!same_file(&other, &rec));
+        assert!(!same_file(&dir.join("missing"), &rec));
+        let cfg = ShowConfig {
+            file: rec.clone(),
+            format: Format::Json,
+            output: Some(link),
+            registry: registry::Sources::default(),
+        };
+        let err = show(&cfg).unwrap_err().to_string();
+        assert!(err.contains("is the recording"), "{err}");
+        assert_eq!(std::fs::read(&rec).unwrap(), MAGIC);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            Just(Op::Context),
+            (0..12u64).prop_map(Op::Records),
+            (1..1000u64).prop_map(Op::Lost),
+        ]
+    }
+
     proptest::proptest! {
         #![proptest_config(crate::testing::fixed_seed())]
+
+        /// Any recording, cut anywhere and with bits flipped anywhere: the events shown are a
+        /// prefix of those written; all of them, without a warning, only when nothing was done
+        /// to it.
         #[test]
-        fn any_bytes_are_an_error_or_frames(tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+        fn damage_never_invents_events(
+            ops in proptest::collection::vec(op(), 0..12),
+            frame_records in 1..6usize,
+            cut in any::<proptest::sample::Index>(),
+            flips in proptest::collection::vec(any::<proptest::sample::Index>(), 0..3),
+        ) {
+            let mut ops = ops;
+            ops.insert(0, Op::Context);
+            let (data, written) = recording(&ops, frame_records);
+            let whole = read(&data).unwrap();
+            prop_assert!(whole.damage.is_none());
+            prop_assert_eq!(&whole.events, &written);
+            let mut bad = data[..cut.index(data.len() + 1)].to_vec();
+            let len = bad.len();
+            for f in &flips {
+                if len > 0 {
+                    bad[f.index(len)] ^= 1 << (f.index(len) % 8);
+                }
+            }
+            if let Ok(back) = read(&bad) {
+                prop_assert!(back.events.len() <= written.len());
+                prop_assert_eq!(&back.events[..], &written[..back.events.len()]);
+                if bad != data {
+                    prop_assert!(back.damage.is_some());
+                }
+            }
+        }
+
+        #[test]
+        fn any_bytes_are_an_error_or_frames(tail in proptest::collection::vec(any::<u8>(), 0..300)) {
             let mut data = MAGIC.to_vec();
             data.extend(tail);
-            let _ = frames(&data);
-            let _ = frames(&data[MAGIC.len()..]);
+            let _ = read(&data);
+            let _ = read(&data[MAGIC.len()..]);
         }
     }
 }

@@ -25,11 +25,12 @@ use crate::{
     kernel::{
         counts::KernelCounts,
         features::{Feature, NfBackend, TcBackend},
-        observers::{Observers, Options},
+        observers::{agg_entries, Lost, Observers, Options, AGG_BUDGET},
     },
     mark::MarkMatch,
     netns,
     output::{
+        file::FileOptions,
         metrics::{self, Gauges},
         summary::Summary,
         Format, LostRecord, Output, Sink, StatsRecord,
@@ -51,6 +52,8 @@ pub(crate) struct TraceConfig {
     pub(crate) format: Format,
     /// Events go to this file instead of stdout.
     pub(crate) output: Option<PathBuf>,
+    /// How that file is opened and rotated (`--append`, `--rotate-size`, `--rotate-keep`).
+    pub(crate) output_file: FileOptions,
     /// Only events whose old or new mark matches.
     pub(crate) mark: Option<MarkMatch>,
     /// Only events on these interfaces (tc observers attach only there).
@@ -91,6 +94,7 @@ impl Default for TraceConfig {
         Self {
             format: Format::Human,
             output: None,
+            output_file: FileOptions::default(),
             mark: None,
             ifaces: Vec::new(),
             netns: None,
@@ -132,8 +136,17 @@ pub(crate) fn require_root(what: &str) -> Result<()> {
 /// Attaches everything in the current (or `--netns`) namespace and runs until stopped.
 /// `on_ready` runs once everything is attached (the demo starts its traffic there).
 pub(crate) fn run(cfg: &TraceConfig, on_ready: impl FnOnce()) -> Result<Summary> {
-    let mut out = Output::new(cfg.format, cfg.output.as_deref())?;
-    run_into(cfg, &mut out, on_ready)
+    // What the arguments can get wrong fails before the output file is opened (a misspelt
+    // owner must not touch yesterday's log); the file is emptied only at the first record.
+    Registry::load(&cfg.registry)?;
+    require_root("fwmark-trace trace")?;
+    let mut out = Output::open(cfg.format, cfg.output.as_deref(), cfg.output_file)?;
+    let summary = run_into(cfg, &mut out, on_ready)?;
+    // A failed write stopped the run: its summary is on stderr, its error comes now.
+    match out.take_error() {
+        Some(err) => Err(err),
+        None => Ok(summary),
+    }
 }
 
 /// Like `run`, sending everything to `sink` (`why` collects flows this way).
@@ -165,6 +178,8 @@ pub(crate) fn run_into(
         routes: cfg.routes || cfg.select.active(),
         all_drops: cfg.all_drops,
         aggregate: cfg.counted(),
+        // Sized by memory, not by CPU count (a per-CPU map grows with the CPUs).
+        agg_entries: agg_entries(AGG_BUDGET, aya::util::nr_cpus().map_or(1, |n| n as u64)),
         flow: cfg.select.kernel_filter(),
     };
     let mut obs = Observers::start(&opts)?;
@@ -372,6 +387,13 @@ async fn stream(
     let mut drain_tick = time::interval(Duration::from_millis(50));
     let mut sigterm = unix::signal(unix::SignalKind::terminate())?;
     let mut sigint = unix::signal(unix::SignalKind::interrupt())?;
+    // SIGHUP reopens the output file by name (logrotate moved it away); only with a file, so
+    // that a hangup still ends a run that writes to a terminal.
+    let mut sighup = cfg
+        .output
+        .is_some()
+        .then(|| unix::signal(unix::SignalKind::hangup()))
+        .transpose()?;
     // Ready only now: a Ctrl-C (or a test's SIGINT) from here on stops the run cleanly.
     let attached = run
         .obs
@@ -389,6 +411,10 @@ async fn stream(
     let mut ticks = 0u64;
 
     'run: loop {
+        // A write failed (full disk, closed pipe): stop as if signalled, with the summary.
+        if run.out.failed() {
+            break;
+        }
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
@@ -417,9 +443,13 @@ async fn stream(
             _ = tick.tick() => {
                 run.obs.flush_log();
                 run.out.tick()?;
-                let lost = run.obs.lost();
+                let reasons = lost_now(run.obs, counts.as_ref());
+                let lost = reasons.total();
                 if lost > lost_seen {
-                    run.out.lost(&LostRecord { time: Timestamp::now(), kind: "lost", lost: lost - lost_seen, total_lost: lost })?;
+                    run.out.lost(&LostRecord { time: Timestamp::now(), kind: "lost", lost: lost - lost_seen, total_lost: lost, reasons: Some(reasons) })?;
+                    if let Some(r) = run.recorder.as_mut() {
+                        r.lost(lost)?;
+                    }
                     lost_seen = lost;
                 }
                 let mut node_changed = false;
@@ -466,7 +496,7 @@ async fn stream(
                             kind: "stats",
                             rss_kb: g.rss_kb,
                             events: run.summary.total_events,
-                            lost: run.obs.lost(),
+                            lost: lost_now(run.obs, counts.as_ref()).total(),
                             tracked_packets: g.tracked_packets,
                             interfaces: g.interfaces,
                         })?;
@@ -474,10 +504,11 @@ async fn stream(
                 }
             }
             Some(reply) = metrics::next(scrapes.as_mut()) => {
-                run.summary.lost = run.obs.lost();
+                run.summary.lost = lost_now(run.obs, counts.as_ref()).total();
                 run.summary.attribution = run.pipeline.attributor.totals();
                 let _ = reply.send(metrics::render(&run.summary, &gauges(run.obs)));
             }
+            Some(()) = signalled(sighup.as_mut()) => run.out.reopen()?,
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = &mut deadline => break,
@@ -489,7 +520,7 @@ async fn stream(
     }
     run.drain(ring.get_mut())?;
     if let Some(r) = run.recorder.as_mut() {
-        r.finish()?;
+        r.finish(lost_now(run.obs, counts.as_ref()).total())?;
         info!(
             "recorded {} records; show them with `fwmark-trace show {}`",
             r.records,
@@ -500,7 +531,7 @@ async fn stream(
         );
     }
     let mut summary = run.summary;
-    summary.lost = run.obs.lost();
+    summary.lost = lost_now(run.obs, counts.as_ref()).total();
     summary.attribution = run.pipeline.attributor.totals();
     summary.duration_s = started.elapsed().as_secs_f64();
     if cfg.format == Format::Json {
@@ -508,6 +539,22 @@ async fn stream(
     }
     run.out.flush()?;
     Ok(summary)
+}
+
+/// Events lost so far, per reason: the kernel's, and what the counting map evicted unread.
+fn lost_now(obs: &Observers, counts: Option<&KernelCounts>) -> Lost {
+    Lost {
+        evicted: counts.map_or(0, KernelCounts::evicted),
+        ..obs.lost()
+    }
+}
+
+/// The next delivery of `signal`, if there is one to wait for.
+async fn signalled(signal: Option<&mut unix::Signal>) -> Option<()> {
+    match signal {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// What `--stats` records and the metrics read from the kernel side and the process.

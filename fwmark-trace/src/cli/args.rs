@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Subcommand};
 
+use super::bounds;
 use crate::{
     demo::{DemoConfig, Scenario},
     event::Tuple,
@@ -12,7 +13,7 @@ use crate::{
     inventory::{command::InventoryConfig, Namespaces},
     kernel::features::{Feature, NfBackend, TcBackend},
     mark::MarkMatch,
-    output::Format,
+    output::{file::FileOptions, Format},
     recording::ShowConfig,
     registry::{self, command::Request},
     stack::Proto,
@@ -89,24 +90,26 @@ impl FlowArgs {
     }
 }
 
-fn parse_ring_size(s: &str) -> Result<u32, String> {
-    let n: u32 = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number of bytes"))?;
-    if n < 4096 || !n.is_power_of_two() {
-        return Err(format!("{n} is not a power of two of at least 4096"));
-    }
-    Ok(n)
-}
-
 #[derive(Args, Clone, Debug)]
 pub(crate) struct TraceArgs {
     /// One JSON object per line instead of readable lines.
     #[arg(long)]
     json: bool,
-    /// Write events to FILE instead of stdout.
+    /// Write events to FILE instead of stdout (created with mode 0600; a symbolic link is
+    /// refused; emptied only once tracing has started, unless --append). SIGHUP reopens it.
     #[arg(long, value_name = "FILE")]
     output: Option<PathBuf>,
+    /// Keep what the output file holds and add to it, instead of emptying it.
+    #[arg(long, requires = "output")]
+    append: bool,
+    /// Rotate the output file before it grows past BYTES (4K to 1T; e.g. 100M): FILE becomes
+    /// FILE.1, FILE.1 becomes FILE.2, … (records are never split).
+    #[arg(long, value_name = "BYTES", requires = "output", value_parser = bounds::rotate_size)]
+    rotate_size: Option<u64>,
+    /// How many rotated files to keep, FILE.1 … FILE.N (1 to 100; the oldest is dropped).
+    #[arg(long, value_name = "N", default_value_t = crate::output::file::ROTATE_KEEP,
+          requires = "rotate_size", value_parser = bounds::rotate_keep)]
+    rotate_keep: u32,
     /// Only events whose old or new mark matches VALUE[/MASK] (hex 0x.. or decimal).
     #[arg(long, value_name = "VALUE[/MASK]")]
     mark: Option<MarkMatch>,
@@ -116,11 +119,11 @@ pub(crate) struct TraceArgs {
     /// Trace inside this network namespace (a name under /run/netns, or a path).
     #[arg(long, value_name = "NAME|PATH")]
     netns: Option<String>,
-    /// Stop after this long (e.g. 10s, 2m).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// Stop after this long (e.g. 10s, 2m; at most a year).
+    #[arg(long, value_parser = bounds::run_duration)]
     duration: Option<Duration>,
-    /// Stop after this many events.
-    #[arg(long)]
+    /// Stop after this many events (at least 1).
+    #[arg(long, value_parser = bounds::count)]
     count: Option<u64>,
     /// Report every observation point of every packet (first sight, unchanged points, end of
     /// life), not only transitions and drops.
@@ -136,11 +139,11 @@ pub(crate) struct TraceArgs {
     /// output gets the plan and the summary.
     #[arg(long, value_name = "FILE")]
     record: Option<PathBuf>,
-    /// How often counted transitions are reported (e.g. 1s, 10s).
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    /// How often counted transitions are reported (e.g. 1s, 10s; 100ms to 1 day).
+    #[arg(long, default_value = "1s", value_parser = bounds::interval)]
     interval: Duration,
-    /// Ring buffer size in bytes (a power of two, at least one page).
-    #[arg(long, default_value_t = trace::RING_SIZE, value_parser = parse_ring_size)]
+    /// Ring buffer size in bytes, e.g. 4M (a power of two from a page to 1G).
+    #[arg(long, default_value_t = trace::RING_SIZE, value_parser = bounds::ring_size)]
     ring_size: u32,
     /// Also report routing table lookups (table, flow mark, result) as `route` events.
     #[arg(long)]
@@ -149,8 +152,9 @@ pub(crate) struct TraceArgs {
     /// path (by a rule, a program or their socket) are reported.
     #[arg(long)]
     all_drops: bool,
-    /// Every DURATION (e.g. 10s), write a `stats` record (RSS, events, lost, tracked packets).
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    /// Every DURATION (e.g. 10s; 1s to 1 day), write a `stats` record (RSS, events, lost,
+    /// tracked packets).
+    #[arg(long, value_name = "DURATION", value_parser = bounds::stats)]
     stats: Option<Duration>,
     /// Serve the run's counters (events, drops by reason, transitions by owner, clobbers,
     /// lost) in the Prometheus text format at http://ADDR/metrics, e.g. 127.0.0.1:9464.
@@ -179,6 +183,11 @@ impl TraceArgs {
         TraceConfig {
             format: format(self.json),
             output: self.output.clone(),
+            output_file: FileOptions {
+                append: self.append,
+                rotate_size: self.rotate_size,
+                rotate_keep: self.rotate_keep,
+            },
             mark: self.mark,
             ifaces: self.ifaces.clone(),
             netns: self.netns.clone(),
@@ -206,8 +215,8 @@ impl TraceArgs {
 pub(crate) struct WhyArgs {
     #[command(flatten)]
     select: FlowArgs,
-    /// How long to watch.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    /// How long to watch (at most a year).
+    #[arg(long, default_value = "10s", value_parser = bounds::run_duration)]
     duration: Duration,
     /// Watch inside this network namespace (a name under /run/netns, or a path).
     #[arg(long, value_name = "NAME|PATH")]
@@ -247,7 +256,8 @@ pub(crate) struct ShowArgs {
     /// One JSON object per line instead of readable lines.
     #[arg(long)]
     json: bool,
-    /// Write events to FILE instead of stdout.
+    /// Write events to FILE instead of stdout (created with mode 0600; a symbolic link is
+    /// refused).
     #[arg(long, value_name = "FILE")]
     output: Option<PathBuf>,
     #[command(flatten)]
@@ -273,8 +283,8 @@ pub(crate) struct DemoArgs {
     /// One JSON object per line instead of readable lines.
     #[arg(long)]
     json: bool,
-    /// How long to trace.
-    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    /// How long to trace (100ms to 1 day: also the demo's reporting interval).
+    #[arg(long, default_value = "3s", value_parser = bounds::interval)]
     duration: Duration,
 }
 
@@ -328,7 +338,12 @@ pub(crate) enum RegistryCmd {
     /// One owner's layout as a bit map, with fields, named values, ct mask and source.
     Show { name: String },
     /// Overlapping bits between owners (all when none are named); exits 1 on any overlap.
-    Check { owners: Vec<String> },
+    Check {
+        /// Owners to check (all when none, or those of --owners).
+        // Its own id: `--owners`, the global flag, is another argument.
+        #[arg(id = "check_owners", value_name = "OWNER")]
+        owners: Vec<String>,
+    },
     /// Owners whose nft tables or chains (iptables-nft's included) are in the ruleset, and the
     /// `--owners` profile they suggest.
     Detect {
@@ -394,6 +409,119 @@ mod tests {
             &["trace", "--stats", "soon"],
         ] {
             assert!(Trace::try_parse_from(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn durations_and_sizes_are_bounded_at_parsing() {
+        for bad in [
+            &["trace", "--interval", "292500000000years"][..],
+            &["trace", "--interval", "1ms"],
+            &["trace", "--duration", "292500000000years"],
+            &["trace", "--duration", "0s"],
+            &["trace", "--stats", "100years"],
+            &["trace", "--count", "0"],
+            &["trace", "--ring-size", "8G"],
+            &["trace", "--rotate-size", "1K", "--output", "f"],
+            &[
+                "trace",
+                "--rotate-keep",
+                "0",
+                "--rotate-size",
+                "1M",
+                "--output",
+                "f",
+            ],
+        ] {
+            let e = Trace::try_parse_from(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?}"));
+            assert_eq!(
+                e.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{bad:?}: {e}"
+            );
+        }
+        let cfg = Trace::parse_from(["trace", "--ring-size", "16M", "--interval", "1day"])
+            .args
+            .config();
+        assert_eq!(cfg.ring_size, 16 << 20);
+        assert_eq!(cfg.interval, Duration::from_secs(86400));
+    }
+
+    #[test]
+    fn output_file_flags() {
+        let cfg = Trace::parse_from(["trace", "--output", "f"]).args.config();
+        assert_eq!(
+            cfg.output_file,
+            FileOptions {
+                rotate_keep: 5,
+                ..Default::default()
+            }
+        );
+        let cfg = Trace::parse_from([
+            "trace",
+            "--output",
+            "f",
+            "--append",
+            "--rotate-size",
+            "64K",
+            "--rotate-keep",
+            "3",
+        ])
+        .args
+        .config();
+        assert_eq!(
+            cfg.output_file,
+            FileOptions {
+                append: true,
+                rotate_size: Some(64 << 10),
+                rotate_keep: 3
+            }
+        );
+        // Each needs what it acts on.
+        for bad in [
+            &["trace", "--append"][..],
+            &["trace", "--rotate-size", "1M"],
+            &["trace", "--output", "f", "--rotate-keep", "2"],
+        ] {
+            let e = Trace::try_parse_from(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?}"));
+            assert_eq!(
+                e.kind(),
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "{bad:?}"
+            );
+        }
+    }
+
+    mod props {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #![proptest_config(crate::testing::fixed_seed())]
+            /// Any value of any valued flag gives a configuration or a usage error.
+            #[test]
+            fn any_flag_value_never_panics(value in "\\PC{0,24}", flag in 0usize..14) {
+                let flags = [
+                    "--interval", "--duration", "--stats", "--ring-size", "--count",
+                    "--rotate-size", "--mark", "--flow", "--host", "--port", "--proto",
+                    "--owners", "--owner", "--metrics",
+                ];
+                let args = ["trace", "--output", "f", "--rotate-size", "1M", "--rotate-keep", "2", flags[flag], &value];
+                if let Ok(t) = Trace::try_parse_from(args) {
+                    let cfg = t.args.config();
+                    prop_assert!(cfg.interval >= bounds::INTERVAL.0 && cfg.interval <= bounds::INTERVAL.1);
+                    prop_assert!(cfg.duration.is_none_or(|d| d <= bounds::RUN.1));
+                    let _ = crate::registry::Registry::load(&crate::registry::Sources {
+                        no_system: true,
+                        ..cfg.registry
+                    });
+                }
+            }
         }
     }
 }

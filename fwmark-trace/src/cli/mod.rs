@@ -1,11 +1,13 @@
 //! The command line: the commands (clap), the logger every diagnostic goes through, and the
 //! exit code — 0 nothing found, 1 found (a lost reply, overlapping or conflicting owners), 2 an error (clap's
-//! own usage errors exit 2 too).
+//! own usage errors exit 2 too, among them every out-of-bounds value: see `bounds`), 141 a
+//! report whose reader went away (`| head`), quietly.
 mod args;
+mod bounds;
 
 use std::{io::Write, process::ExitCode};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 use log::{Level, LevelFilter};
 
@@ -83,6 +85,40 @@ pub(crate) enum Outcome {
 
 /// Exit 2.
 const ERROR: u8 = 2;
+/// The status of a command whose stdout was closed by its reader (`| head`): what a SIGPIPE
+/// would give (128 + 13), without a word. `trace` says so instead (exit 2): a daemon's reader
+/// going away is worth a line.
+const CLOSED_STDOUT: u8 = 141;
+/// What a failed write to stdout says (`print`, and `output` for events).
+const STDOUT: &str = "writing to stdout";
+
+/// Writes a command's report to stdout; a reader that went away ends the command quietly.
+pub(crate) fn print(text: impl AsRef<[u8]>) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_ref())
+        .and_then(|()| out.flush())
+        .context(STDOUT)
+}
+
+/// Whether `err` is stdout closed by its reader.
+fn closed_stdout(err: &anyhow::Error) -> bool {
+    let pipe = err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    });
+    pipe && err.chain().any(|e| e.to_string() == STDOUT)
+}
+
+/// Whether a panic is `print!`'s on a closed stdout (commands outside `cli` print with it).
+fn closed_stdout_panic(payload: &(dyn std::any::Any + Send)) -> bool {
+    let text = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or_default();
+    text.starts_with("failed printing to stdout")
+        && text.contains(&format!("os error {}", libc::EPIPE))
+}
 
 /// Diagnostics on stderr, one line each: `fwmark-trace: …`, `fwmark-trace: warning: …`.
 fn init_logging(cli: &Cli) {
@@ -117,7 +153,7 @@ fn clean<T>(r: Result<T>) -> Result<Outcome> {
 fn run(cli: &Cli) -> Result<Outcome> {
     match &cli.cmd {
         Cmd::Trace(args) => clean(trace::run(&args.config(), || {})),
-        Cmd::Show(args) => clean(recording::show(&args.config()).map(|s| log::info!("{s}"))),
+        Cmd::Show(args) => recording::show(&args.config()),
         Cmd::Demo(args) => clean(demo::run(&args.config())),
         Cmd::Why(args) => why::run(&args.config()).map(|lost| match lost {
             true => Outcome::Found,
@@ -126,23 +162,23 @@ fn run(cli: &Cli) -> Result<Outcome> {
         Cmd::Inventory(args) => inventory::command::run(&args.config()),
         Cmd::Registry { cmd, args } => registry::command::run(&cmd.request(), &args.sources()),
         Cmd::Completions { shell } => {
-            let mut cmd = Cli::command();
-            clap_complete::generate(*shell, &mut cmd, "fwmark-trace", &mut std::io::stdout());
-            Ok(Outcome::Clean)
+            // Into memory first: clap_complete panics on a failed write.
+            let mut text = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "fwmark-trace", &mut text);
+            clean(print(text))
         }
         Cmd::Man => {
-            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
-            Ok(Outcome::Clean)
+            let mut text = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut text)?;
+            clean(print(text))
         }
         #[cfg(feature = "bench")]
         Cmd::Bench(args) => clean(crate::bench::run(args)),
         #[cfg(feature = "bench")]
         Cmd::Soak(args) => clean(crate::bench::soak::run(args)),
         #[cfg(feature = "bench")]
-        Cmd::BenchPipeline(args) => crate::bench::pipeline::run(args).map(|r| {
-            println!("{}", serde_json::to_string(&r).unwrap_or_default());
-            Outcome::Clean
-        }),
+        Cmd::BenchPipeline(args) => crate::bench::pipeline::run(args)
+            .and_then(|r| clean(print(serde_json::to_string(&r).unwrap_or_default() + "\n"))),
     }
 }
 
@@ -150,13 +186,26 @@ fn run(cli: &Cli) -> Result<Outcome> {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
-    match run(&cli) {
-        Ok(Outcome::Clean) => ExitCode::SUCCESS,
-        Ok(Outcome::Found) => ExitCode::from(1),
-        Err(err) => {
+    // `print!` panics on a closed stdout: that panic says nothing, unwinds (every guard cleans
+    // up: namespaces, nft tables) and ends the command quietly below.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !closed_stdout_panic(info.payload()) {
+            default_hook(info);
+        }
+    }));
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&cli)));
+    let daemon = matches!(cli.cmd, Cmd::Trace(_));
+    match ran {
+        Ok(Ok(Outcome::Clean)) => ExitCode::SUCCESS,
+        Ok(Ok(Outcome::Found)) => ExitCode::from(1),
+        Ok(Err(err)) if !daemon && closed_stdout(&err) => ExitCode::from(CLOSED_STDOUT),
+        Ok(Err(err)) => {
             log::error!("{err:#}");
             ExitCode::from(ERROR)
         }
+        Err(panic) if closed_stdout_panic(&*panic) => ExitCode::from(CLOSED_STDOUT),
+        Err(panic) => std::panic::resume_unwind(panic),
     }
 }
 
@@ -167,6 +216,36 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn registry_check_takes_names_and_the_global_owners() {
+        let cli =
+            Cli::try_parse_from(["fwmark-trace", "registry", "check", "--owners", "a,b", "c"])
+                .unwrap();
+        let Cmd::Registry { cmd, args } = cli.cmd else {
+            panic!("not registry")
+        };
+        assert!(matches!(cmd.request(), crate::registry::command::Request::Check(o) if o == ["c"]));
+        assert_eq!(args.sources().profile, ["a", "b"]);
+    }
+
+    #[test]
+    fn closed_stdout_is_told_apart() {
+        let pipe = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        assert!(closed_stdout(&anyhow::Error::new(pipe).context(STDOUT)));
+        let pipe = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        assert!(!closed_stdout(
+            &anyhow::Error::new(pipe).context("writing output file f")
+        ));
+        let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        assert!(!closed_stdout(&anyhow::Error::new(full).context(STDOUT)));
+        let payload: Box<dyn std::any::Any + Send> = Box::new(format!(
+            "failed printing to stdout: {}",
+            std::io::Error::from_raw_os_error(libc::EPIPE)
+        ));
+        assert!(closed_stdout_panic(&*payload));
+        assert!(!closed_stdout_panic(&"index out of bounds"));
     }
 
     #[test]

@@ -5,11 +5,12 @@
 use std::collections::HashMap;
 
 use anyhow::{Context, Result};
+use aya::maps::PerCpuArray;
 use aya::{
     maps::{MapData, PerCpuHashMap},
     Ebpf,
 };
-use fwmark_trace_common::{AggKey, AggValue, Event, MAP_AGG};
+use fwmark_trace_common::{AggKey, AggValue, Event, MAP_AGG, MAP_COUNTED};
 
 /// A transition counted during one interval.
 pub(crate) struct Counted {
@@ -22,19 +23,35 @@ pub(crate) struct KernelCounts {
     map: PerCpuHashMap<MapData, AggKey, AggValue>,
     /// Each key's total at the previous read.
     totals: HashMap<AggKey, u64>,
+    /// Packets the kernel counted since load (`MAP_COUNTED`).
+    counted: PerCpuArray<MapData, u64>,
+    /// Packets read out of the map since load, and those that went with evicted entries.
+    reported: u64,
+    evicted: u64,
 }
 
 impl KernelCounts {
     pub(crate) fn take(ebpf: &mut Ebpf) -> Result<Self> {
         let map = ebpf.take_map(MAP_AGG).context("AGG map")?;
+        let counted = ebpf.take_map(MAP_COUNTED).context("COUNTED map")?;
         Ok(Self {
             map: PerCpuHashMap::try_from(map)?,
             totals: HashMap::new(),
+            counted: PerCpuArray::try_from(counted)?,
+            reported: 0,
+            evicted: 0,
         })
+    }
+
+    /// Packets counted in entries the LRU evicted before they were read: lost.
+    pub(crate) fn evicted(&self) -> u64 {
+        self.evicted
     }
 
     /// What was counted since the last call.
     pub(crate) fn read(&mut self) -> Vec<Counted> {
+        // Read before the map: what the map shows then includes at least these.
+        let counted: u64 = self.counted.get(&0, 0).map(|v| v.iter().sum()).unwrap_or(0);
         let mut out = Vec::new();
         let mut totals = HashMap::with_capacity(self.totals.len());
         for (key, values) in self.map.iter().filter_map(Result::ok) {
@@ -54,8 +71,11 @@ impl KernelCounts {
                 out.push(Counted { packets, exemplar });
             }
         }
-        // Keys the LRU evicted are forgotten with it.
+        // Keys the LRU evicted are forgotten with it, and what they counted since the last
+        // read is lost: the kernel counted more than was read out.
         self.totals = totals;
+        self.reported += out.iter().map(|c| c.packets).sum::<u64>();
+        self.evicted = self.evicted.max(counted.saturating_sub(self.reported));
         out.sort_by_key(|c| c.exemplar.ts_ns);
         out
     }

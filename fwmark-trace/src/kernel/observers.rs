@@ -16,8 +16,8 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 use fwmark_trace_common::{
-    Config, Control, FlowFilter, GLOBAL_CONFIG, MAP_CONTROL, MAP_EVENTS, MAP_IFACES, MAP_LOST,
-    OFFSET_MISSING,
+    lost_reason, AggKey, AggValue, Config, Control, FlowFilter, GLOBAL_CONFIG, MAP_AGG,
+    MAP_CONTROL, MAP_EVENTS, MAP_IFACES, MAP_LOST, OFFSET_MISSING,
 };
 
 use super::plan::{NfPlan, PlanMode};
@@ -67,6 +67,8 @@ pub(crate) struct Options {
     pub(crate) all_drops: bool,
     /// Count transitions and drops in the kernel instead of reporting each packet.
     pub(crate) aggregate: bool,
+    /// Distinct transitions the counting map holds (`agg_entries`).
+    pub(crate) agg_entries: u32,
     /// The followed flows, pre-filtered in the kernel.
     pub(crate) flow: FlowFilter,
 }
@@ -186,6 +188,7 @@ impl Observers {
             .btf(Some(&aya_btf))
             .override_global(GLOBAL_CONFIG, &config, true)
             .map_max_entries(MAP_EVENTS, opts.ring_bytes)
+            .map_max_entries(MAP_AGG, opts.agg_entries)
             // Kernel-side log statements below the daemon's log level are skipped in the kernel.
             .override_global("AYA_LOG_LEVEL", &(log::max_level() as u8), false)
             .load(OBJECT)
@@ -483,16 +486,57 @@ impl Observers {
             })
     }
 
-    /// Events the kernel could not write because the ring buffer was full.
-    pub(crate) fn lost(&self) -> u64 {
-        self.ebpf
-            .map(MAP_LOST)
-            .and_then(|m| PerCpuArray::<_, u64>::try_from(m).ok())
-            .and_then(|a| a.get(&0, 0).ok())
-            .map(|v| v.iter().sum())
-            .unwrap_or(0)
+    /// Events the kernel lost since load, per reason.
+    pub(crate) fn lost(&self) -> Lost {
+        let reason = |r: u32| -> u64 {
+            self.ebpf
+                .map(MAP_LOST)
+                .and_then(|m| PerCpuArray::<_, u64>::try_from(m).ok())
+                .and_then(|a| a.get(&r, 0).ok())
+                .map(|v| v.iter().sum())
+                .unwrap_or(0)
+        };
+        Lost {
+            ring_full: reason(lost_reason::RING_FULL),
+            count_map_full: reason(lost_reason::COUNT_MAP_FULL),
+            evicted: 0,
+        }
     }
 }
+
+/// Events lost, per reason, since the observers were loaded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub(crate) struct Lost {
+    /// The ring buffer had no room (per packet: events; counted: transitions' exemplars).
+    pub(crate) ring_full: u64,
+    /// The counting map refused a new transition (packets).
+    pub(crate) count_map_full: u64,
+    /// Packets counted in entries the counting map evicted before the daemon read them.
+    pub(crate) evicted: u64,
+}
+
+impl Lost {
+    pub(crate) fn total(&self) -> u64 {
+        self.ring_full + self.count_map_full + self.evicted
+    }
+}
+
+/// How many distinct transitions the counting map holds: as many as `budget` bytes allow on
+/// every possible CPU (a per-CPU map: its memory is entries × value × CPUs), within bounds.
+pub(crate) fn agg_entries(budget: u64, cpus: u64) -> u32 {
+    // Per entry and CPU: the value, and the key and the kernel's bookkeeping once per entry
+    // (counted per CPU too, to stay under the budget).
+    let per_entry = (size_of::<AggValue>() + size_of::<AggKey>() + 64) as u64 * cpus.max(1);
+    (budget / per_entry).clamp(AGG_MIN_ENTRIES as u64, AGG_MAX_ENTRIES as u64) as u32
+}
+
+/// The counting map's size bounds: a few hundred distinct transitions are always kept; more
+/// than 2^16 distinct ones in an interval is no longer a summary.
+const AGG_MIN_ENTRIES: u32 = 256;
+const AGG_MAX_ENTRIES: u32 = 1 << 16;
+
+/// The counting map's default memory budget, whatever the CPU count.
+pub(crate) const AGG_BUDGET: u64 = 32 << 20;
 
 /// Netfilter observers compare conntrack marks only while some rule writes one (always in full
 /// mode): otherwise an unchanged packet mark is all they read.
@@ -613,5 +657,25 @@ fn status(point: String, res: Result<()>) -> AttachStatus {
         ok: res.is_ok(),
         detail: res.map_or_else(|err| format!("{err:#}"), |()| "attached".into()),
         detail_only: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_counting_map_fits_its_budget_whatever_the_cpus() {
+        let bytes = |cpus| {
+            agg_entries(AGG_BUDGET, cpus) as u64
+                * (size_of::<AggValue>() + size_of::<AggKey>() + 64) as u64
+                * cpus
+        };
+        for cpus in [1, 2, 16, 128] {
+            assert!(bytes(cpus) <= AGG_BUDGET, "{cpus} CPUs");
+        }
+        assert_eq!(agg_entries(AGG_BUDGET, 1), AGG_MAX_ENTRIES);
+        // Many CPUs, a small budget: never fewer than the floor.
+        assert_eq!(agg_entries(1 << 20, 1024), AGG_MIN_ENTRIES);
     }
 }

@@ -1,12 +1,29 @@
 //! One readable line per event (with indented detail lines).
 use std::fmt::Write as _;
 
+use super::text::escape_controls;
 use crate::{
     attribution::{Attribution, FieldRef},
     event::{EventKind, TraceEvent},
 };
 
+/// The event's lines, joined: each line passes through `escape_controls` on its own, so a name
+/// (interface, chain, table, program, owner, drop reason) cannot put a control character on the
+/// terminal, nor a line break that looks like one of ours.
 pub(crate) fn line(ev: &TraceEvent) -> String {
+    let lines = lines(ev);
+    let mut s = String::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
+    for (i, l) in lines.iter().enumerate() {
+        if i > 0 {
+            s.push('\n');
+        }
+        s.push_str(&escape_controls(l));
+    }
+    s
+}
+
+/// The first line, then the indented detail lines, unescaped.
+fn lines(ev: &TraceEvent) -> Vec<String> {
     let time = ev.time.to_string();
     let time = time.get(11..26).unwrap_or(&time);
     let kind = ev.kind.name().to_uppercase();
@@ -40,32 +57,36 @@ pub(crate) fn line(ev: &TraceEvent) -> String {
     if let Some(r) = &ev.drop_reason {
         let _ = write!(s, " reason {r}");
     }
+    let mut lines = vec![s];
     match &ev.segment {
         Some(seg) => {
-            let _ = write!(s, "\n    in   {seg}");
+            let mut l = format!("    in   {seg}");
             if let Some(t) = seg.tunnel() {
-                let _ = write!(s, " (mark {})", t.fate(m.old.0, m.new.0));
+                let _ = write!(l, " (mark {})", t.fate(m.old.0, m.new.0));
             }
+            lines.push(l);
         }
         None => {
             let hook = ev.at.hook.map_or(String::new(), |h| h.to_string());
-            let _ = write!(s, " at {} {hook}", ev.at.layer);
+            let _ = write!(lines[0], " at {} {hook}", ev.at.layer);
         }
     }
     if let Some(ifname) = &ev.at.ifname {
-        let _ = write!(s, " [{ifname}]");
+        if let Some(l) = lines.last_mut() {
+            let _ = write!(l, " [{ifname}]");
+        }
     }
     if let Some(a) = &ev.attribution {
-        attribution(&mut s, a);
+        attribution(&mut lines, a);
     }
     if let Some(t) = &ev.tuple {
-        let _ = write!(s, "\n    flow {t}");
+        lines.push(format!("    flow {t}"));
     }
-    s
+    lines
 }
 
 /// The `bits` line (owner, field, bits, meaning), the writer and the `!!` warning lines.
-fn attribution(s: &mut String, a: &Attribution) {
+fn attribution(lines: &mut Vec<String>, a: &Attribution) {
     let mut who: Vec<String> = a
         .owners
         .iter()
@@ -92,13 +113,15 @@ fn attribution(s: &mut String, a: &Attribution) {
         ));
     }
     if !who.is_empty() {
-        let _ = write!(s, "\n    bits {}", who.join("; "));
+        lines.push(format!("    bits {}", who.join("; ")));
     }
     if let Some(w) = &a.writer {
-        let _ = write!(s, " (written by {w})");
+        if let Some(l) = lines.last_mut() {
+            let _ = write!(l, " (written by {w})");
+        }
     }
     for w in &a.warnings {
-        let _ = write!(s, "\n    !! {}: {}", w.kind(), w.finding);
+        lines.push(format!("    !! {}: {}", w.kind(), w.finding));
     }
 }
 
@@ -129,5 +152,32 @@ mod tests {
         let text = line(&d.decode(&fixtures::synthetic(4)));
         assert!(text.contains("DROP"), "{text}");
         assert!(text.contains("reason NETFILTER_DROP"), "{text}");
+    }
+
+    /// Names from the kernel or the node (an interface, a drop reason) reach the terminal with
+    /// their control characters escaped; the line's own structure stays.
+    #[test]
+    fn control_characters_in_names_are_escaped() {
+        let mut d = Decoder::new(
+            fixtures::topology(),
+            [(12, "EVIL\x1b]0;pwned\x07_DROP".into())].into(),
+        );
+        let mut ev = d.decode(&fixtures::synthetic(4));
+        let mut at = (*ev.at).clone();
+        at.ifname = Some("veth\x1b[2J\r0".into());
+        ev.at = std::sync::Arc::new(at);
+        let text = line(&ev);
+        assert!(
+            text.contains("reason EVIL\\x1b]0;pwned\\x07_DROP"),
+            "{text}"
+        );
+        assert!(text.contains("[veth\\x1b[2J\\r0]"), "{text}");
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{text:?}"
+        );
+        // The detail lines are still lines.
+        let transition = line(&d.decode(&fixtures::synthetic(1)));
+        assert!(transition.contains("\n    in   "), "{transition}");
     }
 }

@@ -2,6 +2,7 @@
 //! JSON object per line (`--json`), to stdout or a file, plus the run's counters (end-of-run
 //! summary, `--metrics` endpoint). Text is made here (`text`: the words for points, segments
 //! and warnings) and nowhere before.
+pub(crate) mod file;
 mod human;
 pub(crate) mod json;
 pub(crate) mod metrics;
@@ -11,7 +12,6 @@ pub(crate) mod text;
 pub(crate) mod why;
 
 use std::{
-    fs::File,
     io::{self, BufWriter, Write},
     path::Path,
 };
@@ -19,6 +19,7 @@ use std::{
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+use self::file::{FileOptions, LogFile};
 use crate::event::{Timestamp, TraceEvent};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,15 +28,49 @@ pub(crate) enum Format {
     Json,
 }
 
+/// Where an `Output` writes: stdout (or any writer), or an output file.
+enum Dest {
+    /// A writer and what it is ("stdout").
+    Stream(Box<dyn Write + Send>, &'static str),
+    File(LogFile),
+}
+
+impl Dest {
+    /// What a failed write failed on, for its error.
+    fn what(&self) -> String {
+        match self {
+            Dest::Stream(_, name) => format!("writing to {name}"),
+            Dest::File(f) => format!("writing output file {}", f.path().display()),
+        }
+    }
+
+    fn write_all(&mut self, b: &[u8]) -> io::Result<()> {
+        match self {
+            Dest::Stream(w, _) => w.write_all(b),
+            Dest::File(f) => f.write_all(b),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Dest::Stream(w, _) => w.flush(),
+            Dest::File(f) => f.flush(),
+        }
+    }
+}
+
 pub(crate) struct Output {
     format: Format,
-    out: Box<dyn Write + Send>,
+    out: Dest,
     /// Flush after every event: someone is watching (a terminal, a pipe to jq).
     live: bool,
     /// One record is serialised here, then written in one call (serde_json's many small
-    /// writes through a `dyn Write` cost more than the serialisation itself).
+    /// writes through a `dyn Write` cost more than the serialisation itself; a rotated file
+    /// never splits a record).
     line: Vec<u8>,
     json: json::EventWriter,
+    /// The write that failed, when the output is used as a `Sink` (see `Sink::failed`).
+    error: Option<anyhow::Error>,
 }
 
 /// A userspace-generated record: events the kernel could not deliver.
@@ -45,6 +80,9 @@ pub(crate) struct LostRecord {
     pub(crate) kind: &'static str,
     pub(crate) lost: u64,
     pub(crate) total_lost: u64,
+    /// The total per reason (a recording keeps only the totals).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) reasons: Option<crate::kernel::observers::Lost>,
 }
 
 /// Where the trace loop sends what it produces: `Output` writes it; `why` collects flows.
@@ -54,6 +92,16 @@ pub(crate) trait Sink {
     fn stats(&mut self, rec: &StatsRecord) -> Result<()>;
     fn summary(&mut self, summary: &summary::Summary) -> Result<()>;
     fn flush(&mut self) -> Result<()>;
+    /// Closes the output file and opens it again by name (SIGHUP; see `file`).
+    fn reopen(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Whether the sink can no longer write (a full disk, a closed pipe). The trace loop then
+    /// stops as if signalled: what was counted still goes to stderr as the summary, and the
+    /// run's error (`Output::take_error`) follows it. A failed sink drops what it is given.
+    fn failed(&self) -> bool {
+        false
+    }
     /// The observer plan (JSON output only: people read it from the start-up lines).
     fn plan(&mut self, _plan: &crate::kernel::observers::PlanRecord) -> Result<()> {
         Ok(())
@@ -84,32 +132,58 @@ impl Output {
     /// Writes to any sink (benchmarks use `io::sink()`), flushing only at the end.
     #[cfg(feature = "bench")]
     pub(crate) fn to_writer(format: Format, out: Box<dyn Write + Send>) -> Self {
-        Self {
-            format,
-            out,
-            live: false,
-            line: Vec::with_capacity(1024),
-            json: json::EventWriter::default(),
-        }
+        Self::with(format, Dest::Stream(out, "the output"), false)
     }
 
-    pub(crate) fn new(format: Format, path: Option<&Path>) -> Result<Self> {
-        let (out, live): (Box<dyn Write + Send>, bool) = match path {
-            Some(p) => (
-                Box::new(BufWriter::new(File::create(p).with_context(|| {
-                    format!("creating output file {}", p.display())
-                })?)),
-                false,
-            ),
-            None => (Box::new(BufWriter::new(io::stdout())), true),
-        };
-        Ok(Self {
+    fn with(format: Format, out: Dest, live: bool) -> Self {
+        Self {
             format,
             out,
             live,
             line: Vec::with_capacity(1024),
             json: json::EventWriter::default(),
+            error: None,
+        }
+    }
+
+    /// To `path` (see `file`: no symlink followed, mode 0600, emptied at the first record), or
+    /// to stdout.
+    pub(crate) fn new(format: Format, path: Option<&Path>) -> Result<Self> {
+        Self::open(format, path, FileOptions::default())
+    }
+
+    /// Like `new`, with `--append` and rotation.
+    pub(crate) fn open(format: Format, path: Option<&Path>, opts: FileOptions) -> Result<Self> {
+        Ok(match path {
+            Some(p) => Self::with(format, Dest::File(LogFile::open(p, opts)?), false),
+            None => {
+                let stdout = Box::new(BufWriter::new(io::stdout()));
+                Self::with(format, Dest::Stream(stdout, "stdout"), true)
+            }
         })
+    }
+
+    /// The error that made this output fail as a `Sink`, if one did.
+    pub(crate) fn take_error(&mut self) -> Option<anyhow::Error> {
+        self.error.take()
+    }
+
+    /// Writes the record serialised in `line` (adding its newline), in one call.
+    fn put(&mut self, flush: bool) -> Result<()> {
+        self.line.push(b'\n');
+        let written = self.out.write_all(&self.line);
+        written.with_context(|| self.out.what())?;
+        if flush || self.live {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// A record serialised as JSON.
+    fn put_json(&mut self, rec: &impl Serialize, flush: bool) -> Result<()> {
+        self.line.clear();
+        serde_json::to_writer(&mut self.line, rec)?;
+        self.put(flush)
     }
 
     pub(crate) fn event(&mut self, ev: &TraceEvent) -> Result<()> {
@@ -118,91 +192,104 @@ impl Output {
             Format::Json => self.json.write(ev, &mut self.line)?,
             Format::Human => self.line.extend_from_slice(human::line(ev).as_bytes()),
         }
-        self.line.push(b'\n');
-        self.out.write_all(&self.line)?;
-        self.maybe_flush()
+        self.put(false)
     }
 
     pub(crate) fn lost(&mut self, rec: &LostRecord) -> Result<()> {
-        match self.format {
-            Format::Json => serde_json::to_writer(&mut self.out, rec)?,
-            Format::Human => write!(
-                self.out,
-                "{} LOST {} events (ring buffer full; {} in total)",
-                rec.time, rec.lost, rec.total_lost
-            )?,
+        if self.format == Format::Json {
+            return self.put_json(rec, false);
         }
-        self.out.write_all(b"\n")?;
-        self.maybe_flush()
+        self.line.clear();
+        write!(
+            self.line,
+            "{} LOST {} events (ring buffer full; {} in total)",
+            rec.time, rec.lost, rec.total_lost
+        )?;
+        self.put(false)
     }
 
     pub(crate) fn stats(&mut self, rec: &StatsRecord) -> Result<()> {
-        match self.format {
-            Format::Json => serde_json::to_writer(&mut self.out, rec)?,
-            Format::Human => write!(
-                self.out,
-                "{} STATS rss {} kB, {} events, {} lost, {} packets tracked, {} interfaces",
-                rec.time, rec.rss_kb, rec.events, rec.lost, rec.tracked_packets, rec.interfaces
-            )?,
+        if self.format == Format::Json {
+            return self.put_json(rec, true);
         }
-        self.out.write_all(b"\n")?;
-        self.flush()
+        self.line.clear();
+        write!(
+            self.line,
+            "{} STATS rss {} kB, {} events, {} lost, {} packets tracked, {} interfaces",
+            rec.time, rec.rss_kb, rec.events, rec.lost, rec.tracked_packets, rec.interfaces
+        )?;
+        self.put(true)
     }
 
     pub(crate) fn summary(&mut self, summary: &summary::Summary) -> Result<()> {
-        serde_json::to_writer(&mut self.out, summary)?;
-        self.out.write_all(b"\n")?;
-        self.maybe_flush()
+        self.put_json(summary, false)
     }
 
-    fn maybe_flush(&mut self) -> Result<()> {
-        if self.live {
-            self.flush()?;
+    pub(crate) fn flush(&mut self) -> Result<()> {
+        let flushed = self.out.flush();
+        flushed.with_context(|| self.out.what())
+    }
+
+    /// See `Sink::reopen`: only a file reopens.
+    pub(crate) fn reopen(&mut self) -> Result<()> {
+        if let Dest::File(f) = &mut self.out {
+            f.reopen()?;
+            log::info!("reopened output file {}", f.path().display());
         }
         Ok(())
     }
 
-    pub(crate) fn flush(&mut self) -> Result<()> {
-        self.out.flush().context("writing output")
+    /// As a `Sink`: the first failure is kept (`take_error`) and everything after it dropped.
+    fn sink(&mut self, f: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
+        if self.error.is_none() {
+            if let Err(e) = f(self) {
+                self.error = Some(e);
+            }
+        }
+        Ok(())
     }
 }
 
+/// The trace loop's output: a failed write does not end the loop by an error (which would
+/// lose the summary) but makes the sink `failed` (see `Sink::failed`).
 impl Sink for Output {
     fn event(&mut self, ev: &TraceEvent) -> Result<()> {
-        Output::event(self, ev)
+        self.sink(|o| o.event(ev))
     }
     fn lost(&mut self, rec: &LostRecord) -> Result<()> {
-        Output::lost(self, rec)
+        self.sink(|o| o.lost(rec))
     }
     fn stats(&mut self, rec: &StatsRecord) -> Result<()> {
-        Output::stats(self, rec)
+        self.sink(|o| o.stats(rec))
     }
     fn summary(&mut self, summary: &summary::Summary) -> Result<()> {
-        Output::summary(self, summary)
+        self.sink(|o| o.summary(summary))
     }
     fn flush(&mut self) -> Result<()> {
-        Output::flush(self)
+        self.sink(Output::flush)
+    }
+    fn reopen(&mut self) -> Result<()> {
+        self.sink(Output::reopen)
+    }
+    fn failed(&self) -> bool {
+        self.error.is_some()
     }
     fn plan(&mut self, plan: &crate::kernel::observers::PlanRecord) -> Result<()> {
         if matches!(self.format, Format::Json) {
-            serde_json::to_writer(&mut self.out, plan)?;
-            self.out.write_all(b"\n")?;
-            self.maybe_flush()?;
+            self.sink(|o| o.put_json(plan, false))?;
         }
         Ok(())
     }
     fn ready(&mut self, ready: &ready::ReadyRecord) -> Result<()> {
         if matches!(self.format, Format::Json) {
-            serde_json::to_writer(&mut self.out, ready)?;
-            self.out.write_all(b"\n")?;
             // Whoever waits for it reads it now, from a file too.
-            self.flush()?;
+            self.sink(|o| o.put_json(ready, true))?;
         }
         Ok(())
     }
     /// A file gets what was written at least once a second (someone may be following it).
     fn tick(&mut self) -> Result<()> {
-        self.flush()
+        self.sink(Output::flush)
     }
 }
 
@@ -240,13 +327,11 @@ mod tests {
     #[test]
     fn json_records_follow_the_published_schema() {
         let buf = Buffer::default();
-        let mut out = Output {
-            format: Format::Json,
-            out: Box::new(buf.clone()),
-            live: false,
-            line: Vec::new(),
-            json: json::EventWriter::default(),
-        };
+        let mut out = Output::with(
+            Format::Json,
+            Dest::Stream(Box::new(buf.clone()), "a buffer"),
+            false,
+        );
         let mut p = Pipeline {
             decoder: Decoder::new(
                 fixtures::topology(),
@@ -272,6 +357,11 @@ mod tests {
             kind: "lost",
             lost: 1,
             total_lost: 2,
+            reasons: Some(crate::kernel::observers::Lost {
+                ring_full: 1,
+                count_map_full: 0,
+                evicted: 1,
+            }),
         })
         .unwrap();
         out.stats(&StatsRecord {

@@ -1,6 +1,6 @@
 //! The words: how points, segments and attribution warnings read for a person. Both the
 //! human lines and the JSON's `description`/`message` fields come from here.
-use std::fmt;
+use std::{borrow::Cow, fmt, fmt::Write as _};
 
 use crate::{
     attribution::Finding,
@@ -264,5 +264,54 @@ impl fmt::Display for Finding {
                 *mark & !*value
             ),
         }
+    }
+}
+
+/// Whether a character must not reach a terminal as it is: the control characters (C0 such as
+/// ESC, CR, BEL, and DEL and the C1 controls, which include the one-byte CSI) and the
+/// bidirectional-text controls that reorder what is displayed.
+fn unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `s` as text safe for a terminal: control characters written as escapes (`\x1b`, `\r`, `\n`,
+/// `\t`, `\u{9b}`), so names from the kernel, the node or a recording (interfaces, chains,
+/// tables, programs, owners, drop reasons) cannot move the cursor, retitle the window or
+/// rewrite what was printed before. The human output passes every line through it; JSON is
+/// escaped by serde.
+pub(crate) fn escape_controls(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(unprintable) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x80 && unprintable(c) => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c if unprintable(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert!(matches!(escape_controls("eth0 ñ ✓"), Cow::Borrowed(_)));
+        assert_eq!(
+            escape_controls("a\x1b[2Jb\rc\x07d\ne\tf\x7fg\u{9b}h\u{202e}i\0"),
+            "a\\x1b[2Jb\\rc\\x07d\\ne\\tf\\x7fg\\u{9b}h\\u{202e}i\\x00"
+        );
     }
 }

@@ -49,7 +49,7 @@ pub(crate) fn run(req: &Request, sources: &Sources) -> Result<crate::cli::Outcom
                 reg.select(owners)?
             };
             let (text, overlaps) = check(&sel.owners);
-            print!("{text}");
+            crate::cli::print(text)?;
             return Ok(if overlaps {
                 Outcome::Found
             } else {
@@ -57,7 +57,7 @@ pub(crate) fn run(req: &Request, sources: &Sources) -> Result<crate::cli::Outcom
             });
         }
     };
-    print!("{out}");
+    crate::cli::print(out)?;
     Ok(Outcome::Clean)
 }
 

@@ -62,10 +62,9 @@ struct Source<'a> {
 
 impl Source<'_> {
     fn line(&self, span: std::ops::Range<usize>) -> usize {
-        self.text[..span.start.min(self.text.len())]
-            .matches('\n')
-            .count()
-            + 1
+        // Bytes, not a `str` slice: a span inside a character cannot panic.
+        let before = self.text.as_bytes().iter().take(span.start);
+        before.filter(|&&b| b == b'\n').count() + 1
     }
 
     fn err(&self, span: std::ops::Range<usize>, reason: impl std::fmt::Display) -> anyhow::Error {

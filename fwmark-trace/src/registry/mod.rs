@@ -191,15 +191,13 @@ impl Registry {
 
     fn suggest(&self, name: &str) -> String {
         let lname = name.to_ascii_lowercase();
+        // The first three characters (not bytes: a name may be any text).
+        let head: String = lname.chars().take(3).collect();
         let mut close: Vec<String> = self
             .owners
             .iter()
             .map(|o| o.name.clone())
-            .filter(|n| {
-                n.contains(&lname)
-                    || lname.contains(n.as_str())
-                    || n.starts_with(&lname[..lname.len().min(3)])
-            })
+            .filter(|n| n.contains(&lname) || lname.contains(n.as_str()) || n.starts_with(&head))
             .collect();
         close.dedup();
         if close.is_empty() {
@@ -408,6 +406,11 @@ mod tests {
         let sel = reg.select(&["Kubernetes".into(), "cilium".into()]).unwrap();
         assert!(sel.profiled);
         assert_eq!(sel.owners.len(), 3, "two kube-proxy versions and cilium");
+        // Not ASCII: suggestions compare characters, not bytes.
+        for odd in ["ééx", "é", "日本語", "a\u{301}b"] {
+            let e = reg.select(&[odd.into()]).unwrap_err().to_string();
+            assert!(e.contains("unknown owner"), "{e}");
+        }
         let e = reg.select(&["calicoo".into()]).unwrap_err().to_string();
         assert!(
             e.contains("unknown owner \"calicoo\"") && e.contains("calico"),
@@ -425,6 +428,18 @@ mod tests {
             #[test]
             fn parser_never_panics(text in "(\\PC|\n){0,400}") {
                 let _ = parse(&text, "fuzz");
+            }
+
+            /// Any owner name (`--owners`, `registry check`, a file's profile) and any
+            /// `--owner` spec is a selection or an error.
+            #[test]
+            fn any_owner_name_never_panics(name in "\\PC{0,12}", spec in "\\PC{0,16}") {
+                let reg = Registry::builtin().unwrap();
+                let _ = reg.select(std::slice::from_ref(&name));
+                let _ = reg.get(&name);
+                let _ = parse_owner_flag(&spec);
+                let _ = parse(&format!("profile = [{name:?}]\n"), "fuzz")
+                    .map(|(_, p)| reg.select(&p.unwrap_or_default()));
             }
 
             #[test]
