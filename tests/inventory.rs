@@ -731,3 +731,289 @@ fn open_vswitch_flows() {
     let doc = inventory_with_ovs(&other.name);
     assert!(entries(&doc, "ovs-flow", "").is_empty(), "{doc:#}");
 }
+
+// Issue 21, item 10: an inventory that bit overlap cannot fool. A whole assignment writes
+// every bit, an unowned one too; attribution by mask alone is a guess that never silences a
+// conflict; tc programs are known by their owners' program names. Each case below passed
+// `--check` before.
+
+/// The conflict of `kind` between `a` and `b` (in that order), as JSON.
+fn conflict<'a>(doc: &'a Value, kind: &str, a: &str, b: &str) -> &'a Value {
+    doc["conflicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["kind"] == kind && c["owners"][0] == a && c["owners"][1] == b)
+        .unwrap_or_else(|| panic!("no {kind} {a} × {b} among {:#}", doc["conflicts"]))
+}
+
+/// `--check`'s exit code in `ns`, with its output.
+fn check_exit(ns: &str) -> (i32, String) {
+    let (code, out, err) = cli(&["inventory", "--netns", ns, "--check"]);
+    (code, format!("{out}{err}"))
+}
+
+/// Tailscale's rules (iptables-nft and ip rules, from its own test case) in a new namespace
+/// with a `tailscale0` device.
+fn tailscale_node(tag: &str) -> Netns {
+    let ns = Netns::new(tag);
+    lab::ip(&ns.name, "link add tailscale0 type veth peer name ts-peer").expect("veth");
+    for dev in ["tailscale0", "ts-peer"] {
+        lab::ip(&ns.name, &format!("link set {dev} up")).expect("link up");
+    }
+    restore_rules(
+        &ns.name,
+        "iptables-nft-restore",
+        &real_rules("tailscale-subnet-router.v4.rules"),
+    );
+    ip_lines(&ns.name, &real_rules("tailscale-subnet-router.ip"));
+    ns
+}
+
+/// A Cilium endpoint's host-side veth `lxc1` in `ns`, with a cls_bpf program named as
+/// Cilium names its from-container program (`cil_from_container`, kept by the kernel as
+/// `cil_from_contai`) assigning the whole mark `mark`, as `set_identity_mark` and the IPsec
+/// path do (cilium/cilium bpf/lib/identity.h, bpf_lxc.c).
+fn cilium_endpoint(ns: &str, mark: u32) {
+    lab::ip(ns, "link add lxc1 type veth peer name lxc1-pod").expect("veth");
+    for dev in ["lxc1", "lxc1-pod"] {
+        lab::ip(ns, &format!("link set {dev} up")).expect("link up");
+    }
+    attach_named_clsact_mark_setter(ns, "lxc1", "cil_from_container", mark);
+}
+
+/// Reviewer's case 1: `meta mark set 0x1` in a prerouting chain of a table nobody owns
+/// erases Tailscale's bypass bit, which `ip rule fwmark 0x80000/0xff0000` reads. It is a
+/// write of every bit (by bit: among the writers of 0x80000) and conflicts with Tailscale,
+/// though no owner is found for it.
+#[test]
+fn an_unowned_whole_assignment_writes_every_bit_and_conflicts() {
+    let ns = tailscale_node("inv-whole");
+    lab::nft(&ns.name, "table inet t {\n chain pre {\n type filter hook prerouting priority mangle; policy accept;\n meta mark set 0x1\n }\n}\n").expect("nft");
+    let doc = inventory(&ns.name);
+    let set = one(&doc, "nft-rule", "meta mark set 0x00000001");
+    assert!(set["owner"].is_null(), "{set:#}");
+    assert_eq!(
+        (
+            &set["access"][0]["op"],
+            &set["access"][0]["value"],
+            &set["access"][0]["mask"],
+            &set["access"][0]["scope"]
+        ),
+        (
+            &Value::from("write"),
+            &Value::from("0x1"),
+            &Value::from("0xffffffff"),
+            &Value::from("whole")
+        ),
+        "{set:#}"
+    );
+    let id = set["id"].clone();
+    let bypass = doc["by_bit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["bit"] == "0x80000" && u["mark"] == "packet")
+        .expect("bit 19");
+    assert!(
+        bypass["writers"].as_array().unwrap().contains(&id),
+        "{bypass}"
+    );
+    expect_conflicts(
+        &conflicts(&doc),
+        "
+        whole-overwrite unowned tailscale 0xff0000
+        foreign-reader tailscale unowned 0xff0000
+        ",
+    );
+    let c = conflict(&doc, "whole-overwrite", "unowned", "tailscale");
+    assert!(c["entries"].as_array().unwrap().contains(&id), "{c:#}");
+    let (code, out) = check_exit(&ns.name);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("!! whole-overwrite unowned × tailscale: something unowned assigns the whole packet mark"),
+        "{out}"
+    );
+}
+
+/// Reviewer's case 2 (and tailscale/tailscale#4917's shape): a rule in a table with a
+/// neutral name clearing exactly Tailscale's bypass bit fits only Tailscale's bits. It is
+/// attributed to Tailscale by mask, marked as a guess, and stays a conflict with Tailscale's
+/// own rules; Tailscale's connmark restore (a copy of its own bits, by mask too) is no
+/// conflict.
+#[test]
+fn a_guess_by_mask_never_silences_a_conflict() {
+    let ns = tailscale_node("inv-guess");
+    // Tailscale alone: its restore (by mask) copies its own bits, no conflict.
+    let (code, out) = check_exit(&ns.name);
+    assert_eq!(code, 0, "{out}");
+    lab::nft(&ns.name, "table inet mangle2 {\n chain post {\n type filter hook postrouting priority mangle; policy accept;\n meta mark set meta mark & 0xfff7ffff\n }\n}\n").expect("nft");
+    let doc = inventory(&ns.name);
+    let clear = one(&doc, "nft-rule", "meta mark & 0xfff7ffff");
+    check(clear, "tailscale by mask: write packet 0x0/0x80000 bits");
+    assert_eq!(clear["owner"]["guess"], true, "{clear:#}");
+    let restore = one(&doc, "nft-rule", "CONNMARK --restore-mark");
+    check(restore, "tailscale by mask: write packet 0x0/0xff0000 bits");
+    expect_conflicts(
+        &conflicts(&doc),
+        "
+        shared-write tailscale unowned 0x80000
+        foreign-reader tailscale unowned 0x80000
+        ",
+    );
+    for c in doc["conflicts"].as_array().unwrap() {
+        assert_eq!(
+            c["guesses"],
+            Value::from(vec![clear["id"].clone()]),
+            "{c:#}"
+        );
+    }
+    let (code, out) = check_exit(&ns.name);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("→ tailscale (by mask, a guess)")
+            && out.contains("!! shared-write tailscale × unowned")
+            && out.contains(&format!("not named: #{} tailscale", clear["id"])),
+        "{out}"
+    );
+}
+
+/// cilium/cilium#21330: Cilium's from-container program assigns the whole mark, identity in
+/// the upper half and cluster ID 133 (0x85) in the low byte; AWS VPC CNI's CONNMARK restore
+/// under 0x80 (its iptables rules, aws/amazon-vpc-cni-k8s pkg/networkutils/network.go, as its
+/// network_test.go expects them) rewrites bit 7 of it. The program is Cilium's by its name.
+#[test]
+fn cilium_program_and_aws_vpc_cni_restore_collide() {
+    let ns = Netns::new("inv-cil-aws");
+    cilium_endpoint(&ns.name, 0x1234_0f85);
+    let rules = Scratch::file("aws-cni", "rules");
+    std::fs::write(
+        &rules.0,
+        "*mangle
+-A PREROUTING -i eth0 -m comment --comment \"AWS, primary ENI\" -m addrtype --dst-type LOCAL --limit-iface-in -j CONNMARK --set-mark 0x80/0x80
+-A PREROUTING -i eni+ -m comment --comment \"AWS, primary ENI\" -j CONNMARK --restore-mark --mask 0x80
+COMMIT
+*nat
+:AWS-CONNMARK-CHAIN-0 - [0:0]
+-A PREROUTING -i eni+ -m comment --comment \"AWS, outbound connections\" -j AWS-CONNMARK-CHAIN-0
+-A PREROUTING -m comment --comment \"AWS, CONNMARK\" -j CONNMARK --restore-mark --mask 0x80
+-A AWS-CONNMARK-CHAIN-0 -d 10.0.0.0/16 -m comment --comment \"AWS CONNMARK CHAIN, VPC CIDR\" -j RETURN
+-A AWS-CONNMARK-CHAIN-0 -m comment --comment \"AWS, CONNMARK\" -j CONNMARK --set-xmark 0x80/0x80
+COMMIT
+",
+    )
+    .unwrap();
+    restore_rules(&ns.name, "iptables-nft-restore", &rules.0);
+    lab::ip(&ns.name, "rule add pref 1024 fwmark 0x80/0x80 lookup main").expect("ip rule");
+    let doc = inventory(&ns.name);
+    let prog = one(&doc, "bpf-program", "cil_from_contai");
+    assert_eq!(prog["attached"][0]["via"], "clsact", "{prog:#}");
+    check(
+        prog,
+        "cilium by name: write packet 0x12340f85/0xffffffff whole",
+    );
+    let restores = entries(
+        &doc,
+        "nft-rule",
+        "--restore-mark --nfmask 0x80 --ctmask 0x80",
+    );
+    assert_eq!(restores.len(), 2, "mangle and nat: {restores:#?}");
+    for r in &restores {
+        check(
+            r,
+            "aws-vpc-cni@iptables by mask: write packet 0x0/0x80 bits",
+        );
+    }
+    expect_entries(
+        &doc,
+        "
+        ip-rule :: fwmark 0x80/0x80 :: aws-vpc-cni@iptables by value: read packet 0x80/0x80
+        nft-rule :: AWS-CONNMARK-CHAIN-0 -m comment --comment \"AWS, CONNMARK\" :: aws-vpc-cni@iptables by name: write ct 0x80/0x80 bits
+        ",
+    );
+    expect_conflicts(
+        &conflicts(&doc),
+        "
+        whole-overwrite cilium aws-vpc-cni 0x80
+        foreign-reader aws-vpc-cni cilium 0x80
+        ",
+    );
+    let c = conflict(&doc, "whole-overwrite", "cilium", "aws-vpc-cni");
+    for r in &restores {
+        assert!(c["entries"].as_array().unwrap().contains(&r["id"]), "{c:#}");
+    }
+    let (code, out) = check_exit(&ns.name);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("→ cilium (by name)"), "{out}");
+}
+
+/// cilium/cilium#35338 (#36104): Cilium's identity bits carry Tailscale's 0x80000 (identity
+/// 8: 0x00080f00), so Tailscale's `fwmark 0x80000/0xff0000` rules route Cilium's packets.
+#[test]
+fn cilium_identity_and_tailscale_collide() {
+    let ns = tailscale_node("inv-cil-ts");
+    cilium_endpoint(&ns.name, 0x0008_0f00);
+    let doc = inventory(&ns.name);
+    check(
+        one(&doc, "bpf-program", "cil_from_contai"),
+        "cilium by name: write packet 0x80f00/0xffffffff whole",
+    );
+    expect_conflicts(
+        &conflicts(&doc),
+        "
+        whole-overwrite cilium tailscale 0xff0000
+        foreign-reader tailscale cilium 0xff0000
+        ",
+    );
+    assert_eq!(check_exit(&ns.name).0, 1);
+}
+
+/// cilium/cilium#12185: a mangle rule `MARK and 0xfff1ffff` (a built-in chain: no name)
+/// strips bits 17-19 of Cilium's identity. The rule fits only Tailscale's bits (a guess,
+/// Tailscale is not here): the conflict is Cilium's with something unowned.
+#[test]
+fn a_mangle_and_mark_and_cilium_identity_collide() {
+    let ns = Netns::new("inv-cil-and");
+    cilium_endpoint(&ns.name, 0x1234_0f00);
+    let rules = Scratch::file("and-mark", "rules");
+    std::fs::write(
+        &rules.0,
+        "*mangle\n-A POSTROUTING -j MARK --and-mark 0xfff1ffff\nCOMMIT\n",
+    )
+    .unwrap();
+    restore_rules(&ns.name, "iptables-nft-restore", &rules.0);
+    let doc = inventory(&ns.name);
+    let and = one(&doc, "nft-rule", "-A POSTROUTING -j MARK");
+    check(and, "tailscale by mask: write packet 0x0/0xe0000 bits");
+    expect_conflicts(&conflicts(&doc), "whole-overwrite cilium unowned 0xe0000");
+    let c = conflict(&doc, "whole-overwrite", "cilium", "unowned");
+    assert_eq!(c["guesses"], Value::from(vec![and["id"].clone()]), "{c:#}");
+    assert_eq!(check_exit(&ns.name).0, 1);
+}
+
+/// cilium/cilium#8516, #15350: Cilium's IPsec mark (MARK_MAGIC_ENCRYPT 0xe00, key index 8
+/// in 0xf000: 0x8e00) carries the legacy kubelet's drop bit 0x8000, which KUBE-FIREWALL
+/// drops, and clears its masquerade bit 0x4000 (kubelet's real rules).
+#[test]
+fn cilium_ipsec_key_and_kubelet_drop_bit_collide() {
+    let ns = Netns::new("inv-cil-ipsec");
+    cilium_endpoint(&ns.name, 0x8e00);
+    restore_rules(
+        &ns.name,
+        "iptables-nft-restore",
+        &real_rules("kubelet-legacy-firewall.rules"),
+    );
+    let doc = inventory(&ns.name);
+    check(
+        one(&doc, "bpf-program", "cil_from_contai"),
+        "cilium by name: write packet 0x8e00/0xffffffff whole",
+    );
+    expect_conflicts(
+        &conflicts(&doc),
+        "
+        whole-overwrite cilium kube-proxy 0xc000
+        foreign-reader kube-proxy cilium 0xc000
+        ",
+    );
+    assert_eq!(check_exit(&ns.name).0, 1);
+}

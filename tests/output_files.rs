@@ -182,15 +182,17 @@ fn rotation_at_the_size_limit_keeps_n_files() {
     let lab = lab();
     let dir = Scratch::dir("rotate");
     let file = dir.0.join("events.jsonl");
-    let limit = 8192u64;
+    let limit = 4096u64;
+    // Per packet: only the marked test traffic makes events (the plan and the ready record,
+    // on which the harness waits, stay in FILE until it comes).
     let mut d = Daemon::start_writing(
         file.clone(),
         &[
             "--netns",
             &lab.a,
-            "--full-path",
+            "--per-packet",
             "--rotate-size",
-            "8K",
+            "4K",
             "--rotate-keep",
             "2",
         ],

@@ -3,7 +3,7 @@
 //! says once where the damage is (byte offset, frame) and exits 1; it never invents an event;
 //! it refuses to write its output over the recording (exit 2, the file untouched).
 
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
 use fwmark_trace_tests::*;
 use serde_json::Value;
@@ -61,22 +61,26 @@ fn warnings(stderr: &str) -> Vec<&str> {
 }
 
 /// A recording of real transitions: `packets` UDP datagrams marked by an nft rule in a
-/// throwaway lab. Returns the file, the live run's summary and the events `show` decodes.
-fn record(tag: &str, packets: usize, extra: &[&str]) -> (Scratch, Value, Vec<Value>) {
+/// throwaway lab. Returns the file and the records `show --json` prints for it.
+fn record(tag: &str, packets: usize) -> (Scratch, Vec<Value>) {
     let lab = Lab::new(tag).expect("lab");
     lab::nft(&lab.a, RULES).expect("nft");
     let rec = Scratch::file(tag, "rec");
     let rec_s = rec.0.display().to_string();
-    let d = Daemon::start(&[&["--netns", &lab.a, "--record", &rec_s][..], extra].concat());
+    let d = Daemon::start(&["--netns", &lab.a, "--record", &rec_s]);
     send_udp_burst(&lab.a, lab::ADDR_B, PORT, packets);
     let live = d.stop();
     drop(lab);
-    let summary = live.last().expect("a summary").clone();
-    assert_eq!(summary["kind"], "summary", "{summary}");
     let (code, shown, err) = show(&[&rec_s, "--json"]);
     assert_eq!(code, 0, "{err}");
     assert!(warnings(&err).is_empty(), "{err}");
-    (rec, summary, shown)
+    // The recording's summary counts what the live run counted.
+    let (l, s) = (live.last().unwrap(), shown.last().unwrap());
+    assert_eq!(
+        (&l["total_events"], &l["lost"]),
+        (&s["total_events"], &s["lost"])
+    );
+    (rec, shown)
 }
 
 /// Records of `Event` size in the events frames among `frames`.
@@ -109,7 +113,7 @@ fn write(path: &Path, data: &[u8]) {
 fn a_torn_or_damaged_recording_shows_exactly_its_intact_prefix() {
     require_root();
     // Enough records for more than one events frame (64 KiB each).
-    let (rec, _, shown) = record("rect", 1000, &[]);
+    let (rec, shown) = record("rect", 1000);
     let all = events(&shown);
     let marked = marked(&all, PORT, "0x70");
     assert!(marked.len() >= 1000, "{} transitions", marked.len());
@@ -182,7 +186,7 @@ fn a_torn_or_damaged_recording_shows_exactly_its_intact_prefix() {
 #[test]
 fn show_refuses_to_write_over_its_recording() {
     require_root();
-    let (rec, _, _) = record("recx", 5, &[]);
+    let (rec, _) = record("recx", 5);
     let before = std::fs::read(&rec.0).unwrap();
     let dir = Scratch::dir("recx-links");
     let (sym, hard) = (dir.0.join("sym.jsonl"), dir.0.join("hard.jsonl"));
@@ -241,22 +245,51 @@ fn a_recording_of_a_killed_daemon_is_reported_cut_short() {
     }
 }
 
-/// The ring buffer's lost counter is in the recording: `show` reports it as `lost` records and
-/// in its summary, as the live run counted it.
+/// Lost events, per reason, are in the recording: `show` reports them as `lost` records (with
+/// their reasons) and in its summary, as the live run counted them.
 #[test]
-fn recordings_carry_lost_counts() {
+fn recordings_carry_lost_counts_and_reasons() {
     require_root();
     // The smallest ring (one page) and a burst: the kernel loses records.
-    let (_, live, shown) = record("recl", 20000, &["--ring-size", "4096"]);
+    let lab = Lab::new("recl").expect("lab");
+    lab::nft(&lab.a, RULES).expect("nft");
+    let rec = Scratch::file("recl", "rec");
+    let rec_s = rec.0.display().to_string();
+    let mut d = Daemon::start(&["--netns", &lab.a, "--record", &rec_s, "--ring-size", "4096"]);
+    send_udp_burst(&lab.a, lab::ADDR_B, PORT, 20000);
+    // The live output reports the loss at its next tick, the recording with it.
+    d.wait_for(scaled(Duration::from_secs(5)), |records| {
+        records.iter().any(|r| r["kind"] == "lost")
+    });
+    let live = d.stop();
+    drop(lab);
+    let (code, shown, err) = show(&[&rec_s, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let summary = live.last().expect("a summary");
     let lost: Vec<&Value> = shown.iter().filter(|r| r["kind"] == "lost").collect();
-    let summary = shown.last().unwrap();
-    assert_eq!(summary["kind"], "summary");
-    assert_eq!(summary["lost"], live["lost"], "{summary}\n{live}");
+    assert_eq!(shown.last().unwrap()["lost"], summary["lost"], "{summary}");
+    let total = summary["lost"].as_u64().unwrap();
     let sum: u64 = lost.iter().map(|l| l["lost"].as_u64().unwrap()).sum();
-    assert_eq!(sum, live["lost"].as_u64().unwrap(), "{lost:#?}");
-    if let Some(last) = lost.last() {
-        assert_eq!(last["total_lost"], live["lost"]);
-    } else {
+    assert_eq!(sum, total, "{lost:#?}");
+    if total == 0 {
         eprintln!("the kernel lost nothing this time: the lost records are not exercised");
+        return;
+    }
+    let last = lost.last().unwrap();
+    assert_eq!(last["total_lost"], total);
+    let r = &last["reasons"];
+    let by_reason: u64 = ["ring_full", "count_map_full", "evicted"]
+        .iter()
+        .map(|k| r[k].as_u64().expect("a count per reason"))
+        .sum();
+    assert_eq!(by_reason, total, "{last}");
+    assert!(r["ring_full"].as_u64().unwrap() > 0, "{last}");
+    // Every loss the live run reported is in the recording, with the same reasons.
+    for l in live.iter().filter(|r| r["kind"] == "lost") {
+        assert!(
+            lost.iter()
+                .any(|s| s["total_lost"] == l["total_lost"] && s["reasons"] == l["reasons"]),
+            "{l} not in {lost:#?}"
+        );
     }
 }

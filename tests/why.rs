@@ -4,7 +4,10 @@
 //! `fwmark 0x4000/0x4000`; B sends everything for A's 10.77.0.1 back through b2, so replies
 //! arrive on a2. The client in A marks its requests 0x4000 with SO_MARK.
 
-use std::process::{Command, Stdio};
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
 
 use fwmark_trace_tests::*;
 use serde_json::Value;
@@ -594,4 +597,54 @@ fn flows_are_followed_across_nat() {
         natted("reply"),
         "reply before de-NAT joined the flow: {r:#}"
     );
+}
+
+/// `why --nftrace` killed with SIGKILL leaves no table marking traffic for nftrace: its guard
+/// removes it as the daemon dies, and a fresh run works at once.
+#[test]
+fn nftrace_table_goes_with_a_killed_daemon() {
+    require_root();
+    let lab = Lab::new("why-kill").expect("lab");
+    let tables = || lab::exec(&lab.a, &["nft", "list", "tables"]).unwrap_or_default();
+    let notify = NotifySocket::new();
+    let mut child = Command::new(bin())
+        .args(["why", "--netns", &lab.a, "--port", "7", "--duration", "60s"])
+        .arg("--nftrace")
+        .env("NOTIFY_SOCKET", &notify.path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = line_reader(child.stderr.take().unwrap());
+    if let Err(why) = notify.wait_ready(&mut child) {
+        panic!("{why}: {:#?}", stderr.try_iter().collect::<Vec<_>>());
+    }
+    assert!(
+        wait_until(scaled(Duration::from_secs(5)), || tables()
+            .contains("fwmark_trace_nftrace")),
+        "no nftrace table while it runs: {}",
+        tables()
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        wait_until(scaled(Duration::from_secs(5)), || !tables()
+            .contains("fwmark_trace_nftrace")),
+        "the killed daemon's table stayed: {}",
+        tables()
+    );
+    // A fresh run installs its own and removes it.
+    let (code, _, err) = run(&[
+        "why",
+        "--netns",
+        &lab.a,
+        "--port",
+        "7",
+        "--duration",
+        "1s",
+        "--nftrace",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("--nftrace unavailable"), "{err}");
+    assert!(!tables().contains("fwmark_trace_nftrace"), "{}", tables());
 }

@@ -11,7 +11,7 @@ use std::{
 use fwmark_trace_common::FlowFilter;
 
 use crate::{
-    event::{CtState, DropReason, EventKind, RouteLookup, Timestamp, TraceEvent, Tuple},
+    event::{CtState, DropReason, EventKind, RouteLookup, Timestamp, TraceEvent, Tuple, XfrmRef},
     mark::Mark,
     place::{PointInfo, Segment},
     stack::{Family, Proto},
@@ -43,6 +43,8 @@ pub(crate) struct Step {
     pub(crate) route: Option<RouteLookup>,
     /// The packet's 5-tuple where NAT changed it from the flow's.
     pub(crate) nat_tuple: Option<Tuple>,
+    /// The xfrm state that decrypted the packet (its sec_path).
+    pub(crate) decrypted_by: Option<XfrmRef>,
 }
 
 impl Step {
@@ -62,6 +64,7 @@ impl Step {
             drop_reason: ev.drop_reason.clone(),
             route: ev.route,
             nat_tuple: None,
+            decrypted_by: ev.decrypted_by.clone(),
         }
     }
 

@@ -10,10 +10,11 @@
 //! - `C` a context (JSON: topology, drop reason names, boot time), valid for the records after
 //!   it; at most `MAX_CONTEXT` bytes;
 //! - `E` raw `Event` records back to back: a whole number of them, at most `MAX_EVENTS` bytes;
-//! - `L` events the kernel could not deliver: `reason: u8` (1: the ring buffer was full),
-//!   `lost: u64`, `total_lost: u64`, `time: u64` (ns since the epoch);
-//! - `Z` the end, written when the run finishes: `records: u64`, `total_lost: u64`, which must
-//!   match what came before it.
+//! - `L` events lost, written when the count grew: `time: u64` (ns since the epoch), then the
+//!   totals per reason so far, `ring_full: u64`, `count_map_full: u64`, `evicted: u64` (see
+//!   `kernel::observers::Lost`); their sum must exceed the previous frame's;
+//! - `Z` the end, written when the run finishes: `records: u64` and the three lost totals,
+//!   which must match what came before it.
 //!
 //! Nothing is shown that the file does not hold intact: a frame is used only once its header
 //! and payload pass their checksums and its length fits its kind. A recording cut short (the
@@ -36,6 +37,7 @@ use crate::{
     cli::Outcome,
     decode::Decoder,
     event::Timestamp,
+    kernel::observers::Lost as LostCounts,
     output::{summary::Summary, text::escape_controls, Format, LostRecord, Output},
     pipeline::Pipeline,
     place::Topology,
@@ -60,10 +62,8 @@ const MAX_EVENTS: u32 = 1 << 20;
 /// An events frame is written once this many bytes of records wait: a torn frame loses at most
 /// this much, and the checksum is computed on data still in the cache.
 const EVENTS_FRAME: usize = 64 << 10;
-const LOST_LEN: u32 = 25;
-const END_LEN: u32 = 16;
-/// `L` frames' reason: the ring buffer was full (the kernel's lost counter).
-const RING_FULL: u8 = 1;
+const LOST_LEN: u32 = 32;
+const END_LEN: u32 = 32;
 
 /// What is needed to name recorded points: as the daemon knew it when they were recorded.
 #[derive(Serialize, Deserialize)]
@@ -81,8 +81,8 @@ pub(crate) struct Recorder<W: Write = BufWriter<File>> {
     /// An events frame is written once this many bytes wait.
     frame_bytes: usize,
     pub(crate) records: u64,
-    /// The kernel's lost counter as last recorded.
-    lost: u64,
+    /// The lost counts as last recorded.
+    lost: LostCounts,
 }
 
 impl Recorder {
@@ -101,7 +101,7 @@ impl<W: Write> Recorder<W> {
             pending: Vec::with_capacity(frame_bytes + RECORD),
             frame_bytes,
             records: 0,
-            lost: 0,
+            lost: LostCounts::default(),
         })
     }
 
@@ -144,23 +144,21 @@ impl<W: Write> Recorder<W> {
         Ok(())
     }
 
-    /// The kernel's lost counter (`total`, events it could not put in the ring buffer because
-    /// it was full): a lost frame when it grew, after the records that came before.
-    pub(crate) fn lost(&mut self, total: u64) -> Result<()> {
-        if total <= self.lost {
+    /// Events lost so far, per reason (ring buffer full, counting map full, evicted unread): a
+    /// lost frame when their sum grew, after the records that came before.
+    pub(crate) fn lost(&mut self, now: LostCounts) -> Result<()> {
+        if now.total() <= self.lost.total() {
             return Ok(());
         }
         self.flush_events()?;
-        let now = SystemTime::now()
+        let time = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_nanos() as u64;
         let mut payload = Vec::with_capacity(LOST_LEN as usize);
-        payload.push(RING_FULL);
-        payload.extend_from_slice(&(total - self.lost).to_le_bytes());
-        payload.extend_from_slice(&total.to_le_bytes());
-        payload.extend_from_slice(&now.to_le_bytes());
-        self.lost = total;
+        payload.extend_from_slice(&time.to_le_bytes());
+        payload.extend_from_slice(&lost_bytes(&now));
+        self.lost = now;
         frame(&mut self.out, LOST, &payload)
     }
 
@@ -172,17 +170,26 @@ impl<W: Write> Recorder<W> {
         Ok(())
     }
 
-    /// The end of the run: what waits, the lost counter (`total_lost`) if it grew, the end
-    /// frame, then everything to the file.
-    pub(crate) fn finish(&mut self, total_lost: u64) -> Result<()> {
+    /// The end of the run: what waits, the lost counts if they grew, the end frame, then
+    /// everything to the file.
+    pub(crate) fn finish(&mut self, lost: LostCounts) -> Result<()> {
         self.flush_events()?;
-        self.lost(total_lost)?;
+        self.lost(lost)?;
         let mut payload = Vec::with_capacity(END_LEN as usize);
         payload.extend_from_slice(&self.records.to_le_bytes());
-        payload.extend_from_slice(&self.lost.to_le_bytes());
+        payload.extend_from_slice(&lost_bytes(&self.lost));
         frame(&mut self.out, END, &payload)?;
         self.out.flush().context("writing the recording")
     }
+}
+
+/// The lost counts as written: ring_full, count_map_full, evicted.
+fn lost_bytes(l: &LostCounts) -> [u8; 24] {
+    let mut b = [0u8; 24];
+    b[..8].copy_from_slice(&l.ring_full.to_le_bytes());
+    b[8..16].copy_from_slice(&l.count_map_full.to_le_bytes());
+    b[16..].copy_from_slice(&l.evicted.to_le_bytes());
+    b
 }
 
 fn frame(out: &mut impl Write, tag: u8, payload: &[u8]) -> Result<()> {
@@ -209,15 +216,16 @@ struct ContextRef<'a> {
 pub(crate) enum Frame {
     Context(Box<Context>),
     Events(Vec<Event>),
-    Lost(Lost),
+    Lost(LostFrame),
 }
 
-/// Events the kernel could not deliver (an `L` frame).
+/// Events lost (an `L` frame): since the previous one, in all, and the totals per reason.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Lost {
+pub(crate) struct LostFrame {
     pub(crate) lost: u64,
     pub(crate) total_lost: u64,
-    /// When the daemon saw the counter grow (ns since the epoch).
+    pub(crate) reasons: LostCounts,
+    /// When the daemon saw the count grow (ns since the epoch).
     pub(crate) time_unix_ns: u64,
 }
 
@@ -254,7 +262,8 @@ pub(crate) struct Reader<R> {
     frames: u64,
     events: u64,
     lost_frames: u64,
-    total_lost: u64,
+    /// The lost counts of the last lost frame.
+    lost: LostCounts,
     /// The end frame was read.
     ended: bool,
     done: bool,
@@ -271,7 +280,7 @@ impl<R: Read> Reader<R> {
             frames: 0,
             events: 0,
             lost_frames: 0,
-            total_lost: 0,
+            lost: LostCounts::default(),
             ended: false,
             done: false,
             damage: None,
@@ -380,6 +389,11 @@ impl<R: Read> Reader<R> {
             b.copy_from_slice(&payload[at..at + 8]);
             u64::from_le_bytes(b)
         };
+        let lost_at = |at: usize| LostCounts {
+            ring_full: u64_at(at),
+            count_map_full: u64_at(at + 8),
+            evicted: u64_at(at + 16),
+        };
         let frame = match tag {
             CONTEXT => match serde_json::from_slice(&payload) {
                 Ok(ctx) => Frame::Context(Box::new(ctx)),
@@ -387,30 +401,34 @@ impl<R: Read> Reader<R> {
             },
             EVENTS => Frame::Events(events_of(&payload)),
             LOST => {
-                let l = Lost {
-                    lost: u64_at(1),
-                    total_lost: u64_at(9),
-                    time_unix_ns: u64_at(17),
-                };
-                if payload[0] != RING_FULL {
-                    return Ok(
-                        self.damaged(format!("a lost frame of unknown reason {}", payload[0]))
-                    );
+                let reasons = lost_at(8);
+                let before = self.lost.total();
+                let total = reasons
+                    .ring_full
+                    .checked_add(reasons.count_map_full)
+                    .and_then(|t| t.checked_add(reasons.evicted));
+                match total {
+                    Some(total) if total > before => Frame::Lost(LostFrame {
+                        lost: total - before,
+                        total_lost: total,
+                        reasons,
+                        time_unix_ns: u64_at(0),
+                    }),
+                    _ => {
+                        return Ok(self.damaged(format!(
+                            "a lost frame whose counts do not add up ({reasons:?} after {before} in total)"
+                        )))
+                    }
                 }
-                if l.total_lost != self.total_lost.saturating_add(l.lost) {
-                    return Ok(self.damaged(format!(
-                        "a lost frame of {} events that does not add up ({} in total after {})",
-                        l.lost, l.total_lost, self.total_lost
-                    )));
-                }
-                Frame::Lost(l)
             }
             _ => {
-                let (records, lost) = (u64_at(0), u64_at(8));
-                if (records, lost) != (self.events, self.total_lost) {
+                let (records, lost) = (u64_at(0), lost_at(8));
+                if (records, lost) != (self.events, self.lost) {
                     return Ok(self.damaged(format!(
-                        "the end frame counts {records} records and {lost} lost events, the frames before it {} and {}",
-                        self.events, self.total_lost
+                        "the end frame counts {records} records and {} lost events, the frames before it {} and {}",
+                        lost.total(),
+                        self.events,
+                        self.lost.total()
                     )));
                 }
                 self.ended = true;
@@ -425,7 +443,7 @@ impl<R: Read> Reader<R> {
             Frame::Events(evs) => self.events += evs.len() as u64,
             Frame::Lost(l) => {
                 self.lost_frames += 1;
-                self.total_lost = l.total_lost;
+                self.lost = l.reasons;
             }
             Frame::Context(_) => {}
         }
@@ -579,7 +597,7 @@ pub(crate) fn show(cfg: &ShowConfig) -> Result<Outcome> {
                     kind: "lost",
                     lost: l.lost,
                     total_lost: l.total_lost,
-                    reasons: None,
+                    reasons: Some(l.reasons),
                 })?;
                 summary.lost = l.total_lost;
             }
@@ -629,8 +647,8 @@ mod tests {
     enum Op {
         Context,
         Records(u64),
-        /// The kernel's lost counter grows by this much.
-        Lost(u64),
+        /// Events lost to the ring buffer, to the counting map, evicted.
+        Lost(u64, u64, u64),
     }
 
     /// A recording of `ops` with events frames of `frame_records` records; the events written.
@@ -640,7 +658,7 @@ mod tests {
             Topology::default(),
             HashMap::from([(2, "NOT_SPECIFIED".into())]),
         );
-        let (mut written, mut lost) = (Vec::new(), 0);
+        let (mut written, mut lost) = (Vec::new(), LostCounts::default());
         for op in ops {
             match op {
                 Op::Context => r.context(&d).unwrap(),
@@ -651,8 +669,10 @@ mod tests {
                         written.push(e);
                     }
                 }
-                Op::Lost(n) => {
-                    lost += n;
+                Op::Lost(ring, map, evicted) => {
+                    lost.ring_full += ring;
+                    lost.count_map_full += map;
+                    lost.evicted += evicted;
                     r.lost(lost).unwrap();
                 }
             }
@@ -705,11 +725,13 @@ mod tests {
     const OPS: &[Op] = &[
         Op::Context,
         Op::Records(3),
-        Op::Lost(2),
+        Op::Lost(2, 0, 0),
         Op::Records(4),
         Op::Context,
         Op::Records(1),
-        Op::Lost(5),
+        Op::Lost(1, 3, 1),
+        // Nothing more lost: no frame.
+        Op::Lost(0, 0, 0),
     ];
 
     #[test]
@@ -753,7 +775,7 @@ mod tests {
         assert!(
             matches!(&back.frames[0], Frame::Context(c) if c.drop_reasons == vec![(2, "NOT_SPECIFIED".to_string())])
         );
-        let lost: Vec<Lost> = back
+        let lost: Vec<LostFrame> = back
             .frames
             .iter()
             .filter_map(|f| match f {
@@ -766,6 +788,14 @@ mod tests {
                 .map(|l| (l.lost, l.total_lost))
                 .collect::<Vec<_>>(),
             [(2, 2), (5, 7)]
+        );
+        assert_eq!(
+            lost[1].reasons,
+            LostCounts {
+                ring_full: 3,
+                count_map_full: 3,
+                evicted: 1
+            }
         );
         assert!(lost[0].time_unix_ns > 0);
         // Events frames hold whole records, at most `frame_records` of them.
@@ -842,7 +872,9 @@ mod tests {
             (EVENTS, vec![0u8; RECORD + 1]),
             (EVENTS, vec![0u8; RECORD - 1]),
             (EVENTS, Vec::new()),
-            (LOST, vec![RING_FULL; LOST_LEN as usize + 1]),
+            (LOST, vec![1; LOST_LEN as usize + 1]),
+            // Counts that do not grow.
+            (LOST, vec![0; LOST_LEN as usize]),
             (END, vec![0u8; END_LEN as usize - 1]),
             (b'X', vec![0u8; 8]),
         ];
@@ -917,7 +949,7 @@ mod tests {
         prop_oneof![
             Just(Op::Context),
             (0..12u64).prop_map(Op::Records),
-            (1..1000u64).prop_map(Op::Lost),
+            (0..1000u64, 0..3u64, 0..3u64).prop_map(|(a, b, c)| Op::Lost(a, b, c)),
         ]
     }
 

@@ -448,7 +448,7 @@ async fn stream(
                 if lost > lost_seen {
                     run.out.lost(&LostRecord { time: Timestamp::now(), kind: "lost", lost: lost - lost_seen, total_lost: lost, reasons: Some(reasons) })?;
                     if let Some(r) = run.recorder.as_mut() {
-                        r.lost(lost)?;
+                        r.lost(reasons)?;
                     }
                     lost_seen = lost;
                 }
@@ -520,7 +520,7 @@ async fn stream(
     }
     run.drain(ring.get_mut())?;
     if let Some(r) = run.recorder.as_mut() {
-        r.finish(lost_now(run.obs, counts.as_ref()).total())?;
+        r.finish(lost_now(run.obs, counts.as_ref()))?;
         info!(
             "recorded {} records; show them with `fwmark-trace show {}`",
             r.records,

@@ -63,7 +63,63 @@ pub fn tcx_chain(ns: &str, ifname: &str) -> Vec<String> {
 /// that sets `skb->mark = mark`: it runs after the whole tcx chain. The filter goes with the
 /// namespace; the bpffs pin `tc` needs is removed at once.
 pub fn attach_clsact_mark_setter(ns: &str, ifname: &str, mark: u32) {
-    let prog = load_mark_program(MarkProgram::Classic, mark);
+    attach_clsact(ns, ifname, load_mark_program(MarkProgram::Classic, mark));
+}
+
+/// The same filter with a program named `name`, as another project names its programs
+/// (Cilium's `cil_from_container`; the kernel keeps 15 characters, as Cilium's loader
+/// does): what the inventory attributes by program name. test_support's programs are all
+/// `test_setmark`, and a program's name is fixed when it is loaded, so this one is loaded
+/// here.
+pub fn attach_named_clsact_mark_setter(ns: &str, ifname: &str, name: &str, mark: u32) {
+    attach_clsact(ns, ifname, load_named_classic(name, mark));
+}
+
+/// Loads a sched_cls program named `name` (cut to 15 characters) with no expected attach
+/// type, as test_support's classic one: `skb->mark = mark`, then TC_ACT_UNSPEC.
+fn load_named_classic(name: &str, mark: u32) -> OwnedFd {
+    use std::os::fd::FromRawFd;
+
+    use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_prog_type};
+
+    // r2 = mark; *(u32 *)(r1 + offsetof(__sk_buff, mark)) = r2; r0 = -1; exit
+    let insn = |code: u64, dst: u64, src: u64, off: i16, imm: i32| {
+        code | (dst | src << 4) << 8 | ((off as u16) as u64) << 16 | ((imm as u32) as u64) << 32
+    };
+    let prog = [
+        insn(0xb7, 2, 0, 0, mark as i32),
+        insn(0x63, 1, 2, 8, 0),
+        insn(0xb7, 0, 0, 0, -1),
+        insn(0x95, 0, 0, 0, 0),
+    ];
+    let license = c"GPL";
+    // SAFETY: all-zero is a valid bpf_attr.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // SAFETY: BPF_PROG_LOAD reads the prog-load variant of the union.
+    let a = unsafe { &mut attr.__bindgen_anon_3 };
+    a.prog_type = bpf_prog_type::BPF_PROG_TYPE_SCHED_CLS as u32;
+    a.insns = prog.as_ptr() as u64;
+    a.insn_cnt = prog.len() as u32;
+    a.license = license.as_ptr() as u64;
+    for (dst, src) in a.prog_name.iter_mut().zip(name.bytes().take(15)) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: a bpf(2) call with a valid attribute of its size; the instructions and the
+    // license outlive it.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_PROG_LOAD as libc::c_long,
+            &mut attr as *mut bpf_attr,
+            std::mem::size_of::<bpf_attr>(),
+        )
+    };
+    assert!(fd >= 0, "load {name}: {}", std::io::Error::last_os_error());
+    // SAFETY: a new descriptor the kernel just gave us.
+    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+}
+
+fn attach_clsact(ns: &str, ifname: &str, prog: OwnedFd) {
     let pin = Pin(format!("/sys/fs/bpf/fwmt-test-setmark-{}", unique()));
     test_support::pin(&prog, &pin.0);
     // `tc` runs from a thread inside the namespace (`ip netns exec` would remount /sys and

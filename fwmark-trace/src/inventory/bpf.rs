@@ -7,7 +7,9 @@
 //! kernel's BTF. A short forward pass follows which registers (and stack slots) hold the
 //! context and what each register holds: a constant, or the loaded mark under `&`, `|`, `^`
 //! with constants, so `*(u32 *)(ctx + mark) = (mark & ~M) | V` is a bitwise write of V under
-//! M and `= 0x200` a whole one. fwmark-trace's own programs (`fwm_*`) are left out.
+//! M and `= 0x200` a whole one. fwmark-trace's own programs (`fwm_*`) are left out. A
+//! program's name (`program:NAME` among the entry's names) is what attributes it by name: the
+//! registry lists its owners' program names (Cilium's `cil_*` entry points).
 use std::{
     collections::HashSet,
     os::fd::{AsFd, OwnedFd},
@@ -345,7 +347,8 @@ fn found(p: &Program, attached: Vec<Attachment>) -> Found {
     Found {
         text: format!("{} (id {}): {}", p.name, p.id, what.join("; ")),
         access: p.access.clone(),
-        names: vec![p.name.clone()],
+        // Matched against the owners' program patterns only (not their chain names).
+        names: vec![format!("{}{}", super::owners::PROGRAM, p.name)],
         place: Place::BpfProgram {
             id: p.id,
             name: p.name.clone(),

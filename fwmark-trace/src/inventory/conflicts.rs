@@ -10,11 +10,17 @@
 //!
 //! Order on the packet path is not considered (an inventory has no path): a conflict says two
 //! owners' rules can meet on one packet's mark, not that they do for every packet.
+//!
+//! A side is an entry's `party` (`Entry::party`): its owner's name, or `unowned` for an entry
+//! no owner is found for and for a write attributed by mask alone that sets, clears or flips
+//! bits (a guess names nobody). An unowned side conflicts with every owner's entries like an
+//! owner would (a whole assignment nobody claims is a `whole-overwrite` of every bit it
+//! changes); two unowned sides are not compared (nothing says they are two owners).
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::model::{hex, Access, Entry, MarkKind, Netns, Scope};
+use super::model::{hex, Access, Entry, MarkKind, Netns, Scope, UNOWNED};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -49,6 +55,9 @@ pub(crate) struct Conflict {
     pub(crate) bits: u32,
     /// Entry ids of both sides.
     pub(crate) entries: Vec<usize>,
+    /// Entries among them attributed by mask alone whose writes count as unowned here.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) guesses: Vec<usize>,
     pub(crate) message: String,
 }
 
@@ -84,7 +93,14 @@ fn pair(x: &Access, y: &Access) -> Option<(ConflictKind, u32)> {
 }
 
 fn message(kind: ConflictKind, mark: MarkKind, owners: &[String; 2], bits: u32) -> String {
-    let [a, b] = owners;
+    let who = |o: &str| {
+        if o == UNOWNED {
+            "something unowned".to_owned()
+        } else {
+            o.to_owned()
+        }
+    };
+    let (a, b) = (who(&owners[0]), who(&owners[1]));
     let m = mark.label();
     match kind {
         ConflictKind::SharedWrite if bits == u32::MAX => {
@@ -110,10 +126,9 @@ pub(crate) fn conflicts(entries: &[Entry]) -> Vec<Conflict> {
     let mut found: BTreeMap<Key, (u32, Vec<usize>)> = BTreeMap::new();
     for x in entries {
         for y in entries {
-            let (Some(ox), Some(oy)) = (x.owner_name(), y.owner_name()) else {
-                continue;
-            };
-            // Different owners, in one namespace (or one of them everywhere).
+            let (ox, oy) = (x.party(), y.party());
+            // Different owners (at least one of them known), in one namespace (or one of them
+            // everywhere).
             if ox == oy || (x.netns.is_some() && y.netns.is_some() && x.netns != y.netns) {
                 continue;
             }
@@ -142,14 +157,28 @@ pub(crate) fn conflicts(entries: &[Entry]) -> Vec<Conflict> {
         .map(|((netns, kind, mark, owners), (bits, mut ids))| {
             ids.sort_unstable();
             ids.dedup();
+            // Unowned sides that fit an owner's bits: said, so the guess is not lost.
+            let guessed: Vec<(usize, &str)> = ids
+                .iter()
+                .filter_map(|i| entries.iter().find(|e| e.id == *i))
+                .filter(|e| e.guessed_writer())
+                .filter_map(|e| Some((e.id, e.owner_name()?)))
+                .collect();
+            let mut message = message(kind, mark, &owners, bits);
+            if !guessed.is_empty() {
+                let list: Vec<String> = guessed.iter().map(|(i, o)| format!("#{i} {o}")).collect();
+                message.push_str(&format!(" (by mask only, not named: {})", list.join(", ")));
+            }
+            let guesses = guessed.into_iter().map(|(i, _)| i).collect();
             Conflict {
-                message: message(kind, mark, &owners, bits),
+                message,
                 kind,
                 mark,
                 netns,
                 owners,
                 bits,
                 entries: ids,
+                guesses,
             }
         })
         .collect()
@@ -175,6 +204,7 @@ mod tests {
                 id: owner.into(),
                 name: owner.into(),
                 by: By::Name,
+                guess: false,
                 also: vec![],
             }),
             names: vec![],

@@ -206,6 +206,17 @@ impl Access {
         }
     }
 
+    /// The bits a write decides itself: those it sets, clears or flips, all of its bits when
+    /// its value is not visible; not those it copies from the other mark (a save or restore
+    /// moves bits, it does not make them). Nothing for a read.
+    pub(crate) fn decided(&self) -> u32 {
+        match self.op {
+            Op::Write { known: false, .. } => self.written(),
+            Op::Write { copies, .. } => self.written() & !copies,
+            _ => 0,
+        }
+    }
+
     /// The bits a write may change: its mask, for an origin write the bits it sets.
     pub(crate) fn written(&self) -> u32 {
         match self.op {
@@ -520,8 +531,19 @@ pub(crate) enum By {
     Name,
     /// A value the access reads or writes is one the owner names.
     Value,
-    /// The bits fit inside the owner's mask.
+    /// The bits fit inside the owner's mask: a guess, which never makes a write that sets,
+    /// clears or flips bits its guessed owner's in a conflict.
     Mask,
+}
+
+impl By {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            By::Name => "name",
+            By::Value => "value",
+            By::Mask => "mask",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -531,6 +553,9 @@ pub(crate) struct OwnerRef {
     /// Owner name, every version together (`kube-proxy`): what conflicts compare.
     pub(crate) name: String,
     pub(crate) by: By,
+    /// Attributed by mask alone (`by: mask`): nothing names the entry as this owner's.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) guess: bool,
     /// Other owners that fit as well (same evidence), best first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub(crate) also: Vec<String>,
@@ -554,13 +579,31 @@ pub(crate) struct Entry {
     pub(crate) names: Vec<String>,
 }
 
+/// What conflicts call a side no owner stands for.
+pub(crate) const UNOWNED: &str = "unowned";
+
 impl Entry {
     pub(crate) fn owner_name(&self) -> Option<&str> {
         self.owner.as_ref().map(|o| o.name.as_str())
     }
 
     pub(crate) fn owner_id(&self) -> &str {
-        self.owner.as_ref().map_or("unowned", |o| o.id.as_str())
+        self.owner.as_ref().map_or(UNOWNED, |o| o.id.as_str())
+    }
+
+    /// A write attributed by mask alone that sets, clears or flips bits: its guessed owner is
+    /// not taken as its writer (a copy, a read or a conntrack value keeps the guess).
+    pub(crate) fn guessed_writer(&self) -> bool {
+        self.owner.as_ref().is_some_and(|o| o.guess) && self.writes().any(|a| a.decided() != 0)
+    }
+
+    /// Whom the entry stands for in conflicts: its owner's name; `unowned` when no owner is
+    /// found or when it is a guessed writer, so that a guess never silences a conflict.
+    pub(crate) fn party(&self) -> &str {
+        match &self.owner {
+            Some(o) if !self.guessed_writer() => &o.name,
+            _ => UNOWNED,
+        }
     }
 
     pub(crate) fn writes(&self) -> impl Iterator<Item = &Access> {

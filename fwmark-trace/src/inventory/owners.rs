@@ -1,10 +1,13 @@
 //! Whose entry is it. In order of evidence:
 //! 1. **by name**: a table, chain, interface or process name matches an owner's `chains`
-//!    patterns (or a process is named after the owner, `tailscaled` → tailscale); among the
+//!    patterns (or a process is named after the owner, `tailscaled` → tailscale), or a BPF
+//!    program's name its `program:` patterns (`program:cil_from_container`: Cilium's
+//!    from-container program, which the kernel keeps as `cil_from_contai`); among the
 //!    versions of that owner, the one whose mask holds the entry's bits;
 //! 2. **by value**: a value the entry reads or writes is one the owner names (0xca6c →
 //!    wg-quick, 0x80000 under 0xff0000 → tailscale), within the owner's bits;
-//! 3. **by mask**: the entry's bits fit inside a bitwise owner's mask.
+//! 3. **by mask**: the entry's bits fit inside a bitwise owner's mask. A guess (`guess`): a
+//!    write it is the only evidence for is no owner's in conflicts (`Entry::party`).
 //!
 //! Ties go to the owner with the fewest bits (the most specific claim), then to owners whose
 //! names appear elsewhere in the same namespace, then to registry order; the others are kept
@@ -53,9 +56,35 @@ fn consistent(o: &Owner, e: &Entry) -> bool {
 /// interface names, matched against the owner's patterns).
 pub(crate) const PROCESS: &str = "process:";
 
+/// Names of BPF programs carry this prefix among an entry's names, and the owner's patterns
+/// for its programs among its `chains` (`program:cil_to_netdev`, `program:calico_tc*`).
+pub(crate) const PROGRAM: &str = "program:";
+
+/// How much of a program's name the kernel keeps (BPF_OBJ_NAME_LEN less the NUL); loaders cut
+/// longer names there (`cil_from_container` is listed as `cil_from_contai`).
+const PROGRAM_NAME_MAX: usize = 15;
+
+/// Whether a loaded program's name matches a program pattern (`*` = any suffix): the name
+/// itself, or, when the kernel cut it, the start of what the pattern names.
+fn program_matches(pattern: &str, name: &str) -> bool {
+    let cut = name.len() == PROGRAM_NAME_MAX;
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix) || (cut && prefix.starts_with(name)),
+        None => name == pattern || (cut && pattern.starts_with(name)),
+    }
+}
+
 /// Whether `name` (an entry's) points at `o`: a table, chain or interface matching its
-/// patterns, or a process named after it (`tailscaled` is tailscale's).
+/// patterns, a process named after it (`tailscaled` is tailscale's), a BPF program matching
+/// its `program:` patterns.
 fn named(o: &Owner, name: &str) -> bool {
+    if let Some(prog) = name.strip_prefix(PROGRAM) {
+        return o
+            .chains
+            .iter()
+            .filter_map(|p| p.strip_prefix(PROGRAM))
+            .any(|p| program_matches(p, prog));
+    }
     match name.strip_prefix(PROCESS) {
         Some(comm) => o.name.len() >= 4 && comm.starts_with(&o.name),
         None => o.owns_chain(name),
@@ -105,6 +134,7 @@ pub(crate) fn attribute(reg: &Registry, e: &Entry, present: &[String]) -> Option
         id: best.id(),
         name: best.name.clone(),
         by,
+        guess: by == By::Mask,
         also: scored
             .iter()
             .skip(1)

@@ -17,12 +17,33 @@ pub(crate) struct Document<'a> {
     pub(crate) notes: &'a [Note],
 }
 
+/// Per namespace, mark and bit in use: who writes, reads or holds it. A whole assignment
+/// writes every bit, so it is among the writers of every bit in use in its namespace (a
+/// node-wide one, a cgroup program's, in every namespace), besides the bits it sets or copies.
+pub(crate) fn by_bit(inv: &Inventory) -> Vec<BitUse> {
+    let mut uses = inv.by_bit();
+    for e in &inv.entries {
+        for a in e.access.iter().filter(|a| a.scope() == Some(Scope::Whole)) {
+            for u in uses
+                .iter_mut()
+                .filter(|u| u.mark == a.mark && (e.netns.is_none() || u.netns == e.netns))
+            {
+                if !u.writers.contains(&e.id) {
+                    u.writers.push(e.id);
+                    u.writers.sort_unstable();
+                }
+            }
+        }
+    }
+    uses
+}
+
 pub(crate) fn json(inv: &Inventory, conflicts: &[Conflict]) -> String {
     let doc = Document {
         namespaces: &inv.namespaces,
         owners: inv.owners_present(),
         entries: &inv.entries,
-        by_bit: inv.by_bit(),
+        by_bit: by_bit(inv),
         conflicts,
         notes: &inv.notes,
     };
@@ -32,7 +53,11 @@ pub(crate) fn json(inv: &Inventory, conflicts: &[Conflict]) -> String {
 fn owner_of(e: &Entry) -> String {
     match &e.owner {
         Some(o) => {
-            let by = format!("{:?}", o.by).to_lowercase();
+            let by = if o.guess {
+                format!("{}, a guess", o.by.label())
+            } else {
+                o.by.label().to_owned()
+            };
             if o.also.is_empty() {
                 format!("{} (by {by})", o.id)
             } else {
@@ -134,7 +159,7 @@ fn section(s: &mut String, inv: &Inventory, ns: Option<&Netns>, uses: &[BitUse])
 
 pub(crate) fn human(inv: &Inventory, conflicts: &[Conflict]) -> String {
     let mut s = String::new();
-    let uses = inv.by_bit();
+    let uses = by_bit(inv);
     for ns in &inv.namespaces {
         section(&mut s, inv, Some(ns), &uses);
     }

@@ -5,7 +5,7 @@ use std::fmt::{self, Write as _};
 use serde::{Serialize, Serializer};
 
 use crate::{
-    event::{CtState, EventKind, Timestamp},
+    event::{CtState, EventKind, Timestamp, XfrmRef},
     flows::{Dir, Step},
     mark::Mark,
     nodestate::{
@@ -433,6 +433,8 @@ impl Serialize for StepJson<'_> {
             route_result: Option<String>,
             #[serde(skip_serializing_if = "Option::is_none")]
             nat_tuple: Option<String>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            decrypted_by: Option<&'a XfrmRef>,
         }
         let st = self.0;
         Json {
@@ -460,6 +462,7 @@ impl Serialize for StepJson<'_> {
             table: st.route.map(|r| r.table),
             route_result: st.route.map(|r| r.result.to_string()),
             nat_tuple: st.nat_tuple.map(|t| t.to_string()),
+            decrypted_by: st.decrypted_by.as_ref(),
         }
         .serialize(s)
     }

@@ -1,7 +1,13 @@
 //! `why --nftrace` (opt-in, it changes the ruleset while it runs): a temporary table sets
 //! `meta nftrace set 1` on the selected traffic before every other chain, `nft monitor trace`
-//! runs alongside, and the rules that dropped a flow's packets are named exactly. The table
-//! is removed when the watch ends, also on errors.
+//! runs alongside, and the rules that dropped a flow's packets are named exactly.
+//!
+//! The table goes with the daemon however it ends: a guard child waits for the end of its
+//! input (a pipe from the daemon, closed when the watch ends or the daemon dies, kill -9
+//! included) and then deletes it. Its name carries the daemon's pid; one left by a dead
+//! daemon all the same (the guard killed too) is removed at the next start. (nftables' `owner`
+//! flag would have the kernel remove it with a socket, but nft 1.0.6, Debian 12's, then prints
+//! unreadable JSON for the whole ruleset.)
 use std::{
     io::{BufRead, BufReader},
     net::IpAddr,
@@ -10,6 +16,8 @@ use std::{
     thread,
 };
 
+use std::io::Write as _;
+
 use anyhow::{Context, Result};
 
 use crate::{
@@ -17,7 +25,12 @@ use crate::{
     nodestate::nft::{Chain, ChainId},
 };
 
-const TABLE: &str = "fwmark_trace_nftrace";
+/// The table's name is this with the daemon's pid after it.
+const TABLE_PREFIX: &str = "fwmark_trace_nftrace";
+
+fn table() -> String {
+    format!("{TABLE_PREFIX}_{}", std::process::id())
+}
 
 /// A rule that ended a traced packet with `drop`, and the packet's addresses.
 #[derive(Clone, Debug, PartialEq)]
@@ -54,47 +67,93 @@ fn matches(sel: &Selection) -> Vec<String> {
     out
 }
 
-pub(crate) fn ruleset(sel: &Selection) -> String {
+pub(crate) fn ruleset(sel: &Selection, table: &str) -> String {
     let rules: String = matches(sel)
         .iter()
         .map(|m| format!("  {m} meta nftrace set 1\n"))
         .collect();
     format!(
-        "table inet {TABLE} {{\n chain pre {{\n  type filter hook prerouting priority -400; policy accept;\n{rules} }}\n chain out {{\n  type filter hook output priority -400; policy accept;\n{rules} }}\n}}\n"
+        "table inet {table} {{\n chain pre {{\n  type filter hook prerouting priority -400; policy accept;\n{rules} }}\n chain out {{\n  type filter hook output priority -400; policy accept;\n{rules} }}\n}}\n"
     )
+}
+
+/// Tables of daemons no longer running (kernels without the owner flag keep them).
+fn remove_leftovers() {
+    let Ok(out) = Command::new("nft")
+        .args(["list", "tables", "inet"])
+        .output()
+    else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.trim().strip_prefix("table inet ") else {
+            continue;
+        };
+        let pid = name
+            .strip_prefix(TABLE_PREFIX)
+            .and_then(|p| p.strip_prefix('_'))
+            .and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
+            let _ = Command::new("nft")
+                .args(["delete", "table", "inet", name])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
 }
 
 /// The running monitor and its table; dropping it stops the monitor and removes the table.
 pub(crate) struct NfTrace {
-    monitor: Child,
+    /// Deletes the table once its input (our pipe) ends.
+    guard: Child,
+    monitor: Option<Child>,
     lines: Arc<Mutex<Vec<String>>>,
 }
 
 impl NfTrace {
     /// Installs the table and starts the monitor in the calling thread's namespace.
     pub(crate) fn start(sel: &Selection) -> Result<Self> {
+        remove_leftovers();
+        let table = table();
+        // First the guard: from here on the table cannot outlive us.
+        let guard = Command::new("sh")
+            .args([
+                "-c",
+                r#"cat > /dev/null; nft delete table inet "$0" 2> /dev/null"#,
+            ])
+            .arg(&table)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("running the nftrace table's guard (sh)")?;
+        // Dropped on error: the guard's input ends and it removes whatever was made.
+        let mut this = Self {
+            guard,
+            monitor: None,
+            lines: Arc::new(Mutex::new(Vec::new())),
+        };
         let mut nft = Command::new("nft")
             .args(["-f", "-"])
             .stdin(Stdio::piped())
             .spawn()
             .context("running nft")?;
-        use std::io::Write;
         nft.stdin
             .take()
             .context("nft stdin")?
-            .write_all(ruleset(sel).as_bytes())?;
+            .write_all(ruleset(sel, &table).as_bytes())?;
         if !nft.wait()?.success() {
             anyhow::bail!("could not install the nftrace table");
         }
-        let mut monitor = Command::new("nft")
-            .args(["monitor", "trace"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("running nft monitor trace")?;
+        let monitor = this.monitor.insert(
+            Command::new("nft")
+                .args(["monitor", "trace"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("running nft monitor trace")?,
+        );
         let out = monitor.stdout.take().context("nft monitor stdout")?;
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
+        let sink = this.lines.clone();
         thread::spawn(move || {
             for l in BufReader::new(out).lines().map_while(Result::ok) {
                 if let Ok(mut v) = sink.lock() {
@@ -102,13 +161,12 @@ impl NfTrace {
                 }
             }
         });
-        Ok(Self { monitor, lines })
+        Ok(this)
     }
 
     /// Stops the monitor and returns the drop verdicts it saw.
     pub(crate) fn finish(mut self) -> Vec<DropRule> {
-        let _ = self.monitor.kill();
-        let _ = self.monitor.wait();
+        self.stop_monitor();
         // Give the reader thread the last buffered lines.
         thread::sleep(std::time::Duration::from_millis(100));
         let lines = self.lines.lock().map(|v| v.clone()).unwrap_or_default();
@@ -116,12 +174,22 @@ impl NfTrace {
     }
 }
 
+impl NfTrace {
+    fn stop_monitor(&mut self) {
+        if let Some(mut m) = self.monitor.take() {
+            let _ = m.kill();
+            let _ = m.wait();
+        }
+    }
+}
+
 impl Drop for NfTrace {
     fn drop(&mut self) {
-        let _ = self.monitor.kill();
-        let _ = Command::new("nft")
-            .args(["delete", "table", "inet", TABLE])
-            .status();
+        self.stop_monitor();
+        // The end of its input: the guard deletes the table (waited for, so that what is read
+        // next is the node's own ruleset).
+        drop(self.guard.stdin.take());
+        let _ = self.guard.wait();
     }
 }
 
@@ -189,7 +257,7 @@ pub(crate) fn for_flow(drops: &[DropRule], a: IpAddr, b: IpAddr) -> Option<&Drop
 
 /// Our own table is not one of the node's chains.
 pub(crate) fn is_ours(c: &Chain) -> bool {
-    c.id.table == TABLE
+    c.id.table.starts_with(TABLE_PREFIX)
 }
 
 #[cfg(test)]
@@ -224,12 +292,12 @@ mod tests {
             port: Some(7),
             ..Default::default()
         };
-        let r = ruleset(&sel);
+        let r = ruleset(&sel, "t");
         assert!(
             r.contains("th sport 7 meta nftrace set 1")
                 && r.contains("th dport 7 meta nftrace set 1"),
             "{r}"
         );
-        assert!(r.contains("priority -400"));
+        assert!(r.contains("table inet t {") && r.contains("priority -400"));
     }
 }

@@ -584,7 +584,9 @@ fn xfrm_policy(
         .collect();
     hits.sort_by_key(|p| p.priority);
     evidence.extend(hits.iter().map(|p| Evidence::XfrmMatching((*p).clone())));
-    let decrypted = xfrm_step(reply, TunnelDir::Decap).is_some();
+    // Decrypted: its sec_path names a state, or a (marked) packet's step out of the tunnel.
+    let decrypted = reply.iter().any(|s| s.decrypted_by.is_some())
+        || xfrm_step(reply, TunnelDir::Decap).is_some();
     match hits.first() {
         Some(p) if p.action == XfrmAction::Allow && !decrypted => {
             let request_tunnel = xfrm_step(request, TunnelDir::Encap);
@@ -790,6 +792,7 @@ mod tests {
             drop_reason: None,
             route: None,
             nat_tuple: None,
+            decrypted_by: None,
         }
     }
 
@@ -1238,20 +1241,26 @@ mod tests {
             summary(&r)
         );
 
-        // The reply was decrypted (and still refused): not "outside the tunnel".
-        let decrypted = xfrm_at(arrived.clone(), TunnelDir::Decap, None);
-        let r = judge_with(
-            &flow(vec![sent.clone(), esp, decrypted, drop.clone()]),
-            &s,
-            &[],
-        );
-        assert_eq!(
-            r.cause,
-            Cause::XfrmPolicy {
-                reply_mark: Mark::ZERO,
-                policy: Some(inbound.clone())
-            }
-        );
+        // The reply was decrypted (and still refused): not "outside the tunnel". Seen as a
+        // step out of the tunnel, or (mark 0: no such step) by the state in its sec_path.
+        let out_of_tunnel = xfrm_at(arrived.clone(), TunnelDir::Decap, None);
+        let by_sec_path = Step {
+            decrypted_by: Some(crate::event::XfrmRef {
+                spi: 0x200,
+                state: None,
+            }),
+            ..arrived.clone()
+        };
+        for decrypted in [out_of_tunnel, by_sec_path] {
+            let steps = vec![sent.clone(), esp.clone(), decrypted, drop.clone()];
+            assert_eq!(
+                judge_with(&flow(steps), &s, &[]).cause,
+                Cause::XfrmPolicy {
+                    reply_mark: Mark::ZERO,
+                    policy: Some(inbound.clone())
+                }
+            );
+        }
 
         // A block policy the kernel applies first (lower priority value) keeps its cause.
         let mut block = inbound.clone();
