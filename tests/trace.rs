@@ -938,3 +938,41 @@ fn drops_of_unmarked_packets_only_with_all_drops() {
     assert_eq!(packets(&drops), 3, "{drops:#?}");
     assert_eq!(drops[0]["drop_reason"], "NETFILTER_DROP");
 }
+
+/// Scrapers that connect and say nothing cannot take the daemon's descriptors: it serves a few
+/// connections at once (the rest wait in the kernel's backlog) and closes idle ones, and a
+/// real scrape gets through.
+#[test]
+fn idle_metrics_connections_do_not_exhaust_the_daemon() {
+    let lab = lab_with_rules("metrics-idle");
+    let d = Daemon::start(&["--netns", &lab.a, "--metrics", "127.0.0.1:0"]);
+    let addr = d.ready["metrics"]
+        .as_str()
+        .expect("metrics address")
+        .to_owned();
+    let fds = || std::fs::read_dir(format!("/proc/{}/fd", d.pid())).map_or(0, |d| d.count());
+    let before = fds();
+    let idle: Vec<std::net::TcpStream> = (0..200)
+        .filter_map(|_| {
+            let a = addr.parse().ok()?;
+            std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(1)).ok()
+        })
+        .collect();
+    assert!(idle.len() >= 100, "only {} connections made", idle.len());
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let during = fds();
+    assert!(
+        during <= before + 16,
+        "{} idle connections took {} descriptors ({before} → {during})",
+        idle.len(),
+        during - before
+    );
+    // The first ones hold every slot; idle, they are closed after a while and a real scrape
+    // gets its turn (the others, gone, are accepted and closed at once).
+    let mut idle = idle;
+    idle.truncate(8);
+    let body = scrape(&addr);
+    assert!(body.contains("fwmark_trace_lost_events"), "{body}");
+    drop(idle);
+    d.stop();
+}

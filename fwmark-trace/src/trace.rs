@@ -182,6 +182,8 @@ pub(crate) fn run_into(
         agg_entries: agg_entries(AGG_BUDGET, aya::util::nr_cpus().map_or(1, |n| n as u64)),
         flow: cfg.select.kernel_filter(),
     };
+    let descriptors = raise_nofile();
+    info!("descriptors: up to {descriptors} (the tc observers take 4 per interface)");
     let mut obs = Observers::start(&opts)?;
     // Per-interface detail only at debug level (RUST_LOG=debug): hundreds of lines otherwise.
     let detail = log_enabled!(Level::Debug);
@@ -407,6 +409,8 @@ async fn stream(
     let deadline = time::sleep(cfg.duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
     tokio::pin!(deadline);
     let mut lost_seen = 0u64;
+    let mut refresh_failed = false;
+    let mut gauges = GaugeCache::default();
     let mut last_stats = Instant::now();
     let mut ticks = 0u64;
 
@@ -453,9 +457,21 @@ async fn stream(
                     lost_seen = lost;
                 }
                 let mut node_changed = false;
-                for change in run.obs.refresh_interfaces()? {
-                    info!("{change}");
-                    node_changed = true;
+                // A failed refresh (out of descriptors, a netlink hiccup) is said once and tried
+                // again next tick: the observers already attached go on.
+                match run.obs.refresh_interfaces() {
+                    Ok(changes) => {
+                        refresh_failed = false;
+                        for change in changes {
+                            info!("{change}");
+                            node_changed = true;
+                        }
+                    }
+                    Err(e) if !refresh_failed => {
+                        refresh_failed = true;
+                        warn!("re-reading the interfaces failed ({e:#}); trying again every second");
+                    }
+                    Err(_) => {}
                 }
                 ticks += 1;
                 if ticks.is_multiple_of(3) {
@@ -490,7 +506,7 @@ async fn stream(
                 if let Some(every) = cfg.stats.filter(|s| !s.is_zero()) {
                     if last_stats.elapsed() >= every {
                         last_stats = Instant::now();
-                        let g = gauges(run.obs);
+                        let g = gauges.get(run.obs);
                         run.out.stats(&StatsRecord {
                             time: Timestamp::now(),
                             kind: "stats",
@@ -506,7 +522,7 @@ async fn stream(
             Some(reply) = metrics::next(scrapes.as_mut()) => {
                 run.summary.lost = lost_now(run.obs, counts.as_ref()).total();
                 run.summary.attribution = run.pipeline.attributor.totals();
-                let _ = reply.send(metrics::render(&run.summary, &gauges(run.obs)));
+                let _ = reply.send(metrics::render(&run.summary, &gauges.get(run.obs)));
             }
             Some(()) = signalled(sighup.as_mut()) => run.out.reopen()?,
             _ = sigint.recv() => break,
@@ -541,6 +557,31 @@ async fn stream(
     Ok(summary)
 }
 
+/// Raises the soft limit on open descriptors to the hard one (the tc observers take four per
+/// interface: a node with hundreds of interfaces exceeds the usual 1024) and returns it.
+fn raise_nofile() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one rlimit through a valid pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                ..lim
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
 /// Events lost so far, per reason: the kernel's, and what the counting map evicted unread.
 fn lost_now(obs: &Observers, counts: Option<&KernelCounts>) -> Lost {
     Lost {
@@ -558,11 +599,31 @@ async fn signalled(signal: Option<&mut unix::Signal>) -> Option<()> {
 }
 
 /// What `--stats` records and the metrics read from the kernel side and the process.
-fn gauges(obs: &Observers) -> Gauges {
-    Gauges {
-        tracked_packets: obs.tracked_packets(),
-        interfaces: obs.tc.as_ref().map_or(0, |t| t.interfaces.len()),
-        rss_kb: rss_kb(),
+/// The gauges scrapes and stats records show. Counting the tracked packets walks the kernel's
+/// per-packet map (65,536 entries, two syscalls each) on the draining thread: done again at
+/// most every `GaugeCache::EVERY`, not per scrape.
+#[derive(Default)]
+struct GaugeCache {
+    walked: Option<(Instant, usize)>,
+}
+
+impl GaugeCache {
+    const EVERY: Duration = Duration::from_secs(30);
+
+    fn get(&mut self, obs: &Observers) -> Gauges {
+        let tracked_packets = match self.walked {
+            Some((at, n)) if at.elapsed() < Self::EVERY => n,
+            _ => {
+                let n = obs.tracked_packets();
+                self.walked = Some((Instant::now(), n));
+                n
+            }
+        };
+        Gauges {
+            tracked_packets,
+            interfaces: obs.tc.as_ref().map_or(0, |t| t.interfaces.len()),
+            rss_kb: rss_kb(),
+        }
     }
 }
 

@@ -211,6 +211,19 @@ mod tests {
         }
     }
 
+    /// An entry attributed by mask alone (a guess) to `owner`, or to nobody.
+    fn guessed(id: usize, owner: Option<&str>, access: Vec<Access>) -> Entry {
+        let mut e = entry(id, "x", access);
+        e.owner = owner.map(|o| OwnerRef {
+            id: o.into(),
+            name: o.into(),
+            by: By::Mask,
+            guess: true,
+            also: vec![],
+        });
+        e
+    }
+
     fn w(b: Bits) -> Access {
         b.write(MarkKind::Packet).unwrap()
     }
@@ -300,5 +313,71 @@ mod tests {
             entry(1, "x", vec![w(Bits::same().or(1))])
         ])
         .is_empty());
+    }
+
+    #[test]
+    fn unowned_whole_writers_and_guessed_writers_conflict() {
+        let bypass = Access::read(MarkKind::Packet, 0x80000, 0xff0000, false);
+        let ts = entry(0, "tailscale", vec![bypass]);
+        // `meta mark set 0x1`, nobody's: it writes every bit Tailscale reads.
+        let set = guessed(1, None, vec![w(Bits::constant(1))]);
+        let c = conflicts(&[ts.clone(), set.clone()]);
+        assert_eq!(
+            kinds(&c),
+            vec![
+                (
+                    ConflictKind::ForeignReader,
+                    ["tailscale", "unowned"],
+                    0xff0000
+                ),
+                (
+                    ConflictKind::WholeOverwrite,
+                    ["unowned", "tailscale"],
+                    0xff0000
+                ),
+            ]
+        );
+        assert_eq!(
+            c[1].message,
+            "something unowned assigns the whole packet mark, over tailscale's bits 0xff0000"
+        );
+        assert!(c[1].guesses.is_empty());
+        // A clear of exactly Tailscale's bypass bit in a table of no name fits Tailscale's
+        // bits: a guess, so it is no one's writer and the conflict stays.
+        let clear = guessed(2, Some("tailscale"), vec![w(Bits::same().and(0xfff7_ffff))]);
+        assert!(clear.guessed_writer() && clear.party() == UNOWNED);
+        let c = conflicts(&[ts.clone(), clear.clone()]);
+        assert_eq!(
+            kinds(&c),
+            vec![(
+                ConflictKind::ForeignReader,
+                ["tailscale", "unowned"],
+                0x80000
+            )]
+        );
+        assert_eq!(c[0].guesses, vec![2]);
+        assert!(c[0]
+            .message
+            .ends_with("(by mask only, not named: #2 tailscale)"));
+        // A guessed copy of the owner's own bits (Tailscale's restore) keeps the guess.
+        let restore = guessed(
+            3,
+            Some("tailscale"),
+            vec![w(Bits::copy_masked(
+                MarkKind::Conntrack,
+                0xff0000,
+                0xff0000,
+            ))],
+        );
+        assert!(!restore.guessed_writer() && restore.party() == "tailscale");
+        assert!(conflicts(&[ts.clone(), restore]).is_empty());
+        // Two sides nobody claims are not compared.
+        assert!(conflicts(&[set, clear]).is_empty());
+        // The serialised conflict lists the guesses only when there are some.
+        let json = serde_json::to_value(
+            &conflicts(&[ts.clone(), guessed(4, None, vec![w(Bits::constant(1))])])[0],
+        )
+        .unwrap();
+        assert!(json.get("guesses").is_none(), "{json}");
     }
 }

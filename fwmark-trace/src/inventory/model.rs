@@ -681,6 +681,22 @@ mod tests {
         assert!(!xor.explains(0x4000, 0x4000, None));
         let unknown = Access::unknown_write(MarkKind::Packet);
         assert!(unknown.explains(1, 2, None));
+        // What each write decides itself (not what it copies).
+        assert_eq!(or.decided(), 0x4000);
+        assert_eq!(restore.decided(), !0x80, "a whole copy clears the rest");
+        let bitwise_copy = Access {
+            op: Op::Write {
+                scope: Scope::Bits,
+                toggles: 0,
+                copies: 0xff0000,
+                copy_from: Some(MarkKind::Conntrack),
+                known: true,
+            },
+            ..write(Scope::Bits, 0, 0xff0000)
+        };
+        assert_eq!(bitwise_copy.decided(), 0);
+        assert_eq!(unknown.decided(), u32::MAX);
+        assert_eq!(Access::read(MarkKind::Packet, 1, 1, false).decided(), 0);
         assert!(Access::origin(0xca6c).explains(0, 0xca6c, None));
         assert!(!Access::read(MarkKind::Packet, 1, 1, false).explains(0, 1, None));
     }

@@ -258,6 +258,58 @@ mod tests {
     }
 
     #[test]
+    fn programs_by_their_owners_program_names() {
+        let whole = Bits::constant(0x1234_0f85).write(MarkKind::Packet).unwrap();
+        // Unnamed, Cilium's identity layout names no value: nobody's.
+        let reg = Registry::builtin().unwrap();
+        let bare = entry(&["program:test_setmark"], vec![whole]);
+        assert!(attribute(&reg, &bare, &[]).is_none());
+        // The kernel keeps 15 characters of `cil_from_container`; either form names Cilium.
+        for name in ["program:cil_from_contai", "program:cil_to_netdev"] {
+            let o = attribute(&reg, &entry(&[name], vec![whole]), &[]).unwrap();
+            assert_eq!((o.id.as_str(), o.by, o.guess), ("cilium", By::Name, false));
+        }
+        // Cut names match only what they are the start of; full names must be whole.
+        assert!(attribute(&reg, &entry(&["program:cil_from_cont"], vec![whole]), &[]).is_none());
+        assert!(program_matches("cil_to_netdev", "cil_to_netdev"));
+        assert!(!program_matches("cil_to_netdev", "cil_to_net"));
+        assert!(program_matches("calico_tc*", "calico_tc_skb_a"));
+        assert!(program_matches(
+            "calico_tc_skb_accepted*",
+            "calico_tc_skb_a"
+        ));
+        // Calico eBPF's tc programs; a program's name is no chain name and a chain's no
+        // program's (`calico*` names Calico's tables, not its programs).
+        let seen = Bits::same().or(0x100_0000).write(MarkKind::Packet).unwrap();
+        assert_eq!(
+            owner(&entry(&["program:cali_tc_preambl"], vec![seen])),
+            ("calico-ebpf".into(), By::Name)
+        );
+        let calico = &reg.get("calico")[0];
+        assert!(!named(calico, "program:calico_tc_main") && named(calico, "calico"));
+        assert!(!named(reg.get("cilium")[0], "cil_from_container"));
+    }
+
+    #[test]
+    fn a_mask_alone_is_a_guess() {
+        let reg = Registry::builtin().unwrap();
+        let clear = Bits::same()
+            .and(0xfff7_ffff)
+            .write(MarkKind::Packet)
+            .unwrap();
+        let o = attribute(&reg, &entry(&["t", "post"], vec![clear]), &[]).unwrap();
+        assert_eq!(
+            (o.id.as_str(), o.by, o.guess),
+            ("tailscale", By::Mask, true)
+        );
+        let json = serde_json::to_value(&o).unwrap();
+        assert_eq!(json["by"], "mask");
+        assert_eq!(json["guess"], true);
+        let named = attribute(&reg, &entry(&["ts-forward"], vec![clear]), &[]).unwrap();
+        assert!(!named.guess && serde_json::to_value(&named).unwrap().get("guess").is_none());
+    }
+
+    #[test]
     fn ties_prefer_owners_present_by_name() {
         let reg = Registry::builtin().unwrap();
         let e = entry(

@@ -196,3 +196,77 @@ pub(crate) fn human(inv: &Inventory, conflicts: &[Conflict]) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{inventory::bits::Bits, nodestate::nft::items, registry::Registry};
+
+    /// Tailscale's bypass rule read by an ip-rule-like reader, an unowned `meta mark set 0x1`
+    /// and a neutral clear of the bypass bit, as nft rules in one namespace.
+    fn inventory() -> Inventory {
+        let ruleset = r#"{"nftables": [
+          {"chain": {"family": "inet", "table": "t", "name": "pre", "hook": "prerouting", "prio": -150}},
+          {"chain": {"family": "inet", "table": "t", "name": "post", "hook": "postrouting", "prio": -150}},
+          {"chain": {"family": "ip", "table": "filter", "name": "ts-forward"}},
+          {"rule": {"family": "inet", "table": "t", "chain": "pre", "handle": 2, "expr": [
+            {"mangle": {"key": {"meta": {"key": "mark"}}, "value": 1}}]}},
+          {"rule": {"family": "inet", "table": "t", "chain": "post", "handle": 3, "expr": [
+            {"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"&": [{"meta": {"key": "mark"}}, 4294443007]}}}]}},
+          {"rule": {"family": "ip", "table": "filter", "chain": "ts-forward", "handle": 4, "expr": [
+            {"match": {"op": "==", "left": {"&": [{"meta": {"key": "mark"}}, 16711680]}, "right": 524288}}]}}]}"#;
+        let reg = Registry::builtin().unwrap();
+        let mut inv = Inventory::default();
+        let ns = Netns {
+            inode: 7,
+            name: "test".into(),
+        };
+        inv.namespaces.push(ns.clone());
+        let found = crate::inventory::nft::found(&items(ruleset.as_bytes()).unwrap(), "", &[]);
+        inv.add(Some(ns), found);
+        inv.attribute(&reg);
+        inv
+    }
+
+    #[test]
+    fn a_whole_write_is_a_writer_of_every_bit_in_use_and_guesses_say_so() {
+        let inv = inventory();
+        let whole = inv
+            .entries
+            .iter()
+            .find(|e| e.access.iter().any(|a| a.scope() == Some(Scope::Whole)))
+            .expect("the assignment");
+        assert_eq!(whole.access[0].value, 1);
+        assert!(whole.owner.is_none());
+        let uses = by_bit(&inv);
+        let bypass = uses.iter().find(|u| u.bit == 0x80000).expect("bit 19");
+        assert!(bypass.writers.contains(&whole.id), "{bypass:?}");
+        assert!(uses
+            .iter()
+            .filter(|u| u.bit != 1)
+            .all(|u| u.writers.contains(&whole.id)));
+        let text = human(&inv, &inv.conflicts());
+        assert!(text.contains("→ tailscale (by mask, a guess)"), "{text}");
+        assert!(
+            text.contains("!! whole-overwrite unowned × tailscale"),
+            "{text}"
+        );
+        assert!(
+            text.contains("!! foreign-reader tailscale × unowned"),
+            "{text}"
+        );
+        let doc: serde_json::Value = serde_json::from_str(&json(&inv, &inv.conflicts())).unwrap();
+        assert!(doc["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["owner"]["guess"] == true));
+        // Nothing whole, nothing added.
+        let mut one = Inventory::default();
+        one.entries.push(Entry {
+            access: vec![Bits::same().or(0x4000).write(MarkKind::Packet).unwrap()],
+            ..whole.clone()
+        });
+        assert_eq!(by_bit(&one), one.by_bit());
+    }
+}

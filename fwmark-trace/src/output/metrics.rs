@@ -2,16 +2,26 @@
 //! node's monitoring to scrape: encoded by `prometheus-client` (OpenMetrics text) and served
 //! by a small axum endpoint. Each scrape asks the trace loop, which owns the counters, for a
 //! fresh rendering (`Scrapes`), so nothing is shared behind a lock.
-use std::net::SocketAddr;
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
-use anyhow::{Context, Result};
+use anyhow::{Context as _, Result};
 use axum::{extract::State, http::header, response::IntoResponse, routing::get, Router};
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore},
+};
 
 use super::summary::Summary;
 
@@ -135,11 +145,111 @@ pub(crate) fn render(s: &Summary, g: &Gauges) -> String {
 /// A scrape waiting for its rendering.
 pub(crate) type Scrape = oneshot::Sender<String>;
 
+/// Connections served at once: more wait in the kernel's backlog, so scrapers cannot take the
+/// daemon's descriptors.
+const MAX_CONNECTIONS: usize = 8;
+/// A connection with nothing read or written for this long is closed.
+const IDLE: Duration = Duration::from_secs(10);
+
+/// The endpoint's listener: accepts a connection only while fewer than `MAX_CONNECTIONS` are
+/// open, and gives each an idle timeout.
+struct Capped {
+    listener: tokio::net::TcpListener,
+    slots: Arc<Semaphore>,
+}
+
+impl axum::serve::Listener for Capped {
+    type Io = Conn;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Conn, SocketAddr) {
+        loop {
+            let Ok(permit) = self.slots.clone().acquire_owned().await else {
+                // Never closed: nothing more would be accepted.
+                return std::future::pending().await;
+            };
+            match self.listener.accept().await {
+                Ok((stream, addr)) => {
+                    let idle = Box::pin(tokio::time::sleep(IDLE));
+                    return (
+                        Conn {
+                            stream,
+                            idle,
+                            _permit: permit,
+                        },
+                        addr,
+                    );
+                }
+                // Out of descriptors and the like: wait a little rather than spin.
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// An accepted connection: its slot is given back when it closes; it times out when idle.
+struct Conn {
+    stream: tokio::net::TcpStream,
+    idle: Pin<Box<tokio::time::Sleep>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Conn {
+    /// Fails once idle too long; otherwise starts the idle time again when `progress`.
+    fn idle(&mut self, cx: &mut Context<'_>, progress: bool) -> std::io::Result<()> {
+        if progress {
+            self.idle.as_mut().reset(tokio::time::Instant::now() + IDLE);
+        } else if self.idle.as_mut().poll(cx).is_ready() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        Ok(())
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.stream).poll_read(cx, buf);
+        self.idle(cx, r.is_ready())?;
+        r
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.idle(cx, r.is_ready())?;
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
 /// Serves `GET /metrics` on `listener` (inside the running tokio runtime); each request
 /// arrives on the returned channel for the trace loop to answer with `render`.
 pub(crate) fn serve(listener: std::net::TcpListener) -> Result<mpsc::Receiver<Scrape>> {
     let (tx, rx) = mpsc::channel::<Scrape>(16);
-    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let listener = Capped {
+        listener: tokio::net::TcpListener::from_std(listener)?,
+        slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+    };
     let app = Router::new().route("/metrics", get(scrape)).with_state(tx);
     tokio::spawn(async move {
         if let Err(err) = axum::serve(listener, app).await {

@@ -80,7 +80,7 @@ pub(crate) struct LostRecord {
     pub(crate) kind: &'static str,
     pub(crate) lost: u64,
     pub(crate) total_lost: u64,
-    /// The total per reason (a recording keeps only the totals).
+    /// The totals per reason.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) reasons: Option<crate::kernel::observers::Lost>,
 }
