@@ -87,8 +87,10 @@ pub(crate) struct Recorder<W: Write = BufWriter<File>> {
 
 impl Recorder {
     pub(crate) fn create(path: &Path) -> Result<Self> {
-        let file =
-            File::create(path).with_context(|| format!("creating recording {}", path.display()))?;
+        // As private as any output file, never through a link; a new recording replaces it.
+        let file = crate::output::file::open(path)?;
+        file.set_len(0)
+            .with_context(|| format!("emptying recording {}", path.display()))?;
         Recorder::to_writer(BufWriter::with_capacity(1 << 20, file), EVENTS_FRAME)
     }
 }

@@ -37,7 +37,8 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Attach the observers and print every mark transition and drop.
-    Trace(TraceArgs),
+    // Boxed: its flags are most of the command line's size.
+    Trace(Box<TraceArgs>),
     /// Decode and attribute a recording made with `trace --record FILE`.
     Show(ShowArgs),
     /// Build two throwaway network namespaces with mark-changing rules, trace some traffic

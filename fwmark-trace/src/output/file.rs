@@ -39,7 +39,7 @@ pub(crate) struct FileOptions {
 pub(crate) const ROTATE_KEEP: u32 = 5;
 
 /// Opens (creating with mode 0600) `path` for appending, refusing a symbolic link.
-fn open(path: &Path) -> Result<File> {
+pub(crate) fn open(path: &Path) -> Result<File> {
     OpenOptions::new()
         .append(true)
         .create(true)
