@@ -311,17 +311,7 @@ fn kube_proxy_iptables_nft_and_kubelet_legacy_rules() {
 /// Tailscale's iptables rules and ip rules beside Calico's clear of 0x1b0000: collision #1.
 #[test]
 fn tailscale_rules_and_calico_collide() {
-    let ns = Netns::new("inv-ts");
-    lab::ip(&ns.name, "link add tailscale0 type veth peer name ts-peer").expect("veth");
-    for dev in ["tailscale0", "ts-peer"] {
-        lab::ip(&ns.name, &format!("link set {dev} up")).expect("link up");
-    }
-    restore_rules(
-        &ns.name,
-        "iptables-nft-restore",
-        &real_rules("tailscale-subnet-router.v4.rules"),
-    );
-    ip_lines(&ns.name, &real_rules("tailscale-subnet-router.ip"));
+    let ns = tailscale_node("inv-ts");
     lab::nft(&ns.name, "table inet calico {\n chain cali-POSTROUTING {\n type filter hook postrouting priority mangle; policy accept;\n meta mark set meta mark & 0xffe4ffff\n }\n}\n").expect("nft");
     let doc = inventory(&ns.name);
     expect_entries(

@@ -76,21 +76,17 @@ impl<'a> Watch<'a> {
     }
 }
 
-/// Runs `why --json` while the client talks to the echo server; returns the report for the
-/// flow, whether the client got a reply, and `why`'s exit code (README: 1 when a watched flow
-/// lost its reply, 0 when every one was delivered).
-fn why_at(lab: &Lab, w: &Watch, after: impl FnOnce()) -> (Value, bool, i32) {
-    require_root();
-    let stop = StopOnDrop::new();
-    let server = lab::echo_server(&lab.b, w.server.0, w.server.1, stop.flag());
-    // Ready: it says READY=1 on $NOTIFY_SOCKET, as to systemd.
+/// Starts `fwmark-trace ARGS` (a `why`) and waits for its READY=1 on $NOTIFY_SOCKET, as
+/// systemd would; its stderr lines arrive on the receiver.
+fn why_ready(
+    args: &[&str],
+    stdout: Stdio,
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
     let notify = NotifySocket::new();
     let mut child = Command::new(bin())
-        .args(["why", "--netns", w.ns, "--duration", "4s", "--json"])
-        .args(w.select)
-        .args(w.extra)
+        .args(args)
         .env("NOTIFY_SOCKET", &notify.path)
-        .stdout(Stdio::piped())
+        .stdout(stdout)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -98,6 +94,19 @@ fn why_at(lab: &Lab, w: &Watch, after: impl FnOnce()) -> (Value, bool, i32) {
     if let Err(why) = notify.wait_ready(&mut child) {
         panic!("{why}: {:#?}", stderr.try_iter().collect::<Vec<_>>());
     }
+    (child, stderr)
+}
+
+/// Runs `why --json` while the client talks to the echo server; returns the report for the
+/// flow, whether the client got a reply, and `why`'s exit code (README: 1 when a watched flow
+/// lost its reply, 0 when every one was delivered).
+fn why_at(lab: &Lab, w: &Watch, after: impl FnOnce()) -> (Value, bool, i32) {
+    require_root();
+    let stop = StopOnDrop::new();
+    let server = lab::echo_server(&lab.b, w.server.0, w.server.1, stop.flag());
+    let mut args = vec!["why", "--netns", w.ns, "--duration", "4s", "--json"];
+    args.extend(w.select.iter().chain(w.extra));
+    let (child, stderr) = why_ready(&args, Stdio::piped());
     let replied = match w.client {
         Some(client) => client(),
         None => lab::echo_client(&lab.a, w.target.0, w.target.1, w.client_mark).expect("client"),
@@ -606,19 +615,17 @@ fn nftrace_table_goes_with_a_killed_daemon() {
     require_root();
     let lab = Lab::new("why-kill").expect("lab");
     let tables = || lab::exec(&lab.a, &["nft", "list", "tables"]).unwrap_or_default();
-    let notify = NotifySocket::new();
-    let mut child = Command::new(bin())
-        .args(["why", "--netns", &lab.a, "--port", "7", "--duration", "60s"])
-        .arg("--nftrace")
-        .env("NOTIFY_SOCKET", &notify.path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = line_reader(child.stderr.take().unwrap());
-    if let Err(why) = notify.wait_ready(&mut child) {
-        panic!("{why}: {:#?}", stderr.try_iter().collect::<Vec<_>>());
-    }
+    let why = [
+        "why",
+        "--netns",
+        &lab.a,
+        "--port",
+        "7",
+        "--duration",
+        "60s",
+        "--nftrace",
+    ];
+    let (mut child, _stderr) = why_ready(&why, Stdio::null());
     assert!(
         wait_until(scaled(Duration::from_secs(5)), || tables()
             .contains("fwmark_trace_nftrace")),

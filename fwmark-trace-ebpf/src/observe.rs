@@ -241,8 +241,14 @@ fn slow_path<const BTF: bool>(
     }
     // A life that ended without a tracepoint (TCP frees pure ACKs with `__kfree_skb`) leaves
     // its address to an unrelated buffer: one that ends with no protocol (netlink, unix
-    // sockets) was never a network packet, so it is not the packet last seen there.
-    let recycled = site.end.is_some() && skb::field::<BTF, u16>(skb, off.skb_protocol) == 0;
+    // sockets) was never a network packet, and one consumed with another data buffer is
+    // another packet (possibly of a namespace not traced, so never followed here). A drop
+    // keeps the benefit of the doubt (NAT into a cloned packet reallocates its buffer).
+    let recycled = match site.end {
+        Some(End::Consume) => head != c.head || skb::field::<BTF, u16>(skb, off.skb_protocol) == 0,
+        Some(End::Drop(_)) => skb::field::<BTF, u16>(skb, off.skb_protocol) == 0,
+        None => false,
+    };
     let continues = c.live() && !recycled && path::continues(&c.last, &at, head == c.head);
     if !continues && !site.starts {
         return;

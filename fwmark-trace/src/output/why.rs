@@ -29,6 +29,7 @@ impl fmt::Display for Verdict {
             Verdict::NoReply => "no-reply",
             Verdict::ReplyLost => "reply-lost",
             Verdict::ReplyMisrouted => "reply-misrouted",
+            Verdict::Inconclusive => "inconclusive",
             Verdict::Delivered => "delivered",
             Verdict::ReplySent => "reply-sent",
         })
@@ -277,6 +278,13 @@ pub(crate) fn summary(r: &Report) -> String {
         ),
         Cause::ReplySent { left, reply_mark } => format!(
             "the reply left via {left} (mark {reply_mark}), where the request arrived"
+        ),
+        Cause::Inconclusive { lost, seen } => format!(
+            "inconclusive: {lost} events were lost while watching, so the reply's may be among them; what was seen: {}",
+            summary(&Report {
+                cause: (**seen).clone(),
+                ..r.clone()
+            })
         ),
         Cause::ReplyMisrouted {
             left,

@@ -48,6 +48,8 @@ struct Collector<'a> {
     /// Rule/route/xfrm/nftables change notifications (made at the first tick, inside the
     /// traced namespace; `None` inside when they are unavailable: every tick reads all).
     watch: Option<Option<Watcher>>,
+    /// Events the kernel lost while watching (in all).
+    lost: u64,
 }
 
 impl Collector<'_> {
@@ -93,7 +95,11 @@ impl Sink for Collector<'_> {
         Ok(())
     }
     fn lost(&mut self, rec: &LostRecord) -> Result<()> {
-        warn!("{} events lost (ring buffer full)", rec.lost);
+        warn!(
+            "{} events lost: verdicts drawn from what was not seen are inconclusive",
+            rec.lost
+        );
+        self.lost = rec.total_lost;
         Ok(())
     }
     fn stats(&mut self, _: &StatsRecord) -> Result<()> {
@@ -135,6 +141,7 @@ pub(crate) fn run_with(cfg: &WhyConfig, on_ready: impl FnOnce()) -> Result<bool>
         flows: FlowTracker::new(4096, 512),
         node: History::default(),
         watch: None,
+        lost: 0,
     };
     let tracer = std::cell::RefCell::new(None);
     trace::run_into(&tcfg, &mut collector, || {
@@ -173,6 +180,7 @@ pub(crate) fn run_with(cfg: &WhyConfig, on_ready: impl FnOnce()) -> Result<bool>
                 nft_drops: &nft_drops,
             };
             let mut report = verdict::judge(f, &cx);
+            report.cause = report.cause.with_lost(collector.lost);
             let start = first.map_or(0, |s| s.ts_ns);
             // Changes that can concern this flow (not the other family's rules and routes).
             for c in history

@@ -44,6 +44,8 @@ pub(crate) enum Verdict {
     NoReply,
     ReplyLost,
     ReplyMisrouted,
+    /// Events were lost while watching: a reply not seen may have come all the same.
+    Inconclusive,
     /// Healthy: the reply was delivered into this namespace.
     Delivered,
     /// Healthy, seen from the server: the reply left where the request arrived.
@@ -158,6 +160,13 @@ pub(crate) enum Cause {
         left: String,
         reply_mark: Mark,
     },
+    /// The kernel lost events while the flow was watched, and what was seen says the reply
+    /// is missing: its events may be among those lost, so there is no verdict.
+    Inconclusive {
+        lost: u64,
+        /// What the events that were seen would have said.
+        seen: Box<Cause>,
+    },
     ReplyMisrouted {
         left: String,
         arrived: String,
@@ -185,6 +194,24 @@ impl Cause {
             Cause::Dropped { .. } => Verdict::Dropped,
             Cause::ReplySent { .. } => Verdict::ReplySent,
             Cause::ReplyMisrouted { .. } => Verdict::ReplyMisrouted,
+            Cause::Inconclusive { .. } => Verdict::Inconclusive,
+        }
+    }
+
+    /// The cause once `lost` events went missing while watching: a verdict drawn from what
+    /// was not seen (no reply, a reply that vanished or left elsewhere) is no verdict then;
+    /// a drop the kernel reported with its reason stands.
+    pub(crate) fn with_lost(self, lost: u64) -> Cause {
+        let absent = matches!(
+            self.verdict(),
+            Verdict::NoReply | Verdict::ReplyLost | Verdict::ReplyMisrouted
+        );
+        if lost == 0 || !absent {
+            return self;
+        }
+        Cause::Inconclusive {
+            lost,
+            seen: Box::new(self),
         }
     }
 }
@@ -753,6 +780,21 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+
+    #[test]
+    fn lost_events_make_an_absent_reply_inconclusive_but_not_a_seen_drop() {
+        let no_reply = Cause::NoReply { last_request: None };
+        assert_eq!(no_reply.clone().with_lost(0), no_reply);
+        let c = no_reply.clone().with_lost(3);
+        assert_eq!(c.verdict(), Verdict::Inconclusive);
+        assert!(matches!(c, Cause::Inconclusive { lost: 3, seen } if *seen == no_reply));
+        let dropped = Cause::Dropped {
+            reply_mark: Mark::ZERO,
+            after: None,
+            reason: DropReason::NetfilterDrop,
+        };
+        assert_eq!(dropped.clone().with_lost(3), dropped);
+    }
     use crate::{
         event::{RouteLookup, Timestamp},
         nodestate::netlink::{XfrmMode, XfrmTemplate},
