@@ -97,6 +97,14 @@ fn why_ready(
     (child, stderr)
 }
 
+/// Every part is in the report's summary.
+fn assert_summary_has(r: &Value, parts: &[&str]) {
+    let summary = r["summary"].as_str().unwrap();
+    for part in parts {
+        assert!(summary.contains(part), "{part:?} missing: {summary}");
+    }
+}
+
 /// Runs `why --json` while the client talks to the echo server; returns the report for the
 /// flow, whether the client got a reply, and `why`'s exit code (README: 1 when a watched flow
 /// lost its reply, 0 when every one was delivered).
@@ -265,15 +273,15 @@ fn cause1_server_side_reply_leaves_by_another_interface() {
     );
     assert_eq!(r["verdict"], "reply-misrouted", "{r:#}");
     assert_eq!(code, 1, "why's exit code for a misrouted reply");
-    let summary = r["summary"].as_str().unwrap();
-    for part in [
-        "left via b2, not veth-b",
-        "ct mark 0x10 was not restored",
-        "`900: fwmark 0x10/0x10 lookup 110` did not match",
-        "table main",
-    ] {
-        assert!(summary.contains(part), "{part:?} missing: {summary}");
-    }
+    assert_summary_has(
+        &r,
+        &[
+            "left via b2, not veth-b",
+            "ct mark 0x10 was not restored",
+            "`900: fwmark 0x10/0x10 lookup 110` did not match",
+            "table main",
+        ],
+    );
     assert!(
         r["evidence"]
             .as_array()
@@ -547,16 +555,13 @@ fn cause6_reply_bypasses_the_ipsec_tunnel_the_request_took() {
     assert_eq!(out[0]["direction"], "out", "{x:#}");
     assert_eq!(out[0]["mark"], "0x100/0xf00", "{x:#}");
     assert_eq!(out[0]["templates"][0]["reqid"], 1, "{x:#}");
-    let summary = r["summary"].as_str().unwrap();
-    for part in [
+    assert_summary_has(&r, &[
         "came back outside the IPsec tunnel (no decryption step on its path)",
         "action allow tmpl src 10.77.0.2 dst 10.77.0.1 proto esp reqid 2 mode tunnel",
         "requires proto esp (reqid 2, mode tunnel, 10.77.0.2 → 10.77.0.1) → XFRM_POLICY",
         "the request went into the tunnel by state spi 0x100 10.77.0.1 → 10.77.0.2 reqid 1 mode tunnel",
         "its mark 0x100 selected `xfrm policy dir out src 10.77.0.1/32 dst 10.77.0.2/32 mark 0x100/0xf00",
-    ] {
-        assert!(summary.contains(part), "{part:?} missing: {summary}");
-    }
+    ]);
 }
 
 /// Request and reply join through their conntrack entry across NAT: a DNAT'ed "service address"

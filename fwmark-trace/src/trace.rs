@@ -294,25 +294,21 @@ fn topology(obs: &Observers, own_netns: u32, ovs: &mut OvsView) -> Topology {
             }
         }
     }
-    if let Ok(all) = crate::kernel::tcx::list_interfaces() {
-        for (i, n) in all {
-            t.ifnames.entry(i).or_insert(n);
-        }
-    }
-    // Encapsulations are named by their device or xfrm state; without them they are still
-    // reported, by ifindex or SPI.
+    // One link dump: names, tunnel devices (named by kind and id: without them an
+    // encapsulation is still reported, by ifindex) and whether OVS has a datapath here.
     let links = crate::nodestate::links::read().unwrap_or_else(|e| {
         debug!("listing links: {e:#}");
         Default::default()
     });
-    t.tunnels = links.tunnels;
+    for (i, n) in &links.names {
+        t.ifnames.entry(*i).or_insert_with(|| n.clone());
+    }
     t.ovs = ovs.bridges(links.openvswitch);
     // A WireGuard device puts its fwmark on its outer packets.
-    if t.tunnels
-        .values()
-        .any(|k| matches!(k, TunnelKind::Wireguard { .. }))
-    {
-        match crate::inventory::wireguard::kernel_devices() {
+    let wireguard = links.wireguard();
+    t.tunnels = links.tunnels;
+    if !wireguard.is_empty() {
+        match crate::inventory::wireguard::kernel_devices(&wireguard) {
             Ok(devices) => {
                 for d in devices {
                     if let Some(TunnelKind::Wireguard { fwmark }) = t.tunnels.get_mut(&d.ifindex) {

@@ -16,7 +16,7 @@ use netlink_sys::protocols;
 
 use super::model::{Access, Found, Place, WgImpl};
 use super::nl::{attr, attrs, u16_ne, u32_ne, RawMessage};
-use crate::nodestate::{links::TunnelKind, netlink::dump};
+use crate::nodestate::netlink::dump;
 
 /// GENL_ID_CTRL, CTRL_CMD_GETFAMILY, CTRL_ATTR_FAMILY_ID/NAME (include/uapi/linux/genetlink.h).
 const GENL_ID_CTRL: u16 = 0x10;
@@ -109,14 +109,9 @@ pub(crate) fn parse_uapi(text: &str) -> Option<(u32, u16)> {
     (errno == Some(0)).then_some((fwmark, port))
 }
 
-/// The kernel's WireGuard devices (links of kind "wireguard") with their fwmarks.
-pub(crate) fn kernel_devices() -> Result<Vec<Device>> {
-    let links: Vec<u32> = crate::nodestate::links::read()?
-        .tunnels
-        .into_iter()
-        .filter(|(_, kind)| matches!(kind, TunnelKind::Wireguard { .. }))
-        .map(|(ifindex, _)| ifindex)
-        .collect();
+/// The kernel's WireGuard devices (`links`: their ifindexes, `Links::wireguard`) with their
+/// fwmarks.
+pub(crate) fn kernel_devices(links: &[u32]) -> Result<Vec<Device>> {
     if links.is_empty() {
         return Ok(Vec::new());
     }
@@ -128,7 +123,7 @@ pub(crate) fn kernel_devices() -> Result<Vec<Device>> {
         anyhow::bail!("links of kind wireguard but no generic netlink family \"wireguard\"");
     };
     let mut out = Vec::new();
-    for ifindex in links {
+    for &ifindex in links {
         let req = genl(
             id,
             WG_CMD_GET_DEVICE,
@@ -212,7 +207,7 @@ fn found(d: Device, implementation: WgImpl) -> Option<Found> {
 
 /// Every WireGuard device of this namespace that has a fwmark.
 pub(crate) fn read() -> Result<Vec<Found>> {
-    let kernel = kernel_devices()?;
+    let kernel = kernel_devices(&crate::nodestate::links::read()?.wireguard())?;
     let user = userspace_devices(&kernel);
     Ok(kernel
         .into_iter()

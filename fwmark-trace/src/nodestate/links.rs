@@ -1,7 +1,7 @@
 //! Links of a namespace, over netlink (RTM_GETLINK with IFLA_LINKINFO): the tunnel devices
 //! that encapsulate the packets queued on them (VXLAN, Geneve, WireGuard, GRE, IPIP, xfrm
 //! interfaces…), with the identifiers their packets carry, so an encapsulation is named by its
-//! device; and whether an Open vSwitch kernel datapath is here.
+//! device; every link's name; and whether an Open vSwitch kernel datapath is here.
 use std::{collections::HashMap, fmt};
 
 use anyhow::Result;
@@ -131,6 +131,8 @@ impl fmt::Display for TunnelKind {
 /// What the trace needs to know of a namespace's links besides their names.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct Links {
+    /// Every link's name, by ifindex.
+    pub(crate) names: HashMap<u32, String>,
     /// Tunnel devices, by ifindex.
     pub(crate) tunnels: HashMap<u32, TunnelKind>,
     /// An Open vSwitch kernel datapath (a link of kind "openvswitch", `ovs-system`) is here.
@@ -147,6 +149,12 @@ pub(crate) fn read() -> Result<Links> {
         let RouteNetlinkMessage::NewLink(l) = m else {
             continue;
         };
+        if let Some(name) = l.attributes.iter().find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n),
+            _ => None,
+        }) {
+            out.names.insert(l.header.index, name.clone());
+        }
         let infos = l.attributes.iter().find_map(|a| match a {
             LinkAttribute::LinkInfo(i) => Some(i),
             _ => None,
@@ -168,6 +176,17 @@ pub(crate) fn read() -> Result<Links> {
         }
     }
     Ok(out)
+}
+
+impl Links {
+    /// The ifindexes of the kernel's WireGuard devices.
+    pub(crate) fn wireguard(&self) -> Vec<u32> {
+        self.tunnels
+            .iter()
+            .filter(|(_, kind)| matches!(kind, TunnelKind::Wireguard { .. }))
+            .map(|(ifindex, _)| *ifindex)
+            .collect()
+    }
 }
 
 #[cfg(test)]
