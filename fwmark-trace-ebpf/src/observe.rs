@@ -242,10 +242,17 @@ fn slow_path<const BTF: bool>(
     // A life that ended without a tracepoint (TCP frees pure ACKs with `__kfree_skb`) leaves
     // its address to an unrelated buffer: one that ends with no protocol (netlink, unix
     // sockets) was never a network packet, and one consumed with another data buffer is
-    // another packet (possibly of a namespace not traced, so never followed here). A drop
-    // keeps the benefit of the doubt (NAT into a cloned packet reallocates its buffer).
+    // another packet (possibly of a namespace not traced, so never followed here), as is one
+    // consumed with another mark: nothing between the last observer and a consume writes it,
+    // and the slab may hand out the old packet's data buffer again with its address. A drop
+    // keeps the benefit of the doubt (NAT into a cloned packet reallocates its buffer, xfrm
+    // may set its state's mark and drop).
     let recycled = match site.end {
-        Some(End::Consume) => head != c.head || skb::field::<BTF, u16>(skb, off.skb_protocol) == 0,
+        Some(End::Consume) => {
+            head != c.head
+                || mark != c.mark
+                || skb::field::<BTF, u16>(skb, off.skb_protocol) == 0
+        }
         Some(End::Drop(_)) => skb::field::<BTF, u16>(skb, off.skb_protocol) == 0,
         None => false,
     };
