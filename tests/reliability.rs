@@ -5,7 +5,7 @@
 use std::{
     io::{BufRead, BufReader},
     process::{Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use fwmark_trace_tests::*;
@@ -90,6 +90,110 @@ fn stdout_closed_early_is_a_clear_error() {
     assert!(!out.status.success());
     one_error_line(&String::from_utf8_lossy(&out.stderr), "Broken pipe");
     assert_released(&ready, Some(&lab.a));
+}
+
+/// A reader that stops reading (stdout a pipe nobody drains): the daemon drops what its
+/// output queue cannot hold and counts it as lost, its metrics go on answering, and SIGTERM
+/// still ends it within a second, everything detached. Before the output had its own thread
+/// the daemon blocked in `write` and never served the signal.
+#[test]
+fn stalled_stdout_reader_then_sigterm() {
+    require_root();
+    let lab = lab();
+    let mut child = Command::new(bin())
+        .args(["trace", "--json", "--full-path", "--netns", &lab.a])
+        .args(["--metrics", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = line_reader(child.stderr.take().unwrap());
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .map(|l| serde_json::from_str::<Value>(&l).expect("a JSON record"))
+        .find(|r| r["kind"] == "ready")
+        .expect("a ready record");
+    let addr = ready["metrics"]
+        .as_str()
+        .expect("the metrics address")
+        .to_owned();
+    // From here on nobody reads stdout; the pipe stays open (`_stalled`).
+    let _stalled = lines;
+    let overflowed = wait_until(scaled(Duration::from_secs(30)), || {
+        send_udp_burst(&lab.a, lab::ADDR_B, 9970, 2000);
+        sample(&scrape(&addr), "fwmark_trace_lost_events_total") > 0
+    });
+    let signalled = Instant::now();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = wait_until(Duration::from_secs(10), || {
+        child.try_wait().expect("try_wait").is_some()
+    });
+    let took = signalled.elapsed();
+    if !status {
+        let _ = child.kill();
+    }
+    let status = child.wait().expect("wait");
+    let stderr: Vec<String> = stderr.iter().collect();
+    assert!(
+        overflowed,
+        "no records counted lost while stdout was stalled:\n{}",
+        stderr.join("\n")
+    );
+    assert!(
+        status.success() && took < Duration::from_secs(3),
+        "SIGTERM with a stalled stdout: {status} after {took:?}\n{}",
+        stderr.join("\n")
+    );
+    let lost = stderr.iter().find_map(|l| {
+        l.split("; lost ")
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse::<u64>()
+            .ok()
+    });
+    assert!(
+        lost.is_some_and(|n| n > 0),
+        "the summary does not count the dropped records:\n{}",
+        stderr.join("\n")
+    );
+    assert_released(&ready, Some(&lab.a));
+}
+
+/// Names from the node reach terminals escaped: an interface named with an escape sequence
+/// (ESC [2J clears the screen; the kernel takes any byte but '/', ':' and white space) shows
+/// as `\x1b[2J` in the start-up lines and the events, never as the raw byte.
+#[test]
+fn names_with_control_characters_are_escaped() {
+    require_root();
+    let lab = lab();
+    let name = "e\x1b[2Jx";
+    let made = lab::run(
+        "ip",
+        &[
+            "-n", &lab.a, "link", "add", name, "type", "veth", "peer", "name", "esc-peer",
+        ],
+    );
+    made.expect("an interface named with ESC");
+    lab::run("ip", &["-n", &lab.a, "link", "set", name, "up"]).expect("up");
+    lab::run("ip", &["-n", &lab.a, "link", "set", "esc-peer", "up"]).expect("up");
+    let (code, stdout, stderr) = run(&[
+        "trace",
+        "--netns",
+        &lab.a,
+        "--full-path",
+        "--duration",
+        "2s",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        !stdout.contains('\x1b') && !stderr.contains('\x1b'),
+        "a raw ESC reached the terminal:\n{stdout}\n{stderr}"
+    );
+    assert!(stderr.contains("e\\x1b[2Jx"), "{stderr}");
 }
 
 /// A tmpfs too small for the events, unmounted even when the test fails.

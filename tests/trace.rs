@@ -671,28 +671,6 @@ fn has_site(plan: &Value, family: &str, hook: &str, priority: i32) -> bool {
     })
 }
 
-/// Scrapes the `--metrics` endpoint once (HTTP/1.0 GET over loopback) and returns the body.
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
-    c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut text = String::new();
-    c.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(
-        head.starts_with("HTTP/1.") && head.contains(" 200 "),
-        "{head}"
-    );
-    body.to_string()
-}
-
-/// The value of one sample line (`name{labels} value`), 0 when absent.
-fn sample(body: &str, series: &str) -> u64 {
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn metrics_endpoint_serves_the_run_counters() {
     let lab = lab_with_rules("metrics");

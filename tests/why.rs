@@ -660,3 +660,66 @@ fn nftrace_table_goes_with_a_killed_daemon() {
     assert!(!err.contains("--nftrace unavailable"), "{err}");
     assert!(!tables().contains("fwmark_trace_nftrace"), "{}", tables());
 }
+
+/// 10,000 flows through `why` (a datagram each, from as many source ports): it keeps the
+/// 4,096 most recently seen, counts the others as evicted, answers for every one it kept, and
+/// its memory stays bounded meanwhile (peak RSS read while it watches).
+#[test]
+fn ten_thousand_flows_keep_why_bounded() {
+    require_root();
+    const FLOWS: u16 = 10_000;
+    let lab = Lab::new("many").expect("lab");
+    let args = [
+        "why",
+        "--netns",
+        &lab.a,
+        "--port",
+        "9976",
+        "--duration",
+        "12s",
+        "--json",
+        "--all",
+    ];
+    let (mut child, stderr) = why_ready(&args, Stdio::piped());
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = Vec::new();
+        std::io::Read::read_to_end(&mut stdout, &mut text).map(|_| text)
+    });
+    in_netns(&lab.a, move || {
+        // Source ports chosen here: ephemeral ones repeat within 10,000 binds.
+        for port in 20_000..20_000 + FLOWS {
+            let sock = std::net::UdpSocket::bind(("0.0.0.0", port)).expect("bind");
+            let _ = sock.send_to(b"flow", (lab::ADDR_B, 9976));
+        }
+    });
+    let status = format!("/proc/{}/status", child.id());
+    let mut peak_kb = 0u64;
+    while child.try_wait().expect("try_wait").is_none() {
+        if let Ok(s) = std::fs::read_to_string(&status) {
+            let hwm = s.lines().find_map(|l| l.strip_prefix("VmHWM:"));
+            let kb = hwm.and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
+            peak_kb = peak_kb.max(kb.unwrap_or(0));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = reader.join().unwrap().expect("why's output");
+    let log: Vec<String> = stderr.iter().collect();
+    let doc: Value = serde_json::from_slice(&out).unwrap_or_else(|e| {
+        panic!("why output is not JSON ({e}):\n{log:#?}");
+    });
+    check_why(&doc);
+    let (seen, evicted) = (doc["flows_seen"].as_u64(), doc["flows_evicted"].as_u64());
+    let reports = doc["flows"].as_array().map_or(0, Vec::len) as u64;
+    assert_eq!(seen, Some(4096), "{log:#?}");
+    assert_eq!(reports, 4096, "a report per flow kept (--all)");
+    // Every datagram made a flow, unless its events were lost (then said on stderr).
+    let lost = log.iter().any(|l| l.contains("events lost"));
+    let total = seen.unwrap_or(0) + evicted.unwrap_or(0);
+    assert!(
+        total == u64::from(FLOWS) || (lost && total > 4096),
+        "{total} flows of {FLOWS}: {log:#?}"
+    );
+    // Bounded: the flows kept (4,096 × a few steps), a 16 MiB ring and the node state.
+    assert!(peak_kb < 256 * 1024, "peak RSS {peak_kb} kB");
+}

@@ -154,7 +154,7 @@ fn inventory(args: &DemoConfig) -> Result<()> {
     let conflicts = inv.conflicts();
     match args.format {
         Format::Json => print!("{}", render::json(&inv, &conflicts)),
-        Format::Human => print!("{}", render::human(&inv, &conflicts)),
+        Format::Human => crate::cli::print_text(&render::human(&inv, &conflicts))?,
     }
     info!("demo: namespaces removed");
     Ok(())

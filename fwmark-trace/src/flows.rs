@@ -183,7 +183,7 @@ fn concerns(t: &Tuple, src: IpAddr, dst: IpAddr) -> bool {
 }
 
 pub(crate) struct FlowTracker {
-    flows: HashMap<Key, Flow>,
+    flows: HashMap<Key, Tracked>,
     /// Recent routing lookups no flow claimed yet: a request's output lookup happens at
     /// `sendmsg`, before its packet reaches the first observer.
     pending: VecDeque<(Tuple, Step)>,
@@ -194,11 +194,41 @@ pub(crate) struct FlowTracker {
     /// another 5-tuple, and it stays on its flow's path.
     by_packet: HashMap<u64, (Key, Dir)>,
     packet_order: VecDeque<u64>,
-    /// Least recently seen first.
-    order: VecDeque<Key>,
+    /// The most recently seen flow per address pair, and per request destination (a lookup
+    /// made before the source address was chosen): where a lookup goes, without a search.
+    by_pair: HashMap<(IpAddr, IpAddr), Key>,
+    by_dst: HashMap<IpAddr, Key>,
+    /// Least recently seen first, as (flow, `Tracked::seen` when queued): a flow seen again is
+    /// queued again and its older entries are skipped (and compacted away), so a step costs
+    /// the same however many flows there are.
+    order: VecDeque<(Key, u64)>,
+    /// Counts steps, to tell an entry of `order` that is current.
+    clock: u64,
     max_flows: usize,
     max_steps: usize,
     pub(crate) evicted: u64,
+}
+
+/// A flow and what the tracker keeps about it.
+struct Tracked {
+    flow: Flow,
+    /// `clock` when last seen.
+    seen: u64,
+    /// Its conntrack entries in `by_ct` (the most recent `MAX_CTS`), removed with it.
+    cts: VecDeque<u64>,
+}
+
+/// Conntrack entries remembered per flow: a 5-tuple reused by many connections keeps the
+/// recent ones.
+const MAX_CTS: usize = 8;
+
+/// An address pair in either order.
+fn pair(a: IpAddr, b: IpAddr) -> (IpAddr, IpAddr) {
+    if a <= b {
+        (a, b)
+    } else {
+        (b, a)
+    }
 }
 
 impl FlowTracker {
@@ -209,17 +239,77 @@ impl FlowTracker {
             by_ct: HashMap::new(),
             by_packet: HashMap::new(),
             packet_order: VecDeque::new(),
+            by_pair: HashMap::new(),
+            by_dst: HashMap::new(),
             order: VecDeque::new(),
+            clock: 0,
             max_flows,
             max_steps,
             evicted: 0,
         }
     }
 
-    fn touch(&mut self, k: &Key) {
-        if let Some(i) = self.order.iter().position(|x| x == k) {
-            let k = self.order.remove(i).expect("present");
-            self.order.push_back(k);
+    /// `k` (present) was seen now: most recent in `order` and in the lookup indexes.
+    fn touch(&mut self, k: Key) {
+        self.clock += 1;
+        let Some(t) = self.flows.get_mut(&k) else {
+            return;
+        };
+        t.seen = self.clock;
+        let tuple = t.flow.tuple;
+        self.order.push_back((k, self.clock));
+        self.by_pair.insert(pair(tuple.src, tuple.dst), k);
+        self.by_dst.insert(tuple.dst, k);
+        // Stale entries at most as many as live ones: compacting is amortised constant.
+        if self.order.len() > 2 * self.flows.len() + 64 {
+            let flows = &self.flows;
+            self.order
+                .retain(|(k, seen)| flows.get(k).is_some_and(|t| t.seen == *seen));
+        }
+    }
+
+    /// Removes the least recently seen flow and everything that points at it.
+    fn evict_oldest(&mut self) {
+        while let Some((k, seen)) = self.order.pop_front() {
+            if self.flows.get(&k).is_none_or(|t| t.seen != seen) {
+                continue;
+            }
+            let Some(t) = self.flows.remove(&k) else {
+                return;
+            };
+            for ct in t.cts {
+                if self.by_ct.get(&ct) == Some(&k) {
+                    self.by_ct.remove(&ct);
+                }
+            }
+            let tuple = t.flow.tuple;
+            let p = pair(tuple.src, tuple.dst);
+            if self.by_pair.get(&p) == Some(&k) {
+                self.by_pair.remove(&p);
+            }
+            if self.by_dst.get(&tuple.dst) == Some(&k) {
+                self.by_dst.remove(&tuple.dst);
+            }
+            self.evicted += 1;
+            return;
+        }
+    }
+
+    /// Points conntrack entry `ct` at flow `k`.
+    fn remember_ct(&mut self, ct: u64, k: Key) {
+        if self.by_ct.insert(ct, k) == Some(k) {
+            return;
+        }
+        let Some(t) = self.flows.get_mut(&k) else {
+            return;
+        };
+        t.cts.push_back(ct);
+        if t.cts.len() > MAX_CTS {
+            if let Some(old) = t.cts.pop_front() {
+                if self.by_ct.get(&old) == Some(&k) {
+                    self.by_ct.remove(&old);
+                }
+            }
         }
     }
 
@@ -280,30 +370,28 @@ impl FlowTracker {
         }
         if !self.flows.contains_key(&k) {
             if self.flows.len() >= self.max_flows {
-                if let Some(old) = self.order.pop_front() {
-                    self.flows.remove(&old);
-                    self.by_ct.retain(|_, k| *k != old);
-                    self.evicted += 1;
-                }
+                self.evict_oldest();
             }
             self.flows.insert(
                 k,
-                Flow {
-                    tuple: *t,
-                    steps: Vec::new(),
-                    steps_dropped: 0,
+                Tracked {
+                    flow: Flow {
+                        tuple: *t,
+                        steps: Vec::new(),
+                        steps_dropped: 0,
+                    },
+                    seen: 0,
+                    cts: VecDeque::new(),
                 },
             );
-            self.order.push_back(k);
-        } else {
-            self.touch(&k);
         }
+        self.touch(k);
         // An outer packet's conntrack entry is the tunnel's, shared with other flows: not this
         // flow's.
         if ev.ct_id != 0 && encapsulated.is_none() {
-            self.by_ct.insert(ev.ct_id, k);
+            self.remember_ct(ev.ct_id, k);
         }
-        let flow = self.flows.get_mut(&k).expect("inserted");
+        let flow = &mut self.flows.get_mut(&k).expect("inserted").flow;
         if flow.steps.is_empty() {
             // Lookups made for this packet before it was first seen belong to its request.
             let (src, dst) = (flow.tuple.src, flow.tuple.dst);
@@ -341,15 +429,21 @@ impl FlowTracker {
     /// A lookup joins the most recently seen flow it concerns (its direction is settled by the
     /// next packet step); one no flow claims waits in `pending`.
     fn add_route(&mut self, ev: &TraceEvent, t: &Tuple) {
-        let hit = self
-            .order
-            .iter()
-            .rev()
-            .find(|k| {
-                let f = &self.flows[*k].tuple;
-                concerns(t, f.src, f.dst)
-            })
-            .copied();
+        // The flows `concerns` can match: its address pair's, or with one end not chosen yet,
+        // the other end's as destination.
+        let unset = |a: IpAddr| a.is_unspecified().then_some(a);
+        let candidates = [
+            self.by_pair.get(&pair(t.src, t.dst)),
+            unset(t.src).and_then(|_| self.by_dst.get(&t.dst)),
+            unset(t.dst).and_then(|_| self.by_dst.get(&t.src)),
+        ];
+        let hit = candidates
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.flows.get(k).map(|f| (*k, f)))
+            .filter(|(_, f)| concerns(t, f.flow.tuple.src, f.flow.tuple.dst))
+            .max_by_key(|(_, f)| f.seen)
+            .map(|(k, _)| k);
         let Some(k) = hit else {
             if self.pending.len() >= 256 {
                 self.pending.pop_front();
@@ -358,7 +452,7 @@ impl FlowTracker {
             return;
         };
         let max = self.max_steps;
-        let flow = self.flows.get_mut(&k).expect("found");
+        let flow = &mut self.flows.get_mut(&k).expect("found").flow;
         let dir = flow.steps.last().map_or(Dir::Request, |s| s.dir);
         if flow.steps.len() >= max {
             flow.steps_dropped += 1;
@@ -367,8 +461,12 @@ impl FlowTracker {
         flow.steps.push(Step::of(ev, dir));
     }
 
+    /// The flows, least recently seen first.
     pub(crate) fn flows(&self) -> impl Iterator<Item = &Flow> {
-        self.order.iter().map(|k| &self.flows[k])
+        self.order.iter().filter_map(|(k, seen)| {
+            let t = self.flows.get(k)?;
+            (t.seen == *seen).then_some(&t.flow)
+        })
     }
 }
 
@@ -431,6 +529,35 @@ mod tests {
         }
         assert_eq!(tracker.flows().count(), 2);
         assert_eq!(tracker.evicted, 1);
+    }
+
+    /// 10,000 flows through a tracker of 1,000: the oldest go, each counted, the bookkeeping
+    /// stays proportional to the flows kept, and a flow seen again is kept over older ones.
+    #[test]
+    fn many_flows_stay_bounded() {
+        let mut d = Decoder::new(Topology::default(), Default::default());
+        let mut tracker = FlowTracker::new(1000, 8);
+        let mut first = synthetic(1);
+        first.sport = 1;
+        for port in 0..10_000u16 {
+            let mut ev = synthetic(1);
+            ev.sport = 2 + port;
+            ev.ct_id = port as u64 + 1;
+            tracker.add(&d.decode(&ev));
+            // One old flow keeps being seen.
+            tracker.add(&d.decode(&first));
+        }
+        assert_eq!(tracker.flows().count(), 1000);
+        assert_eq!(tracker.evicted, 9_001);
+        assert!(
+            tracker.order.len() <= 2 * 1000 + 64,
+            "{}",
+            tracker.order.len()
+        );
+        assert!(tracker.by_ct.len() <= 1000, "{}", tracker.by_ct.len());
+        assert!(tracker.flows().any(|f| f.tuple.sport == 1));
+        // Least recently seen first: the busy flow is last.
+        assert_eq!(tracker.flows().last().map(|f| f.tuple.sport), Some(1));
     }
 
     /// The request's ESP packet is its skb under another tuple: it stays on the request's

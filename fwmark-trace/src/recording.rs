@@ -395,6 +395,7 @@ impl<R: Read> Reader<R> {
             ring_full: u64_at(at),
             count_map_full: u64_at(at + 8),
             evicted: u64_at(at + 16),
+            ..LostCounts::default()
         };
         let frame = match tag {
             CONTEXT => match serde_json::from_slice(&payload) {
@@ -796,7 +797,8 @@ mod tests {
             LostCounts {
                 ring_full: 3,
                 count_map_full: 3,
-                evicted: 1
+                evicted: 1,
+                ..LostCounts::default()
             }
         );
         assert!(lost[0].time_unix_ns > 0);

@@ -140,7 +140,8 @@ pub(crate) fn run(cfg: &TraceConfig, on_ready: impl FnOnce()) -> Result<Summary>
     // owner must not touch yesterday's log); the file is emptied only at the first record.
     Registry::load(&cfg.registry)?;
     require_root("fwmark-trace trace")?;
-    let mut out = Output::open(cfg.format, cfg.output.as_deref(), cfg.output_file)?;
+    // Written on a thread of its own: a reader that stops reading must not stop the daemon.
+    let mut out = Output::open(cfg.format, cfg.output.as_deref(), cfg.output_file)?.queued()?;
     let summary = run_into(cfg, &mut out, on_ready)?;
     // A failed write stopped the run: its summary is on stderr, its error comes now.
     match out.take_error() {
@@ -405,6 +406,7 @@ async fn stream(
     let deadline = time::sleep(cfg.duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
     tokio::pin!(deadline);
     let mut lost_seen = 0u64;
+    let mut signalled_at = None;
     let mut refresh_failed = false;
     let mut gauges = GaugeCache::default();
     let mut last_stats = Instant::now();
@@ -418,10 +420,14 @@ async fn stream(
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                let done = run.drain(guard.get_inner_mut())?;
-                guard.clear_ready();
-                if done {
-                    break 'run;
+                match run.drain(guard.get_inner_mut())? {
+                    Drained::Empty => guard.clear_ready(),
+                    // Still more under sustained load: signals, ticks and scrapes go first.
+                    Drained::Budget => {
+                        drop(guard);
+                        tokio::task::yield_now().await;
+                    }
+                    Drained::Limit => break 'run,
                 }
             }
             _ = interval.tick(), if counts.is_some() => {
@@ -436,19 +442,20 @@ async fn stream(
             }
             // The kernel wakes us only for large batches; drain the rest often.
             _ = drain_tick.tick() => {
-                if run.drain(ring.get_mut())? {
+                if run.drain(ring.get_mut())? == Drained::Limit {
                     break 'run;
                 }
             }
             _ = tick.tick() => {
                 run.obs.flush_log();
                 run.out.tick()?;
-                let reasons = lost_now(run.obs, counts.as_ref());
+                let reasons = lost_now(run.obs, counts.as_ref(), run.out.dropped());
                 let lost = reasons.total();
                 if lost > lost_seen {
                     run.out.lost(&LostRecord { time: Timestamp::now(), kind: "lost", lost: lost - lost_seen, total_lost: lost, reasons: Some(reasons) })?;
                     if let Some(r) = run.recorder.as_mut() {
-                        r.lost(reasons)?;
+                        // The recording's own counts: it is written here, not by the output.
+                        r.lost(Lost { output: 0, ..reasons })?;
                     }
                     lost_seen = lost;
                 }
@@ -508,7 +515,7 @@ async fn stream(
                             kind: "stats",
                             rss_kb: g.rss_kb,
                             events: run.summary.total_events,
-                            lost: lost_now(run.obs, counts.as_ref()).total(),
+                            lost: lost_now(run.obs, counts.as_ref(), run.out.dropped()).total(),
                             tracked_packets: g.tracked_packets,
                             interfaces: g.interfaces,
                         })?;
@@ -516,13 +523,19 @@ async fn stream(
                 }
             }
             Some(reply) = metrics::next(scrapes.as_mut()) => {
-                run.summary.lost = lost_now(run.obs, counts.as_ref()).total();
+                run.summary.lost = lost_now(run.obs, counts.as_ref(), run.out.dropped()).total();
                 run.summary.attribution = run.pipeline.attributor.totals();
                 let _ = reply.send(metrics::render(&run.summary, &gauges.get(run.obs)));
             }
             Some(()) = signalled(sighup.as_mut()) => run.out.reopen()?,
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
+            _ = sigint.recv() => {
+                signalled_at = Some(Instant::now());
+                break;
+            }
+            _ = sigterm.recv() => {
+                signalled_at = Some(Instant::now());
+                break;
+            }
             _ = &mut deadline => break,
         }
     }
@@ -530,9 +543,12 @@ async fn stream(
     if let Some(c) = counts.as_mut() {
         run.report_counts(c, (interval_start, SystemTime::now()))?;
     }
-    run.drain(ring.get_mut())?;
+    // What the kernel wrote before the stop, as far as the time allows (under sustained load
+    // the ring never runs empty).
+    let drain_by = signalled_at.unwrap_or_else(Instant::now) + STOP_WITHIN / 2;
+    while run.drain(ring.get_mut())? == Drained::Budget && Instant::now() < drain_by {}
     if let Some(r) = run.recorder.as_mut() {
-        r.finish(lost_now(run.obs, counts.as_ref()))?;
+        r.finish(lost_now(run.obs, counts.as_ref(), 0))?;
         info!(
             "recorded {} records; show them with `fwmark-trace show {}`",
             r.records,
@@ -543,15 +559,43 @@ async fn stream(
         );
     }
     let mut summary = run.summary;
-    summary.lost = lost_now(run.obs, counts.as_ref()).total();
+    summary.lost = lost_now(run.obs, counts.as_ref(), run.out.dropped()).total();
     summary.attribution = run.pipeline.attributor.totals();
     summary.duration_s = started.elapsed().as_secs_f64();
     if cfg.format == Format::Json {
         run.out.summary(&summary)?;
     }
-    run.out.flush()?;
+    // A signal ends the daemon within a second whatever its reader does; otherwise the
+    // reader gets longer to take the rest.
+    let by = match signalled_at {
+        Some(at) => at + STOP_WITHIN,
+        None => Instant::now() + FINISH_WAIT,
+    };
+    let unwritten = run.out.finish(by)?;
+    if unwritten > 0 {
+        warn!("{unwritten} records were not written: the output's reader did not keep up");
+        summary.lost += unwritten;
+    }
     Ok(summary)
 }
+
+/// How long after SIGINT/SIGTERM the output may still take (detaching follows it).
+const STOP_WITHIN: Duration = Duration::from_millis(700);
+/// How long a run ended by `--duration` or `--count` waits for a slow reader.
+const FINISH_WAIT: Duration = Duration::from_secs(5);
+
+/// What `drain` left in the ring.
+#[derive(Debug, PartialEq, Eq)]
+enum Drained {
+    Empty,
+    /// It stopped after `DRAIN_BUDGET` records (more are waiting).
+    Budget,
+    /// `--count` is reached.
+    Limit,
+}
+
+/// Records one `drain` takes before the loop serves its other arms.
+const DRAIN_BUDGET: usize = 4096;
 
 /// Raises the soft limit on open descriptors to the hard one (the tc observers take four per
 /// interface: a node with hundreds of interfaces exceeds the usual 1024) and returns it.
@@ -578,10 +622,12 @@ fn raise_nofile() -> u64 {
     lim.rlim_cur
 }
 
-/// Events lost so far, per reason: the kernel's, and what the counting map evicted unread.
-fn lost_now(obs: &Observers, counts: Option<&KernelCounts>) -> Lost {
+/// Events lost so far, per reason: the kernel's, what the counting map evicted unread, and
+/// what the output had no room for.
+fn lost_now(obs: &Observers, counts: Option<&KernelCounts>, output: u64) -> Lost {
     Lost {
         evicted: counts.map_or(0, KernelCounts::evicted),
+        output,
         ..obs.lost()
     }
 }
@@ -661,12 +707,15 @@ impl Run<'_> {
         Ok(self.summary.records >= self.limit)
     }
 
-    /// Writes every record waiting in the ring (raw to the recorder when recording); true
-    /// when `--count` is reached.
-    fn drain(&mut self, rb: &mut RingBuf<MapData>) -> Result<bool> {
-        while self.summary.records < self.limit {
+    /// Writes the records waiting in the ring (raw to the recorder when recording), at most
+    /// `DRAIN_BUDGET` of them.
+    fn drain(&mut self, rb: &mut RingBuf<MapData>) -> Result<Drained> {
+        for _ in 0..DRAIN_BUDGET {
+            if self.summary.records >= self.limit {
+                return Ok(Drained::Limit);
+            }
             let Some(item) = rb.next() else {
-                return Ok(false);
+                return Ok(Drained::Empty);
             };
             if item.len() < std::mem::size_of::<Event>() {
                 continue;
@@ -688,6 +737,6 @@ impl Run<'_> {
             self.out.event(&ev)?;
             self.summary.count(&ev);
         }
-        Ok(true)
+        Ok(Drained::Budget)
     }
 }

@@ -7,6 +7,7 @@
 //! `ready` record, and checks on the programs and links that record names, not on the whole
 //! system's list (other tests' daemons load the same programs at the same time).
 pub mod daemon;
+pub mod metrics;
 pub mod ovs;
 pub mod released;
 pub mod schema;
@@ -28,6 +29,7 @@ use serde_json::Value;
 
 pub use daemon::*;
 pub use fwmark_trace::lab::{self, Lab};
+pub use metrics::*;
 pub use ovs::{Datapath, Ovs};
 pub use released::*;
 pub use schema::*;

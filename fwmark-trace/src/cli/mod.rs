@@ -14,7 +14,7 @@ use log::{Level, LevelFilter};
 use self::args::{
     DemoArgs, InventoryArgs, RegistryArgs, RegistryCmd, ShowArgs, TraceArgs, WhyArgs,
 };
-use crate::{demo, inventory, recording, registry, trace, why};
+use crate::{demo, inventory, output::text::escape_lines, recording, registry, trace, why};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -101,6 +101,12 @@ pub(crate) fn print(text: impl AsRef<[u8]>) -> Result<()> {
         .context(STDOUT)
 }
 
+/// A report for people: names from the node in it cannot drive the terminal (see
+/// `escape_lines`).
+pub(crate) fn print_text(text: &str) -> Result<()> {
+    print(escape_lines(text).as_bytes())
+}
+
 /// Whether `err` is stdout closed by its reader.
 fn closed_stdout(err: &anyhow::Error) -> bool {
     let pipe = err.chain().any(|e| {
@@ -141,7 +147,9 @@ fn init_logging(cli: &Cli) {
                 Level::Info => "",
                 Level::Debug | Level::Trace => "debug: ",
             };
-            writeln!(f, "fwmark-trace: {prefix}{}", record.args())
+            // Names from the node (interfaces, chains, owners) are in these lines.
+            let text = record.args().to_string();
+            writeln!(f, "fwmark-trace: {prefix}{}", escape_lines(&text))
         })
         .init();
 }

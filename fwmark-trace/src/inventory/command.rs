@@ -26,7 +26,7 @@ pub(crate) fn run(cfg: &InventoryConfig) -> Result<Outcome> {
     let conflicts = inv.conflicts();
     match cfg.format {
         Format::Json => print!("{}", render::json(&inv, &conflicts)),
-        Format::Human => print!("{}", render::human(&inv, &conflicts)),
+        Format::Human => crate::cli::print_text(&render::human(&inv, &conflicts))?,
     }
     Ok(if cfg.check && !conflicts.is_empty() {
         Outcome::Found

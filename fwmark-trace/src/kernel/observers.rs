@@ -499,7 +499,7 @@ impl Observers {
         Lost {
             ring_full: reason(lost_reason::RING_FULL),
             count_map_full: reason(lost_reason::COUNT_MAP_FULL),
-            evicted: 0,
+            ..Lost::default()
         }
     }
 }
@@ -513,11 +513,14 @@ pub(crate) struct Lost {
     pub(crate) count_map_full: u64,
     /// Packets counted in entries the counting map evicted before the daemon read them.
     pub(crate) evicted: u64,
+    /// Records the output had no room for: its reader stalled (`output::queue`; not in
+    /// recordings, which are written by the draining loop itself).
+    pub(crate) output: u64,
 }
 
 impl Lost {
     pub(crate) fn total(&self) -> u64 {
-        self.ring_full + self.count_map_full + self.evicted
+        self.ring_full + self.count_map_full + self.evicted + self.output
     }
 }
 

@@ -6,7 +6,7 @@ pub(crate) mod nft;
 pub(crate) mod sysctl;
 pub(crate) mod watch;
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use serde::Serialize;
 
@@ -16,18 +16,19 @@ use crate::{
     stack::{serialize_as_display, Family},
 };
 
-/// Everything `why` reasons with, read in the traced namespace.
+/// Everything `why` reasons with, read in the traced namespace. The lists are shared: a
+/// history of states holds each unchanged list once (see `History::observe`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub(crate) struct NodeState {
-    pub(crate) rules: Vec<netlink::IpRule>,
-    pub(crate) routes: Vec<netlink::Route>,
-    pub(crate) xfrm: Vec<netlink::XfrmPolicy>,
-    pub(crate) sysctls: sysctl::Sysctls,
+    pub(crate) rules: Arc<Vec<netlink::IpRule>>,
+    pub(crate) routes: Arc<Vec<netlink::Route>>,
+    pub(crate) xfrm: Arc<Vec<netlink::XfrmPolicy>>,
+    pub(crate) sysctls: Arc<sysctl::Sysctls>,
     /// nft rules that read or write the packet or conntrack mark.
-    pub(crate) mark_rules: Vec<nft::MarkRule>,
+    pub(crate) mark_rules: Arc<Vec<nft::MarkRule>>,
     /// nft base chains (hook, priority): they name the band a mark changed or a packet died in.
     #[serde(rename = "nft_chains", serialize_with = "chain_labels")]
-    pub(crate) chains: Vec<nft::Chain>,
+    pub(crate) chains: Arc<Vec<nft::Chain>>,
     /// Non-fatal problems reading state (e.g. no xfrm support).
     pub(crate) errors: Vec<String>,
 }
@@ -40,25 +41,25 @@ impl NodeState {
     ) -> Self {
         let mut s = NodeState::default();
         match netlink::rules() {
-            Ok(r) => s.rules = r,
+            Ok(r) => s.rules = Arc::new(r),
             Err(e) => s.errors.push(format!("ip rules: {e:#}")),
         }
         match netlink::routes() {
-            Ok(r) => s.routes = r,
+            Ok(r) => s.routes = Arc::new(r),
             Err(e) => s.errors.push(format!("routes: {e:#}")),
         }
         match netlink::xfrm_policies() {
-            Ok(p) => s.xfrm = p,
+            Ok(p) => s.xfrm = Arc::new(p),
             Err(e) => s.errors.push(format!("xfrm policies: {e:#}")),
         }
-        s.sysctls = sysctl::Sysctls::read();
+        s.sysctls = Arc::new(sysctl::Sysctls::read());
         match nft::read_items() {
             Ok(items) => {
                 match mark_rules(&items) {
-                    Ok(r) => s.mark_rules = r,
+                    Ok(r) => s.mark_rules = Arc::new(r),
                     Err(e) => s.errors.push(format!("nft rules: {e:#}")),
                 }
-                s.chains = nft::parse_chains(&items);
+                s.chains = Arc::new(nft::parse_chains(&items));
             }
             Err(e) => {
                 s.errors.push(format!("nft rules: {e:#}"));
@@ -66,6 +67,21 @@ impl NodeState {
             }
         }
         s
+    }
+
+    /// Takes `before`'s copy of every list equal to this one's (one copy in memory).
+    fn share_unchanged(&mut self, before: &NodeState) {
+        fn share<T: PartialEq>(now: &mut Arc<T>, before: &Arc<T>) {
+            if now == before {
+                *now = Arc::clone(before);
+            }
+        }
+        share(&mut self.rules, &before.rules);
+        share(&mut self.routes, &before.routes);
+        share(&mut self.xfrm, &before.xfrm);
+        share(&mut self.sysctls, &before.sysctls);
+        share(&mut self.mark_rules, &before.mark_rules);
+        share(&mut self.chains, &before.chains);
     }
 
     /// The parts that differ from `before` (read errors aside).
@@ -163,15 +179,21 @@ impl fmt::Display for StateChange {
 serialize_as_display!(StateChange);
 
 /// Chains as `hook: family table/chain@priority`, how a person reads them.
-fn chain_labels<S: serde::Serializer>(chains: &[nft::Chain], s: S) -> Result<S::Ok, S::Error> {
+fn chain_labels<S: serde::Serializer>(
+    chains: &Arc<Vec<nft::Chain>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     s.collect_seq(chains.iter().map(|c| format!("{}: {c}", c.hook)))
 }
 
 /// The node's state as it changed during a run: a verdict must reason with the rules that were
-/// in force when the packet died, not with whatever an operator changed since.
+/// in force when the packet died, not with whatever an operator changed since. Bounded: the
+/// most recent `History::KEPT` states (interface churn changes it every second).
 #[derive(Debug, Default)]
 pub(crate) struct History {
     snapshots: Vec<Snapshot>,
+    /// Older states dropped to stay within `KEPT`.
+    pub(crate) forgotten: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -188,13 +210,24 @@ pub(crate) struct Snapshot {
 }
 
 impl History {
+    /// States kept: a few minutes of changes every second, each a full copy of the state.
+    const KEPT: usize = 256;
+
     /// Records `state` read at `now_ns` if it differs from the last one; true when it did.
-    pub(crate) fn observe(&mut self, now_ns: u64, time: Timestamp, state: NodeState) -> bool {
+    /// Beyond `KEPT` the oldest goes (the next one becomes the first state known).
+    pub(crate) fn observe(&mut self, now_ns: u64, time: Timestamp, mut state: NodeState) -> bool {
         let changed = match self.snapshots.last() {
             Some(last) if last.state == state => return false,
             Some(last) => state.changed_since(&last.state),
             None => Vec::new(),
         };
+        if let Some(last) = self.snapshots.last() {
+            state.share_unchanged(&last.state);
+        }
+        if self.snapshots.len() >= Self::KEPT {
+            self.snapshots.remove(0);
+            self.forgotten += 1;
+        }
         self.snapshots.push(Snapshot {
             time,
             since_ns: now_ns,
@@ -241,7 +274,9 @@ mod tests {
 
     fn with_rp_filter(v: u8) -> NodeState {
         let mut s = NodeState::default();
-        s.sysctls.rp_filter.insert("all".into(), v);
+        Arc::make_mut(&mut s.sysctls)
+            .rp_filter
+            .insert("all".into(), v);
         s
     }
 
@@ -262,10 +297,24 @@ mod tests {
     }
 
     #[test]
+    fn history_is_bounded() {
+        let mut h = History::default();
+        let t = Timestamp::now();
+        for i in 0..History::KEPT as u64 + 10 {
+            assert!(h.observe(i * 10, t, with_rp_filter((i % 2) as u8)));
+        }
+        assert_eq!(h.snapshots.len(), History::KEPT);
+        assert_eq!(h.forgotten, 10);
+        // Before the oldest state kept: that state (the first one known now).
+        assert_eq!(h.at(0).unwrap().sysctls.rp_filter["all"], 0);
+        assert_eq!(h.changes().len(), History::KEPT - 1);
+    }
+
+    #[test]
     fn changes_are_named_per_family() {
         let before = with_rp_filter(1);
         let mut after = before.clone();
-        after.routes.push(netlink::Route {
+        Arc::make_mut(&mut after.routes).push(netlink::Route {
             table: netlink::TABLE_MAIN,
             destination: "fe80::/64".parse().unwrap(),
             gateway: None,

@@ -6,6 +6,7 @@ pub(crate) mod file;
 mod human;
 pub(crate) mod json;
 pub(crate) mod metrics;
+mod queue;
 pub(crate) mod ready;
 pub(crate) mod summary;
 pub(crate) mod text;
@@ -14,6 +15,7 @@ pub(crate) mod why;
 use std::{
     io::{self, BufWriter, Write},
     path::Path,
+    time::Instant,
 };
 
 use anyhow::{Context, Result};
@@ -28,11 +30,13 @@ pub(crate) enum Format {
     Json,
 }
 
-/// Where an `Output` writes: stdout (or any writer), or an output file.
+/// Where an `Output` writes: stdout (or any writer), an output file, or either of them on
+/// the output thread (`queue`).
 enum Dest {
     /// A writer and what it is ("stdout").
     Stream(Box<dyn Write + Send>, &'static str),
     File(LogFile),
+    Queued(queue::Queue),
 }
 
 impl Dest {
@@ -41,21 +45,43 @@ impl Dest {
         match self {
             Dest::Stream(_, name) => format!("writing to {name}"),
             Dest::File(f) => format!("writing output file {}", f.path().display()),
+            Dest::Queued(q) => q.what().to_owned(),
         }
     }
 
-    fn write_all(&mut self, b: &[u8]) -> io::Result<()> {
-        match self {
+    fn write_all(&mut self, b: &[u8]) -> Result<()> {
+        let written = match self {
             Dest::Stream(w, _) => w.write_all(b),
             Dest::File(f) => f.write_all(b),
-        }
+            Dest::Queued(q) => return q.send(b),
+        };
+        written.with_context(|| self.what())
     }
 
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
+    /// Written through to the reader (on the output thread: as soon as it gets to it).
+    fn flush(&mut self) -> Result<()> {
+        let flushed = match self {
             Dest::Stream(w, _) => w.flush(),
             Dest::File(f) => f.flush(),
+            Dest::Queued(q) => {
+                q.flush();
+                return Ok(());
+            }
+        };
+        flushed.with_context(|| self.what())
+    }
+
+    /// See `Sink::reopen`: only a file reopens.
+    fn reopen(&mut self) -> Result<()> {
+        match self {
+            Dest::File(f) => {
+                f.reopen()?;
+                log::info!("reopened output file {}", f.path().display());
+            }
+            Dest::Queued(q) => q.reopen(),
+            Dest::Stream(..) => {}
         }
+        Ok(())
     }
 }
 
@@ -114,6 +140,15 @@ pub(crate) trait Sink {
     fn tick(&mut self) -> Result<()> {
         Ok(())
     }
+    /// Records dropped because the writer could not keep up (see `queue`).
+    fn dropped(&self) -> u64 {
+        0
+    }
+    /// The end: everything written and flushed, waiting at most until `by` for a slow
+    /// writer; returns the records left unwritten.
+    fn finish(&mut self, _by: Instant) -> Result<u64> {
+        self.flush().map(|()| 0)
+    }
 }
 
 /// A periodic health record (`--stats`): the metrics output.
@@ -163,6 +198,16 @@ impl Output {
         })
     }
 
+    /// The same output written on a thread of its own, behind a bounded queue (`queue`): the
+    /// daemon's, which a stalled reader must not stop.
+    pub(crate) fn queued(mut self) -> Result<Self> {
+        let dest = std::mem::replace(&mut self.out, Dest::Stream(Box::new(io::sink()), "-"));
+        self.out = Dest::Queued(queue::Queue::spawn(dest, self.live)?);
+        // The thread flushes whenever it catches up.
+        self.live = false;
+        Ok(self)
+    }
+
     /// The error that made this output fail as a `Sink`, if one did.
     pub(crate) fn take_error(&mut self) -> Option<anyhow::Error> {
         self.error.take()
@@ -171,8 +216,7 @@ impl Output {
     /// Writes the record serialised in `line` (adding its newline), in one call.
     fn put(&mut self, flush: bool) -> Result<()> {
         self.line.push(b'\n');
-        let written = self.out.write_all(&self.line);
-        written.with_context(|| self.out.what())?;
+        self.out.write_all(&self.line)?;
         if flush || self.live {
             self.flush()?;
         }
@@ -202,9 +246,21 @@ impl Output {
         self.line.clear();
         write!(
             self.line,
-            "{} LOST {} events (ring buffer full; {} in total)",
+            "{} LOST {} events ({} in total",
             rec.time, rec.lost, rec.total_lost
         )?;
+        if let Some(r) = &rec.reasons {
+            let reasons = [
+                ("ring buffer full", r.ring_full),
+                ("counting map full", r.count_map_full),
+                ("evicted unread", r.evicted),
+                ("output reader stalled", r.output),
+            ];
+            for (what, n) in reasons.iter().filter(|(_, n)| *n > 0) {
+                write!(self.line, "; {what}: {n}")?;
+            }
+        }
+        self.line.push(b')');
         self.put(false)
     }
 
@@ -226,17 +282,11 @@ impl Output {
     }
 
     pub(crate) fn flush(&mut self) -> Result<()> {
-        let flushed = self.out.flush();
-        flushed.with_context(|| self.out.what())
+        self.out.flush()
     }
 
-    /// See `Sink::reopen`: only a file reopens.
-    pub(crate) fn reopen(&mut self) -> Result<()> {
-        if let Dest::File(f) = &mut self.out {
-            f.reopen()?;
-            log::info!("reopened output file {}", f.path().display());
-        }
-        Ok(())
+    fn reopen(&mut self) -> Result<()> {
+        self.out.reopen()
     }
 
     /// As a `Sink`: the first failure is kept (`take_error`) and everything after it dropped.
@@ -273,6 +323,25 @@ impl Sink for Output {
     }
     fn failed(&self) -> bool {
         self.error.is_some()
+    }
+    fn dropped(&self) -> u64 {
+        match &self.out {
+            Dest::Queued(q) => q.dropped(),
+            _ => 0,
+        }
+    }
+    fn finish(&mut self, by: Instant) -> Result<u64> {
+        let Dest::Queued(q) = &mut self.out else {
+            self.sink(Output::flush)?;
+            return Ok(0);
+        };
+        match q.finish(by) {
+            Ok(unwritten) => Ok(unwritten),
+            Err(e) => {
+                self.error.get_or_insert(e);
+                Ok(0)
+            }
+        }
     }
     fn plan(&mut self, plan: &crate::kernel::observers::PlanRecord) -> Result<()> {
         if matches!(self.format, Format::Json) {
@@ -361,6 +430,7 @@ mod tests {
                 ring_full: 1,
                 count_map_full: 0,
                 evicted: 1,
+                output: 1,
             }),
         })
         .unwrap();

@@ -302,9 +302,28 @@ pub(crate) fn escape_controls(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// Text of several lines made safe line by line (`escape_controls`), its line breaks kept:
+/// reports (why, inventory, registry) and diagnostics, which hold names from the node.
+pub(crate) fn escape_lines(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(|c| c != '\n' && unprintable(c)) {
+        return Cow::Borrowed(s);
+    }
+    let lines: Vec<Cow<str>> = s.split('\n').map(escape_controls).collect();
+    Cow::Owned(lines.join("\n"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_keep_their_breaks() {
+        assert!(matches!(escape_lines("a\nb ✓\n"), Cow::Borrowed(_)));
+        assert_eq!(
+            escape_lines("eth\x1b[2J0\n  x\ry\n"),
+            "eth\\x1b[2J0\n  x\\ry\n"
+        );
+    }
 
     #[test]
     fn control_characters_are_escaped() {

@@ -49,7 +49,7 @@ pub(crate) fn run(req: &Request, sources: &Sources) -> Result<crate::cli::Outcom
                 reg.select(owners)?
             };
             let (text, overlaps) = check(&sel.owners);
-            crate::cli::print(text)?;
+            crate::cli::print_text(&text)?;
             return Ok(if overlaps {
                 Outcome::Found
             } else {
@@ -57,7 +57,7 @@ pub(crate) fn run(req: &Request, sources: &Sources) -> Result<crate::cli::Outcom
             });
         }
     };
-    crate::cli::print(out)?;
+    crate::cli::print_text(&out)?;
     Ok(Outcome::Clean)
 }
 

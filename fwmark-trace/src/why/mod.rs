@@ -4,7 +4,7 @@
 pub(crate) mod nftrace;
 pub(crate) mod verdict;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use anyhow::{bail, Result};
 use log::{info, warn};
@@ -61,12 +61,12 @@ impl Collector<'_> {
         let quiet = watch.as_mut().is_some_and(|w| !w.changed());
         let state = match self.node.latest() {
             Some(last) if quiet => NodeState {
-                sysctls: Sysctls::read(),
+                sysctls: Arc::new(Sysctls::read()),
                 ..last.clone()
             },
             _ => {
                 let mut s = NodeState::read(crate::inventory::nft::mark_rules);
-                s.chains.retain(|c| !nftrace::is_ours(c));
+                Arc::make_mut(&mut s.chains).retain(|c| !nftrace::is_ours(c));
                 s
             }
         };
@@ -212,7 +212,7 @@ pub(crate) fn run_with(cfg: &WhyConfig, on_ready: impl FnOnce()) -> Result<bool>
         };
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
-        print!("{}", text(&reports, seen));
+        crate::cli::print_text(&text(&reports, seen))?;
     }
     Ok(lost)
 }

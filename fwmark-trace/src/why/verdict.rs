@@ -890,23 +890,23 @@ mod tests {
 
     fn state() -> NodeState {
         NodeState {
-            rules: vec![
+            rules: Arc::new(vec![
                 rule(0, None, TABLE_LOCAL),
                 rule(1000, Some("0x4000/0x4000"), 100),
                 rule(32766, None, TABLE_MAIN),
-            ],
-            routes: vec![route(TABLE_MAIN, 2), route(100, 3)],
-            sysctls: Sysctls {
+            ]),
+            routes: Arc::new(vec![route(TABLE_MAIN, 2), route(100, 3)]),
+            sysctls: Arc::new(Sysctls {
                 rp_filter: [("all".into(), 1)].into(),
                 ..Default::default()
-            },
+            }),
             ..Default::default()
         }
     }
 
     fn judge_with(f: &Flow, s: &NodeState, chains: &[Chain]) -> Report {
         let s = &NodeState {
-            chains: chains.to_vec(),
+            chains: Arc::new(chains.to_vec()),
             ..s.clone()
         };
         let reg = Registry::builtin().unwrap();
@@ -1027,10 +1027,10 @@ mod tests {
             drops: true,
         };
         let with_rules = NodeState {
-            mark_rules: vec![
+            mark_rules: Arc::new(vec![
                 rule("meta mark & 0x4000 == 0x0 drop", test(0x4000, 0)),
                 rule("meta mark & 0x8000 == 0x8000 drop", test(0x8000, 0x8000)),
-            ],
+            ]),
             ..state()
         };
         let unmarked = flow(vec![
@@ -1074,7 +1074,7 @@ mod tests {
             priority: 0,
             templates: vec![],
         };
-        s.xfrm = vec![policy.clone()];
+        s.xfrm = Arc::new(vec![policy.clone()]);
         let r = judge_with(&flow(vec![dropped(DropReason::XfrmPolicy, 0)]), &s, &[]);
         assert_eq!(
             r.cause,
@@ -1185,7 +1185,7 @@ mod tests {
             1,
         );
         let mut s = state();
-        s.xfrm = vec![
+        s.xfrm = Arc::new(vec![
             // Not selecting the request's mark, or not covering the reply: not named.
             esp_policy(
                 XfrmDir::Out,
@@ -1203,7 +1203,7 @@ mod tests {
             ),
             outbound.clone(),
             inbound.clone(),
-        ];
+        ]);
         let out = nf(NfHook::Output, i32::MIN + 1);
         let sent = step(Dir::Request, EventKind::Transition, out, 0, 0x100);
         let esp = xfrm_at(
@@ -1310,7 +1310,7 @@ mod tests {
         block.templates.clear();
         let mut later = inbound.clone();
         later.priority = 10;
-        s.xfrm = vec![later, block.clone()];
+        s.xfrm = Arc::new(vec![later, block.clone()]);
         let r = judge_with(&flow(vec![sent, arrived, drop]), &s, &[]);
         assert_eq!(
             r.cause,
@@ -1331,7 +1331,7 @@ mod tests {
         let queue = Hook::Tracepoint(Tracepoint::NetDevQueue);
         let mut s = state();
         // The request's connection mark would have chosen table 100 for the reply.
-        s.rules[1].fwmark = Some("0x10/0x10".parse().unwrap());
+        Arc::make_mut(&mut s.rules)[1].fwmark = Some("0x10/0x10".parse().unwrap());
         let route = Step {
             route: Some(RouteLookup {
                 table: TABLE_MAIN,
