@@ -346,8 +346,9 @@ fn non_ascii_owner_names_are_one_clear_error() {
 fn out_of_bounds_durations_and_sizes_are_usage_errors() {
     require_root();
     let lab = lab();
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 9] = [
         (&["--interval", "292500000000years"], "--interval"),
+        (&["--count-memory", "2T"], "--count-memory"),
         (&["--interval", "1ms"], "--interval"),
         (&["--duration", "292500000000years"], "--duration"),
         (&["--stats", "100years"], "--stats"),

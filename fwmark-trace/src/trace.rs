@@ -72,6 +72,8 @@ pub(crate) struct TraceConfig {
     pub(crate) interval: Duration,
     /// Ring buffer bytes: a power of two, at least a page.
     pub(crate) ring_size: u32,
+    /// Kernel memory for the counting map (`--count-memory`), for all CPUs together.
+    pub(crate) count_memory: u64,
     /// Routing lookups as `route` events.
     pub(crate) routes: bool,
     /// Every drop, not only of packets whose mark was written.
@@ -105,6 +107,7 @@ impl Default for TraceConfig {
             record: None,
             interval: INTERVAL,
             ring_size: RING_SIZE,
+            count_memory: AGG_BUDGET,
             routes: false,
             all_drops: false,
             stats: None,
@@ -180,7 +183,10 @@ pub(crate) fn run_into(
         all_drops: cfg.all_drops,
         aggregate: cfg.counted(),
         // Sized by memory, not by CPU count (a per-CPU map grows with the CPUs).
-        agg_entries: agg_entries(AGG_BUDGET, aya::util::nr_cpus().map_or(1, |n| n as u64)),
+        agg_entries: agg_entries(
+            cfg.count_memory,
+            aya::util::nr_cpus().map_or(1, |n| n as u64),
+        ),
         flow: cfg.select.kernel_filter(),
     };
     let descriptors = raise_nofile();

@@ -145,6 +145,11 @@ pub(crate) struct TraceArgs {
     /// Ring buffer size in bytes, e.g. 4M (a power of two from a page to 1G).
     #[arg(long, default_value_t = trace::RING_SIZE, value_parser = bounds::ring_size)]
     ring_size: u32,
+    /// Kernel memory for counting transitions (the default mode), whatever the CPU count,
+    /// e.g. 32M (1M to 1G). Distinct transitions beyond what it holds in an interval are
+    /// reported as lost (count_map_full).
+    #[arg(long, value_name = "BYTES", default_value = "32M", value_parser = bounds::count_memory)]
+    count_memory: u64,
     /// Also report routing table lookups (table, flow mark, result) as `route` events.
     #[arg(long)]
     routes: bool,
@@ -198,6 +203,7 @@ impl TraceArgs {
             record: self.record.clone(),
             interval: self.interval,
             ring_size: self.ring_size,
+            count_memory: self.count_memory,
             routes: self.routes,
             all_drops: self.all_drops,
             stats: self.stats,
@@ -382,6 +388,7 @@ mod tests {
         let default = TraceConfig::default();
         assert_eq!(cfg.interval, default.interval);
         assert_eq!(cfg.ring_size, default.ring_size);
+        assert_eq!(cfg.count_memory, default.count_memory);
         assert_eq!(cfg.format, default.format);
         assert!(cfg.counted());
     }

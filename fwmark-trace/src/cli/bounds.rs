@@ -114,6 +114,17 @@ pub(crate) fn ring_size(s: &str) -> Result<u32, String> {
     u32::try_from(n).map_err(|_| format!("{n} is too large"))
 }
 
+/// `--count-memory`.
+pub(crate) fn count_memory(s: &str) -> Result<u64, String> {
+    let n = bytes(s)?;
+    if !(1 << 20..=1 << 30).contains(&n) {
+        return Err(format!(
+            "{n} bytes: the counting memory must be from 1M to 1G"
+        ));
+    }
+    Ok(n)
+}
+
 /// `--rotate-size`.
 pub(crate) fn rotate_size(s: &str) -> Result<u64, String> {
     let n = bytes(s)?;
