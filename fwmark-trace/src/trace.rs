@@ -549,10 +549,17 @@ async fn stream(
     if let Some(c) = counts.as_mut() {
         run.report_counts(c, (interval_start, SystemTime::now()))?;
     }
-    // What the kernel wrote before the stop, as far as the time allows (under sustained load
-    // the ring never runs empty).
-    let drain_by = signalled_at.unwrap_or_else(Instant::now) + STOP_WITHIN / 2;
-    while run.drain(ring.get_mut())? == Drained::Budget && Instant::now() < drain_by {}
+    // What the kernel wrote before the stop: as much as the ring held then (under sustained
+    // load it never runs empty), and after a signal only as long as the time allows.
+    let drain_by = signalled_at.map(|at| at + STOP_WITHIN / 2);
+    let mut left = cfg.ring_size as usize / std::mem::size_of::<Event>() + DRAIN_BUDGET;
+    while run.drain(ring.get_mut())? == Drained::Budget {
+        left = left.saturating_sub(DRAIN_BUDGET);
+        if left == 0 || drain_by.is_some_and(|t| Instant::now() >= t) {
+            warn!("stopped with records still in the ring buffer: they were not read");
+            break;
+        }
+    }
     if let Some(r) = run.recorder.as_mut() {
         r.finish(lost_now(run.obs, counts.as_ref(), 0))?;
         info!(
