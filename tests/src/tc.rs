@@ -135,6 +135,27 @@ fn attach_clsact(ns: &str, ifname: &str, prog: OwnedFd) {
     .expect("clsact filter");
 }
 
+/// The clsact filters in namespace `ns` that run a program a daemon's `ready` record names
+/// (its own, by kernel id: other daemons load programs of the same names), as
+/// `IFNAME DIRECTION prio P NAME`, sorted.
+pub fn filters_of(ns: &str, ready: &serde_json::Value) -> Vec<String> {
+    let programs = crate::ids(ready, "programs");
+    in_netns(ns, move || {
+        let mut out = Vec::new();
+        for (ifindex, ifname) in interfaces() {
+            for (dir, egress) in [("ingress", false), ("egress", true)] {
+                for (prio, name, id) in test_support::tc_filter_programs(ifindex, egress) {
+                    if programs.contains(&id) {
+                        out.push(format!("{ifname} {dir} prio {prio} {name}"));
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    })
+}
+
 /// A bpffs pin, removed when dropped (the filter holds the program after that).
 struct Pin(String);
 

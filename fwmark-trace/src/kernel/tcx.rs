@@ -4,13 +4,14 @@
 //! direct-action cls_bpf filters at the first and last priority of a clsact qdisc (foreign
 //! filters listed with a filter dump). The clsact back-end never adds a qdisc to the node: it
 //! observes interfaces that already have clsact, which is where classic tc code runs. Filters,
-//! unlike tcx links, outlive a killed daemon: ones left by an earlier run are removed before
-//! attaching. Which interfaces get observers is `tc_placement`'s decision; every refresh
-//! re-reads the interfaces, their chains and the namespace's qdiscs and attaches or detaches to
-//! match.
+//! unlike tcx links, outlive a killed daemon, and several daemons may observe one interface: so
+//! each filter carries its daemon's identity in its handle (`FilterOwner`), and before attaching
+//! a daemon removes only the filters of daemons no longer running. Which interfaces get
+//! observers is `tc_placement`'s decision; every refresh re-reads the interfaces, their chains
+//! and the namespace's qdiscs and attaches or detaches to match.
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
-    os::fd::AsFd,
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    os::{fd::AsFd, unix::fs::MetadataExt},
     time::Instant,
 };
 
@@ -18,8 +19,8 @@ use anyhow::{Context, Result};
 use aya::{
     programs::{
         links::LinkOrder,
-        tc::{self as aya_tc, NlOptions, SchedClassifierLinkId, TcAttachOptions},
-        SchedClassifier, TcAttachType,
+        tc::{NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcHandle},
+        Link, SchedClassifier, TcAttachType,
     },
     Ebpf,
 };
@@ -76,6 +77,8 @@ pub(crate) struct TcObservers {
     qdiscs: HashMap<u32, TcQdisc>,
     /// Attach failures already said, by (ifindex, error): retried every refresh, said once.
     failures: HashSet<(u32, String)>,
+    /// Who this daemon is, in the handles of its filters (the clsact back-end).
+    me: Identity,
 }
 
 pub(crate) enum Removal {
@@ -197,6 +200,7 @@ impl TcObservers {
             in_scope: 0,
             qdiscs: HashMap::new(),
             failures: HashSet::new(),
+            me: Identity::current()?,
         })
     }
 
@@ -266,25 +270,27 @@ impl TcObservers {
                     self.detach(ebpf, ifindex);
                     changes.push(change(ChangeKind::Removed(name, Removal::NotNeeded)));
                 }
-                (None, Some(reason)) => match attach_all(ebpf, self.backend, &name) {
-                    Ok(links) => {
-                        self.failures.retain(|(i, _)| *i != ifindex);
-                        changes.push(change(ChangeKind::Added(name.clone(), reason.clone())));
-                        let iface = Interface {
-                            name,
-                            links,
-                            chain,
-                            reason,
-                        };
-                        self.interfaces.insert(ifindex, iface);
-                    }
-                    Err(err) => {
-                        let why = format!("{err:#}");
-                        if self.failures.insert((ifindex, why.clone())) {
-                            changes.push(change(ChangeKind::Failed(name, why)));
+                (None, Some(reason)) => {
+                    match attach_all(ebpf, self.backend, &self.me, ifindex, &name) {
+                        Ok(links) => {
+                            self.failures.retain(|(i, _)| *i != ifindex);
+                            changes.push(change(ChangeKind::Added(name.clone(), reason.clone())));
+                            let iface = Interface {
+                                name,
+                                links,
+                                chain,
+                                reason,
+                            };
+                            self.interfaces.insert(ifindex, iface);
+                        }
+                        Err(err) => {
+                            let why = format!("{err:#}");
+                            if self.failures.insert((ifindex, why.clone())) {
+                                changes.push(change(ChangeKind::Failed(name, why)));
+                            }
                         }
                     }
-                },
+                }
                 (None, None) => {}
             }
         }
@@ -378,6 +384,8 @@ pub(crate) struct OwnFilter {
     pub(crate) ifname: String,
     pub(crate) direction: &'static str,
     pub(crate) priority: u16,
+    /// As `tc filter show` prints it: this daemon's `FilterOwner`.
+    pub(crate) handle: String,
     pub(crate) program: &'static str,
 }
 
@@ -397,6 +405,7 @@ impl TcObservers {
                         ifname: iface.name.clone(),
                         direction: dir_name(dir),
                         priority: filter_priority(slot),
+                        handle: format!("{:#x}", self.me.owner.handle()),
                         program,
                     }
                 })
@@ -405,12 +414,15 @@ impl TcObservers {
     }
 }
 
+/// Whether a program is a fwmark-trace tc observer, this daemon's or another's.
 fn ours(name: &str) -> bool {
     name.starts_with("fwm_tc_")
 }
 
 /// The programs of one of `ifname`'s tcx chains, or the filters of its clsact qdisc, that are
-/// not ours (`None`: the query failed).
+/// not ours (`None`: the query failed). Another fwmark-trace's observers are not foreign
+/// either: they only read the mark, so they change nothing between ours, and a second daemon
+/// coming or going must not read as another datapath on every interface.
 fn foreign_programs(
     backend: TcBackend,
     ifindex: u32,
@@ -475,20 +487,23 @@ fn filter_priority(slot: u8) -> u16 {
 fn attach_all(
     ebpf: &mut Ebpf,
     backend: TcBackend,
+    me: &Identity,
+    ifindex: u32,
     ifname: &str,
 ) -> Result<Vec<(usize, SchedClassifierLinkId)>> {
+    if backend == TcBackend::Clsact {
+        remove_leftovers(me, ifindex, ifname);
+    }
     let mut links = Vec::new();
     for (i, (name, dir, slot)) in PROGRAMS.into_iter().enumerate() {
         let first = slot == tc_slot::FIRST;
         let options = match backend {
-            TcBackend::Clsact => {
-                // Not attached here, so a filter of that name is a killed run's leftover.
-                let _ = aya_tc::qdisc_detach_program(ifname, attach_type(dir), name);
-                TcAttachOptions::Netlink(NlOptions {
-                    priority: filter_priority(slot),
-                    ..Default::default()
-                })
-            }
+            // Beside other daemons' filters at the same priority: one handle each.
+            TcBackend::Clsact => TcAttachOptions::Netlink(NlOptions {
+                priority: filter_priority(slot),
+                handle: TcHandle::from(me.owner.handle()),
+                ..Default::default()
+            }),
             _ => TcAttachOptions::TcxOrder(if first {
                 LinkOrder::first()
             } else {
@@ -507,4 +522,183 @@ fn attach_all(
         }
     }
     Ok(links)
+}
+
+/// Whose a filter of ours is, carried in its handle: filters outlive a killed daemon, and the
+/// handle is what the kernel keeps of who attached them. Bits 0-21 hold the daemon's pid (pids
+/// stay below 2^22, the kernel's PID_MAX_LIMIT) and bits 22-31 a tag of its pid namespace, 1 to
+/// 1023, since a pid names a process only in its own namespace. The handle is never 0 (0 asks
+/// the kernel to pick one), and the handles the kernel picks, counting up from 1, have tag 0:
+/// no daemon's. Each daemon thus has one handle, at all four places its filters go, and two
+/// daemons share a priority as two filters of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FilterOwner {
+    pid_ns: u16,
+    pid: u32,
+}
+
+const PID_BITS: u32 = 22;
+
+impl FilterOwner {
+    fn handle(self) -> u32 {
+        u32::from(self.pid_ns) << PID_BITS | self.pid
+    }
+
+    fn of_handle(handle: u32) -> Self {
+        Self {
+            pid_ns: (handle >> PID_BITS) as u16,
+            pid: handle & ((1 << PID_BITS) - 1),
+        }
+    }
+}
+
+/// This daemon: its `FilterOwner`, and its command name, which tells a running daemon from
+/// another process that got a dead daemon's pid.
+struct Identity {
+    owner: FilterOwner,
+    comm: String,
+}
+
+impl Identity {
+    fn current() -> Result<Self> {
+        let ns = std::fs::metadata("/proc/self/ns/pid").context("reading /proc/self/ns/pid")?;
+        let comm = running_command("self").context("reading /proc/self/stat")?;
+        Ok(Self {
+            owner: FilterOwner {
+                pid_ns: (ns.ino() % 1023) as u16 + 1,
+                pid: std::process::id(),
+            },
+            comm,
+        })
+    }
+
+    /// Whether a filter of ours with this handle is a leftover this daemon may remove: its
+    /// daemon was of our pid namespace and no longer runs. A filter of another pid namespace
+    /// (or of no daemon: a kernel-picked handle) is never judged, so never removed. A process
+    /// with our command name at that pid counts as the daemon: keeping a dead daemon's filter
+    /// is the safe mistake. Our own pid is a leftover: where we attach we hold no filter, so
+    /// one with our handle is an earlier process's that had our pid.
+    fn leftover(&self, handle: u32) -> bool {
+        let owner = FilterOwner::of_handle(handle);
+        owner.pid_ns == self.owner.pid_ns
+            && (owner.pid == self.owner.pid
+                || running_command(&owner.pid.to_string()).is_none_or(|c| c != self.comm))
+    }
+}
+
+/// The command name of process `pid` (a number, or `self`) from /proc/PID/stat; `None` when
+/// there is no such process, or it has exited and waits to be reaped (a zombie holds nothing).
+fn running_command(pid: &str) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "PID (COMM) STATE …": the name may hold spaces and parentheses, so up to the last ')'.
+    let (start, end) = (stat.find('(')?, stat.rfind(')')?);
+    let state = stat[end + 1..].split_whitespace().next()?;
+    (state != "Z").then(|| stat[start + 1..end].to_owned())
+}
+
+/// Removes from `ifname`'s clsact qdisc the filters named as our observers whose daemon no
+/// longer runs (`Identity::leftover`), saying so once for the interface. Best effort: a filter
+/// that stays only costs its program's run on each packet, and ours go beside it under our own
+/// handle.
+fn remove_leftovers(me: &Identity, ifindex: u32, ifname: &str) {
+    let (mut removed, mut pids) = (0, BTreeSet::new());
+    for dir in [tc_dir::INGRESS, tc_dir::EGRESS] {
+        let Ok(filters) = netlink::tc_filters(ifindex, dir == tc_dir::EGRESS) else {
+            continue;
+        };
+        for f in filters {
+            let Some((name, _)) = &f.program else {
+                continue;
+            };
+            if !PROGRAMS.iter().any(|(p, _, _)| p == name) || !me.leftover(f.handle) {
+                continue;
+            }
+            let handle = TcHandle::from(f.handle);
+            let link =
+                SchedClassifierLink::attached(ifname, attach_type(dir), f.priority, handle, None);
+            match link.map_err(anyhow::Error::from).and_then(|l| Ok(l.detach()?)) {
+                Ok(()) => {
+                    removed += 1;
+                    pids.insert(FilterOwner::of_handle(f.handle).pid);
+                }
+                Err(err) => log::warn!(
+                    "could not remove tc filter {name} (prio {}, handle {:#x}) from {ifname} {}, left by a fwmark-trace no longer running: {err:#}",
+                    f.priority,
+                    f.handle,
+                    dir_name(dir)
+                ),
+            }
+        }
+    }
+    if removed > 0 {
+        let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+        log::info!(
+            "removed {removed} tc filters from {ifname} left by fwmark-trace pid {}, no longer running",
+            pids.join(", ")
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handle_names_its_daemon() {
+        let me = Identity::current().unwrap();
+        assert_eq!(me.owner.pid, std::process::id());
+        assert!((1..=1023).contains(&me.owner.pid_ns));
+        let handle = me.owner.handle();
+        assert_ne!(handle, 0);
+        assert_eq!(FilterOwner::of_handle(handle), me.owner);
+        // The largest pid the kernel hands out keeps its namespace tag.
+        let last = FilterOwner {
+            pid_ns: 1023,
+            pid: (1 << PID_BITS) - 1,
+        };
+        assert_eq!(FilterOwner::of_handle(last.handle()), last);
+        // Handles the kernel picks itself belong to no daemon.
+        assert_eq!(FilterOwner::of_handle(1).pid_ns, 0);
+    }
+
+    #[test]
+    fn only_our_namespaces_dead_daemons_leave_leftovers() {
+        let mut sleep = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        // A daemon is a running process with the daemon's command name: here `sleep`.
+        let me = Identity {
+            comm: "sleep".into(),
+            ..Identity::current().unwrap()
+        };
+        let ns = me.owner.pid_ns;
+        let handle = |pid_ns, pid| FilterOwner { pid_ns, pid }.handle();
+        let other_ns = ns % 1023 + 1;
+        assert!(!me.leftover(handle(ns, sleep.id())), "a running daemon");
+        assert!(
+            !me.leftover(handle(other_ns, 0x3f_fffe)),
+            "another namespace's"
+        );
+        assert!(!me.leftover(1), "a handle the kernel picked");
+        assert!(
+            me.leftover(me.owner.handle()),
+            "our pid: an earlier process's"
+        );
+        // Another program at that pid: the daemon's pid reused.
+        let other = Identity {
+            comm: "fwmark-trace".into(),
+            ..Identity::current().unwrap()
+        };
+        assert!(other.leftover(handle(ns, sleep.id())), "pid reused");
+        // Killed: a zombie until reaped, then gone; a daemon neither way.
+        sleep.kill().unwrap();
+        let pid = sleep.id().to_string();
+        while running_command(&pid).is_some() {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(me.leftover(handle(ns, sleep.id())), "a zombie");
+        sleep.wait().unwrap();
+        assert!(me.leftover(handle(ns, sleep.id())), "an exited daemon");
+    }
 }

@@ -685,6 +685,9 @@ pub(crate) fn tc_qdiscs() -> Result<HashMap<u32, TcQdisc>> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct TcFilter {
     pub(crate) priority: u16,
+    /// Its handle within the priority (`tc filter show`'s `handle`): a priority holds several
+    /// filters of one kind, told apart by handle.
+    pub(crate) handle: u32,
     /// `bpf`, `u32`, `matchall`, `flower`, …
     pub(crate) kind: String,
     /// A cls_bpf filter's program: its name (as the attacher gave it) and id.
@@ -714,6 +717,7 @@ pub(crate) fn tc_filters(ifindex: u32, egress: bool) -> Result<Vec<TcFilter>> {
         }
         let mut filter = TcFilter {
             priority: (f.header.info >> 16) as u16,
+            handle: f.header.handle.into(),
             kind: String::new(),
             program: None,
         };
