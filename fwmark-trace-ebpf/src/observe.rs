@@ -249,9 +249,7 @@ fn slow_path<const BTF: bool>(
     // may set its state's mark and drop).
     let recycled = match site.end {
         Some(End::Consume) => {
-            head != c.head
-                || mark != c.mark
-                || skb::field::<BTF, u16>(skb, off.skb_protocol) == 0
+            head != c.head || mark != c.mark || skb::field::<BTF, u16>(skb, off.skb_protocol) == 0
         }
         Some(End::Drop(_)) => skb::field::<BTF, u16>(skb, off.skb_protocol) == 0,
         None => false,
