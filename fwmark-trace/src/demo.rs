@@ -77,7 +77,7 @@ fn traffic() -> Result<()> {
 }
 
 pub(crate) fn run(args: &DemoConfig) -> Result<()> {
-    trace::require_root("fwmark-trace demo")?;
+    crate::privileges::check("fwmark-trace demo", crate::privileges::Command::Lab)?;
     match args.scenario {
         Scenario::LostReply => return lost_reply(args),
         Scenario::Inventory => return inventory(args),

@@ -17,6 +17,9 @@ mod decode;
 mod demo;
 mod event;
 mod flows;
+/// Entry points for the fuzz targets (fuzz/): not part of the library's interface.
+#[doc(hidden)]
+pub mod fuzzing;
 mod inventory;
 mod kernel;
 pub mod lab;
@@ -26,6 +29,7 @@ mod nodestate;
 mod output;
 mod pipeline;
 mod place;
+mod privileges;
 mod recording;
 mod registry;
 mod stack;

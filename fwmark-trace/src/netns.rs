@@ -4,12 +4,33 @@ use std::{fs::File, os::fd::AsRawFd, os::unix::fs::MetadataExt, path::PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-/// `NAME` (as made by `ip netns add`, under /run/netns) or a path such as /proc/PID/ns/net.
+/// How `--pod NAMESPACE/NAME` is passed on as a namespace spec: `pod:NAMESPACE/NAME`.
+pub const POD: &str = "pod:";
+
+/// `NAME` (as made by `ip netns add`, under /run/netns), a path such as /proc/PID/ns/net, or a
+/// running pod (`pod:NAMESPACE/NAME`, its init process's namespace file).
 pub fn path_of(spec: &str) -> PathBuf {
+    if spec.starts_with(POD) {
+        // A pod that is not running has no namespace file: the spec, which does not exist.
+        return resolve(spec).unwrap_or_else(|_| PathBuf::from(spec));
+    }
     if spec.contains('/') {
         PathBuf::from(spec)
     } else {
         PathBuf::from("/run/netns").join(spec)
+    }
+}
+
+/// The namespace file of a spec, or why there is none (a pod that is not running).
+pub fn resolve(spec: &str) -> Result<PathBuf> {
+    match spec.strip_prefix(POD) {
+        Some(pod) => {
+            let pod = pod
+                .parse::<crate::nodestate::pods::PodName>()
+                .map_err(anyhow::Error::msg)?;
+            crate::nodestate::pods::netns_path(&pod)
+        }
+        None => Ok(path_of(spec)),
     }
 }
 
@@ -27,7 +48,7 @@ pub fn current() -> Result<u32> {
 /// Moves the calling thread into the namespace; threads it spawns afterwards inherit it, so
 /// call this before starting the async runtime.
 pub fn enter(spec: &str) -> Result<u32> {
-    let path = path_of(spec);
+    let path = resolve(spec)?;
     let file = File::open(&path).with_context(|| {
         format!(
             "network namespace {spec:?} not found (looked for {})",

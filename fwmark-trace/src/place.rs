@@ -3,7 +3,7 @@
 //! a netfilter priority band and the nft chains in it, the tc programs between our first and
 //! last observers, the sending socket, the kernel scrubbing the mark at a namespace crossing.
 //! Segments are typed; `output` writes them as sentences.
-use std::{collections::HashMap, fmt};
+use std::{collections::HashMap, fmt, sync::Arc};
 
 use fwmark_trace_common::{
     layer, path, socket_slot, tc_slot, tracepoint, tunnel, Point, NF_SLOT_CHAIN,
@@ -17,6 +17,7 @@ use crate::{
         links::TunnelKind,
         netlink::XfrmState,
         nft::{Chain, ChainId},
+        pods::Container,
     },
     stack::{serialize_as_display, Family, NfHook, TcDir},
 };
@@ -46,6 +47,9 @@ pub(crate) struct Topology {
     /// crossed the datapath.
     #[serde(default)]
     pub(crate) ovs: Vec<ovs::Bridge>,
+    /// The pods and containers living in network namespaces, by namespace inode.
+    #[serde(default)]
+    pub(crate) pods: HashMap<u32, Arc<Container>>,
 }
 
 /// A map with tuple keys as a list of pairs (JSON keys are strings).
@@ -186,6 +190,9 @@ pub(crate) struct PointInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) ifname: Option<String>,
     pub(crate) netns: u32,
+    /// The pod (or container) of the namespace: an event's own field, not its point's.
+    #[serde(skip)]
+    pub(crate) pod: Option<Arc<Container>>,
 }
 
 impl PointInfo {
@@ -450,12 +457,19 @@ fn tracepoint(id: u8) -> Option<Tracepoint> {
 
 impl Topology {
     pub(crate) fn point(&self, p: &Point) -> PointInfo {
+        // An unknown namespace (0) is the daemon's own, as for interface names.
+        let netns = if p.netns == 0 {
+            self.own_netns
+        } else {
+            p.netns
+        };
         let mut info = PointInfo {
             ifindex: p.ifindex,
             ifname: (p.netns == self.own_netns || p.netns == 0 || self.own_netns == 0)
                 .then(|| self.ifnames.get(&p.ifindex).cloned())
                 .flatten(),
             netns: p.netns,
+            pod: self.pods.get(&netns).cloned(),
             ..Default::default()
         };
         match p.layer {

@@ -427,9 +427,13 @@ impl<R: Read> Reader<R> {
             _ => {
                 let (records, lost) = (u64_at(0), lost_at(8));
                 if (records, lost) != (self.events, self.lost) {
+                    // The file's counts, any values: `total()` would overflow on some (a panic).
+                    let claimed = lost
+                        .ring_full
+                        .saturating_add(lost.count_map_full)
+                        .saturating_add(lost.evicted);
                     return Ok(self.damaged(format!(
-                        "the end frame counts {records} records and {} lost events, the frames before it {} and {}",
-                        lost.total(),
+                        "the end frame counts {records} records and {claimed} lost events, the frames before it {} and {}",
                         self.events,
                         self.lost.total()
                     )));
@@ -546,28 +550,16 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// `fwmark-trace show`: decodes and attributes a recording. `Found` (exit 1) when the recording
-/// is cut short or damaged: what was intact is shown, and one warning says where it stopped.
-pub(crate) fn show(cfg: &ShowConfig) -> Result<Outcome> {
-    if let Some(output) = cfg.output.as_deref().filter(|o| same_file(o, &cfg.file)) {
-        bail!(
-            "--output {} is the recording {} itself: writing there would destroy it",
-            output.display(),
-            cfg.file.display()
-        );
-    }
-    let registry = Registry::load(&cfg.registry)?;
-    let file = File::open(&cfg.file)
-        .with_context(|| format!("opening recording {}", cfg.file.display()))?;
-    let mut reader = Reader::new(BufReader::with_capacity(1 << 20, file))
-        .with_context(|| cfg.file.display().to_string())?;
-    let mut out = Output::new(cfg.format, cfg.output.as_deref())?;
+/// Decodes, attributes and writes every record of a recording up to its end or its first
+/// damage (`Reader::damage` says which), and counts them.
+pub(crate) fn replay<R: Read>(
+    reader: &mut Reader<R>,
+    registry: &Registry,
+    out: &mut Output,
+) -> Result<Summary> {
     let mut summary = Summary::default();
     let mut pipeline: Option<Pipeline> = None;
-    while let Some(frame) = reader
-        .next_frame()
-        .with_context(|| cfg.file.display().to_string())?
-    {
+    while let Some(frame) = reader.next_frame()? {
         match frame {
             Frame::Context(ctx) => {
                 let boot = UNIX_EPOCH + Duration::from_nanos(ctx.boot_unix_ns);
@@ -609,6 +601,27 @@ pub(crate) fn show(cfg: &ShowConfig) -> Result<Outcome> {
     if let Some(p) = &pipeline {
         summary.attribution = p.attributor.totals();
     }
+    Ok(summary)
+}
+
+/// `fwmark-trace show`: decodes and attributes a recording. `Found` (exit 1) when the recording
+/// is cut short or damaged: what was intact is shown, and one warning says where it stopped.
+pub(crate) fn show(cfg: &ShowConfig) -> Result<Outcome> {
+    if let Some(output) = cfg.output.as_deref().filter(|o| same_file(o, &cfg.file)) {
+        bail!(
+            "--output {} is the recording {} itself: writing there would destroy it",
+            output.display(),
+            cfg.file.display()
+        );
+    }
+    let registry = Registry::load(&cfg.registry)?;
+    let file = File::open(&cfg.file)
+        .with_context(|| format!("opening recording {}", cfg.file.display()))?;
+    let mut reader = Reader::new(BufReader::with_capacity(1 << 20, file))
+        .with_context(|| cfg.file.display().to_string())?;
+    let mut out = Output::new(cfg.format, cfg.output.as_deref())?;
+    let summary =
+        replay(&mut reader, &registry, &mut out).with_context(|| cfg.file.display().to_string())?;
     if cfg.format == Format::Json {
         out.summary(&summary)?;
     }

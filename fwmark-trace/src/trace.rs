@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
 use fwmark_trace_common::Event;
 use log::{debug, info, log_enabled, warn, Level};
@@ -128,12 +128,14 @@ impl TraceConfig {
     }
 }
 
-pub(crate) fn require_root(what: &str) -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("{what} needs root (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN): run it with sudo");
-    }
-    Ok(())
+/// The capabilities tracing needs where `cfg` traces (`privileges`).
+pub(crate) fn require_capabilities(cfg: &TraceConfig) -> Result<()> {
+    use crate::privileges::{check, Command, Netns};
+    let netns = match cfg.netns {
+        Some(_) => Netns::Other,
+        None => Netns::Own,
+    };
+    check("fwmark-trace trace", Command::Trace(netns))
 }
 
 /// Attaches everything in the current (or `--netns`) namespace and runs until stopped.
@@ -142,7 +144,7 @@ pub(crate) fn run(cfg: &TraceConfig, on_ready: impl FnOnce()) -> Result<Summary>
     // What the arguments can get wrong fails before the output file is opened (a misspelt
     // owner must not touch yesterday's log); the file is emptied only at the first record.
     Registry::load(&cfg.registry)?;
-    require_root("fwmark-trace trace")?;
+    require_capabilities(cfg)?;
     // Written on a thread of its own: a reader that stops reading must not stop the daemon.
     let mut out = Output::open(cfg.format, cfg.output.as_deref(), cfg.output_file)?.queued()?;
     let summary = run_into(cfg, &mut out, on_ready)?;
@@ -161,7 +163,7 @@ pub(crate) fn run_into(
 ) -> Result<Summary> {
     // Bad registry files or owner names fail before anything is attached.
     let registry = Registry::load(&cfg.registry)?;
-    require_root("fwmark-trace trace")?;
+    require_capabilities(cfg)?;
     // In the node's namespace, before entering a traced one.
     let endpoint = cfg.metrics.map(metrics::bind).transpose()?;
     let netns = match &cfg.netns {
@@ -330,6 +332,10 @@ fn topology(obs: &Observers, own_netns: u32, ovs: &mut OvsView) -> Topology {
         Ok(states) => t.xfrm_states = states,
         Err(e) => debug!("listing xfrm states: {e:#}"),
     }
+    t.pods = crate::nodestate::pods::by_netns()
+        .into_iter()
+        .map(|(ns, c)| (ns, std::sync::Arc::new(c)))
+        .collect();
     t
 }
 

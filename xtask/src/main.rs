@@ -1,7 +1,12 @@
 //! Build steps that are not plain `cargo build`: machine set-up, building and running the
 //! daemon as root, the demo, the full test run, the benchmark and the runs on other kernels
 //! (vm-test). `cargo xtask --help`.
+mod bench;
 mod cmd;
+mod dist;
+mod fuzz;
+mod image;
+mod manifests;
 mod setup;
 mod vm;
 
@@ -54,6 +59,29 @@ enum Task {
     },
     /// Lint the eBPF crate with the nightly toolchain for the BPF target.
     ClippyEbpf,
+    /// Set up, build (release) and make the OCI image localhost/fwmark-trace:VERSION from
+    /// Debian's packages (no registry), loaded into podman.
+    Image {
+        /// Also write it as an OCI archive.
+        #[arg(long, value_name = "FILE")]
+        archive: Option<PathBuf>,
+        /// Then run its test (part of `test`): trace a host and a container namespace.
+        #[arg(long)]
+        test: bool,
+    },
+    /// Set up, build (release) and write target/dist/: the tarball and the .deb.
+    Dist {
+        /// Then run its test (part of `test`): install the .deb in a clean Debian root.
+        #[arg(long)]
+        test: bool,
+    },
+    /// Set up, then fuzz the parsers of untrusted input (fuzz/): every target, or TARGET, for
+    /// 5 minutes each unless libFuzzer's ARGS say otherwise (e.g. -- -max_total_time=3600).
+    Fuzz {
+        target: Option<String>,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Set up, build (release) and soak the daemon: mixed traffic and interface churn for N
     /// minutes, RSS over time, events, lost, map occupancy.
     Soak {
@@ -63,6 +91,11 @@ enum Task {
     /// Set up, build (release) and benchmark against baseline, nft monitor trace and bpftrace;
     /// prints a table and writes target/bench/latest.json.
     Bench {
+        /// Also run the main daemon modes with this git revision's build (the code before a
+        /// change), side by side in the same rounds.
+        #[arg(long, value_name = "REV")]
+        against: Option<String>,
+        /// Passed to `fwmark-trace bench` (e.g. -- --rounds 5 --seconds 5).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -117,7 +150,11 @@ pub(crate) enum Build {
 /// Builds the daemon and returns the path of its binary (asks cargo, so CARGO_TARGET_DIR
 /// and profiles are respected).
 pub(crate) fn build(release: bool, what: Build) -> Result<PathBuf> {
-    let mut c = cargo();
+    build_with(cargo(), release, what)
+}
+
+/// `build` with a cargo command set up by the caller (another checkout, its own target dir).
+pub(crate) fn build_with(mut c: Command, release: bool, what: Build) -> Result<PathBuf> {
     c.args([
         "build",
         "-p",
@@ -173,6 +210,7 @@ fn test(args: &[String]) -> Result<()> {
     timed("unit tests", || {
         cmd::run(cargo().arg("test").args(PACKAGES).arg("--").args(args))
     })?;
+    timed("fuzz", fuzz::run)?;
     timed("integration tests", || {
         // The soak test runs the harness's `soak` command: the daemon under test has it.
         let daemon = build(false, Build::Harness)?;
@@ -182,7 +220,10 @@ fn test(args: &[String]) -> Result<()> {
             c.env("RUST_TEST_THREADS", test_threads().to_string());
         }
         cmd::run(c.arg("--").args(args))
-    })
+    })?;
+    timed("manifests", manifests::test)?;
+    timed("image", image::test)?;
+    timed("package", dist::test)
 }
 
 /// Integration tests at once: each has its own namespaces and checks only what its own
@@ -252,6 +293,16 @@ fn main() -> ExitCode {
                 false => timed("kernel matrix", || vm::run("all", None)),
             }),
         Task::ClippyEbpf => clippy_ebpf(),
+        Task::Image { archive, test } => {
+            setup::run().and_then(|_| image::run(archive.as_deref(), test))
+        }
+        Task::Dist { test } => setup::run().and_then(|_| match test {
+            true => timed("package", dist::test),
+            false => dist::run().map(|_| ()),
+        }),
+        Task::Fuzz { target, args } => {
+            setup::run().and_then(|_| fuzz::explore(target.as_deref(), &args))
+        }
         Task::Soak { minutes } => setup::run().and_then(|_| {
             run_daemon(
                 true,
@@ -263,14 +314,9 @@ fn main() -> ExitCode {
                 ],
             )
         }),
-        Task::Bench { args } => setup::run().and_then(|_| {
-            let dir = target_dir().join("bench");
-            std::fs::create_dir_all(&dir)?;
-            let mut all = vec!["bench".to_string(), "--output".into()];
-            all.push(dir.join("latest.json").display().to_string());
-            all.extend(args);
-            run_daemon(true, Build::Harness, &all)
-        }),
+        Task::Bench { against, args } => {
+            setup::run().and_then(|_| bench::run(against.as_deref(), &args))
+        }
         Task::VmTest { kernel, run } => vm::run(&kernel, run.as_deref()),
     };
     match res {

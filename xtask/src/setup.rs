@@ -30,6 +30,15 @@ const APT_PACKAGES: &[&str] = &[
     // The inventory tests run Open vSwitch (userspace datapath: no kernel module needed) for
     // its flows' pkt_mark and ct_mark.
     "openvswitch-switch",
+    // The pod tests run podman containers with runc (whose state names pods), from a busybox
+    // root filesystem (no registry needed).
+    "podman",
+    "runc",
+    "busybox-static",
+    // The image (a Debian root from Debian's packages), the .deb (dpkg-deb is dpkg's), and
+    // the venv kubernetes-validate is installed into.
+    "mmdebstrap",
+    "python3-venv",
 ];
 
 /// bpf-linker release known to build against the nightly's LLVM 22.
@@ -44,6 +53,8 @@ pub fn run() -> Result<()> {
     apt()?;
     nightly()?;
     bpf_linker()?;
+    crate::fuzz::setup()?;
+    crate::manifests::setup()?;
     mounts()?;
     Ok(())
 }

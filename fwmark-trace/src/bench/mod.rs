@@ -39,6 +39,13 @@ pub(crate) struct BenchArgs {
     /// Write the full results as JSON here.
     #[arg(long, value_name = "FILE")]
     pub(crate) output: Option<PathBuf>,
+    /// Another fwmark-trace binary (the code before a change): the modes in `AGAINST_MODES`
+    /// also run with it, in the same rounds, so the two compare side by side.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) against_bin: Option<PathBuf>,
+    /// What the other binary is called in the table (e.g. its commit); default "before".
+    #[arg(long, value_name = "NAME", requires = "against_bin")]
+    pub(crate) against_name: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -83,6 +90,67 @@ enum Workload {
     /// much of what an unthrottled client sends, so a tracer that slows the sender can lose
     /// less at the receiver; both views are shown.
     Udp64Sent,
+}
+
+/// Which fwmark-trace binary a mode runs: this build, or `--against-bin`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Daemon {
+    Current,
+    Against,
+}
+
+/// One line of the table: a mode and the binary that runs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+struct Variant {
+    mode: Mode,
+    daemon: Daemon,
+}
+
+impl Variant {
+    /// The mode's name; `@NAME` when the other binary runs it.
+    fn name(self, against_name: &str) -> String {
+        match self.daemon {
+            Daemon::Current => kebab(self.mode),
+            Daemon::Against => format!("{}@{against_name}", kebab(self.mode)),
+        }
+    }
+}
+
+/// The kebab-case name serde gives a unit variant.
+fn kebab(v: impl Serialize) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// The modes that also run with `--against-bin`, the ones a regression shows in: the default,
+/// a filter that matches nothing (the kernel's fast path alone) and per-packet events. Only
+/// flags that binaries since 2cab65a accept.
+const AGAINST_MODES: [Mode; 3] = [
+    Mode::FwmarkTrace,
+    Mode::FwmarkTracePerPacket,
+    Mode::FwmarkTraceNoMatch,
+];
+
+/// Every mode with this build; with `against`, each of `AGAINST_MODES` with the other binary
+/// too, right after its own (where the table shows it).
+fn variants(against: bool) -> Vec<Variant> {
+    let mut v = Vec::new();
+    for mode in MODES {
+        v.push(Variant {
+            mode,
+            daemon: Daemon::Current,
+        });
+        if against && AGAINST_MODES.contains(&mode) {
+            v.push(Variant {
+                mode,
+                daemon: Daemon::Against,
+            });
+        }
+    }
+    v
 }
 
 /// Workloads as run (`Udp64Sent` is derived from the `Udp64` runs).
@@ -135,7 +203,8 @@ struct Sample {
     /// The cost round (bpf_stats on): its samples give `bpf`, not the throughput figures.
     costing: bool,
     workload: Workload,
-    mode: Mode,
+    #[serde(flatten)]
+    variant: Variant,
     /// Gbit/s (tcp) or packets/s (udp64).
     value: f64,
     events: Option<u64>,
@@ -190,7 +259,8 @@ struct BpfCost {
 #[derive(Debug, Serialize)]
 struct Row {
     workload: Workload,
-    mode: Mode,
+    #[serde(flatten)]
+    variant: Variant,
     median_ratio: f64,
     min_ratio: f64,
     max_ratio: f64,
@@ -202,13 +272,35 @@ struct Row {
     ns_per_inv_median: Option<f64>,
 }
 
+/// One mode on one workload, this build against the other binary (throughput rounds only).
+#[derive(Debug, Serialize)]
+struct Comparison {
+    workload: Workload,
+    mode: Mode,
+    before_median: f64,
+    now_median: f64,
+    /// now_median / before_median.
+    ratio: f64,
+    /// now / before within each round, the least and the most (the two ran minutes apart at
+    /// most, so a round's noise is mostly shared).
+    min_round_ratio: f64,
+    max_round_ratio: f64,
+    /// The cost round's `Row::ns_per_inv_median` of each.
+    ns_per_inv_before: Option<f64>,
+    ns_per_inv_now: Option<f64>,
+}
+
 #[derive(Serialize)]
 struct Report {
     machine: String,
     kernel: String,
     rounds: usize,
     seconds: u64,
+    /// `--against-name` when another binary ran too.
+    against: Option<String>,
     rows: Vec<Row>,
+    /// This build against the other binary, per workload and mode of `AGAINST_MODES`.
+    comparisons: Vec<Comparison>,
     samples: Vec<Sample>,
     pipeline: pipeline::PipelineResult,
     daemon_cpu_percent: Option<f64>,
@@ -375,11 +467,11 @@ fn lines_of(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String>
     rx
 }
 
-fn start(mode: Mode, lab: &Lab, dir: &Path) -> Result<Option<Tracer>> {
+/// Starts a mode's tracer; `bin` is the fwmark-trace binary for the daemon modes.
+fn start(mode: Mode, bin: &Path, lab: &Lab, dir: &Path) -> Result<Option<Tracer>> {
     let out = dir.join(format!("{mode:?}.out"));
-    let me = std::env::current_exe()?;
     let daemon = |extra: &[&str]| -> Result<Child> {
-        let mut c = Command::new(&me)
+        let mut c = Command::new(bin)
             .args(["trace", "--json", "--netns", &lab.a, "--output"])
             .arg(&out)
             .args(extra)
@@ -561,11 +653,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub(crate) fn run(args: &BenchArgs) -> Result<()> {
-    crate::trace::require_root("fwmark-trace bench")?;
+    crate::privileges::check("fwmark-trace bench", crate::privileges::Command::Lab)?;
     let dir = std::env::temp_dir().join(format!("fwmark-trace-bench-{}", std::process::id()));
     fs::create_dir_all(&dir)?;
     let lab = Lab::new("bench")?;
     lab::nft(&lab.a, RULES)?;
+    let me = std::env::current_exe()?;
+    let against_name = args.against_name.as_deref().unwrap_or("before");
+    let all = variants(args.against_bin.is_some());
     let mut samples = Vec::new();
     let started = Instant::now();
     // Round 0 measures the observers' kernel cost with bpf_stats on (which itself adds ~50 ns
@@ -575,15 +670,21 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         let stats = costing.then(BpfStatsEnabled::enable).transpose()?;
         for workload in RUNS {
             // Rotate the order each round so no mode always runs first or last.
-            let mut modes = MODES.to_vec();
-            modes.rotate_left(round % MODES.len());
-            for mode in modes {
+            let mut order = all.clone();
+            order.rotate_left(round % all.len());
+            for variant in order {
+                let mode = variant.mode;
                 eprint!(
-                    "\rbench: round {}/{} {workload:?} {mode:?}                    ",
+                    "\rbench: round {}/{} {workload:?} {}                    ",
                     round + 1,
-                    args.rounds
+                    args.rounds,
+                    variant.name(against_name)
                 );
-                let tracer = start(mode, &lab, &dir)?;
+                let bin = match variant.daemon {
+                    Daemon::Current => me.as_path(),
+                    Daemon::Against => args.against_bin.as_deref().context("--against-bin")?,
+                };
+                let tracer = start(mode, bin, &lab, &dir)?;
                 let pid = tracer.as_ref().map(|t| t.child.id());
                 let daemon_pid = pid.filter(|_| mode.is_fwmark_trace() && costing);
                 let progs0 = daemon_pid.map(daemon_prog_stats);
@@ -594,7 +695,13 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
                 let bpf = daemon_pid
                     .zip(progs0)
                     .map(|(pid, before)| bpf_cost(&before, &daemon_prog_stats(pid), run.packets));
-                let measured = mode == Mode::FwmarkTrace && workload == Workload::Tcp && !costing;
+                let measured = variant
+                    == Variant {
+                        mode: Mode::FwmarkTrace,
+                        daemon: Daemon::Current,
+                    }
+                    && workload == Workload::Tcp
+                    && !costing;
                 let (cpu, rss) = match (pid, measured) {
                     (Some(pid), true) => {
                         // SAFETY: sysconf has no preconditions.
@@ -614,7 +721,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
                     round,
                     costing,
                     workload,
-                    mode,
+                    variant,
                     value: run.value,
                     events,
                     lost,
@@ -644,7 +751,8 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     let _ = fs::remove_dir_all(&dir);
     let pipeline = pipeline::run(&BenchPipelineArgs { events: 2_000_000 })?;
 
-    let rows = summarize(&samples);
+    let rows = summarize(&samples, &all);
+    let comparisons = compare(&samples, &rows);
     // One 3-second sample of CPU ticks is coarse: report the median over rounds.
     let cpu: Vec<f64> = samples.iter().filter_map(|s| s.cpu_percent).collect();
     let rss = samples.iter().filter_map(|s| s.rss_kb).max();
@@ -660,7 +768,9 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
             .to_owned(),
         rounds: args.rounds,
         seconds: args.seconds,
+        against: args.against_bin.is_some().then(|| against_name.to_owned()),
         rows,
+        comparisons,
         samples: samples.clone(),
         pipeline,
         daemon_cpu_percent: (!cpu.is_empty()).then(|| median(cpu)),
@@ -689,27 +799,29 @@ fn mem_mib() -> u64 {
         .map_or(0, |kb| kb / 1024)
 }
 
-fn summarize(samples: &[Sample]) -> Vec<Row> {
+fn summarize(samples: &[Sample], variants: &[Variant]) -> Vec<Row> {
     let mut rows = Vec::new();
     for workload in WORKLOADS {
-        for mode in MODES {
+        for &variant in variants {
             let ratios: Vec<f64> = samples
                 .iter()
-                .filter(|s| s.workload == workload && s.mode == mode && !s.costing)
+                .filter(|s| s.workload == workload && s.variant == variant && !s.costing)
                 .filter_map(|s| {
                     let base = samples.iter().find(|b| {
-                        b.round == s.round && b.workload == workload && b.mode == Mode::Baseline
+                        b.round == s.round
+                            && b.workload == workload
+                            && b.variant.mode == Mode::Baseline
                     })?;
                     (base.value > 0.0).then(|| s.value / base.value)
                 })
                 .collect();
             let mine: Vec<&Sample> = samples
                 .iter()
-                .filter(|s| s.workload == workload && s.mode == mode && !s.costing)
+                .filter(|s| s.workload == workload && s.variant == variant && !s.costing)
                 .collect();
             let costed: Vec<&Sample> = samples
                 .iter()
-                .filter(|s| s.workload == workload && s.mode == mode && s.costing)
+                .filter(|s| s.workload == workload && s.variant == variant && s.costing)
                 .collect();
             let events: Vec<f64> = mine
                 .iter()
@@ -717,7 +829,7 @@ fn summarize(samples: &[Sample]) -> Vec<Row> {
                 .collect();
             rows.push(Row {
                 workload,
-                mode,
+                variant,
                 median_ratio: median(ratios.clone()),
                 min_ratio: ratios.iter().copied().fold(f64::INFINITY, f64::min),
                 max_ratio: ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
@@ -740,39 +852,79 @@ fn summarize(samples: &[Sample]) -> Vec<Row> {
     rows
 }
 
+/// This build against the other binary for every mode both ran (none without `--against-bin`).
+fn compare(samples: &[Sample], rows: &[Row]) -> Vec<Comparison> {
+    let mut out = Vec::new();
+    for before in rows.iter().filter(|r| r.variant.daemon == Daemon::Against) {
+        let now_variant = Variant {
+            daemon: Daemon::Current,
+            ..before.variant
+        };
+        let Some(now) = rows
+            .iter()
+            .find(|r| r.workload == before.workload && r.variant == now_variant)
+        else {
+            continue;
+        };
+        // round → value, throughput rounds only.
+        let by_round = |variant: Variant| -> BTreeMap<usize, f64> {
+            samples
+                .iter()
+                .filter(|s| !s.costing && s.workload == before.workload && s.variant == variant)
+                .map(|s| (s.round, s.value))
+                .collect()
+        };
+        let then = by_round(before.variant);
+        let per_round: Vec<f64> = by_round(now_variant)
+            .iter()
+            .filter_map(|(round, now)| {
+                let b = then.get(round)?;
+                (*b > 0.0).then(|| now / b)
+            })
+            .collect();
+        out.push(Comparison {
+            workload: before.workload,
+            mode: before.variant.mode,
+            before_median: before.median_value,
+            now_median: now.median_value,
+            ratio: now.median_value / before.median_value,
+            min_round_ratio: per_round.iter().copied().fold(f64::INFINITY, f64::min),
+            max_round_ratio: per_round.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            ns_per_inv_before: before.ns_per_inv_median,
+            ns_per_inv_now: now.ns_per_inv_median,
+        });
+    }
+    out
+}
+
 /// Median of the values present, None if none is.
 fn median_of(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
     let v: Vec<f64> = v.flatten().collect();
     (!v.is_empty()).then(|| median(v))
 }
 
+/// A workload's figure with its unit.
+fn shown(workload: Workload, value: f64) -> String {
+    match workload {
+        Workload::Tcp => format!("{value:.2} Gbit/s"),
+        Workload::Udp64 | Workload::Udp64Sent => format!("{value:.0} pkt/s"),
+    }
+}
+
 fn table(r: &Report) -> String {
+    let against = r.against.as_deref().unwrap_or("before");
+    let names: Vec<String> = r.rows.iter().map(|row| row.variant.name(against)).collect();
+    let w = names.iter().map(String::len).max().unwrap_or(0).max(26);
     let mut s = format!(
-        "\nfwmark-trace bench: {} rounds × {} s per run, kernel {}, {}\n\n{:<10} {:<26} {:>12} {:>9} {:>17} {:>12} {:>10} {:>8} {:>7}\n",
+        "\nfwmark-trace bench: {} rounds × {} s per run, kernel {}, {}\n\n{:<10} {:<w$} {:>12} {:>9} {:>17} {:>12} {:>10} {:>8} {:>7}\n",
         r.rounds, r.seconds, r.kernel, r.machine, "workload", "mode", "median", "vs base", "spread", "events", "lost", "inv/pkt", "ns/inv"
     );
-    for row in &r.rows {
-        let unit = if row.workload == Workload::Tcp {
-            "Gbit/s"
-        } else {
-            "pkt/s"
-        };
-        let value = if row.workload == Workload::Tcp {
-            format!("{:.2} {unit}", row.median_value)
-        } else {
-            format!("{:.0} {unit}", row.median_value)
-        };
+    for (row, name) in r.rows.iter().zip(&names) {
         s += &format!(
-            "{:<10} {:<26} {:>12} {:>8.1}% {:>8.1}%..{:>5.1}% {:>12} {:>10} {:>8} {:>7}\n",
-            serde_json::to_value(row.workload)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default(),
-            serde_json::to_value(row.mode)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default(),
-            value,
+            "{:<10} {:<w$} {:>12} {:>8.1}% {:>8.1}%..{:>5.1}% {:>12} {:>10} {:>8} {:>7}\n",
+            kebab(row.workload),
+            name,
+            shown(row.workload, row.median_value),
             (row.median_ratio - 1.0) * 100.0,
             (row.min_ratio - 1.0) * 100.0,
             (row.max_ratio - 1.0) * 100.0,
@@ -782,6 +934,27 @@ fn table(r: &Report) -> String {
                 .map_or("-".into(), |v| format!("{v:.2}")),
             row.ns_per_inv_median
                 .map_or("-".into(), |v| format!("{v:.0}")),
+        );
+    }
+    if !r.comparisons.is_empty() {
+        s += &format!(
+            "\n{against} → now: ratio of the medians (the least..most of the rounds' own ratios), \
+             ns/inv from the cost round\n"
+        );
+    }
+    let ns = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
+    for c in &r.comparisons {
+        s += &format!(
+            "{:<10} {:<26} {:>14} → {:>14} {:>6.1}% ({:.1}%..{:.1}%)  ns/inv {} → {}\n",
+            kebab(c.workload),
+            kebab(c.mode),
+            shown(c.workload, c.before_median),
+            shown(c.workload, c.now_median),
+            (c.ratio - 1.0) * 100.0,
+            (c.min_round_ratio - 1.0) * 100.0,
+            (c.max_round_ratio - 1.0) * 100.0,
+            ns(c.ns_per_inv_before),
+            ns(c.ns_per_inv_now),
         );
     }
     s += &format!(

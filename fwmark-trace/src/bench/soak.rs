@@ -39,7 +39,7 @@ fn burst(ns: &str, count: usize) {
 }
 
 pub(crate) fn run(args: &SoakArgs) -> Result<()> {
-    crate::trace::require_root("fwmark-trace soak")?;
+    crate::privileges::check("fwmark-trace soak", crate::privileges::Command::Lab)?;
     let lab = Lab::new("soak")?;
     lab::nft(&lab.a, RULES)?;
     let mut daemon = Command::new(std::env::current_exe()?)

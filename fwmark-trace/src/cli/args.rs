@@ -13,6 +13,7 @@ use crate::{
     inventory::{command::InventoryConfig, Namespaces},
     kernel::features::{Feature, NfBackend, TcBackend},
     mark::MarkMatch,
+    nodestate::pods::PodName,
     output::{file::FileOptions, Format},
     recording::ShowConfig,
     registry::{self, command::Request},
@@ -21,12 +22,29 @@ use crate::{
     why::WhyConfig,
 };
 
+/// `--netns`, or `--pod` as the namespace spec `netns::path_of` resolves.
+fn netns_spec(netns: &Option<String>, pod: &Option<PodName>) -> Option<String> {
+    netns
+        .clone()
+        .or_else(|| pod.as_ref().map(|p| format!("{}{p}", crate::netns::POD)))
+}
+
 fn format(json: bool) -> Format {
     if json {
         Format::Json
     } else {
         Format::Human
     }
+}
+
+/// How diagnostics on stderr are written.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum LogFormat {
+    /// `fwmark-trace: warning: …`, one line each.
+    #[default]
+    Text,
+    /// One JSON object a line: {"time", "level", "message"} (for journald and log shippers).
+    Json,
 }
 
 /// Where the registry comes from.
@@ -119,6 +137,9 @@ pub(crate) struct TraceArgs {
     /// Trace inside this network namespace (a name under /run/netns, or a path).
     #[arg(long, value_name = "NAME|PATH")]
     netns: Option<String>,
+    /// Trace inside this Kubernetes pod's network namespace (as runc's state names it).
+    #[arg(long, value_name = "NAMESPACE/NAME", conflicts_with = "netns")]
+    pod: Option<PodName>,
     /// Stop after this long (e.g. 10s, 2m; at most a year).
     #[arg(long, value_parser = bounds::run_duration)]
     duration: Option<Duration>,
@@ -195,7 +216,7 @@ impl TraceArgs {
             },
             mark: self.mark,
             ifaces: self.ifaces.clone(),
-            netns: self.netns.clone(),
+            netns: netns_spec(&self.netns, &self.pod),
             duration: self.duration,
             count: self.count,
             full_path: self.full_path,
@@ -227,6 +248,9 @@ pub(crate) struct WhyArgs {
     /// Watch inside this network namespace (a name under /run/netns, or a path).
     #[arg(long, value_name = "NAME|PATH")]
     netns: Option<String>,
+    /// Watch inside this Kubernetes pod's network namespace (as runc's state names it).
+    #[arg(long, value_name = "NAMESPACE/NAME", conflicts_with = "netns")]
+    pod: Option<PodName>,
     /// Report every flow, not only those whose reply was lost.
     #[arg(long)]
     all: bool,
@@ -246,7 +270,7 @@ impl WhyArgs {
         WhyConfig {
             select: self.select.selection(),
             duration: self.duration,
-            netns: self.netns.clone(),
+            netns: netns_spec(&self.netns, &self.pod),
             all: self.all,
             json: self.json,
             nftrace: self.nftrace,
@@ -312,6 +336,9 @@ pub(crate) struct InventoryArgs {
     /// Look inside this network namespace (a name under /run/netns, or a path).
     #[arg(long, value_name = "NAME|PATH", conflicts_with = "all_netns")]
     netns: Option<String>,
+    /// Look inside this Kubernetes pod's network namespace (as runc's state names it).
+    #[arg(long, value_name = "NAMESPACE/NAME", conflicts_with_all = ["netns", "all_netns"])]
+    pod: Option<PodName>,
     /// Every network namespace: /run/netns names and those processes hold.
     #[arg(long)]
     all_netns: bool,
@@ -326,8 +353,8 @@ impl InventoryArgs {
     pub(crate) fn config(&self) -> InventoryConfig {
         InventoryConfig {
             format: format(self.json),
-            which: match (&self.netns, self.all_netns) {
-                (Some(ns), _) => Namespaces::One(ns.clone()),
+            which: match (netns_spec(&self.netns, &self.pod), self.all_netns) {
+                (Some(ns), _) => Namespaces::One(ns),
                 (None, true) => Namespaces::All,
                 (None, false) => Namespaces::Current,
             },
@@ -454,6 +481,20 @@ mod tests {
             .config();
         assert_eq!(cfg.ring_size, 16 << 20);
         assert_eq!(cfg.interval, Duration::from_secs(86400));
+    }
+
+    #[test]
+    fn pod_is_a_namespace_spec_and_excludes_netns() {
+        let cfg = Trace::parse_from(["trace", "--pod", "shop/web"])
+            .args
+            .config();
+        assert_eq!(cfg.netns.as_deref(), Some("pod:shop/web"));
+        for bad in [
+            &["trace", "--pod", "web"][..],
+            &["trace", "--pod", "shop/web", "--netns", "x"],
+        ] {
+            assert!(Trace::try_parse_from(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -12,14 +12,14 @@ use clap::{CommandFactory, Parser, Subcommand};
 use log::{Level, LevelFilter};
 
 use self::args::{
-    DemoArgs, InventoryArgs, RegistryArgs, RegistryCmd, ShowArgs, TraceArgs, WhyArgs,
+    DemoArgs, InventoryArgs, LogFormat, RegistryArgs, RegistryCmd, ShowArgs, TraceArgs, WhyArgs,
 };
 use crate::{demo, inventory, output::text::escape_lines, recording, registry, trace, why};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "fwmark-trace",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("FWMARK_TRACE_COMMIT"), ")"),
     about = "Trace Linux packet marks (skb->mark) across tc, netfilter, routing and sockets, and name who changed which bits.",
     after_help = "Exit status: 0 nothing found, 1 found (a lost reply, overlapping or conflicting owners), 2 error."
 )]
@@ -32,6 +32,9 @@ struct Cli {
     /// More detail on stderr (-v: debug, -vv: trace). RUST_LOG overrides both.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// How diagnostics on stderr are written.
+    #[arg(long, global = true, value_enum, default_value_t)]
+    log_format: LogFormat,
 }
 
 #[derive(Subcommand, Debug)]
@@ -127,7 +130,31 @@ fn closed_stdout_panic(payload: &(dyn std::any::Any + Send)) -> bool {
         && text.contains(&format!("os error {}", libc::EPIPE))
 }
 
-/// Diagnostics on stderr, one line each: `fwmark-trace: …`, `fwmark-trace: warning: …`.
+/// One diagnostic as a line of `format`, without its newline.
+fn log_line(format: LogFormat, level: Level, text: &str) -> String {
+    match format {
+        LogFormat::Text => {
+            let prefix = match level {
+                Level::Error => "error: ",
+                Level::Warn => "warning: ",
+                Level::Info => "",
+                Level::Debug | Level::Trace => "debug: ",
+            };
+            // Names from the node (interfaces, chains, owners) are in these lines.
+            format!("fwmark-trace: {prefix}{}", escape_lines(text))
+        }
+        // serde_json escapes control characters: the object stays on one line.
+        LogFormat::Json => serde_json::json!({
+            "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            "level": level.as_str().to_ascii_lowercase(),
+            "message": text,
+        })
+        .to_string(),
+    }
+}
+
+/// Diagnostics on stderr, one line each: `fwmark-trace: …`, `fwmark-trace: warning: …`, or
+/// JSON objects (`--log-format json`).
 fn init_logging(cli: &Cli) {
     let level = match (cli.quiet, cli.verbose) {
         (true, _) => LevelFilter::Warn,
@@ -135,21 +162,15 @@ fn init_logging(cli: &Cli) {
         (false, 1) => LevelFilter::Debug,
         (false, _) => LevelFilter::Trace,
     };
+    let format = cli.log_format;
     env_logger::Builder::new()
         // Other crates (aya) only when something is wrong, unless asked.
         .filter_level(LevelFilter::Warn)
         .filter_module("fwmark_trace", level)
         .parse_env("RUST_LOG")
-        .format(|f, record| {
-            let prefix = match record.level() {
-                Level::Error => "error: ",
-                Level::Warn => "warning: ",
-                Level::Info => "",
-                Level::Debug | Level::Trace => "debug: ",
-            };
-            // Names from the node (interfaces, chains, owners) are in these lines.
+        .format(move |f, record| {
             let text = record.args().to_string();
-            writeln!(f, "fwmark-trace: {prefix}{}", escape_lines(&text))
+            writeln!(f, "{}", log_line(format, record.level(), &text))
         })
         .init();
 }
@@ -237,6 +258,23 @@ mod tests {
         };
         assert!(matches!(cmd.request(), crate::registry::command::Request::Check(o) if o == ["c"]));
         assert_eq!(args.sources().profile, ["a", "b"]);
+    }
+
+    #[test]
+    fn log_lines_in_both_formats() {
+        assert_eq!(
+            log_line(LogFormat::Text, Level::Warn, "x"),
+            "fwmark-trace: warning: x"
+        );
+        let line = log_line(LogFormat::Json, Level::Error, "bad\nname\x1b");
+        assert!(!line.contains('\n') && !line.contains('\x1b'), "{line}");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["level"], "error");
+        assert_eq!(v["message"], "bad\nname\x1b");
+        assert!(
+            v["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+            "{line}"
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub(crate) struct InventoryConfig {
 }
 
 pub(crate) fn run(cfg: &InventoryConfig) -> Result<Outcome> {
-    crate::trace::require_root("fwmark-trace inventory")?;
+    crate::privileges::check("fwmark-trace inventory", (&cfg.which).into())?;
     let reg = Registry::load(&cfg.registry)?;
     let inv = Inventory::read(&reg, &cfg.which, Sources::default())?;
     let conflicts = inv.conflicts();

@@ -196,6 +196,7 @@ mod tests {
             netns: Some(Netns {
                 inode: 1,
                 name: "a".into(),
+                pod: None,
             }),
             place: Place::Conntrack { entries: 0 },
             text: String::new(),
@@ -306,6 +307,7 @@ mod tests {
         other.netns = Some(Netns {
             inode: 2,
             name: "b".into(),
+            pod: None,
         });
         assert!(conflicts(&[entry(0, "x", vec![w(Bits::same().or(1))]), other]).is_empty());
         assert!(conflicts(&[

@@ -114,10 +114,11 @@ fn namespaces(which: &Namespaces) -> Result<Vec<(Option<PathBuf>, Netns)>> {
             Netns {
                 inode: crate::netns::current()?,
                 name: "current".into(),
+                pod: None,
             },
         )]),
         Namespaces::One(spec) => {
-            let path = crate::netns::path_of(spec);
+            let path = crate::netns::resolve(spec)?;
             if !path.exists() {
                 bail!(
                     "network namespace {spec:?} not found (looked for {})",
@@ -130,6 +131,7 @@ fn namespaces(which: &Namespaces) -> Result<Vec<(Option<PathBuf>, Netns)>> {
                 Netns {
                     inode: ino,
                     name: spec.clone(),
+                    pod: crate::nodestate::pods::by_netns().remove(&ino),
                 },
             )])
         }
@@ -147,7 +149,7 @@ fn namespaces(which: &Namespaces) -> Result<Vec<(Option<PathBuf>, Netns)>> {
                 };
                 if seen.insert(ino) {
                     let name = name.to_owned();
-                    out.push((Some(p), Netns { inode: ino, name }));
+                    out.push((Some(p), Netns::named(ino, name)));
                 }
             }
             let mut pids: Vec<u32> = std::fs::read_dir("/proc")
@@ -160,8 +162,13 @@ fn namespaces(which: &Namespaces) -> Result<Vec<(Option<PathBuf>, Netns)>> {
                 let Ok(ino) = inode(&p) else { continue };
                 if seen.insert(ino) {
                     let name = format!("pid {pid}");
-                    out.push((Some(p), Netns { inode: ino, name }));
+                    out.push((Some(p), Netns::named(ino, name)));
                 }
+            }
+            // Containers' namespaces are named by their pod (or container) too.
+            let mut pods = crate::nodestate::pods::by_netns();
+            for (_, ns) in &mut out {
+                ns.pod = pods.remove(&ns.inode);
             }
             Ok(out)
         }
@@ -454,6 +461,7 @@ mod tests {
         let ns = Netns {
             inode: 7,
             name: "test".into(),
+            pod: None,
         };
         inv.add(Some(ns), found);
         inv.attribute(&reg);

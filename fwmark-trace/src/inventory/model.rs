@@ -300,6 +300,22 @@ pub(crate) struct Netns {
     pub(crate) inode: u32,
     /// `ip netns` name, `pid N` (found through /proc/N/ns/net), or `current`.
     pub(crate) name: String,
+    /// The pod or container that lives in it (runc's state says).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::nodestate::pods::json"
+    )]
+    pub(crate) pod: Option<crate::nodestate::pods::Container>,
+}
+
+impl Netns {
+    pub(crate) fn named(inode: u32, name: String) -> Self {
+        Netns {
+            inode,
+            name,
+            pod: None,
+        }
+    }
 }
 
 /// A base chain (on a hook) that reaches a rule's chain through jumps, gotos or verdict maps.

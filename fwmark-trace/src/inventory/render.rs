@@ -94,9 +94,10 @@ fn section(s: &mut String, inv: &Inventory, ns: Option<&Netns>, uses: &[BitUse])
         .collect();
     match ns {
         Some(n) => {
+            let pod = n.pod.as_ref().map_or(String::new(), |p| format!(", {p}"));
             let _ = writeln!(
                 s,
-                "netns {} (inode {}): {} entries",
+                "netns {} (inode {}{pod}): {} entries",
                 n.name,
                 n.inode,
                 entries.len()
@@ -220,6 +221,7 @@ mod tests {
         let ns = Netns {
             inode: 7,
             name: "test".into(),
+            pod: None,
         };
         inv.namespaces.push(ns.clone());
         let found = crate::inventory::nft::found(&items(ruleset.as_bytes()).unwrap(), "", &[]);

@@ -76,6 +76,11 @@ fn lines(ev: &TraceEvent) -> Vec<String> {
             let _ = write!(l, " [{ifname}]");
         }
     }
+    if let Some(pod) = &ev.at.pod {
+        if let Some(l) = lines.last_mut() {
+            let _ = write!(l, " {pod}");
+        }
+    }
     if let Some(a) = &ev.attribution {
         attribution(&mut lines, a);
     }

@@ -15,7 +15,7 @@ use crate::{
         Tuple, XfrmRef,
     },
     mark::Mark,
-    nodestate::links::TunnelKind,
+    nodestate::{links::TunnelKind, pods::ContainerJson},
     place::{Encapsulator, Hook, Layer, MarkFate, PointInfo, Segment, Tunnel, TunnelDir},
     stack::Family,
 };
@@ -63,6 +63,9 @@ struct EventJson<'a> {
     packet_id: u64,
     kind: EventKind,
     at: &'a RawValue,
+    /// The pod (or container) of the point's namespace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pod: Option<ContainerJson<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     segment: Option<&'a RawValue>,
     mark: MarkChange,
@@ -102,6 +105,7 @@ impl EventWriter {
             packet_id: ev.packet_id,
             kind: ev.kind,
             at: points.get(&ev.at, raw),
+            pod: ev.at.pod.as_deref().map(ContainerJson),
             segment: ev
                 .segment
                 .as_ref()
@@ -339,5 +343,36 @@ mod tests {
         assert_eq!(v["segment"]["description"], seg.to_string());
         assert_eq!(v["at"], serde_json::to_value(&*ev.at).unwrap());
         assert_eq!(v["mark"]["new"], "0x80000");
+        assert!(v.get("pod").is_none(), "no pod where none lives");
+    }
+
+    #[test]
+    fn events_name_the_pod_of_their_namespace() {
+        use crate::nodestate::pods::{Container, PodName};
+        let mut topo = fixtures::topology();
+        let pod = Container {
+            pod: Some(PodName {
+                namespace: "shop".into(),
+                name: "web".into(),
+            }),
+            name: Some("nginx".into()),
+            id: "abc".into(),
+        };
+        topo.pods.insert(1, Arc::new(pod));
+        let mut d = Decoder::new(topo, Default::default());
+        let ev = d.decode(&fixtures::synthetic(1));
+        let mut out = Vec::new();
+        EventWriter::default().write(&ev, &mut out).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v["pod"],
+            serde_json::json!({"namespace": "shop", "name": "web", "container": "nginx", "id": "abc"})
+        );
+        let errors: Vec<String> = crate::output::tests::schema()
+            .iter_errors(&v)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{v}\n{errors:#?}");
+        assert!(super::super::human::line(&ev).contains(" pod shop/web"));
     }
 }

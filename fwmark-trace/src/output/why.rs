@@ -10,6 +10,7 @@ use crate::{
     mark::Mark,
     nodestate::{
         netlink::{XfrmPolicy, XfrmProto, XfrmState, XfrmTemplate, TABLE_MAIN},
+        pods::{Container, ContainerJson},
         NodeState, Snapshot,
     },
     output::text::{list, or_unknown},
@@ -544,6 +545,14 @@ impl<'a> XfrmJson<'a> {
     }
 }
 
+/// The pod (or container) of the flow's namespace: that of its first step seen.
+fn pod_of(r: &Report) -> Option<&Container> {
+    r.request
+        .iter()
+        .chain(&r.reply)
+        .find_map(|s| s.at.pod.as_deref())
+}
+
 /// A report as JSON.
 pub(crate) struct ReportJson<'a>(pub(crate) &'a Report);
 
@@ -572,6 +581,9 @@ impl Serialize for ReportJson<'_> {
         #[derive(Serialize)]
         struct Json<'a> {
             flow: String,
+            /// The pod (or container) of the flow's namespace.
+            #[serde(skip_serializing_if = "Option::is_none")]
+            pod: Option<ContainerJson<'a>>,
             verdict: String,
             summary: String,
             evidence: Vec<String>,
@@ -589,6 +601,7 @@ impl Serialize for ReportJson<'_> {
         let r = self.0;
         Json {
             flow: r.flow.to_string(),
+            pod: pod_of(r).map(ContainerJson),
             verdict: r.cause.verdict().to_string(),
             summary: summary(r),
             evidence: r.evidence.iter().map(ToString::to_string).collect(),
@@ -640,9 +653,10 @@ pub(crate) fn text(reports: &[Report], seen: usize) -> String {
         );
     }
     for r in reports {
+        let pod = pod_of(r).map_or(String::new(), |p| format!(" ({p})"));
         let _ = write!(
             s,
-            "\n== {}\nverdict: {} — {}\n",
+            "\n== {}{pod}\nverdict: {} — {}\n",
             r.flow,
             r.cause.verdict(),
             summary(r)

@@ -5,7 +5,7 @@
 //! runs with `--owners a,b` (or `profile = [...]` in a registry file). The file format is
 //! `file.rs`; the `registry` command's reports are `command.rs`.
 pub(crate) mod command;
-mod file;
+pub(crate) mod file;
 
 use std::path::{Path, PathBuf};
 
