@@ -5,6 +5,7 @@ use std::{
     path::Path,
     process::{Command, Stdio},
     sync::OnceLock,
+    time::Duration,
 };
 
 use fwmark_trace_tests::*;
@@ -171,9 +172,18 @@ fn pod_events_name_their_pod() {
     }
     let c = Container::start("pod", &pod("web"));
     c.nft(RULES);
-    let d = Daemon::start(&["--pod", "shop/web"]);
+    let args = ["--pod", "shop/web", "--metrics", "127.0.0.1:0", "--metrics-pods"];
+    let mut d = Daemon::start(&args);
     assert_eq!(d.ready["netns"], c.inode(), "traces the pod's namespace");
     send_udp(&c.netns(), "127.0.0.1", 9990, 3, None);
+    // Counted in the kernel, reported once per interval: then in the pod's series.
+    let addr = d.ready["metrics"].as_str().expect("metrics").to_owned();
+    d.wait_for(Duration::from_secs(10), |r| !marked(r, 9990, "0x77").is_empty());
+    let body = scrape(&addr);
+    assert!(
+        sample(&body, "fwmark_trace_pod_transitions_total{pod=\"shop/web\"}") >= 1,
+        "{body}"
+    );
     let events = d.stop_when("the pod's transition", |ev| {
         !marked(ev, 9990, "0x77").is_empty()
     });

@@ -3,6 +3,7 @@
 //! `--count` stop cleanly with a summary. Every attachment is owned by a file descriptor of
 //! this process, so nothing stays attached after exit, whatever the exit.
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::PathBuf,
     time::{Duration, Instant, SystemTime},
@@ -82,6 +83,8 @@ pub(crate) struct TraceConfig {
     pub(crate) stats: Option<Duration>,
     /// Serve the counters for Prometheus here.
     pub(crate) metrics: Option<SocketAddr>,
+    /// Transitions per pod in the metrics (`--metrics-pods`).
+    pub(crate) metrics_pods: bool,
     /// Kernel features whose absence is an error rather than a degradation.
     pub(crate) require: Vec<Feature>,
     pub(crate) nf_backend: NfBackend,
@@ -112,6 +115,7 @@ impl Default for TraceConfig {
             all_drops: false,
             stats: None,
             metrics: None,
+            metrics_pods: false,
             require: Vec::new(),
             nf_backend: NfBackend::Auto,
             tc_backend: TcBackend::Auto,
@@ -386,7 +390,10 @@ async fn stream(
             decoder,
             attributor,
         },
-        summary: Summary::default(),
+        summary: Summary {
+            by_pod: cfg.metrics_pods.then(BTreeMap::new),
+            ..Summary::default()
+        },
         recorder,
         limit: cfg.count.unwrap_or(u64::MAX),
     };

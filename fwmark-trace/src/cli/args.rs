@@ -186,6 +186,11 @@ pub(crate) struct TraceArgs {
     /// lost) in the Prometheus text format at http://ADDR/metrics, e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Also count transitions per Kubernetes pod in the metrics
+    /// (`fwmark_trace_pod_transitions_total{pod="NAMESPACE/NAME"}`): one series per pod that
+    /// had one.
+    #[arg(long, requires = "metrics")]
+    metrics_pods: bool,
     /// Fail instead of degrading when this kernel feature is unavailable (repeatable).
     #[arg(long, value_enum, value_name = "FEATURE")]
     require: Vec<Feature>,
@@ -229,6 +234,7 @@ impl TraceArgs {
             all_drops: self.all_drops,
             stats: self.stats,
             metrics: self.metrics,
+            metrics_pods: self.metrics_pods,
             require: self.require.clone(),
             nf_backend: self.nf_observers,
             tc_backend: self.tc_observers,

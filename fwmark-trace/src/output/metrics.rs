@@ -57,6 +57,11 @@ struct OwnerLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PodLabel {
+    pod: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WarningLabels {
     kind: String,
     owners: String,
@@ -114,11 +119,21 @@ pub(crate) fn render(s: &Summary, g: &Gauges) -> String {
             (WarningLabels { kind, owners }, n)
         })),
     );
+    if let Some(by_pod) = &s.by_pod {
+        reg.register(
+            "pod_transitions",
+            "Mark transitions in a pod's (or container's) network namespace",
+            counters(by_pod.iter().map(|(p, n)| {
+                let pod = p.clone();
+                (PodLabel { pod }, *n)
+            })),
+        );
+    }
     let lost = Counter::<u64>::default();
     lost.inc_by(s.lost);
     reg.register(
         "lost_events",
-        "Events the kernel could not deliver (ring buffer full)",
+        "Events lost: the ring buffer or the counting map was full, counts were evicted unread, or the output's reader stalled",
         lost,
     );
     reg.register(
@@ -308,6 +323,7 @@ mod tests {
                 )]),
             },
             lost: 5,
+            by_pod: Some(BTreeMap::from([("shop/web".into(), 4)])),
             ..Default::default()
         };
         let text = render(
@@ -324,6 +340,7 @@ mod tests {
             "fwmark_trace_drops_total{reason=\"NETFILTER_DROP\"} 2",
             "fwmark_trace_owner_transitions_total{owner=\"kube-proxy@legacy-kubelet<1.28\"} 3",
             "fwmark_trace_warnings_total{kind=\"clobber\",owners=\"calico × tai\\\"scale\"} 1",
+            "fwmark_trace_pod_transitions_total{pod=\"shop/web\"} 4",
             "fwmark_trace_lost_events_total 5",
             "fwmark_trace_tracked_packets 7",
             "fwmark_trace_resident_memory_bytes 10240",

@@ -22,6 +22,9 @@ pub(crate) struct Summary {
     pub(crate) drops: BTreeMap<DropReason, u64>,
     /// Transitions per owner and warnings per (kind, owners), from the attributor.
     pub(crate) attribution: Totals,
+    /// Transitions per Kubernetes pod (NAMESPACE/NAME), when asked (`--metrics-pods`): one
+    /// series per pod is the operator's choice, not a default.
+    pub(crate) by_pod: Option<BTreeMap<String, u64>>,
 }
 
 impl Summary {
@@ -33,6 +36,12 @@ impl Summary {
         self.total_events += n;
         if let Some(reason) = &ev.drop_reason {
             *self.drops.entry(reason.clone()).or_default() += n;
+        }
+        let pod = ev.at.pod.as_ref().and_then(|c| c.pod.as_ref());
+        if let (Some(by_pod), Some(pod)) = (&mut self.by_pod, pod) {
+            if ev.kind == EventKind::Transition {
+                *by_pod.entry(pod.to_string()).or_default() += n;
+            }
         }
     }
 
