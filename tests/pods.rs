@@ -172,16 +172,27 @@ fn pod_events_name_their_pod() {
     }
     let c = Container::start("pod", &pod("web"));
     c.nft(RULES);
-    let args = ["--pod", "shop/web", "--metrics", "127.0.0.1:0", "--metrics-pods"];
+    let args = [
+        "--pod",
+        "shop/web",
+        "--metrics",
+        "127.0.0.1:0",
+        "--metrics-pods",
+    ];
     let mut d = Daemon::start(&args);
     assert_eq!(d.ready["netns"], c.inode(), "traces the pod's namespace");
     send_udp(&c.netns(), "127.0.0.1", 9990, 3, None);
     // Counted in the kernel, reported once per interval: then in the pod's series.
     let addr = d.ready["metrics"].as_str().expect("metrics").to_owned();
-    d.wait_for(Duration::from_secs(10), |r| !marked(r, 9990, "0x77").is_empty());
+    d.wait_for(Duration::from_secs(10), |r| {
+        !marked(r, 9990, "0x77").is_empty()
+    });
     let body = scrape(&addr);
     assert!(
-        sample(&body, "fwmark_trace_pod_transitions_total{pod=\"shop/web\"}") >= 1,
+        sample(
+            &body,
+            "fwmark_trace_pod_transitions_total{pod=\"shop/web\"}"
+        ) >= 1,
         "{body}"
     );
     let events = d.stop_when("the pod's transition", |ev| {
