@@ -210,7 +210,10 @@ impl Output {
 
     /// The error that made this output fail as a `Sink`, if one did.
     pub(crate) fn take_error(&mut self) -> Option<anyhow::Error> {
-        self.error.take()
+        match &self.out {
+            Dest::Queued(q) if self.error.is_none() && q.failed() => Some(q.take_error()),
+            _ => self.error.take(),
+        }
     }
 
     /// Writes the record serialised in `line` (adding its newline), in one call.
@@ -322,7 +325,7 @@ impl Sink for Output {
         self.sink(Output::reopen)
     }
     fn failed(&self) -> bool {
-        self.error.is_some()
+        self.error.is_some() || matches!(&self.out, Dest::Queued(q) if q.failed())
     }
     fn dropped(&self) -> u64 {
         match &self.out {

@@ -101,6 +101,12 @@ impl Queue {
         }
     }
 
+    /// Whether the thread failed (its error is taken with `take_error`): the loop stops even
+    /// when nothing more is sent (a ready record that never reached a full disk).
+    pub(super) fn failed(&self) -> bool {
+        self.shared.failed.load(Ordering::Acquire)
+    }
+
     pub(super) fn flush(&self) {
         self.shared.flush.store(true, Ordering::Release);
     }
@@ -138,7 +144,7 @@ impl Queue {
         (self.sent).saturating_sub(self.shared.taken.load(Ordering::Acquire))
     }
 
-    fn take_error(&self) -> anyhow::Error {
+    pub(super) fn take_error(&self) -> anyhow::Error {
         let mut slot = self.shared.error.lock().unwrap_or_else(|e| e.into_inner());
         slot.take()
             .unwrap_or_else(|| anyhow!("{}: the output thread ended", self.what))
