@@ -262,7 +262,7 @@ fn bad_input_gets_one_clear_error() {
         let (_, err) = trace_fails(args);
         one_error_line(&err, expect);
     }
-    // Not root: a clear refusal (dropping to nobody with setpriv).
+    // Not root, no capabilities: a clear refusal naming them (dropping to nobody with setpriv).
     let out = Command::new("setpriv")
         .args([
             "--reuid=65534",
@@ -274,7 +274,7 @@ fn bad_input_gets_one_clear_error() {
         .output()
         .unwrap();
     assert_ne!(out.status.code(), Some(0));
-    one_error_line(&String::from_utf8_lossy(&out.stderr), "needs root");
+    one_error_line(&String::from_utf8_lossy(&out.stderr), "needs CAP_BPF");
 }
 
 #[test]
