@@ -3,6 +3,11 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
+/// One line of the set-up's report: what, and its state ("ok", "installing …").
+pub fn step(name: &str, state: &str) {
+    println!("setup: {name:<28} {state}");
+}
+
 /// Runs a command inheriting stdio; fails naming the command.
 pub fn run(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::{cmd, image, Build};
+use crate::{cmd, image};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -21,21 +21,6 @@ fn root() -> PathBuf {
 
 fn dir() -> PathBuf {
     crate::target_dir().join("dist")
-}
-
-/// The release binary without its debug info (a fifth of the size; symbols stay, and the
-/// embedded eBPF object is data).
-pub fn stripped() -> Result<PathBuf> {
-    let bin = crate::build(true, Build::Product)?;
-    fs::create_dir_all(dir())?;
-    let out = dir().join("fwmark-trace");
-    cmd::run(
-        Command::new("strip")
-            .args(["--strip-debug", "-o"])
-            .arg(&out)
-            .arg(&bin),
-    )?;
-    Ok(out)
 }
 
 /// What the binary prints for `args` (completions, the man page).
@@ -149,7 +134,7 @@ const DEB: Layout = Layout {
 
 /// Builds both artifacts; returns the .deb's path.
 pub fn run() -> Result<PathBuf> {
-    let bin = stripped()?;
+    let bin = crate::build_stripped(&dir())?;
     let arch = cmd::output("dpkg", &["--print-architecture"])
         .context("dpkg --print-architecture")?
         .trim()

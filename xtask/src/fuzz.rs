@@ -15,8 +15,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    cmd::{self, output},
-    setup::step,
+    cmd::{self, output, step},
     target_dir,
 };
 

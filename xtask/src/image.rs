@@ -149,7 +149,7 @@ pub fn base_image() -> Result<PathBuf> {
 
 /// Builds the release daemon and both images; returns the daemon's tag.
 pub fn build() -> Result<String> {
-    let bin = crate::dist::stripped()?;
+    let bin = crate::build_stripped(&dir())?;
     let base = base_image()?;
     // The image's tarball: the root, and the daemon appended at /usr/bin.
     let stage = dir().join("stage");

@@ -5,7 +5,7 @@ use std::{fs, path::PathBuf, process::Command};
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::{cmd, setup};
+use crate::cmd;
 
 /// The oldest Kubernetes release still commonly run that the manifests must suit.
 const KUBERNETES: &str = "1.30.0";
@@ -29,10 +29,10 @@ fn validator() -> PathBuf {
 pub fn setup() -> Result<()> {
     let have = Command::new(validator()).arg("--version").output();
     if have.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == VALIDATOR_VERSION) {
-        setup::step("kubernetes-validate", "ok");
+        cmd::step("kubernetes-validate", "ok");
         return Ok(());
     }
-    setup::step(
+    cmd::step(
         "kubernetes-validate",
         &format!("installing {VALIDATOR_VERSION} into {}", venv().display()),
     );

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::cmd::{self, output};
+use crate::cmd::{self, output, step};
 
 /// Debian packages the daemon, the demo, the tests and the benchmark use.
 const APT_PACKAGES: &[&str] = &[
@@ -43,10 +43,6 @@ const APT_PACKAGES: &[&str] = &[
 
 /// bpf-linker release known to build against the nightly's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
-
-pub fn step(name: &str, state: &str) {
-    println!("setup: {name:<28} {state}");
-}
 
 pub fn run() -> Result<()> {
     cmd::require_root("setup")?;

@@ -244,10 +244,10 @@ fn virtme_ng(vm: &Path) -> Result<PathBuf> {
             .trim_end()
             .ends_with(VIRTME_NG_VERSION)
     }) {
-        setup::step("virtme-ng", "ok");
+        cmd::step("virtme-ng", "ok");
         return Ok(bin);
     }
-    setup::step("virtme-ng", &format!("installing {VIRTME_NG_VERSION}"));
+    cmd::step("virtme-ng", &format!("installing {VIRTME_NG_VERSION}"));
     cmd::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     cmd::run(
         Command::new(bin.join("pip"))
@@ -282,9 +282,9 @@ fn prepare_kernel(vm: &Path, name: &'static str, pattern: &str) -> Result<Kernel
     let ready = root.join(".ready");
     let what = format!("kernel {name}");
     if ready.exists() {
-        setup::step(&what, &format!("ok ({package})"));
+        cmd::step(&what, &format!("ok ({package})"));
     } else {
-        setup::step(&what, &format!("downloading {package}"));
+        cmd::step(&what, &format!("downloading {package}"));
         // An older build of this kernel, or one half extracted, goes.
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&root)?;
