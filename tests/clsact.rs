@@ -15,8 +15,10 @@ fn lab(tag: &str) -> Lab {
     lab
 }
 
+/// Per packet: counted in the kernel, the datagrams to two ports within one interval would be
+/// one record whose exemplar is the first port's.
 fn start(lab: &Lab) -> Daemon {
-    Daemon::start(&["--netns", &lab.a, "--tc-observers", "clsact"])
+    Daemon::start(&["--netns", &lab.a, "--tc-observers", "clsact", "--per-packet"])
 }
 
 /// A daemon's observers on veth-a: first and last, ingress and egress.
