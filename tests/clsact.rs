@@ -18,7 +18,13 @@ fn lab(tag: &str) -> Lab {
 /// Per packet: counted in the kernel, the datagrams to two ports within one interval would be
 /// one record whose exemplar is the first port's.
 fn start(lab: &Lab) -> Daemon {
-    Daemon::start(&["--netns", &lab.a, "--tc-observers", "clsact", "--per-packet"])
+    Daemon::start(&[
+        "--netns",
+        &lab.a,
+        "--tc-observers",
+        "clsact",
+        "--per-packet",
+    ])
 }
 
 /// A daemon's observers on veth-a: first and last, ingress and egress.

@@ -55,7 +55,7 @@ fn show(data: &[u8]) {
             return;
         };
         let mut out = Output::new(format, Some(Path::new("/dev/null"))).expect("/dev/null opens");
-        if let Ok(summary) = crate::recording::replay(&mut reader, builtin(), &mut out) {
+        if let Ok(summary) = crate::commands::show::replay(&mut reader, builtin(), &mut out) {
             let _ = out.summary(&summary);
             let _ = out.flush();
             let _ = summary.to_string();
@@ -114,7 +114,7 @@ pub fn registry_file(data: &[u8]) {
     if let Some(names) = profile {
         reg = reg.select(&names).unwrap_or(reg);
     }
-    use registry::command::{bitmap, check, list, show};
+    use crate::commands::registry::{bitmap, check, list, show};
     let _ = list(&reg);
     for o in &reg.owners {
         let _ = (show(o), bitmap(o));

@@ -13,8 +13,8 @@
 
 mod attribution;
 mod cli;
+mod commands;
 mod decode;
-mod demo;
 mod event;
 mod flows;
 /// Entry points for the fuzz targets (fuzz/): not part of the library's interface.
@@ -33,13 +33,10 @@ mod privileges;
 mod recording;
 mod registry;
 mod stack;
-mod trace;
 mod why;
 
 /// The benchmark and the soak test (`cargo xtask bench`, `cargo xtask soak`): compiled only with
 /// the `bench` feature, so no user's binary carries them.
-#[cfg(feature = "bench")]
-mod bench;
 #[cfg(any(test, feature = "bench"))]
 mod fixtures;
 /// What the integration tests need from inside (the `testing` feature).

@@ -7,19 +7,23 @@ use clap::{Args, Subcommand};
 
 use super::bounds;
 use crate::{
-    demo::{DemoConfig, Scenario},
+    commands::{
+        demo::{DemoConfig, Scenario},
+        inventory::InventoryConfig,
+        registry::Request,
+        show::ShowConfig,
+        trace::{self, TraceConfig},
+        why::WhyConfig,
+    },
     event::Tuple,
     flows::Selection,
-    inventory::{command::InventoryConfig, Namespaces},
+    inventory::Namespaces,
     kernel::features::{Feature, NfBackend, TcBackend},
     mark::MarkMatch,
     nodestate::pods::PodName,
     output::{file::FileOptions, Format},
-    recording::ShowConfig,
-    registry::{self, command::Request},
+    registry,
     stack::Proto,
-    trace::{self, TraceConfig},
-    why::WhyConfig,
 };
 
 /// `--netns`, or `--pod` as the namespace spec `netns::path_of` resolves.

@@ -7,14 +7,17 @@ mod bounds;
 
 use std::{io::Write, process::ExitCode};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{CommandFactory, Parser, Subcommand};
 use log::{Level, LevelFilter};
 
 use self::args::{
     DemoArgs, InventoryArgs, LogFormat, RegistryArgs, RegistryCmd, ShowArgs, TraceArgs, WhyArgs,
 };
-use crate::{demo, inventory, output::text::escape_lines, recording, registry, trace, why};
+use crate::{
+    commands::{self, demo, print, show, trace, why, Outcome, STDOUT},
+    output::text::escape_lines,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -67,24 +70,15 @@ enum Cmd {
     Man,
     /// Measure tracing overhead against the alternatives (run by `cargo xtask bench`).
     #[cfg(feature = "bench")]
-    Bench(crate::bench::BenchArgs),
+    Bench(crate::commands::bench::BenchArgs),
     /// Run the daemon under mixed traffic and interface churn; report RSS over time (run by
     /// `cargo xtask soak`).
     #[cfg(feature = "bench")]
-    Soak(crate::bench::soak::SoakArgs),
+    Soak(crate::commands::bench::soak::SoakArgs),
     /// Measure the userspace pipeline (decode, attribution, JSON) on synthetic events.
     #[cfg(feature = "bench")]
     #[command(hide = true)]
-    BenchPipeline(crate::bench::pipeline::BenchPipelineArgs),
-}
-
-/// What a command found, as its exit code says it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Outcome {
-    /// Exit 0.
-    Clean,
-    /// Exit 1: a lost reply, overlapping owners, conflicts (`inventory --check`).
-    Found,
+    BenchPipeline(crate::commands::bench::pipeline::BenchPipelineArgs),
 }
 
 /// Exit 2.
@@ -93,23 +87,6 @@ const ERROR: u8 = 2;
 /// would give (128 + 13), without a word. `trace` says so instead (exit 2): a daemon's reader
 /// going away is worth a line.
 const CLOSED_STDOUT: u8 = 141;
-/// What a failed write to stdout says (`print`, and `output` for events).
-const STDOUT: &str = "writing to stdout";
-
-/// Writes a command's report to stdout; a reader that went away ends the command quietly.
-pub(crate) fn print(text: impl AsRef<[u8]>) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    out.write_all(text.as_ref())
-        .and_then(|()| out.flush())
-        .context(STDOUT)
-}
-
-/// A report for people: names from the node in it cannot drive the terminal (see
-/// `escape_lines`).
-pub(crate) fn print_text(text: &str) -> Result<()> {
-    print(escape_lines(text).as_bytes())
-}
-
 /// Whether `err` is stdout closed by its reader.
 fn closed_stdout(err: &anyhow::Error) -> bool {
     let pipe = err.chain().any(|e| {
@@ -183,14 +160,14 @@ fn clean<T>(r: Result<T>) -> Result<Outcome> {
 fn run(cli: &Cli) -> Result<Outcome> {
     match &cli.cmd {
         Cmd::Trace(args) => clean(trace::run(&args.config(), || {})),
-        Cmd::Show(args) => recording::show(&args.config()),
+        Cmd::Show(args) => show::show(&args.config()),
         Cmd::Demo(args) => clean(demo::run(&args.config())),
         Cmd::Why(args) => why::run(&args.config()).map(|lost| match lost {
             true => Outcome::Found,
             false => Outcome::Clean,
         }),
-        Cmd::Inventory(args) => inventory::command::run(&args.config()),
-        Cmd::Registry { cmd, args } => registry::command::run(&cmd.request(), &args.sources()),
+        Cmd::Inventory(args) => commands::inventory::run(&args.config()),
+        Cmd::Registry { cmd, args } => commands::registry::run(&cmd.request(), &args.sources()),
         Cmd::Completions { shell } => {
             // Into memory first: clap_complete panics on a failed write.
             let mut text = Vec::new();
@@ -203,11 +180,11 @@ fn run(cli: &Cli) -> Result<Outcome> {
             clean(print(text))
         }
         #[cfg(feature = "bench")]
-        Cmd::Bench(args) => clean(crate::bench::run(args)),
+        Cmd::Bench(args) => clean(crate::commands::bench::run(args)),
         #[cfg(feature = "bench")]
-        Cmd::Soak(args) => clean(crate::bench::soak::run(args)),
+        Cmd::Soak(args) => clean(crate::commands::bench::soak::run(args)),
         #[cfg(feature = "bench")]
-        Cmd::BenchPipeline(args) => crate::bench::pipeline::run(args)
+        Cmd::BenchPipeline(args) => crate::commands::bench::pipeline::run(args)
             .and_then(|r| clean(print(serde_json::to_string(&r).unwrap_or_default() + "\n"))),
     }
 }
@@ -256,7 +233,9 @@ mod tests {
         let Cmd::Registry { cmd, args } = cli.cmd else {
             panic!("not registry")
         };
-        assert!(matches!(cmd.request(), crate::registry::command::Request::Check(o) if o == ["c"]));
+        assert!(
+            matches!(cmd.request(), crate::commands::registry::Request::Check(o) if o == ["c"])
+        );
         assert_eq!(args.sources().profile, ["a", "b"]);
     }
 

@@ -10,7 +10,6 @@
 //! compares, `render` prints.
 pub(crate) mod bits;
 pub(crate) mod bpf;
-pub(crate) mod command;
 pub(crate) mod conflicts;
 pub(crate) mod conntrack;
 pub(crate) mod iprule;

@@ -3,8 +3,7 @@
 //! fact); users add or override entries with `--registry FILE`, every `*.toml` in
 //! `/etc/fwmark-trace/registry.d/`, or `--owner NAME=MASK`, and pick the software their node
 //! runs with `--owners a,b` (or `profile = [...]` in a registry file). The file format is
-//! `file.rs`; the `registry` command's reports are `command.rs`.
-pub(crate) mod command;
+//! `file.rs`; the `registry` command is `commands/registry.rs`.
 pub(crate) mod file;
 
 use std::path::{Path, PathBuf};

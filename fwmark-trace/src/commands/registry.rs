@@ -5,8 +5,11 @@ use std::fmt::Write as _;
 
 use anyhow::{bail, Result};
 
-use super::{Owner, Registry, Sources, Style};
-use crate::nodestate::nft;
+use super::Outcome;
+use crate::{
+    nodestate::nft,
+    registry::{Owner, Registry, Sources, Style},
+};
 
 /// What `fwmark-trace registry` was asked.
 #[derive(Clone, Debug)]
@@ -20,8 +23,7 @@ pub(crate) enum Request {
 }
 
 /// Runs a registry request; `Found` when `check` found overlapping owners.
-pub(crate) fn run(req: &Request, sources: &Sources) -> Result<crate::cli::Outcome> {
-    use crate::cli::Outcome;
+pub(crate) fn run(req: &Request, sources: &Sources) -> Result<Outcome> {
     let reg = Registry::load(sources)?;
     let out = match req {
         Request::List => list(&reg),
@@ -49,7 +51,7 @@ pub(crate) fn run(req: &Request, sources: &Sources) -> Result<crate::cli::Outcom
                 reg.select(owners)?
             };
             let (text, overlaps) = check(&sel.owners);
-            crate::cli::print_text(&text)?;
+            crate::commands::print_text(&text)?;
             return Ok(if overlaps {
                 Outcome::Found
             } else {
@@ -57,7 +59,7 @@ pub(crate) fn run(req: &Request, sources: &Sources) -> Result<crate::cli::Outcom
             });
         }
     };
-    crate::cli::print_text(&out)?;
+    crate::commands::print_text(&out)?;
     Ok(Outcome::Clean)
 }
 

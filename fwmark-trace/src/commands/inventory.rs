@@ -2,9 +2,9 @@
 //! printed; with `--check`, conflicts between owners are what the exit status reports (1).
 use anyhow::Result;
 
-use super::{render, Inventory, Namespaces, Sources};
+use super::Outcome;
 use crate::{
-    cli::Outcome,
+    inventory::{render, Inventory, Namespaces, Sources},
     output::Format,
     registry::{self, Registry},
 };
@@ -26,7 +26,7 @@ pub(crate) fn run(cfg: &InventoryConfig) -> Result<Outcome> {
     let conflicts = inv.conflicts();
     match cfg.format {
         Format::Json => print!("{}", render::json(&inv, &conflicts)),
-        Format::Human => crate::cli::print_text(&render::human(&inv, &conflicts))?,
+        Format::Human => crate::commands::print_text(&render::human(&inv, &conflicts))?,
     }
     Ok(if cfg.check && !conflicts.is_empty() {
         Outcome::Found

@@ -16,14 +16,16 @@ use std::{
 use anyhow::Result;
 use log::{info, warn};
 
+use super::{
+    trace::{self, TraceConfig},
+    why::{self, WhyConfig},
+};
 use crate::{
     flows::Selection,
     lab::{self, Lab},
     output::Format,
     registry,
     stack::Proto,
-    trace::{self, TraceConfig},
-    why::{self, WhyConfig},
 };
 
 /// Which tour.
@@ -154,7 +156,7 @@ fn inventory(args: &DemoConfig) -> Result<()> {
     let conflicts = inv.conflicts();
     match args.format {
         Format::Json => print!("{}", render::json(&inv, &conflicts)),
-        Format::Human => crate::cli::print_text(&render::human(&inv, &conflicts))?,
+        Format::Human => crate::commands::print_text(&render::human(&inv, &conflicts))?,
     }
     info!("demo: namespaces removed");
     Ok(())
