@@ -8,7 +8,10 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use crate::{build_with, cargo, cmd, run_daemon, target_dir, Build};
+use crate::{
+    cmd,
+    daemon::{build_with, cargo, run_daemon, target_dir, Build},
+};
 
 pub(crate) fn run(against: Option<&str>, args: &[String]) -> Result<()> {
     let dir = target_dir().join("bench");

@@ -1,5 +1,8 @@
 //! Running commands with one clear line when they fail.
-use std::process::{Command, Stdio};
+use std::{
+    process::{Command, Stdio},
+    time::Instant,
+};
 
 use anyhow::{bail, Context, Result};
 
@@ -40,4 +43,16 @@ pub fn require_root(what: &str) -> Result<()> {
         bail!("{what} must run as root (it installs packages and attaches eBPF programs); try: sudo -E cargo xtask {what}");
     }
     Ok(())
+}
+
+/// Runs a step of a longer task and says how long it took and whether it failed.
+pub fn timed(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    let start = Instant::now();
+    let res = f();
+    println!(
+        "xtask: {name} {} in {:.1}s",
+        if res.is_ok() { "done" } else { "FAILED" },
+        start.elapsed().as_secs_f64()
+    );
+    res
 }

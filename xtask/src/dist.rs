@@ -20,7 +20,7 @@ fn root() -> PathBuf {
 }
 
 fn dir() -> PathBuf {
-    crate::target_dir().join("dist")
+    crate::daemon::target_dir().join("dist")
 }
 
 /// What the binary prints for `args` (completions, the man page).
@@ -134,7 +134,7 @@ const DEB: Layout = Layout {
 
 /// Builds both artifacts; returns the .deb's path.
 pub fn run() -> Result<PathBuf> {
-    let bin = crate::build_stripped(&dir())?;
+    let bin = crate::daemon::build_stripped(&dir())?;
     let arch = cmd::output("dpkg", &["--print-architecture"])
         .context("dpkg --print-architecture")?
         .trim()

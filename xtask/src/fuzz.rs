@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::{
     cmd::{self, output, step},
-    target_dir,
+    daemon::target_dir,
 };
 
 /// The cargo-fuzz release the runs are made with.

@@ -45,7 +45,7 @@ pub fn base_tag() -> String {
 }
 
 fn dir() -> PathBuf {
-    crate::target_dir().join("image")
+    crate::daemon::target_dir().join("image")
 }
 
 /// podman as this machine runs it: crun refuses hybrid cgroups, runc with cgroupfs does not.
@@ -149,7 +149,7 @@ pub fn base_image() -> Result<PathBuf> {
 
 /// Builds the release daemon and both images; returns the daemon's tag.
 pub fn build() -> Result<String> {
-    let bin = crate::build_stripped(&dir())?;
+    let bin = crate::daemon::build_stripped(&dir())?;
     let base = base_image()?;
     // The image's tarball: the root, and the daemon appended at /usr/bin.
     let stage = dir().join("stage");
@@ -198,7 +198,7 @@ pub fn run(archive: Option<&Path>, test: bool) -> Result<()> {
         println!("image: wrote {}", file.display());
     }
     match test {
-        true => crate::timed("image", || check(&tag)),
+        true => crate::cmd::timed("image", || check(&tag)),
         false => Ok(()),
     }
 }

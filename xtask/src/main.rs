@@ -3,21 +3,27 @@
 //! (vm-test). `cargo xtask --help`.
 mod bench;
 mod cmd;
+mod daemon;
 mod dist;
 mod fuzz;
 mod image;
+mod layers;
 mod manifests;
 mod setup;
 mod vm;
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, ExitCode},
-    time::Instant,
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
+
+use crate::{
+    cmd::timed,
+    daemon::{build, cargo, run_daemon, target_dir, Build, DAEMON_ENV, TESTS},
+};
 
 #[derive(Parser)]
 #[command(about = "fwmark-trace build tasks")]
@@ -47,7 +53,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, then run every check and test: fmt, clippy (userspace and eBPF), unit and
+    /// Set up, then run every check and test: fmt, the import layers, clippy (userspace and eBPF), unit and
     /// integration tests (as root), then the kernel matrix (`vm-test --kernel all`).
     Test {
         /// Skip the kernel matrix (a quicker loop while working; CI runs it).
@@ -59,6 +65,9 @@ enum Task {
     },
     /// Lint the eBPF crate with the nightly toolchain for the BPF target.
     ClippyEbpf,
+    /// Check the import graph: no circle of files, no import from a lower layer of the daemon
+    /// to a higher one (the layers are in xtask/src/layers.rs; part of `test`).
+    Layers,
     /// Set up, build (release) and make the OCI image localhost/fwmark-trace:VERSION from
     /// Debian's packages (no registry), loaded into podman.
     Image {
@@ -120,96 +129,12 @@ const PACKAGES: [&str; 6] = [
     "xtask",
 ];
 
-/// The integration tests' package (tests/): not a default member; its tests run the daemon
-/// binary found in `DAEMON_ENV`.
-pub(crate) const TESTS: &str = "fwmark-trace-tests";
-pub(crate) const DAEMON_ENV: &str = "FWMARK_TRACE_BIN";
-
-pub(crate) fn cargo() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-}
-
-fn timed(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
-    let start = Instant::now();
-    let res = f();
-    println!(
-        "xtask: {name} {} in {:.1}s",
-        if res.is_ok() { "done" } else { "FAILED" },
-        start.elapsed().as_secs_f64()
-    );
-    res
-}
-
-/// What the daemon is built for: users (the product), or the benchmark and soak harness.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Build {
-    Product,
-    Harness,
-}
-
-/// Builds the daemon and returns the path of its binary (asks cargo, so CARGO_TARGET_DIR
-/// and profiles are respected).
-pub(crate) fn build(release: bool, what: Build) -> Result<PathBuf> {
-    build_with(cargo(), release, what)
-}
-
-/// The release binary without its debug info, written into `dir` (a fifth of the size;
-/// symbols stay, and the embedded eBPF object is data): what the package and the image ship.
-pub(crate) fn build_stripped(dir: &Path) -> Result<PathBuf> {
-    let bin = build(true, Build::Product)?;
-    std::fs::create_dir_all(dir)?;
-    let out = dir.join("fwmark-trace");
-    cmd::run(
-        Command::new("strip")
-            .args(["--strip-debug", "-o"])
-            .arg(&out)
-            .arg(&bin),
-    )?;
-    Ok(out)
-}
-
-/// `build` with a cargo command set up by the caller (another checkout, its own target dir).
-pub(crate) fn build_with(mut c: Command, release: bool, what: Build) -> Result<PathBuf> {
-    c.args([
-        "build",
-        "-p",
-        "fwmark-trace",
-        "--bin",
-        "fwmark-trace",
-        "--message-format=json-render-diagnostics",
-    ]);
-    if release {
-        c.arg("--release");
-    }
-    if what == Build::Harness {
-        c.args(["--features", "bench"]);
-    }
-    let out = c
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("running cargo build")?;
-    if !out.status.success() {
-        anyhow::bail!("cargo build failed");
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v["executable"].as_str().map(PathBuf::from))
-        .find(|p| p.file_name().is_some_and(|n| n == "fwmark-trace"))
-        .context("cargo build did not report the fwmark-trace binary")
-}
-
-fn run_daemon(release: bool, what: Build, args: &[String]) -> Result<()> {
-    cmd::require_root("run")?;
-    let bin = build(release, what)?;
-    cmd::run(Command::new(bin).args(args))
-}
-
 fn test(args: &[String]) -> Result<()> {
     cmd::require_root("test")?;
     timed("fmt", || {
         cmd::run(cargo().args(["fmt", "--all", "--", "--check"]))
     })?;
+    timed("layers", layers::check)?;
     timed("clippy", || {
         cmd::run(cargo().arg("clippy").args(PACKAGES).args([
             "-p",
@@ -280,12 +205,6 @@ fn clippy_ebpf() -> Result<()> {
     )
 }
 
-pub(crate) fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.task {
@@ -308,6 +227,7 @@ fn main() -> ExitCode {
                 false => timed("kernel matrix", || vm::run("all", None)),
             }),
         Task::ClippyEbpf => clippy_ebpf(),
+        Task::Layers => layers::check(),
         Task::Image { archive, test } => {
             setup::run().and_then(|_| image::run(archive.as_deref(), test))
         }

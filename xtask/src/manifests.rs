@@ -18,7 +18,7 @@ fn base() -> PathBuf {
 
 /// A Python venv under target/ (Debian's Python refuses pip installs into the system).
 fn venv() -> PathBuf {
-    crate::target_dir().join("python")
+    crate::daemon::target_dir().join("python")
 }
 
 fn validator() -> PathBuf {
@@ -87,7 +87,7 @@ pub fn test() -> Result<()> {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let rendered = crate::target_dir().join("kustomize-base.yaml");
+        let rendered = crate::daemon::target_dir().join("kustomize-base.yaml");
         fs::write(&rendered, out.stdout)?;
         files.push(rendered);
     }

@@ -152,7 +152,7 @@ struct Step {
 pub fn run(kernel: &str, command: Option<&str>) -> Result<()> {
     setup::run()?;
     setup::apt_install("vm packages", VM_PACKAGES)?;
-    let vm = crate::target_dir().join("vm");
+    let vm = crate::daemon::target_dir().join("vm");
     fs::create_dir_all(&vm)?;
     let vng_dir = virtme_ng(&vm)?;
     let _lock = lock(&vm)?;
@@ -164,7 +164,10 @@ pub fn run(kernel: &str, command: Option<&str>) -> Result<()> {
 
     let built = match command {
         Some(_) => None,
-        None => Some((crate::build(true, crate::Build::Product)?, test_binaries()?)),
+        None => Some((
+            crate::daemon::build(true, crate::daemon::Build::Product)?,
+            test_binaries()?,
+        )),
     };
     let steps_for = |k: &Kernel| -> Result<Vec<(String, String)>> {
         let Some((daemon, tests)) = &built else {
@@ -177,7 +180,7 @@ pub fn run(kernel: &str, command: Option<&str>) -> Result<()> {
             format!("timeout {STEP_TIMEOUT_SECS} {} demo", quote(daemon)),
         )];
         // The tests run this daemon (see tests/src/lib.rs).
-        let env = format!("env {}={}", crate::DAEMON_ENV, quote(daemon));
+        let env = format!("env {}={}", crate::daemon::DAEMON_ENV, quote(daemon));
         for t in SMOKE {
             if numbers(k.name) < numbers(t.since) {
                 continue;
@@ -349,11 +352,11 @@ fn module_version(root: &Path) -> Result<String> {
 /// Builds the integration tests and returns (target name, executable) of each. Release: under
 /// emulation a debug daemon can take longer to start than the tests wait for it.
 fn test_binaries() -> Result<Vec<(String, PathBuf)>> {
-    let out = crate::cargo()
+    let out = crate::daemon::cargo()
         .args([
             "test",
             "-p",
-            crate::TESTS,
+            crate::daemon::TESTS,
             "--no-run",
             "--release",
             "--message-format=json-render-diagnostics",

@@ -9,6 +9,7 @@
 use std::{
     collections::{BTreeSet, HashMap},
     fmt,
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     str::FromStr,
     sync::Mutex,
@@ -321,7 +322,8 @@ fn running() -> Vec<Running> {
         if !alive(state.pid, state.start) {
             continue;
         }
-        let Ok(netns) = crate::netns::inode(&netns_file(state.pid)) else {
+        // The namespace's inode is its id (`net->ns.inum`); netns.rs resolves pods, not this.
+        let Ok(netns) = std::fs::metadata(netns_file(state.pid)).map(|m| m.ino() as u32) else {
             continue;
         };
         out.push(Running {
