@@ -54,9 +54,10 @@ const EVENTS_FRAME: usize = 64 << 10;
 const LOST_LEN: u32 = 32;
 const END_LEN: u32 = 32;
 
-/// What is needed to name recorded points: as the daemon knew it when they were recorded.
+/// What is needed to name recorded points, as the daemon knew it when they were recorded (a
+/// context frame's payload).
 #[derive(Serialize, Deserialize)]
-pub(crate) struct Context {
+pub(crate) struct Naming {
     pub(crate) topology: Topology,
     pub(crate) drop_reasons: Vec<(u32, String)>,
     /// Wall-clock time of CLOCK_MONOTONIC's zero on the recording machine (ns since the epoch).
@@ -98,7 +99,7 @@ impl<W: Write> Recorder<W> {
 
     pub(crate) fn context(&mut self, decoder: &Decoder) -> Result<()> {
         self.flush_events()?;
-        let ctx = ContextRef {
+        let ctx = NamingRef {
             topology: decoder.topology(),
             drop_reasons: decoder
                 .drop_reasons()
@@ -195,9 +196,9 @@ fn frame(out: &mut impl Write, tag: u8, payload: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// `Context` by reference, for writing without cloning the topology.
+/// `Naming` by reference, for writing without cloning the topology.
 #[derive(Serialize)]
-struct ContextRef<'a> {
+struct NamingRef<'a> {
     topology: &'a Topology,
     drop_reasons: Vec<(u32, String)>,
     boot_unix_ns: u64,
@@ -205,7 +206,7 @@ struct ContextRef<'a> {
 
 /// A frame read back.
 pub(crate) enum Frame {
-    Context(Box<Context>),
+    Context(Box<Naming>),
     Events(Vec<Event>),
     Lost(LostFrame),
 }
