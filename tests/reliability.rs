@@ -55,25 +55,38 @@ fn one_error_line(stderr: &str, expect: &str) {
     assert!(errors[0].contains(expect), "{stderr}");
 }
 
-#[test]
-fn stdout_closed_early_is_a_clear_error() {
-    require_root();
-    let lab = lab();
+/// `trace --json --full-path` in `lab.a` with `extra` flags, its stdout read up to its ready
+/// record (on stdout, after the plan): the child, the rest of its stdout, the record.
+fn spawn_until_ready(
+    lab: &Lab,
+    extra: &[&str],
+) -> (
+    std::process::Child,
+    std::io::Lines<BufReader<std::process::ChildStdout>>,
+    Value,
+) {
     let mut child = Command::new(bin())
         .args(["trace", "--json", "--full-path", "--netns", &lab.a])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    // Ready (its record on stdout, after the plan): then traffic.
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let ready = lines
         .by_ref()
         .map_while(Result::ok)
         .map(|l| serde_json::from_str::<Value>(&l).expect("a JSON record"))
         .find(|r| r["kind"] == "ready")
         .expect("a ready record");
+    (child, lines, ready)
+}
+
+#[test]
+fn stdout_closed_early_is_a_clear_error() {
+    require_root();
+    let lab = lab();
+    let (child, mut lines, ready) = spawn_until_ready(&lab, &[]);
     // Like `| head -1`: read one event, then close the pipe while events keep coming.
     let sender = {
         let ns = lab.a.clone();
@@ -100,21 +113,8 @@ fn stdout_closed_early_is_a_clear_error() {
 fn stalled_stdout_reader_then_sigterm() {
     require_root();
     let lab = lab();
-    let mut child = Command::new(bin())
-        .args(["trace", "--json", "--full-path", "--netns", &lab.a])
-        .args(["--metrics", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (mut child, lines, ready) = spawn_until_ready(&lab, &["--metrics", "127.0.0.1:0"]);
     let stderr = line_reader(child.stderr.take().unwrap());
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let ready = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .map(|l| serde_json::from_str::<Value>(&l).expect("a JSON record"))
-        .find(|r| r["kind"] == "ready")
-        .expect("a ready record");
     let addr = ready["metrics"]
         .as_str()
         .expect("the metrics address")
