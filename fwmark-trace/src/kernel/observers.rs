@@ -638,4 +638,23 @@ mod tests {
         // Many CPUs, a small budget: never fewer than the floor.
         assert_eq!(agg_entries(1 << 20, 1024), AGG_MIN_ENTRIES);
     }
+
+    /// The eBPF crate makes its tracepoint programs from the same table: each is there, a
+    /// tp_btf program.
+    #[test]
+    fn the_object_has_every_tracepoint_of_the_table() {
+        if OBJECT.is_empty() {
+            eprintln!("skipped: built without the eBPF object (AYA_BUILD_SKIP)");
+            return;
+        }
+        let obj = aya_obj::Object::parse(OBJECT).unwrap();
+        for t in TRACEPOINTS {
+            let prog = obj.programs.get(t.program);
+            assert!(
+                prog.is_some_and(|p| matches!(p.section, aya_obj::ProgramSection::BtfTracePoint)),
+                "{}",
+                t.program
+            );
+        }
+    }
 }
