@@ -1,7 +1,8 @@
-//! Loads the kernel object and attaches every observer: tp_btf tracepoints (aya), netfilter
-//! links (raw, see `netfilter.rs`) or else fentry/fexit on the chain evaluators
-//! (`nf_chains.rs`), and tc programs (see `tcx.rs`). An observation point that cannot attach
-//! is reported with the kernel's reason and the run goes on without it.
+//! Loads the kernel object and attaches every observer: tp_btf tracepoints (aya; the common
+//! crate's `TRACEPOINTS` table), netfilter links (raw, see `netfilter.rs`) or else fentry/fexit
+//! on the chain evaluators (`nf_chains.rs`), and tc programs (see `tcx.rs`). An observation
+//! point that cannot attach is reported with the kernel's reason (a `startup::Status`) and the
+//! run goes on without it. `Observers::start` is a row of steps, one function each.
 use std::{
     collections::{BTreeSet, HashMap},
     os::fd::{AsFd, OwnedFd},
