@@ -62,6 +62,45 @@ pub mod tc_slot {
     pub const LAST: u8 = 1;
 }
 
+/// The tc observers, one line each, `program = DIRECTION, SLOT;` (`tc_dir::*`, `tc_slot::*`):
+/// the eBPF crate makes a program of each line, the daemon attaches them (`kernel::tcx`), so
+/// their names are written here only. `$then` is the macro each crate expands the table with.
+#[macro_export]
+macro_rules! tc_observers {
+    ($then:ident) => {
+        $then! {
+            fwm_tc_in_first = INGRESS, FIRST;
+            fwm_tc_in_last = INGRESS, LAST;
+            fwm_tc_eg_first = EGRESS, FIRST;
+            fwm_tc_eg_last = EGRESS, LAST;
+        }
+    };
+}
+
+/// One tc observer (a line of `tc_observers!`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcObserver {
+    /// The eBPF program's name.
+    pub program: &'static str,
+    /// `tc_dir::*`.
+    pub dir: u8,
+    /// `tc_slot::*`.
+    pub slot: u8,
+}
+
+macro_rules! define_tc_observers {
+    ($($program:ident = $dir:ident, $slot:ident;)*) => {
+        /// Every tc observer, in the table's order.
+        pub const TC_OBSERVERS: &[TcObserver] = &[$(TcObserver {
+            program: stringify!($program),
+            dir: tc_dir::$dir,
+            slot: tc_slot::$slot,
+        },)*];
+    };
+}
+
+tc_observers!(define_tc_observers);
+
 /// `Point::slot` when `layer == SOCKET`.
 pub mod socket_slot {
     /// The socket's SO_MARK is the mark the packet was first seen with.

@@ -169,10 +169,14 @@ macro_rules! tc_observer {
     };
 }
 
-tc_observer!(fwm_tc_in_first, tc_dir::INGRESS, tc_slot::FIRST);
-tc_observer!(fwm_tc_in_last, tc_dir::INGRESS, tc_slot::LAST);
-tc_observer!(fwm_tc_eg_first, tc_dir::EGRESS, tc_slot::FIRST);
-tc_observer!(fwm_tc_eg_last, tc_dir::EGRESS, tc_slot::LAST);
+// One program per line of `tc_observers!` (fwmark-trace-common).
+macro_rules! tc_programs {
+    ($($program:ident = $dir:ident, $slot:ident;)*) => {
+        $(tc_observer!($program, tc_dir::$dir, tc_slot::$slot);)*
+    };
+}
+
+fwmark_trace_common::tc_observers!(tc_programs);
 
 // ---- netfilter ----------------------------------------------------------------------------
 

@@ -640,10 +640,10 @@ mod tests {
         assert_eq!(agg_entries(1 << 20, 1024), AGG_MIN_ENTRIES);
     }
 
-    /// The eBPF crate makes its tracepoint programs from the same table: each is there, a
-    /// tp_btf program.
+    /// The eBPF crate makes its tracepoint and tc programs from the same tables: each is
+    /// there, of its kind.
     #[test]
-    fn the_object_has_every_tracepoint_of_the_table() {
+    fn the_object_has_every_program_of_the_tables() {
         if OBJECT.is_empty() {
             eprintln!("skipped: built without the eBPF object (AYA_BUILD_SKIP)");
             return;
@@ -653,6 +653,14 @@ mod tests {
             let prog = obj.programs.get(t.program);
             assert!(
                 prog.is_some_and(|p| matches!(p.section, aya_obj::ProgramSection::BtfTracePoint)),
+                "{}",
+                t.program
+            );
+        }
+        for t in fwmark_trace_common::TC_OBSERVERS {
+            let prog = obj.programs.get(t.program);
+            assert!(
+                prog.is_some_and(|p| matches!(p.section, aya_obj::ProgramSection::SchedClassifier)),
                 "{}",
                 t.program
             );

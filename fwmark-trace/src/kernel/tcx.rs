@@ -25,6 +25,8 @@ use aya::{
     Ebpf,
 };
 
+use fwmark_trace_common::{tc_slot, TC_OBSERVERS};
+
 use super::{
     features::TcBackend,
     sys,
@@ -46,7 +48,7 @@ pub(crate) enum Slot {
     Last,
 }
 
-/// One of the four tc observer programs.
+/// A tc observer program, typed.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct TcProgram {
     pub(crate) name: &'static str,
@@ -54,29 +56,26 @@ pub(crate) struct TcProgram {
     pub(crate) slot: Slot,
 }
 
-/// The four tc observer programs (the eBPF crate's `tc_observer!`s).
-pub(crate) const PROGRAMS: [TcProgram; 4] = [
-    TcProgram {
-        name: "fwm_tc_in_first",
-        dir: TcDir::Ingress,
-        slot: Slot::First,
-    },
-    TcProgram {
-        name: "fwm_tc_in_last",
-        dir: TcDir::Ingress,
-        slot: Slot::Last,
-    },
-    TcProgram {
-        name: "fwm_tc_eg_first",
-        dir: TcDir::Egress,
-        slot: Slot::First,
-    },
-    TcProgram {
-        name: "fwm_tc_eg_last",
-        dir: TcDir::Egress,
-        slot: Slot::Last,
-    },
-];
+impl TcProgram {
+    /// The `i`th line of the common crate's `tc_observers!` table, typed.
+    fn at(i: usize) -> Self {
+        let o = &TC_OBSERVERS[i];
+        Self {
+            name: o.program,
+            dir: TcDir::from_raw(o.dir),
+            slot: if o.slot == tc_slot::FIRST {
+                Slot::First
+            } else {
+                Slot::Last
+            },
+        }
+    }
+
+    /// Every tc observer program, in the table's order.
+    fn all() -> impl Iterator<Item = Self> {
+        (0..TC_OBSERVERS.len()).map(Self::at)
+    }
+}
 
 pub(crate) struct Interface {
     pub(crate) name: String,
@@ -171,7 +170,7 @@ impl TcObservers {
         placement: Placement,
         backend: TcBackend,
     ) -> Result<Self> {
-        for TcProgram { name, .. } in PROGRAMS {
+        for TcProgram { name, .. } in TcProgram::all() {
             let p = program(ebpf, name)?;
             let started = Instant::now();
             p.load()
@@ -340,7 +339,7 @@ impl TcObservers {
             .iter()
             .flat_map(|(ifindex, iface)| {
                 iface.links.iter().map(move |(p, _)| {
-                    let TcProgram { name, dir, slot } = PROGRAMS[*p];
+                    let TcProgram { name, dir, slot } = TcProgram::at(*p);
                     OwnFilter {
                         ifindex: *ifindex,
                         ifname: iface.name.clone(),
@@ -365,7 +364,7 @@ fn ours(name: &str) -> bool {
 
 fn detach_links(ebpf: &mut Ebpf, links: Vec<(usize, SchedClassifierLinkId)>) {
     for (p, link) in links {
-        let _ = program(ebpf, PROGRAMS[p].name).map(|prog| prog.detach(link));
+        let _ = program(ebpf, TcProgram::at(p).name).map(|prog| prog.detach(link));
     }
 }
 
@@ -393,7 +392,7 @@ fn attach_all(
         remove_leftovers(me, ifindex, ifname);
     }
     let mut links = Vec::new();
-    for (i, TcProgram { name, dir, slot }) in PROGRAMS.into_iter().enumerate() {
+    for (i, TcProgram { name, dir, slot }) in TcProgram::all().enumerate() {
         let options = match backend {
             // Beside other daemons' filters at the same priority: one handle each.
             TcBackend::Clsact => TcAttachOptions::Netlink(NlOptions {
@@ -506,7 +505,7 @@ fn remove_leftovers(me: &Identity, ifindex: u32, ifname: &str) {
             let Some((name, _)) = &f.program else {
                 continue;
             };
-            if !PROGRAMS.iter().any(|p| p.name == name) || !me.leftover(f.handle) {
+            if !TC_OBSERVERS.iter().any(|o| o.program == name) || !me.leftover(f.handle) {
                 continue;
             }
             let handle = TcHandle::from(f.handle);
