@@ -62,6 +62,45 @@ pub mod tc_slot {
     pub const LAST: u8 = 1;
 }
 
+/// The tc observers, one line each, `program = DIRECTION, SLOT;` (`tc_dir::*`, `tc_slot::*`):
+/// the eBPF crate makes a program of each line, the daemon attaches them (`kernel::tcx`), so
+/// their names are written here only. `$then` is the macro each crate expands the table with.
+#[macro_export]
+macro_rules! tc_observers {
+    ($then:ident) => {
+        $then! {
+            fwm_tc_in_first = INGRESS, FIRST;
+            fwm_tc_in_last = INGRESS, LAST;
+            fwm_tc_eg_first = EGRESS, FIRST;
+            fwm_tc_eg_last = EGRESS, LAST;
+        }
+    };
+}
+
+/// One tc observer (a line of `tc_observers!`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcObserver {
+    /// The eBPF program's name.
+    pub program: &'static str,
+    /// `tc_dir::*`.
+    pub dir: u8,
+    /// `tc_slot::*`.
+    pub slot: u8,
+}
+
+macro_rules! define_tc_observers {
+    ($($program:ident = $dir:ident, $slot:ident;)*) => {
+        /// Every tc observer, in the table's order.
+        pub const TC_OBSERVERS: &[TcObserver] = &[$(TcObserver {
+            program: stringify!($program),
+            dir: tc_dir::$dir,
+            slot: tc_slot::$slot,
+        },)*];
+    };
+}
+
+tc_observers!(define_tc_observers);
+
 /// `Point::slot` when `layer == SOCKET`.
 pub mod socket_slot {
     /// The socket's SO_MARK is the mark the packet was first seen with.
@@ -71,12 +110,103 @@ pub mod socket_slot {
     pub const LEFT: u8 = 1;
 }
 
-/// Tracepoints observed (`Point::hook` when `layer == TRACEPOINT`).
-pub mod tracepoint {
-    pub const NETIF_RECEIVE_SKB: u8 = 0;
-    pub const NET_DEV_QUEUE: u8 = 1;
-    pub const KFREE_SKB: u8 = 2;
-    pub const CONSUME_SKB: u8 = 3;
+/// The tp_btf observers, one line each: the daemon attaches every one (`kernel::observers`),
+/// places name them (`place`), and the eBPF crate turns each line into a program; the program
+/// name is written here only. A line reads
+/// `Variant / CONST = id, program, "kernel tracepoint", layer;`:
+/// - `Variant` names it in [`Tracepoint`], and `tracepoint::CONST` is its id as a plain `u8`;
+/// - `id` is `Point::hook` of the events it reports (when `layer` is `TRACEPOINT`);
+/// - `program` is the eBPF program's name, `"kernel tracepoint"` what it attaches to (and
+///   what points at it are called);
+/// - `layer` is the `layer::*` of its events: `TRACEPOINT` for a point on the packet's path,
+///   `ROUTING` for routing lookups (attached only when routes are reported).
+///
+/// To add an observer: add its line here, then its handler, a function named `program` in
+/// `handle` of fwmark-trace-ebpf/src/main.rs (`#[inline(always)]`, taking the
+/// `&BtfTracePointContext`). A new hook name in the JSON output also goes into the `hook`
+/// enum of schema/trace-records.schema.json (a unit test in `place` checks it is there).
+///
+/// `$then` is the macro each crate expands the table with.
+#[macro_export]
+macro_rules! tracepoint_observers {
+    ($then:ident) => {
+        $then! {
+            NetifReceiveSkb / NETIF_RECEIVE_SKB = 0, fwm_rx, "netif_receive_skb", TRACEPOINT;
+            NetDevQueue / NET_DEV_QUEUE = 1, fwm_dev_queue, "net_dev_queue", TRACEPOINT;
+            KfreeSkb / KFREE_SKB = 2, fwm_kfree, "kfree_skb", TRACEPOINT;
+            ConsumeSkb / CONSUME_SKB = 3, fwm_consume, "consume_skb", TRACEPOINT;
+            FibTableLookup / FIB_TABLE_LOOKUP = 4, fwm_fib, "fib_table_lookup", ROUTING;
+            Fib6TableLookup / FIB6_TABLE_LOOKUP = 5, fwm_fib6, "fib6_table_lookup", ROUTING;
+        }
+    };
+}
+
+/// One tp_btf observer (a line of `tracepoint_observers!`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TracepointObserver {
+    pub tracepoint: Tracepoint,
+    /// The eBPF program's name.
+    pub program: &'static str,
+    /// The kernel tracepoint it attaches to.
+    pub target: &'static str,
+    /// `layer::*` of the events it reports.
+    pub layer: u8,
+}
+
+macro_rules! define_tracepoints {
+    ($($variant:ident / $id_name:ident = $id:literal, $program:ident, $target:literal, $layer:ident;)*) => {
+        /// A tracepoint observed (see `tracepoint_observers!`).
+        #[repr(u8)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Tracepoint {
+            $($variant = $id,)*
+        }
+
+        /// Every tp_btf observer, in the table's order.
+        pub const TRACEPOINTS: &[TracepointObserver] = &[$(TracepointObserver {
+            tracepoint: Tracepoint::$variant,
+            program: stringify!($program),
+            target: $target,
+            layer: layer::$layer,
+        },)*];
+
+        /// The tracepoints' ids (`Point::hook` when `layer == TRACEPOINT`), as plain `u8`s.
+        pub mod tracepoint {
+            $(pub const $id_name: u8 = super::Tracepoint::$variant as u8;)*
+        }
+
+        impl Tracepoint {
+            /// The tracepoint on the packet's path that reported an event at `hook` (of a
+            /// `layer::TRACEPOINT` point); `None` for another id.
+            pub fn from_hook(hook: u8) -> Option<Tracepoint> {
+                let t = match hook {
+                    $($id => Tracepoint::$variant,)*
+                    _ => return None,
+                };
+                (t.observer().layer == layer::TRACEPOINT).then_some(t)
+            }
+        }
+    };
+}
+
+tracepoint_observers!(define_tracepoints);
+
+impl Tracepoint {
+    /// Its line of the table.
+    pub const fn observer(self) -> &'static TracepointObserver {
+        let mut i = 0;
+        while TRACEPOINTS[i].tracepoint as u8 != self as u8 {
+            i += 1;
+        }
+        &TRACEPOINTS[i]
+    }
+}
+
+/// A tracepoint is called by its kernel name.
+impl core::fmt::Display for Tracepoint {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.observer().target)
+    }
 }
 
 /// Netfilter priority slots: one eBPF program per slot, linked at one priority per

@@ -8,7 +8,9 @@
 //!   `nf_hook_state`; on kernels without netfilter links (before 6.4), fentry/fexit of the
 //!   chain evaluators (`nft_do_chain`, `ipt_do_table`, `ip6t_do_table`) instead, which also
 //!   know the priority of the chain they evaluate;
-//! - tp_btf: netif_receive_skb, net_dev_queue, kfree_skb (drop reason), consume_skb.
+//! - tp_btf: one program per line of the common crate's `tracepoint_observers!` table
+//!   (netif_receive_skb, net_dev_queue, kfree_skb with its drop reason, consume_skb, and the
+//!   FIB lookups).
 #![no_std]
 #![no_main]
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -25,8 +27,8 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, FEntryContext, FExitContext, TcContext},
 };
 use fwmark_trace_common::{
-    layer, lost_reason, nf_hook, nfproto, route_hook, tc_dir, tc_slot, tracepoint, AggKey,
-    AggValue, Config, Control, CpuCache, Event, PacketState, Point, AGG_ENTRIES, NF_SLOT_CHAIN,
+    layer, lost_reason, nf_hook, nfproto, route_hook, tc_dir, tc_slot, AggKey, AggValue, Config,
+    Control, CpuCache, Event, PacketState, Point, Tracepoint, AGG_ENTRIES, NF_SLOT_CHAIN,
 };
 use observe::{End, Site};
 use skb::read;
@@ -167,10 +169,14 @@ macro_rules! tc_observer {
     };
 }
 
-tc_observer!(fwm_tc_in_first, tc_dir::INGRESS, tc_slot::FIRST);
-tc_observer!(fwm_tc_in_last, tc_dir::INGRESS, tc_slot::LAST);
-tc_observer!(fwm_tc_eg_first, tc_dir::EGRESS, tc_slot::FIRST);
-tc_observer!(fwm_tc_eg_last, tc_dir::EGRESS, tc_slot::LAST);
+// One program per line of `tc_observers!` (fwmark-trace-common).
+macro_rules! tc_programs {
+    ($($program:ident = $dir:ident, $slot:ident;)*) => {
+        $(tc_observer!($program, tc_dir::$dir, tc_slot::$slot);)*
+    };
+}
+
+fwmark_trace_common::tc_observers!(tc_programs);
 
 // ---- netfilter ----------------------------------------------------------------------------
 
@@ -340,67 +346,93 @@ chain_observers!(
 
 // ---- tracepoints --------------------------------------------------------------------------
 
-macro_rules! tp_observer {
-    ($name:ident, $tp:literal, $id:expr, |$ctx:ident| $end:expr, $l3_at_data:expr) => {
-        #[btf_tracepoint(function = $tp)]
-        pub fn $name($ctx: BtfTracePointContext) -> i32 {
-            let skb: u64 = $ctx.arg::<*const u8>(0) as u64;
-            // Every freed skb in the system passes the end-of-life observers: untracked ones
-            // cost one map lookup in `observe`, and no reads.
-            let end: Option<End> = $end;
-            // At end of life `skb->dev` may be scratch space (UDP reuses it): the packet's last
-            // observation supplies device and namespace instead.
-            let at = if end.is_some() {
-                Point {
-                    layer: layer::TRACEPOINT,
-                    hook: $id,
-                    ..Point::default()
-                }
-            } else {
-                dev_point(skb, layer::TRACEPOINT, $id, 0)
-            };
-            let site = Site {
-                at,
-                l3_at_data: $l3_at_data,
-                end,
-                mark: None,
-                starts: true,
-            };
-            observe::observe::<true>(skb, &site);
-            0
+// One program per line of `tracepoint_observers!` (fwmark-trace-common), named and attached as
+// the line says; its body is the handler of the same name in `handle`.
+macro_rules! tracepoint_programs {
+    ($($variant:ident / $id_name:ident = $id:literal, $program:ident, $target:literal, $layer:ident;)*) => {$(
+        #[btf_tracepoint(function = $target)]
+        pub fn $program(ctx: BtfTracePointContext) -> i32 {
+            handle::$program(&ctx)
         }
-    };
+    )*};
 }
 
-tp_observer!(
-    fwm_rx,
-    "netif_receive_skb",
-    tracepoint::NETIF_RECEIVE_SKB,
-    |ctx| None,
-    true
-);
-tp_observer!(
-    fwm_dev_queue,
-    "net_dev_queue",
-    tracepoint::NET_DEV_QUEUE,
-    |ctx| None,
-    false
-);
-// kfree_skb(skb, location, enum skb_drop_reason reason, rx_sk)
-tp_observer!(
-    fwm_kfree,
-    "kfree_skb",
-    tracepoint::KFREE_SKB,
-    |ctx| Some(End::Drop(ctx.arg::<u64>(2) as u32)),
-    false
-);
-tp_observer!(
-    fwm_consume,
-    "consume_skb",
-    tracepoint::CONSUME_SKB,
-    |ctx| Some(End::Consume),
-    false
-);
+fwmark_trace_common::tracepoint_observers!(tracepoint_programs);
+
+/// An observer of a tracepoint on the packet's path whose first argument is the skb; `end`:
+/// the packet's life ends there.
+#[inline(always)]
+fn skb_tracepoint(
+    ctx: &BtfTracePointContext,
+    tp: Tracepoint,
+    end: Option<End>,
+    l3_at_data: bool,
+) -> i32 {
+    let skb: u64 = ctx.arg::<*const u8>(0) as u64;
+    // Every freed skb in the system passes the end-of-life observers: untracked ones cost one
+    // map lookup in `observe`, and no reads.
+    // At end of life `skb->dev` may be scratch space (UDP reuses it): the packet's last
+    // observation supplies device and namespace instead.
+    let at = if end.is_some() {
+        Point {
+            layer: layer::TRACEPOINT,
+            hook: tp as u8,
+            ..Point::default()
+        }
+    } else {
+        dev_point(skb, layer::TRACEPOINT, tp as u8, 0)
+    };
+    let site = Site {
+        at,
+        l3_at_data,
+        end,
+        mark: None,
+        starts: true,
+    };
+    observe::observe::<true>(skb, &site);
+    0
+}
+
+/// The tracepoint handlers, one per line of `tracepoint_observers!`, by program name. Inlined
+/// into their programs: no BPF-to-BPF calls (see `tc_observer!`).
+mod handle {
+    use aya_ebpf::programs::BtfTracePointContext;
+    use fwmark_trace_common::Tracepoint;
+
+    use super::{fib, fib6, observe::End, skb_tracepoint};
+
+    #[inline(always)]
+    pub(super) fn fwm_rx(ctx: &BtfTracePointContext) -> i32 {
+        skb_tracepoint(ctx, Tracepoint::NetifReceiveSkb, None, true)
+    }
+
+    #[inline(always)]
+    pub(super) fn fwm_dev_queue(ctx: &BtfTracePointContext) -> i32 {
+        skb_tracepoint(ctx, Tracepoint::NetDevQueue, None, false)
+    }
+
+    /// kfree_skb(skb, location, enum skb_drop_reason reason, rx_sk)
+    #[inline(always)]
+    pub(super) fn fwm_kfree(ctx: &BtfTracePointContext) -> i32 {
+        let reason = ctx.arg::<u64>(2) as u32;
+        skb_tracepoint(ctx, Tracepoint::KfreeSkb, Some(End::Drop(reason)), false)
+    }
+
+    #[inline(always)]
+    pub(super) fn fwm_consume(ctx: &BtfTracePointContext) -> i32 {
+        skb_tracepoint(ctx, Tracepoint::ConsumeSkb, Some(End::Consume), false)
+    }
+
+    #[inline(always)]
+    pub(super) fn fwm_fib(ctx: &BtfTracePointContext) -> i32 {
+        fib(ctx)
+    }
+
+    #[inline(always)]
+    pub(super) fn fwm_fib6(ctx: &BtfTracePointContext) -> i32 {
+        fib6(ctx)
+    }
+}
 
 // ---- routing ------------------------------------------------------------------------------
 
@@ -466,8 +498,8 @@ fn route_ports(ev: &mut Event, flp: u64, off: u32) {
 /// fib_table_lookup(u32 tb_id, const struct flowi4 *flp, const struct fib_nh_common *nhc,
 /// int err): one event per table tried, so the rule walk and the table that answered show up.
 /// No skb here: userspace joins lookups to flows by their addresses.
-#[btf_tracepoint(function = "fib_table_lookup")]
-pub fn fwm_fib(ctx: BtfTracePointContext) -> i32 {
+#[inline(always)]
+fn fib(ctx: &BtfTracePointContext) -> i32 {
     let cfg = observe::config();
     if cfg.routes == 0 {
         return 0;
@@ -505,8 +537,8 @@ const ENETUNREACH: i32 = 101;
 
 /// fib6_table_lookup(struct net *, const struct fib6_result *res, struct fib6_table *table,
 /// const struct flowi6 *flp).
-#[btf_tracepoint(function = "fib6_table_lookup")]
-pub fn fwm_fib6(ctx: BtfTracePointContext) -> i32 {
+#[inline(always)]
+fn fib6(ctx: &BtfTracePointContext) -> i32 {
     let cfg = observe::config();
     if cfg.routes == 0 || cfg.offsets.fib6_tb_id == fwmark_trace_common::OFFSET_MISSING {
         return 0;

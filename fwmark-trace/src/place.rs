@@ -12,12 +12,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     inventory::ovs,
-    kernel::{plan::NfPlan, tcx::ForeignProgram},
+    kernel::plan::NfPlan,
     nodestate::{
         links::TunnelKind,
         netlink::XfrmState,
         nft::{Chain, ChainId},
         pods::Container,
+        programs::ForeignProgram,
     },
     stack::{serialize_as_display, Family, NfHook, TcDir},
 };
@@ -118,25 +119,9 @@ impl fmt::Display for Layer {
     }
 }
 
-/// A tracepoint observed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) enum Tracepoint {
-    NetifReceiveSkb,
-    NetDevQueue,
-    KfreeSkb,
-    ConsumeSkb,
-}
-
-impl fmt::Display for Tracepoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Tracepoint::NetifReceiveSkb => "netif_receive_skb",
-            Tracepoint::NetDevQueue => "net_dev_queue",
-            Tracepoint::KfreeSkb => "kfree_skb",
-            Tracepoint::ConsumeSkb => "consume_skb",
-        })
-    }
-}
+/// A tracepoint observed: a line of the common crate's `tracepoint_observers!` table, which
+/// also gives its name.
+pub(crate) use fwmark_trace_common::Tracepoint;
 
 /// The hook of a point: a netfilter hook, a tc direction or a tracepoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -445,16 +430,6 @@ impl Segment {
     }
 }
 
-fn tracepoint(id: u8) -> Option<Tracepoint> {
-    Some(match id {
-        tracepoint::NETIF_RECEIVE_SKB => Tracepoint::NetifReceiveSkb,
-        tracepoint::NET_DEV_QUEUE => Tracepoint::NetDevQueue,
-        tracepoint::KFREE_SKB => Tracepoint::KfreeSkb,
-        tracepoint::CONSUME_SKB => Tracepoint::ConsumeSkb,
-        _ => return None,
-    })
-}
-
 impl Topology {
     pub(crate) fn point(&self, p: &Point) -> PointInfo {
         // An unknown namespace (0) is the daemon's own, as for interface names.
@@ -490,7 +465,7 @@ impl Topology {
             }
             layer::TRACEPOINT => {
                 info.layer = Layer::Tracepoint;
-                info.hook = tracepoint(p.hook).map(Hook::Tracepoint);
+                info.hook = Tracepoint::from_hook(p.hook).map(Hook::Tracepoint);
             }
             layer::SOCKET => info.layer = Layer::Socket,
             layer::ROUTING => {
@@ -847,5 +822,31 @@ mod tests {
         };
         let seg = topo().segment(&sock, &nf(nf_hook::LOCAL_OUT, 0));
         assert_eq!(seg.layer(), Layer::Socket);
+    }
+
+    #[test]
+    fn the_schema_names_every_hook_and_only_those() {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../schema/trace-records.schema.json")).unwrap();
+        let listed: Vec<&str> = schema["$defs"]["hook"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        let tracepoints = fwmark_trace_common::TRACEPOINTS
+            .iter()
+            .filter_map(|t| Tracepoint::from_hook(t.tracepoint as u8));
+        let hooks: Vec<String> = NfHook::ALL
+            .into_iter()
+            .map(Hook::Netfilter)
+            .chain(TcDir::ALL.map(Hook::Tc))
+            .chain(tracepoints.map(Hook::Tracepoint))
+            .map(|h| h.to_string())
+            .collect();
+        assert_eq!(
+            listed, hooks,
+            "schema/trace-records.schema.json's hook enum"
+        );
     }
 }

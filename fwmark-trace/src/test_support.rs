@@ -10,7 +10,7 @@ use std::{
 
 use aya_obj::generated::{bpf_attach_type, bpf_cmd, bpf_insn, bpf_prog_type};
 
-use crate::kernel::{sys, tcx};
+use crate::{kernel::sys, nodestate::links::list_interfaces};
 
 /// Where a mark-setting program goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,7 +114,7 @@ pub fn bpf_object_exists(id: u32, link: bool) -> bool {
 
 /// The calling thread's namespace's interfaces: (ifindex, name).
 pub fn interfaces() -> Vec<(u32, String)> {
-    tcx::list_interfaces().expect("interfaces")
+    list_interfaces().expect("interfaces")
 }
 
 /// The cls_bpf programs of `ifindex`'s clsact filters in one direction: (priority, program

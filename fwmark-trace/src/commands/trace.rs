@@ -33,6 +33,7 @@ use crate::{
     output::{
         file::FileOptions,
         metrics::{self, Gauges},
+        startup::{self, PlanRecord},
         summary::Summary,
         Format, LostRecord, Output, Sink, StatsRecord,
     },
@@ -200,7 +201,10 @@ pub(crate) fn run_into(
     let mut obs = Observers::start(&opts)?;
     // Per-interface detail only at debug level (RUST_LOG=debug): hundreds of lines otherwise.
     let detail = log_enabled!(Level::Debug);
-    for s in obs.report.iter().filter(|s| detail || !s.detail_only) {
+    for s in startup::lines(obs.report())
+        .iter()
+        .filter(|s| detail || !s.detail_only)
+    {
         let line = format!(
             "[{}] {}: {}",
             if s.ok { "ok" } else { "--" },
@@ -293,18 +297,16 @@ impl OvsView {
 
 fn topology(obs: &Observers, own_netns: u32, ovs: &mut OvsView) -> Topology {
     let mut t = Topology {
-        plan: Some(obs.plan.clone()),
-        chains: obs.chains.clone(),
+        plan: Some(obs.plan().clone()),
+        chains: obs.chains().to_vec(),
         own_netns,
         ..Default::default()
     };
-    if let Some(tc) = &obs.tc {
-        t.tc_filters = tc.backend == TcBackend::Clsact;
-        for (ifindex, iface) in &tc.interfaces {
-            t.ifnames.insert(*ifindex, iface.name.clone());
-            for (dir, progs) in crate::stack::TcDir::ALL.into_iter().zip(&iface.chain) {
-                t.tc_programs.insert((*ifindex, dir), progs.clone());
-            }
+    t.tc_filters = obs.tc_backend() == Some(TcBackend::Clsact);
+    for (ifindex, iface) in obs.tc_interfaces() {
+        t.ifnames.insert(*ifindex, iface.name.clone());
+        for (dir, progs) in crate::stack::TcDir::ALL.into_iter().zip(&iface.chain) {
+            t.tc_programs.insert((*ifindex, dir), progs.clone());
         }
     }
     // One link dump: names, tunnel devices (named by kind and id: without them an
@@ -368,15 +370,15 @@ async fn stream(
     let mut scrapes = endpoint.map(metrics::serve).transpose()?;
     let started = Instant::now();
     let mut ovs = OvsView::default();
-    let decoder = Decoder::new(topology(obs, own_netns, &mut ovs), obs.drop_reasons.clone());
+    let decoder = Decoder::new(
+        topology(obs, own_netns, &mut ovs),
+        obs.drop_reasons().clone(),
+    );
     // SAFETY: the AsyncFd owns the ring buffer, so its fd stays open while registered.
     let mut ring =
         unsafe { AsyncFd::register(obs.take_ring()?) }.context("polling the ring buffer")?;
-    out.plan(&obs.plan_record())?;
-    let mut counts = cfg
-        .counted()
-        .then(|| KernelCounts::take(&mut obs.ebpf))
-        .transpose()?;
+    out.plan(&PlanRecord::of(obs))?;
+    let mut counts = cfg.counted().then(|| obs.take_counts()).transpose()?;
     let mut recorder = cfg.record.as_deref().map(Recorder::create).transpose()?;
     if let Some(r) = recorder.as_mut() {
         r.context(&decoder)?;
@@ -413,9 +415,7 @@ async fn stream(
         .then(|| unix::signal(unix::SignalKind::hangup()))
         .transpose()?;
     // Ready only now: a Ctrl-C (or a test's SIGINT) from here on stops the run cleanly.
-    let attached = run
-        .obs
-        .report
+    let attached = startup::lines(run.obs.report())
         .iter()
         .filter(|s| s.ok && !s.detail_only)
         .count();
@@ -502,7 +502,7 @@ async fn stream(
                         info!("{change}");
                     }
                     if !changes.is_empty() {
-                        run.out.plan(&run.obs.plan_record())?;
+                        run.out.plan(&PlanRecord::of(run.obs))?;
                         node_changed = true;
                     }
                 }
@@ -689,7 +689,7 @@ impl GaugeCache {
         };
         Gauges {
             tracked_packets,
-            interfaces: obs.tc.as_ref().map_or(0, |t| t.interfaces.len()),
+            interfaces: obs.tc_interfaces().count(),
             rss_kb: rss_kb(),
         }
     }

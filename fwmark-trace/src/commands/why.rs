@@ -11,8 +11,7 @@ use crate::why::{nftrace, verdict};
 use crate::{
     event::{monotonic_ns, Timestamp, TraceEvent},
     flows::{FlowTracker, Selection},
-    kernel::tcx,
-    nodestate::{sysctl::Sysctls, watch::Watcher, History, NodeState},
+    nodestate::{links::list_interfaces, sysctl::Sysctls, watch::Watcher, History, NodeState},
     output::{
         summary::Summary,
         text::list,
@@ -162,7 +161,7 @@ pub(crate) fn run_with(cfg: &WhyConfig, on_ready: impl FnOnce()) -> Result<bool>
     let end_ns = monotonic_ns();
     let empty = NodeState::default();
     let registry = Registry::load(&cfg.registry)?;
-    let names: Vec<(u32, String)> = tcx::list_interfaces().unwrap_or_default();
+    let names: Vec<(u32, String)> = list_interfaces().unwrap_or_default();
     let ifname = |i: u32| names.iter().find(|(x, _)| *x == i).map(|(_, n)| n.clone());
     let all: Vec<verdict::Report> = collector
         .flows

@@ -22,7 +22,10 @@ use super::bits::Bits;
 use super::model::{Access, Attachment, BpfKind, Found, MarkKind, Place};
 #[cfg(test)]
 use super::model::{Op, Scope};
-use crate::kernel::{btf::KernelBtf, sys};
+use crate::{
+    kernel::{btf::KernelBtf, sys},
+    nodestate::links::list_interfaces,
+};
 
 /// A loaded program that touches the mark, and how.
 #[derive(Clone, Debug, PartialEq)]
@@ -318,7 +321,7 @@ fn attachments() -> Result<Vec<(u32, Attachment)>> {
     use aya::programs::{SchedClassifier, TcAttachType};
     let qdiscs = crate::nodestate::netlink::tc_qdiscs()?;
     let mut out = Vec::new();
-    for (ifindex, ifname) in crate::kernel::tcx::list_interfaces()? {
+    for (ifindex, ifname) in list_interfaces()? {
         for (dir, egress) in [(TcAttachType::Ingress, false), (TcAttachType::Egress, true)] {
             let direction = if egress { "egress" } else { "ingress" };
             let at = |via| Attachment {

@@ -3,8 +3,7 @@
 //! evaluators; tcx (6.6+) or else clsact cls_bpf filters. `--require FEATURE` turns a missing
 //! feature into an error; `--nf-observers`/`--tc-observers` pick a back-end instead of the
 //! kernel's best.
-use std::fmt;
-
+use aya::programs::{ProgramError, SchedClassifier, TcAttachType};
 use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_prog_type};
 use clap::ValueEnum;
 
@@ -16,15 +15,6 @@ pub(crate) enum Feature {
     Fentry,
     /// BPF netfilter links (BPF_PROG_TYPE_NETFILTER, kernel >= 6.4).
     Netfilter,
-}
-
-impl fmt::Display for Feature {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Feature::Fentry => "fentry/fexit",
-            Feature::Netfilter => "BPF netfilter links",
-        })
-    }
 }
 
 /// Netfilter observers (`--nf-observers`).
@@ -71,12 +61,45 @@ fn load_trivial(
     sys::bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr).map(drop)
 }
 
+/// Why this kernel lacks something.
+#[derive(Debug)]
+pub(crate) enum Unavailable {
+    /// Its BTF has no such function (the probe attaches to it).
+    NoBtfFunction(&'static str),
+    /// It refused to load a program of the type.
+    Load(std::io::Error),
+    /// A tcx query (of loopback) failed: no tcx before 6.6.
+    TcxQuery(Box<ProgramError>),
+}
+
+/// Why a back-end is the one used.
+#[derive(Debug)]
+pub(crate) enum Choice {
+    /// The kernel has it.
+    Available,
+    /// The kernel lacks the better one (for this reason).
+    Fallback(Unavailable),
+    /// The command line asked for it.
+    Asked,
+}
+
+/// Why netfilter cannot be observed as asked.
+#[derive(Debug)]
+pub(crate) enum NoNetfilter {
+    NoLinks(Unavailable),
+    NoFentry(Unavailable),
+    Neither {
+        links: Unavailable,
+        fentry: Unavailable,
+    },
+}
+
 /// Ok, or the kernel's reason the feature is unavailable.
-pub(crate) fn probe(feature: Feature, btf: &KernelBtf) -> Result<(), String> {
+pub(crate) fn probe(feature: Feature, btf: &KernelBtf) -> Result<(), Unavailable> {
     let res = match feature {
         Feature::Fentry => {
             let Some(id) = btf.func_id("consume_skb") else {
-                return Err("kernel BTF has no consume_skb function".into());
+                return Err(Unavailable::NoBtfFunction("consume_skb"));
             };
             load_trivial(
                 bpf_prog_type::BPF_PROG_TYPE_TRACING,
@@ -90,33 +113,43 @@ pub(crate) fn probe(feature: Feature, btf: &KernelBtf) -> Result<(), String> {
             0,
         ),
     };
-    res.map_err(|e| format!("BPF_PROG_LOAD: {e}"))
+    res.map_err(Unavailable::Load)
 }
 
-/// The netfilter back-end to use: `Ok(Links)` or `Ok(Fentry)` with why, or why there is none.
+/// The netfilter back-end to use, `Links` or `Fentry`, and why; or why there is none.
 pub(crate) fn netfilter_backend(
     want: NfBackend,
     btf: &KernelBtf,
-) -> Result<(NfBackend, String), String> {
+) -> Result<(NfBackend, Choice), NoNetfilter> {
     let links = probe(Feature::Netfilter, btf);
     let fentry = probe(Feature::Fentry, btf);
     match (want, links, fentry) {
-        (NfBackend::Auto | NfBackend::Links, Ok(()), _) => Ok((
-            NfBackend::Links,
-            "BPF netfilter links (this kernel has them)".into(),
-        )),
-        (NfBackend::Auto, Err(no_links), Ok(())) => Ok((
-            NfBackend::Fentry,
-            format!("fentry/fexit on the chain evaluators: no BPF netfilter links on this kernel (before 6.4; {no_links})"),
-        )),
-        (NfBackend::Fentry, _, Ok(())) => Ok((
-            NfBackend::Fentry,
-            "fentry/fexit on the chain evaluators (--nf-observers fentry)".into(),
-        )),
-        (NfBackend::Links, Err(why), _) => Err(format!("no BPF netfilter links ({why})")),
-        (NfBackend::Fentry, _, Err(why)) => Err(format!("no fentry/fexit ({why})")),
-        (NfBackend::Auto, Err(no_links), Err(no_fentry)) => Err(format!(
-            "neither BPF netfilter links ({no_links}) nor fentry/fexit ({no_fentry})"
-        )),
+        (NfBackend::Auto | NfBackend::Links, Ok(()), _) => {
+            Ok((NfBackend::Links, Choice::Available))
+        }
+        (NfBackend::Auto, Err(no_links), Ok(())) => {
+            Ok((NfBackend::Fentry, Choice::Fallback(no_links)))
+        }
+        (NfBackend::Fentry, _, Ok(())) => Ok((NfBackend::Fentry, Choice::Asked)),
+        (NfBackend::Links, Err(why), _) => Err(NoNetfilter::NoLinks(why)),
+        (NfBackend::Fentry, _, Err(why)) => Err(NoNetfilter::NoFentry(why)),
+        (NfBackend::Auto, Err(links), Err(fentry)) => Err(NoNetfilter::Neither { links, fentry }),
+    }
+}
+
+/// Whether this kernel has tcx (6.6+): a tcx query of loopback fails on older kernels.
+fn has_tcx() -> Result<(), Unavailable> {
+    SchedClassifier::query_tcx("lo", TcAttachType::Ingress)
+        .map(drop)
+        .map_err(|e| Unavailable::TcxQuery(Box::new(e)))
+}
+
+/// The tc back-end to use, `Tcx` or `Clsact`, and why; or why not the one asked for (tcx).
+pub(crate) fn tc_backend(want: TcBackend) -> Result<(TcBackend, Choice), Unavailable> {
+    match (want, has_tcx()) {
+        (TcBackend::Auto | TcBackend::Tcx, Ok(())) => Ok((TcBackend::Tcx, Choice::Available)),
+        (TcBackend::Auto, Err(why)) => Ok((TcBackend::Clsact, Choice::Fallback(why))),
+        (TcBackend::Clsact, _) => Ok((TcBackend::Clsact, Choice::Asked)),
+        (TcBackend::Tcx, Err(why)) => Err(why),
     }
 }

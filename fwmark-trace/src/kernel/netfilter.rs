@@ -208,7 +208,7 @@ mod tests {
     /// stops pruning and gives up at 1M instructions. Every observer must be one function.
     #[test]
     fn no_observer_calls_a_subprogram() {
-        let object = super::super::observers::OBJECT;
+        let object = super::super::object::OBJECT;
         if object.is_empty() {
             eprintln!("skipped: built without the eBPF object (AYA_BUILD_SKIP)");
             return;

@@ -67,13 +67,9 @@ pub(crate) struct Found {
 }
 
 impl Found {
-    /// "nft_do_chain (module nf_tables)".
-    pub(crate) fn label(&self) -> String {
-        let e = self.evaluator;
-        match self.module_btf {
-            Some(_) => format!("{} (module {})", e.func, e.module),
-            None => format!("{} (built in)", e.func),
-        }
+    /// Whether the function is built into vmlinux rather than in its module.
+    pub(crate) fn built_in(&self) -> bool {
+        self.module_btf.is_none()
     }
 }
 

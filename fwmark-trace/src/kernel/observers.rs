@@ -1,7 +1,8 @@
-//! Loads the kernel object and attaches every observer: tp_btf tracepoints (aya), netfilter
-//! links (raw, see `netfilter.rs`) or else fentry/fexit on the chain evaluators
-//! (`nf_chains.rs`), and tc programs (see `tcx.rs`). An observation point that cannot attach
-//! is reported with the kernel's reason and the run goes on without it.
+//! Loads the kernel object and attaches every observer: tp_btf tracepoints (aya; the common
+//! crate's `TRACEPOINTS` table), netfilter links (raw, see `netfilter.rs`) or else fentry/fexit
+//! on the chain evaluators (`nf_chains.rs`), and tc programs (see `tcx.rs`). An observation
+//! point that cannot attach is reported with the kernel's reason (a `startup::Status`) and the
+//! run goes on without it. `Observers::start` is a row of steps, one function each.
 use std::{
     collections::{BTreeSet, HashMap},
     os::fd::{AsFd, OwnedFd},
@@ -16,39 +17,24 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 use fwmark_trace_common::{
-    lost_reason, AggKey, AggValue, Config, Control, FlowFilter, GLOBAL_CONFIG, MAP_AGG,
-    MAP_CONTROL, MAP_EVENTS, MAP_IFACES, MAP_LOST, OFFSET_MISSING,
+    layer, lost_reason, AggKey, AggValue, Config, Control, FlowFilter, Offsets, GLOBAL_CONFIG,
+    MAP_AGG, MAP_CONTROL, MAP_EVENTS, MAP_IFACES, MAP_LOST, OFFSET_MISSING, TRACEPOINTS,
 };
 
-use super::plan::{NfPlan, PlanMode};
 use super::{
     btf::{self, KernelBtf},
+    counts::KernelCounts,
     features::{self, Feature, NfBackend, TcBackend},
-    netfilter::{NfPrograms, NfSite, RawObject, PRIO_FIRST, PRIO_LAST},
-    nf_chains, sys,
+    netfilter::{NfPrograms, NfSite, RawObject},
+    nf_chains::{self, Found},
+    object::OBJECT,
+    plan::{NfPlan, PlanMode},
+    startup::{self, NfChange, NfLinked, NothingAttached, Status},
+    sys,
     tc_placement::Placement,
-    tcx::{self, TcObservers},
+    tcx::{Interface, OwnFilter, TcObserverChange, TcObservers},
 };
-use crate::{
-    event::Timestamp,
-    nodestate::{nft, watch::Watcher},
-    stack::{Family, NfHook},
-};
-
-/// The kernel object built from fwmark-trace-ebpf (see build.rs).
-pub(super) static OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fwmark-trace"));
-
-/// The tp_btf observers: (program, tracepoint, whether it observes routing lookups, which
-/// only `--routes` and followed flows want).
-const TRACEPOINTS: [(&str, &str, bool); 6] = [
-    ("fwm_rx", "netif_receive_skb", false),
-    ("fwm_dev_queue", "net_dev_queue", false),
-    ("fwm_kfree", "kfree_skb", false),
-    ("fwm_consume", "consume_skb", false),
-    ("fwm_fib", "fib_table_lookup", true),
-    ("fwm_fib6", "fib6_table_lookup", true),
-];
+use crate::nodestate::{nft, watch::Watcher};
 
 pub(crate) struct Options {
     pub(crate) mark: Option<crate::mark::MarkMatch>,
@@ -73,45 +59,16 @@ pub(crate) struct Options {
     pub(crate) flow: FlowFilter,
 }
 
-/// One line of the start-up report.
-#[derive(Clone, Debug, serde::Serialize)]
-pub(crate) struct AttachStatus {
-    pub(crate) point: String,
-    pub(crate) ok: bool,
-    pub(crate) detail: String,
-    /// Per-interface detail under a summary entry: printed only at debug level.
-    pub(crate) detail_only: bool,
-}
-
-/// The observer plan, as the JSON output's first record (`kind: "plan"`) and again after a
-/// re-plan: which observers, and why each is there.
-#[derive(serde::Serialize)]
-pub(crate) struct PlanRecord {
-    pub(crate) time: Timestamp,
-    pub(crate) kind: &'static str,
-    pub(crate) mode: PlanMode,
-    pub(crate) observers: Vec<AttachStatus>,
-    pub(crate) netfilter: Vec<PlannedSite>,
-}
-
-/// One netfilter observer and the reason it sits there.
-#[derive(serde::Serialize)]
-pub(crate) struct PlannedSite {
-    pub(crate) family: Family,
-    pub(crate) hook: NfHook,
-    pub(crate) priority: i32,
-    pub(crate) why: String,
-}
-
+/// Everything this run loaded and attached, kept until it exits (dropping it detaches all).
 pub(crate) struct Observers {
-    pub(crate) ebpf: Ebpf,
+    ebpf: Ebpf,
     /// The netfilter back-end in use (`None`: netfilter is not observed).
-    pub(crate) nf_backend: Option<NfBackend>,
-    pub(crate) tc: Option<TcObservers>,
-    pub(crate) plan: NfPlan,
-    pub(crate) chains: Vec<nft::Chain>,
-    pub(crate) drop_reasons: HashMap<u32, String>,
-    pub(crate) report: Vec<AttachStatus>,
+    nf_backend: Option<NfBackend>,
+    tc: Option<TcObservers>,
+    plan: NfPlan,
+    chains: Vec<nft::Chain>,
+    drop_reasons: HashMap<u32, String>,
+    report: Vec<Status>,
     /// Kernel-side log records (aya-log); keeping it keeps its ring buffer alive.
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// Kept to link band observers for chains that appear during the run.
@@ -122,6 +79,28 @@ pub(crate) struct Observers {
     nft_watch: Option<Watcher>,
 }
 
+/// What the kernel tells about itself before anything is loaded.
+struct KernelFacts {
+    btf: Arc<KernelBtf>,
+    offsets: Offsets,
+    drop_reasons: HashMap<u32, String>,
+}
+
+/// The loaded object.
+struct Loaded {
+    ebpf: Ebpf,
+    /// For the programs aya cannot load (netfilter, fentry/fexit).
+    raw: Result<RawObject>,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+/// The netfilter observers attached.
+struct Netfilter {
+    plan: NfPlan,
+    nf: Option<NfPrograms>,
+    links: Vec<OwnedFd>,
+}
+
 impl Observers {
     /// Loads and attaches everything in the current network namespace (the caller has
     /// entered the traced one). Fails only when nothing useful could be attached.
@@ -129,222 +108,67 @@ impl Observers {
         if OBJECT.is_empty() {
             bail!("this binary was built without its eBPF object (AYA_BUILD_SKIP); rebuild with `cargo xtask build`");
         }
-        let kbtf = Arc::new(KernelBtf::load().context(
-            "reading kernel BTF from /sys/kernel/btf/vmlinux (kernel built without CONFIG_DEBUG_INFO_BTF?)",
-        )?);
-        let mut offsets = btf::offsets(&kbtf).context("finding kernel struct offsets in BTF")?;
-        let drop_reasons = btf::drop_reason_names(&kbtf).unwrap_or_default();
-        for feature in &opts.require {
-            if let Err(why) = features::probe(*feature, &kbtf) {
-                bail!("this kernel lacks {feature} ({why}), which --require asked for");
-            }
-        }
+        let mut kernel = read_kernel(&opts.require)?;
         let mut report = Vec::new();
-        // The netfilter back-end, and for fentry the evaluators this kernel has: their argument
-        // layouts go into the configuration the observers are loaded with.
-        let nf_backend = match features::netfilter_backend(opts.nf_backend, &kbtf) {
-            Ok((backend, why)) => {
-                report.push(note("netfilter", true, why));
-                Some(backend)
-            }
-            Err(why) if opts.nf_backend != NfBackend::Auto => {
-                bail!("--nf-observers {:?}: {why}", opts.nf_backend)
-            }
-            Err(why) => {
-                report.push(note("netfilter", false, format!("not observed: {why}")));
-                None
-            }
+        let nf_backend = choose_nf_backend(opts.nf_backend, &kernel.btf, &mut report)?;
+        // For fentry, the evaluators this kernel has: their argument layouts go into the
+        // configuration the observers are loaded with.
+        let evaluators = match nf_backend {
+            Some(NfBackend::Fentry) => find_evaluators(&mut kernel, &mut report),
+            _ => Vec::new(),
         };
-        let mut evaluators = Vec::new();
-        if nf_backend == Some(NfBackend::Fentry) {
-            for e in &nf_chains::EVALUATORS {
-                match nf_chains::find(e, &kbtf, &mut offsets) {
-                    Ok(found) => evaluators.push(found),
-                    Err(err) => report.push(note(
-                        "netfilter fentry",
-                        false,
-                        format!("{} ({}) not observed: {err:#}", e.func, e.what),
-                    )),
-                }
-            }
-        }
-        let (mark_value, mark_mask) = opts.mark.map_or((0, 0), |m| (m.value.0, m.mask.0));
-        let config = Config {
-            offsets,
-            mark_value,
-            mark_mask,
-            netns: opts.netns,
-            iface_filter: opts.ifaces.is_some() as u32,
-            full_path: opts.full_path as u32,
-            own_netns: crate::netns::current()?,
-            routes: opts.routes as u32,
-            all_drops: opts.all_drops as u32,
-            aggregate: opts.aggregate as u32,
-            flow: opts.flow,
-        };
-        debug_assert!(config.offsets.skb_mark != OFFSET_MISSING);
         let aya_btf = Btf::from_sys_fs().context("reading kernel BTF for aya")?;
-        let mut ebpf = EbpfLoader::new()
-            .btf(Some(&aya_btf))
-            .override_global(GLOBAL_CONFIG, &config, true)
-            .map_max_entries(MAP_EVENTS, opts.ring_bytes)
-            .map_max_entries(MAP_AGG, opts.agg_entries)
-            // Kernel-side log statements below the daemon's log level are skipped in the kernel.
-            .override_global("AYA_LOG_LEVEL", &(log::max_level() as u8), false)
-            .load(OBJECT)
-            .context("loading the eBPF object (are you root?)")?;
-        // Relocate the raw-loaded programs while every map is still in `ebpf` (the logger takes
-        // its ring buffer out); they are loaded and attached further down.
-        let raw = RawObject::new(OBJECT, ebpf.maps());
-        let logger = aya_log::EbpfLogger::init(&mut ebpf)
-            .map_err(|err| log::debug!("aya-log not active: {err}"))
-            .ok();
-
+        let Loaded {
+            mut ebpf,
+            raw,
+            logger,
+        } = load(opts, kernel.offsets, &aya_btf)?;
         if let Some(names) = &opts.ifaces {
-            let present = tcx::list_interfaces()?;
-            let mut map: BpfHashMap<_, u32, u8> =
-                BpfHashMap::try_from(ebpf.map_mut(MAP_IFACES).context("IFACES map")?)?;
-            for name in names {
-                let (index, _) = present.iter().find(|(_, n)| n == name).with_context(|| {
-                    format!("interface {name} not found in the traced network namespace")
-                })?;
-                map.insert(index, 1, 0)?;
-            }
+            only_interfaces(&mut ebpf, names)?;
         }
-
-        for (prog, tp, routing) in TRACEPOINTS {
-            if routing && !opts.routes {
-                continue;
-            }
-            let res = (|| -> Result<()> {
-                let p: &mut BtfTracePoint =
-                    ebpf.program_mut(prog).context("missing")?.try_into()?;
-                let started = Instant::now();
-                p.load(tp, &aya_btf)?;
-                sys::log_verified(prog, p.fd()?.as_fd(), started);
-                p.attach()?;
-                Ok(())
-            })();
-            report.push(status(format!("tp_btf {tp}"), res));
-        }
-
+        attach_tracepoints(&mut ebpf, &aya_btf, opts.routes, &mut report);
         // Listening before the first read: a change in between is not missed.
         let nft_watch = Watcher::nftables().ok();
-        let mut chains = match nft::read_chains() {
-            Ok(c) => c,
-            Err(err) => {
-                report.push(status("nftables chain bands".into(), Err(err)));
-                Default::default()
-            }
-        };
-        chains.extend(nft::kernel_users());
-        chains.extend(nft::legacy_tables());
+        let chains = read_chains().unwrap_or_else(|err| {
+            report.push(Status::ChainsUnread(err));
+            Vec::new()
+        });
         let mode = if opts.full_path {
             PlanMode::Full
         } else {
             PlanMode::Writers
         };
-        let mut nf_links = Vec::new();
-        let mut nf = None;
-        let plan = match (nf_backend, raw) {
-            (None, _) => NfPlan::none(mode),
-            (Some(_), Err(err)) => {
-                report.push(status("netfilter programs".into(), Err(err)));
-                NfPlan::none(mode)
-            }
-            (Some(NfBackend::Fentry), Ok(raw)) => {
-                for found in &evaluators {
-                    let res = nf_chains::attach(&raw, found).map(|links| nf_links.extend(links));
-                    report.push(AttachStatus {
-                        point: "netfilter fentry".into(),
-                        ok: res.is_ok(),
-                        detail: match res {
-                            Ok(()) => format!(
-                                "{}: entry and exit of {}",
-                                found.label(),
-                                found.evaluator.what
-                            ),
-                            Err(err) => format!("{}: {err:#}", found.label()),
-                        },
-                        detail_only: false,
-                    });
-                }
-                NfPlan::none(mode)
-            }
-            (Some(_), Ok(raw)) => {
-                let mut plan = NfPlan::new(&chains, mode);
-                match NfPrograms::load(&raw) {
-                    Ok(progs) => {
-                        link_plan(&progs, &mut plan, &chains, &mut nf_links, &mut report);
-                        nf = Some(progs);
-                    }
-                    Err(err) => report.push(status("netfilter programs".into(), Err(err))),
-                }
-                plan
-            }
-        };
-
-        // Full path shows every point of a packet's path; otherwise only where tc can write.
-        let placement = if opts.full_path {
-            Placement::Everywhere
-        } else {
-            Placement::WhereNeeded
-        };
-        let tc = match tc_backend(opts.tc_backend) {
-            Ok((backend, why)) => {
-                let loaded = TcObservers::load(&mut ebpf, opts.ifaces.clone(), placement, backend);
-                let label = tcx::backend_label(backend);
-                report.push(note("tc", loaded.is_ok(), why));
-                match loaded {
-                    Ok(tc) => Some(tc),
-                    Err(err) => {
-                        report.push(status(label.into(), Err(err)));
-                        None
-                    }
-                }
-            }
-            Err(why) => bail!("--tc-observers {:?}: {why}", opts.tc_backend),
-        };
+        let netfilter = attach_netfilter(nf_backend, raw, &evaluators, &chains, mode, &mut report);
+        let tc = load_tc(&mut ebpf, opts, &mut report)?;
         set_ct_watch(&mut ebpf, &chains, mode)?;
         let mut me = Self {
             ebpf,
             nf_backend,
             tc,
-            plan,
+            plan: netfilter.plan,
             chains,
-            drop_reasons,
+            drop_reasons: kernel.drop_reasons,
             report,
             logger,
-            nf,
-            nf_links,
+            nf: netfilter.nf,
+            nf_links: netfilter.links,
             nft_watch,
         };
         let changes = me.refresh_interfaces()?;
         if let Some(tc) = &me.tc {
-            me.report.extend(tc.report(&changes));
+            me.report.push(Status::Tc(tc.startup(changes)));
         }
         // The tcx summary is fine with no interface needing observers, but that attached nothing.
-        let tc_attached = me.tc.as_ref().is_some_and(|t| !t.interfaces.is_empty());
-        let tc_label = me.tc.as_ref().map(|t| tcx::backend_label(t.backend));
-        if !tc_attached
-            && !me
-                .report
-                .iter()
-                .any(|s| s.ok && Some(&*s.point) != tc_label)
-        {
-            bail!(
-                "no observation point could be attached:\n{}",
-                me.report
-                    .iter()
-                    .map(|s| format!("  {}: {}", s.point, s.detail))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            );
+        let tc_interfaces = me.tc.as_ref().map_or(0, |t| t.interfaces().len());
+        if !startup::attached_something(&me.report, tc_interfaces) {
+            let report = std::mem::take(&mut me.report);
+            return Err(NothingAttached(report).into());
         }
         Ok(me)
     }
 
-    pub(crate) fn refresh_interfaces(&mut self) -> Result<Vec<tcx::Change>> {
+    /// Attaches and detaches tc observers to match the interfaces as they are now.
+    pub(crate) fn refresh_interfaces(&mut self) -> Result<Vec<TcObserverChange>> {
         match &mut self.tc {
             Some(tc) => tc.refresh(&mut self.ebpf),
             None => Ok(Vec::new()),
@@ -353,19 +177,17 @@ impl Observers {
 
     /// Re-reads the nft chains; when they changed, updates the chain names segments show and
     /// links band observers for new chain priorities. Returns what changed, for the log.
-    pub(crate) fn refresh_chains(&mut self) -> Vec<String> {
+    pub(crate) fn refresh_chains(&mut self) -> Vec<NfChange> {
         if self.nft_watch.as_mut().is_some_and(|w| !w.changed()) {
             return Vec::new();
         }
-        let Ok(mut chains) = nft::read_chains() else {
+        let Ok(chains) = read_chains() else {
             return Vec::new();
         };
-        chains.extend(nft::kernel_users());
-        chains.extend(nft::legacy_tables());
         if chains == self.chains {
             return Vec::new();
         }
-        let mut changes = vec![format!("nft chains changed ({} base chains)", chains.len())];
+        let mut changes = vec![NfChange::Chains(chains.len())];
         if let Some(nf) = &self.nf {
             for site in self.plan.additions(&chains) {
                 match nf.link(site) {
@@ -375,56 +197,65 @@ impl Observers {
                             priority: prio,
                             ..site
                         });
-                        changes.push(format!("band observer added at {}", site_label(&site)));
+                        changes.push(NfChange::BandAdded(site));
                     }
-                    Err(err) => {
-                        changes.push(format!("band observer at {}: {err}", site_label(&site)))
-                    }
+                    Err(err) => changes.push(NfChange::BandFailed(site, err)),
                 }
             }
         }
         if let Err(err) = set_ct_watch(&mut self.ebpf, &chains, self.plan.mode) {
-            changes.push(format!("conntrack mark watch not updated: {err:#}"));
+            changes.push(NfChange::CtWatchNotUpdated(err));
         }
         self.chains = chains;
         changes
     }
 
-    /// The plan as it stands (see `PlanRecord`).
-    pub(crate) fn plan_record(&self) -> PlanRecord {
-        let netfilter = self
-            .plan
-            .sites()
-            .iter()
-            .map(|site| {
-                let before: Vec<String> = self
-                    .chains
-                    .iter()
-                    .filter(|c| c.hook == site.hook && c.covers(site.family))
-                    .filter(|c| c.priority.saturating_add(1) == site.priority)
-                    .map(|c| c.to_string())
-                    .collect();
-                let why = match site.priority {
-                    PRIO_FIRST => "the hook's first priority: bounds the first band".into(),
-                    PRIO_LAST => "the hook's last priority".into(),
-                    _ if before.is_empty() => "after a chain priority".into(),
-                    _ => format!("after {}", before.join(", ")),
-                };
-                PlannedSite {
-                    family: site.family,
-                    hook: site.hook,
-                    priority: site.priority,
-                    why,
-                }
-            })
-            .collect();
-        PlanRecord {
-            time: Timestamp::now(),
-            kind: "plan",
-            mode: self.plan.mode,
-            observers: self.report.clone(),
-            netfilter,
-        }
+    /// How start-up went, step by step.
+    pub(crate) fn report(&self) -> &[Status] {
+        &self.report
+    }
+
+    /// Where the netfilter observers are.
+    pub(crate) fn plan(&self) -> &NfPlan {
+        &self.plan
+    }
+
+    /// The nft base chains (and kernel users of the hooks) as last read.
+    pub(crate) fn chains(&self) -> &[nft::Chain] {
+        &self.chains
+    }
+
+    /// The kernel's drop reason names, by value.
+    pub(crate) fn drop_reasons(&self) -> &HashMap<u32, String> {
+        &self.drop_reasons
+    }
+
+    /// The netfilter back-end in use (`None`: netfilter is not observed).
+    pub(crate) fn nf_backend(&self) -> Option<NfBackend> {
+        self.nf_backend
+    }
+
+    /// The tc back-end in use (`None`: tc is not observed).
+    pub(crate) fn tc_backend(&self) -> Option<TcBackend> {
+        self.tc.as_ref().map(TcObservers::backend)
+    }
+
+    /// The interfaces with tc observers, by ifindex.
+    pub(crate) fn tc_interfaces(&self) -> impl Iterator<Item = (&u32, &Interface)> {
+        self.tc.iter().flat_map(|t| t.interfaces())
+    }
+
+    /// The classic tc filters this run attached (the clsact back-end).
+    pub(crate) fn own_filters(&self) -> Vec<OwnFilter> {
+        self.tc
+            .as_ref()
+            .map(TcObservers::own_filters)
+            .unwrap_or_default()
+    }
+
+    /// The kernel's counts of transitions (`--count`), taken out of the object.
+    pub(crate) fn take_counts(&mut self) -> Result<KernelCounts> {
+        KernelCounts::take(&mut self.ebpf)
     }
 
     /// The kernel ids of every program this run has loaded and of every link holding one of
@@ -558,109 +389,236 @@ fn update_control(ebpf: &mut Ebpf, change: impl FnOnce(&mut Control)) -> Result<
     Ok(())
 }
 
-/// The start-up line for netfilter: how many observers, where, and why there.
-fn nf_summary(plan: &NfPlan, chains: &[nft::Chain], linked: usize) -> AttachStatus {
-    let total = plan.sites().len();
-    let merged = if plan.merged > 0 {
-        format!(", {} priorities merged", plan.merged)
-    } else {
-        String::new()
-    };
-    let detail = match plan.mode {
-        PlanMode::Full => format!(
-            "{linked}/{total} links (every hook: first, last and after each chain priority{merged})"
-        ),
-        PlanMode::Writers => {
-            let writers: Vec<String> = chains
-                .iter()
-                .filter(|c| c.writes.any())
-                .map(|c| c.to_string())
-                .collect();
-            if writers.is_empty() {
-                "no observer: no chain writes a packet or conntrack mark (changes made elsewhere are seen at the next observer)".into()
-            } else {
-                format!(
-                    "{linked}/{total} links, on the hooks whose chains write a mark: first priority and after each of {}{merged}",
-                    writers.join(", ")
-                )
-            }
+/// The kernel's BTF and what it gives (struct offsets, drop reason names); fails when a
+/// feature `--require` asked for is missing.
+fn read_kernel(require: &[Feature]) -> Result<KernelFacts> {
+    let btf = Arc::new(KernelBtf::load().context(
+        "reading kernel BTF from /sys/kernel/btf/vmlinux (kernel built without CONFIG_DEBUG_INFO_BTF?)",
+    )?);
+    let offsets = btf::offsets(&btf).context("finding kernel struct offsets in BTF")?;
+    let drop_reasons = btf::drop_reason_names(&btf).unwrap_or_default();
+    for feature in require {
+        if let Err(why) = features::probe(*feature, &btf) {
+            bail!("this kernel lacks {feature} ({why}), which --require asked for");
         }
-    };
-    AttachStatus {
-        point: "netfilter ipv4+ipv6".into(),
-        ok: total == 0 || linked > 0,
-        detail,
-        detail_only: false,
+    }
+    Ok(KernelFacts {
+        btf,
+        offsets,
+        drop_reasons,
+    })
+}
+
+/// The netfilter back-end (`None`: netfilter is not observed); an error when the one asked
+/// for is missing.
+fn choose_nf_backend(
+    want: NfBackend,
+    btf: &KernelBtf,
+    report: &mut Vec<Status>,
+) -> Result<Option<NfBackend>> {
+    match features::netfilter_backend(want, btf) {
+        Err(why) if want != NfBackend::Auto => bail!("--nf-observers {want:?}: {why}"),
+        chosen => {
+            let backend = chosen.as_ref().ok().map(|(b, _)| *b);
+            report.push(Status::NfBackend(chosen));
+            Ok(backend)
+        }
     }
 }
 
-/// The tc back-end to use, with why.
-fn tc_backend(want: TcBackend) -> Result<(TcBackend, String), String> {
-    match (want, tcx::has_tcx()) {
-        (TcBackend::Auto | TcBackend::Tcx, Ok(())) => {
-            Ok((TcBackend::Tcx, "tcx (this kernel has it)".into()))
+/// The chain evaluators this kernel has, with their argument layouts put into the offsets.
+fn find_evaluators(kernel: &mut KernelFacts, report: &mut Vec<Status>) -> Vec<Found> {
+    let mut found = Vec::new();
+    for e in &nf_chains::EVALUATORS {
+        match nf_chains::find(e, &kernel.btf, &mut kernel.offsets) {
+            Ok(f) => found.push(f),
+            Err(err) => report.push(Status::EvaluatorMissing(e, err)),
         }
-        (TcBackend::Auto, Err(why)) => Ok((
-            TcBackend::Clsact,
-            format!("cls_bpf filters in clsact qdiscs: no tcx on this kernel (before 6.6; {why})"),
-        )),
-        (TcBackend::Clsact, _) => Ok((
-            TcBackend::Clsact,
-            "cls_bpf filters in clsact qdiscs (--tc-observers clsact)".into(),
-        )),
-        (TcBackend::Tcx, Err(why)) => Err(format!("no tcx on this kernel ({why})")),
     }
+    found
+}
+
+/// Loads the object with its configuration.
+fn load(opts: &Options, offsets: Offsets, aya_btf: &Btf) -> Result<Loaded> {
+    let (mark_value, mark_mask) = opts.mark.map_or((0, 0), |m| (m.value.0, m.mask.0));
+    let config = Config {
+        offsets,
+        mark_value,
+        mark_mask,
+        netns: opts.netns,
+        iface_filter: opts.ifaces.is_some() as u32,
+        full_path: opts.full_path as u32,
+        own_netns: crate::netns::current()?,
+        routes: opts.routes as u32,
+        all_drops: opts.all_drops as u32,
+        aggregate: opts.aggregate as u32,
+        flow: opts.flow,
+    };
+    debug_assert!(config.offsets.skb_mark != OFFSET_MISSING);
+    let mut ebpf = EbpfLoader::new()
+        .btf(Some(aya_btf))
+        .override_global(GLOBAL_CONFIG, &config, true)
+        .map_max_entries(MAP_EVENTS, opts.ring_bytes)
+        .map_max_entries(MAP_AGG, opts.agg_entries)
+        // Kernel-side log statements below the daemon's log level are skipped in the kernel.
+        .override_global("AYA_LOG_LEVEL", &(log::max_level() as u8), false)
+        .load(OBJECT)
+        .context("loading the eBPF object (are you root?)")?;
+    // Relocate the raw-loaded programs while every map is still in `ebpf` (the logger takes
+    // its ring buffer out); they are loaded and attached later.
+    let raw = RawObject::new(OBJECT, ebpf.maps());
+    let logger = aya_log::EbpfLogger::init(&mut ebpf)
+        .map_err(|err| log::debug!("aya-log not active: {err}"))
+        .ok();
+    Ok(Loaded { ebpf, raw, logger })
+}
+
+/// Reports only the interfaces `names` (`--iface`).
+fn only_interfaces(ebpf: &mut Ebpf, names: &[String]) -> Result<()> {
+    let present = crate::nodestate::links::list_interfaces()?;
+    let mut map: BpfHashMap<_, u32, u8> =
+        BpfHashMap::try_from(ebpf.map_mut(MAP_IFACES).context("IFACES map")?)?;
+    for name in names {
+        let (index, _) = present.iter().find(|(_, n)| n == name).with_context(|| {
+            format!("interface {name} not found in the traced network namespace")
+        })?;
+        map.insert(index, 1, 0)?;
+    }
+    Ok(())
+}
+
+/// Loads and attaches the tp_btf observers (those of routing lookups only with `routes`).
+fn attach_tracepoints(ebpf: &mut Ebpf, aya_btf: &Btf, routes: bool, report: &mut Vec<Status>) {
+    for t in TRACEPOINTS {
+        if t.layer == layer::ROUTING && !routes {
+            continue;
+        }
+        let res = (|| -> Result<()> {
+            let p: &mut BtfTracePoint =
+                ebpf.program_mut(t.program).context("missing")?.try_into()?;
+            let started = Instant::now();
+            p.load(t.target, aya_btf)?;
+            sys::log_verified(t.program, p.fd()?.as_fd(), started);
+            p.attach()?;
+            Ok(())
+        })();
+        report.push(Status::Tracepoint(t, res));
+    }
+}
+
+/// The nft base chains, with the kernel's own users of the hooks and legacy tables.
+fn read_chains() -> Result<Vec<nft::Chain>> {
+    let mut chains = nft::read_chains()?;
+    chains.extend(nft::kernel_users());
+    chains.extend(nft::legacy_tables());
+    Ok(chains)
+}
+
+/// Attaches the netfilter observers: fentry/fexit on `evaluators`, or links where `mode`
+/// places them around `chains`.
+fn attach_netfilter(
+    backend: Option<NfBackend>,
+    raw: Result<RawObject>,
+    evaluators: &[Found],
+    chains: &[nft::Chain],
+    mode: PlanMode,
+    report: &mut Vec<Status>,
+) -> Netfilter {
+    let mut done = Netfilter {
+        plan: NfPlan::none(mode),
+        nf: None,
+        links: Vec::new(),
+    };
+    match (backend, raw) {
+        (None, _) => {}
+        (Some(_), Err(err)) => report.push(Status::NfProgramsUnloaded(err)),
+        (Some(NfBackend::Fentry), Ok(raw)) => {
+            for found in evaluators {
+                let attached = nf_chains::attach(&raw, found).map(|links| done.links.extend(links));
+                report.push(Status::Evaluator {
+                    evaluator: found.evaluator,
+                    built_in: found.built_in(),
+                    attached,
+                });
+            }
+        }
+        (Some(_), Ok(raw)) => {
+            done.plan = NfPlan::new(chains, mode);
+            match NfPrograms::load(&raw) {
+                Ok(progs) => {
+                    link_plan(&progs, &mut done.plan, chains, &mut done.links, report);
+                    done.nf = Some(progs);
+                }
+                Err(err) => report.push(Status::NfProgramsUnloaded(err)),
+            }
+        }
+    }
+    done
 }
 
 /// Links every site of `plan`, moving a site whose priority was taken to where it was linked;
-/// failures are reported once per distinct reason.
+/// failures are reported once per site.
 fn link_plan(
     progs: &NfPrograms,
     plan: &mut NfPlan,
     chains: &[nft::Chain],
     links: &mut Vec<OwnedFd>,
-    report: &mut Vec<AttachStatus>,
+    report: &mut Vec<Status>,
 ) {
-    let mut failures: HashMap<String, usize> = HashMap::new();
+    let mut failures: Vec<(NfSite, std::io::Error)> = Vec::new();
     for site in plan.sites().to_vec() {
         match progs.link(site) {
             Ok((fd, prio)) => {
                 plan.set_priority(site, prio);
                 links.push(fd)
             }
-            Err(err) => {
-                *failures
-                    .entry(format!("{}: {err}", site_label(&site)))
-                    .or_default() += 1
-            }
+            Err(err) if !failures.iter().any(|(s, _)| *s == site) => failures.push((site, err)),
+            Err(_) => {}
         }
     }
-    report.push(nf_summary(plan, chains, links.len()));
-    for (why, _) in failures {
-        report.push(note("netfilter link", false, why));
-    }
+    report.push(Status::NfLinks(NfLinked {
+        mode: plan.mode,
+        planned: plan.sites().len(),
+        linked: links.len(),
+        merged: plan.merged,
+        writers: chains.iter().filter(|c| c.writes.any()).cloned().collect(),
+    }));
+    report.extend(
+        failures
+            .into_iter()
+            .map(|(site, err)| Status::NfLinkFailed(site, err)),
+    );
 }
 
-fn note(point: &str, ok: bool, detail: String) -> AttachStatus {
-    AttachStatus {
-        point: point.into(),
-        ok,
-        detail,
-        detail_only: false,
-    }
-}
-
-fn site_label(s: &NfSite) -> String {
-    format!("{} {} prio {}", s.family, s.hook, s.priority)
-}
-
-fn status(point: String, res: Result<()>) -> AttachStatus {
-    AttachStatus {
-        point,
-        ok: res.is_ok(),
-        detail: res.map_or_else(|err| format!("{err:#}"), |()| "attached".into()),
-        detail_only: false,
-    }
+/// Chooses the tc back-end and loads the tc programs (`None`: they could not be loaded); an
+/// error when the back-end asked for is missing.
+fn load_tc(
+    ebpf: &mut Ebpf,
+    opts: &Options,
+    report: &mut Vec<Status>,
+) -> Result<Option<TcObservers>> {
+    let (backend, choice) = match features::tc_backend(opts.tc_backend) {
+        Ok(chosen) => chosen,
+        Err(why) => bail!(
+            "--tc-observers {:?}: no tcx on this kernel ({why})",
+            opts.tc_backend
+        ),
+    };
+    // Full path shows every point of a packet's path; otherwise only where tc can write.
+    let placement = if opts.full_path {
+        Placement::Everywhere
+    } else {
+        Placement::WhereNeeded
+    };
+    let loaded = TcObservers::load(ebpf, opts.ifaces.clone(), placement, backend);
+    report.push(Status::TcBackend {
+        backend,
+        choice,
+        loaded: loaded.is_ok(),
+    });
+    Ok(loaded
+        .map_err(|err| report.push(Status::TcUnloaded(backend, err)))
+        .ok())
 }
 
 #[cfg(test)]
@@ -680,5 +638,32 @@ mod tests {
         assert_eq!(agg_entries(AGG_BUDGET, 1), AGG_MAX_ENTRIES);
         // Many CPUs, a small budget: never fewer than the floor.
         assert_eq!(agg_entries(1 << 20, 1024), AGG_MIN_ENTRIES);
+    }
+
+    /// The eBPF crate makes its tracepoint and tc programs from the same tables: each is
+    /// there, of its kind.
+    #[test]
+    fn the_object_has_every_program_of_the_tables() {
+        if OBJECT.is_empty() {
+            eprintln!("skipped: built without the eBPF object (AYA_BUILD_SKIP)");
+            return;
+        }
+        let obj = aya_obj::Object::parse(OBJECT).unwrap();
+        for t in TRACEPOINTS {
+            let prog = obj.programs.get(t.program);
+            assert!(
+                prog.is_some_and(|p| matches!(p.section, aya_obj::ProgramSection::BtfTracePoint)),
+                "{}",
+                t.program
+            );
+        }
+        for t in fwmark_trace_common::TC_OBSERVERS {
+            let prog = obj.programs.get(t.program);
+            assert!(
+                prog.is_some_and(|p| matches!(p.section, aya_obj::ProgramSection::SchedClassifier)),
+                "{}",
+                t.program
+            );
+        }
     }
 }

@@ -3,10 +3,7 @@
 //! change the mark: a foreign tcx program in either direction, or a clsact/ingress qdisc (its
 //! classic filters run after the tcx chain). Elsewhere a change is still reported, by the
 //! tracepoints and netfilter observers that are always there, in a segment spanning the gap.
-use fwmark_trace_common::tc_dir;
-
-use super::tcx::{dir_name, ForeignProgram};
-use crate::nodestate::netlink::TcQdisc;
+use crate::nodestate::{netlink::TcQdisc, programs::ForeignProgram};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) enum Placement {
@@ -20,7 +17,7 @@ pub(crate) enum Placement {
 /// Why an interface carries tcx observers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Reason {
-    /// Foreign tcx programs, per direction (at least one).
+    /// Foreign tcx programs, per direction in `TcDir::ALL` order (at least one).
     Foreign([Vec<ForeignProgram>; 2]),
     /// A qdisc classic filters attach to.
     Qdisc(TcQdisc),
@@ -41,28 +38,6 @@ pub(crate) fn reason(
         Some(Reason::Qdisc(q))
     } else {
         (placement == Placement::Everywhere).then_some(Reason::Everywhere)
-    }
-}
-
-impl std::fmt::Display for Reason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Reason::Foreign(chain) => {
-                let parts: Vec<String> = [tc_dir::INGRESS, tc_dir::EGRESS]
-                    .into_iter()
-                    .filter(|d| !chain[*d as usize].is_empty())
-                    .map(|d| {
-                        let progs = &chain[d as usize];
-                        let list: Vec<String> = progs.iter().map(|p| p.to_string()).collect();
-                        let s = if progs.len() > 1 { "s" } else { "" };
-                        format!("foreign program{s} {} on {}", list.join(", "), dir_name(d))
-                    })
-                    .collect();
-                f.write_str(&parts.join("; "))
-            }
-            Reason::Qdisc(q) => write!(f, "{q} qdisc"),
-            Reason::Everywhere => f.write_str("full path"),
-        }
     }
 }
 
@@ -107,20 +82,5 @@ mod tests {
             reason(ev, &egress, None),
             Some(Reason::Foreign(_))
         ));
-    }
-
-    #[test]
-    fn reasons_read_as_sentences() {
-        let egress = Reason::Foreign([vec![], vec![prog("test_setmark", 42)]]);
-        assert_eq!(
-            egress.to_string(),
-            "foreign program test_setmark (id 42) on egress"
-        );
-        let both = Reason::Foreign([vec![prog("a", 1), prog("b", 2)], vec![prog("c", 3)]]);
-        assert_eq!(
-            both.to_string(),
-            "foreign programs a (id 1), b (id 2) on ingress; foreign program c (id 3) on egress"
-        );
-        assert_eq!(Reason::Qdisc(TcQdisc::Clsact).to_string(), "clsact qdisc");
     }
 }

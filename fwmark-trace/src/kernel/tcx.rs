@@ -20,45 +20,68 @@ use aya::{
     programs::{
         links::LinkOrder,
         tc::{NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcHandle},
-        Link, SchedClassifier, TcAttachType,
+        Link, SchedClassifier,
     },
     Ebpf,
 };
-use fwmark_trace_common::{tc_dir, tc_slot};
+
+use fwmark_trace_common::{tc_slot, TC_OBSERVERS};
 
 use super::{
     features::TcBackend,
-    observers::AttachStatus,
     sys,
     tc_placement::{self, Placement, Reason},
 };
-use crate::nodestate::netlink::{self, TcQdisc};
+use crate::{
+    nodestate::{
+        links::list_interfaces,
+        netlink::{self, TcQdisc},
+        programs::{attach_type, foreign_programs, ForeignProgram, TcChain},
+    },
+    stack::TcDir,
+};
 
-/// The four tc observer programs: (name, direction, position).
-pub(crate) const PROGRAMS: [(&str, u8, u8); 4] = [
-    ("fwm_tc_in_first", tc_dir::INGRESS, tc_slot::FIRST),
-    ("fwm_tc_in_last", tc_dir::INGRESS, tc_slot::LAST),
-    ("fwm_tc_eg_first", tc_dir::EGRESS, tc_slot::FIRST),
-    ("fwm_tc_eg_last", tc_dir::EGRESS, tc_slot::LAST),
-];
-
-/// A program of someone else's in a tcx chain, or a classic filter (`id` 0 unless cls_bpf).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub(crate) struct ForeignProgram {
-    pub(crate) id: u32,
-    pub(crate) name: String,
+/// Where in a direction's chain an observer goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Slot {
+    First,
+    Last,
 }
 
-impl std::fmt::Display for ForeignProgram {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} (id {})", self.name, self.id)
+/// A tc observer program, typed.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TcProgram {
+    pub(crate) name: &'static str,
+    pub(crate) dir: TcDir,
+    pub(crate) slot: Slot,
+}
+
+impl TcProgram {
+    /// The `i`th line of the common crate's `tc_observers!` table, typed.
+    fn at(i: usize) -> Self {
+        let o = &TC_OBSERVERS[i];
+        Self {
+            name: o.program,
+            dir: TcDir::from_raw(o.dir),
+            slot: if o.slot == tc_slot::FIRST {
+                Slot::First
+            } else {
+                Slot::Last
+            },
+        }
+    }
+
+    /// Every tc observer program, in the table's order.
+    fn all() -> impl Iterator<Item = Self> {
+        (0..TC_OBSERVERS.len()).map(Self::at)
     }
 }
 
 pub(crate) struct Interface {
     pub(crate) name: String,
     links: Vec<(usize, SchedClassifierLinkId)>,
-    /// Foreign programs (or filters) between our first and last observers, per direction.
+    /// Foreign programs (or filters) between our first and last observers, per direction
+    /// (`TcDir::ALL` order).
     pub(crate) chain: [Vec<ForeignProgram>; 2],
     pub(crate) reason: Reason,
 }
@@ -66,87 +89,56 @@ pub(crate) struct Interface {
 /// The interfaces that carry observers, by ifindex.
 pub(crate) struct TcObservers {
     /// `Tcx` or `Clsact`.
-    pub(crate) backend: TcBackend,
-    pub(crate) interfaces: BTreeMap<u32, Interface>,
+    backend: TcBackend,
+    interfaces: BTreeMap<u32, Interface>,
     /// `None`: every interface of the namespace; otherwise only these names.
     only: Option<Vec<String>>,
     placement: Placement,
     /// Interfaces considered at the last refresh.
-    pub(crate) in_scope: usize,
+    in_scope: usize,
     /// The last qdisc dump (kept when a dump fails).
     qdiscs: HashMap<u32, TcQdisc>,
-    /// Attach failures already said, by (ifindex, error): retried every refresh, said once.
-    failures: HashSet<(u32, String)>,
+    /// Attach failures already said, by (ifindex, program, OS error): retried every refresh,
+    /// said once.
+    failures: HashSet<(u32, &'static str, Option<i32>)>,
     /// Who this daemon is, in the handles of its filters (the clsact back-end).
     me: Identity,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Removal {
     Vanished,
     NotNeeded,
 }
 
-/// A change of the observers, under the back-end's label ("tcx", "tc filter").
-pub(crate) struct Change(pub &'static str, pub(crate) ChangeKind);
-
-pub(crate) enum ChangeKind {
-    Added(String, Reason),
-    Removed(String, Removal),
-    Failed(String, String),
-    /// The foreign programs between our observers changed: (interface, direction, programs).
-    Programs(String, &'static str, String),
+/// A change of the tc observers on one interface, found by a refresh.
+pub(crate) struct TcObserverChange {
+    pub(crate) backend: TcBackend,
+    pub(crate) ifname: String,
+    pub(crate) what: TcChangeKind,
 }
 
-impl std::fmt::Display for Change {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let tc = self.0;
-        match &self.1 {
-            ChangeKind::Added(n, why) => write!(f, "{tc} observers added on {n}: {why}"),
-            ChangeKind::Removed(n, Removal::Vanished) => {
-                write!(f, "{tc} observers removed from {n}: interface vanished")
-            }
-            ChangeKind::Removed(n, Removal::NotNeeded) => {
-                write!(f, "{tc} observers removed from {n}: no foreign tc left")
-            }
-            ChangeKind::Failed(n, why) => {
-                write!(f, "{tc} observers NOT attached to {n}: {why} (retrying)")
-            }
-            ChangeKind::Programs(n, dir, progs) => {
-                write!(f, "{tc} {dir} of {n} runs between our observers: {progs}")
-            }
-        }
-    }
+pub(crate) enum TcChangeKind {
+    Added(Reason),
+    Removed(Removal),
+    /// Attaching `program` failed (tried again at the next refresh).
+    Failed {
+        program: &'static str,
+        error: anyhow::Error,
+    },
+    /// The foreign programs between our observers in one direction changed to these.
+    Programs(TcDir, Vec<ForeignProgram>),
 }
 
-/// The label of a back-end in reports.
-pub(crate) fn backend_label(backend: TcBackend) -> &'static str {
-    match backend {
-        TcBackend::Clsact => "tc filter",
-        _ => "tcx",
-    }
-}
-
-/// Whether this kernel has tcx (6.6+): a tcx query of loopback fails on older kernels.
-pub(crate) fn has_tcx() -> std::result::Result<(), String> {
-    SchedClassifier::query_tcx("lo", TcAttachType::Ingress)
-        .map(drop)
-        .map_err(|e| e.to_string())
-}
-
-pub(crate) fn dir_name(dir: u8) -> &'static str {
-    if dir == tc_dir::INGRESS {
-        "ingress"
-    } else {
-        "egress"
-    }
-}
-
-fn attach_type(dir: u8) -> TcAttachType {
-    if dir == tc_dir::INGRESS {
-        TcAttachType::Ingress
-    } else {
-        TcAttachType::Egress
-    }
+/// The tc observers at start-up: where they are, and what the first refresh did.
+pub(crate) struct TcStartup {
+    pub(crate) backend: TcBackend,
+    pub(crate) placement: Placement,
+    /// The interfaces with observers, by ifindex: name and why.
+    pub(crate) observed: Vec<(String, Reason)>,
+    /// Interfaces considered.
+    pub(crate) in_scope: usize,
+    pub(crate) changes: Vec<TcObserverChange>,
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
@@ -156,26 +148,19 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier
     Ok(prog.try_into()?)
 }
 
-/// Lists the interfaces of the current network namespace (ifindex, name).
-pub(crate) fn list_interfaces() -> Result<Vec<(u32, String)>> {
-    // SAFETY: if_nameindex returns a NULL-terminated array we free with if_freenameindex.
-    unsafe {
-        let head = libc::if_nameindex();
-        if head.is_null() {
-            return Err(std::io::Error::last_os_error()).context("listing interfaces");
-        }
-        let mut out = Vec::new();
-        let mut p = head;
-        while (*p).if_index != 0 {
-            let name = std::ffi::CStr::from_ptr((*p).if_name)
-                .to_string_lossy()
-                .into_owned();
-            out.push(((*p).if_index, name));
-            p = p.add(1);
-        }
-        libc::if_freenameindex(head);
-        Ok(out)
+/// The chain our observers go into with `backend`.
+fn chain_of(backend: TcBackend) -> TcChain {
+    match backend {
+        TcBackend::Clsact => TcChain::ClsactFilters,
+        TcBackend::Tcx | TcBackend::Auto => TcChain::Tcx,
     }
+}
+
+/// The OS error at the root of `err`, if it has one: what tells two attach failures apart.
+fn os_error(err: &anyhow::Error) -> Option<i32> {
+    err.chain()
+        .find_map(|e| e.downcast_ref::<std::io::Error>())
+        .and_then(std::io::Error::raw_os_error)
 }
 
 impl TcObservers {
@@ -185,7 +170,7 @@ impl TcObservers {
         placement: Placement,
         backend: TcBackend,
     ) -> Result<Self> {
-        for (name, _, _) in PROGRAMS {
+        for TcProgram { name, .. } in TcProgram::all() {
             let p = program(ebpf, name)?;
             let started = Instant::now();
             p.load()
@@ -204,10 +189,19 @@ impl TcObservers {
         })
     }
 
+    pub(crate) fn backend(&self) -> TcBackend {
+        self.backend
+    }
+
+    /// The interfaces that carry observers, by ifindex.
+    pub(crate) fn interfaces(&self) -> &BTreeMap<u32, Interface> {
+        &self.interfaces
+    }
+
     /// Attaches observers where they are now needed and detaches them where they no longer
     /// are; returns what changed. One interface listing, one qdisc dump and one tcx query per
     /// interface and direction: cheap enough for every second on hundreds of interfaces.
-    pub(crate) fn refresh(&mut self, ebpf: &mut Ebpf) -> Result<Vec<Change>> {
+    pub(crate) fn refresh(&mut self, ebpf: &mut Ebpf) -> Result<Vec<TcObserverChange>> {
         let wanted: Vec<(u32, String)> = list_interfaces()?
             .into_iter()
             .filter(|(_, n)| self.only.as_ref().is_none_or(|o| o.contains(n)))
@@ -218,8 +212,12 @@ impl TcObservers {
             Err(err) => log::debug!("qdisc dump failed, keeping the last one: {err:#}"),
         }
         let alive: HashSet<u32> = wanted.iter().map(|(i, _)| *i).collect();
-        let label = backend_label(self.backend);
-        let change = |kind| Change(label, kind);
+        let backend = self.backend;
+        let change = |ifname: String, what| TcObserverChange {
+            backend,
+            ifname,
+            what,
+        };
         let mut changes = Vec::new();
         let gone: Vec<u32> = self
             .interfaces
@@ -230,20 +228,20 @@ impl TcObservers {
         for ifindex in gone {
             // The device took its links with it; detaching only releases our handles.
             let iface = self.detach(ebpf, ifindex);
-            changes.push(change(ChangeKind::Removed(iface.name, Removal::Vanished)));
+            changes.push(change(iface.name, TcChangeKind::Removed(Removal::Vanished)));
         }
-        self.failures.retain(|(i, _)| alive.contains(i));
+        self.failures.retain(|(i, _, _)| alive.contains(i));
         for (ifindex, name) in wanted {
             let known = self.interfaces.get(&ifindex).map(|i| &i.chain);
-            let chain = [tc_dir::INGRESS, tc_dir::EGRESS].map(|dir| {
+            let chain = [0, 1].map(|d| {
                 // A failed query keeps what we knew.
-                foreign_programs(self.backend, ifindex, &name, dir)
-                    .or_else(|| known.map(|k| k[dir as usize].clone()))
+                foreign_programs(chain_of(backend), ifindex, &name, TcDir::ALL[d], ours)
+                    .or_else(|| known.map(|k| k[d].clone()))
                     .unwrap_or_default()
             });
             let qdisc = self.qdiscs.get(&ifindex).copied();
             // Filters need a clsact qdisc, which the daemon does not add.
-            let reason = match (self.backend, qdisc) {
+            let reason = match (backend, qdisc) {
                 (TcBackend::Clsact, Some(TcQdisc::Clsact))
                 | (TcBackend::Tcx | TcBackend::Auto, _) => {
                     tc_placement::reason(self.placement, &chain, qdisc)
@@ -252,15 +250,13 @@ impl TcObservers {
             };
             match (self.interfaces.get_mut(&ifindex), reason) {
                 (Some(iface), Some(reason)) => {
-                    for dir in [tc_dir::INGRESS, tc_dir::EGRESS] {
-                        let now = &chain[dir as usize];
-                        if *now != iface.chain[dir as usize] {
+                    for (d, dir) in TcDir::ALL.into_iter().enumerate() {
+                        if chain[d] != iface.chain[d] {
                             // Another datapath came or went: the operator wants to know.
-                            changes.push(change(ChangeKind::Programs(
+                            changes.push(change(
                                 name.clone(),
-                                dir_name(dir),
-                                program_list(now),
-                            )));
+                                TcChangeKind::Programs(dir, chain[d].clone()),
+                            ));
                         }
                     }
                     iface.chain = chain;
@@ -268,29 +264,26 @@ impl TcObservers {
                 }
                 (Some(_), None) => {
                     self.detach(ebpf, ifindex);
-                    changes.push(change(ChangeKind::Removed(name, Removal::NotNeeded)));
+                    changes.push(change(name, TcChangeKind::Removed(Removal::NotNeeded)));
                 }
-                (None, Some(reason)) => {
-                    match attach_all(ebpf, self.backend, &self.me, ifindex, &name) {
-                        Ok(links) => {
-                            self.failures.retain(|(i, _)| *i != ifindex);
-                            changes.push(change(ChangeKind::Added(name.clone(), reason.clone())));
-                            let iface = Interface {
-                                name,
-                                links,
-                                chain,
-                                reason,
-                            };
-                            self.interfaces.insert(ifindex, iface);
-                        }
-                        Err(err) => {
-                            let why = format!("{err:#}");
-                            if self.failures.insert((ifindex, why.clone())) {
-                                changes.push(change(ChangeKind::Failed(name, why)));
-                            }
+                (None, Some(reason)) => match attach_all(ebpf, backend, &self.me, ifindex, &name) {
+                    Ok(links) => {
+                        self.failures.retain(|(i, _, _)| *i != ifindex);
+                        changes.push(change(name.clone(), TcChangeKind::Added(reason.clone())));
+                        let iface = Interface {
+                            name,
+                            links,
+                            chain,
+                            reason,
+                        };
+                        self.interfaces.insert(ifindex, iface);
+                    }
+                    Err((program, error)) => {
+                        if self.failures.insert((ifindex, program, os_error(&error))) {
+                            changes.push(change(name, TcChangeKind::Failed { program, error }));
                         }
                     }
-                }
+                },
                 (None, None) => {}
             }
         }
@@ -306,86 +299,33 @@ impl TcObservers {
         iface
     }
 
-    /// The start-up report: a summary line (and one for failures), with every change of the
-    /// first refresh as detail.
-    pub(crate) fn report(&self, changes: &[Change]) -> Vec<AttachStatus> {
-        const NAMED: usize = 4;
-        let named: Vec<String> = self
-            .interfaces
-            .values()
-            .take(NAMED)
-            .map(|i| match i.reason {
-                Reason::Everywhere => i.name.clone(),
-                ref why => format!("{} ({why})", i.name),
-            })
-            .collect();
-        let more = if self.interfaces.len() > NAMED {
-            ", …"
-        } else {
-            ""
-        };
-        let label = backend_label(self.backend);
-        let scope = match (self.backend, self.placement) {
-            (TcBackend::Clsact, _) => {
-                "cls_bpf filters first and last; only where a clsact qdisc is (none is added)"
-            }
-            (_, Placement::WhereNeeded) => "foreign tc programs or clsact/ingress qdisc",
-            (_, Placement::Everywhere) => "full path: every interface",
-        };
-        let mut out = vec![AttachStatus {
-            point: label.into(),
-            ok: true,
-            detail: format!(
-                "observers on {} of {} interfaces ({scope}){}{}{more}",
-                self.interfaces.len(),
-                self.in_scope,
-                if named.is_empty() { "" } else { ": " },
-                named.join(", ")
-            ),
-            detail_only: false,
-        }];
-        let failed: Vec<(&String, &String)> = changes
-            .iter()
-            .filter_map(|c| match &c.1 {
-                ChangeKind::Failed(n, why) => Some((n, why)),
-                _ => None,
-            })
-            .collect();
-        if let Some((_, why)) = failed.first() {
-            let names: Vec<&str> = failed.iter().take(NAMED).map(|(n, _)| n.as_str()).collect();
-            out.push(AttachStatus {
-                point: label.into(),
-                ok: false,
-                detail: format!(
-                    "observers NOT attached on {} interfaces ({}{}), e.g.: {why}",
-                    failed.len(),
-                    names.join(", "),
-                    if failed.len() > NAMED { ", …" } else { "" }
-                ),
-                detail_only: false,
-            });
+    /// The start-up report: where the observers are after the first refresh, which made
+    /// `changes`.
+    pub(crate) fn startup(&self, changes: Vec<TcObserverChange>) -> TcStartup {
+        TcStartup {
+            backend: self.backend,
+            placement: self.placement,
+            observed: self
+                .interfaces
+                .values()
+                .map(|i| (i.name.clone(), i.reason.clone()))
+                .collect(),
+            in_scope: self.in_scope,
+            changes,
         }
-        out.extend(changes.iter().map(|c| AttachStatus {
-            point: label.into(),
-            ok: !matches!(c.1, ChangeKind::Failed(..)),
-            // Under the point "tcx": "tcx observers added on …" reads "tcx: observers added on …".
-            detail: c.to_string()[label.len()..].trim_start().to_owned(),
-            detail_only: true,
-        }));
-        out
     }
 }
 
 /// A classic filter this run put in a clsact qdisc (the clsact back-end). Filters are not
 /// links: they are named by place, and outlive a killed daemon.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug)]
 pub(crate) struct OwnFilter {
     pub(crate) ifindex: u32,
     pub(crate) ifname: String,
-    pub(crate) direction: &'static str,
+    pub(crate) dir: TcDir,
     pub(crate) priority: u16,
-    /// As `tc filter show` prints it: this daemon's `FilterOwner`.
-    pub(crate) handle: String,
+    /// This daemon's `FilterOwner`.
+    pub(crate) handle: u32,
     pub(crate) program: &'static str,
 }
 
@@ -399,14 +339,14 @@ impl TcObservers {
             .iter()
             .flat_map(|(ifindex, iface)| {
                 iface.links.iter().map(move |(p, _)| {
-                    let (program, dir, slot) = PROGRAMS[*p];
+                    let TcProgram { name, dir, slot } = TcProgram::at(*p);
                     OwnFilter {
                         ifindex: *ifindex,
                         ifname: iface.name.clone(),
-                        direction: dir_name(dir),
+                        dir,
                         priority: filter_priority(slot),
-                        handle: format!("{:#x}", self.me.owner.handle()),
-                        program,
+                        handle: self.me.owner.handle(),
+                        program: name,
                     }
                 })
             })
@@ -414,60 +354,17 @@ impl TcObservers {
     }
 }
 
-/// Whether a program is a fwmark-trace tc observer, this daemon's or another's.
+/// Whether a program is a fwmark-trace tc observer, this daemon's or another's. Another
+/// fwmark-trace's observers are not foreign: they only read the mark, so they change nothing
+/// between ours, and a second daemon coming or going must not read as another datapath on
+/// every interface.
 fn ours(name: &str) -> bool {
     name.starts_with("fwm_tc_")
 }
 
-/// The programs of one of `ifname`'s tcx chains, or the filters of its clsact qdisc, that are
-/// not ours (`None`: the query failed). Another fwmark-trace's observers are not foreign
-/// either: they only read the mark, so they change nothing between ours, and a second daemon
-/// coming or going must not read as another datapath on every interface.
-fn foreign_programs(
-    backend: TcBackend,
-    ifindex: u32,
-    ifname: &str,
-    dir: u8,
-) -> Option<Vec<ForeignProgram>> {
-    if backend == TcBackend::Clsact {
-        let filters = netlink::tc_filters(ifindex, dir == tc_dir::EGRESS).ok()?;
-        return Some(
-            filters
-                .into_iter()
-                .filter(|f| !f.program.as_ref().is_some_and(|(n, _)| ours(n)))
-                .map(|f| match f.program {
-                    Some((name, id)) => ForeignProgram { id, name },
-                    None => ForeignProgram {
-                        id: 0,
-                        name: format!("{} filter prio {}", f.kind, f.priority),
-                    },
-                })
-                .collect(),
-        );
-    }
-    let (_, progs) = SchedClassifier::query_tcx(ifname, attach_type(dir)).ok()?;
-    Some(
-        progs
-            .iter()
-            .filter_map(|p| {
-                let name = p.name_as_str().unwrap_or("").to_owned();
-                (!ours(&name)).then(|| ForeignProgram { id: p.id(), name })
-            })
-            .collect(),
-    )
-}
-
-fn program_list(progs: &[ForeignProgram]) -> String {
-    if progs.is_empty() {
-        return "none now".into();
-    }
-    let list: Vec<String> = progs.iter().map(|p| p.to_string()).collect();
-    list.join(", ")
-}
-
 fn detach_links(ebpf: &mut Ebpf, links: Vec<(usize, SchedClassifierLinkId)>) {
     for (p, link) in links {
-        let _ = program(ebpf, PROGRAMS[p].0).map(|prog| prog.detach(link));
+        let _ = program(ebpf, TcProgram::at(p).name).map(|prog| prog.detach(link));
     }
 }
 
@@ -476,27 +373,26 @@ const FILTER_PRIO_FIRST: u16 = 1;
 const FILTER_PRIO_LAST: u16 = u16::MAX;
 
 /// Where an observer's filter goes in the clsact back-end.
-fn filter_priority(slot: u8) -> u16 {
-    if slot == tc_slot::FIRST {
-        FILTER_PRIO_FIRST
-    } else {
-        FILTER_PRIO_LAST
+fn filter_priority(slot: Slot) -> u16 {
+    match slot {
+        Slot::First => FILTER_PRIO_FIRST,
+        Slot::Last => FILTER_PRIO_LAST,
     }
 }
 
+/// Attaches the four observers to `ifname`, or none: `Err` names the program that failed.
 fn attach_all(
     ebpf: &mut Ebpf,
     backend: TcBackend,
     me: &Identity,
     ifindex: u32,
     ifname: &str,
-) -> Result<Vec<(usize, SchedClassifierLinkId)>> {
+) -> Result<Vec<(usize, SchedClassifierLinkId)>, (&'static str, anyhow::Error)> {
     if backend == TcBackend::Clsact {
         remove_leftovers(me, ifindex, ifname);
     }
     let mut links = Vec::new();
-    for (i, (name, dir, slot)) in PROGRAMS.into_iter().enumerate() {
-        let first = slot == tc_slot::FIRST;
+    for (i, TcProgram { name, dir, slot }) in TcProgram::all().enumerate() {
         let options = match backend {
             // Beside other daemons' filters at the same priority: one handle each.
             TcBackend::Clsact => TcAttachOptions::Netlink(NlOptions {
@@ -504,20 +400,19 @@ fn attach_all(
                 handle: TcHandle::from(me.owner.handle()),
                 ..Default::default()
             }),
-            _ => TcAttachOptions::TcxOrder(if first {
-                LinkOrder::first()
-            } else {
-                LinkOrder::last()
+            _ => TcAttachOptions::TcxOrder(match slot {
+                Slot::First => LinkOrder::first(),
+                Slot::Last => LinkOrder::last(),
             }),
         };
-        let prog = program(ebpf, name)?;
-        match prog.attach_with_options(ifname, attach_type(dir), options) {
+        let attached = program(ebpf, name)
+            .and_then(|prog| Ok(prog.attach_with_options(ifname, attach_type(dir), options)?));
+        match attached {
             Ok(link) => links.push((i, link)),
             Err(err) => {
                 // Leave nothing half-attached on this interface.
                 detach_links(ebpf, links);
-                let what = backend_label(backend);
-                return Err(err).with_context(|| format!("{what} {name} on {ifname}"));
+                return Err((name, err));
             }
         }
     }
@@ -602,15 +497,15 @@ fn running_command(pid: &str) -> Option<String> {
 /// handle.
 fn remove_leftovers(me: &Identity, ifindex: u32, ifname: &str) {
     let (mut removed, mut pids) = (0, BTreeSet::new());
-    for dir in [tc_dir::INGRESS, tc_dir::EGRESS] {
-        let Ok(filters) = netlink::tc_filters(ifindex, dir == tc_dir::EGRESS) else {
+    for dir in TcDir::ALL {
+        let Ok(filters) = netlink::tc_filters(ifindex, dir == TcDir::Egress) else {
             continue;
         };
         for f in filters {
             let Some((name, _)) = &f.program else {
                 continue;
             };
-            if !PROGRAMS.iter().any(|(p, _, _)| p == name) || !me.leftover(f.handle) {
+            if !TC_OBSERVERS.iter().any(|o| o.program == name) || !me.leftover(f.handle) {
                 continue;
             }
             let handle = TcHandle::from(f.handle);
@@ -625,7 +520,7 @@ fn remove_leftovers(me: &Identity, ifindex: u32, ifname: &str) {
                     "could not remove tc filter {name} (prio {}, handle {:#x}) from {ifname} {}, left by a fwmark-trace no longer running: {err:#}",
                     f.priority,
                     f.handle,
-                    dir_name(dir)
+                    dir
                 ),
             }
         }

@@ -4,7 +4,7 @@
 //! device; every link's name; and whether an Open vSwitch kernel datapath is here.
 use std::{collections::HashMap, fmt};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use netlink_packet_route::{
     link::{InfoData, InfoGeneve, InfoKind, InfoVxlan, InfoXfrm, LinkAttribute, LinkInfo},
     RouteNetlinkMessage,
@@ -186,6 +186,28 @@ impl Links {
             .filter(|(_, kind)| matches!(kind, TunnelKind::Wireguard { .. }))
             .map(|(ifindex, _)| *ifindex)
             .collect()
+    }
+}
+
+/// Lists the interfaces of the current network namespace (ifindex, name).
+pub(crate) fn list_interfaces() -> Result<Vec<(u32, String)>> {
+    // SAFETY: if_nameindex returns a NULL-terminated array we free with if_freenameindex.
+    unsafe {
+        let head = libc::if_nameindex();
+        if head.is_null() {
+            return Err(std::io::Error::last_os_error()).context("listing interfaces");
+        }
+        let mut out = Vec::new();
+        let mut p = head;
+        while (*p).if_index != 0 {
+            let name = std::ffi::CStr::from_ptr((*p).if_name)
+                .to_string_lossy()
+                .into_owned();
+            out.push(((*p).if_index, name));
+            p = p.add(1);
+        }
+        libc::if_freenameindex(head);
+        Ok(out)
     }
 }
 

@@ -4,6 +4,7 @@ pub(crate) mod links;
 pub(crate) mod netlink;
 pub(crate) mod nft;
 pub(crate) mod pods;
+pub(crate) mod programs;
 pub(crate) mod sysctl;
 pub(crate) mod watch;
 

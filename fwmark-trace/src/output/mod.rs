@@ -8,6 +8,7 @@ pub(crate) mod json;
 pub(crate) mod metrics;
 mod queue;
 pub(crate) mod ready;
+pub(crate) mod startup;
 pub(crate) mod summary;
 pub(crate) mod text;
 pub(crate) mod why;
@@ -129,7 +130,7 @@ pub(crate) trait Sink {
         false
     }
     /// The observer plan (JSON output only: people read it from the start-up lines).
-    fn plan(&mut self, _plan: &crate::kernel::observers::PlanRecord) -> Result<()> {
+    fn plan(&mut self, _plan: &startup::PlanRecord) -> Result<()> {
         Ok(())
     }
     /// Everything is attached (JSON output only; see `ready`).
@@ -346,7 +347,7 @@ impl Sink for Output {
             }
         }
     }
-    fn plan(&mut self, plan: &crate::kernel::observers::PlanRecord) -> Result<()> {
+    fn plan(&mut self, plan: &startup::PlanRecord) -> Result<()> {
         if matches!(self.format, Format::Json) {
             self.sink(|o| o.put_json(plan, false))?;
         }

@@ -16,6 +16,7 @@ use crate::{
         observers::Observers,
         tcx::OwnFilter,
     },
+    stack::TcDir,
 };
 
 /// The `ready` record (`kind: "ready"`), written once, after the plan, and flushed at once.
@@ -31,11 +32,36 @@ pub(crate) struct ReadyRecord {
     /// Every link holding one of them, by kernel id (tracepoints, netfilter, fentry, tcx).
     pub(crate) links: Vec<u32>,
     /// Classic tc filters (clsact back-end): not links, so named by place.
-    pub(crate) tc_filters: Vec<OwnFilter>,
+    pub(crate) tc_filters: Vec<FilterRecord>,
     pub(crate) backends: Backends,
     /// The `--metrics` endpoint's address (with port 0, the port the kernel chose).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) metrics: Option<SocketAddr>,
+}
+
+/// A classic tc filter this run put in a clsact qdisc, as `tc filter show` names it.
+#[derive(Serialize)]
+pub(crate) struct FilterRecord {
+    pub(crate) ifindex: u32,
+    pub(crate) ifname: String,
+    pub(crate) direction: TcDir,
+    pub(crate) priority: u16,
+    /// As `tc filter show` prints it: this daemon's `FilterOwner`.
+    pub(crate) handle: String,
+    pub(crate) program: &'static str,
+}
+
+impl From<OwnFilter> for FilterRecord {
+    fn from(f: OwnFilter) -> Self {
+        Self {
+            ifindex: f.ifindex,
+            ifname: f.ifname,
+            direction: f.dir,
+            priority: f.priority,
+            handle: format!("{:#x}", f.handle),
+            program: f.program,
+        }
+    }
 }
 
 /// The back-end each layer uses: netfilter `links`, `fentry` or `none`; tc `tcx`, `clsact` or
@@ -56,14 +82,18 @@ impl ReadyRecord {
             netns,
             programs,
             links,
-            tc_filters: obs.tc.as_ref().map(|t| t.own_filters()).unwrap_or_default(),
+            tc_filters: obs
+                .own_filters()
+                .into_iter()
+                .map(FilterRecord::from)
+                .collect(),
             backends: Backends {
-                netfilter: match obs.nf_backend {
+                netfilter: match obs.nf_backend() {
                     Some(NfBackend::Fentry) => "fentry",
                     Some(_) => "links",
                     None => "none",
                 },
-                tc: match obs.tc.as_ref().map(|t| t.backend) {
+                tc: match obs.tc_backend() {
                     Some(TcBackend::Clsact) => "clsact",
                     Some(_) => "tcx",
                     None => "none",
