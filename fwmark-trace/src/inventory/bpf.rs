@@ -429,7 +429,7 @@ pub(crate) mod tests {
         let a = analyse(&prog, MARK as u32);
         assert_eq!(a.len(), 1);
         assert_eq!(
-            (a[0].value, a[0].mask, a[0].scope()),
+            (a[0].value(), a[0].mask(), a[0].scope()),
             (0xca6c, u32::MAX, Some(Scope::Whole))
         );
         // The same store through a copy of the context kept on the stack, and as an immediate.
@@ -441,7 +441,7 @@ pub(crate) mod tests {
             insn(0x62, 7, 0, MARK, 0x200),
         ];
         let a = analyse(&prog, MARK as u32);
-        assert_eq!((a[0].value, a[0].scope()), (0x200, Some(Scope::Whole)));
+        assert_eq!((a[0].value(), a[0].scope()), (0x200, Some(Scope::Whole)));
         // After a call r1 is no longer the context.
         let prog = [insn(0x85, 0, 0, 0, 5), insn(0x62, 1, 0, MARK, 1)];
         assert!(analyse(&prog, MARK as u32).is_empty());
@@ -466,7 +466,7 @@ pub(crate) mod tests {
             Access::read(MarkKind::Packet, 0x80000, 0xff0000, false)
         );
         assert_eq!(
-            (a[1].value, a[1].mask, a[1].scope()),
+            (a[1].value(), a[1].mask(), a[1].scope()),
             (0x40000, 0xff0000, Some(Scope::Bits))
         );
         // A store of something unknown is a whole write of a value not visible.

@@ -48,12 +48,12 @@ pub(crate) fn read() -> Result<Vec<Found>> {
         .map(|(mark, n)| Found {
             place: Place::Conntrack { entries: n },
             text: format!("{n} entries with mark {mark:#x}"),
-            access: vec![Access {
-                mark: MarkKind::Conntrack,
-                value: mark,
-                mask: u32::MAX,
-                op: Op::Holds { count: n },
-            }],
+            access: vec![Access::new(
+                MarkKind::Conntrack,
+                mark,
+                u32::MAX,
+                Op::Holds { count: n },
+            )],
             names: Vec::new(),
         })
         .collect())

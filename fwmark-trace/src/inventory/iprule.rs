@@ -49,6 +49,7 @@ mod tests {
             fwmark: fwmark.map(|(v, m)| MarkMatch {
                 value: Mark(v),
                 mask: Mark(m),
+                negated: false,
             }),
             invert,
             table: 254,

@@ -194,7 +194,7 @@ fn read_here(
             (Family::Ipv4, "iptables-legacy-save"),
             (Family::Ipv6, "ip6tables-legacy-save"),
         ] {
-            if !iptables::legacy_tables_present(family) {
+            if crate::nodestate::nft::legacy_table_names(family).is_empty() {
                 continue;
             }
             take("iptables-legacy", match iptables::save(tool) {

@@ -400,7 +400,7 @@ mod tests {
                     }
                     Op::Holds { .. } => ("holds", String::new()),
                 };
-                format!("{op} {mark} {:#x}/{:#x}{scope}", a.value, a.mask)
+                format!("{op} {mark} {:#x}/{:#x}{scope}", a.value(), a.mask())
             })
             .collect()
     }
@@ -539,7 +539,7 @@ mod tests {
             let _ = parse_flow(&text);
             if let Some(f) = parse_flow(&words) {
                 for a in &f.access {
-                    proptest::prop_assert_eq!(a.value & !a.mask, 0);
+                    proptest::prop_assert_eq!(a.value() & !a.mask(), 0);
                 }
             }
         }

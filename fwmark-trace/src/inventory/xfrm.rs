@@ -120,7 +120,7 @@ mod tests {
         );
         let w = f[0].access[1];
         assert_eq!(
-            (w.value, w.mask, w.scope()),
+            (w.value(), w.mask(), w.scope()),
             (0xd0c4e3, u32::MAX, Some(Scope::Whole))
         );
         assert_eq!(
@@ -142,7 +142,7 @@ mod tests {
         ]));
         let w = f[0].access[0];
         assert_eq!(
-            (w.value, w.mask, w.scope()),
+            (w.value(), w.mask(), w.scope()),
             (0xe00, 0xffffff00, Some(Scope::Bits))
         );
         assert!(matches!(w.op, Op::Write { known: true, .. }));

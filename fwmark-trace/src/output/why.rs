@@ -360,7 +360,7 @@ impl fmt::Display for Evidence {
             ),
             Evidence::NftTraceRule(rule) => write!(f, "nft trace: rule `{rule}` (verdict drop)"),
             Evidence::DroppingRule(r) => {
-                let tests: Vec<String> = r.tests.iter().map(ToString::to_string).collect();
+                let tests: Vec<String> = r.tests.iter().map(|t| t.as_test().to_string()).collect();
                 write!(
                     f,
                     "dropping rule in {}: `{}` tests {} (bits {}{}); the reply's mark {} it",

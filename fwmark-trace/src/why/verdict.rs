@@ -10,10 +10,10 @@ use crate::{
     attribution::{attribute, Change},
     event::{DropReason, EventKind, RouteResult, Tuple},
     flows::{Dir, Flow, Step},
-    mark::Mark,
+    mark::{Mark, MarkMatch},
     nodestate::{
         netlink::{IpRule, RuleAction, XfrmAction, XfrmDir, XfrmPolicy, XfrmState, TABLE_LOCAL},
-        nft::{Chain, ChainId, MarkTest},
+        nft::{Chain, ChainId},
         NodeState, StateChange,
     },
     place::{Encapsulator, Hook, Tracepoint, TunnelDir},
@@ -258,7 +258,7 @@ pub(crate) enum Evidence {
 pub(crate) struct DroppingRule {
     pub(crate) chain: ChainId,
     pub(crate) rule: String,
-    pub(crate) tests: Vec<MarkTest>,
+    pub(crate) tests: Vec<MarkMatch>,
     /// The bits the tests look at, and whose they are.
     pub(crate) bits: Mark,
     pub(crate) owners: Vec<String>,
@@ -546,7 +546,7 @@ fn dropping_rules(place: &DropPlace, reply_mark: Mark, cx: &Context) -> Vec<Drop
                 tests: r.matches.clone(),
                 bits,
                 owners: bit_owners(bits, cx.registry),
-                matched: r.matches.iter().all(|t| t.holds(reply_mark)),
+                matched: r.matches.iter().all(|t| t.matches(reply_mark)),
             }
         })
         .collect()
@@ -1013,12 +1013,8 @@ mod tests {
         assert_eq!(r.drop.as_ref().unwrap().place.chains, chains);
         // With the chain's rules known: the one whose test the reply's mark passed is named,
         // with the bits it tests and whose they are.
-        let test = |mask: u32, value: u32| MarkTest {
-            value: Mark(value),
-            mask: Mark(mask),
-            negated: false,
-        };
-        let rule = |text: &str, t: MarkTest| crate::nodestate::nft::MarkRule {
+        let test = |mask: u32, value: u32| MarkMatch::new(Mark(value), Mark(mask));
+        let rule = |text: &str, t: MarkMatch| crate::nodestate::nft::MarkRule {
             chain: chains[0].id.clone(),
             reached_from: vec![],
             rule: text.into(),
