@@ -224,23 +224,22 @@ pub(crate) enum Evidence {
         dir: Dir,
         lookups: Vec<(u32, Mark, RouteResult)>,
     },
-    RequestLastSeen(Step),
-    /// The request's and the reply's last marks differ in bits of these owners.
-    MarkDiff(MarkDiff),
+    /// Where the request was last seen (the last packet step of `Report::request`).
+    RequestLastSeen,
+    /// The request's and the reply's last marks differ (`Report::mark_diff` says in which bits
+    /// and whose they are).
+    MarkDiff,
     ConnmarkRestore {
         restore: Step,
         lost: Mark,
     },
-    /// `--nftrace` named the rule that dropped the packet.
-    NftTraceRule(String),
+    /// `--nftrace` named the rule that dropped the packet (`DropInfo::rule`).
+    NftTraceRule,
     /// A rule that drops on a mark test, in the chains where the reply died.
     DroppingRule(DroppingRule),
     XfrmMatching(XfrmPolicy),
-    RpFilterSysctls {
-        arrival: String,
-        rp_filter: u8,
-        src_valid_mark: bool,
-    },
+    /// The sysctls the reverse-path check went by (`Cause::RpFilter`'s).
+    RpFilterSysctls,
     RestoreOnOutputHint,
     FwmarkReflectOff,
     TcpFwmarkAcceptOff,
@@ -355,7 +354,7 @@ fn server_side(
     let missed: Vec<IpRule> = [request_mark, request_ct.unwrap_or_default()]
         .into_iter()
         .filter(|m| !m.is_zero() && *m != reply_mark)
-        .flat_map(|m| cx.state.rules_for(m))
+        .flat_map(|m| cx.state.rules_for(flow.family(), m))
         .filter(|r| r.fwmark.is_some() && !r.mark_matches(reply_mark))
         .cloned()
         .collect();
@@ -440,7 +439,7 @@ fn drop_place(before: Option<&Step>, flow: &Flow, state: &NodeState) -> DropPlac
 }
 
 /// IP_RPFILTER: the reverse-path check, redone with the reply's mark and the node's rules.
-fn rp_filter(flow: &Flow, request: &[&Step], reply: &[&Step], cx: &Context) -> (Cause, Evidence) {
+fn rp_filter(flow: &Flow, request: &[&Step], reply: &[&Step], cx: &Context) -> Cause {
     let (request_mark, reply_mark) = (last_mark(request), last_mark(reply));
     let arrival = reply
         .iter()
@@ -456,14 +455,14 @@ fn rp_filter(flow: &Flow, request: &[&Step], reply: &[&Step], cx: &Context) -> (
     };
     let missed = cx
         .state
-        .rules_for(request_mark)
+        .rules_for(flow.family(), request_mark)
         .into_iter()
         .filter(|r| r.fwmark.is_some() && !r.mark_matches(used_mark))
         .cloned()
         .collect();
     let path = cx
         .state
-        .rules_for(used_mark)
+        .rules_for(flow.family(), used_mark)
         .into_iter()
         .filter(|r| r.action == RuleAction::Lookup && r.table != TABLE_LOCAL)
         .find_map(|r| {
@@ -475,12 +474,7 @@ fn rp_filter(flow: &Flow, request: &[&Step], reply: &[&Step], cx: &Context) -> (
             })
         })
         .unwrap_or(ReversePath::None);
-    let evidence = Evidence::RpFilterSysctls {
-        arrival: arrival.clone(),
-        rp_filter,
-        src_valid_mark,
-    };
-    let cause = Cause::RpFilter {
+    Cause::RpFilter {
         reply_mark,
         used_mark,
         missed,
@@ -488,8 +482,7 @@ fn rp_filter(flow: &Flow, request: &[&Step], reply: &[&Step], cx: &Context) -> (
         arrival,
         rp_filter,
         src_valid_mark,
-    };
-    (cause, evidence)
+    }
 }
 
 /// NETFILTER_DROP: the band's chains, the rule if nftables tracing named it, the mark-matching
@@ -505,8 +498,8 @@ fn netfilter_drop(
 ) -> (Cause, Option<String>) {
     let rule = super::nftrace::for_flow(cx.nft_drops, flow.tuple.src, flow.tuple.dst)
         .map(|d| format!("{}: {}", d.chain, d.rule));
-    if let Some(r) = &rule {
-        evidence.push(Evidence::NftTraceRule(r.clone()));
+    if rule.is_some() {
+        evidence.push(Evidence::NftTraceRule);
     }
     let reply_mark = last_mark(reply);
     let dropping = dropping_rules(&place, reply_mark, cx);
@@ -694,13 +687,13 @@ pub(crate) fn judge(flow: &Flow, cx: &Context) -> Report {
             evidence.push(Evidence::Lookups { dir, lookups });
         }
     }
-    if let Some(last) = request.last() {
-        evidence.push(Evidence::RequestLastSeen((*last).clone()));
+    if !request.is_empty() {
+        evidence.push(Evidence::RequestLastSeen);
     }
     let mark_diff =
         (request_mark != reply_mark).then(|| mark_diff(request_mark, reply_mark, cx.registry));
-    if let Some(d) = &mark_diff {
-        evidence.push(Evidence::MarkDiff(d.clone()));
+    if mark_diff.is_some() {
+        evidence.push(Evidence::MarkDiff);
     }
     let clobber = restore_clobber(&reply);
     if let Some((restore, lost)) = clobber {
@@ -732,9 +725,8 @@ pub(crate) fn judge(flow: &Flow, cx: &Context) -> Report {
             };
             let cause = match reason {
                 DropReason::IpRpfilter => {
-                    let (cause, e) = rp_filter(flow, &request, &reply, cx);
-                    evidence.push(e);
-                    cause
+                    evidence.push(Evidence::RpFilterSysctls);
+                    rp_filter(flow, &request, &reply, cx)
                 }
                 DropReason::NetfilterDrop => {
                     let (cause, rule) =
@@ -978,8 +970,60 @@ mod tests {
         ] {
             assert!(text.contains(part), "{part} not in {text}");
         }
+        // The sysctls and the mark diff are the cause's and the report's, said again as evidence.
+        let evidence = crate::output::why::evidence(&r);
+        assert!(
+            evidence
+                .iter()
+                .any(|e| e == "rp_filter=1 on a2, src_valid_mark=0"),
+            "{evidence:#?}"
+        );
+        assert!(
+            evidence.iter().any(|e| e.starts_with("request mark 0x4000 vs reply mark 0x0: bits 0x4000 differ")),
+            "{evidence:#?}"
+        );
         let d = r.mark_diff.unwrap();
         assert_eq!(d.request ^ d.reply, Mark(0x4000));
+    }
+
+    /// An IPv6 reply's missed rules are IPv6 rules: the IPv4 rule with the request's fwmark is
+    /// not one it could have taken.
+    #[test]
+    fn an_ipv6_reply_misses_ipv6_rules_only() {
+        let f = Flow {
+            tuple: "udp [fd00::1]:40000 -> [fd00::9]:7".parse().unwrap(),
+            ..flow(vec![
+                step(
+                    Dir::Request,
+                    EventKind::Transition,
+                    nf(NfHook::Output, -149),
+                    0,
+                    0x4000,
+                ),
+                step(
+                    Dir::Reply,
+                    EventKind::Observe,
+                    nf(NfHook::Prerouting, i32::MIN + 1),
+                    0,
+                    0,
+                ),
+                dropped(DropReason::IpRpfilter, 0),
+            ])
+        };
+        let missed = |s: &NodeState| -> Vec<String> {
+            let r = judge_with(&f, s, &[]);
+            let Cause::RpFilter { missed, .. } = r.cause else {
+                panic!("{:?}", r.cause);
+            };
+            missed.iter().map(ToString::to_string).collect()
+        };
+        assert!(missed(&state()).is_empty());
+        let mut v6 = state();
+        Arc::make_mut(&mut v6.rules).push(IpRule {
+            family: Family::Ipv6,
+            ..rule(1001, Some("0x4000/0x4000"), 100)
+        });
+        assert_eq!(missed(&v6), ["1001: fwmark 0x4000/0x4000 lookup 100"]);
     }
 
     #[test]
@@ -1042,7 +1086,7 @@ mod tests {
             text.contains("by `meta mark & 0x4000 == 0x0 drop` in inet t/in, which tests bits 0x4000: kube-proxy"),
             "{text}"
         );
-        let evidence: Vec<String> = r.evidence.iter().map(ToString::to_string).collect();
+        let evidence = crate::output::why::evidence(&r);
         assert!(
             evidence.iter().any(|e| e
                 .contains("`meta mark & 0x8000 == 0x8000 drop` tests mark & 0x8000 == 0x8000")
