@@ -16,7 +16,7 @@ use crate::{
     output::{
         summary::Summary,
         text::list,
-        why::{text, Document, ReportJson},
+        why::{text, ReportJson, WhyDocument},
         LostRecord, Sink, StatsRecord,
     },
     registry::{self, Registry},
@@ -201,7 +201,7 @@ pub(crate) fn run_with(cfg: &WhyConfig, on_ready: impl FnOnce()) -> Result<bool>
         .collect();
     let lost = reports.iter().any(|r| !r.cause.verdict().healthy());
     if cfg.json {
-        let doc = Document {
+        let doc = WhyDocument {
             flows: reports.iter().map(ReportJson).collect(),
             flows_seen: seen,
             flows_evicted: collector.flows.evicted,

@@ -19,7 +19,7 @@ use anyhow::{Context, Result};
 use aya_obj::generated::{bpf_cmd, bpf_prog_info, bpf_prog_type};
 
 use super::bits::Bits;
-use super::model::{Access, Attachment, BpfKind, Found, MarkKind, Place};
+use super::model::{Access, Attachment, BpfKind, Finding, MarkKind, Place};
 #[cfg(test)]
 use super::model::{Op, Scope};
 use crate::kernel::{btf::KernelBtf, sys};
@@ -342,9 +342,9 @@ fn attachments() -> Result<Vec<(u32, Attachment)>> {
     Ok(out)
 }
 
-fn found(p: &Program, attached: Vec<Attachment>) -> Found {
+fn found(p: &Program, attached: Vec<Attachment>) -> Finding {
     let what: Vec<String> = p.access.iter().map(Access::describe).collect();
-    Found {
+    Finding {
         text: format!("{} (id {}): {}", p.name, p.id, what.join("; ")),
         access: p.access.clone(),
         // Matched against the owners' program patterns only (not their chain names).
@@ -359,7 +359,7 @@ fn found(p: &Program, attached: Vec<Attachment>) -> Found {
 }
 
 /// The tc programs among `programs` attached in this namespace.
-pub(crate) fn tc_here(programs: &[Program]) -> Result<Vec<Found>> {
+pub(crate) fn tc_here(programs: &[Program]) -> Result<Vec<Finding>> {
     let tc: Vec<&Program> = programs
         .iter()
         .filter(|p| matches!(p.kind, BpfKind::SchedCls | BpfKind::SchedAct))
@@ -382,7 +382,7 @@ pub(crate) fn tc_here(programs: &[Program]) -> Result<Vec<Found>> {
 }
 
 /// cgroup programs: not bound to a namespace.
-pub(crate) fn cgroup(programs: &[Program]) -> Vec<Found> {
+pub(crate) fn cgroup(programs: &[Program]) -> Vec<Finding> {
     programs
         .iter()
         .filter(|p| matches!(p.kind, BpfKind::CgroupSkb | BpfKind::CgroupSock))

@@ -646,9 +646,10 @@ impl Entry {
     }
 }
 
-/// What a place found before it is numbered and attributed (what each source returns).
+/// What a source found at one place, before it is numbered and attributed (what each source
+/// returns).
 #[derive(Clone, Debug, PartialEq)]
-pub(crate) struct Found {
+pub(crate) struct Finding {
     pub(crate) place: Place,
     pub(crate) text: String,
     pub(crate) access: Vec<Access>,

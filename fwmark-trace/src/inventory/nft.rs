@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use super::bits::Bits;
 use super::iptables::{self, SavedRule};
-use super::model::{Access, BaseChain, Found, MarkKind, Op, Place};
+use super::model::{Access, BaseChain, Finding, MarkKind, Op, Place};
 use crate::{
     nodestate::nft::{
         base_chains, binop, chain_id, mark_exprs, mark_kind, number, without_counts, ChainId,
@@ -128,12 +128,12 @@ const IPTABLES_TABLES: [&str; 5] = ["raw", "mangle", "nat", "filter", "security"
 
 /// The mark rules of the current namespace's ruleset (`nft -j`, with each rule's text from
 /// `nft -a`, and iptables-nft's values from iptables-nft-save where nft hides them).
-pub(crate) fn read() -> Result<Vec<Found>> {
+pub(crate) fn read() -> Result<Vec<Finding>> {
     from_items(&crate::nodestate::nft::read_items()?)
 }
 
 /// `read`, with the ruleset's JSON items already listed (`items`).
-fn from_items(items: &[Value]) -> Result<Vec<Found>> {
+fn from_items(items: &[Value]) -> Result<Vec<Finding>> {
     use crate::nodestate::nft::nft;
     let text = String::from_utf8_lossy(&nft(&["-a", "list", "ruleset"])?).into_owned();
     let mut saves = Vec::new();
@@ -193,7 +193,11 @@ pub(crate) fn mark_rules(items: &[Value]) -> Result<Vec<MarkRule>> {
 
 /// The mark rules of a ruleset. `saves` holds iptables-nft-save's rules per family (for the
 /// tables iptables-nft manages).
-pub(crate) fn found(items: &[Value], text: &str, saves: &[(Family, Vec<SavedRule>)]) -> Vec<Found> {
+pub(crate) fn found(
+    items: &[Value],
+    text: &str,
+    saves: &[(Family, Vec<SavedRule>)],
+) -> Vec<Finding> {
     let texts = rule_texts(text);
     let reach = reached_from(items);
     let rules: Vec<&Value> = items.iter().filter_map(|i| i.get("rule")).collect();
@@ -251,7 +255,7 @@ pub(crate) fn found(items: &[Value], text: &str, saves: &[(Family, Vec<SavedRule
             .cloned()
             .or_else(|| line.map(|l| l.line.clone()))
             .unwrap_or_default();
-        out.push(Found {
+        out.push(Finding {
             names: vec![k.table.clone(), k.name.clone()],
             text,
             access,
@@ -411,7 +415,7 @@ mod tests {
           {"rule": {"family": "ip", "table": "mangle", "chain": "PREROUTING", "handle": 2, "expr": [
             {"xt": {"type": "target", "name": "CONNMARK"}}]}}]}"#;
         let items = items(doc.as_bytes()).unwrap();
-        let marks = |f: &[Found]| -> Vec<(MarkKind, bool)> {
+        let marks = |f: &[Finding]| -> Vec<(MarkKind, bool)> {
             f[0].access
                 .iter()
                 .map(|a| (a.mark, matches!(a.op, Op::Write { known: true, .. })))

@@ -16,7 +16,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use super::bits::Bits;
-use super::model::{Access, Found, MarkKind, Place};
+use super::model::{Access, Finding, MarkKind, Place};
 use crate::mark::parse_u32;
 
 /// The OpenFlow versions ovs-ofctl may negotiate: bridges restricted to newer ones
@@ -223,8 +223,8 @@ pub(crate) fn parse_flow(line: &str) -> Option<Flow> {
 }
 
 /// The entry of a flow of `bridge` that reads or writes a mark.
-fn found(bridge: &str, flow: Flow) -> Option<Found> {
-    (!flow.access.is_empty()).then(|| Found {
+fn found(bridge: &str, flow: Flow) -> Option<Finding> {
+    (!flow.access.is_empty()).then(|| Finding {
         place: Place::OvsFlow {
             bridge: bridge.to_owned(),
             table: flow.table,
@@ -357,7 +357,7 @@ pub(crate) fn bridges_here() -> Result<Vec<Bridge>> {
 }
 
 /// The flows of this namespace's bridges that read or write a mark.
-pub(crate) fn read() -> Result<Vec<Found>> {
+pub(crate) fn read() -> Result<Vec<Finding>> {
     let Some(bridges) = bridges()? else {
         return Ok(Vec::new());
     };

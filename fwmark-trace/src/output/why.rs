@@ -658,7 +658,7 @@ impl Serialize for ReportJson<'_> {
 
 /// `why --json`: the reports, with the node state they reasoned with.
 #[derive(Serialize)]
-pub(crate) struct Document<'a> {
+pub(crate) struct WhyDocument<'a> {
     pub(crate) flows: Vec<ReportJson<'a>>,
     pub(crate) flows_seen: usize,
     pub(crate) flows_evicted: u64,
