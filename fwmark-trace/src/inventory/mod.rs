@@ -420,7 +420,7 @@ impl Inventory {
                         }
                     };
                     let list = match a.op {
-                        Op::Read { .. } => &mut slot.readers,
+                        Op::Read => &mut slot.readers,
                         Op::Write { .. } => &mut slot.writers,
                         Op::Holds { .. } => &mut slot.held,
                     };

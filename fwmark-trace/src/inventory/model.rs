@@ -170,7 +170,7 @@ impl Access {
     }
 
     pub(crate) fn is_read(&self) -> bool {
-        matches!(self.op, Op::Read { .. })
+        matches!(self.op, Op::Read)
     }
 
     pub(crate) fn is_write(&self) -> bool {
@@ -224,8 +224,8 @@ impl Access {
     /// write's mask, a whole or origin write's value and copied bits, a conntrack value.
     pub(crate) fn bits(&self) -> u32 {
         match self.op {
-            Op::Read { .. } if self.mask() == u32::MAX => self.value(),
-            Op::Read { .. } => self.mask(),
+            Op::Read if self.mask() == u32::MAX => self.value(),
+            Op::Read => self.mask(),
             Op::Write {
                 scope: Scope::Bits, ..
             } => self.mask(),

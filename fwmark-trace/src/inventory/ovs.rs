@@ -383,7 +383,7 @@ mod tests {
                     MarkKind::Conntrack => "ct",
                 };
                 let (op, scope) = match a.op {
-                    Op::Read { .. } => ("read", String::new()),
+                    Op::Read => ("read", String::new()),
                     Op::Write {
                         scope,
                         known,
