@@ -7,18 +7,17 @@ use anyhow::{bail, Result};
 use log::{info, warn};
 
 use super::trace::{self, TraceConfig};
-use crate::why::{nftrace, verdict};
+use crate::why::{
+    nftrace,
+    render::{text, ReportJson, WhyDocument},
+    verdict,
+};
 use crate::{
     event::{monotonic_ns, Timestamp, TraceEvent},
     flows::{FlowTracker, Selection},
     kernel::tcx,
     nodestate::{sysctl::Sysctls, watch::Watcher, History, NodeState},
-    output::{
-        summary::Summary,
-        text::list,
-        why::{text, ReportJson, WhyDocument},
-        LostRecord, Sink, StatsRecord,
-    },
+    output::{summary::Summary, text::list, LostRecord, Sink, StatsRecord},
     registry::{self, Registry},
 };
 

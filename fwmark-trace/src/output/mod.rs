@@ -10,7 +10,6 @@ mod queue;
 pub(crate) mod ready;
 pub(crate) mod summary;
 pub(crate) mod text;
-pub(crate) mod why;
 
 use std::{
     io::{self, BufWriter, Write},

@@ -1,7 +1,7 @@
 //! Why did the reply die? From one flow's timeline (request and reply paths with marks, drops
 //! and routing lookups) and the node's state (ip rules, routes, rp_filter, xfrm policies, nft
 //! chains), find the cause — one function per cause, each returning what it found — and the
-//! evidence behind it. `output::why` says both in words.
+//! evidence behind it. `render` says both in words.
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -794,9 +794,9 @@ mod tests {
             netlink::{Route, TABLE_MAIN},
             sysctl::Sysctls,
         },
-        output::why::summary,
         place::{Between, Layer, PointInfo, Segment, Tunnel},
         stack::{Family, NftFamily},
+        why::render::summary,
     };
 
     fn nf(hook: NfHook, prio: i32) -> Option<(Hook, i32)> {
@@ -971,7 +971,7 @@ mod tests {
             assert!(text.contains(part), "{part} not in {text}");
         }
         // The sysctls and the mark diff are the cause's and the report's, said again as evidence.
-        let evidence = crate::output::why::evidence(&r);
+        let evidence = crate::why::render::evidence(&r);
         assert!(
             evidence
                 .iter()
@@ -1086,7 +1086,7 @@ mod tests {
             text.contains("by `meta mark & 0x4000 == 0x0 drop` in inet t/in, which tests bits 0x4000: kube-proxy"),
             "{text}"
         );
-        let evidence = crate::output::why::evidence(&r);
+        let evidence = crate::why::render::evidence(&r);
         assert!(
             evidence.iter().any(|e| e
                 .contains("`meta mark & 0x8000 == 0x8000 drop` tests mark & 0x8000 == 0x8000")
@@ -1292,7 +1292,7 @@ mod tests {
         ] {
             assert!(text.contains(part), "{part:?} not in {text}");
         }
-        let json = serde_json::to_value(crate::output::why::ReportJson(&r)).unwrap();
+        let json = serde_json::to_value(crate::why::render::ReportJson(&r)).unwrap();
         let x = &json["xfrm"];
         assert_eq!(x["reply_decrypted"], false, "{json:#}");
         assert_eq!(x["inbound_policy"]["direction"], "in", "{x:#}");
