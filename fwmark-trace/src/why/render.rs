@@ -15,7 +15,9 @@ use crate::{
     },
     output::text::{list, or_unknown},
     place::{Hook, Layer},
-    why::verdict::{Cause, DropPlace, Evidence, Report, ReversePath, Verdict, XfrmEncap},
+    why::verdict::{
+        Cause, DropPlace, Evidence, Report, RestoreClobber, ReversePath, Verdict, XfrmEncap,
+    },
 };
 
 impl fmt::Display for Verdict {
@@ -234,16 +236,15 @@ pub(crate) fn summary(r: &Report) -> String {
                 "the reply (mark {reply_mark}) was dropped by netfilter at {place}{by} → NETFILTER_DROP"
             )
         }
-        Cause::ConnmarkRestoreMask {
-            restore,
-            lost,
-            place,
-        } => format!(
-            "a connmark restore rewrote the reply's mark {} -> {} (ct mark {}), losing bits {lost}; the reply was then dropped by netfilter at {place}",
-            restore.old_mark,
-            restore.mark,
-            restore.ct_mark.unwrap_or_default()
-        ),
+        Cause::ConnmarkRestoreMask { place } => match &r.restore_clobber {
+            Some(RestoreClobber { restore, lost }) => format!(
+                "a connmark restore rewrote the reply's mark {} -> {} (ct mark {}), losing bits {lost}; the reply was then dropped by netfilter at {place}",
+                restore.old_mark,
+                restore.mark,
+                restore.ct_mark.unwrap_or_default()
+            ),
+            None => format!("the reply was dropped by netfilter at {place}"),
+        },
         Cause::XfrmPolicy { reply_mark, policy } => format!(
             "the reply (mark {reply_mark}) was refused by an xfrm policy{} → XFRM_POLICY",
             policy.as_ref().map_or(String::new(), |p| format!(": {p}"))
@@ -366,17 +367,21 @@ fn write_evidence(f: &mut String, e: &Evidence, r: &Report) -> fmt::Result {
                 }
             )
             }
-            Evidence::ConnmarkRestore { restore, lost } => write!(
-                f,
-                "connmark restore {}: reply mark {} -> {} (ct mark {}) lost bits {lost}",
-                restore
-                    .segment
-                    .as_ref()
-                    .map_or(String::new(), |g| format!("in {g}")),
-                restore.old_mark,
-                restore.mark,
-                restore.ct_mark.unwrap_or_default()
-            ),
+            Evidence::ConnmarkRestore => {
+                let RestoreClobber { restore, lost } =
+                    r.restore_clobber.as_ref().ok_or(fmt::Error)?;
+                write!(
+                    f,
+                    "connmark restore {}: reply mark {} -> {} (ct mark {}) lost bits {lost}",
+                    restore
+                        .segment
+                        .as_ref()
+                        .map_or(String::new(), |g| format!("in {g}")),
+                    restore.old_mark,
+                    restore.mark,
+                    restore.ct_mark.unwrap_or_default()
+                )
+            }
             Evidence::NftTraceRule => {
                 let rule = r.drop.as_ref().and_then(|d| d.rule.as_ref()).ok_or(fmt::Error)?;
                 write!(f, "nft trace: rule `{rule}` (verdict drop)")

@@ -119,10 +119,9 @@ pub(crate) enum Cause {
         /// The dropping rule there whose mark tests the reply passed, when there is one.
         rule: Option<DroppingRule>,
     },
-    /// A restore wrote the ct mark over bits set on the reply, which then died in netfilter.
+    /// A restore wrote the ct mark over bits set on the reply (`Report::restore_clobber`),
+    /// which then died in netfilter.
     ConnmarkRestoreMask {
-        restore: Step,
-        lost: Mark,
         place: DropPlace,
     },
     XfrmPolicy {
@@ -229,10 +228,8 @@ pub(crate) enum Evidence {
     /// The request's and the reply's last marks differ (`Report::mark_diff` says in which bits
     /// and whose they are).
     MarkDiff,
-    ConnmarkRestore {
-        restore: Step,
-        lost: Mark,
-    },
+    /// A connmark restore clobbered bits of the reply's mark (`Report::restore_clobber`).
+    ConnmarkRestore,
     /// `--nftrace` named the rule that dropped the packet (`DropInfo::rule`).
     NftTraceRule,
     /// A rule that drops on a mark test, in the chains where the reply died.
@@ -290,6 +287,8 @@ pub(crate) struct Report {
     pub(crate) last_reply: Option<Step>,
     pub(crate) drop: Option<DropInfo>,
     pub(crate) mark_diff: Option<MarkDiff>,
+    /// The reply transition that looks like a connmark restore clobbering bits set on it.
+    pub(crate) restore_clobber: Option<RestoreClobber>,
     pub(crate) request: Vec<Step>,
     pub(crate) reply: Vec<Step>,
 }
@@ -313,14 +312,25 @@ fn lookup(state: &NodeState, table: u32, addr: IpAddr) -> Option<(IpNet, Option<
         .map(|r| (r.destination, r.oif))
 }
 
+/// A connmark restore that clobbered bits set earlier on the reply: the step, and the bits lost.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct RestoreClobber {
+    pub(crate) restore: Step,
+    pub(crate) lost: Mark,
+}
+
 /// A reply transition that looks like a connmark restore clobbering bits set earlier on the
 /// reply: the new mark holds nothing but ct-mark bits, and bits were lost.
-fn restore_clobber<'a>(reply: &[&'a Step]) -> Option<(&'a Step, Mark)> {
-    reply.iter().copied().find_map(|s| {
+fn restore_clobber(reply: &[&Step]) -> Option<RestoreClobber> {
+    reply.iter().find_map(|s| {
         let ct = s.ct_mark?;
         let lost = s.old_mark & !s.mark;
-        (s.kind == EventKind::Transition && !lost.is_zero() && s.mark.within(ct))
-            .then_some((s, lost))
+        (s.kind == EventKind::Transition && !lost.is_zero() && s.mark.within(ct)).then(|| {
+            RestoreClobber {
+                restore: (*s).clone(),
+                lost,
+            }
+        })
     })
 }
 
@@ -486,12 +496,12 @@ fn rp_filter(flow: &Flow, request: &[&Step], reply: &[&Step], cx: &Context) -> C
 }
 
 /// NETFILTER_DROP: the band's chains, the rule if nftables tracing named it, the mark-matching
-/// rules in those chains; a restore that clobbered the reply's mark first (`clobber`, from
+/// rules in those chains; a restore that clobbered the reply's mark first (`clobbered`, from
 /// `restore_clobber`) makes it `connmark-restore-mask`.
 fn netfilter_drop(
     flow: &Flow,
     reply: &[&Step],
-    clobber: Option<(&Step, Mark)>,
+    clobbered: bool,
     place: DropPlace,
     cx: &Context,
     evidence: &mut Vec<Evidence>,
@@ -507,17 +517,14 @@ fn netfilter_drop(
     // The one rule the reply's mark passed is the one that dropped it.
     let mut passed = dropping.into_iter().filter(|r| r.matched);
     let rule_hit = passed.next().filter(|_| passed.next().is_none());
-    let cause = match clobber {
-        Some((restore, lost)) => Cause::ConnmarkRestoreMask {
-            restore: restore.clone(),
-            lost,
-            place,
-        },
-        None => Cause::NetfilterDrop {
+    let cause = if clobbered {
+        Cause::ConnmarkRestoreMask { place }
+    } else {
+        Cause::NetfilterDrop {
             reply_mark,
             place,
             rule: rule_hit,
-        },
+        }
     };
     (cause, rule)
 }
@@ -695,12 +702,9 @@ pub(crate) fn judge(flow: &Flow, cx: &Context) -> Report {
     if mark_diff.is_some() {
         evidence.push(Evidence::MarkDiff);
     }
-    let clobber = restore_clobber(&reply);
-    if let Some((restore, lost)) = clobber {
-        evidence.push(Evidence::ConnmarkRestore {
-            restore: restore.clone(),
-            lost,
-        });
+    let restore_clobber = restore_clobber(&reply);
+    if restore_clobber.is_some() {
+        evidence.push(Evidence::ConnmarkRestore);
     }
 
     let drop_at = reply.iter().position(|s| s.kind == EventKind::Drop);
@@ -729,8 +733,14 @@ pub(crate) fn judge(flow: &Flow, cx: &Context) -> Report {
                     rp_filter(flow, &request, &reply, cx)
                 }
                 DropReason::NetfilterDrop => {
-                    let (cause, rule) =
-                        netfilter_drop(flow, &reply, clobber, place, cx, &mut evidence);
+                    let (cause, rule) = netfilter_drop(
+                        flow,
+                        &reply,
+                        restore_clobber.is_some(),
+                        place,
+                        cx,
+                        &mut evidence,
+                    );
                     info.rule = rule;
                     cause
                 }
@@ -762,6 +772,7 @@ pub(crate) fn judge(flow: &Flow, cx: &Context) -> Report {
         last_reply: reply.last().map(|s| (*s).clone()),
         drop,
         mark_diff,
+        restore_clobber,
         request: flow.path(Dir::Request).cloned().collect(),
         reply: flow.path(Dir::Reply).cloned().collect(),
     }
@@ -1095,7 +1106,8 @@ mod tests {
         );
         let r = judge_with(&flow(vec![restore, input, drop]), &state(), &chains);
         assert!(
-            matches!(r.cause, Cause::ConnmarkRestoreMask { lost, .. } if lost == Mark(0x100)),
+            matches!(r.cause, Cause::ConnmarkRestoreMask { .. })
+                && r.restore_clobber.as_ref().map(|c| c.lost) == Some(Mark(0x100)),
             "{:?}",
             r.cause
         );
