@@ -444,6 +444,7 @@ mod xfrm_tests {
             output_mark: Some(MarkMatch {
                 value: Mark(0x300),
                 mask: Mark(0xf00),
+                negated: false,
             }),
         };
         let topo = Topology {

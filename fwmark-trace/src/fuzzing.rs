@@ -7,7 +7,7 @@
 use std::{io::BufRead, path::Path, sync::OnceLock};
 
 use crate::{
-    inventory::{self, Found, Inventory},
+    inventory::{self, Finding, Inventory},
     kernel::plan::{NfPlan, PlanMode},
     nodestate::nft,
     output::{Format, Output},
@@ -156,7 +156,7 @@ pub fn iptables_save(data: &[u8]) {
 }
 
 /// The inventory of `found`: attributed with the built-in registry, its conflicts, printed.
-fn inventory_of(found: Vec<Found>) {
+fn inventory_of(found: Vec<Finding>) {
     let mut inv = Inventory::default();
     inv.add(None, found);
     inv.attribute(builtin());

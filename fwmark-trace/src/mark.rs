@@ -1,4 +1,5 @@
-//! Marks as values: a packet or conntrack mark (`Mark`, 32 bits) and a `VALUE/MASK` match.
+//! Marks as values: which mark (`MarkKind`), a packet or conntrack mark (`Mark`, 32 bits) and
+//! the one value/mask type (`MarkMatch`) every test, match and access of a mark is expressed in.
 //! Shown and parsed in hex (every owner documents its bits in hex), decimal accepted on input.
 use std::{
     fmt,
@@ -7,6 +8,25 @@ use std::{
 };
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Which mark: the packet's (`skb->mark`, nft `meta mark`, SO_MARK) or its connection's
+/// (`nf_conn->mark`, nft `ct mark`, CONNMARK).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum MarkKind {
+    Packet,
+    #[serde(rename = "ct")]
+    Conntrack,
+}
+
+impl MarkKind {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            MarkKind::Packet => "packet mark",
+            MarkKind::Conntrack => "ct mark",
+        }
+    }
+}
 
 /// A packet mark (`skb->mark`) or conntrack mark (`nf_conn->mark`).
 #[derive(Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -98,22 +118,67 @@ impl Not for Mark {
     }
 }
 
-/// `VALUE/MASK`: a mark matches when `mark & mask == value` (no mask: all 32 bits).
+/// `VALUE/MASK`: a mark matches when `mark & mask == value` (no mask: all 32 bits), or when it
+/// does not if `negated` (`meta mark != V`, `-m mark ! --mark V`). A write's bits are one too:
+/// after it, `mark & mask == value` for the bits it sets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct MarkMatch {
     pub(crate) value: Mark,
     pub(crate) mask: Mark,
+    pub(crate) negated: bool,
 }
 
 impl MarkMatch {
+    /// `value` under `mask` (bits of `value` outside the mask dropped, as the kernel compares).
+    pub(crate) fn new(value: Mark, mask: Mark) -> Self {
+        MarkMatch {
+            value: value & mask,
+            mask,
+            negated: false,
+        }
+    }
+
+    /// The opposite test.
+    pub(crate) fn negate(self, negated: bool) -> Self {
+        MarkMatch {
+            negated: self.negated != negated,
+            ..self
+        }
+    }
+
+    pub(crate) fn is_exact(&self) -> bool {
+        self.mask == Mark::ALL
+    }
+
     pub(crate) fn matches(&self, mark: Mark) -> bool {
-        mark & self.mask == self.value
+        (mark & self.mask == self.value) != self.negated
+    }
+
+    /// As a rule's test reads: `mark & 0x8000 == 0x8000`, `mark != 0x1` (exact).
+    pub(crate) fn as_test(&self) -> impl fmt::Display + '_ {
+        struct Test<'a>(&'a MarkMatch);
+        impl fmt::Display for Test<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let m = self.0;
+                let op = if m.negated { "!=" } else { "==" };
+                if m.is_exact() {
+                    write!(f, "mark {op} {}", m.value)
+                } else {
+                    write!(f, "mark & {} {op} {}", m.mask, m.value)
+                }
+            }
+        }
+        Test(self)
     }
 }
 
+/// `0x4000/0x4000`, `0x100` (all 32 bits); `!` before a negated one.
 impl fmt::Display for MarkMatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.mask == Mark::ALL {
+        if self.negated {
+            f.write_str("!")?;
+        }
+        if self.is_exact() {
             write!(f, "{}", self.value)
         } else {
             write!(f, "{}/{}", self.value, self.mask)
@@ -131,7 +196,11 @@ impl FromStr for MarkMatch {
         if !value.within(mask) {
             return Err(format!("mark {value} has bits outside its mask {mask}"));
         }
-        Ok(MarkMatch { value, mask })
+        Ok(MarkMatch {
+            value,
+            mask,
+            negated: false,
+        })
     }
 }
 
@@ -157,13 +226,7 @@ mod tests {
     #[test]
     fn forms() {
         let m = |s: &str| s.parse::<MarkMatch>();
-        assert_eq!(
-            m("0x100").unwrap(),
-            MarkMatch {
-                value: Mark(0x100),
-                mask: Mark::ALL
-            }
-        );
+        assert_eq!(m("0x100").unwrap(), MarkMatch::new(Mark(0x100), Mark::ALL));
         let masked = m("0x4000/0x4000").unwrap();
         assert_eq!((masked.value, masked.mask), (Mark(0x4000), Mark(0x4000)));
         assert_eq!(masked.to_string(), "0x4000/0x4000");
@@ -173,6 +236,13 @@ mod tests {
         assert!(m("0x1ffffffff").is_err());
         assert!(masked.matches(Mark(0x4100)) && !masked.matches(Mark(0x100)));
         assert_eq!(serde_json::to_string(&Mark(0xca6c)).unwrap(), "\"0xca6c\"");
+        let not = masked.negate(true);
+        assert!(!not.matches(Mark(0x4100)) && not.matches(Mark(0x100)));
+        assert_eq!(not.as_test().to_string(), "mark & 0x4000 != 0x4000");
+        assert_eq!(
+            MarkMatch::new(Mark(1), Mark::ALL).as_test().to_string(),
+            "mark == 0x1"
+        );
     }
 
     proptest! {
@@ -180,7 +250,7 @@ mod tests {
         #[test]
         fn parsing_never_panics_and_round_trips(s in ".{0,24}", v: u32, m: u32) {
             let _ = s.parse::<MarkMatch>();
-            let mm = MarkMatch { value: Mark(v & m), mask: Mark(m) };
+            let mm = MarkMatch::new(Mark(v), Mark(m));
             prop_assert_eq!(mm.to_string().parse::<MarkMatch>(), Ok(mm));
         }
     }

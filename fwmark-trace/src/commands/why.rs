@@ -7,17 +7,16 @@ use anyhow::{bail, Result};
 use log::{info, warn};
 
 use super::trace::{self, TraceConfig};
-use crate::why::{nftrace, verdict};
+use crate::why::{
+    nftrace,
+    render::{text, ReportJson, WhyDocument},
+    verdict,
+};
 use crate::{
     event::{monotonic_ns, Timestamp, TraceEvent},
     flows::{FlowTracker, Selection},
     nodestate::{links::list_interfaces, sysctl::Sysctls, watch::Watcher, History, NodeState},
-    output::{
-        summary::Summary,
-        text::list,
-        why::{text, Document, ReportJson},
-        LostRecord, Sink, StatsRecord,
-    },
+    output::{summary::Summary, text::list, LostRecord, Sink, StatsRecord},
     registry::{self, Registry},
 };
 
@@ -200,7 +199,7 @@ pub(crate) fn run_with(cfg: &WhyConfig, on_ready: impl FnOnce()) -> Result<bool>
         .collect();
     let lost = reports.iter().any(|r| !r.cause.verdict().healthy());
     if cfg.json {
-        let doc = Document {
+        let doc = WhyDocument {
             flows: reports.iter().map(ReportJson).collect(),
             flows_seen: seen,
             flows_evicted: collector.flows.evicted,

@@ -119,18 +119,18 @@ impl Bits {
         }
         let whole = self.keep | self.flip == 0;
         let mask = if whole { u32::MAX } else { changed };
-        Some(Access {
+        Some(Access::new(
             mark,
-            value: self.ones & mask,
+            self.ones & mask,
             mask,
-            op: Op::Write {
+            Op::Write {
                 scope: if whole { Scope::Whole } else { Scope::Bits },
                 toggles: self.flip,
                 copies: self.copy,
                 copy_from: self.copy_from.filter(|_| self.copy != 0),
                 known: self.unknown == 0,
             },
-        })
+        ))
     }
 }
 
@@ -146,13 +146,13 @@ mod tests {
     fn or_and_xor_are_bitwise() {
         let or = w(Bits::same().or(0x4000));
         assert_eq!(
-            (or.value, or.mask, or.scope()),
+            (or.value(), or.mask(), or.scope()),
             (0x4000, 0x4000, Some(Scope::Bits))
         );
         let clear = w(Bits::same().and(0xffe4ffff));
-        assert_eq!((clear.value, clear.mask), (0, 0x1b0000));
+        assert_eq!((clear.value(), clear.mask()), (0, 0x1b0000));
         let xor = w(Bits::same().xor(0x4000));
-        assert_eq!(xor.mask, 0x4000);
+        assert_eq!(xor.mask(), 0x4000);
         assert!(matches!(
             xor.op,
             Op::Write {
@@ -162,7 +162,7 @@ mod tests {
         ));
         // Tailscale's nft form of --set-mark 0x40000/0xff0000.
         let ts = w(Bits::same().and(0xff00ffff).xor(0x40000));
-        assert_eq!((ts.value, ts.mask), (0x40000, 0xff0000));
+        assert_eq!((ts.value(), ts.mask()), (0x40000, 0xff0000));
         assert!(matches!(ts.op, Op::Write { toggles: 0, .. }));
     }
 
@@ -171,7 +171,7 @@ mod tests {
         let aws = Bits::copy_of(MarkKind::Conntrack).and(0x80);
         let a = w(aws);
         assert_eq!(
-            (a.value, a.mask, a.scope()),
+            (a.value(), a.mask(), a.scope()),
             (0, u32::MAX, Some(Scope::Whole))
         );
         assert!(matches!(
@@ -184,7 +184,7 @@ mod tests {
         ));
         let istio = w(Bits::constant(0x539));
         assert_eq!(
-            (istio.value, istio.mask, istio.scope()),
+            (istio.value(), istio.mask(), istio.scope()),
             (0x539, u32::MAX, Some(Scope::Whole))
         );
         assert_eq!(Bits::constant(5).as_constant(), Some(5));
@@ -195,10 +195,10 @@ mod tests {
     #[test]
     fn iptables_semantics() {
         // --set-xmark 0x4000/0x4000 (save's form of --or-mark 0x4000)
-        assert_eq!(w(Bits::set_xmark(0x4000, 0x4000)).mask, 0x4000);
+        assert_eq!(w(Bits::set_xmark(0x4000, 0x4000)).mask(), 0x4000);
         // --xor-mark 0x4000 = --set-xmark 0x4000/0x0
         let x = w(Bits::set_xmark(0x4000, 0));
-        assert_eq!(x.mask, 0x4000);
+        assert_eq!(x.mask(), 0x4000);
         assert!(matches!(
             x.op,
             Op::Write {
@@ -213,7 +213,7 @@ mod tests {
         );
         // CONNMARK --restore-mark --nfmask 0xff0000 --ctmask 0xff0000: bitwise copy
         let r = w(Bits::copy_masked(MarkKind::Conntrack, 0xff0000, 0xff0000));
-        assert_eq!((r.mask, r.scope()), (0xff0000, Some(Scope::Bits)));
+        assert_eq!((r.mask(), r.scope()), (0xff0000, Some(Scope::Bits)));
         assert!(matches!(
             r.op,
             Op::Write {
@@ -247,7 +247,7 @@ mod tests {
                 }
             }
             if let Some(a) = b.write(MarkKind::Packet) {
-                proptest::prop_assert_eq!(a.value & !a.mask, 0);
+                proptest::prop_assert_eq!(a.value() & !a.mask(), 0);
             }
         }
     }

@@ -19,7 +19,7 @@ use anyhow::{Context, Result};
 use aya_obj::generated::{bpf_cmd, bpf_prog_info, bpf_prog_type};
 
 use super::bits::Bits;
-use super::model::{Access, Attachment, BpfKind, Found, MarkKind, Place};
+use super::model::{Access, Attachment, BpfKind, Finding, MarkKind, Place};
 #[cfg(test)]
 use super::model::{Op, Scope};
 use crate::{
@@ -345,9 +345,9 @@ fn attachments() -> Result<Vec<(u32, Attachment)>> {
     Ok(out)
 }
 
-fn found(p: &Program, attached: Vec<Attachment>) -> Found {
+fn found(p: &Program, attached: Vec<Attachment>) -> Finding {
     let what: Vec<String> = p.access.iter().map(Access::describe).collect();
-    Found {
+    Finding {
         text: format!("{} (id {}): {}", p.name, p.id, what.join("; ")),
         access: p.access.clone(),
         // Matched against the owners' program patterns only (not their chain names).
@@ -362,7 +362,7 @@ fn found(p: &Program, attached: Vec<Attachment>) -> Found {
 }
 
 /// The tc programs among `programs` attached in this namespace.
-pub(crate) fn tc_here(programs: &[Program]) -> Result<Vec<Found>> {
+pub(crate) fn tc_here(programs: &[Program]) -> Result<Vec<Finding>> {
     let tc: Vec<&Program> = programs
         .iter()
         .filter(|p| matches!(p.kind, BpfKind::SchedCls | BpfKind::SchedAct))
@@ -385,7 +385,7 @@ pub(crate) fn tc_here(programs: &[Program]) -> Result<Vec<Found>> {
 }
 
 /// cgroup programs: not bound to a namespace.
-pub(crate) fn cgroup(programs: &[Program]) -> Vec<Found> {
+pub(crate) fn cgroup(programs: &[Program]) -> Vec<Finding> {
     programs
         .iter()
         .filter(|p| matches!(p.kind, BpfKind::CgroupSkb | BpfKind::CgroupSock))
@@ -432,7 +432,7 @@ pub(crate) mod tests {
         let a = analyse(&prog, MARK as u32);
         assert_eq!(a.len(), 1);
         assert_eq!(
-            (a[0].value, a[0].mask, a[0].scope()),
+            (a[0].value(), a[0].mask(), a[0].scope()),
             (0xca6c, u32::MAX, Some(Scope::Whole))
         );
         // The same store through a copy of the context kept on the stack, and as an immediate.
@@ -444,7 +444,7 @@ pub(crate) mod tests {
             insn(0x62, 7, 0, MARK, 0x200),
         ];
         let a = analyse(&prog, MARK as u32);
-        assert_eq!((a[0].value, a[0].scope()), (0x200, Some(Scope::Whole)));
+        assert_eq!((a[0].value(), a[0].scope()), (0x200, Some(Scope::Whole)));
         // After a call r1 is no longer the context.
         let prog = [insn(0x85, 0, 0, 0, 5), insn(0x62, 1, 0, MARK, 1)];
         assert!(analyse(&prog, MARK as u32).is_empty());
@@ -469,7 +469,7 @@ pub(crate) mod tests {
             Access::read(MarkKind::Packet, 0x80000, 0xff0000, false)
         );
         assert_eq!(
-            (a[1].value, a[1].mask, a[1].scope()),
+            (a[1].value(), a[1].mask(), a[1].scope()),
             (0x40000, 0xff0000, Some(Scope::Bits))
         );
         // A store of something unknown is a whole write of a value not visible.

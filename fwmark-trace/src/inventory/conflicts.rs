@@ -84,7 +84,7 @@ fn pair(x: &Access, y: &Access) -> Option<(ConflictKind, u32)> {
         };
     }
     if x.is_read() && y.is_write() {
-        return hit(ConflictKind::ForeignReader, x.mask & y.written());
+        return hit(ConflictKind::ForeignReader, x.mask() & y.written());
     }
     if x.is_write() && xs == Some(Scope::Whole) && y.is_read() {
         return hit(ConflictKind::WholeOverwrite, y.bits());

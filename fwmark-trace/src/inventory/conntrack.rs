@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 use netlink_sys::protocols;
 
-use super::model::{Access, Found, MarkKind, Op, Place};
+use super::model::{Access, Finding, MarkKind, Op, Place};
 use super::nl::{attrs, RawMessage};
 use crate::nodestate::netlink::dump;
 
@@ -41,19 +41,19 @@ pub(crate) fn count(messages: &[RawMessage]) -> BTreeMap<u32, u64> {
     out
 }
 
-pub(crate) fn read() -> Result<Vec<Found>> {
+pub(crate) fn read() -> Result<Vec<Finding>> {
     let counts = count(&dump(protocols::NETLINK_NETFILTER, request())?);
     Ok(counts
         .into_iter()
-        .map(|(mark, n)| Found {
+        .map(|(mark, n)| Finding {
             place: Place::Conntrack { entries: n },
             text: format!("{n} entries with mark {mark:#x}"),
-            access: vec![Access {
-                mark: MarkKind::Conntrack,
-                value: mark,
-                mask: u32::MAX,
-                op: Op::Holds { count: n },
-            }],
+            access: vec![Access::new(
+                MarkKind::Conntrack,
+                mark,
+                u32::MAX,
+                Op::Holds { count: n },
+            )],
             names: Vec::new(),
         })
         .collect())

@@ -3,17 +3,17 @@
 //! mark; `not fwmark` is a negated read.
 use anyhow::Result;
 
-use super::model::{Access, Found, MarkKind, Place};
+use super::model::{Access, Finding, MarkKind, Place};
 use crate::nodestate::netlink::{self, IpRule};
 #[cfg(test)]
 use crate::stack::Family;
 
-pub(crate) fn found(rules: &[IpRule]) -> Vec<Found> {
+pub(crate) fn found(rules: &[IpRule]) -> Vec<Finding> {
     rules
         .iter()
         .filter_map(|r| {
             let m = r.fwmark?;
-            Some(Found {
+            Some(Finding {
                 text: r.to_string(),
                 access: vec![Access::read(
                     MarkKind::Packet,
@@ -33,7 +33,7 @@ pub(crate) fn found(rules: &[IpRule]) -> Vec<Found> {
         .collect()
 }
 
-pub(crate) fn read() -> Result<Vec<Found>> {
+pub(crate) fn read() -> Result<Vec<Finding>> {
     Ok(found(&netlink::rules()?))
 }
 
@@ -49,6 +49,7 @@ mod tests {
             fwmark: fwmark.map(|(v, m)| MarkMatch {
                 value: Mark(v),
                 mask: Mark(m),
+                negated: false,
             }),
             invert,
             table: 254,

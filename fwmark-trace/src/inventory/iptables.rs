@@ -3,14 +3,15 @@
 //! arguments nft's JSON leaves out (its `xt` expressions name a target such as MARK but carry
 //! no values). Marks: `-m mark`, `-m connmark` (reads), `-j MARK`, `-j CONNMARK`, `-j TPROXY
 //! --tproxy-mark` (writes), with iptables' semantics (see `bits`).
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
 use super::bits::Bits;
-use super::model::{Access, Found, MarkKind, Place};
+use super::model::{Access, Finding, MarkKind, Place};
 use crate::mark::parse_u32;
+use crate::nodestate::nft::jump_walk;
 use crate::stack::Family;
 
 /// One `-A CHAIN …` line.
@@ -227,17 +228,11 @@ pub(crate) fn reached_from(rules: &[SavedRule]) -> HashMap<(String, String), Vec
     let tables: HashSet<&str> = rules.iter().map(|r| r.table.as_str()).collect();
     for table in tables {
         for base in BUILTIN {
-            let mut seen = HashSet::from([base]);
-            let mut queue = VecDeque::from([base]);
-            while let Some(c) = queue.pop_front() {
+            let below = |c: &&str| jumps.get(&(table, *c)).cloned().unwrap_or_default();
+            for c in jump_walk(base, below) {
                 out.entry((table.to_owned(), c.to_owned()))
                     .or_default()
                     .push(format!("{table}/{base}"));
-                for t in jumps.get(&(table, c)).into_iter().flatten() {
-                    if seen.insert(t) {
-                        queue.push_back(t);
-                    }
-                }
             }
         }
     }
@@ -249,7 +244,7 @@ pub(crate) fn reached_from(rules: &[SavedRule]) -> HashMap<(String, String), Vec
 }
 
 /// The rules of an `iptables-save` text that read or write a mark.
-pub(crate) fn found(text: &str, family: Family) -> Vec<Found> {
+pub(crate) fn found(text: &str, family: Family) -> Vec<Finding> {
     let rules = parse_save(text);
     let reach = reached_from(&rules);
     rules
@@ -263,7 +258,7 @@ pub(crate) fn found(text: &str, family: Family) -> Vec<Found> {
                 .get(&(r.table.clone(), r.chain.clone()))
                 .cloned()
                 .unwrap_or_default();
-            Some(Found {
+            Some(Finding {
                 names: vec![r.chain.clone()],
                 text: r.line,
                 access,
@@ -296,16 +291,6 @@ pub(crate) fn save(tool: &str) -> Result<Option<String>> {
     Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
 }
 
-/// Whether the namespace has iptables-legacy tables of this family (the kernel lists the ones
-/// in use, per namespace: thread-self, since namespaces are entered per thread).
-pub(crate) fn legacy_tables_present(family: Family) -> bool {
-    let file = match family {
-        Family::Ipv4 => "/proc/thread-self/net/ip_tables_names",
-        Family::Ipv6 => "/proc/thread-self/net/ip6_tables_names",
-    };
-    std::fs::read_to_string(file).is_ok_and(|s| !s.trim().is_empty())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,7 +304,7 @@ mod tests {
         assert_eq!(f.len(), 4, "{f:#?}");
         let or = &f[0].access[0];
         assert_eq!(
-            (or.value, or.mask, or.scope()),
+            (or.value(), or.mask(), or.scope()),
             (0x4000, 0x4000, Some(Scope::Bits))
         );
         let neg = &f[1].access[0];
@@ -357,7 +342,7 @@ mod tests {
         let save = a("-m conntrack --ctstate NEW -m mark ! --mark 0x0/0xff0000 -j CONNMARK --save-mark --nfmask 0xff0000 --ctmask 0xff0000");
         assert_eq!(save[0], Access::read(MarkKind::Packet, 0, 0xff0000, true));
         assert_eq!(
-            (save[1].mark, save[1].mask, save[1].scope()),
+            (save[1].mark, save[1].mask(), save[1].scope()),
             (MarkKind::Conntrack, 0xff0000, Some(Scope::Bits))
         );
         // Istio: restore with default masks (whole), reading ct 1337 exactly.
@@ -378,15 +363,15 @@ mod tests {
             }
         ));
         let tp = a("! -d 127.0.0.1/32 -p tcp -j TPROXY --on-port 15006 --on-ip 0.0.0.0 --tproxy-mark 0x539/0xffffffff");
-        assert_eq!((tp[0].value, tp[0].scope()), (0x539, Some(Scope::Whole)));
+        assert_eq!((tp[0].value(), tp[0].scope()), (0x539, Some(Scope::Whole)));
         assert_eq!(a("-j MARK --set-mark 1337")[0].scope(), Some(Scope::Whole));
-        assert_eq!(a("-j MARK --or-mark 0x004000")[0].mask, 0x4000);
-        assert_eq!(a("-j MARK --and-mark 0xffff3fff")[0].mask, 0xc000);
+        assert_eq!(a("-j MARK --or-mark 0x004000")[0].mask(), 0x4000);
+        assert_eq!(a("-j MARK --and-mark 0xffff3fff")[0].mask(), 0xc000);
         assert_eq!(
             a("-j CONNMARK --set-xmark 0x80/0x80")[0].mark,
             MarkKind::Conntrack
         );
-        assert_eq!(a("-j CONNMARK --save-mark --mask 0x80")[0].mask, 0x80);
+        assert_eq!(a("-j CONNMARK --save-mark --mask 0x80")[0].mask(), 0x80);
         assert!(a("-j ACCEPT").is_empty() && a("-j MARK").is_empty());
         assert_eq!(
             split_args("-m comment --comment \"a \\\"b\\\" c\" -j X"),

@@ -3,7 +3,7 @@
 //! owners. A library first (`Inventory::read`, then queries: `owner_names`, `writer_of` — what
 //! trace's attribution asks —, `conflicts`, `by_bit`), a command second (`command`).
 //!
-//! One module per source, each returning `Found` places: `nft` (nft rules, iptables-nft's
+//! One module per source, each returning `Finding` places: `nft` (nft rules, iptables-nft's
 //! included), `iptables` (iptables-legacy tables), `iprule`, `xfrm` (policies and states),
 //! `wireguard` (device fwmarks), `sockets` (SO_MARK), `bpf` (tc and cgroup programs),
 //! `ovs` (Open vSwitch flows), `conntrack` (marks in use). `owners` attributes, `conflicts`
@@ -30,7 +30,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 pub(crate) use conflicts::Conflict;
-pub(crate) use model::{Entry, Found, MarkKind, Netns, Op, OwnerRef, Place, Scope};
+pub(crate) use model::{Entry, Finding, MarkKind, Netns, Op, OwnerRef, Place, Scope};
 
 use crate::{nodestate::nft::ChainId, registry::Registry};
 
@@ -178,11 +178,11 @@ fn namespaces(which: &Namespaces) -> Result<Vec<(Option<PathBuf>, Netns)>> {
 fn read_here(
     sources: Sources,
     programs: &[bpf::Program],
-) -> (Vec<Found>, Vec<(&'static str, String)>) {
+) -> (Vec<Finding>, Vec<(&'static str, String)>) {
     use crate::stack::Family;
     let mut found = Vec::new();
     let mut notes = Vec::new();
-    let mut take = |source: &'static str, r: Result<Vec<Found>>| match r {
+    let mut take = |source: &'static str, r: Result<Vec<Finding>>| match r {
         Ok(f) => found.extend(f),
         Err(e) => notes.push((source, format!("{e:#}"))),
     };
@@ -194,7 +194,7 @@ fn read_here(
             (Family::Ipv4, "iptables-legacy-save"),
             (Family::Ipv6, "ip6tables-legacy-save"),
         ] {
-            if !iptables::legacy_tables_present(family) {
+            if crate::nodestate::nft::legacy_table_names(family).is_empty() {
                 continue;
             }
             take("iptables-legacy", match iptables::save(tool) {
@@ -245,7 +245,7 @@ impl Inventory {
         } else {
             Vec::new()
         };
-        let mut per_ns: Vec<(Netns, Vec<Found>)> = Vec::new();
+        let mut per_ns: Vec<(Netns, Vec<Finding>)> = Vec::new();
         for (path, ns) in list {
             let progs = programs.clone();
             let res = std::thread::spawn(move || -> Result<_> {
@@ -289,7 +289,7 @@ impl Inventory {
     }
 
     /// Adds found places as entries of `netns` (numbered, not yet attributed).
-    pub(crate) fn add(&mut self, netns: Option<Netns>, found: Vec<Found>) {
+    pub(crate) fn add(&mut self, netns: Option<Netns>, found: Vec<Finding>) {
         for f in found {
             self.entries.push(Entry {
                 id: self.entries.len(),
@@ -420,7 +420,7 @@ impl Inventory {
                         }
                     };
                     let list = match a.op {
-                        Op::Read { .. } => &mut slot.readers,
+                        Op::Read => &mut slot.readers,
                         Op::Write { .. } => &mut slot.writers,
                         Op::Holds { .. } => &mut slot.held,
                     };

@@ -8,12 +8,14 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 use serde::{Serialize, Serializer};
 
+pub(crate) use crate::{mark::MarkKind, nodestate::nft::BaseChain};
 use crate::{
+    mark::{Mark, MarkMatch},
     nodestate::{
         netlink::{RuleAction, XfrmAction, XfrmDir},
         nft::ChainId,
     },
-    stack::{Family, NfHook},
+    stack::Family,
 };
 
 /// Serialises a mark or mask as `0x…` (how every mark in fwmark-trace's JSON reads).
@@ -24,25 +26,6 @@ pub(crate) fn hex<S: Serializer>(v: &u32, s: S) -> Result<S::Ok, S::Error> {
 /// Serialises a 64-bit number (an OpenFlow cookie) as `0x…`.
 pub(crate) fn hex64<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format!("{v:#x}"))
-}
-
-/// Which mark: the packet's (`skb->mark`, nft `meta mark`, SO_MARK) or its connection's
-/// (`nf_conn->mark`, nft `ct mark`, CONNMARK).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub(crate) enum MarkKind {
-    Packet,
-    #[serde(rename = "ct")]
-    Conntrack,
-}
-
-impl MarkKind {
-    pub(crate) fn label(self) -> &'static str {
-        match self {
-            MarkKind::Packet => "packet mark",
-            MarkKind::Conntrack => "ct mark",
-        }
-    }
 }
 
 /// How much of the mark a write replaces.
@@ -63,8 +46,8 @@ pub(crate) enum Scope {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub(crate) enum Op {
-    /// Compares `mark & mask` with `value` (exact when the mask is all 32 bits).
-    Read { negated: bool },
+    /// Tests the mark with its `MarkMatch` (exact when the mask is all 32 bits).
+    Read,
     /// Sets the bits of `value` under `mask` (bits of the mask outside `value` are cleared).
     Write {
         scope: Scope,
@@ -88,61 +71,106 @@ fn is_zero(v: &u32) -> bool {
 }
 
 /// One read or write of one mark.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Access {
     pub(crate) mark: MarkKind,
-    #[serde(serialize_with = "hex")]
-    pub(crate) value: u32,
-    #[serde(serialize_with = "hex")]
-    pub(crate) mask: u32,
-    #[serde(flatten)]
+    /// A read's test; a write's value under the bits it may change (never negated).
+    pub(crate) masked: MarkMatch,
     pub(crate) op: Op,
+}
+
+/// `{"mark", "value", "mask", "op", …}`: the match's parts side by side, a read's negation
+/// after its `op` (how the JSON has always read).
+impl Serialize for Access {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Flat<'a> {
+            mark: MarkKind,
+            value: Mark,
+            mask: Mark,
+            #[serde(flatten)]
+            op: &'a Op,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            negated: Option<bool>,
+        }
+        Flat {
+            mark: self.mark,
+            value: self.masked.value,
+            mask: self.masked.mask,
+            op: &self.op,
+            negated: self.is_read().then_some(self.masked.negated),
+        }
+        .serialize(s)
+    }
 }
 
 impl Access {
     pub(crate) fn read(mark: MarkKind, value: u32, mask: u32, negated: bool) -> Self {
         Access {
             mark,
-            value: value & mask,
-            mask,
-            op: Op::Read { negated },
+            masked: MarkMatch::new(Mark(value), Mark(mask)).negate(negated),
+            op: Op::Read,
         }
+    }
+
+    /// `op` on `value` under `mask` (the value taken as it is: a write's toggled bits are not
+    /// in it, a write is never negated).
+    pub(crate) fn new(mark: MarkKind, value: u32, mask: u32, op: Op) -> Self {
+        Access {
+            mark,
+            masked: MarkMatch {
+                value: Mark(value),
+                mask: Mark(mask),
+                negated: false,
+            },
+            op,
+        }
+    }
+
+    /// The value, as the bits it reads or sets.
+    pub(crate) fn value(&self) -> u32 {
+        self.masked.value.0
+    }
+
+    /// The mask: the bits it reads or may change.
+    pub(crate) fn mask(&self) -> u32 {
+        self.masked.mask.0
     }
 
     /// A write of a constant whole value that starts the packets of a socket or device.
     pub(crate) fn origin(value: u32) -> Self {
-        Access {
-            mark: MarkKind::Packet,
+        Access::new(
+            MarkKind::Packet,
             value,
-            mask: u32::MAX,
-            op: Op::Write {
+            u32::MAX,
+            Op::Write {
                 scope: Scope::Origin,
                 toggles: 0,
                 copies: 0,
                 copy_from: None,
                 known: true,
             },
-        }
+        )
     }
 
     /// A write whose value the ruleset does not show (an `xt` target without its save line).
     pub(crate) fn unknown_write(mark: MarkKind) -> Self {
-        Access {
+        Access::new(
             mark,
-            value: 0,
-            mask: u32::MAX,
-            op: Op::Write {
+            0,
+            u32::MAX,
+            Op::Write {
                 scope: Scope::Whole,
                 toggles: 0,
                 copies: 0,
                 copy_from: None,
                 known: false,
             },
-        }
+        )
     }
 
     pub(crate) fn is_read(&self) -> bool {
-        matches!(self.op, Op::Read { .. })
+        matches!(self.op, Op::Read)
     }
 
     pub(crate) fn is_write(&self) -> bool {
@@ -166,18 +194,18 @@ impl Access {
         };
         let changed = old ^ new;
         if scope == Scope::Origin {
-            return new == self.value;
+            return new == self.value();
         }
         // Bits outside the mask are kept (a whole write's mask is all of them).
-        if changed & !self.mask != 0 {
+        if changed & !self.mask() != 0 {
             return false;
         }
         if !known {
             return true;
         }
-        let fixed = self.mask & !toggles & !copies;
+        let fixed = self.mask() & !toggles & !copies;
         let copied = other.is_none_or(|o| (new ^ o) & copies == 0);
-        new & fixed == self.value & fixed && changed & toggles == toggles && copied
+        new & fixed == self.value() & fixed && changed & toggles == toggles && copied
     }
 
     pub(crate) fn scope(&self) -> Option<Scope> {
@@ -189,20 +217,20 @@ impl Access {
 
     /// A read of all 32 bits (`ip rule fwmark V` without a mask, nft `meta mark V`).
     pub(crate) fn is_exact_read(&self) -> bool {
-        self.is_read() && self.mask == u32::MAX
+        self.is_read() && self.mask() == u32::MAX
     }
 
     /// The bits that say whose access this is: a read's mask (an exact read's value), a bitwise
     /// write's mask, a whole or origin write's value and copied bits, a conntrack value.
     pub(crate) fn bits(&self) -> u32 {
         match self.op {
-            Op::Read { .. } if self.mask == u32::MAX => self.value,
-            Op::Read { .. } => self.mask,
+            Op::Read if self.mask() == u32::MAX => self.value(),
+            Op::Read => self.mask(),
             Op::Write {
                 scope: Scope::Bits, ..
-            } => self.mask,
-            Op::Write { copies, .. } => self.value | copies,
-            Op::Holds { .. } => self.value,
+            } => self.mask(),
+            Op::Write { copies, .. } => self.value() | copies,
+            Op::Holds { .. } => self.value(),
         }
     }
 
@@ -223,8 +251,8 @@ impl Access {
             Op::Write {
                 scope: Scope::Origin,
                 ..
-            } => self.value,
-            Op::Write { .. } => self.mask,
+            } => self.value(),
+            Op::Write { .. } => self.mask(),
             _ => 0,
         }
     }
@@ -234,16 +262,16 @@ impl Access {
     pub(crate) fn describe(&self) -> String {
         let m = self.mark.label();
         match self.op {
-            Op::Read { negated } => {
-                let op = if negated { "!=" } else { "==" };
-                if self.mask == u32::MAX {
-                    format!("reads {m} {op} {:#x} (exact)", self.value)
+            Op::Read => {
+                let op = if self.masked.negated { "!=" } else { "==" };
+                if self.mask() == u32::MAX {
+                    format!("reads {m} {op} {:#x} (exact)", self.value())
                 } else {
-                    format!("reads {m} & {:#x} {op} {:#x}", self.mask, self.value)
+                    format!("reads {m} & {:#x} {op} {:#x}", self.mask(), self.value())
                 }
             }
             Op::Holds { count } => {
-                format!("{count} conntrack entries with ct mark {:#x}", self.value)
+                format!("{count} conntrack entries with ct mark {:#x}", self.value())
             }
             Op::Write {
                 scope,
@@ -264,28 +292,28 @@ impl Access {
                     };
                     parts.push(format!("copies {}{whole}", from.label()));
                 }
-                let set = self.value & !copies;
+                let set = self.value() & !copies;
                 if set != 0 {
                     parts.push(format!("sets {set:#x}"));
                 }
                 if toggles != 0 {
                     parts.push(format!("toggles {toggles:#x}"));
                 }
-                let cleared = self.mask & !self.value & !toggles & !copies;
+                let cleared = self.mask() & !self.value() & !toggles & !copies;
                 match scope {
                     Scope::Bits if cleared != 0 => parts.push(format!("clears {cleared:#x}")),
                     Scope::Whole => parts.push("clears every other bit (whole)".into()),
                     _ => {}
                 }
                 if parts.is_empty() {
-                    parts.push(format!("= {:#x}", self.value));
+                    parts.push(format!("= {:#x}", self.value()));
                 }
                 let what = match scope {
                     Scope::Origin => "starts its packets with",
                     _ => "writes",
                 };
                 if scope == Scope::Origin {
-                    format!("{what} {m} {:#x}", self.value)
+                    format!("{what} {m} {:#x}", self.value())
                 } else {
                     format!("{what} {m}: {}", parts.join(", "))
                 }
@@ -316,15 +344,6 @@ impl Netns {
             pod: None,
         }
     }
-}
-
-/// A base chain (on a hook) that reaches a rule's chain through jumps, gotos or verdict maps.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub(crate) struct BaseChain {
-    #[serde(flatten)]
-    pub(crate) id: ChainId,
-    pub(crate) hook: NfHook,
-    pub(crate) priority: i32,
 }
 
 /// How a WireGuard device is run.
@@ -627,9 +646,10 @@ impl Entry {
     }
 }
 
-/// What a place found before it is numbered and attributed (what each source returns).
+/// What a source found at one place, before it is numbered and attributed (what each source
+/// returns).
 #[derive(Clone, Debug, PartialEq)]
-pub(crate) struct Found {
+pub(crate) struct Finding {
     pub(crate) place: Place,
     pub(crate) text: String,
     pub(crate) access: Vec<Access>,
@@ -641,18 +661,18 @@ mod tests {
     use super::*;
 
     fn write(scope: Scope, value: u32, mask: u32) -> Access {
-        Access {
-            mark: MarkKind::Packet,
+        Access::new(
+            MarkKind::Packet,
             value,
             mask,
-            op: Op::Write {
+            Op::Write {
                 scope,
                 toggles: 0,
                 copies: 0,
                 copy_from: None,
                 known: true,
             },
-        }
+        )
     }
 
     #[test]
@@ -737,6 +757,11 @@ mod tests {
         let masked = Access::read(MarkKind::Conntrack, 0x40000, 0xff0000, false);
         assert_eq!(masked.bits(), 0xff0000);
         assert_eq!(masked.describe(), "reads ct mark & 0xff0000 == 0x40000");
+        assert_eq!(
+            serde_json::to_value(exact).unwrap(),
+            serde_json::json!({"mark": "packet", "value": "0xca6c", "mask": "0xffffffff",
+                               "op": "read", "negated": true})
+        );
         let json = serde_json::to_value(or).unwrap();
         assert_eq!(
             json,

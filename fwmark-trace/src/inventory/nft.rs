@@ -14,63 +14,21 @@ use serde_json::Value;
 
 use super::bits::Bits;
 use super::iptables::{self, SavedRule};
-use super::model::{Access, BaseChain, Found, MarkKind, Op, Place};
+use super::model::{Access, BaseChain, Finding, MarkKind, Op, Place};
 use crate::{
-    mark::Mark,
-    nodestate::nft::{chain_id, without_counts, ChainId, Graph, MarkRule, MarkTest},
-    stack::{Family, NfHook, NftFamily},
+    nodestate::nft::{
+        base_chains, binop, chain_id, mark_exprs, mark_kind, number, without_counts, ChainId,
+        Graph, MarkExpr, MarkRule,
+    },
+    stack::{Family, NftFamily},
 };
-
-/// `meta mark` or `ct mark`.
-fn mark_of(v: &Value) -> Option<MarkKind> {
-    if v.get("meta")?.get("key")? == "mark" {
-        return Some(MarkKind::Packet);
-    }
-    None
-}
-
-fn mark_or_ct(v: &Value) -> Option<MarkKind> {
-    mark_of(v).or_else(|| (v.get("ct")?.get("key")? == "mark").then_some(MarkKind::Conntrack))
-}
-
-fn number(v: &Value) -> Option<u32> {
-    match v {
-        Value::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
-        Value::String(s) => crate::mark::parse_u32(s),
-        _ => None,
-    }
-}
-
-/// A binary operation `{"&": [a, b]}` (nft JSON nests longer chains).
-fn binop(v: &Value) -> Option<(&str, &Value, &Value)> {
-    let obj = v.as_object()?;
-    let (op, args) = obj.iter().next()?;
-    if obj.len() != 1 || !matches!(op.as_str(), "&" | "|" | "^") {
-        return None;
-    }
-    match args.as_array()?.as_slice() {
-        [a, b] => Some((op.as_str(), a, b)),
-        _ => None,
-    }
-}
-
-/// A read operand: a mark, possibly under a constant `&` mask.
-fn operand(v: &Value) -> Option<(MarkKind, u32)> {
-    if let Some(m) = mark_or_ct(v) {
-        return Some((m, u32::MAX));
-    }
-    match binop(v)? {
-        ("&", a, b) => Some((mark_or_ct(a)?, number(b)?)),
-        _ => None,
-    }
-}
 
 /// What a value expression writes into `target`, bit by bit.
 fn eval(v: &Value, target: MarkKind) -> Bits {
     if let Some(n) = number(v) {
         return Bits::constant(n);
     }
-    if let Some(m) = mark_or_ct(v) {
+    if let Some(m) = mark_kind(v) {
         return if m == target {
             Bits::same()
         } else {
@@ -92,60 +50,36 @@ fn eval(v: &Value, target: MarkKind) -> Bits {
     }
 }
 
-/// Numbers of a set (`{"set": [1, 2]}`) or a single number.
-fn values(v: &Value) -> Vec<u32> {
-    match v.get("set").and_then(Value::as_array) {
-        Some(items) => items.iter().filter_map(number).collect(),
-        None => number(v).into_iter().collect(),
-    }
-}
-
-/// Names of iptables targets and matches that touch marks.
-const XT_MARK: [&str; 5] = ["MARK", "CONNMARK", "TPROXY", "mark", "connmark"];
-
-/// The mark accesses of one rule's expressions, and whether some are hidden in `xt`
-/// expressions (iptables-nft targets and matches nft cannot show).
-pub(crate) fn rule_accesses(expr: &[Value]) -> (Vec<Access>, Vec<String>) {
+/// The mark accesses of one rule's expressions (`mark_exprs`, values evaluated bit by bit),
+/// and the names of the `xt` expressions among them (iptables-nft targets and matches whose
+/// values nft cannot show).
+pub(crate) fn rule_accesses(expr: &[Value]) -> (Vec<Access>, Vec<&str>) {
     let mut out = Vec::new();
     let mut xt = Vec::new();
-    for e in expr {
-        if let Some(m) = e.get("match") {
-            let negated = m.get("op").and_then(Value::as_str) == Some("!=");
-            if let Some((mark, mask)) = m.get("left").and_then(operand) {
-                for v in values(m.get("right").unwrap_or(&Value::Null)) {
-                    out.push(Access::read(mark, v, mask, negated));
-                }
-            }
-        } else if let Some(m) = e.get("mangle") {
-            let Some(target) = m.get("key").and_then(mark_or_ct) else {
-                continue;
-            };
-            let bits = eval(m.get("value").unwrap_or(&Value::Null), target);
-            out.extend(bits.write(target));
-        } else if let Some(vm) = e.get("vmap") {
-            // `meta mark & M vmap { V: jump x, … }`: one read per key.
-            if let Some((mark, mask)) = vm.get("key").and_then(operand) {
-                let keys = vm
-                    .get("data")
-                    .and_then(|d| d.get("set"))
-                    .and_then(Value::as_array);
-                for v in keys
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|el| number(el.get(0)?))
-                {
-                    out.push(Access::read(mark, v, mask, false));
-                }
-            }
-        } else if let Some(x) = e.get("xt") {
-            if let Some(name) = x.get("name").and_then(Value::as_str) {
-                if XT_MARK.contains(&name) {
-                    xt.push(name.to_owned());
-                }
-            }
+    for e in mark_exprs(expr) {
+        match e {
+            MarkExpr::Test { mark, test } => out.push(Access {
+                mark,
+                masked: test,
+                op: Op::Read,
+            }),
+            MarkExpr::Set { mark, value } => out.extend(eval(value, mark).write(mark)),
+            MarkExpr::Xt { name, .. } => xt.push(name),
         }
     }
     (out, xt)
+}
+
+/// What the `xt` expressions of a rule write when their values are not known: their marks,
+/// values unknown.
+fn xt_unknown_writes(expr: &[Value]) -> Vec<Access> {
+    mark_exprs(expr)
+        .into_iter()
+        .flat_map(|e| match e {
+            MarkExpr::Xt { writes, .. } => writes.kinds().map(Access::unknown_write).collect(),
+            _ => Vec::new(),
+        })
+        .collect()
 }
 
 /// Rule texts by (family, table, chain, handle), from `nft -a list ruleset`.
@@ -181,31 +115,8 @@ pub(crate) fn rule_texts(text: &str) -> HashMap<(ChainId, u64), String> {
 fn reached_from(items: &[Value]) -> HashMap<ChainId, Vec<BaseChain>> {
     let graph = Graph::new(items);
     let mut out: HashMap<ChainId, Vec<BaseChain>> = HashMap::new();
-    for c in items.iter().filter_map(|i| i.get("chain")) {
-        let s = |k: &str| c.get(k).and_then(Value::as_str);
-        let (Some(family), Some(table), Some(name), Some(hook)) =
-            (s("family"), s("table"), s("name"), s("hook"))
-        else {
-            continue;
-        };
-        let (Ok(family), Ok(hook)) = (family.parse::<NftFamily>(), hook.parse::<NfHook>()) else {
-            continue;
-        };
-        let start = ChainId {
-            family,
-            table: table.to_owned(),
-            name: name.to_owned(),
-        };
-        let base = BaseChain {
-            id: start.clone(),
-            hook,
-            priority: c
-                .get("prio")
-                .and_then(Value::as_i64)
-                .and_then(|p| i32::try_from(p).ok())
-                .unwrap_or(0),
-        };
-        for k in graph.reachable(&start) {
+    for base in base_chains(items) {
+        for k in graph.reachable(&base.id) {
             out.entry(k).or_default().push(base.clone());
         }
     }
@@ -217,12 +128,12 @@ const IPTABLES_TABLES: [&str; 5] = ["raw", "mangle", "nat", "filter", "security"
 
 /// The mark rules of the current namespace's ruleset (`nft -j`, with each rule's text from
 /// `nft -a`, and iptables-nft's values from iptables-nft-save where nft hides them).
-pub(crate) fn read() -> Result<Vec<Found>> {
+pub(crate) fn read() -> Result<Vec<Finding>> {
     from_items(&crate::nodestate::nft::read_items()?)
 }
 
 /// `read`, with the ruleset's JSON items already listed (`items`).
-fn from_items(items: &[Value]) -> Result<Vec<Found>> {
+fn from_items(items: &[Value]) -> Result<Vec<Finding>> {
     use crate::nodestate::nft::nft;
     let text = String::from_utf8_lossy(&nft(&["-a", "list", "ruleset"])?).into_owned();
     let mut saves = Vec::new();
@@ -270,14 +181,8 @@ pub(crate) fn mark_rules(items: &[Value]) -> Result<Vec<MarkRule>> {
                 matches: f
                     .access
                     .iter()
-                    .filter_map(|a| match a.op {
-                        Op::Read { negated } if a.mark == MarkKind::Packet => Some(MarkTest {
-                            value: Mark(a.value),
-                            mask: Mark(a.mask),
-                            negated,
-                        }),
-                        _ => None,
-                    })
+                    .filter(|a| a.is_read() && a.mark == MarkKind::Packet)
+                    .map(|a| a.masked)
                     .collect(),
                 writes: f.access.iter().any(Access::is_write),
                 drops,
@@ -288,7 +193,11 @@ pub(crate) fn mark_rules(items: &[Value]) -> Result<Vec<MarkRule>> {
 
 /// The mark rules of a ruleset. `saves` holds iptables-nft-save's rules per family (for the
 /// tables iptables-nft manages).
-pub(crate) fn found(items: &[Value], text: &str, saves: &[(Family, Vec<SavedRule>)]) -> Vec<Found> {
+pub(crate) fn found(
+    items: &[Value],
+    text: &str,
+    saves: &[(Family, Vec<SavedRule>)],
+) -> Vec<Finding> {
     let texts = rule_texts(text);
     let reach = reached_from(items);
     let rules: Vec<&Value> = items.iter().filter_map(|i| i.get("rule")).collect();
@@ -334,17 +243,7 @@ pub(crate) fn found(items: &[Value], text: &str, saves: &[(Family, Vec<SavedRule
         if !xt.is_empty() {
             match line {
                 Some(l) => access = iptables::accesses(&l.args),
-                None => {
-                    for name in &xt {
-                        match name.as_str() {
-                            "MARK" | "TPROXY" => {
-                                access.push(Access::unknown_write(MarkKind::Packet))
-                            }
-                            "CONNMARK" => access.push(Access::unknown_write(MarkKind::Conntrack)),
-                            _ => {}
-                        }
-                    }
-                }
+                None => access.extend(xt_unknown_writes(expr)),
             }
         }
         if access.is_empty() {
@@ -356,7 +255,7 @@ pub(crate) fn found(items: &[Value], text: &str, saves: &[(Family, Vec<SavedRule
             .cloned()
             .or_else(|| line.map(|l| l.line.clone()))
             .unwrap_or_default();
-        out.push(Found {
+        out.push(Finding {
             names: vec![k.table.clone(), k.name.clone()],
             text,
             access,
@@ -387,6 +286,7 @@ mod tests {
     use super::*;
     use crate::inventory::model::Scope;
     use crate::nodestate::nft::items;
+    use crate::stack::NfHook;
 
     fn json(s: &str) -> Vec<Value> {
         serde_json::from_str(s).unwrap()
@@ -401,7 +301,7 @@ mod tests {
         ));
         assert_eq!(a.len(), 1);
         assert_eq!(
-            (a[0].value, a[0].mask, a[0].scope()),
+            (a[0].value(), a[0].mask(), a[0].scope()),
             (0x4000, 0x4000, Some(Scope::Bits))
         );
         // meta mark & 0x8000 == 0x8000 drop
@@ -418,7 +318,7 @@ mod tests {
                 {"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"&": [{"ct": {"key": "mark"}}, 128]}}}]"#,
         ));
         assert_eq!(a[0], Access::read(MarkKind::Conntrack, 0x80, 0x80, false));
-        assert_eq!((a[1].mask, a[1].scope()), (u32::MAX, Some(Scope::Whole)));
+        assert_eq!((a[1].mask(), a[1].scope()), (u32::MAX, Some(Scope::Whole)));
         // wg-quick postmangle: meta mark 0xca6c ct mark set meta mark (exact read, whole ct copy)
         let (a, _) = rule_accesses(&json(
             r#"[{"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": 51820}},
@@ -430,11 +330,12 @@ mod tests {
             (MarkKind::Conntrack, Some(Scope::Whole))
         );
         // A set and a verdict map on the mark; an xt target.
-        let (a, xt) = rule_accesses(&json(
+        let expr = json(
             r#"[{"match": {"op": "!=", "left": {"meta": {"key": "mark"}}, "right": {"set": [1, 2]}}},
                 {"vmap": {"key": {"&": [{"meta": {"key": "mark"}}, 240]}, "data": {"set": [[16, {"jump": {"target": "a"}}]]}}},
                 {"xt": {"type": "target", "name": "MARK"}}]"#,
-        ));
+        );
+        let (a, xt) = rule_accesses(&expr);
         assert_eq!(a.len(), 3);
         assert_eq!(a[2], Access::read(MarkKind::Packet, 16, 0xf0, false));
         assert_eq!(xt, ["MARK"]);
@@ -503,6 +404,43 @@ mod tests {
         // Without the save line the write is there, its value unknown.
         let f = found(&items, text, &[]);
         assert!(matches!(f[1].access[0].op, Op::Write { known: false, .. }));
+    }
+
+    /// CONNMARK writes the ct mark (--save-mark, --set-xmark) or the packet mark
+    /// (--restore-mark): without its options, either may have been written.
+    #[test]
+    fn connmark_writes_both_marks_until_its_options_say_which() {
+        let doc = r#"{"nftables": [
+          {"chain": {"family": "ip", "table": "mangle", "name": "PREROUTING", "hook": "prerouting", "prio": -150}},
+          {"rule": {"family": "ip", "table": "mangle", "chain": "PREROUTING", "handle": 2, "expr": [
+            {"xt": {"type": "target", "name": "CONNMARK"}}]}}]}"#;
+        let items = items(doc.as_bytes()).unwrap();
+        let marks = |f: &[Finding]| -> Vec<(MarkKind, bool)> {
+            f[0].access
+                .iter()
+                .map(|a| (a.mark, matches!(a.op, Op::Write { known: true, .. })))
+                .collect()
+        };
+        assert_eq!(
+            marks(&found(&items, "", &[])),
+            [(MarkKind::Packet, false), (MarkKind::Conntrack, false)]
+        );
+        let saved = |line: &str| {
+            let save = iptables::parse_save(&format!("*mangle\n{line}\nCOMMIT\n"));
+            marks(&found(&items, "", &[(Family::Ipv4, save)]))
+        };
+        assert_eq!(
+            saved("-A PREROUTING -j CONNMARK --restore-mark"),
+            [(MarkKind::Packet, true)]
+        );
+        assert_eq!(
+            saved("-A PREROUTING -j CONNMARK --save-mark"),
+            [(MarkKind::Conntrack, true)]
+        );
+        assert_eq!(
+            saved("-A PREROUTING -j CONNMARK --set-xmark 0x1/0x1"),
+            [(MarkKind::Conntrack, true)]
+        );
     }
 
     proptest::proptest! {

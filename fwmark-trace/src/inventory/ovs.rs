@@ -16,7 +16,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use super::bits::Bits;
-use super::model::{Access, Found, MarkKind, Place};
+use super::model::{Access, Finding, MarkKind, Place};
 use crate::mark::parse_u32;
 
 /// The OpenFlow versions ovs-ofctl may negotiate: bridges restricted to newer ones
@@ -223,8 +223,8 @@ pub(crate) fn parse_flow(line: &str) -> Option<Flow> {
 }
 
 /// The entry of a flow of `bridge` that reads or writes a mark.
-fn found(bridge: &str, flow: Flow) -> Option<Found> {
-    (!flow.access.is_empty()).then(|| Found {
+fn found(bridge: &str, flow: Flow) -> Option<Finding> {
+    (!flow.access.is_empty()).then(|| Finding {
         place: Place::OvsFlow {
             bridge: bridge.to_owned(),
             table: flow.table,
@@ -357,7 +357,7 @@ pub(crate) fn bridges_here() -> Result<Vec<Bridge>> {
 }
 
 /// The flows of this namespace's bridges that read or write a mark.
-pub(crate) fn read() -> Result<Vec<Found>> {
+pub(crate) fn read() -> Result<Vec<Finding>> {
     let Some(bridges) = bridges()? else {
         return Ok(Vec::new());
     };
@@ -383,7 +383,7 @@ mod tests {
                     MarkKind::Conntrack => "ct",
                 };
                 let (op, scope) = match a.op {
-                    Op::Read { .. } => ("read", String::new()),
+                    Op::Read => ("read", String::new()),
                     Op::Write {
                         scope,
                         known,
@@ -400,7 +400,7 @@ mod tests {
                     }
                     Op::Holds { .. } => ("holds", String::new()),
                 };
-                format!("{op} {mark} {:#x}/{:#x}{scope}", a.value, a.mask)
+                format!("{op} {mark} {:#x}/{:#x}{scope}", a.value(), a.mask())
             })
             .collect()
     }
@@ -539,7 +539,7 @@ mod tests {
             let _ = parse_flow(&text);
             if let Some(f) = parse_flow(&words) {
                 for a in &f.access {
-                    proptest::prop_assert_eq!(a.value & !a.mask, 0);
+                    proptest::prop_assert_eq!(a.value() & !a.mask(), 0);
                 }
             }
         }

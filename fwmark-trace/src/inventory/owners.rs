@@ -41,7 +41,7 @@ fn fits(o: &Owner, a: &Access) -> bool {
     }
     let mask = mask_of(o, a.mark);
     if a.scope() == Some(Scope::Whole) {
-        return names_value(o, a.value) && a.value & !mask == 0;
+        return names_value(o, a.value()) && a.value() & !mask == 0;
     }
     let bits = a.bits();
     bits != 0 && bits & !mask == 0
@@ -108,7 +108,7 @@ fn score(o: &Owner, e: &Entry) -> Option<(By, i64)> {
         let fit = if consistent { 1000 } else { 0 };
         return Some((By::Name, 3000 + fit + bonus + specific));
     }
-    let valued = e.access.iter().any(|a| names_value(o, a.value));
+    let valued = e.access.iter().any(|a| names_value(o, a.value()));
     if valued && consistent {
         return Some((By::Value, 2000 + bonus + specific));
     }

@@ -238,7 +238,7 @@ mod tests {
             .iter()
             .find(|e| e.access.iter().any(|a| a.scope() == Some(Scope::Whole)))
             .expect("the assignment");
-        assert_eq!(whole.access[0].value, 1);
+        assert_eq!(whole.access[0].value(), 1);
         assert!(whole.owner.is_none());
         let uses = by_bit(&inv);
         let bypass = uses.iter().find(|u| u.bit == 0x80000).expect("bit 19");

@@ -5,15 +5,15 @@
 use anyhow::Result;
 
 use super::bits::Bits;
-use super::model::{Access, Found, MarkKind, Place};
+use super::model::{Access, Finding, MarkKind, Place};
 use crate::nodestate::netlink::{self, XfrmState};
 
 /// Policies with a mark selector.
-pub(crate) fn policies() -> Result<Vec<Found>> {
+pub(crate) fn policies() -> Result<Vec<Finding>> {
     Ok(netlink::xfrm_policies()?
         .into_iter()
         .filter(|p| !p.mark.mask.is_zero())
-        .map(|p| Found {
+        .map(|p| Finding {
             text: p.to_string(),
             access: vec![Access::read(
                 MarkKind::Packet,
@@ -34,7 +34,7 @@ pub(crate) fn policies() -> Result<Vec<Found>> {
 }
 
 /// A state's mark selector and output mark, when it has either.
-pub(crate) fn state(sa: &XfrmState) -> Option<Found> {
+pub(crate) fn state(sa: &XfrmState) -> Option<Finding> {
     let mut access = Vec::new();
     if let Some(m) = sa.mark {
         access.push(Access::read(MarkKind::Packet, m.value.0, m.mask.0, false));
@@ -42,7 +42,7 @@ pub(crate) fn state(sa: &XfrmState) -> Option<Found> {
     if let Some(m) = sa.output_mark {
         access.extend(Bits::set_mark(m.value.0, m.mask.0).write(MarkKind::Packet));
     }
-    (!access.is_empty()).then(|| Found {
+    (!access.is_empty()).then(|| Finding {
         text: sa.to_string(),
         access,
         names: Vec::new(),
@@ -56,7 +56,7 @@ pub(crate) fn state(sa: &XfrmState) -> Option<Found> {
 }
 
 /// States (SAs) with a mark selector or an output mark.
-pub(crate) fn states() -> Result<Vec<Found>> {
+pub(crate) fn states() -> Result<Vec<Finding>> {
     Ok(netlink::xfrm_states()?.iter().filter_map(state).collect())
 }
 
@@ -69,7 +69,7 @@ mod tests {
         nlas::mark::Mark, state::ModifyMessage, Address, UserSaInfo, XfrmAttrs, XfrmMessage,
     };
 
-    fn decode_states(messages: Vec<XfrmMessage>) -> Vec<Found> {
+    fn decode_states(messages: Vec<XfrmMessage>) -> Vec<Finding> {
         netlink::decode_xfrm_states(&messages)
             .iter()
             .filter_map(state)
@@ -120,7 +120,7 @@ mod tests {
         );
         let w = f[0].access[1];
         assert_eq!(
-            (w.value, w.mask, w.scope()),
+            (w.value(), w.mask(), w.scope()),
             (0xd0c4e3, u32::MAX, Some(Scope::Whole))
         );
         assert_eq!(
@@ -142,7 +142,7 @@ mod tests {
         ]));
         let w = f[0].access[0];
         assert_eq!(
-            (w.value, w.mask, w.scope()),
+            (w.value(), w.mask(), w.scope()),
             (0xe00, 0xffffff00, Some(Scope::Bits))
         );
         assert!(matches!(w.op, Op::Write { known: true, .. }));

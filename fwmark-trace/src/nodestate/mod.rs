@@ -130,12 +130,13 @@ impl NodeState {
         out
     }
 
-    /// The IPv4 rules a packet with `mark` walks, in order (a simplified model of the kernel's
-    /// rule walk: every rule whose fwmark test it passes).
-    pub(crate) fn rules_for(&self, mark: Mark) -> Vec<&netlink::IpRule> {
+    /// The rules of `family` a packet with `mark` walks, in order (a simplified model of the
+    /// kernel's rule walk: every rule whose fwmark test it passes). Each family has its own
+    /// rule list: an IPv6 packet never sees an IPv4 rule.
+    pub(crate) fn rules_for(&self, family: Family, mark: Mark) -> Vec<&netlink::IpRule> {
         self.rules
             .iter()
-            .filter(|r| r.family == Family::Ipv4 && r.mark_matches(mark))
+            .filter(|r| r.family == family && r.mark_matches(mark))
             .collect()
     }
 }
@@ -326,6 +327,35 @@ mod tests {
         assert_eq!(
             after.changed_since(&before),
             [StateChange::Routes(Family::Ipv6)]
+        );
+    }
+
+    #[test]
+    fn rules_are_walked_per_family() {
+        let rule = |family, priority| netlink::IpRule {
+            family,
+            priority,
+            fwmark: Some("0x4000/0x4000".parse().unwrap()),
+            invert: false,
+            table: 100,
+            action: netlink::RuleAction::Lookup,
+            iif: None,
+            suppress_prefixlen: None,
+        };
+        let state = NodeState {
+            rules: Arc::new(vec![rule(Family::Ipv4, 10), rule(Family::Ipv6, 20)]),
+            ..NodeState::default()
+        };
+        let walked = |family| -> Vec<u32> {
+            state
+                .rules_for(family, Mark(0x4000))
+                .iter()
+                .map(|r| r.priority)
+                .collect()
+        };
+        assert_eq!(
+            (walked(Family::Ipv4), walked(Family::Ipv6)),
+            (vec![10], vec![20])
         );
     }
 }

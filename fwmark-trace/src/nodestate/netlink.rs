@@ -260,10 +260,7 @@ impl XfrmPolicy {
         };
         let net =
             |a: &netlink_packet_xfrm::Address, len: u8| IpNet::new(ip(a, sel.family), len).ok();
-        let mut mark = MarkMatch {
-            value: Mark::ZERO,
-            mask: Mark::ZERO,
-        };
+        let mut mark = MarkMatch::new(Mark::ZERO, Mark::ZERO);
         let mut templates = Vec::new();
         for a in &p.nlas {
             match a {
@@ -271,6 +268,7 @@ impl XfrmPolicy {
                     mark = MarkMatch {
                         value: Mark(m.value),
                         mask: Mark(m.mask),
+                        negated: false,
                     }
                 }
                 XfrmAttrs::Template(ts) => templates.extend(ts.iter().map(|t| {
@@ -474,6 +472,7 @@ impl XfrmState {
                     mark = Some(MarkMatch {
                         value: Mark(m.value),
                         mask: Mark(m.mask),
+                        negated: false,
                     })
                 }
                 XfrmAttrs::MarkVal(v) => set = Some(*v),
@@ -492,10 +491,7 @@ impl XfrmState {
             reqid: info.reqid,
             if_id,
             mark,
-            output_mark: set.map(|v| MarkMatch {
-                value: Mark(v & set_mask),
-                mask: Mark(set_mask),
-            }),
+            output_mark: set.map(|v| MarkMatch::new(Mark(v), Mark(set_mask))),
         }
     }
 
@@ -594,6 +590,7 @@ pub(crate) fn rules() -> Result<Vec<IpRule>> {
             rule.fwmark = fwmark.map(|value| MarkMatch {
                 value,
                 mask: fwmask.unwrap_or(Mark::ALL),
+                negated: false,
             });
             out.push(rule);
         }

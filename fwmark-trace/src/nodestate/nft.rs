@@ -3,10 +3,13 @@
 //! which of them write the packet or conntrack mark — so a change in "ip mangle/OUTPUT"
 //! (iptables-nft) can be put down to the KUBE-… or cali-… chain that wrote it. The kernel's own
 //! hook users (conntrack) and iptables-legacy tables are listed beside them: they bound priority
-//! bands too.
+//! bands too. Which expressions read or write a mark (`mark_exprs`), which chains are base
+//! chains (`base_chains`) and what a chain reaches (`jump_walk`) are decided here, once: the
+//! inventory builds on the same answers.
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     fmt,
+    hash::Hash,
     process::Command,
 };
 
@@ -15,8 +18,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::{
-    mark::Mark,
-    stack::{serialize_as_display, Family, NfHook, NftFamily},
+    mark::{parse_u32, Mark, MarkKind, MarkMatch},
+    stack::{Family, NfHook, NftFamily},
 };
 
 /// A chain's identity: family, table and name.
@@ -80,6 +83,23 @@ impl Writes {
         self.packet || self.conntrack
     }
 
+    fn of(mark: MarkKind) -> Writes {
+        Writes {
+            packet: mark == MarkKind::Packet,
+            conntrack: mark == MarkKind::Conntrack,
+        }
+    }
+
+    /// The marks written, packet mark first.
+    pub(crate) fn kinds(self) -> impl Iterator<Item = MarkKind> {
+        [
+            (self.packet, MarkKind::Packet),
+            (self.conntrack, MarkKind::Conntrack),
+        ]
+        .into_iter()
+        .filter_map(|(w, k)| w.then_some(k))
+    }
+
     fn or(self, o: Writes) -> Writes {
         Writes {
             packet: self.packet || o.packet,
@@ -110,8 +130,25 @@ pub(crate) fn kernel_users() -> Vec<Chain> {
         .collect()
 }
 
+/// The iptables-legacy tables in use in the calling thread's namespace, as the kernel lists them
+/// (`thread-self`, not `/proc/net`, which is the main thread's: namespaces are entered per
+/// thread with setns).
+pub(crate) fn legacy_table_names(family: Family) -> Vec<String> {
+    let file = match family {
+        Family::Ipv4 => "/proc/thread-self/net/ip_tables_names",
+        Family::Ipv6 => "/proc/thread-self/net/ip6_tables_names",
+    };
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// iptables-legacy tables at their fixed priorities (include/uapi/linux/netfilter_ipv4.h), as
-/// listed in /proc/net/ip{,6}_tables_names: nft cannot show their rules, so they may write.
+/// `legacy_table_names` lists them: nft cannot show their rules, so they may write.
 pub(crate) fn legacy_tables() -> Vec<Chain> {
     use NfHook::*;
     const TABLES: [(&str, i32, &[NfHook]); 5] = [
@@ -122,13 +159,13 @@ pub(crate) fn legacy_tables() -> Vec<Chain> {
         ("security", 50, &[Input, Forward, Output]),
     ];
     let mut out = Vec::new();
-    for (family, file) in [
-        (NftFamily::Ip, "ip_tables_names"),
-        (NftFamily::Ip6, "ip6_tables_names"),
+    for (family, nft_family) in [
+        (Family::Ipv4, NftFamily::Ip),
+        (Family::Ipv6, NftFamily::Ip6),
     ] {
-        let names = std::fs::read_to_string(format!("/proc/net/{file}")).unwrap_or_default();
+        let names = legacy_table_names(family);
         for (table, prio, hooks) in TABLES {
-            if !names.lines().any(|l| l.trim() == table) {
+            if !names.iter().any(|n| n == table) {
                 continue;
             }
             for &hook in hooks {
@@ -140,7 +177,7 @@ pub(crate) fn legacy_tables() -> Vec<Chain> {
                 };
                 out.push(Chain {
                     id: ChainId {
-                        family,
+                        family: nft_family,
                         table: table.into(),
                         name: hook.name().to_uppercase(),
                     },
@@ -250,21 +287,50 @@ pub(crate) fn chain_id(o: &Value, name_key: &str) -> Option<ChainId> {
     })
 }
 
+/// A base chain as the ruleset declares it, of any family (bridge, arp and netdev included,
+/// when their hook is one of netfilter's five): the hook it sits on and its priority, absent
+/// when the ruleset gives none (nft always does; anything else is not taken for 0).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub(crate) struct BaseChain {
+    #[serde(flatten)]
+    pub(crate) id: ChainId,
+    pub(crate) hook: NfHook,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) priority: Option<i32>,
+}
+
+/// Every base chain of a ruleset's items (chains with a hook).
+pub(crate) fn base_chains(items: &[Value]) -> impl Iterator<Item = BaseChain> + '_ {
+    objects(items, "chain").filter_map(|c| {
+        Some(BaseChain {
+            hook: c.get("hook")?.as_str()?.parse().ok()?,
+            id: chain_id(c, "name")?,
+            priority: c
+                .get("prio")
+                .and_then(Value::as_i64)
+                .and_then(|p| i32::try_from(p).ok()),
+        })
+    })
+}
+
+/// The base chains the observers' bands are made of: those of the IP families (the others
+/// never see an IPv4 or IPv6 packet at these hooks) with a priority (a band needs one).
 pub(crate) fn parse_chains(items: &[Value]) -> Vec<Chain> {
     let graph = Graph::new(items);
-    objects(items, "chain")
-        .filter_map(|c| {
-            let hook: NfHook = c.get("hook")?.as_str()?.parse().ok()?;
-            let id = chain_id(c, "name")?;
-            if !matches!(id.family, NftFamily::Ip | NftFamily::Ip6 | NftFamily::Inet) {
-                return None;
-            }
-            let (mark_writers, writes) = graph.writers_below(&id);
+    base_chains(items)
+        .filter(|b| {
+            matches!(
+                b.id.family,
+                NftFamily::Ip | NftFamily::Ip6 | NftFamily::Inet
+            )
+        })
+        .filter_map(|b| {
+            let (mark_writers, writes) = graph.writers_below(&b.id);
             Some(Chain {
-                id,
+                priority: b.priority?,
+                id: b.id,
                 origin: ChainOrigin::Nft,
-                hook,
-                priority: i32::try_from(c.get("prio")?.as_i64()?).ok()?,
+                hook: b.hook,
                 mark_writers,
                 writes,
             })
@@ -317,22 +383,17 @@ impl Graph {
 
     /// `from` and every chain its jumps and gotos reach (within its table), nearest first.
     pub(crate) fn reachable(&self, from: &ChainId) -> Vec<ChainId> {
-        let mut out = vec![from.clone()];
-        let mut seen = HashSet::from([from.clone()]);
-        let mut next = 0;
-        while let Some(k) = out.get(next).cloned() {
-            next += 1;
-            for target in self.jumps.get(&k).into_iter().flatten() {
-                let t = ChainId {
+        jump_walk(from.clone(), |k| {
+            self.jumps
+                .get(k)
+                .into_iter()
+                .flatten()
+                .map(|target| ChainId {
                     name: target.clone(),
                     ..k.clone()
-                };
-                if seen.insert(t.clone()) {
-                    out.push(t);
-                }
-            }
-        }
-        out
+                })
+                .collect()
+        })
     }
 
     /// The chains reachable from `base` (itself left out) that write a mark, nearest first,
@@ -348,6 +409,24 @@ impl Graph {
         }
         (out, writes)
     }
+}
+
+/// `from` and every chain reached from it by following `jumps` (a chain's jump and goto
+/// targets), breadth first: nearest first, each once (loops end). nft's and iptables' graphs
+/// alike.
+pub(crate) fn jump_walk<K: Clone + Eq + Hash>(from: K, jumps: impl Fn(&K) -> Vec<K>) -> Vec<K> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::from([from.clone()]);
+    let mut queue = VecDeque::from([from]);
+    while let Some(k) = queue.pop_front() {
+        for t in jumps(&k) {
+            if seen.insert(t.clone()) {
+                queue.push_back(t);
+            }
+        }
+        out.push(k);
+    }
+    out
 }
 
 /// Every jump or goto target anywhere in a rule's expressions: inline verdict maps, and named
@@ -379,24 +458,136 @@ fn jump_targets(v: &Value, named: &[(ChainId, Vec<String>)], out: &mut Vec<Strin
     }
 }
 
-/// Which marks a rule sets: nft's `meta mark set`/`ct mark set`, or iptables-nft's targets
-/// kept as `xt` expressions (MARK; CONNMARK, which saves to or restores from the ct mark;
-/// TPROXY's --tproxy-mark).
+/// Which marks a rule's expressions can write (`mark_exprs`' writes).
 fn writes_of(expr: &Value) -> Writes {
-    let Some(exprs) = expr.as_array() else {
-        return Writes::default();
-    };
-    exprs.iter().fold(Writes::default(), |w, e| {
-        let mangled = &e["mangle"]["key"];
-        let target = (e["xt"]["type"] == "target")
-            .then(|| e["xt"]["name"].as_str())
-            .flatten();
-        w.or(Writes {
-            packet: mangled["meta"]["key"] == "mark"
-                || matches!(target, Some("MARK" | "CONNMARK" | "TPROXY")),
-            conntrack: mangled["ct"]["key"] == "mark" || target == Some("CONNMARK"),
+    let exprs = expr.as_array().map(Vec::as_slice).unwrap_or_default();
+    mark_exprs(exprs)
+        .iter()
+        .fold(Writes::default(), |w, e| match e {
+            MarkExpr::Test { .. } => w,
+            MarkExpr::Set { mark, .. } => w.or(Writes::of(*mark)),
+            MarkExpr::Xt { writes, .. } => w.or(*writes),
         })
-    })
+}
+
+/// A mark access among a rule's expressions, as the ruleset shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum MarkExpr<'a> {
+    /// `meta mark`/`ct mark` (under a constant `&` mask) compared with a value: one per value of
+    /// a set, one per key of a verdict map.
+    Test { mark: MarkKind, test: MarkMatch },
+    /// `meta mark set …`/`ct mark set …`, with the expression of the value written.
+    Set { mark: MarkKind, value: &'a Value },
+    /// An iptables-nft target or match nft keeps as `xt`: its name, and what it may write.
+    Xt { name: &'a str, writes: Writes },
+}
+
+/// The mark reads and writes among a rule's expressions.
+pub(crate) fn mark_exprs(expr: &[Value]) -> Vec<MarkExpr<'_>> {
+    let mut out = Vec::new();
+    for e in expr {
+        if let Some(m) = e.get("match") {
+            let negated = m.get("op").and_then(Value::as_str) == Some("!=");
+            if let Some((mark, mask)) = m.get("left").and_then(masked_mark) {
+                for v in values(m.get("right").unwrap_or(&Value::Null)) {
+                    let test = MarkMatch::new(Mark(v), mask).negate(negated);
+                    out.push(MarkExpr::Test { mark, test });
+                }
+            }
+        } else if let Some(m) = e.get("mangle") {
+            if let Some(mark) = m.get("key").and_then(mark_kind) {
+                let value = m.get("value").unwrap_or(&Value::Null);
+                out.push(MarkExpr::Set { mark, value });
+            }
+        } else if let Some(vm) = e.get("vmap") {
+            // `meta mark & M vmap { V: jump x, … }`: one test per key.
+            if let Some((mark, mask)) = vm.get("key").and_then(masked_mark) {
+                let keys = vm
+                    .get("data")
+                    .and_then(|d| d.get("set"))
+                    .and_then(Value::as_array);
+                for v in keys
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|el| number(el.get(0)?))
+                {
+                    let test = MarkMatch::new(Mark(v), mask);
+                    out.push(MarkExpr::Test { mark, test });
+                }
+            }
+        } else if let Some(name) = e.get("xt").and_then(|x| x.get("name")?.as_str()) {
+            if let Some(writes) = xt_writes(name) {
+                out.push(MarkExpr::Xt { name, writes });
+            }
+        }
+    }
+    out
+}
+
+/// What an iptables target or match that touches marks may write, when nft's JSON hides its
+/// options (None: it does not touch marks). As xt_MARK.c, xt_CONNMARK.c and xt_TPROXY.c do:
+/// MARK and TPROXY's `--tproxy-mark` set the packet mark; CONNMARK's `--set-mark`/`--set-xmark`
+/// and `--save-mark` set the ct mark, its `--restore-mark` the packet mark, so without its
+/// options it may write either. The `mark` and `connmark` matches only read.
+fn xt_writes(name: &str) -> Option<Writes> {
+    let packet = Writes::of(MarkKind::Packet);
+    match name {
+        "MARK" | "TPROXY" => Some(packet),
+        "CONNMARK" => Some(Writes::UNKNOWN),
+        "mark" | "connmark" => Some(Writes::default()),
+        _ => None,
+    }
+}
+
+/// `meta mark` or `ct mark`.
+pub(crate) fn mark_kind(v: &Value) -> Option<MarkKind> {
+    let key = |k: &str| v.get(k)?.get("key")?.as_str();
+    match (key("meta"), key("ct")) {
+        (Some("mark"), _) => Some(MarkKind::Packet),
+        (_, Some("mark")) => Some(MarkKind::Conntrack),
+        _ => None,
+    }
+}
+
+/// A number, as nft's JSON writes one (a number, or a string `0x…`).
+pub(crate) fn number(v: &Value) -> Option<u32> {
+    match v {
+        Value::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
+        Value::String(s) => parse_u32(s),
+        _ => None,
+    }
+}
+
+/// A binary operation `{"&": [a, b]}` (nft JSON nests longer chains).
+pub(crate) fn binop(v: &Value) -> Option<(&str, &Value, &Value)> {
+    let obj = v.as_object()?;
+    let (op, args) = obj.iter().next()?;
+    if obj.len() != 1 || !matches!(op.as_str(), "&" | "|" | "^") {
+        return None;
+    }
+    match args.as_array()?.as_slice() {
+        [a, b] => Some((op.as_str(), a, b)),
+        _ => None,
+    }
+}
+
+/// A mark as a test reads it, possibly under a constant `&` mask.
+fn masked_mark(v: &Value) -> Option<(MarkKind, Mark)> {
+    if let Some(m) = mark_kind(v) {
+        return Some((m, Mark::ALL));
+    }
+    match binop(v)? {
+        ("&", a, b) => Some((mark_kind(a)?, Mark(number(b)?))),
+        _ => None,
+    }
+}
+
+/// Numbers of a set (`{"set": [1, 2]}`) or a single number.
+fn values(v: &Value) -> Vec<u32> {
+    match v.get("set").and_then(Value::as_array) {
+        Some(items) => items.iter().filter_map(number).collect(),
+        None => number(v).into_iter().collect(),
+    }
 }
 
 /// An nft rule that reads or writes the packet mark or the conntrack mark (read by the
@@ -411,8 +602,8 @@ pub(crate) struct MarkRule {
     /// The rule as `nft list ruleset` shows it.
     pub(crate) rule: String,
     /// Its tests of the packet mark.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub(crate) matches: Vec<MarkTest>,
+    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "as_tests")]
+    pub(crate) matches: Vec<MarkMatch>,
     /// Whether it writes a mark, rather than only matching one.
     pub(crate) writes: bool,
     /// Whether its verdict drops (or rejects) the packets it matches.
@@ -426,33 +617,10 @@ impl MarkRule {
     }
 }
 
-/// `mark & mask == value` (or `!=`): a rule's test of the packet mark.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct MarkTest {
-    pub(crate) value: Mark,
-    pub(crate) mask: Mark,
-    pub(crate) negated: bool,
+/// Tests as a rule reads them: `mark & 0x8000 == 0x8000`.
+fn as_tests<S: serde::Serializer>(tests: &[MarkMatch], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(tests.iter().map(|t| t.as_test().to_string()))
 }
-
-impl MarkTest {
-    /// Whether a packet with `mark` passes the test.
-    pub(crate) fn holds(&self, mark: Mark) -> bool {
-        (mark & self.mask == self.value) != self.negated
-    }
-}
-
-impl fmt::Display for MarkTest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let op = if self.negated { "!=" } else { "==" };
-        if self.mask == Mark::ALL {
-            write!(f, "mark {op} {}", self.value)
-        } else {
-            write!(f, "mark & {} {op} {}", self.mask, self.value)
-        }
-    }
-}
-
-serialize_as_display!(MarkTest);
 
 fn as_text<S: serde::Serializer>(id: &ChainId, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(id)
@@ -587,5 +755,76 @@ mod tests {
         let chains = parse_chains(&items(doc.as_bytes()).unwrap());
         assert_eq!(writers(&chains[0]), ["inet t/tp"]);
         assert!(chains[0].writes.packet && !chains[0].writes.conntrack);
+    }
+
+    #[test]
+    fn xt_targets_write_what_the_kernel_makes_them_write() {
+        let writes = |name: &str| {
+            let expr = vec![serde_json::json!({"xt": {"type": "target", "name": name}})];
+            writes_of(&Value::Array(expr))
+        };
+        let packet = Writes {
+            packet: true,
+            conntrack: false,
+        };
+        assert_eq!(writes("MARK"), packet);
+        assert_eq!(writes("TPROXY"), packet);
+        // Options hidden: --save-mark/--set-mark write the ct mark, --restore-mark the packet's.
+        assert_eq!(writes("CONNMARK"), Writes::UNKNOWN);
+        assert!(!writes("connmark").any() && !writes("mark").any() && !writes("DNAT").any());
+        let expr: Vec<Value> = serde_json::from_str(
+            r#"[{"match": {"op": "!=", "left": {"&": [{"ct": {"key": "mark"}}, 240]}, "right": 16}},
+                {"mangle": {"key": {"ct": {"key": "mark"}}, "value": 1}}]"#,
+        )
+        .unwrap();
+        let found = mark_exprs(&expr);
+        assert_eq!(
+            found[0],
+            MarkExpr::Test {
+                mark: MarkKind::Conntrack,
+                test: MarkMatch::new(Mark(16), Mark(240)).negate(true),
+            }
+        );
+        assert!(matches!(
+            found[1],
+            MarkExpr::Set {
+                mark: MarkKind::Conntrack,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn base_chains_of_every_family_with_their_priority_as_given() {
+        let doc = r#"{"nftables": [
+          {"chain": {"family": "bridge", "table": "b", "name": "fwd", "hook": "forward", "prio": -200}},
+          {"chain": {"family": "inet", "table": "t", "name": "out", "hook": "output"}},
+          {"chain": {"family": "ip", "table": "t", "name": "pre", "hook": "prerouting", "prio": 10}},
+          {"chain": {"family": "ip", "table": "t", "name": "regular"}}]}"#;
+        let items = items(doc.as_bytes()).unwrap();
+        let all: Vec<_> = base_chains(&items)
+            .map(|b| (b.id.to_string(), b.priority))
+            .collect();
+        assert_eq!(
+            all,
+            [
+                ("bridge b/fwd".to_owned(), Some(-200)),
+                ("inet t/out".to_owned(), None),
+                ("ip t/pre".to_owned(), Some(10)),
+            ]
+        );
+        // Bands: IP families with a priority only.
+        let bands: Vec<_> = parse_chains(&items)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(bands, ["ip t/pre@10"]);
+    }
+
+    #[test]
+    fn the_jump_walk_is_breadth_first_and_ends_on_loops() {
+        let jumps = HashMap::from([(1, vec![2, 3]), (2, vec![4, 1]), (3, vec![4]), (4, vec![2])]);
+        let walk = jump_walk(1, |k| jumps.get(k).cloned().unwrap_or_default());
+        assert_eq!(walk, [1, 2, 3, 4]);
     }
 }

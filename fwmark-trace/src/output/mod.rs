@@ -11,7 +11,6 @@ pub(crate) mod ready;
 pub(crate) mod startup;
 pub(crate) mod summary;
 pub(crate) mod text;
-pub(crate) mod why;
 
 use std::{
     io::{self, BufWriter, Write},

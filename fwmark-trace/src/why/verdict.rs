@@ -1,7 +1,7 @@
 //! Why did the reply die? From one flow's timeline (request and reply paths with marks, drops
 //! and routing lookups) and the node's state (ip rules, routes, rp_filter, xfrm policies, nft
 //! chains), find the cause — one function per cause, each returning what it found — and the
-//! evidence behind it. `output::why` says both in words.
+//! evidence behind it. `render` says both in words.
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -10,10 +10,10 @@ use crate::{
     attribution::{attribute, Change},
     event::{DropReason, EventKind, RouteResult, Tuple},
     flows::{Dir, Flow, Step},
-    mark::Mark,
+    mark::{Mark, MarkMatch},
     nodestate::{
         netlink::{IpRule, RuleAction, XfrmAction, XfrmDir, XfrmPolicy, XfrmState, TABLE_LOCAL},
-        nft::{Chain, ChainId, MarkTest},
+        nft::{Chain, ChainId},
         NodeState, StateChange,
     },
     place::{Encapsulator, Hook, Tracepoint, TunnelDir},
@@ -119,10 +119,9 @@ pub(crate) enum Cause {
         /// The dropping rule there whose mark tests the reply passed, when there is one.
         rule: Option<DroppingRule>,
     },
-    /// A restore wrote the ct mark over bits set on the reply, which then died in netfilter.
+    /// A restore wrote the ct mark over bits set on the reply (`Report::restore_clobber`),
+    /// which then died in netfilter.
     ConnmarkRestoreMask {
-        restore: Step,
-        lost: Mark,
         place: DropPlace,
     },
     XfrmPolicy {
@@ -224,23 +223,20 @@ pub(crate) enum Evidence {
         dir: Dir,
         lookups: Vec<(u32, Mark, RouteResult)>,
     },
-    RequestLastSeen(Step),
-    /// The request's and the reply's last marks differ in bits of these owners.
-    MarkDiff(MarkDiff),
-    ConnmarkRestore {
-        restore: Step,
-        lost: Mark,
-    },
-    /// `--nftrace` named the rule that dropped the packet.
-    NftTraceRule(String),
+    /// Where the request was last seen (the last packet step of `Report::request`).
+    RequestLastSeen,
+    /// The request's and the reply's last marks differ (`Report::mark_diff` says in which bits
+    /// and whose they are).
+    MarkDiff,
+    /// A connmark restore clobbered bits of the reply's mark (`Report::restore_clobber`).
+    ConnmarkRestore,
+    /// `--nftrace` named the rule that dropped the packet (`DropInfo::rule`).
+    NftTraceRule,
     /// A rule that drops on a mark test, in the chains where the reply died.
     DroppingRule(DroppingRule),
     XfrmMatching(XfrmPolicy),
-    RpFilterSysctls {
-        arrival: String,
-        rp_filter: u8,
-        src_valid_mark: bool,
-    },
+    /// The sysctls the reverse-path check went by (`Cause::RpFilter`'s).
+    RpFilterSysctls,
     RestoreOnOutputHint,
     FwmarkReflectOff,
     TcpFwmarkAcceptOff,
@@ -258,7 +254,7 @@ pub(crate) enum Evidence {
 pub(crate) struct DroppingRule {
     pub(crate) chain: ChainId,
     pub(crate) rule: String,
-    pub(crate) tests: Vec<MarkTest>,
+    pub(crate) tests: Vec<MarkMatch>,
     /// The bits the tests look at, and whose they are.
     pub(crate) bits: Mark,
     pub(crate) owners: Vec<String>,
@@ -291,6 +287,8 @@ pub(crate) struct Report {
     pub(crate) last_reply: Option<Step>,
     pub(crate) drop: Option<DropInfo>,
     pub(crate) mark_diff: Option<MarkDiff>,
+    /// The reply transition that looks like a connmark restore clobbering bits set on it.
+    pub(crate) restore_clobber: Option<RestoreClobber>,
     pub(crate) request: Vec<Step>,
     pub(crate) reply: Vec<Step>,
 }
@@ -314,14 +312,25 @@ fn lookup(state: &NodeState, table: u32, addr: IpAddr) -> Option<(IpNet, Option<
         .map(|r| (r.destination, r.oif))
 }
 
+/// A connmark restore that clobbered bits set earlier on the reply: the step, and the bits lost.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct RestoreClobber {
+    pub(crate) restore: Step,
+    pub(crate) lost: Mark,
+}
+
 /// A reply transition that looks like a connmark restore clobbering bits set earlier on the
 /// reply: the new mark holds nothing but ct-mark bits, and bits were lost.
-fn restore_clobber<'a>(reply: &[&'a Step]) -> Option<(&'a Step, Mark)> {
-    reply.iter().copied().find_map(|s| {
+fn restore_clobber(reply: &[&Step]) -> Option<RestoreClobber> {
+    reply.iter().find_map(|s| {
         let ct = s.ct_mark?;
         let lost = s.old_mark & !s.mark;
-        (s.kind == EventKind::Transition && !lost.is_zero() && s.mark.within(ct))
-            .then_some((s, lost))
+        (s.kind == EventKind::Transition && !lost.is_zero() && s.mark.within(ct)).then(|| {
+            RestoreClobber {
+                restore: (*s).clone(),
+                lost,
+            }
+        })
     })
 }
 
@@ -355,7 +364,7 @@ fn server_side(
     let missed: Vec<IpRule> = [request_mark, request_ct.unwrap_or_default()]
         .into_iter()
         .filter(|m| !m.is_zero() && *m != reply_mark)
-        .flat_map(|m| cx.state.rules_for(m))
+        .flat_map(|m| cx.state.rules_for(flow.family(), m))
         .filter(|r| r.fwmark.is_some() && !r.mark_matches(reply_mark))
         .cloned()
         .collect();
@@ -440,7 +449,7 @@ fn drop_place(before: Option<&Step>, flow: &Flow, state: &NodeState) -> DropPlac
 }
 
 /// IP_RPFILTER: the reverse-path check, redone with the reply's mark and the node's rules.
-fn rp_filter(flow: &Flow, request: &[&Step], reply: &[&Step], cx: &Context) -> (Cause, Evidence) {
+fn rp_filter(flow: &Flow, request: &[&Step], reply: &[&Step], cx: &Context) -> Cause {
     let (request_mark, reply_mark) = (last_mark(request), last_mark(reply));
     let arrival = reply
         .iter()
@@ -456,14 +465,14 @@ fn rp_filter(flow: &Flow, request: &[&Step], reply: &[&Step], cx: &Context) -> (
     };
     let missed = cx
         .state
-        .rules_for(request_mark)
+        .rules_for(flow.family(), request_mark)
         .into_iter()
         .filter(|r| r.fwmark.is_some() && !r.mark_matches(used_mark))
         .cloned()
         .collect();
     let path = cx
         .state
-        .rules_for(used_mark)
+        .rules_for(flow.family(), used_mark)
         .into_iter()
         .filter(|r| r.action == RuleAction::Lookup && r.table != TABLE_LOCAL)
         .find_map(|r| {
@@ -475,12 +484,7 @@ fn rp_filter(flow: &Flow, request: &[&Step], reply: &[&Step], cx: &Context) -> (
             })
         })
         .unwrap_or(ReversePath::None);
-    let evidence = Evidence::RpFilterSysctls {
-        arrival: arrival.clone(),
-        rp_filter,
-        src_valid_mark,
-    };
-    let cause = Cause::RpFilter {
+    Cause::RpFilter {
         reply_mark,
         used_mark,
         missed,
@@ -488,25 +492,24 @@ fn rp_filter(flow: &Flow, request: &[&Step], reply: &[&Step], cx: &Context) -> (
         arrival,
         rp_filter,
         src_valid_mark,
-    };
-    (cause, evidence)
+    }
 }
 
 /// NETFILTER_DROP: the band's chains, the rule if nftables tracing named it, the mark-matching
-/// rules in those chains; a restore that clobbered the reply's mark first (`clobber`, from
+/// rules in those chains; a restore that clobbered the reply's mark first (`clobbered`, from
 /// `restore_clobber`) makes it `connmark-restore-mask`.
 fn netfilter_drop(
     flow: &Flow,
     reply: &[&Step],
-    clobber: Option<(&Step, Mark)>,
+    clobbered: bool,
     place: DropPlace,
     cx: &Context,
     evidence: &mut Vec<Evidence>,
 ) -> (Cause, Option<String>) {
     let rule = super::nftrace::for_flow(cx.nft_drops, flow.tuple.src, flow.tuple.dst)
         .map(|d| format!("{}: {}", d.chain, d.rule));
-    if let Some(r) = &rule {
-        evidence.push(Evidence::NftTraceRule(r.clone()));
+    if rule.is_some() {
+        evidence.push(Evidence::NftTraceRule);
     }
     let reply_mark = last_mark(reply);
     let dropping = dropping_rules(&place, reply_mark, cx);
@@ -514,17 +517,14 @@ fn netfilter_drop(
     // The one rule the reply's mark passed is the one that dropped it.
     let mut passed = dropping.into_iter().filter(|r| r.matched);
     let rule_hit = passed.next().filter(|_| passed.next().is_none());
-    let cause = match clobber {
-        Some((restore, lost)) => Cause::ConnmarkRestoreMask {
-            restore: restore.clone(),
-            lost,
-            place,
-        },
-        None => Cause::NetfilterDrop {
+    let cause = if clobbered {
+        Cause::ConnmarkRestoreMask { place }
+    } else {
+        Cause::NetfilterDrop {
             reply_mark,
             place,
             rule: rule_hit,
-        },
+        }
     };
     (cause, rule)
 }
@@ -546,7 +546,7 @@ fn dropping_rules(place: &DropPlace, reply_mark: Mark, cx: &Context) -> Vec<Drop
                 tests: r.matches.clone(),
                 bits,
                 owners: bit_owners(bits, cx.registry),
-                matched: r.matches.iter().all(|t| t.holds(reply_mark)),
+                matched: r.matches.iter().all(|t| t.matches(reply_mark)),
             }
         })
         .collect()
@@ -694,20 +694,17 @@ pub(crate) fn judge(flow: &Flow, cx: &Context) -> Report {
             evidence.push(Evidence::Lookups { dir, lookups });
         }
     }
-    if let Some(last) = request.last() {
-        evidence.push(Evidence::RequestLastSeen((*last).clone()));
+    if !request.is_empty() {
+        evidence.push(Evidence::RequestLastSeen);
     }
     let mark_diff =
         (request_mark != reply_mark).then(|| mark_diff(request_mark, reply_mark, cx.registry));
-    if let Some(d) = &mark_diff {
-        evidence.push(Evidence::MarkDiff(d.clone()));
+    if mark_diff.is_some() {
+        evidence.push(Evidence::MarkDiff);
     }
-    let clobber = restore_clobber(&reply);
-    if let Some((restore, lost)) = clobber {
-        evidence.push(Evidence::ConnmarkRestore {
-            restore: restore.clone(),
-            lost,
-        });
+    let restore_clobber = restore_clobber(&reply);
+    if restore_clobber.is_some() {
+        evidence.push(Evidence::ConnmarkRestore);
     }
 
     let drop_at = reply.iter().position(|s| s.kind == EventKind::Drop);
@@ -732,13 +729,18 @@ pub(crate) fn judge(flow: &Flow, cx: &Context) -> Report {
             };
             let cause = match reason {
                 DropReason::IpRpfilter => {
-                    let (cause, e) = rp_filter(flow, &request, &reply, cx);
-                    evidence.push(e);
-                    cause
+                    evidence.push(Evidence::RpFilterSysctls);
+                    rp_filter(flow, &request, &reply, cx)
                 }
                 DropReason::NetfilterDrop => {
-                    let (cause, rule) =
-                        netfilter_drop(flow, &reply, clobber, place, cx, &mut evidence);
+                    let (cause, rule) = netfilter_drop(
+                        flow,
+                        &reply,
+                        restore_clobber.is_some(),
+                        place,
+                        cx,
+                        &mut evidence,
+                    );
                     info.rule = rule;
                     cause
                 }
@@ -770,6 +772,7 @@ pub(crate) fn judge(flow: &Flow, cx: &Context) -> Report {
         last_reply: reply.last().map(|s| (*s).clone()),
         drop,
         mark_diff,
+        restore_clobber,
         request: flow.path(Dir::Request).cloned().collect(),
         reply: flow.path(Dir::Reply).cloned().collect(),
     }
@@ -802,9 +805,9 @@ mod tests {
             netlink::{Route, TABLE_MAIN},
             sysctl::Sysctls,
         },
-        output::why::summary,
         place::{Between, Layer, PointInfo, Segment, Tunnel},
         stack::{Family, NftFamily},
+        why::render::summary,
     };
 
     fn nf(hook: NfHook, prio: i32) -> Option<(Hook, i32)> {
@@ -978,8 +981,60 @@ mod tests {
         ] {
             assert!(text.contains(part), "{part} not in {text}");
         }
+        // The sysctls and the mark diff are the cause's and the report's, said again as evidence.
+        let evidence = crate::why::render::evidence(&r);
+        assert!(
+            evidence
+                .iter()
+                .any(|e| e == "rp_filter=1 on a2, src_valid_mark=0"),
+            "{evidence:#?}"
+        );
+        assert!(
+            evidence.iter().any(|e| e.starts_with("request mark 0x4000 vs reply mark 0x0: bits 0x4000 differ")),
+            "{evidence:#?}"
+        );
         let d = r.mark_diff.unwrap();
         assert_eq!(d.request ^ d.reply, Mark(0x4000));
+    }
+
+    /// An IPv6 reply's missed rules are IPv6 rules: the IPv4 rule with the request's fwmark is
+    /// not one it could have taken.
+    #[test]
+    fn an_ipv6_reply_misses_ipv6_rules_only() {
+        let f = Flow {
+            tuple: "udp [fd00::1]:40000 -> [fd00::9]:7".parse().unwrap(),
+            ..flow(vec![
+                step(
+                    Dir::Request,
+                    EventKind::Transition,
+                    nf(NfHook::Output, -149),
+                    0,
+                    0x4000,
+                ),
+                step(
+                    Dir::Reply,
+                    EventKind::Observe,
+                    nf(NfHook::Prerouting, i32::MIN + 1),
+                    0,
+                    0,
+                ),
+                dropped(DropReason::IpRpfilter, 0),
+            ])
+        };
+        let missed = |s: &NodeState| -> Vec<String> {
+            let r = judge_with(&f, s, &[]);
+            let Cause::RpFilter { missed, .. } = r.cause else {
+                panic!("{:?}", r.cause);
+            };
+            missed.iter().map(ToString::to_string).collect()
+        };
+        assert!(missed(&state()).is_empty());
+        let mut v6 = state();
+        Arc::make_mut(&mut v6.rules).push(IpRule {
+            family: Family::Ipv6,
+            ..rule(1001, Some("0x4000/0x4000"), 100)
+        });
+        assert_eq!(missed(&v6), ["1001: fwmark 0x4000/0x4000 lookup 100"]);
     }
 
     #[test]
@@ -1013,12 +1068,8 @@ mod tests {
         assert_eq!(r.drop.as_ref().unwrap().place.chains, chains);
         // With the chain's rules known: the one whose test the reply's mark passed is named,
         // with the bits it tests and whose they are.
-        let test = |mask: u32, value: u32| MarkTest {
-            value: Mark(value),
-            mask: Mark(mask),
-            negated: false,
-        };
-        let rule = |text: &str, t: MarkTest| crate::nodestate::nft::MarkRule {
+        let test = |mask: u32, value: u32| MarkMatch::new(Mark(value), Mark(mask));
+        let rule = |text: &str, t: MarkMatch| crate::nodestate::nft::MarkRule {
             chain: chains[0].id.clone(),
             reached_from: vec![],
             rule: text.into(),
@@ -1046,7 +1097,7 @@ mod tests {
             text.contains("by `meta mark & 0x4000 == 0x0 drop` in inet t/in, which tests bits 0x4000: kube-proxy"),
             "{text}"
         );
-        let evidence: Vec<String> = r.evidence.iter().map(ToString::to_string).collect();
+        let evidence = crate::why::render::evidence(&r);
         assert!(
             evidence.iter().any(|e| e
                 .contains("`meta mark & 0x8000 == 0x8000 drop` tests mark & 0x8000 == 0x8000")
@@ -1055,7 +1106,8 @@ mod tests {
         );
         let r = judge_with(&flow(vec![restore, input, drop]), &state(), &chains);
         assert!(
-            matches!(r.cause, Cause::ConnmarkRestoreMask { lost, .. } if lost == Mark(0x100)),
+            matches!(r.cause, Cause::ConnmarkRestoreMask { .. })
+                && r.restore_clobber.as_ref().map(|c| c.lost) == Some(Mark(0x100)),
             "{:?}",
             r.cause
         );
@@ -1252,7 +1304,7 @@ mod tests {
         ] {
             assert!(text.contains(part), "{part:?} not in {text}");
         }
-        let json = serde_json::to_value(crate::output::why::ReportJson(&r)).unwrap();
+        let json = serde_json::to_value(crate::why::render::ReportJson(&r)).unwrap();
         let x = &json["xfrm"];
         assert_eq!(x["reply_decrypted"], false, "{json:#}");
         assert_eq!(x["inbound_policy"]["direction"], "in", "{x:#}");

@@ -15,7 +15,9 @@ use crate::{
     },
     output::text::{list, or_unknown},
     place::{Hook, Layer},
-    why::verdict::{Cause, DropPlace, Evidence, Report, ReversePath, Verdict, XfrmEncap},
+    why::verdict::{
+        Cause, DropPlace, Evidence, Report, RestoreClobber, ReversePath, Verdict, XfrmEncap,
+    },
 };
 
 impl fmt::Display for Verdict {
@@ -234,16 +236,15 @@ pub(crate) fn summary(r: &Report) -> String {
                 "the reply (mark {reply_mark}) was dropped by netfilter at {place}{by} → NETFILTER_DROP"
             )
         }
-        Cause::ConnmarkRestoreMask {
-            restore,
-            lost,
-            place,
-        } => format!(
-            "a connmark restore rewrote the reply's mark {} -> {} (ct mark {}), losing bits {lost}; the reply was then dropped by netfilter at {place}",
-            restore.old_mark,
-            restore.mark,
-            restore.ct_mark.unwrap_or_default()
-        ),
+        Cause::ConnmarkRestoreMask { place } => match &r.restore_clobber {
+            Some(RestoreClobber { restore, lost }) => format!(
+                "a connmark restore rewrote the reply's mark {} -> {} (ct mark {}), losing bits {lost}; the reply was then dropped by netfilter at {place}",
+                restore.old_mark,
+                restore.mark,
+                restore.ct_mark.unwrap_or_default()
+            ),
+            None => format!("the reply was dropped by netfilter at {place}"),
+        },
         Cause::XfrmPolicy { reply_mark, policy } => format!(
             "the reply (mark {reply_mark}) was refused by an xfrm policy{} → XFRM_POLICY",
             policy.as_ref().map_or(String::new(), |p| format!(": {p}"))
@@ -319,9 +320,22 @@ pub(crate) fn summary(r: &Report) -> String {
     }
 }
 
-impl fmt::Display for Evidence {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
+/// A report's evidence, line by line.
+pub(crate) fn evidence(r: &Report) -> Vec<String> {
+    r.evidence
+        .iter()
+        .filter_map(|e| {
+            let mut line = String::new();
+            write_evidence(&mut line, e, r).ok()?;
+            Some(line)
+        })
+        .collect()
+}
+
+/// One piece of evidence in words; the facts the report holds elsewhere (its mark diff, its
+/// cause's sysctls) are read there. An error when the report lacks them.
+fn write_evidence(f: &mut String, e: &Evidence, r: &Report) -> fmt::Result {
+    match e {
             Evidence::Lookups { dir, lookups } => {
                 let list: Vec<String> = lookups
                     .iter()
@@ -329,13 +343,18 @@ impl fmt::Display for Evidence {
                     .collect();
                 write!(f, "{dir} routing lookups: {}", list.join(", "))
             }
-            Evidence::RequestLastSeen(s) => write!(
-                f,
-                "request last seen at {} with mark {}",
-                StepLabel(s),
-                s.mark
-            ),
-            Evidence::MarkDiff(d) => write!(
+            Evidence::RequestLastSeen => {
+                let s = r.request.iter().rev().find(|s| !s.is_route()).ok_or(fmt::Error)?;
+                write!(
+                    f,
+                    "request last seen at {} with mark {}",
+                    StepLabel(s),
+                    s.mark
+                )
+            }
+            Evidence::MarkDiff => {
+                let d = r.mark_diff.as_ref().ok_or(fmt::Error)?;
+                write!(
                 f,
                 "request mark {} vs reply mark {}: bits {} differ (owners: {})",
                 d.request,
@@ -346,21 +365,29 @@ impl fmt::Display for Evidence {
                 } else {
                     d.owners.join(", ")
                 }
-            ),
-            Evidence::ConnmarkRestore { restore, lost } => write!(
-                f,
-                "connmark restore {}: reply mark {} -> {} (ct mark {}) lost bits {lost}",
-                restore
-                    .segment
-                    .as_ref()
-                    .map_or(String::new(), |g| format!("in {g}")),
-                restore.old_mark,
-                restore.mark,
-                restore.ct_mark.unwrap_or_default()
-            ),
-            Evidence::NftTraceRule(rule) => write!(f, "nft trace: rule `{rule}` (verdict drop)"),
+            )
+            }
+            Evidence::ConnmarkRestore => {
+                let RestoreClobber { restore, lost } =
+                    r.restore_clobber.as_ref().ok_or(fmt::Error)?;
+                write!(
+                    f,
+                    "connmark restore {}: reply mark {} -> {} (ct mark {}) lost bits {lost}",
+                    restore
+                        .segment
+                        .as_ref()
+                        .map_or(String::new(), |g| format!("in {g}")),
+                    restore.old_mark,
+                    restore.mark,
+                    restore.ct_mark.unwrap_or_default()
+                )
+            }
+            Evidence::NftTraceRule => {
+                let rule = r.drop.as_ref().and_then(|d| d.rule.as_ref()).ok_or(fmt::Error)?;
+                write!(f, "nft trace: rule `{rule}` (verdict drop)")
+            }
             Evidence::DroppingRule(r) => {
-                let tests: Vec<String> = r.tests.iter().map(ToString::to_string).collect();
+                let tests: Vec<String> = r.tests.iter().map(|t| t.as_test().to_string()).collect();
                 write!(
                     f,
                     "dropping rule in {}: `{}` tests {} (bits {}{}); the reply's mark {} it",
@@ -373,15 +400,22 @@ impl fmt::Display for Evidence {
                 )
             }
             Evidence::XfrmMatching(p) => write!(f, "matching: {p}"),
-            Evidence::RpFilterSysctls {
-                arrival,
-                rp_filter,
-                src_valid_mark,
-            } => write!(
-                f,
-                "rp_filter={rp_filter} on {arrival}, src_valid_mark={}",
-                u8::from(*src_valid_mark)
-            ),
+            Evidence::RpFilterSysctls => {
+                let Cause::RpFilter {
+                    arrival,
+                    rp_filter,
+                    src_valid_mark,
+                    ..
+                } = &r.cause
+                else {
+                    return Err(fmt::Error);
+                };
+                write!(
+                    f,
+                    "rp_filter={rp_filter} on {arrival}, src_valid_mark={}",
+                    u8::from(*src_valid_mark)
+                )
+            }
             Evidence::RestoreOnOutputHint => f.write_str(
                 "to route replies like their requests, restore the mark on output: `meta mark set ct mark` in a `type route hook output` chain (or CONNMARK --restore-mark in mangle OUTPUT)",
             ),
@@ -402,7 +436,6 @@ impl fmt::Display for Evidence {
                 if *before_last_packet { "before" } else { "after" }
             ),
         }
-    }
 }
 
 /// A step as JSON.
@@ -604,7 +637,7 @@ impl Serialize for ReportJson<'_> {
             pod: pod_of(r).map(ContainerJson),
             verdict: r.cause.verdict().to_string(),
             summary: summary(r),
-            evidence: r.evidence.iter().map(ToString::to_string).collect(),
+            evidence: evidence(r),
             last_reply_point: r.last_reply.as_ref().map(|s| StepLabel(s).to_string()),
             drop: r.drop.as_ref().map(|d| Drop {
                 reason: d.reason.to_string(),
@@ -630,7 +663,7 @@ impl Serialize for ReportJson<'_> {
 
 /// `why --json`: the reports, with the node state they reasoned with.
 #[derive(Serialize)]
-pub(crate) struct Document<'a> {
+pub(crate) struct WhyDocument<'a> {
     pub(crate) flows: Vec<ReportJson<'a>>,
     pub(crate) flows_seen: usize,
     pub(crate) flows_evicted: u64,
@@ -661,7 +694,7 @@ pub(crate) fn text(reports: &[Report], seen: usize) -> String {
             r.cause.verdict(),
             summary(r)
         );
-        for e in &r.evidence {
+        for e in evidence(r) {
             let _ = writeln!(s, "  evidence: {e}");
         }
         for (name, path) in [("request", &r.request), ("reply", &r.reply)] {
