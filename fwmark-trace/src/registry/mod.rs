@@ -141,7 +141,7 @@ pub(crate) struct RegistrySources {
     pub(crate) no_system: bool,
 }
 
-/// Ids are `u16`: more entries than that are refused when loading.
+/// Ids are `u16`: registry files defining this many entries are refused.
 const MAX_OWNERS: usize = u16::MAX as usize + 1;
 
 impl Registry {
@@ -179,6 +179,7 @@ impl Registry {
                 None => self.owners.push(o),
             }
         }
+        // Every id must fit a `u16`: `load` refuses files that reach the limit.
         self.owners.truncate(MAX_OWNERS);
         self.index_names();
     }
