@@ -12,7 +12,7 @@ use std::{
 use serde::{ser::SerializeStruct, Serialize, Serializer};
 
 use crate::{
-    attribution::Attribution,
+    attribution::model::Attribution,
     mark::Mark,
     nodestate::netlink::XfrmState,
     place::{PointInfo, Segment},

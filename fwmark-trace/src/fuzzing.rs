@@ -116,10 +116,10 @@ pub fn registry_file(data: &[u8]) {
     }
     use crate::commands::registry::{bitmap, check, list, show};
     let _ = list(&reg);
-    for o in &reg.owners {
+    for o in reg.owners() {
         let _ = (show(o), bitmap(o));
     }
-    let _ = check(&reg.owners);
+    let _ = check(reg.owners());
 }
 
 /// `nft -j list ruleset`: the base chains and the chains below them that write marks, where

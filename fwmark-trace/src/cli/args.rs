@@ -74,8 +74,8 @@ pub(crate) struct RegistryArgs {
 }
 
 impl RegistryArgs {
-    pub(crate) fn sources(&self) -> registry::Sources {
-        registry::Sources {
+    pub(crate) fn sources(&self) -> registry::RegistrySources {
+        registry::RegistrySources {
             files: self.files.clone(),
             quick: self.owner.clone(),
             profile: self.owners.clone(),
@@ -574,7 +574,7 @@ mod tests {
                     let cfg = t.args.config();
                     prop_assert!(cfg.interval >= bounds::INTERVAL.0 && cfg.interval <= bounds::INTERVAL.1);
                     prop_assert!(cfg.duration.is_none_or(|d| d <= bounds::RUN.1));
-                    let _ = crate::registry::Registry::load(&crate::registry::Sources {
+                    let _ = crate::registry::Registry::load(&crate::registry::RegistrySources {
                         no_system: true,
                         ..cfg.registry
                     });

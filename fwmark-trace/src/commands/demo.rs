@@ -96,7 +96,7 @@ pub(crate) fn run(args: &DemoConfig) -> Result<()> {
         duration: Some(args.duration),
         // One report of the counted transitions, at the end.
         interval: args.duration,
-        registry: registry::Sources {
+        registry: registry::RegistrySources {
             profile: PROFILE.map(String::from).to_vec(),
             ..Default::default()
         },

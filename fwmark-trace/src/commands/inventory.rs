@@ -16,7 +16,7 @@ pub(crate) struct InventoryConfig {
     pub(crate) which: Namespaces,
     /// Conflicts make the exit status 1 (for a platform team's CI).
     pub(crate) check: bool,
-    pub(crate) registry: registry::Sources,
+    pub(crate) registry: registry::RegistrySources,
 }
 
 pub(crate) fn run(cfg: &InventoryConfig) -> Result<Outcome> {

@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use super::Outcome;
 use crate::{
     nodestate::nft,
-    registry::{Owner, Registry, Sources, Style},
+    registry::{Owner, Registry, RegistrySources, Style},
 };
 
 /// What `fwmark-trace registry` was asked.
@@ -23,7 +23,7 @@ pub(crate) enum Request {
 }
 
 /// Runs a registry request; `Found` when `check` found overlapping owners.
-pub(crate) fn run(req: &Request, sources: &Sources) -> Result<Outcome> {
+pub(crate) fn run(req: &Request, sources: &RegistrySources) -> Result<Outcome> {
     let reg = Registry::load(sources)?;
     let out = match req {
         Request::List => list(&reg),
@@ -50,7 +50,7 @@ pub(crate) fn run(req: &Request, sources: &Sources) -> Result<Outcome> {
             } else {
                 reg.select(owners)?
             };
-            let (text, overlaps) = check(&sel.owners);
+            let (text, overlaps) = check(sel.owners());
             crate::commands::print_text(&text)?;
             return Ok(if overlaps {
                 Outcome::Found
@@ -101,9 +101,9 @@ fn style(o: &Owner) -> &'static str {
 }
 
 pub(crate) fn list(reg: &Registry) -> String {
-    let width = reg.owners.iter().map(|o| o.id().len()).max().unwrap_or(0);
+    let width = reg.owners().iter().map(|o| o.id().len()).max().unwrap_or(0);
     let mut s = String::new();
-    for o in &reg.owners {
+    for o in reg.owners() {
         let _ = writeln!(
             s,
             "{:<width$}  {:<10}  {:#010x}  {}",
@@ -231,7 +231,7 @@ mod tests {
             .unwrap()
             .select(&["cilium".into(), "calico".into()])
             .unwrap();
-        let (text, overlaps) = check(&reg.owners);
+        let (text, overlaps) = check(reg.owners());
         assert!(overlaps);
         let calico = reg.get("calico")[0].mask;
         assert!(
@@ -253,7 +253,7 @@ mod tests {
                 "aws-vpc-cni@iptables".into(),
             ])
             .unwrap();
-        let (text, overlaps) = check(&reg.owners);
+        let (text, overlaps) = check(reg.owners());
         assert!(!overlaps, "{text}");
     }
 
@@ -261,14 +261,14 @@ mod tests {
     fn check_is_symmetric() {
         let reg = Registry::builtin().unwrap();
         let (fwd, a) = check(
-            &reg.select(&["tailscale".into(), "weave".into()])
+            reg.select(&["tailscale".into(), "weave".into()])
                 .unwrap()
-                .owners,
+                .owners(),
         );
         let (rev, b) = check(
-            &reg.select(&["weave".into(), "tailscale".into()])
+            reg.select(&["weave".into(), "tailscale".into()])
                 .unwrap()
-                .owners,
+                .owners(),
         );
         assert_eq!(a, b);
         assert!(fwd.contains("0x00060000") && rev.contains("0x00060000"));

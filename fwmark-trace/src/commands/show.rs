@@ -26,7 +26,7 @@ pub(crate) struct ShowConfig {
     pub(crate) file: PathBuf,
     pub(crate) format: Format,
     pub(crate) output: Option<PathBuf>,
-    pub(crate) registry: registry::Sources,
+    pub(crate) registry: registry::RegistrySources,
 }
 
 /// Whether two paths name the same file (device and inode: through symlinks and hard links).
@@ -57,9 +57,11 @@ pub(crate) fn replay<R: Read>(
                         p.set_topology(ctx.topology);
                     }
                     None => {
+                        let attributor = Attributor::new(registry.clone());
+                        out.set_registry(attributor.registry());
                         pipeline = Some(Pipeline {
                             decoder: Decoder::new(ctx.topology, reasons).with_boot(boot),
-                            attributor: Attributor::new(registry.clone()),
+                            attributor,
                         });
                     }
                 }
@@ -150,7 +152,7 @@ mod tests {
             file: rec.clone(),
             format: Format::Json,
             output: Some(link),
-            registry: registry::Sources::default(),
+            registry: registry::RegistrySources::default(),
         };
         let err = show(&cfg).unwrap_err().to_string();
         assert!(err.contains("is the recording"), "{err}");

@@ -18,7 +18,7 @@ use crate::nodestate::links::TunnelKind;
 use tokio::{io::unix::AsyncFd, signal::unix, time};
 
 use crate::{
-    attribution::{Attributor, Node},
+    attribution::{Attributor, NamespaceInventory},
     decode::Decoder,
     event::{Interval, Timestamp},
     flows::Selection,
@@ -90,7 +90,7 @@ pub(crate) struct TraceConfig {
     pub(crate) require: Vec<Feature>,
     pub(crate) nf_backend: NfBackend,
     pub(crate) tc_backend: TcBackend,
-    pub(crate) registry: registry::Sources,
+    pub(crate) registry: registry::RegistrySources,
     /// Follow only these flows, at every observation point and with their routing lookups.
     pub(crate) select: Selection,
 }
@@ -120,7 +120,7 @@ impl Default for TraceConfig {
             require: Vec::new(),
             nf_backend: NfBackend::Auto,
             tc_backend: TcBackend::Auto,
-            registry: registry::Sources::default(),
+            registry: registry::RegistrySources::default(),
             select: Selection::default(),
         }
     }
@@ -220,11 +220,12 @@ pub(crate) fn run_into(
     // Without a profile, attribution names the owners with something here (the inventory of
     // this namespace's rules, programs, sockets and devices) and finds writers by what they
     // write.
-    let node = (!registry.profiled)
+    let node = (!registry.profiled())
         .then(|| node(&registry, own_netns))
         .flatten();
     if let Some(n) = &node {
-        let present: Vec<&str> = n.present().iter().map(String::as_str).collect();
+        let mut present: Vec<&str> = n.present().iter().map(|o| registry.name(*o)).collect();
+        present.sort_unstable();
         info!(
             "owners with mark rules, programs or sockets here: {}; attribution names only these (--owners chooses)",
             if present.is_empty() { "none".into() } else { present.join(", ") }
@@ -240,6 +241,7 @@ pub(crate) fn run_into(
     if let Some(n) = node {
         attributor.set_node(n);
     }
+    sink.set_registry(attributor.registry());
     let summary = rt.block_on(stream(
         &mut obs,
         sink,
@@ -255,13 +257,13 @@ pub(crate) fn run_into(
 
 /// The traced namespace's inventory, as attribution uses it (conntrack entries left out: they
 /// hold marks, they do not write them). A failure is said and attribution goes on by names.
-fn node(registry: &Registry, netns: u32) -> Option<Node> {
+fn node(registry: &Registry, netns: u32) -> Option<NamespaceInventory> {
     let sources = inventory::Sources {
         conntrack: false,
         ..Default::default()
     };
     match Inventory::read(registry, &inventory::Namespaces::Current, sources) {
-        Ok(inv) => Some(Node::new(inv, netns)),
+        Ok(inv) => Some(NamespaceInventory::new(inv, netns)),
         Err(err) => {
             warn!("node inventory unavailable ({err:#}): attribution considers every registered owner");
             None

@@ -32,7 +32,7 @@ pub(crate) struct WhyConfig {
     pub(crate) json: bool,
     /// Name the exact nft rule that dropped a packet (a temporary nftrace table).
     pub(crate) nftrace: bool,
-    pub(crate) registry: registry::Sources,
+    pub(crate) registry: registry::RegistrySources,
 }
 
 /// Collects the watched flows' events instead of printing them.

@@ -189,6 +189,7 @@ mod tests {
     use super::*;
     use crate::inventory::bits::Bits;
     use crate::inventory::model::{By, OwnerRef, Place};
+    use crate::registry::{NameId, OwnerId};
 
     fn entry(id: usize, owner: &str, access: Vec<Access>) -> Entry {
         Entry {
@@ -202,6 +203,8 @@ mod tests {
             text: String::new(),
             access,
             owner: Some(OwnerRef {
+                owner: OwnerId::ANY,
+                name_id: NameId::ANY,
                 id: owner.into(),
                 name: owner.into(),
                 by: By::Name,
@@ -216,6 +219,8 @@ mod tests {
     fn guessed(id: usize, owner: Option<&str>, access: Vec<Access>) -> Entry {
         let mut e = entry(id, "x", access);
         e.owner = owner.map(|o| OwnerRef {
+            owner: OwnerId::ANY,
+            name_id: NameId::ANY,
             id: o.into(),
             name: o.into(),
             by: By::Mask,

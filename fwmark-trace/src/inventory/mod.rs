@@ -32,7 +32,10 @@ use serde::Serialize;
 pub(crate) use conflicts::Conflict;
 pub(crate) use model::{Entry, Finding, MarkKind, Netns, Op, OwnerRef, Place, Scope};
 
-use crate::{nodestate::nft::ChainId, registry::Registry};
+use crate::{
+    nodestate::nft::ChainId,
+    registry::{NameId, Registry},
+};
 
 /// Which sources to read (all by default; trace start-up may skip the slow ones).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -345,9 +348,9 @@ impl Inventory {
 
     /// Owner names (every version together) with something in namespace `netns`, node-wide
     /// entries included: whom attribution may name without `--owners`.
-    pub(crate) fn owner_names(&self, netns: u32) -> BTreeSet<String> {
+    pub(crate) fn owner_names(&self, netns: u32) -> BTreeSet<NameId> {
         self.in_netns(netns)
-            .filter_map(|e| e.owner_name().map(str::to_owned))
+            .filter_map(|e| e.owner.as_ref().map(|o| o.name_id))
             .collect()
     }
 
@@ -387,7 +390,7 @@ impl Inventory {
             .map(|e| e.owner.as_ref());
         let first = owners.next()??;
         owners
-            .all(|o| o.is_some_and(|o| o.name == first.name))
+            .all(|o| o.is_some_and(|o| o.name_id == first.name_id))
             .then_some(first)
     }
 
@@ -504,9 +507,14 @@ mod tests {
         assert!(inv
             .writer_of(8, &[], &[], None, MarkKind::Packet, (0, 0xca6c, None))
             .is_none());
-        let names = inv.owner_names(7);
+        let reg = Registry::builtin().unwrap();
+        let names: Vec<&str> = inv
+            .owner_names(7)
+            .into_iter()
+            .map(|n| reg.name(n))
+            .collect();
         assert!(
-            names.contains("wg-quick") && names.contains("kube-proxy"),
+            names.contains(&"wg-quick") && names.contains(&"kube-proxy"),
             "{names:?}"
         );
         assert!(inv.owner_names(8).is_empty());

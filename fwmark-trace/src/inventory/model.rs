@@ -15,6 +15,7 @@ use crate::{
         netlink::{RuleAction, XfrmAction, XfrmDir},
         nft::ChainId,
     },
+    registry::{NameId, OwnerId},
     stack::Family,
 };
 
@@ -583,6 +584,13 @@ impl By {
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub(crate) struct OwnerRef {
+    /// The registry entry, as trace's attribution takes it (of the registry the inventory
+    /// was attributed with).
+    #[serde(skip)]
+    pub(crate) owner: OwnerId,
+    /// Its name (every version together), as attribution compares it.
+    #[serde(skip)]
+    pub(crate) name_id: NameId,
     /// Registry id (`kube-proxy@current`).
     pub(crate) id: String,
     /// Owner name, every version together (`kube-proxy`): what conflicts compare.

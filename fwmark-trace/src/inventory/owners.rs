@@ -13,7 +13,7 @@
 //! names appear elsewhere in the same namespace, then to registry order; the others are kept
 //! as `also`.
 use super::model::{Access, By, Entry, MarkKind, OwnerRef, Scope};
-use crate::registry::{Owner, Registry, Style};
+use crate::registry::{Owner, OwnerId, Registry, Style};
 
 /// The owner's bits in `mark` (its `ct_mask` for the conntrack mark, when it has one).
 fn mask_of(o: &Owner, mark: MarkKind) -> u32 {
@@ -121,16 +121,17 @@ fn score(o: &Owner, e: &Entry) -> Option<(By, i64)> {
 /// The owner of an entry. `present`: owner names recognised by name elsewhere in the same
 /// namespace (they win ties).
 pub(crate) fn attribute(reg: &Registry, e: &Entry, present: &[String]) -> Option<OwnerRef> {
-    let mut scored: Vec<(&Owner, By, i64)> = reg
-        .owners
-        .iter()
-        .filter_map(|o| score(o, e).map(|(by, s)| (o, by, s)))
+    let mut scored: Vec<(OwnerId, &Owner, By, i64)> = reg
+        .entries()
+        .filter_map(|(id, o)| score(o, e).map(|(by, s)| (id, o, by, s)))
         .collect();
     let here = |o: &Owner| present.contains(&o.name);
     // Stable: registry order breaks the last ties.
-    scored.sort_by_key(|(o, _, s)| (std::cmp::Reverse(*s), !here(o)));
-    let (best, by, top) = *scored.first()?;
+    scored.sort_by_key(|(_, o, _, s)| (std::cmp::Reverse(*s), !here(o)));
+    let (owner, best, by, top) = *scored.first()?;
     Some(OwnerRef {
+        owner,
+        name_id: reg.name_of(owner),
         id: best.id(),
         name: best.name.clone(),
         by,
@@ -138,8 +139,8 @@ pub(crate) fn attribute(reg: &Registry, e: &Entry, present: &[String]) -> Option
         also: scored
             .iter()
             .skip(1)
-            .filter(|(o, _, s)| *s == top && o.name != best.name)
-            .map(|(o, _, _)| o.id())
+            .filter(|(_, o, _, s)| *s == top && o.name != best.name)
+            .map(|(_, o, _, _)| o.id())
             .collect(),
     })
 }
@@ -147,7 +148,7 @@ pub(crate) fn attribute(reg: &Registry, e: &Entry, present: &[String]) -> Option
 /// Owners recognised by name among a namespace's entries (what ties prefer).
 pub(crate) fn present_by_name(reg: &Registry, entries: &[Entry]) -> Vec<String> {
     let mut out: Vec<String> = reg
-        .owners
+        .owners()
         .iter()
         .filter(|o| entries.iter().any(|e| e.names.iter().any(|n| named(o, n))))
         .map(|o| o.name.clone())

@@ -1,17 +1,18 @@
 //! One readable line per event (with indented detail lines).
 use std::fmt::Write as _;
 
-use super::text::escape_controls;
+use super::text::{escape_controls, FindingText};
 use crate::{
     attribution::{Attribution, FieldRef},
     event::{EventKind, TraceEvent},
+    registry::Registry,
 };
 
 /// The event's lines, joined: each line passes through `escape_controls` on its own, so a name
 /// (interface, chain, table, program, owner, drop reason) cannot put a control character on the
 /// terminal, nor a line break that looks like one of ours.
-pub(crate) fn line(ev: &TraceEvent) -> String {
-    let lines = lines(ev);
+pub(crate) fn line(ev: &TraceEvent, registry: &Registry) -> String {
+    let lines = lines(ev, registry);
     let mut s = String::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
     for (i, l) in lines.iter().enumerate() {
         if i > 0 {
@@ -22,8 +23,8 @@ pub(crate) fn line(ev: &TraceEvent) -> String {
     s
 }
 
-/// The first line, then the indented detail lines, unescaped.
-fn lines(ev: &TraceEvent) -> Vec<String> {
+/// The first line, then the indented detail lines, unescaped (owners named by `registry`).
+fn lines(ev: &TraceEvent, registry: &Registry) -> Vec<String> {
     let time = ev.time.to_string();
     let time = time.get(11..26).unwrap_or(&time);
     let kind = ev.kind.name().to_uppercase();
@@ -82,7 +83,7 @@ fn lines(ev: &TraceEvent) -> Vec<String> {
         }
     }
     if let Some(a) = &ev.attribution {
-        attribution(&mut lines, a);
+        attribution(&mut lines, a, registry);
     }
     if let Some(t) = &ev.tuple {
         lines.push(format!("    flow {t}"));
@@ -91,7 +92,7 @@ fn lines(ev: &TraceEvent) -> Vec<String> {
 }
 
 /// The `bits` line (owner, field, bits, meaning), the writer and the `!!` warning lines.
-fn attribution(lines: &mut Vec<String>, a: &Attribution) {
+fn attribution(lines: &mut Vec<String>, a: &Attribution, reg: &Registry) {
     let mut who: Vec<String> = a
         .owners
         .iter()
@@ -105,7 +106,7 @@ fn attribution(lines: &mut Vec<String>, a: &Attribution) {
                 .meaning
                 .as_deref()
                 .map_or(String::new(), |m| format!(" \"{m}\""));
-            format!("{}{what} {}{meaning}", o.owner, o.bits)
+            format!("{}{what} {}{meaning}", reg.owner(o.owner).id(), o.bits)
         })
         .collect();
     if let Some(u) = a.unowned_bits {
@@ -114,19 +115,26 @@ fn attribution(lines: &mut Vec<String>, a: &Attribution) {
     for r in &a.recognized {
         who.push(format!(
             "{} {} = {} \"{}\"",
-            r.side, r.value, r.owner, r.meaning
+            r.side,
+            r.value,
+            reg.owner(r.owner).id(),
+            r.meaning
         ));
     }
     if !who.is_empty() {
         lines.push(format!("    bits {}", who.join("; ")));
     }
-    if let Some(w) = &a.writer {
+    if let Some(w) = a.writer {
         if let Some(l) = lines.last_mut() {
-            let _ = write!(l, " (written by {w})");
+            let _ = write!(l, " (written by {})", reg.owner(w).id());
         }
     }
     for w in &a.warnings {
-        lines.push(format!("    !! {}: {}", w.kind(), w.finding));
+        lines.push(format!(
+            "    !! {}: {}",
+            w.kind(),
+            FindingText(&w.finding, reg)
+        ));
     }
 }
 
@@ -139,7 +147,7 @@ mod tests {
     fn transition_line_shows_values_bits_segment_and_flow() {
         let mut d = Decoder::new(fixtures::topology(), Default::default());
         let ev = d.decode(&fixtures::synthetic(1));
-        let text = line(&ev);
+        let text = line(&ev, &Registry::default());
         assert!(
             text.contains("TRANSITION mark 0x0 -> 0x80000 (+0x80000 -0x0)"),
             "{text}"
@@ -154,7 +162,7 @@ mod tests {
     #[test]
     fn drop_line_names_the_reason() {
         let mut d = Decoder::new(fixtures::topology(), [(12, "NETFILTER_DROP".into())].into());
-        let text = line(&d.decode(&fixtures::synthetic(4)));
+        let text = line(&d.decode(&fixtures::synthetic(4)), &Registry::default());
         assert!(text.contains("DROP"), "{text}");
         assert!(text.contains("reason NETFILTER_DROP"), "{text}");
     }
@@ -171,7 +179,7 @@ mod tests {
         let mut at = (*ev.at).clone();
         at.ifname = Some("veth\x1b[2J\r0".into());
         ev.at = std::sync::Arc::new(at);
-        let text = line(&ev);
+        let text = line(&ev, &Registry::default());
         assert!(
             text.contains("reason EVIL\\x1b]0;pwned\\x07_DROP"),
             "{text}"
@@ -182,7 +190,7 @@ mod tests {
             "{text:?}"
         );
         // The detail lines are still lines.
-        let transition = line(&d.decode(&fixtures::synthetic(1)));
+        let transition = line(&d.decode(&fixtures::synthetic(1)), &Registry::default());
         assert!(transition.contains("\n    in   "), "{transition}");
     }
 }

@@ -9,14 +9,16 @@ use serde::{ser::SerializeStruct, Serialize, Serializer};
 use serde_json::value::RawValue;
 
 use crate::{
-    attribution::{Attribution, FieldRef, FieldValue, OwnerChange, Recognized, Warning},
+    attribution::{Attribution, FieldRef, FieldValue, OwnerChange, Warning},
     event::{
         CtMark, DropReason, EventKind, Interval, MarkChange, RouteLookup, Timestamp, TraceEvent,
         Tuple, XfrmRef,
     },
     mark::Mark,
     nodestate::{links::TunnelKind, pods::ContainerJson},
+    output::text::FindingText,
     place::{Encapsulator, Hook, Layer, MarkFate, PointInfo, Segment, Tunnel, TunnelDir},
+    registry::Registry,
     stack::Family,
 };
 
@@ -53,6 +55,8 @@ pub(crate) struct EventWriter {
     points: Cache<PointInfo>,
     segments: Cache<Segment>,
     attributions: Cache<Attribution>,
+    /// Names the attributions' owners.
+    registry: Arc<Registry>,
 }
 
 /// An event as JSON: its own fields, and the shared parts as rendered JSON.
@@ -93,11 +97,18 @@ struct EventJson<'a> {
 }
 
 impl EventWriter {
+    /// Names owners by `registry` from now on (the attributor's).
+    pub(crate) fn set_registry(&mut self, registry: &Arc<Registry>) {
+        self.registry = registry.clone();
+        self.attributions = Cache::default();
+    }
+
     pub(crate) fn write(&mut self, ev: &TraceEvent, out: &mut Vec<u8>) -> serde_json::Result<()> {
         let Self {
             points,
             segments,
             attributions,
+            registry,
         } = self;
         let json = EventJson {
             time: ev.time,
@@ -117,7 +128,7 @@ impl EventWriter {
             attribution: ev
                 .attribution
                 .as_ref()
-                .map(|a| attributions.get(a, |a| raw(&AttributionJson(a)))),
+                .map(|a| attributions.get(a, |a| raw(&AttributionJson(a, registry)))),
             route: ev.route,
             socket_mark: ev.socket_mark,
             mark_fate: ev
@@ -251,36 +262,54 @@ impl Serialize for TunnelJson<'_> {
     }
 }
 
-/// An attribution with its warnings' messages.
-pub(crate) struct AttributionJson<'a>(pub(crate) &'a Attribution);
+/// An attribution with its owners named by the registry and its warnings' messages.
+pub(crate) struct AttributionJson<'a>(pub(crate) &'a Attribution, pub(crate) &'a Registry);
 
 impl Serialize for AttributionJson<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         #[derive(Serialize)]
         struct Json<'a> {
             #[serde(skip_serializing_if = "Option::is_none")]
-            writer: Option<&'a String>,
+            writer: Option<String>,
             owners: Vec<OwnerJson<'a>>,
             #[serde(skip_serializing_if = "Option::is_none")]
             unowned_bits: Option<Mark>,
-            #[serde(skip_serializing_if = "<[_]>::is_empty")]
-            recognized: &'a [Recognized],
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            recognized: Vec<RecognizedJson<'a>>,
             #[serde(skip_serializing_if = "Vec::is_empty")]
             warnings: Vec<WarningJson<'a>>,
         }
-        let a = self.0;
+        let (a, reg) = (self.0, self.1);
         Json {
-            writer: a.writer.as_ref(),
-            owners: a.owners.iter().map(OwnerJson).collect(),
+            writer: a.writer.map(|w| reg.owner(w).id()),
+            owners: a.owners.iter().map(|o| OwnerJson(o, reg)).collect(),
             unowned_bits: a.unowned_bits,
-            recognized: &a.recognized,
-            warnings: a.warnings.iter().map(WarningJson).collect(),
+            recognized: a
+                .recognized
+                .iter()
+                .map(|r| RecognizedJson {
+                    owner: reg.owner(r.owner).id(),
+                    value: r.value,
+                    meaning: &r.meaning,
+                    side: r.side,
+                })
+                .collect(),
+            warnings: a.warnings.iter().map(|w| WarningJson(w, reg)).collect(),
         }
         .serialize(s)
     }
 }
 
-struct OwnerJson<'a>(&'a OwnerChange);
+/// A whole-mark value recognised, its owner named.
+#[derive(Serialize)]
+struct RecognizedJson<'a> {
+    owner: String,
+    value: Mark,
+    meaning: &'a str,
+    side: crate::attribution::model::Side,
+}
+
+struct OwnerJson<'a>(&'a OwnerChange, &'a Registry);
 
 impl Serialize for OwnerJson<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -290,7 +319,7 @@ impl Serialize for OwnerJson<'_> {
             FieldValue::Number(n) => n.to_string(),
         };
         let mut st = s.serialize_struct("OwnerChange", 6)?;
-        st.serialize_field("owner", &o.owner)?;
+        st.serialize_field("owner", &self.1.owner(o.owner).id())?;
         st.serialize_field("bits", &o.bits)?;
         match &o.field {
             Some(FieldRef::Named(name)) => st.serialize_field("field", name)?,
@@ -307,15 +336,16 @@ impl Serialize for OwnerJson<'_> {
     }
 }
 
-pub(crate) struct WarningJson<'a>(pub(crate) &'a Warning);
+pub(crate) struct WarningJson<'a>(pub(crate) &'a Warning, pub(crate) &'a Registry);
 
 impl Serialize for WarningJson<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let w = self.0;
+        let (w, reg) = (self.0, self.1);
+        let owners: Vec<&str> = w.owners.iter().map(|n| reg.name(*n)).collect();
         let mut st = s.serialize_struct("Warning", 3)?;
         st.serialize_field("kind", &w.kind())?;
-        st.serialize_field("message", &w.finding.to_string())?;
-        st.serialize_field("owners", &w.owners)?;
+        st.serialize_field("message", &FindingText(&w.finding, reg).to_string())?;
+        st.serialize_field("owners", &owners)?;
         st.end()
     }
 }
@@ -373,6 +403,7 @@ mod tests {
             .map(|e| e.to_string())
             .collect();
         assert!(errors.is_empty(), "{v}\n{errors:#?}");
-        assert!(super::super::human::line(&ev).contains(" pod shop/web"));
+        let reg = Registry::default();
+        assert!(super::super::human::line(&ev, &reg).contains(" pod shop/web"));
     }
 }

@@ -106,15 +106,16 @@ pub(crate) fn render(s: &Summary, g: &Gauges) -> String {
     reg.register(
         "owner_transitions",
         "Mark transitions that changed bits of this registered owner",
-        counters(s.attribution.owners.iter().map(|(o, n)| {
-            let owner = o.clone();
-            (OwnerLabel { owner }, *n)
-        })),
+        counters(
+            s.owners()
+                .into_iter()
+                .map(|(owner, n)| (OwnerLabel { owner }, n)),
+        ),
     );
     reg.register(
         "warnings",
         "Clobber and conflict warnings, by kind and owners involved",
-        counters(s.warnings().map(|(kind, owners, n)| {
+        counters(s.warnings().into_iter().map(|(kind, owners, n)| {
             let kind = kind.to_string();
             (WarningLabels { kind, owners }, n)
         })),
@@ -303,25 +304,56 @@ mod tests {
 
     use super::*;
     use crate::{
-        attribution::{Totals, WarningKind},
+        attribution::{Attribution, FieldValue, Finding, OwnerChange, Totals, Warning},
         event::{DropReason, EventKind},
+        mark::Mark,
+        registry::{file::parse_owner_flag, Registry},
     };
 
     #[test]
     fn renders_counters_with_escaped_labels() {
+        // An owner whose name needs escaping in a label.
+        let mut reg = Registry::builtin().unwrap();
+        let mut odd = parse_owner_flag("odd=0x1").unwrap();
+        odd.name = "tai\"scale".into();
+        reg.merge(vec![odd]);
+        let (kube, calico, odd) = (
+            reg.find("kube-proxy@legacy-kubelet<1.28").unwrap(),
+            reg.find("calico").unwrap(),
+            reg.find("tai\"scale").unwrap(),
+        );
+        let bits = FieldValue::Bits(Mark(0));
+        let changed = Attribution {
+            owners: vec![OwnerChange {
+                owner: kube,
+                bits: Mark(0x8000),
+                field: None,
+                old_value: bits,
+                new_value: bits,
+                meaning: None,
+            }],
+            ..Default::default()
+        };
+        let clobbered = Attribution {
+            warnings: vec![Warning {
+                finding: Finding::Clobber {
+                    writer: calico,
+                    cleared: true,
+                    bits: Mark(1),
+                    victim: odd,
+                    meanings: vec![],
+                },
+                owners: vec![reg.name_of(calico), reg.name_of(odd)],
+            }],
+            ..Default::default()
+        };
+        let mut attribution = Totals::new(reg.into());
+        attribution.add(&changed, 3);
+        attribution.add(&clobbered, 1);
         let s = Summary {
             events: BTreeMap::from([(EventKind::Transition, 3)]),
             drops: BTreeMap::from([(DropReason::NetfilterDrop, 2)]),
-            attribution: Totals {
-                owners: BTreeMap::from([("kube-proxy@legacy-kubelet<1.28".into(), 3)]),
-                warnings: BTreeMap::from([(
-                    (
-                        WarningKind::Clobber,
-                        vec!["calico".to_string(), "tai\"scale".to_string()],
-                    ),
-                    1,
-                )]),
-            },
+            attribution,
             lost: 5,
             by_pod: Some(BTreeMap::from([("shop/web".into(), 4)])),
             ..Default::default()

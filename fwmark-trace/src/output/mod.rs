@@ -15,6 +15,7 @@ pub(crate) mod text;
 use std::{
     io::{self, BufWriter, Write},
     path::Path,
+    sync::Arc,
     time::Instant,
 };
 
@@ -22,7 +23,10 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use self::file::{FileOptions, LogFile};
-use crate::event::{Timestamp, TraceEvent};
+use crate::{
+    event::{Timestamp, TraceEvent},
+    registry::Registry,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Format {
@@ -95,6 +99,8 @@ pub(crate) struct Output {
     /// never splits a record).
     line: Vec<u8>,
     json: json::EventWriter,
+    /// Names the events' owners (the attributor's registry: see `set_registry`).
+    registry: Arc<Registry>,
     /// The write that failed, when the output is used as a `Sink` (see `Sink::failed`).
     error: Option<anyhow::Error>,
 }
@@ -118,6 +124,8 @@ pub(crate) trait Sink {
     fn stats(&mut self, rec: &StatsRecord) -> Result<()>;
     fn summary(&mut self, summary: &summary::Summary) -> Result<()>;
     fn flush(&mut self) -> Result<()>;
+    /// The registry whose owner ids the events carry (the attributor's), to name them by.
+    fn set_registry(&mut self, _registry: &Arc<Registry>) {}
     /// Closes the output file and opens it again by name (SIGHUP; see `file`).
     fn reopen(&mut self) -> Result<()> {
         Ok(())
@@ -177,6 +185,7 @@ impl Output {
             live,
             line: Vec::with_capacity(1024),
             json: json::EventWriter::default(),
+            registry: Arc::default(),
             error: None,
         }
     }
@@ -208,6 +217,13 @@ impl Output {
         Ok(self)
     }
 
+    /// Names the owners in events by `registry`: the one whose ids they carry (the
+    /// attributor's).
+    pub(crate) fn set_registry(&mut self, registry: &Arc<Registry>) {
+        self.registry = registry.clone();
+        self.json.set_registry(registry);
+    }
+
     /// The error that made this output fail as a `Sink`, if one did.
     pub(crate) fn take_error(&mut self) -> Option<anyhow::Error> {
         match &self.out {
@@ -237,7 +253,10 @@ impl Output {
         self.line.clear();
         match self.format {
             Format::Json => self.json.write(ev, &mut self.line)?,
-            Format::Human => self.line.extend_from_slice(human::line(ev).as_bytes()),
+            Format::Human => {
+                let line = human::line(ev, &self.registry);
+                self.line.extend_from_slice(line.as_bytes());
+            }
         }
         self.put(false)
     }
@@ -320,6 +339,9 @@ impl Sink for Output {
     }
     fn flush(&mut self) -> Result<()> {
         self.sink(Output::flush)
+    }
+    fn set_registry(&mut self, registry: &Arc<Registry>) {
+        Output::set_registry(self, registry);
     }
     fn reopen(&mut self) -> Result<()> {
         self.sink(Output::reopen)
@@ -411,6 +433,7 @@ mod tests {
             ),
             attributor: Attributor::new(Registry::builtin().unwrap()),
         };
+        out.set_registry(p.attributor.registry());
         let mut summary = summary::Summary::default();
         for i in 0..64 {
             let ev = p.event(&fixtures::synthetic(i));

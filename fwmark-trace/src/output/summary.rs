@@ -20,7 +20,8 @@ pub(crate) struct Summary {
     pub(crate) lost: u64,
     /// Drops by the kernel's reason.
     pub(crate) drops: BTreeMap<DropReason, u64>,
-    /// Transitions per owner and warnings per (kind, owners), from the attributor.
+    /// Transitions per owner and warnings per (kind, owners), from the attributor (owners as
+    /// registry ids: named here).
     pub(crate) attribution: Totals,
     /// Transitions per Kubernetes pod (NAMESPACE/NAME), when asked (`--metrics-pods`): one
     /// series per pod is the operator's choice, not a default.
@@ -45,12 +46,28 @@ impl Summary {
         }
     }
 
-    /// Warnings per (kind, owners), owners as "a × b".
-    pub(crate) fn warnings(&self) -> impl Iterator<Item = (WarningKind, String, u64)> + '_ {
+    /// Transitions per owner, by registry id (`kube-proxy@current`), in the order of those.
+    pub(crate) fn owners(&self) -> BTreeMap<String, u64> {
+        let reg = self.attribution.registry();
         self.attribution
-            .warnings
-            .iter()
-            .map(|((kind, owners), n)| (*kind, owners.join(" × "), *n))
+            .by_owner()
+            .map(|(o, n)| (reg.owner(o).id(), n))
+            .collect()
+    }
+
+    /// Warnings per (kind, owners), owners as "a × b", in the order of kind then names.
+    pub(crate) fn warnings(&self) -> Vec<(WarningKind, String, u64)> {
+        let reg = self.attribution.registry();
+        let mut named: Vec<(WarningKind, Vec<&str>, u64)> = self
+            .attribution
+            .by_warning()
+            .map(|(kind, owners, n)| (kind, owners.iter().map(|o| reg.name(*o)).collect(), n))
+            .collect();
+        named.sort();
+        named
+            .into_iter()
+            .map(|(kind, owners, n)| (kind, owners.join(" × "), n))
+            .collect()
     }
 }
 
@@ -76,11 +93,13 @@ impl Serialize for Summary {
         if !self.drops.is_empty() {
             st.serialize_field("drops", &by_name(&self.drops))?;
         }
-        if !self.attribution.owners.is_empty() {
-            st.serialize_field("owners", &self.attribution.owners)?;
+        let owners = self.owners();
+        if !owners.is_empty() {
+            st.serialize_field("owners", &owners)?;
         }
         let clobbers: Vec<Clobber> = self
             .warnings()
+            .into_iter()
             .map(|(kind, owners, count)| Clobber {
                 kind,
                 owners,
@@ -113,9 +132,13 @@ impl fmt::Display for Summary {
             let drops = self.drops.iter().map(|(r, n)| (r.to_string(), *n));
             write!(f, "\n  drops by reason: {}", list(drops.collect()))?;
         }
-        if !self.attribution.owners.is_empty() {
-            let owners = self.attribution.owners.iter().map(|(o, n)| (o.clone(), *n));
-            write!(f, "\n  transitions by owner: {}", list(owners.collect()))?;
+        let owners = self.owners();
+        if !owners.is_empty() {
+            write!(
+                f,
+                "\n  transitions by owner: {}",
+                list(owners.into_iter().collect())
+            )?;
         }
         for (kind, owners, n) in self.warnings() {
             write!(f, "\n  {kind} {owners}: {n}")?;

@@ -5,6 +5,7 @@ use std::{borrow::Cow, fmt, fmt::Write as _};
 use crate::{
     attribution::Finding,
     place::{Between, Encapsulator, Layer, PointInfo, Segment, Tunnel, TunnelDir},
+    registry::Registry,
 };
 
 /// `(a, b)` after a value, for the named values it holds; nothing when none.
@@ -204,10 +205,13 @@ impl fmt::Display for Tunnel {
     }
 }
 
-/// A warning's message.
-impl fmt::Display for Finding {
+/// A warning's message, its owners named by the registry.
+pub(crate) struct FindingText<'a>(pub(crate) &'a Finding, pub(crate) &'a Registry);
+
+impl fmt::Display for FindingText<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
+        let id = |o: &crate::registry::OwnerId| self.1.owner(*o).id();
+        match self.0 {
             Finding::WholeOverwrite {
                 writer,
                 old,
@@ -216,7 +220,9 @@ impl fmt::Display for Finding {
                 lost,
             } => write!(
                 f,
-                "{writer} replaced the whole mark ({old} -> {new}): {victim} lost bits {lost}"
+                "{} replaced the whole mark ({old} -> {new}): {} lost bits {lost}",
+                id(writer),
+                id(victim)
             ),
             Finding::ValueSetsForeignBits {
                 writer,
@@ -226,7 +232,9 @@ impl fmt::Display for Finding {
                 meanings,
             } => write!(
                 f,
-                "{writer}'s value {value} sets {bits}, which {victim} owns{}",
+                "{}'s value {value} sets {bits}, which {} owns{}",
+                id(writer),
+                id(victim),
                 Meanings(meanings)
             ),
             Finding::Clobber {
@@ -237,8 +245,10 @@ impl fmt::Display for Finding {
                 meanings,
             } => write!(
                 f,
-                "{writer} {} {bits}, which {victim} also owns{}",
+                "{} {} {bits}, which {} also owns{}",
+                id(writer),
                 if *cleared { "cleared" } else { "changed" },
+                id(victim),
                 Meanings(meanings)
             ),
             Finding::MultiOwner { parts } => write!(
@@ -246,7 +256,7 @@ impl fmt::Display for Finding {
                 "one change touched bits of several owners: {}",
                 parts
                     .iter()
-                    .map(|(o, bits)| format!("{o} {bits}"))
+                    .map(|(o, bits)| format!("{} {bits}", id(o)))
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
@@ -260,7 +270,8 @@ impl fmt::Display for Finding {
                 mark,
             } => write!(
                 f,
-                "{owner} matches the exact value {value} ({meaning}); the mark is now {mark} with foreign bits {}",
+                "{} matches the exact value {value} ({meaning}); the mark is now {mark} with foreign bits {}",
+                id(owner),
                 *mark & !*value
             ),
         }

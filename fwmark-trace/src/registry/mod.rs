@@ -6,7 +6,10 @@
 //! `file.rs`; the `registry` command is `commands/registry.rs`.
 pub(crate) mod file;
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{bail, Context, Result};
 
@@ -92,16 +95,42 @@ pub(crate) fn lookup(values: &[(u32, String)], v: u32) -> Option<&str> {
         .map(|(_, n)| n.as_str())
 }
 
+/// One registry entry (an owner, one version of it): its index in the registry. Attribution
+/// carries and compares these; the name is looked up only where it is shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct OwnerId(u16);
+
+/// An owner with every version together (`kube-proxy`): what warnings and the node's presence
+/// are about. The index of the owner's first entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct NameId(u16);
+
+#[cfg(test)]
+impl OwnerId {
+    /// An id of no particular entry, for tests that never look it up.
+    pub(crate) const ANY: OwnerId = OwnerId(0);
+}
+
+#[cfg(test)]
+impl NameId {
+    /// A name of no particular owner, for tests that never look it up.
+    pub(crate) const ANY: NameId = NameId(0);
+}
+
+/// The owners, in the order their ids index: they are only added or replaced in place, so an
+/// id handed out stays the same entry.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Registry {
-    pub(crate) owners: Vec<Owner>,
+    owners: Vec<Owner>,
+    /// Per entry, its name's id (kept with `owners`).
+    names: Vec<NameId>,
     /// Whether a profile narrowed the owners to the software this node runs.
-    pub(crate) profiled: bool,
+    profiled: bool,
 }
 
 /// Where the registry comes from: files, quick owners and the profile (from the flags).
 #[derive(Clone, Debug, Default)]
-pub(crate) struct Sources {
+pub(crate) struct RegistrySources {
     /// Registry files, read after the built-in one and the system directory.
     pub(crate) files: Vec<PathBuf>,
     /// `NAME=MASK` quick bitwise owners.
@@ -112,13 +141,34 @@ pub(crate) struct Sources {
     pub(crate) no_system: bool,
 }
 
+/// Ids are `u16`: registry files defining this many entries are refused.
+const MAX_OWNERS: usize = u16::MAX as usize + 1;
+
 impl Registry {
+    fn new(owners: Vec<Owner>, profiled: bool) -> Self {
+        let mut reg = Self {
+            owners,
+            names: Vec::new(),
+            profiled,
+        };
+        reg.index_names();
+        reg
+    }
+
+    /// Recomputes each entry's name id (after entries were added or replaced).
+    fn index_names(&mut self) {
+        let names = {
+            let mut first: HashMap<&str, NameId> = HashMap::new();
+            self.entries()
+                .map(|(id, o)| *first.entry(&o.name).or_insert(NameId(id.0)))
+                .collect()
+        };
+        self.names = names;
+    }
+
     pub(crate) fn builtin() -> Result<Self> {
         let (owners, _) = file::parse(BUILTIN, "built-in")?;
-        Ok(Self {
-            owners,
-            profiled: false,
-        })
+        Ok(Self::new(owners, false))
     }
 
     /// Adds owners; an entry with the id of an existing one replaces it.
@@ -129,11 +179,51 @@ impl Registry {
                 None => self.owners.push(o),
             }
         }
+        // Every id must fit a `u16`: `load` refuses files that reach the limit.
+        self.owners.truncate(MAX_OWNERS);
+        self.index_names();
+    }
+
+    /// Every entry, in id order.
+    pub(crate) fn owners(&self) -> &[Owner] {
+        &self.owners
+    }
+
+    /// Every entry with its id.
+    pub(crate) fn entries(&self) -> impl Iterator<Item = (OwnerId, &Owner)> {
+        // `merge` keeps at most MAX_OWNERS entries: every index fits.
+        (0..=u16::MAX).map(OwnerId).zip(&self.owners)
+    }
+
+    /// The entry `id` stands for (an id from this registry).
+    pub(crate) fn owner(&self, id: OwnerId) -> &Owner {
+        &self.owners[usize::from(id.0)]
+    }
+
+    /// The name (every version together) of entry `id`.
+    pub(crate) fn name_of(&self, id: OwnerId) -> NameId {
+        self.names[usize::from(id.0)]
+    }
+
+    /// How a name id reads (`kube-proxy`).
+    pub(crate) fn name(&self, name: NameId) -> &str {
+        &self.owners[usize::from(name.0)].name
+    }
+
+    /// The entry whose id (`name` or `name@version`) is exactly `id`.
+    #[cfg(test)]
+    pub(crate) fn find(&self, id: &str) -> Option<OwnerId> {
+        self.entries().find(|(_, o)| o.id() == id).map(|(i, _)| i)
+    }
+
+    /// Whether a profile narrowed the owners to the software this node runs.
+    pub(crate) fn profiled(&self) -> bool {
+        self.profiled
     }
 
     /// Built-in, then the system directory, then `--registry` files, then `--owner`; then the
     /// profile (`--owners`, else the last `profile` a file set).
-    pub(crate) fn load(args: &Sources) -> Result<Self> {
+    pub(crate) fn load(args: &RegistrySources) -> Result<Self> {
         let mut reg = Self::builtin()?;
         let mut files: Vec<PathBuf> = Vec::new();
         if !args.no_system && Path::new(SYSTEM_DIR).is_dir() {
@@ -156,6 +246,9 @@ impl Registry {
         }
         for spec in &args.quick {
             reg.merge(vec![file::parse_owner_flag(spec)?]);
+        }
+        if reg.owners.len() >= MAX_OWNERS {
+            bail!("the registry files define {MAX_OWNERS} owners or more: too many to tell apart");
         }
         let profile = if args.profile.is_empty() {
             profile
@@ -182,10 +275,7 @@ impl Registry {
                 }
             }
         }
-        Ok(Self {
-            owners,
-            profiled: true,
-        })
+        Ok(Self::new(owners, true))
     }
 
     fn suggest(&self, name: &str) -> String {

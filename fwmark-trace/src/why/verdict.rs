@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use crate::{
-    attribution::{attribute, Change},
+    attribution::{attribute, Transition},
     event::{DropReason, EventKind, RouteResult, Tuple},
     flows::{Dir, Flow, Step},
     mark::{Mark, MarkMatch},
@@ -556,13 +556,17 @@ fn dropping_rules(place: &DropPlace, reply_mark: Mark, cx: &Context) -> Vec<Drop
 fn bit_owners(bits: Mark, registry: &Registry) -> Vec<String> {
     let a = attribute(
         registry,
-        &Change {
+        &Transition {
             old: 0,
             new: bits.0,
             ..Default::default()
         },
     );
-    let mut owners: Vec<String> = a.owners.into_iter().map(|o| o.owner).collect();
+    let mut owners: Vec<String> = a
+        .owners
+        .iter()
+        .map(|o| registry.owner(o.owner).id())
+        .collect();
     owners.dedup();
     owners
 }

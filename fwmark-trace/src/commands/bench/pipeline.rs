@@ -41,6 +41,7 @@ pub(crate) fn run(args: &BenchPipelineArgs) -> Result<PipelineResult> {
         attributor: Attributor::new(Registry::builtin()?),
     };
     let mut out = Output::to_writer(Format::Json, Box::new(io::BufWriter::new(io::sink())));
+    out.set_registry(pipeline.attributor.registry());
     let raw: Vec<Event> = (0..4096).map(fixtures::synthetic).collect();
     let mut summary = Summary::default();
     let start = Instant::now();
