@@ -352,18 +352,21 @@ impl Observers {
     }
 
     /// Re-reads the nft chains; when they changed, updates the chain names segments show and
-    /// links band observers for new chain priorities. Returns what changed, for the log.
-    pub(crate) fn refresh_chains(&mut self) -> Vec<String> {
+    /// links band observers for new chain priorities. Returns what changed, for the log, and
+    /// the ruleset listed then (the node inventory reads its rules from it, not from a second
+    /// listing).
+    pub(crate) fn refresh_chains(&mut self) -> (Vec<String>, Option<Vec<serde_json::Value>>) {
         if self.nft_watch.as_mut().is_some_and(|w| !w.changed()) {
-            return Vec::new();
+            return (Vec::new(), None);
         }
-        let Ok(mut chains) = nft::read_chains() else {
-            return Vec::new();
+        let Ok(ruleset) = nft::read_items() else {
+            return (Vec::new(), None);
         };
+        let mut chains = nft::parse_chains(&ruleset);
         chains.extend(nft::kernel_users());
         chains.extend(nft::legacy_tables());
         if chains == self.chains {
-            return Vec::new();
+            return (Vec::new(), None);
         }
         let mut changes = vec![format!("nft chains changed ({} base chains)", chains.len())];
         if let Some(nf) = &self.nf {
@@ -387,7 +390,7 @@ impl Observers {
             changes.push(format!("conntrack mark watch not updated: {err:#}"));
         }
         self.chains = chains;
-        changes
+        (changes, Some(ruleset))
     }
 
     /// The plan as it stands (see `PlanRecord`).
