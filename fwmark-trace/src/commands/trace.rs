@@ -339,7 +339,7 @@ impl NodeReader {
     }
 
     /// A read is back: the node attribution uses from now on (none when it failed: the last
-    /// one stays). What changed meanwhile is read next.
+    /// one stays).
     fn arrived(&mut self, read: Result<Inventory>) -> Option<Node> {
         self.reading = None;
         let node = match read {
@@ -353,7 +353,6 @@ impl NodeReader {
                 None
             }
         };
-        self.read(Sources::NONE, None);
         node
     }
 
@@ -1005,10 +1004,13 @@ impl<'a> Run<'a> {
     }
 
     /// The node's inventory read again: attribution uses it from now on, the records held for
-    /// it first. True when `--count` is reached.
+    /// it first; what changed meanwhile is read next. True when `--count` is reached.
     fn node_read(&mut self, read: Result<Inventory>) -> Result<bool> {
-        if let Some(node) = self.node.as_mut().and_then(|n| n.arrived(read)) {
-            self.pipeline.attributor.set_node(node);
+        if let Some(reader) = self.node.as_mut() {
+            if let Some(node) = reader.arrived(read) {
+                self.pipeline.attributor.set_node(node);
+            }
+            reader.read(Sources::NONE, None);
         }
         self.release()
     }
@@ -1028,19 +1030,19 @@ impl<'a> Run<'a> {
     }
 
     /// At the stop, the node read under way is waited for until `by` (then what was held
-    /// for it is attributed with the node as it was).
+    /// for it is attributed with the node as it was); none is started after it.
     async fn release_at_stop(&mut self, by: Instant) -> Result<()> {
-        if self.holding() {
+        if let Some(reader) = self.node.as_mut().filter(|n| n.reading()) {
             let wait = by.saturating_duration_since(Instant::now());
-            match time::timeout(wait, next_read(self.node.as_mut())).await {
+            match time::timeout(wait, next_read(Some(&mut *reader))).await {
                 Ok(read) => {
-                    self.node_read(read)?;
+                    if let Some(node) = reader.arrived(read) {
+                        self.pipeline.attributor.set_node(node);
+                    }
                 }
                 Err(_) => {
                     warn!("the node's inventory was not read again in time: the last records are attributed with the one before");
-                    if let Some(n) = self.node.as_mut() {
-                        n.abandon();
-                    }
+                    reader.abandon();
                 }
             }
         }
