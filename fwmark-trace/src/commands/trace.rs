@@ -15,14 +15,14 @@ use fwmark_trace_common::Event;
 use log::{debug, info, log_enabled, warn, Level};
 
 use crate::nodestate::links::TunnelKind;
-use tokio::{io::unix::AsyncFd, signal::unix, sync::oneshot, time};
+use tokio::{io::unix::AsyncFd, signal::unix, time};
 
 use crate::{
     attribution::{Attributor, Node},
     decode::Decoder,
     event::{Interval, Timestamp},
     flows::Selection,
-    inventory::{Inventory, Namespaces, Source, Sources},
+    inventory::{Inventory, Refresher, Source, Sources},
     kernel::{
         counts::{Counted, KernelCounts},
         features::{Feature, NfBackend, TcBackend},
@@ -219,12 +219,12 @@ pub(crate) fn run_into(
     // this namespace's rules, programs, sockets and devices) and finds writers by what they
     // write.
     let node = (owners == Owners::Named && !registry.profiled)
-        .then(|| NodeReader::start(&registry, own_netns))
+        .then(|| read_node(&registry))
         .flatten();
     let mut attributor = Attributor::new(registry);
-    let node = node.map(|(reader, n)| {
-        attributor.set_node(n);
-        reader
+    let node = node.map(|(refresher, inv)| {
+        attributor.set_node(Node::new(inv, own_netns));
+        refresher
     });
     if let Some(present) = attributor.present() {
         let present: Vec<&str> = present.iter().map(String::as_str).collect();
@@ -260,114 +260,24 @@ pub(crate) enum Owners {
     Unread,
 }
 
-/// The traced namespace's inventory as attribution uses it, read again when rules or tc
-/// programs change — only the sources that changed, and on a thread of its own: reading the
-/// ruleset, the saves and the programs takes long enough on a large node to overflow the
-/// ring if it were read where the ring is drained. (Conntrack entries are left out: they hold
-/// marks, they do not write them.)
-struct NodeReader {
-    registry: Registry,
-    own_netns: u32,
-    /// The inventory last read, while no read has it (none after a failed read: the next
-    /// one reads it whole).
-    last: Option<Inventory>,
-    /// The read under way.
-    reading: Option<oneshot::Receiver<Result<Inventory>>>,
-    /// What changed since that read began, read when it is back, with the ruleset listed
-    /// last.
-    changed: Sources,
-    ruleset: Option<Vec<serde_json::Value>>,
-}
-
-impl NodeReader {
-    const SOURCES: Sources = Sources::ALL.without(Source::Conntrack);
-
-    /// Reads the node at start-up (on this thread: the run waits for it). None when it
-    /// cannot be read: it is said, and attribution goes on by names.
-    fn start(registry: &Registry, own_netns: u32) -> Option<(NodeReader, Node)> {
-        match Inventory::read(registry, &Namespaces::Current, Self::SOURCES) {
-            Ok(inv) => Some((
-                NodeReader {
-                    registry: registry.clone(),
-                    own_netns,
-                    last: Some(inv.clone()),
-                    reading: None,
-                    changed: Sources::NONE,
-                    ruleset: None,
-                },
-                Node::new(inv, own_netns),
-            )),
-            Err(err) => {
-                warn!("node inventory unavailable ({err:#}): attribution considers every registered owner");
-                None
-            }
+/// The traced namespace's inventory, read now for attribution to name the owners present
+/// (conntrack entries left out: they hold marks, they do not write them), and what reads it
+/// again as rules and programs change. None when it cannot be read: it is said, and
+/// attribution goes on by names.
+fn read_node(registry: &Registry) -> Option<(Refresher, Inventory)> {
+    match Refresher::start(registry, Sources::ALL.without(Source::Conntrack)) {
+        Ok(read) => Some(read),
+        Err(err) => {
+            warn!("node inventory unavailable ({err:#}): attribution considers every registered owner");
+            None
         }
-    }
-
-    /// Reads `changed` again (now, or when the read under way is back). `ruleset`: the one
-    /// just listed, when the nft chains changed.
-    fn read(&mut self, changed: Sources, ruleset: Option<Vec<serde_json::Value>>) {
-        self.changed = self.changed.and(changed);
-        if ruleset.is_some() {
-            self.ruleset = ruleset;
-        }
-        if self.reading.is_some() || self.changed.is_empty() {
-            return;
-        }
-        let (sources, ruleset) = (
-            std::mem::replace(&mut self.changed, Sources::NONE),
-            self.ruleset.take(),
-        );
-        let (last, registry) = (self.last.take(), self.registry.clone());
-        let (tx, rx) = oneshot::channel();
-        // Started from the thread that entered the traced namespace: it is the new thread's.
-        std::thread::spawn(move || {
-            let read = match last {
-                Some(mut inv) => inv
-                    .refresh(&registry, sources, ruleset.as_deref())
-                    .map(|()| inv),
-                None => Inventory::read(&registry, &Namespaces::Current, Self::SOURCES),
-            };
-            // The run may have ended without waiting.
-            let _ = tx.send(read);
-        });
-        self.reading = Some(rx);
-    }
-
-    fn reading(&self) -> bool {
-        self.reading.is_some()
-    }
-
-    /// A read is back: the node attribution uses from now on (none when it failed: the last
-    /// one stays).
-    fn arrived(&mut self, read: Result<Inventory>) -> Option<Node> {
-        self.reading = None;
-        let node = match read {
-            Ok(inv) => {
-                let node = Node::new(inv.clone(), self.own_netns);
-                self.last = Some(inv);
-                Some(node)
-            }
-            Err(err) => {
-                warn!("re-reading the node inventory failed ({err:#}): attribution goes on with the last one");
-                None
-            }
-        };
-        node
-    }
-
-    /// Gives up the read under way (the run stops); the next would read the node whole.
-    fn abandon(&mut self) {
-        self.reading = None;
     }
 }
 
-/// The next node inventory read, once back (a reader that died is a failed read).
-async fn next_read(node: Option<&mut NodeReader>) -> Result<Inventory> {
-    match node.and_then(|n| n.reading.as_mut()) {
-        Some(rx) => rx
-            .await
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("the reader stopped"))),
+/// The next node inventory read, once back (never without a node).
+async fn next_read(node: Option<&mut Refresher>) -> Result<Inventory> {
+    match node {
+        Some(n) => n.next().await,
         None => std::future::pending().await,
     }
 }
@@ -466,7 +376,7 @@ struct Run<'a> {
     interval_start: SystemTime,
     /// The node's inventory attribution names the owners with (none with a profile, for
     /// `why`, or when it could not be read at start-up).
-    node: Option<NodeReader>,
+    node: Option<Refresher>,
     /// Records drained while the node is read again: attributed once it is back, as they
     /// would have been had it been read before they were drained.
     held: Vec<Held>,
@@ -499,7 +409,7 @@ async fn stream(
     out: &mut dyn Sink,
     cfg: &TraceConfig,
     own_netns: u32,
-    (attributor, node): (Attributor, Option<NodeReader>),
+    (attributor, node): (Attributor, Option<Refresher>),
     endpoint: Option<std::net::TcpListener>,
     on_ready: impl FnOnce(),
 ) -> Result<Summary> {
@@ -718,7 +628,7 @@ impl<'a> Run<'a> {
         cfg: &'a TraceConfig,
         own_netns: u32,
         attributor: Attributor,
-        node: Option<NodeReader>,
+        node: Option<Refresher>,
     ) -> Result<Self> {
         let mut ovs = OvsView::default();
         let decoder = Decoder::new(topology(obs, own_netns, &mut ovs), obs.drop_reasons.clone());
@@ -767,7 +677,7 @@ impl<'a> Run<'a> {
 
     /// Whether the node is being read again (records wait for it).
     fn holding(&self) -> bool {
-        self.node.as_ref().is_some_and(NodeReader::reading)
+        self.node.as_ref().is_some_and(Refresher::reading)
     }
 
     /// Whether the ring is drained now: not while as many records are held as it holds.
@@ -947,7 +857,7 @@ impl<'a> Run<'a> {
     }
 
     /// New rules or tc programs: who writes what, read again (only what changed, off the
-    /// draining thread: see `NodeReader`).
+    /// draining thread: see `Refresher`).
     fn refresh_node(&mut self, programs_changed: bool, ruleset: Option<Vec<serde_json::Value>>) {
         let Some(node) = self.node.as_mut() else {
             return;
@@ -1006,13 +916,27 @@ impl<'a> Run<'a> {
     /// The node's inventory read again: attribution uses it from now on, the records held for
     /// it first; what changed meanwhile is read next. True when `--count` is reached.
     fn node_read(&mut self, read: Result<Inventory>) -> Result<bool> {
-        if let Some(reader) = self.node.as_mut() {
-            if let Some(node) = reader.arrived(read) {
-                self.pipeline.attributor.set_node(node);
-            }
-            reader.read(Sources::NONE, None);
+        self.node_arrived(read);
+        if let Some(node) = self.node.as_mut() {
+            node.read(Sources::NONE, None);
         }
         self.release()
+    }
+
+    /// A node read is back: attribution uses it from now on (the last one, when it failed).
+    fn node_arrived(&mut self, read: Result<Inventory>) {
+        let Some(node) = self.node.as_mut() else {
+            return;
+        };
+        match node.arrived(read) {
+            Ok(inv) => self
+                .pipeline
+                .attributor
+                .set_node(Node::new(inv, self.own_netns)),
+            Err(err) => warn!(
+                "re-reading the node inventory failed ({err:#}): attribution goes on with the last one"
+            ),
+        }
     }
 
     /// Writes the records held for the node's inventory; true when `--count` is reached.
@@ -1032,17 +956,13 @@ impl<'a> Run<'a> {
     /// At the stop, the node read under way is waited for until `by` (then what was held
     /// for it is attributed with the node as it was); none is started after it.
     async fn release_at_stop(&mut self, by: Instant) -> Result<()> {
-        if let Some(reader) = self.node.as_mut().filter(|n| n.reading()) {
+        if let Some(node) = self.node.as_mut().filter(|n| n.reading()) {
             let wait = by.saturating_duration_since(Instant::now());
-            match time::timeout(wait, next_read(Some(&mut *reader))).await {
-                Ok(read) => {
-                    if let Some(node) = reader.arrived(read) {
-                        self.pipeline.attributor.set_node(node);
-                    }
-                }
+            match time::timeout(wait, node.next()).await {
+                Ok(read) => self.node_arrived(read),
                 Err(_) => {
                     warn!("the node's inventory was not read again in time: the last records are attributed with the one before");
-                    reader.abandon();
+                    node.abandon();
                 }
             }
         }

@@ -3,7 +3,7 @@
 //! owners. A library first, a command second (`commands::inventory`). Its front door is
 //! `Inventory`: `read` for the namespaces' sources, `refresh` to read again only the sources
 //! that changed, then the queries: `owner_names`, `writer_of` — what trace's attribution
-//! asks —, `conflicts`, `by_bit`.
+//! asks —, `conflicts`, `by_bit`. `Refresher` keeps one fresh in the background.
 //!
 //! One module per source, each returning `Found` places: `nft` (nft rules, iptables-nft's
 //! included), `iptables` (iptables-legacy tables), `iprule`, `xfrm` (policies and states),
@@ -21,6 +21,7 @@ pub(crate) mod nft;
 mod nl;
 pub(crate) mod ovs;
 mod owners;
+mod refresher;
 pub(crate) mod render;
 mod sockets;
 pub(crate) mod wireguard;
@@ -34,6 +35,7 @@ use serde_json::Value;
 
 pub(crate) use conflicts::Conflict;
 pub(crate) use model::{Entry, Found, MarkKind, Netns, Op, OwnerRef, Place, Scope};
+pub(crate) use refresher::Refresher;
 
 use crate::{nodestate::nft::ChainId, registry::Registry};
 
