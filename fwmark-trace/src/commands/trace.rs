@@ -22,9 +22,9 @@ use crate::{
     decode::Decoder,
     event::{Interval, Timestamp},
     flows::Selection,
-    inventory::{self, Inventory},
+    inventory::{Inventory, Refresher, Source, Sources},
     kernel::{
-        counts::KernelCounts,
+        counts::{Counted, KernelCounts},
         features::{Feature, NfBackend, TcBackend},
         observers::{agg_entries, Lost, Observers, Options, AGG_BUDGET},
     },
@@ -152,7 +152,7 @@ pub(crate) fn run(cfg: &TraceConfig, on_ready: impl FnOnce()) -> Result<Summary>
     require_capabilities(cfg)?;
     // Written on a thread of its own: a reader that stops reading must not stop the daemon.
     let mut out = Output::open(cfg.format, cfg.output.as_deref(), cfg.output_file)?.queued()?;
-    let summary = run_into(cfg, &mut out, on_ready)?;
+    let summary = run_into(cfg, &mut out, Owners::Named, on_ready)?;
     // A failed write stopped the run: its summary is on stderr, its error comes now.
     match out.take_error() {
         Some(err) => Err(err),
@@ -160,10 +160,12 @@ pub(crate) fn run(cfg: &TraceConfig, on_ready: impl FnOnce()) -> Result<Summary>
     }
 }
 
-/// Like `run`, sending everything to `sink` (`why` collects flows this way).
+/// Like `run`, sending everything to `sink` (`why` collects flows this way, its `owners`
+/// unread).
 pub(crate) fn run_into(
     cfg: &TraceConfig,
     sink: &mut dyn Sink,
+    owners: Owners,
     on_ready: impl FnOnce(),
 ) -> Result<Summary> {
     // Bad registry files or owner names fail before anything is attached.
@@ -220,11 +222,17 @@ pub(crate) fn run_into(
     // Without a profile, attribution names the owners with something here (the inventory of
     // this namespace's rules, programs, sockets and devices) and finds writers by what they
     // write.
-    let node = (!registry.profiled())
-        .then(|| node(&registry, own_netns))
+    let node = (owners == Owners::Named && !registry.profiled())
+        .then(|| read_node(&registry))
         .flatten();
-    if let Some(n) = &node {
-        let mut present: Vec<&str> = n.present().iter().map(|o| registry.name(*o)).collect();
+    let mut attributor = Attributor::new(registry);
+    let node = node.map(|(refresher, inv)| {
+        attributor.set_node(NamespaceInventory::new(inv, own_netns));
+        refresher
+    });
+    if let Some(present) = attributor.present() {
+        let registry = attributor.registry();
+        let mut present: Vec<&str> = present.iter().map(|o| registry.name(*o)).collect();
         present.sort_unstable();
         info!(
             "owners with mark rules, programs or sockets here: {}; attribution names only these (--owners chooses)",
@@ -237,17 +245,13 @@ pub(crate) fn run_into(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let mut attributor = Attributor::new(registry.clone());
-    if let Some(n) = node {
-        attributor.set_node(n);
-    }
     sink.set_registry(attributor.registry());
     let summary = rt.block_on(stream(
         &mut obs,
         sink,
         cfg,
         own_netns,
-        (registry, attributor),
+        (attributor, node),
         endpoint,
         on_ready,
     ))?;
@@ -255,19 +259,33 @@ pub(crate) fn run_into(
     Ok(summary)
 }
 
-/// The traced namespace's inventory, as attribution uses it (conntrack entries left out: they
-/// hold marks, they do not write them). A failure is said and attribution goes on by names.
-fn node(registry: &Registry, netns: u32) -> Option<NamespaceInventory> {
-    let sources = inventory::Sources {
-        conntrack: false,
-        ..Default::default()
-    };
-    match Inventory::read(registry, &inventory::Namespaces::Current, sources) {
-        Ok(inv) => Some(NamespaceInventory::new(inv, netns)),
+/// What the run's reader takes of attribution: `trace` writes it, and names with the node's
+/// inventory only the owners present; `why` reads none of it, so it reads no inventory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Owners {
+    Named,
+    Unread,
+}
+
+/// The traced namespace's inventory, read now for attribution to name the owners present
+/// (conntrack entries left out: they hold marks, they do not write them), and what reads it
+/// again as rules and programs change. None when it cannot be read: it is said, and
+/// attribution goes on by names.
+fn read_node(registry: &Registry) -> Option<(Refresher, Inventory)> {
+    match Refresher::start(registry, Sources::ALL.without(Source::Conntrack)) {
+        Ok(read) => Some(read),
         Err(err) => {
             warn!("node inventory unavailable ({err:#}): attribution considers every registered owner");
             None
         }
+    }
+}
+
+/// The next node inventory read, once back (never without a node).
+async fn next_read(node: Option<&mut Refresher>) -> Result<Inventory> {
+    match node {
+        Some(n) => n.next().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -347,16 +365,48 @@ fn topology(obs: &Observers, own_netns: u32, ovs: &mut OvsView) -> Topology {
     t
 }
 
-/// The pieces of one run's loop that the arms share.
+/// The pieces of one run's loop that the arms share, and its steps.
 struct Run<'a> {
     obs: &'a mut Observers,
-    registry: Registry,
     out: &'a mut dyn Sink,
     cfg: &'a TraceConfig,
+    own_netns: u32,
     pipeline: Pipeline,
     summary: Summary,
     recorder: Option<Recorder>,
     limit: u64,
+    /// What the kernel counts (the default), reported once per interval.
+    counts: Option<KernelCounts>,
+    /// When the interval being counted began.
+    interval_start: SystemTime,
+    /// The node's inventory attribution names the owners with (none with a profile, for
+    /// `why`, or when it could not be read at start-up).
+    node: Option<Refresher>,
+    /// Records drained while the node is read again: attributed once it is back, as they
+    /// would have been had it been read before they were drained.
+    held: Vec<Held>,
+    ovs: OvsView,
+    gauges: GaugeCache,
+    /// Lost events already reported.
+    lost_seen: u64,
+    /// The last interface refresh failed (said once, tried again every tick).
+    refresh_failed: bool,
+    ticks: u64,
+    last_stats: Instant,
+}
+
+/// A record waiting for the node's inventory.
+enum Held {
+    Record(Event),
+    Counted(Counted, Interval),
+}
+
+/// Whether the run goes on after a tick.
+#[derive(Debug, PartialEq, Eq)]
+enum Tick {
+    Go,
+    /// The traced namespace is gone.
+    Stop,
 }
 
 async fn stream(
@@ -364,47 +414,20 @@ async fn stream(
     out: &mut dyn Sink,
     cfg: &TraceConfig,
     own_netns: u32,
-    (registry, attributor): (Registry, Attributor),
+    (attributor, node): (Attributor, Option<Refresher>),
     endpoint: Option<std::net::TcpListener>,
     on_ready: impl FnOnce(),
 ) -> Result<Summary> {
     let metrics_addr = endpoint.as_ref().and_then(|l| l.local_addr().ok());
     let mut scrapes = endpoint.map(metrics::serve).transpose()?;
     let started = Instant::now();
-    let mut ovs = OvsView::default();
-    let decoder = Decoder::new(
-        topology(obs, own_netns, &mut ovs),
-        obs.drop_reasons().clone(),
-    );
     // SAFETY: the AsyncFd owns the ring buffer, so its fd stays open while registered.
     let mut ring =
         unsafe { AsyncFd::register(obs.take_ring()?) }.context("polling the ring buffer")?;
-    out.plan(&PlanRecord::of(obs))?;
-    let mut counts = cfg.counted().then(|| obs.take_counts()).transpose()?;
-    let mut recorder = cfg.record.as_deref().map(Recorder::create).transpose()?;
-    if let Some(r) = recorder.as_mut() {
-        r.context(&decoder)?;
-    }
-    let mut run = Run {
-        registry: registry.clone(),
-        obs,
-        out,
-        cfg,
-        pipeline: Pipeline {
-            decoder,
-            attributor,
-        },
-        summary: Summary {
-            by_pod: cfg.metrics_pods.then(BTreeMap::new),
-            ..Summary::default()
-        },
-        recorder,
-        limit: cfg.count.unwrap_or(u64::MAX),
-    };
+    let mut run = Run::new(obs, out, cfg, own_netns, attributor, node)?;
     let period = cfg.interval.max(Duration::from_millis(100));
     // The first report after one whole interval (tokio's first tick is immediate).
     let mut interval = time::interval_at(time::Instant::now() + period, period);
-    let mut interval_start = SystemTime::now();
     let mut tick = time::interval(Duration::from_secs(1));
     let mut drain_tick = time::interval(Duration::from_millis(50));
     let mut sigterm = unix::signal(unix::SignalKind::terminate())?;
@@ -426,12 +449,7 @@ async fn stream(
     on_ready();
     let deadline = time::sleep(cfg.duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
     tokio::pin!(deadline);
-    let mut lost_seen = 0u64;
     let mut signalled_at = None;
-    let mut refresh_failed = false;
-    let mut gauges = GaugeCache::default();
-    let mut last_stats = Instant::now();
-    let mut ticks = 0u64;
 
     'run: loop {
         // A write failed (full disk, closed pipe): stop as if signalled, with the summary.
@@ -439,7 +457,7 @@ async fn stream(
             break;
         }
         tokio::select! {
-            guard = ring.readable_mut() => {
+            guard = ring.readable_mut(), if run.draining() => {
                 let mut guard = guard?;
                 match run.drain(guard.get_inner_mut())? {
                     Drained::Empty => guard.clear_ready(),
@@ -451,103 +469,28 @@ async fn stream(
                     Drained::Limit => break 'run,
                 }
             }
-            _ = interval.tick(), if counts.is_some() => {
-                let now = SystemTime::now();
-                if let Some(c) = counts.as_mut() {
-                    run.obs.next_epoch()?;
-                    if run.report_counts(c, (interval_start, now))? {
-                        break 'run;
-                    }
+            _ = interval.tick(), if run.counts.is_some() => {
+                if run.report_interval()? {
+                    break;
                 }
-                interval_start = now;
             }
             // The kernel wakes us only for large batches; drain the rest often.
             _ = drain_tick.tick() => {
                 if run.drain(ring.get_mut())? == Drained::Limit {
-                    break 'run;
+                    break;
                 }
             }
             _ = tick.tick() => {
-                run.obs.flush_log();
-                run.out.tick()?;
-                let reasons = lost_now(run.obs, counts.as_ref(), run.out.dropped());
-                let lost = reasons.total();
-                if lost > lost_seen {
-                    run.out.lost(&LostRecord { time: Timestamp::now(), kind: "lost", lost: lost - lost_seen, total_lost: lost, reasons: Some(reasons) })?;
-                    if let Some(r) = run.recorder.as_mut() {
-                        // The recording's own counts: it is written here, not by the output.
-                        r.lost(Lost { output: 0, ..reasons })?;
-                    }
-                    lost_seen = lost;
-                }
-                let mut node_changed = false;
-                // A failed refresh (out of descriptors, a netlink hiccup) is said once and tried
-                // again next tick: the observers already attached go on.
-                match run.obs.refresh_interfaces() {
-                    Ok(changes) => {
-                        refresh_failed = false;
-                        for change in changes {
-                            info!("{change}");
-                            node_changed = true;
-                        }
-                    }
-                    Err(e) if !refresh_failed => {
-                        refresh_failed = true;
-                        warn!("re-reading the interfaces failed ({e:#}); trying again every second");
-                    }
-                    Err(_) => {}
-                }
-                ticks += 1;
-                if ticks.is_multiple_of(3) {
-                    let changes = run.obs.refresh_chains();
-                    for change in &changes {
-                        info!("{change}");
-                    }
-                    if !changes.is_empty() {
-                        run.out.plan(&PlanRecord::of(run.obs))?;
-                        node_changed = true;
-                    }
-                }
-                // New rules or tc programs: who writes what, read again.
-                if node_changed && run.pipeline.attributor.present().is_some() {
-                    if let Some(n) = node(&run.registry, own_netns) {
-                        run.pipeline.attributor.set_node(n);
-                    }
-                }
-                if run
-                    .pipeline
-                    .set_topology(topology(run.obs, own_netns, &mut ovs))
-                {
-                    if let Some(r) = run.recorder.as_mut() {
-                        r.context(&run.pipeline.decoder)?;
-                    }
-                }
-                if let Some(spec) = cfg.netns.as_deref().filter(|s| !netns::path_of(s).exists()) {
-                    // We hold the namespace alive ourselves; what we traced is gone for everyone else.
-                    warn!("network namespace {spec} was deleted; stopping");
+                if run.tick()? == Tick::Stop {
                     break;
                 }
-                if let Some(every) = cfg.stats.filter(|s| !s.is_zero()) {
-                    if last_stats.elapsed() >= every {
-                        last_stats = Instant::now();
-                        let g = gauges.get(run.obs);
-                        run.out.stats(&StatsRecord {
-                            time: Timestamp::now(),
-                            kind: "stats",
-                            rss_kb: g.rss_kb,
-                            events: run.summary.total_events,
-                            lost: lost_now(run.obs, counts.as_ref(), run.out.dropped()).total(),
-                            tracked_packets: g.tracked_packets,
-                            interfaces: g.interfaces,
-                        })?;
-                    }
+            }
+            read = next_read(run.node.as_mut()) => {
+                if run.node_read(read)? {
+                    break;
                 }
             }
-            Some(reply) = metrics::next(scrapes.as_mut()) => {
-                run.summary.lost = lost_now(run.obs, counts.as_ref(), run.out.dropped()).total();
-                run.summary.attribution = run.pipeline.attributor.totals();
-                let _ = reply.send(metrics::render(&run.summary, &gauges.get(run.obs)));
-            }
+            Some(reply) = metrics::next(scrapes.as_mut()) => run.scrape(reply),
             Some(()) = signalled(sighup.as_mut()) => run.out.reopen()?,
             _ = sigint.recv() => {
                 signalled_at = Some(Instant::now());
@@ -560,13 +503,13 @@ async fn stream(
             _ = &mut deadline => break,
         }
     }
-    // Whatever the kernel counted or wrote before we stopped is still reported.
-    if let Some(c) = counts.as_mut() {
-        run.report_counts(c, (interval_start, SystemTime::now()))?;
-    }
     // What the kernel wrote before the stop: as much as the ring held then (under sustained
     // load it never runs empty), and after a signal only as long as the time allows.
     let drain_by = signalled_at.map(|at| at + STOP_WITHIN / 2);
+    run.release_at_stop(drain_by.unwrap_or_else(|| Instant::now() + FINISH_WAIT))
+        .await?;
+    // Whatever the kernel counted or wrote before we stopped is still reported.
+    run.report_counts(SystemTime::now())?;
     let mut left = cfg.ring_size as usize / std::mem::size_of::<Event>() + DRAIN_BUDGET;
     while run.drain(ring.get_mut())? == Drained::Budget {
         left = left.saturating_sub(DRAIN_BUDGET);
@@ -575,36 +518,7 @@ async fn stream(
             break;
         }
     }
-    if let Some(r) = run.recorder.as_mut() {
-        r.finish(lost_now(run.obs, counts.as_ref(), 0))?;
-        info!(
-            "recorded {} records; show them with `fwmark-trace show {}`",
-            r.records,
-            cfg.record
-                .as_deref()
-                .unwrap_or(std::path::Path::new("FILE"))
-                .display()
-        );
-    }
-    let mut summary = run.summary;
-    summary.lost = lost_now(run.obs, counts.as_ref(), run.out.dropped()).total();
-    summary.attribution = run.pipeline.attributor.totals();
-    summary.duration_s = started.elapsed().as_secs_f64();
-    if cfg.format == Format::Json {
-        run.out.summary(&summary)?;
-    }
-    // A signal ends the daemon within a second whatever its reader does; otherwise the
-    // reader gets longer to take the rest.
-    let by = match signalled_at {
-        Some(at) => at + STOP_WITHIN,
-        None => Instant::now() + FINISH_WAIT,
-    };
-    let unwritten = run.out.finish(by)?;
-    if unwritten > 0 {
-        warn!("{unwritten} records were not written: the output's reader did not keep up");
-        summary.lost += unwritten;
-    }
-    Ok(summary)
+    run.finish(started, signalled_at)
 }
 
 /// How long after SIGINT/SIGTERM the output may still take (detaching follows it).
@@ -616,7 +530,8 @@ const FINISH_WAIT: Duration = Duration::from_secs(5);
 #[derive(Debug, PartialEq, Eq)]
 enum Drained {
     Empty,
-    /// It stopped after `DRAIN_BUDGET` records (more are waiting).
+    /// It stopped with more waiting: after `DRAIN_BUDGET` records, or with as many held for
+    /// the node's inventory as the ring holds (the rest waits in the ring until it is back).
     Budget,
     /// `--count` is reached.
     Limit,
@@ -709,30 +624,68 @@ pub(crate) fn rss_kb() -> u64 {
         .unwrap_or(0)
 }
 
-impl Run<'_> {
-    /// Writes what the kernel counted in the interval `span`, one event per distinct
-    /// transition; true when `--count` is reached.
-    fn report_counts(
-        &mut self,
-        counts: &mut KernelCounts,
-        span: (SystemTime, SystemTime),
-    ) -> Result<bool> {
-        let interval = Interval {
-            start: Timestamp(span.0),
-            end: Timestamp(span.1),
-        };
-        let mut counted = counts.read();
-        // Sockets' own marks first: the owners they show are on the node for what follows.
-        counted.sort_by_key(|c| c.exemplar.prev.layer != fwmark_trace_common::layer::SOCKET);
-        for c in counted {
-            if self.summary.records >= self.limit {
-                return Ok(true);
-            }
-            let ev = self.pipeline.counted(&c.exemplar, c.packets, interval);
-            self.out.event(&ev)?;
-            self.summary.count(&ev);
+impl<'a> Run<'a> {
+    fn new(
+        obs: &'a mut Observers,
+        out: &'a mut dyn Sink,
+        cfg: &'a TraceConfig,
+        own_netns: u32,
+        attributor: Attributor,
+        node: Option<Refresher>,
+    ) -> Result<Self> {
+        let mut ovs = OvsView::default();
+        let decoder = Decoder::new(
+            topology(obs, own_netns, &mut ovs),
+            obs.drop_reasons().clone(),
+        );
+        out.plan(&PlanRecord::of(obs))?;
+        let counts = cfg.counted().then(|| obs.take_counts()).transpose()?;
+        let mut recorder = cfg.record.as_deref().map(Recorder::create).transpose()?;
+        if let Some(r) = recorder.as_mut() {
+            r.context(&decoder)?;
         }
-        Ok(self.summary.records >= self.limit)
+        Ok(Run {
+            obs,
+            out,
+            cfg,
+            own_netns,
+            pipeline: Pipeline {
+                decoder,
+                attributor,
+            },
+            summary: Summary {
+                by_pod: cfg.metrics_pods.then(BTreeMap::new),
+                ..Summary::default()
+            },
+            recorder,
+            limit: cfg.count.unwrap_or(u64::MAX),
+            counts,
+            interval_start: SystemTime::now(),
+            node,
+            held: Vec::new(),
+            ovs,
+            gauges: GaugeCache::default(),
+            lost_seen: 0,
+            refresh_failed: false,
+            ticks: 0,
+            last_stats: Instant::now(),
+        })
+    }
+
+    /// Events lost so far, per reason: the kernel's, what the counting map evicted unread, and
+    /// what the output had no room for.
+    fn lost(&self) -> Lost {
+        lost_now(self.obs, self.counts.as_ref(), self.out.dropped())
+    }
+
+    /// Whether the node is being read again (records wait for it).
+    fn holding(&self) -> bool {
+        self.node.as_ref().is_some_and(Refresher::reading)
+    }
+
+    /// Whether the ring is drained now: not while as many records are held as it holds.
+    fn draining(&self) -> bool {
+        self.held.len() < self.cfg.ring_size as usize / std::mem::size_of::<Event>()
     }
 
     /// Writes the records waiting in the ring (raw to the recorder when recording), at most
@@ -741,6 +694,9 @@ impl Run<'_> {
         for _ in 0..DRAIN_BUDGET {
             if self.summary.records >= self.limit {
                 return Ok(Drained::Limit);
+            }
+            if !self.draining() {
+                return Ok(Drained::Budget);
             }
             let Some(item) = rb.next() else {
                 return Ok(Drained::Empty);
@@ -758,13 +714,304 @@ impl Run<'_> {
             // guarantees 8-byte alignment, so it is read unaligned.
             let raw: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             drop(item);
-            let ev = self.pipeline.event(&raw);
-            if self.cfg.select.active() && !self.cfg.select.wants_event(&ev) {
-                continue;
+            if self.holding() {
+                self.held.push(Held::Record(raw));
+            } else {
+                self.write_record(&raw)?;
             }
-            self.out.event(&ev)?;
-            self.summary.count(&ev);
         }
         Ok(Drained::Budget)
+    }
+
+    /// One packet's record, decoded, attributed and written (unless `--flow` and the like
+    /// leave it out).
+    fn write_record(&mut self, raw: &Event) -> Result<()> {
+        let ev = self.pipeline.event(raw);
+        if self.cfg.select.active() && !self.cfg.select.wants_event(&ev) {
+            return Ok(());
+        }
+        self.out.event(&ev)?;
+        self.summary.count(&ev);
+        Ok(())
+    }
+
+    /// One transition the kernel counted in `interval`, written.
+    fn write_counted(&mut self, c: &Counted, interval: Interval) -> Result<()> {
+        let ev = self.pipeline.counted(&c.exemplar, c.packets, interval);
+        self.out.event(&ev)?;
+        self.summary.count(&ev);
+        Ok(())
+    }
+
+    /// The interval's end: the kernel counts into a new epoch and what it counted in this one
+    /// is written. True when `--count` is reached.
+    fn report_interval(&mut self) -> Result<bool> {
+        self.obs.next_epoch()?;
+        self.report_counts(SystemTime::now())
+    }
+
+    /// Writes what the kernel counted since the interval began until `end`, one event per
+    /// distinct transition; true when `--count` is reached.
+    fn report_counts(&mut self, end: SystemTime) -> Result<bool> {
+        let interval = Interval {
+            start: Timestamp(std::mem::replace(&mut self.interval_start, end)),
+            end: Timestamp(end),
+        };
+        let Some(counts) = self.counts.as_mut() else {
+            return Ok(false);
+        };
+        let mut counted = counts.read();
+        // Sockets' own marks first: the owners they show are on the node for what follows.
+        counted.sort_by_key(|c| c.exemplar.prev.layer != fwmark_trace_common::layer::SOCKET);
+        if self.holding() {
+            self.held
+                .extend(counted.into_iter().map(|c| Held::Counted(c, interval)));
+            return Ok(false);
+        }
+        for c in counted {
+            if self.summary.records >= self.limit {
+                return Ok(true);
+            }
+            self.write_counted(&c, interval)?;
+        }
+        Ok(self.summary.records >= self.limit)
+    }
+
+    /// The once-a-second jobs, in order.
+    fn tick(&mut self) -> Result<Tick> {
+        self.obs.flush_log();
+        self.out.tick()?;
+        self.report_lost()?;
+        let programs_changed = self.refresh_interfaces();
+        let ruleset = self.refresh_chains()?;
+        self.refresh_node(programs_changed, ruleset);
+        self.refresh_topology()?;
+        if let Some(spec) = self.netns_gone() {
+            // We hold the namespace alive ourselves; what we traced is gone for everyone else.
+            warn!("network namespace {spec} was deleted; stopping");
+            return Ok(Tick::Stop);
+        }
+        self.report_stats()?;
+        Ok(Tick::Go)
+    }
+
+    /// A `lost` record when more events were lost since the last one.
+    fn report_lost(&mut self) -> Result<()> {
+        let reasons = self.lost();
+        let lost = reasons.total();
+        if lost > self.lost_seen {
+            self.out.lost(&LostRecord {
+                time: Timestamp::now(),
+                kind: "lost",
+                lost: lost - self.lost_seen,
+                total_lost: lost,
+                reasons: Some(reasons),
+            })?;
+            if let Some(r) = self.recorder.as_mut() {
+                // The recording's own counts: it is written here, not by the output.
+                r.lost(Lost {
+                    output: 0,
+                    ..reasons
+                })?;
+            }
+            self.lost_seen = lost;
+        }
+        Ok(())
+    }
+
+    /// Observers for new interfaces and tc programs; whether any changed.
+    fn refresh_interfaces(&mut self) -> bool {
+        // A failed refresh (out of descriptors, a netlink hiccup) is said once and tried
+        // again next tick: the observers already attached go on.
+        match self.obs.refresh_interfaces() {
+            Ok(changes) => {
+                self.refresh_failed = false;
+                for change in &changes {
+                    info!("{change}");
+                }
+                !changes.is_empty()
+            }
+            Err(e) => {
+                if !self.refresh_failed {
+                    self.refresh_failed = true;
+                    warn!("re-reading the interfaces failed ({e:#}); trying again every second");
+                }
+                false
+            }
+        }
+    }
+
+    /// Every third tick, band observers for new nft chains (and a new plan record); the
+    /// ruleset listed, when the chains changed.
+    fn refresh_chains(&mut self) -> Result<Option<Vec<serde_json::Value>>> {
+        self.ticks += 1;
+        if !self.ticks.is_multiple_of(3) {
+            return Ok(None);
+        }
+        let (changes, ruleset) = self.obs.refresh_chains();
+        for change in &changes {
+            info!("{change}");
+        }
+        if changes.is_empty() {
+            return Ok(None);
+        }
+        self.out.plan(&PlanRecord::of(self.obs))?;
+        Ok(ruleset)
+    }
+
+    /// New rules or tc programs: who writes what, read again (only what changed, off the
+    /// draining thread: see `Refresher`).
+    fn refresh_node(&mut self, programs_changed: bool, ruleset: Option<Vec<serde_json::Value>>) {
+        let Some(node) = self.node.as_mut() else {
+            return;
+        };
+        let mut changed = Sources::NONE;
+        if programs_changed {
+            changed = changed.with(Source::Bpf);
+        }
+        if ruleset.is_some() {
+            // The chains list both: nft's ruleset and iptables-legacy's tables.
+            changed = changed.with(Source::Nft).with(Source::IptablesLegacy);
+        }
+        node.read(changed, ruleset);
+    }
+
+    /// Interfaces, tc chains, nft chains, tunnels and pods as segments name them.
+    fn refresh_topology(&mut self) -> Result<()> {
+        let topology = topology(self.obs, self.own_netns, &mut self.ovs);
+        if self.pipeline.set_topology(topology) {
+            if let Some(r) = self.recorder.as_mut() {
+                r.context(&self.pipeline.decoder)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The `--netns` traced, when it was deleted.
+    fn netns_gone(&self) -> Option<&str> {
+        self.cfg
+            .netns
+            .as_deref()
+            .filter(|s| !netns::path_of(s).exists())
+    }
+
+    /// A `stats` record every `--stats`.
+    fn report_stats(&mut self) -> Result<()> {
+        let Some(every) = self.cfg.stats.filter(|s| !s.is_zero()) else {
+            return Ok(());
+        };
+        if self.last_stats.elapsed() < every {
+            return Ok(());
+        }
+        self.last_stats = Instant::now();
+        let g = self.gauges.get(self.obs);
+        self.out.stats(&StatsRecord {
+            time: Timestamp::now(),
+            kind: "stats",
+            rss_kb: g.rss_kb,
+            events: self.summary.total_events,
+            lost: self.lost().total(),
+            tracked_packets: g.tracked_packets,
+            interfaces: g.interfaces,
+        })
+    }
+
+    /// The node's inventory read again: attribution uses it from now on, the records held for
+    /// it first; what changed meanwhile is read next. True when `--count` is reached.
+    fn node_read(&mut self, read: Result<Inventory>) -> Result<bool> {
+        self.node_arrived(read);
+        if let Some(node) = self.node.as_mut() {
+            node.read(Sources::NONE, None);
+        }
+        self.release()
+    }
+
+    /// A node read is back: attribution uses it from now on (the last one, when it failed).
+    fn node_arrived(&mut self, read: Result<Inventory>) {
+        let Some(node) = self.node.as_mut() else {
+            return;
+        };
+        match node.arrived(read) {
+            Ok(inv) => self
+                .pipeline
+                .attributor
+                .set_node(NamespaceInventory::new(inv, self.own_netns)),
+            Err(err) => warn!(
+                "re-reading the node inventory failed ({err:#}): attribution goes on with the last one"
+            ),
+        }
+    }
+
+    /// Writes the records held for the node's inventory; true when `--count` is reached.
+    fn release(&mut self) -> Result<bool> {
+        for held in std::mem::take(&mut self.held) {
+            if self.summary.records >= self.limit {
+                return Ok(true);
+            }
+            match held {
+                Held::Record(raw) => self.write_record(&raw)?,
+                Held::Counted(c, interval) => self.write_counted(&c, interval)?,
+            }
+        }
+        Ok(self.summary.records >= self.limit)
+    }
+
+    /// At the stop, the node read under way is waited for until `by` (then what was held
+    /// for it is attributed with the node as it was); none is started after it.
+    async fn release_at_stop(&mut self, by: Instant) -> Result<()> {
+        if let Some(node) = self.node.as_mut().filter(|n| n.reading()) {
+            let wait = by.saturating_duration_since(Instant::now());
+            match time::timeout(wait, node.next()).await {
+                Ok(read) => self.node_arrived(read),
+                Err(_) => {
+                    warn!("the node's inventory was not read again in time: the last records are attributed with the one before");
+                    node.abandon();
+                }
+            }
+        }
+        self.release()?;
+        Ok(())
+    }
+
+    /// Answers a metrics scrape.
+    fn scrape(&mut self, reply: metrics::Scrape) {
+        self.summary.lost = self.lost().total();
+        self.summary.attribution = self.pipeline.attributor.totals();
+        let _ = reply.send(metrics::render(&self.summary, &self.gauges.get(self.obs)));
+    }
+
+    /// The recording closed, the summary written, the output finished.
+    fn finish(mut self, started: Instant, signalled_at: Option<Instant>) -> Result<Summary> {
+        if let Some(r) = self.recorder.as_mut() {
+            r.finish(lost_now(self.obs, self.counts.as_ref(), 0))?;
+            info!(
+                "recorded {} records; show them with `fwmark-trace show {}`",
+                r.records,
+                self.cfg
+                    .record
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new("FILE"))
+                    .display()
+            );
+        }
+        let mut summary = std::mem::take(&mut self.summary);
+        summary.lost = self.lost().total();
+        summary.attribution = self.pipeline.attributor.totals();
+        summary.duration_s = started.elapsed().as_secs_f64();
+        if self.cfg.format == Format::Json {
+            self.out.summary(&summary)?;
+        }
+        // A signal ends the daemon within a second whatever its reader does; otherwise the
+        // reader gets longer to take the rest.
+        let by = match signalled_at {
+            Some(at) => at + STOP_WITHIN,
+            None => Instant::now() + FINISH_WAIT,
+        };
+        let unwritten = self.out.finish(by)?;
+        if unwritten > 0 {
+            warn!("{unwritten} records were not written: the output's reader did not keep up");
+            summary.lost += unwritten;
+        }
+        Ok(summary)
     }
 }

@@ -140,7 +140,7 @@ pub(crate) fn run_with(cfg: &WhyConfig, on_ready: impl FnOnce()) -> Result<bool>
         lost: 0,
     };
     let tracer = std::cell::RefCell::new(None);
-    trace::run_into(&tcfg, &mut collector, || {
+    trace::run_into(&tcfg, &mut collector, trace::Owners::Unread, || {
         // Now inside the traced namespace.
         if cfg.nftrace {
             match nftrace::NfTrace::start(&cfg.select) {

@@ -1,76 +1,192 @@
 //! `fwmark-trace inventory`: every place on a node that reads or writes packet-mark or
 //! conntrack-mark bits, with value and mask, attributed to its owner, and the conflicts between
-//! owners. A library first (`Inventory::read`, then queries: `owner_names`, `writer_of` — what
-//! trace's attribution asks —, `conflicts`, `by_bit`), a command second (`command`).
+//! owners. A library first, a command second (`commands::inventory`). Its front door is
+//! `Inventory`: `read` for the namespaces' sources, `refresh` to read again only the sources
+//! that changed, then the queries: `owner_names`, `writer_of` — what trace's attribution
+//! asks —, `conflicts`, `by_bit`. `Refresher` keeps one fresh in the background.
 //!
 //! One module per source, each returning `Finding` places: `nft` (nft rules, iptables-nft's
 //! included), `iptables` (iptables-legacy tables), `iprule`, `xfrm` (policies and states),
 //! `wireguard` (device fwmarks), `sockets` (SO_MARK), `bpf` (tc and cgroup programs),
 //! `ovs` (Open vSwitch flows), `conntrack` (marks in use). `owners` attributes, `conflicts`
 //! compares, `render` prints.
-pub(crate) mod bits;
-pub(crate) mod bpf;
-pub(crate) mod conflicts;
-pub(crate) mod conntrack;
-pub(crate) mod iprule;
+mod bits;
+mod bpf;
+mod conflicts;
+mod conntrack;
+mod iprule;
 pub(crate) mod iptables;
-pub(crate) mod model;
+mod model;
 pub(crate) mod nft;
-pub(crate) mod nl;
+mod nl;
 pub(crate) mod ovs;
-pub(crate) mod owners;
+mod owners;
+mod refresher;
 pub(crate) mod render;
-pub(crate) mod sockets;
+mod sockets;
 pub(crate) mod wireguard;
-pub(crate) mod xfrm;
+mod xfrm;
 
 use std::{collections::BTreeSet, path::PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
+use serde_json::Value;
 
 pub(crate) use conflicts::Conflict;
 pub(crate) use model::{Entry, Finding, MarkKind, Netns, Op, OwnerRef, Place, Scope};
+pub(crate) use refresher::Refresher;
 
 use crate::{
     nodestate::nft::ChainId,
     registry::{NameId, Registry},
 };
 
-/// Which sources to read (all by default; trace start-up may skip the slow ones).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Sources {
-    pub(crate) nft: bool,
-    pub(crate) iptables_legacy: bool,
-    pub(crate) ip_rules: bool,
-    pub(crate) xfrm: bool,
-    pub(crate) wireguard: bool,
-    pub(crate) sockets: bool,
-    pub(crate) bpf: bool,
-    pub(crate) ovs: bool,
-    pub(crate) conntrack: bool,
+/// Where entries come from: one reader each (in the order a whole read takes them, which is
+/// the order of the entries).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Source {
+    Nft,
+    IptablesLegacy,
+    IpRules,
+    Xfrm,
+    Wireguard,
+    Sockets,
+    /// tc programs per namespace, cgroup programs node-wide.
+    Bpf,
+    Ovs,
+    Conntrack,
 }
 
-impl Default for Sources {
-    fn default() -> Self {
-        Sources {
-            nft: true,
-            iptables_legacy: true,
-            ip_rules: true,
-            xfrm: true,
-            wireguard: true,
-            sockets: true,
-            bpf: true,
-            ovs: true,
-            conntrack: true,
+impl Source {
+    const ALL: [Source; 9] = [
+        Source::Nft,
+        Source::IptablesLegacy,
+        Source::IpRules,
+        Source::Xfrm,
+        Source::Wireguard,
+        Source::Sockets,
+        Source::Bpf,
+        Source::Ovs,
+        Source::Conntrack,
+    ];
+
+    /// The source of an entry's place.
+    fn of(place: &Place) -> Source {
+        match place {
+            Place::NftRule { .. } => Source::Nft,
+            Place::IptablesRule { .. } => Source::IptablesLegacy,
+            Place::IpRule { .. } => Source::IpRules,
+            Place::XfrmPolicy { .. } | Place::XfrmState { .. } => Source::Xfrm,
+            Place::Wireguard { .. } => Source::Wireguard,
+            Place::Socket { .. } => Source::Sockets,
+            Place::BpfProgram { .. } => Source::Bpf,
+            Place::OvsFlow { .. } => Source::Ovs,
+            Place::Conntrack { .. } => Source::Conntrack,
+        }
+    }
+
+    /// Reads this source in the calling thread's namespace: per part, under the name its
+    /// notes carry, what it found or why it could not. `programs`: the node's BPF programs;
+    /// `ruleset`: this namespace's nft ruleset when already listed.
+    fn read_here(
+        self,
+        programs: &[bpf::Program],
+        ruleset: Option<&[Value]>,
+    ) -> Vec<(&'static str, Result<Vec<Finding>>)> {
+        use crate::stack::Family;
+        match self {
+            Source::Nft => vec![(
+                "nft",
+                match ruleset {
+                    Some(items) => nft::from_items(items),
+                    None => nft::read(),
+                },
+            )],
+            Source::IptablesLegacy => [
+                (Family::Ipv4, "iptables-legacy-save"),
+                (Family::Ipv6, "ip6tables-legacy-save"),
+            ]
+            .into_iter()
+            .filter(|(family, _)| !crate::nodestate::nft::legacy_table_names(*family).is_empty())
+            .map(|(family, tool)| {
+                let found = match iptables::save(tool) {
+                    Ok(Some(text)) => Ok(iptables::found(&text, family)),
+                    Ok(None) => Err(anyhow::anyhow!("iptables-legacy tables are in use but {tool} is not installed: their rules are not listed")),
+                    Err(e) => Err(e),
+                };
+                ("iptables-legacy", found)
+            })
+            .collect(),
+            Source::IpRules => vec![("ip rules", iprule::read())],
+            Source::Xfrm => vec![
+                ("xfrm policies", xfrm::policies()),
+                ("xfrm states", xfrm::states()),
+            ],
+            Source::Wireguard => vec![("wireguard", wireguard::read())],
+            Source::Sockets => vec![("sockets", sockets::read())],
+            Source::Bpf => vec![("bpf programs", bpf::tc_here(programs))],
+            Source::Ovs => vec![("ovs", ovs::read())],
+            Source::Conntrack => vec![("conntrack", conntrack::read())],
         }
     }
 }
 
+/// Which sources to read (all by default; trace leaves conntrack out).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Sources(u16);
+
+impl Sources {
+    pub(crate) const NONE: Sources = Sources(0);
+    pub(crate) const ALL: Sources = Sources((1 << Source::ALL.len()) - 1);
+
+    pub(crate) const fn contains(self, s: Source) -> bool {
+        self.0 & Self::bit(s) != 0
+    }
+
+    pub(crate) const fn with(self, s: Source) -> Sources {
+        Sources(self.0 | Self::bit(s))
+    }
+
+    pub(crate) const fn without(self, s: Source) -> Sources {
+        Sources(self.0 & !Self::bit(s))
+    }
+
+    pub(crate) const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// Those of `self` and of `other`.
+    pub(crate) fn and(self, other: Sources) -> Sources {
+        Sources(self.0 | other.0)
+    }
+
+    fn iter(self) -> impl Iterator<Item = Source> {
+        Source::ALL.into_iter().filter(move |s| self.contains(*s))
+    }
+
+    const fn bit(s: Source) -> u16 {
+        1 << s as u16
+    }
+}
+
+impl Default for Sources {
+    fn default() -> Self {
+        Sources::ALL
+    }
+}
+
+impl From<Source> for Sources {
+    fn from(s: Source) -> Self {
+        Sources::NONE.with(s)
+    }
+}
+
 /// Which namespaces.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) enum Namespaces {
     /// The calling thread's.
+    #[default]
     Current,
     /// An `ip netns` name or a path such as /proc/PID/ns/net.
     One(String),
@@ -84,6 +200,9 @@ pub(crate) struct Note {
     pub(crate) netns: Option<Netns>,
     pub(crate) source: &'static str,
     pub(crate) message: String,
+    /// The reader it came from (none: the namespace itself), whose next read replaces it.
+    #[serde(skip)]
+    from: Option<Source>,
 }
 
 /// One bit's readers and writers in one namespace.
@@ -100,11 +219,16 @@ pub(crate) struct BitUse {
     pub(crate) held: Vec<usize>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+/// What the namespaces have that reads or writes marks, attributed. Its parts are read
+/// through `read` and `refresh` and seen through the queries below.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct Inventory {
-    pub(crate) namespaces: Vec<Netns>,
-    pub(crate) entries: Vec<Entry>,
-    pub(crate) notes: Vec<Note>,
+    which: Namespaces,
+    /// The namespaces read, and what to enter to read each again (None: the calling thread's).
+    namespaces: Vec<Netns>,
+    paths: Vec<Option<PathBuf>>,
+    entries: Vec<Entry>,
+    notes: Vec<Note>,
 }
 
 /// The namespaces to read: (what to enter, None for the current one; how it is named).
@@ -177,118 +301,149 @@ fn namespaces(which: &Namespaces) -> Result<Vec<(Option<PathBuf>, Netns)>> {
     }
 }
 
-/// Reads every source in the calling thread's namespace.
-fn read_here(
+/// What a source found, or why not, under the name its note carries.
+type Part = (Source, &'static str, Result<Vec<Finding>>);
+
+/// Reads `sources` in the namespace at `path` (None: the calling thread's) on a thread of its
+/// own, since entering a namespace changes the thread's. Err: the reader panicked; Ok(Err):
+/// the namespace could not be entered.
+fn read_in(
+    path: Option<&std::path::Path>,
     sources: Sources,
     programs: &[bpf::Program],
-) -> (Vec<Finding>, Vec<(&'static str, String)>) {
-    use crate::stack::Family;
-    let mut found = Vec::new();
-    let mut notes = Vec::new();
-    let mut take = |source: &'static str, r: Result<Vec<Finding>>| match r {
-        Ok(f) => found.extend(f),
-        Err(e) => notes.push((source, format!("{e:#}"))),
-    };
-    if sources.nft {
-        take("nft", nft::read());
-    }
-    if sources.iptables_legacy {
-        for (family, tool) in [
-            (Family::Ipv4, "iptables-legacy-save"),
-            (Family::Ipv6, "ip6tables-legacy-save"),
-        ] {
-            if crate::nodestate::nft::legacy_table_names(family).is_empty() {
-                continue;
+    ruleset: Option<&[Value]>,
+) -> std::thread::Result<Result<Vec<Part>>> {
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<Vec<Part>> {
+            if let Some(p) = path {
+                crate::netns::enter(&p.to_string_lossy())?;
             }
-            take("iptables-legacy", match iptables::save(tool) {
-                Ok(Some(text)) => Ok(iptables::found(&text, family)),
-                Ok(None) => Err(anyhow::anyhow!("iptables-legacy tables are in use but {tool} is not installed: their rules are not listed")),
-                Err(e) => Err(e),
-            });
-        }
-    }
-    if sources.ip_rules {
-        take("ip rules", iprule::read());
-    }
-    if sources.xfrm {
-        take("xfrm policies", xfrm::policies());
-        take("xfrm states", xfrm::states());
-    }
-    if sources.wireguard {
-        take("wireguard", wireguard::read());
-    }
-    if sources.sockets {
-        take("sockets", sockets::read());
-    }
-    if sources.bpf {
-        take("bpf programs", bpf::tc_here(programs));
-    }
-    if sources.ovs {
-        take("ovs", ovs::read());
-    }
-    if sources.conntrack {
-        take("conntrack", conntrack::read());
-    }
-    (found, notes)
+            Ok(sources
+                .iter()
+                .flat_map(|source| {
+                    source
+                        .read_here(programs, ruleset)
+                        .into_iter()
+                        .map(move |(name, found)| (source, name, found))
+                })
+                .collect())
+        })
+        .join()
+    })
 }
 
 impl Inventory {
     /// Reads the namespaces' sources and attributes every entry with `reg`.
     pub(crate) fn read(reg: &Registry, which: &Namespaces, sources: Sources) -> Result<Self> {
-        let list = namespaces(which)?;
-        let mut inv = Inventory::default();
-        let programs = if sources.bpf {
-            match bpf::programs() {
-                Ok(p) => p,
-                Err(e) => {
-                    inv.note(None, "bpf programs", format!("{e:#}"));
-                    Vec::new()
-                }
-            }
-        } else {
-            Vec::new()
+        let (paths, namespaces) = namespaces(which)?.into_iter().unzip();
+        let mut inv = Inventory {
+            which: which.clone(),
+            namespaces,
+            paths,
+            ..Default::default()
         };
-        let mut per_ns: Vec<(Netns, Vec<Finding>)> = Vec::new();
-        for (path, ns) in list {
-            let progs = programs.clone();
-            let res = std::thread::spawn(move || -> Result<_> {
-                if let Some(p) = path {
-                    crate::netns::enter(&p.to_string_lossy())?;
-                }
-                Ok(read_here(sources, &progs))
-            })
-            .join()
-            .map_err(|_| anyhow::anyhow!("reading namespace {}: a reader panicked", ns.name))?;
-            match res {
-                Ok((found, notes)) => {
-                    for (source, message) in notes {
-                        inv.note(Some(ns.clone()), source, message);
-                    }
-                    per_ns.push((ns.clone(), found));
-                }
-                // A namespace that went away while listing: said, not fatal with --all-netns.
-                Err(e) if *which == Namespaces::All => {
-                    inv.note(Some(ns.clone()), "netns", format!("{e:#}"));
-                    continue;
-                }
-                Err(e) => return Err(e),
-            }
-            inv.namespaces.push(ns);
-        }
-        for (ns, found) in per_ns {
-            inv.add(Some(ns), found);
-        }
-        inv.add(None, bpf::cgroup(&programs));
-        inv.attribute(reg);
+        inv.refresh(reg, sources, None)?;
         Ok(inv)
     }
 
-    fn note(&mut self, netns: Option<Netns>, source: &'static str, message: String) {
+    /// Reads `sources` again in the namespaces read (what the others found stays) and
+    /// attributes every entry anew: what a change of rules or programs needs, without
+    /// reading what did not change. `ruleset`: the calling thread's namespace's nft ruleset,
+    /// when the caller listed it already (used only for that namespace).
+    pub(crate) fn refresh(
+        &mut self,
+        reg: &Registry,
+        sources: Sources,
+        ruleset: Option<&[Value]>,
+    ) -> Result<()> {
+        self.forget(sources);
+        let ruleset = ruleset.filter(|_| self.which == Namespaces::Current);
+        // Listed once for the node: each namespace takes the tc programs attached there.
+        let programs = if sources.contains(Source::Bpf) {
+            bpf::programs().unwrap_or_else(|e| {
+                self.note(None, Some(Source::Bpf), "bpf programs", format!("{e:#}"));
+                Vec::new()
+            })
+        } else {
+            Vec::new()
+        };
+        let mut gone = Vec::new();
+        for (i, ns) in self.namespaces.clone().into_iter().enumerate() {
+            let read = read_in(self.paths[i].as_deref(), sources, &programs, ruleset)
+                .map_err(|_| anyhow::anyhow!("reading namespace {}: a reader panicked", ns.name))?;
+            match read {
+                Ok(parts) => {
+                    for (source, name, found) in parts {
+                        match found {
+                            Ok(f) => self.add(Some(ns.clone()), f),
+                            Err(e) => {
+                                self.note(Some(ns.clone()), Some(source), name, format!("{e:#}"))
+                            }
+                        }
+                    }
+                }
+                // A namespace that went away while listing: said, not fatal with --all-netns.
+                Err(e) if self.which == Namespaces::All => {
+                    self.note(Some(ns), None, "netns", format!("{e:#}"));
+                    gone.push(i);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        for i in gone.into_iter().rev() {
+            let ns = self.namespaces.remove(i);
+            self.paths.remove(i);
+            self.entries
+                .retain(|e| e.netns.as_ref().is_none_or(|n| n.inode != ns.inode));
+        }
+        if sources.contains(Source::Bpf) {
+            self.add(None, bpf::cgroup(&programs));
+        }
+        self.settle(reg);
+        Ok(())
+    }
+
+    /// Drops what `sources` found, and their notes.
+    fn forget(&mut self, sources: Sources) {
+        self.entries
+            .retain(|e| !sources.contains(Source::of(&e.place)));
+        self.notes
+            .retain(|n| n.from.is_none_or(|s| !sources.contains(s)));
+    }
+
+    fn note(
+        &mut self,
+        netns: Option<Netns>,
+        from: Option<Source>,
+        source: &'static str,
+        message: String,
+    ) {
         self.notes.push(Note {
             netns,
             source,
             message,
+            from,
         });
+    }
+
+    /// Puts the entries in the order a whole read gives them (by namespace, then source; the
+    /// node-wide ones last), numbers them and attributes them.
+    fn settle(&mut self, reg: &Registry) {
+        let namespaces = &self.namespaces;
+        let position = |netns: &Option<Netns>| {
+            netns.as_ref().map_or(usize::MAX, |n| {
+                namespaces
+                    .iter()
+                    .position(|m| m.inode == n.inode)
+                    .unwrap_or(usize::MAX - 1)
+            })
+        };
+        self.entries
+            .sort_by_key(|e| (position(&e.netns), Source::of(&e.place)));
+        for (id, e) in self.entries.iter_mut().enumerate() {
+            e.id = id;
+        }
+        self.attribute(reg);
     }
 
     /// Adds found places as entries of `netns` (numbered, not yet attributed).
@@ -476,6 +631,87 @@ mod tests {
             table: table.into(),
             name: name.into(),
         }
+    }
+
+    #[test]
+    fn sources_are_a_set() {
+        let trace = Sources::ALL.without(Source::Conntrack);
+        assert!(trace.contains(Source::Nft) && !trace.contains(Source::Conntrack));
+        assert_eq!(Sources::default(), Sources::ALL);
+        assert!(Sources::NONE.is_empty());
+        let changed = Sources::from(Source::Bpf).and(Source::Nft.into());
+        assert_eq!(
+            changed.iter().collect::<Vec<_>>(),
+            [Source::Nft, Source::Bpf]
+        );
+    }
+
+    /// Reading one source again replaces its entries only; the entries keep a whole read's
+    /// order (by namespace, then source) and are numbered and attributed anew.
+    #[test]
+    fn a_refreshed_source_replaces_only_its_own_entries() {
+        let reg = Registry::builtin().unwrap();
+        let mut inv = inventory();
+        inv.namespaces.push(Netns {
+            inode: 7,
+            name: "test".into(),
+            pod: None,
+        });
+        let nft_entries = inv.entries.len();
+        let ns = inv.namespaces[0].clone();
+        let socket = |port: u16| Finding {
+            place: Place::Socket {
+                proto: model::SockProto::Udp,
+                local: ([0, 0, 0, 0], port).into(),
+                remote: None,
+                inode: 1,
+                pid: None,
+                comm: None,
+            },
+            text: String::new(),
+            access: vec![],
+            names: vec![],
+        };
+        inv.add(Some(ns.clone()), vec![socket(1)]);
+        inv.note(
+            Some(ns.clone()),
+            Some(Source::Sockets),
+            "sockets",
+            "old".into(),
+        );
+        inv.settle(&reg);
+        // The sockets read again: the old socket and its note go, the rules stay, first.
+        inv.forget(Source::Sockets.into());
+        inv.add(Some(ns.clone()), vec![socket(2)]);
+        inv.settle(&reg);
+        assert!(inv.notes.is_empty());
+        assert_eq!(inv.entries.len(), nft_entries + 1);
+        let last = inv.entries.last().unwrap();
+        assert!(matches!(&last.place, Place::Socket { local, .. } if local.port() == 2));
+        assert_eq!(last.id, nft_entries);
+        // The nft rules read again come before the sockets, as in a whole read.
+        inv.forget(Source::Nft.into());
+        assert_eq!(inv.entries.len(), 1);
+        let found = nft::found(&items(RULESET.as_bytes()).unwrap(), "", &[]);
+        inv.add(Some(ns), found);
+        inv.settle(&reg);
+        assert!(matches!(
+            inv.entries.last().unwrap().place,
+            Place::Socket { .. }
+        ));
+        assert!(inv.entries.iter().enumerate().all(|(i, e)| e.id == i));
+        assert_eq!(
+            inv.writer_of(
+                7,
+                &[id(NftFamily::Inet, "t", "x")],
+                &[],
+                None,
+                MarkKind::Packet,
+                (0, 0xca6c, None)
+            )
+            .map(|o| o.id.as_str()),
+            Some("wg-quick")
+        );
     }
 
     #[test]

@@ -133,7 +133,7 @@ pub(crate) fn read() -> Result<Vec<Finding>> {
 }
 
 /// `read`, with the ruleset's JSON items already listed (`items`).
-fn from_items(items: &[Value]) -> Result<Vec<Finding>> {
+pub(super) fn from_items(items: &[Value]) -> Result<Vec<Finding>> {
     use crate::nodestate::nft::nft;
     let text = String::from_utf8_lossy(&nft(&["-a", "list", "ruleset"])?).into_owned();
     let mut saves = Vec::new();

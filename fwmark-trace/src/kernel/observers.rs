@@ -129,7 +129,7 @@ impl Observers {
         attach_tracepoints(&mut ebpf, &aya_btf, opts.routes, &mut report);
         // Listening before the first read: a change in between is not missed.
         let nft_watch = Watcher::nftables().ok();
-        let chains = read_chains().unwrap_or_else(|err| {
+        let chains = read_chains().map(|(c, _)| c).unwrap_or_else(|err| {
             report.push(Status::ChainsUnread(err));
             Vec::new()
         });
@@ -176,16 +176,18 @@ impl Observers {
     }
 
     /// Re-reads the nft chains; when they changed, updates the chain names segments show and
-    /// links band observers for new chain priorities. Returns what changed, for the log.
-    pub(crate) fn refresh_chains(&mut self) -> Vec<NfChange> {
+    /// links band observers for new chain priorities. Returns what changed, for the log, and
+    /// the ruleset listed then (the node inventory reads its rules from it, not from a second
+    /// listing).
+    pub(crate) fn refresh_chains(&mut self) -> (Vec<NfChange>, Option<Vec<serde_json::Value>>) {
         if self.nft_watch.as_mut().is_some_and(|w| !w.changed()) {
-            return Vec::new();
+            return (Vec::new(), None);
         }
-        let Ok(chains) = read_chains() else {
-            return Vec::new();
+        let Ok((chains, ruleset)) = read_chains() else {
+            return (Vec::new(), None);
         };
         if chains == self.chains {
-            return Vec::new();
+            return (Vec::new(), None);
         }
         let mut changes = vec![NfChange::Chains(chains.len())];
         if let Some(nf) = &self.nf {
@@ -207,7 +209,7 @@ impl Observers {
             changes.push(NfChange::CtWatchNotUpdated(err));
         }
         self.chains = chains;
-        changes
+        (changes, Some(ruleset))
     }
 
     /// How start-up went, step by step.
@@ -507,11 +509,12 @@ fn attach_tracepoints(ebpf: &mut Ebpf, aya_btf: &Btf, routes: bool, report: &mut
 }
 
 /// The nft base chains, with the kernel's own users of the hooks and legacy tables.
-fn read_chains() -> Result<Vec<nft::Chain>> {
-    let mut chains = nft::read_chains()?;
+fn read_chains() -> Result<(Vec<nft::Chain>, Vec<serde_json::Value>)> {
+    let ruleset = nft::read_items()?;
+    let mut chains = nft::parse_chains(&ruleset);
     chains.extend(nft::kernel_users());
     chains.extend(nft::legacy_tables());
-    Ok(chains)
+    Ok((chains, ruleset))
 }
 
 /// Attaches the netfilter observers: fentry/fexit on `evaluators`, or links where `mode`

@@ -220,13 +220,8 @@ impl fmt::Display for Chain {
     }
 }
 
-/// Reads the base chains of the current network namespace. No `nft` binary or no permission is
-/// an error; an empty ruleset is not.
-pub(crate) fn read_chains() -> Result<Vec<Chain>> {
-    Ok(parse_chains(&read_items()?))
-}
-
-/// The calling thread's namespace's ruleset (`nft -j list ruleset`), as its items.
+/// The calling thread's namespace's ruleset (`nft -j list ruleset`), as its items. No `nft`
+/// binary or no permission is an error; an empty ruleset is not.
 pub(crate) fn read_items() -> Result<Vec<Value>> {
     items(&nft(&["-j", "list", "ruleset"])?)
 }
