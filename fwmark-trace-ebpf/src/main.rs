@@ -15,6 +15,7 @@
 #![no_main]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+mod maps;
 mod observe;
 mod skb;
 
@@ -22,75 +23,16 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{
     bindings::{tcx_action_base::TCX_NEXT, TC_ACT_UNSPEC},
-    macros::{btf_tracepoint, classifier, fentry, fexit, map},
-    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
+    macros::{btf_tracepoint, classifier, fentry, fexit},
     programs::{BtfTracePointContext, FEntryContext, FExitContext, TcContext},
 };
 use fwmark_trace_common::{
-    layer, lost_reason, nf_hook, nfproto, route_hook, tc_dir, tc_slot, AggKey, AggValue, Config,
-    Control, CpuCache, Event, PacketState, Point, Tracepoint, AGG_ENTRIES, NF_SLOT_CHAIN,
+    layer, nf_hook, nfproto, route_hook, tc_dir, tc_slot, Config, Event, Point, Tracepoint,
+    NF_SLOT_CHAIN,
 };
+use maps::FOLLOWING;
 use observe::{End, Site};
 use skb::read;
-
-// SAFETY: no other symbol in the object is named CONFIG; the daemon finds the global by this
-// name (`GLOBAL_CONFIG`) and patches its `.rodata` bytes before the load.
-#[unsafe(no_mangle)]
-static CONFIG: Config = Config::ZERO;
-
-#[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
-
-/// Every live packet, by `sk_buff` address, naming the CPU whose cache holds it. A common LRU:
-/// with per-CPU lists (BPF_F_NO_COMMON_LRU) the delete at every end of life measured twice as
-/// slow here.
-#[map]
-static PACKETS: LruHashMap<u64, PacketState> = LruHashMap::with_max_entries(65536, 0);
-
-/// Per CPU, the packets it is processing: what an observer of an unchanged mark reads instead
-/// of the shared map.
-#[map]
-static CACHE: PerCpuArray<CpuCache> = PerCpuArray::with_max_entries(1, 0);
-
-/// Transitions and drops counted per CPU (`Config::aggregate`), read by the daemon every
-/// interval: one record per distinct transition instead of one per packet.
-#[map]
-static AGG: LruPerCpuHashMap<AggKey, AggValue> = LruPerCpuHashMap::with_max_entries(AGG_ENTRIES, 0);
-
-/// Per CPU: where a new `AGG` value is put together (too large for the stack beside an event).
-#[map]
-static AGG_SCRATCH: PerCpuArray<AggValue> = PerCpuArray::with_max_entries(1, 0);
-
-/// Settings the daemon changes while running (`Control`).
-#[map]
-static CONTROL: Array<Control> = Array::with_max_entries(1, 0);
-
-/// Events lost, per reason (`lost_reason::*`).
-#[map]
-static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(lost_reason::COUNT, 0);
-
-/// Packets counted in `AGG` (see `MAP_COUNTED`).
-#[map]
-static COUNTED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
-/// Per-CPU packet id counter.
-#[map]
-static SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
-/// Interfaces to report when `Config::iface_filter` is set (ifindex → 1).
-#[map]
-static IFACES: HashMap<u32, u8> = HashMap::with_max_entries(256, 0);
-
-/// Conntrack entries of followed flows (`Config::flow`): after NAT rewrote a packet's tuple,
-/// its connection still says it belongs to the flow.
-#[map]
-static FOLLOWED: LruHashMap<u64, u8> = LruHashMap::with_max_entries(4096, 0);
-
-/// Per CPU: whether the packet an observer saw last belongs to a followed flow. A routing
-/// lookup without ports (re-routing after a mark change, input routes, reverse-path checks)
-/// runs for the packet being processed on this CPU: this is how it is joined to it.
-#[map]
-static FOLLOWING: PerCpuArray<u8> = PerCpuArray::with_max_entries(1, 0);
 
 /// A point on the skb's device (tc and tracepoints).
 #[inline(always)]

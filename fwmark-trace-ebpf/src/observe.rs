@@ -16,8 +16,11 @@ use fwmark_trace_common::{
 };
 
 use crate::{
-    skb, AGG, AGG_SCRATCH, CACHE, CONFIG, CONTROL, COUNTED, EVENTS, FOLLOWED, FOLLOWING, IFACES,
-    LOST, PACKETS, SEQ,
+    maps::{
+        AGG, AGG_SCRATCH, CACHE, CONFIG, CONTROL, COUNTED, EVENTS, FOLLOWED, FOLLOWING, IFACES,
+        LOST, PACKETS, SEQ,
+    },
+    skb,
 };
 
 /// What the observer knows besides the skb pointer.

@@ -13,9 +13,10 @@ use fwmark_trace_common::{
 };
 
 use crate::{
+    clock::{boot_time, Timestamp},
     event::{
-        boot_time, CtMark, CtState, DropReason, EventKind, MarkChange, RouteLookup, RouteResult,
-        Timestamp, TraceEvent, Tuple, XfrmRef,
+        CtMark, CtState, DropReason, EventKind, MarkChange, RouteLookup, RouteResult, TraceEvent,
+        Tuple, XfrmRef,
     },
     mark::Mark,
     place::{Between, Encapsulator, PointInfo, Segment, Topology, Tunnel, TunnelDir},

@@ -1,55 +1,18 @@
 //! The typed event every output is written from: what happened to one packet (or, counted in
 //! the kernel, to many alike), where, with which marks, conntrack state, 5-tuple, drop reason,
 //! routing lookup and owner attribution. Built by `decode` from the kernel's raw records.
-use std::{
-    fmt,
-    net::IpAddr,
-    str::FromStr,
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::{fmt, net::IpAddr, str::FromStr, sync::Arc};
 
 use serde::{ser::SerializeStruct, Serialize, Serializer};
 
 use crate::{
     attribution::model::Attribution,
+    clock::Timestamp,
     mark::Mark,
     nodestate::netlink::XfrmState,
     place::{PointInfo, Segment},
     stack::{serialize_as_display, Proto},
 };
-
-/// Wall-clock time, shown as RFC 3339 (UTC, microseconds).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) struct Timestamp(pub(crate) SystemTime);
-
-impl Timestamp {
-    pub(crate) fn now() -> Self {
-        Timestamp(SystemTime::now())
-    }
-}
-
-impl fmt::Display for Timestamp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        humantime::format_rfc3339_micros(self.0).fmt(f)
-    }
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock kernel timestamps (`bpf_ktime_get_ns`) count.
-pub(crate) fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec through a valid pointer to it.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// Wall-clock time of CLOCK_MONOTONIC's zero on this machine.
-pub(crate) fn boot_time() -> SystemTime {
-    SystemTime::now() - Duration::from_nanos(monotonic_ns())
-}
 
 /// What an event reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -322,7 +285,7 @@ impl fmt::Display for RouteResult {
     }
 }
 
-serialize_as_display!(Timestamp, DropReason, RouteResult);
+serialize_as_display!(DropReason, RouteResult);
 
 /// A routing table lookup: which table, with which flow mark, and what it answered.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]

@@ -11,7 +11,8 @@ use std::{
 use fwmark_trace_common::FlowFilter;
 
 use crate::{
-    event::{CtState, DropReason, EventKind, RouteLookup, Timestamp, TraceEvent, Tuple, XfrmRef},
+    clock::Timestamp,
+    event::{CtState, DropReason, EventKind, RouteLookup, TraceEvent, Tuple, XfrmRef},
     mark::Mark,
     place::{PointInfo, Segment},
     stack::{Family, Proto},

@@ -13,6 +13,7 @@
 
 mod attribution;
 mod cli;
+mod clock;
 mod commands;
 mod decode;
 mod event;

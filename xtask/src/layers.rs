@@ -360,6 +360,11 @@ impl<'ast> Visit<'ast> for Names<'_> {
     }
 
     fn visit_item_use(&mut self, u: &'ast syn::ItemUse) {
+        // A re-export is the folder's front door, not a dependency of this file's code: those
+        // who use the name get an arrow to the file that defines it (`resolve`).
+        if !matches!(u.vis, syn::Visibility::Inherited) {
+            return;
+        }
         let mut paths = Vec::new();
         use_paths(&u.tree, &mut Vec::new(), &mut paths);
         for p in paths {

@@ -13,8 +13,8 @@ use anyhow::{bail, Context as _, Result};
 use super::Outcome;
 use crate::{
     attribution::Attributor,
+    clock::Timestamp,
     decode::Decoder,
-    event::Timestamp,
     output::{summary::Summary, text::escape_controls, Format, LostRecord, Output},
     pipeline::Pipeline,
     recording::{Frame, Reader},

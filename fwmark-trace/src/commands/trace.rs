@@ -13,14 +13,13 @@ use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
 use fwmark_trace_common::Event;
 use log::{debug, info, log_enabled, warn, Level};
-
-use crate::nodestate::links::TunnelKind;
 use tokio::{io::unix::AsyncFd, signal::unix, time};
 
 use crate::{
     attribution::{Attributor, NamespaceInventory},
+    clock::Timestamp,
     decode::Decoder,
-    event::{Interval, Timestamp},
+    event::Interval,
     flows::Selection,
     inventory::{Inventory, Refresher, Source, Sources},
     kernel::{
@@ -30,9 +29,11 @@ use crate::{
     },
     mark::MarkMatch,
     netns,
+    nodestate::links::TunnelKind,
     output::{
         file::FileOptions,
         metrics::{self, Gauges},
+        ready::{self, ReadyRecord},
         startup::{self, PlanRecord},
         summary::Summary,
         Format, LostRecord, Output, Sink, StatsRecord,
@@ -445,7 +446,10 @@ async fn stream(
         .filter(|s| s.ok && !s.detail_only)
         .count();
     info!("tracing ({attached} observation groups attached, netns {own_netns}); Ctrl-C to stop");
-    crate::output::ready::announce(run.obs, run.out, own_netns, metrics_addr)?;
+    // Ready: the record (JSON), then systemd.
+    run.out
+        .ready(&ReadyRecord::new(run.obs, own_netns, metrics_addr))?;
+    ready::notify_systemd();
     on_ready();
     let deadline = time::sleep(cfg.duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
     tokio::pin!(deadline);

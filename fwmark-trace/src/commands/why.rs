@@ -7,16 +7,18 @@ use anyhow::{bail, Result};
 use log::{info, warn};
 
 use super::trace::{self, TraceConfig};
-use crate::why::{
-    nftrace,
-    render::{text, ReportJson, WhyDocument},
-    verdict,
-};
+use crate::why::{nftrace, verdict};
 use crate::{
-    event::{monotonic_ns, Timestamp, TraceEvent},
+    clock::{monotonic_ns, Timestamp},
+    event::TraceEvent,
     flows::{FlowTracker, Selection},
     nodestate::{links::list_interfaces, sysctl::Sysctls, watch::Watcher, History, NodeState},
-    output::{summary::Summary, text::list, LostRecord, Sink, StatsRecord},
+    output::{
+        summary::Summary,
+        text::list,
+        why::{text, ReportJson, WhyDocument},
+        LostRecord, Sink, StatsRecord,
+    },
     registry::{self, Registry},
 };
 

@@ -13,7 +13,7 @@ use std::{fmt, sync::Arc};
 use serde::Serialize;
 
 use crate::{
-    event::Timestamp,
+    clock::Timestamp,
     mark::Mark,
     stack::{serialize_as_display, Family},
 };

@@ -10,9 +10,10 @@ use serde_json::value::RawValue;
 
 use crate::{
     attribution::{Attribution, FieldRef, FieldValue, OwnerChange, Warning},
+    clock::Timestamp,
     event::{
-        CtMark, DropReason, EventKind, Interval, MarkChange, RouteLookup, Timestamp, TraceEvent,
-        Tuple, XfrmRef,
+        CtMark, DropReason, EventKind, Interval, MarkChange, RouteLookup, TraceEvent, Tuple,
+        XfrmRef,
     },
     mark::Mark,
     nodestate::{links::TunnelKind, pods::ContainerJson},

@@ -11,6 +11,7 @@ pub(crate) mod ready;
 pub(crate) mod startup;
 pub(crate) mod summary;
 pub(crate) mod text;
+pub(crate) mod why;
 
 use std::{
     io::{self, BufWriter, Write},
@@ -22,11 +23,11 @@ use std::{
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use self::file::{FileOptions, LogFile};
-use crate::{
-    event::{Timestamp, TraceEvent},
-    registry::Registry,
+use self::{
+    file::{FileOptions, LogFile},
+    queue::Destination,
 };
+use crate::{clock::Timestamp, event::TraceEvent, registry::Registry};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Format {
@@ -43,7 +44,7 @@ enum Dest {
     Queued(queue::Queue),
 }
 
-impl Dest {
+impl queue::Destination for Dest {
     /// What a failed write failed on, for its error.
     fn what(&self) -> String {
         match self {

@@ -16,7 +16,14 @@ use std::{
 
 use anyhow::{anyhow, Result};
 
-use super::Dest;
+/// Where the thread writes (the output's stdout or file): what it is, for errors.
+pub(super) trait Destination: Send + 'static {
+    fn what(&self) -> String;
+    fn write_all(&mut self, b: &[u8]) -> Result<()>;
+    fn flush(&mut self) -> Result<()>;
+    /// Closes an output file and opens it again by name (SIGHUP).
+    fn reopen(&mut self) -> Result<()>;
+}
 
 /// Records that can wait: at a few hundred bytes each, a few MiB. A reader that is behind by
 /// more than this is stalled, not slow.
@@ -52,7 +59,7 @@ pub(super) struct Queue {
 impl Queue {
     /// Moves `dest` to a new thread. `live`: flush whenever the queue runs empty (a terminal or
     /// a pipe: someone is watching).
-    pub(super) fn spawn(dest: Dest, live: bool) -> Result<Self> {
+    pub(super) fn spawn(dest: impl Destination, live: bool) -> Result<Self> {
         let (tx, rx) = mpsc::sync_channel(CAPACITY);
         let (done_tx, done) = mpsc::channel();
         let shared = Arc::new(Shared::default());
@@ -153,7 +160,7 @@ impl Queue {
 
 /// The thread: writes records as they come; flushes when the queue runs empty and someone
 /// watches (or the tick asked); stops at the first error.
-fn write_all(mut dest: Dest, rx: &Receiver<Vec<u8>>, shared: &Shared, live: bool) {
+fn write_all(mut dest: impl Destination, rx: &Receiver<Vec<u8>>, shared: &Shared, live: bool) {
     let fail = |e: anyhow::Error| {
         *shared.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
         shared.failed.store(true, Ordering::Release);

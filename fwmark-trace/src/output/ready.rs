@@ -5,12 +5,10 @@
 //! also how `why`, which has no event stream, tells that it watches).
 use std::{net::SocketAddr, os::unix::net::UnixDatagram};
 
-use anyhow::Result;
 use serde::Serialize;
 
-use super::Sink;
 use crate::{
-    event::Timestamp,
+    clock::Timestamp,
     kernel::{
         features::{NfBackend, TcBackend},
         observers::Observers,
@@ -104,21 +102,9 @@ impl ReadyRecord {
     }
 }
 
-/// Says that the run is ready: the record to `sink`, `READY=1` to systemd.
-pub(crate) fn announce(
-    obs: &Observers,
-    sink: &mut dyn Sink,
-    netns: u32,
-    metrics: Option<SocketAddr>,
-) -> Result<()> {
-    sink.ready(&ReadyRecord::new(obs, netns, metrics))?;
-    notify_systemd();
-    Ok(())
-}
-
 /// `READY=1` to the datagram socket at `$NOTIFY_SOCKET` (sd_notify(3)), when there is one. A
 /// path only: an abstract socket name would be looked up in the traced namespace.
-fn notify_systemd() {
+pub(crate) fn notify_systemd() {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };

@@ -6,7 +6,7 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::{
-    event::Timestamp,
+    clock::Timestamp,
     kernel::{
         features::{Choice, Feature, NfBackend, NoNetfilter, TcBackend, Unavailable},
         netfilter::{NfSite, PRIO_FIRST, PRIO_LAST},

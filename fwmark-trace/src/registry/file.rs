@@ -7,7 +7,7 @@ use anyhow::{anyhow, bail, Result};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{Field, Owner, Style};
+use super::owner::{Field, Owner, Style};
 use crate::mark::parse_u32;
 
 #[derive(Deserialize)]

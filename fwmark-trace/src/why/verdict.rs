@@ -242,7 +242,7 @@ pub(crate) enum Evidence {
     TcpFwmarkAcceptOff,
     /// The node's state changed while the flow was watched.
     NodeChanged {
-        time: crate::event::Timestamp,
+        time: crate::clock::Timestamp,
         changes: Vec<StateChange>,
         before_last_packet: bool,
     },
@@ -803,15 +803,16 @@ mod tests {
         assert_eq!(dropped.clone().with_lost(3), dropped);
     }
     use crate::{
-        event::{RouteLookup, Timestamp},
+        clock::Timestamp,
+        event::RouteLookup,
         nodestate::netlink::{XfrmMode, XfrmTemplate},
         nodestate::{
             netlink::{Route, TABLE_MAIN},
             sysctl::Sysctls,
         },
+        output::why::summary,
         place::{Between, Layer, PointInfo, Segment, Tunnel},
         stack::{Family, NftFamily},
-        why::render::summary,
     };
 
     fn nf(hook: NfHook, prio: i32) -> Option<(Hook, i32)> {
@@ -986,7 +987,7 @@ mod tests {
             assert!(text.contains(part), "{part} not in {text}");
         }
         // The sysctls and the mark diff are the cause's and the report's, said again as evidence.
-        let evidence = crate::why::render::evidence(&r);
+        let evidence = crate::output::why::evidence(&r);
         assert!(
             evidence
                 .iter()
@@ -1101,7 +1102,7 @@ mod tests {
             text.contains("by `meta mark & 0x4000 == 0x0 drop` in inet t/in, which tests bits 0x4000: kube-proxy"),
             "{text}"
         );
-        let evidence = crate::why::render::evidence(&r);
+        let evidence = crate::output::why::evidence(&r);
         assert!(
             evidence.iter().any(|e| e
                 .contains("`meta mark & 0x8000 == 0x8000 drop` tests mark & 0x8000 == 0x8000")
@@ -1308,7 +1309,7 @@ mod tests {
         ] {
             assert!(text.contains(part), "{part:?} not in {text}");
         }
-        let json = serde_json::to_value(crate::why::render::ReportJson(&r)).unwrap();
+        let json = serde_json::to_value(crate::output::why::ReportJson(&r)).unwrap();
         let x = &json["xfrm"];
         assert_eq!(x["reply_decrypted"], false, "{json:#}");
         assert_eq!(x["inbound_policy"]["direction"], "in", "{x:#}");

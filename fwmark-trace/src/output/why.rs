@@ -5,7 +5,8 @@ use std::fmt::{self, Write as _};
 use serde::{Serialize, Serializer};
 
 use crate::{
-    event::{CtState, EventKind, Timestamp, XfrmRef},
+    clock::Timestamp,
+    event::{CtState, EventKind, XfrmRef},
     flows::{Dir, Step},
     mark::Mark,
     nodestate::{
