@@ -5,7 +5,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use crate::stack::serialize_as_display;
+use crate::netstack::serialize_as_display;
 
 /// Wall-clock time, shown as RFC 3339 (UTC, microseconds).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

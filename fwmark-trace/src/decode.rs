@@ -19,8 +19,8 @@ use crate::{
         Tuple, XfrmRef,
     },
     mark::Mark,
+    netstack::Proto,
     place::{Between, Encapsulator, PointInfo, Segment, Topology, Tunnel, TunnelDir},
-    stack::Proto,
 };
 
 fn event_kind(k: u8) -> Option<EventKind> {

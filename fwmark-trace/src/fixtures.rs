@@ -7,9 +7,9 @@ use fwmark_trace_common::{
 
 use crate::{
     kernel::plan::{NfPlan, PlanMode},
+    netstack::{NfHook, NftFamily},
     nodestate::nft::{self, Chain, ChainId, ChainOrigin, Writes},
     place::Topology,
-    stack::{NfHook, NftFamily},
 };
 
 /// Record `i` of the mix.

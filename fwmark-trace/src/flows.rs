@@ -14,8 +14,8 @@ use crate::{
     clock::Timestamp,
     event::{CtState, DropReason, EventKind, RouteLookup, TraceEvent, Tuple, XfrmRef},
     mark::Mark,
+    netstack::{Family, Proto},
     place::{PointInfo, Segment},
-    stack::{Family, Proto},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -9,11 +9,11 @@ use std::{io::BufRead, path::Path, sync::OnceLock};
 use crate::{
     inventory::{self, Finding, Inventory},
     kernel::plan::{NfPlan, PlanMode},
+    netstack::Family,
     nodestate::nft,
     output::{Format, Output},
     recording::Reader,
     registry::{self, Registry},
-    stack::Family,
     why::nftrace,
 };
 

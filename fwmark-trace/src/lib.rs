@@ -7,9 +7,11 @@
 //! outputs (`output`: human lines, JSON, summary, metrics). `pipeline` runs a record through
 //! decode and attribution.
 //!
-//! Beside it: the typed vocabulary (`mark`, `stack`), the node's state that decides what marks
-//! do (`nodestate`), why replies die (`why`), the commands (`cli`, `trace`, `recording`,
-//! `demo`) and throwaway namespaces (`lab`, `netns`), which the integration tests use too.
+//! Beside it: the typed vocabulary (`mark`, `netstack`, `clock`), the node's facts that decide
+//! what marks do (`nodestate`), who reads and writes marks on the node (`inventory`), why
+//! replies die (`why`), the commands (`commands`, parsed by `cli`) and throwaway namespaces
+//! (`lab`, `netns`), which the integration tests use too. Each layer imports only those below
+//! it (README, "Layout"; checked by `cargo xtask layers`).
 
 mod attribution;
 mod cli;
@@ -26,6 +28,7 @@ mod kernel;
 pub mod lab;
 mod mark;
 pub mod netns;
+mod netstack;
 mod nodestate;
 mod output;
 mod pipeline;
@@ -33,7 +36,6 @@ mod place;
 mod privileges;
 mod recording;
 mod registry;
-mod stack;
 mod why;
 
 /// The benchmark and the soak test (`cargo xtask bench`, `cargo xtask soak`): compiled only with

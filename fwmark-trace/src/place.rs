@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     inventory::ovs,
     kernel::plan::NfPlan,
+    netstack::{serialize_as_display, Family, NfHook, TcDir},
     nodestate::{
         links::TunnelKind,
         netlink::XfrmState,
@@ -20,7 +21,6 @@ use crate::{
         pods::Container,
         programs::ForeignProgram,
     },
-    stack::{serialize_as_display, Family, NfHook, TcDir},
 };
 
 /// What the daemon knows about the observation points it placed (also saved with recordings,
@@ -688,7 +688,7 @@ mod tests {
             netfilter::{PRIO_FIRST, PRIO_LAST},
             plan::PlanMode,
         },
-        stack::NftFamily,
+        netstack::NftFamily,
     };
 
     fn topo() -> Topology {

@@ -11,13 +11,13 @@ use anyhow::{bail, Context, Result};
 use syn::visit::Visit;
 
 /// The daemon's layers, bottom first: a module may import its own layer and those below.
-/// The longest matching module path decides (`attribution::model` sits below `attribution`).
+/// The longest matching module path decides (a folder's file may sit on another layer).
 const LAYERS: &[(&str, &[&str])] = &[
-    ("vocabulary", &["mark", "stack", "clock"]),
+    ("vocabulary", &["mark", "netstack", "clock"]),
     ("node state", &["nodestate", "netns", "lab", "registry"]),
     ("kernel", &["kernel"]),
     ("inventory", &["inventory"]),
-    ("event model", &["place", "event", "attribution::model"]),
+    ("event model", &["place", "event"]),
     ("decode and flows", &["decode", "flows"]),
     ("attribution", &["attribution"]),
     ("pipeline", &["pipeline"]),
@@ -502,7 +502,7 @@ mod tests {
     #[test]
     fn the_longest_prefix_decides_the_layer() {
         let m = |s: &str| s.split("::").map(String::from).collect::<Vec<_>>();
-        assert_eq!(LAYERS[layer_of(&m("attribution::model"))].0, "event model");
+        assert_eq!(LAYERS[layer_of(&m("event::attribution"))].0, "event model");
         assert_eq!(LAYERS[layer_of(&m("attribution::rules"))].0, "attribution");
         assert_eq!(LAYERS[layer_of(&m("cli"))].0, "entry points");
         assert_eq!(LAYERS[layer_of(&Vec::new())].0, "entry points");

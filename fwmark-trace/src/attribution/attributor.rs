@@ -8,12 +8,12 @@ use std::{
 
 use by_address::ByAddress;
 
-use super::{
-    model::{Attribution, Totals},
-    rules::{attribute, Transition},
-};
+use super::rules::{attribute, Transition};
 use crate::{
-    event::TraceEvent,
+    event::{
+        attribution::{Attribution, Totals},
+        TraceEvent,
+    },
     inventory::{Inventory, MarkKind},
     nodestate::nft::ChainId,
     place::{Layer, MarkFate, Segment},

@@ -4,10 +4,10 @@
 //! owners as registry ids.
 use std::collections::BTreeSet;
 
-use super::model::{
-    Attribution, FieldRef, FieldValue, Finding, OwnerChange, Recognized, Side, Warning,
-};
 use crate::{
+    event::attribution::{
+        Attribution, FieldRef, FieldValue, Finding, OwnerChange, Recognized, Side, Warning,
+    },
     mark::Mark,
     nodestate::nft::{Chain, ChainId, ChainOrigin},
     registry::{lookup, NameId, Owner, OwnerId, Registry, Style},
@@ -405,8 +405,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        attribution::model::{Totals, WarningKind},
-        stack::{NfHook, NftFamily},
+        event::attribution::{Totals, WarningKind},
+        netstack::{NfHook, NftFamily},
     };
 
     fn reg() -> Registry {

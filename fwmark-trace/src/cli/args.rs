@@ -20,10 +20,10 @@ use crate::{
     inventory::Namespaces,
     kernel::features::{Feature, NfBackend, TcBackend},
     mark::MarkMatch,
+    netstack::Proto,
     nodestate::pods::PodName,
     output::{file::FileOptions, Format},
     registry,
-    stack::Proto,
 };
 
 /// `--netns`, or `--pod` as the namespace spec `netns::path_of` resolves.

@@ -23,9 +23,9 @@ use super::{
 use crate::{
     flows::Selection,
     lab::{self, Lab},
+    netstack::Proto,
     output::Format,
     registry,
-    stack::Proto,
 };
 
 /// Which tour.

@@ -326,7 +326,7 @@ fn topology(obs: &Observers, own_netns: u32, ovs: &mut OvsView) -> Topology {
     t.tc_filters = obs.tc_backend() == Some(TcBackend::Clsact);
     for (ifindex, iface) in obs.tc_interfaces() {
         t.ifnames.insert(*ifindex, iface.name.clone());
-        for (dir, progs) in crate::stack::TcDir::ALL.into_iter().zip(&iface.chain) {
+        for (dir, progs) in crate::netstack::TcDir::ALL.into_iter().zip(&iface.chain) {
             t.tc_programs.insert((*ifindex, dir), progs.clone());
         }
     }

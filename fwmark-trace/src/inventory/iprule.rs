@@ -4,9 +4,9 @@
 use anyhow::Result;
 
 use super::model::{Access, Finding, MarkKind, Place};
-use crate::nodestate::netlink::{self, IpRule};
 #[cfg(test)]
-use crate::stack::Family;
+use crate::netstack::Family;
+use crate::nodestate::netlink::{self, IpRule};
 
 pub(crate) fn found(rules: &[IpRule]) -> Vec<Finding> {
     rules

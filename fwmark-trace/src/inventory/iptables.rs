@@ -11,8 +11,8 @@ use anyhow::{bail, Context, Result};
 use super::bits::Bits;
 use super::model::{Access, Finding, MarkKind, Place};
 use crate::mark::parse_u32;
+use crate::netstack::Family;
 use crate::nodestate::nft::jump_walk;
-use crate::stack::Family;
 
 /// One `-A CHAIN …` line.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -94,7 +94,7 @@ impl Source {
         programs: &[bpf::Program],
         ruleset: Option<&[Value]>,
     ) -> Vec<(&'static str, Result<Vec<Finding>>)> {
-        use crate::stack::Family;
+        use crate::netstack::Family;
         match self {
             Source::Nft => vec![(
                 "nft",
@@ -596,7 +596,7 @@ impl Inventory {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{nodestate::nft::items, stack::NftFamily};
+    use crate::{netstack::NftFamily, nodestate::nft::items};
 
     /// Two base chains writing marks: a neutral name assigning wg-quick's value, and
     /// kube-proxy's masquerade chain (reached by a jump) OR-ing its bit.

@@ -11,12 +11,12 @@ use serde::{Serialize, Serializer};
 pub(crate) use crate::{mark::MarkKind, nodestate::nft::BaseChain};
 use crate::{
     mark::{Mark, MarkMatch},
+    netstack::Family,
     nodestate::{
         netlink::{RuleAction, XfrmAction, XfrmDir},
         nft::ChainId,
     },
     registry::{NameId, OwnerId},
-    stack::Family,
 };
 
 /// Serialises a mark or mask as `0x…` (how every mark in fwmark-trace's JSON reads).

@@ -16,11 +16,11 @@ use super::bits::Bits;
 use super::iptables::{self, SavedRule};
 use super::model::{Access, BaseChain, Finding, MarkKind, Op, Place};
 use crate::{
+    netstack::{Family, NftFamily},
     nodestate::nft::{
         base_chains, binop, chain_id, mark_exprs, mark_kind, number, without_counts, ChainId,
         Graph, MarkExpr, MarkRule,
     },
-    stack::{Family, NftFamily},
 };
 
 /// What a value expression writes into `target`, bit by bit.
@@ -144,7 +144,7 @@ pub(super) fn from_items(items: &[Value]) -> Result<Vec<Finding>> {
         let has = items.iter().filter_map(|i| i.get("table")).any(|t| {
             t.get("family")
                 .and_then(|f| f.as_str())
-                .and_then(|f| f.parse::<crate::stack::NftFamily>().ok())
+                .and_then(|f| f.parse::<crate::netstack::NftFamily>().ok())
                 == Some(iptables_family(family))
                 && t.get("name")
                     .and_then(|n| n.as_str())
@@ -285,8 +285,8 @@ pub(crate) fn iptables_family(f: Family) -> NftFamily {
 mod tests {
     use super::*;
     use crate::inventory::model::Scope;
+    use crate::netstack::NfHook;
     use crate::nodestate::nft::items;
-    use crate::stack::NfHook;
 
     fn json(s: &str) -> Vec<Value> {
         serde_json::from_str(s).unwrap()

@@ -17,7 +17,7 @@ use aya_obj::generated::{bpf_attach_type, bpf_cmd, bpf_prog_type};
 use fwmark_trace_common::NF_SLOTS;
 
 use super::sys;
-use crate::stack::{Family, NfHook};
+use crate::netstack::{Family, NfHook};
 
 /// The kernel refuses INT_MIN and INT_MAX (reserved for the hooks' own first/last users).
 pub(crate) const PRIO_FIRST: i32 = i32::MIN + 1;

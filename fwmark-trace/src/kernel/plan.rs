@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use super::netfilter::{NfSite, PRIO_FIRST, PRIO_LAST};
 use crate::{
+    netstack::{Family, NfHook},
     nodestate::nft::{Chain, ChainOrigin},
-    stack::{Family, NfHook},
 };
 
 /// Where netfilter observers go.
@@ -205,8 +205,8 @@ mod tests {
     use super::*;
     use crate::{
         fixtures::{NFT_RULESET, NFT_SAMPLE},
+        netstack::NftFamily,
         nodestate::nft::{items, kernel_users, parse_chains, Writes},
-        stack::NftFamily,
     };
 
     const V4: Family = Family::Ipv4;

@@ -33,12 +33,12 @@ use super::{
     tc_placement::{self, Placement, Reason},
 };
 use crate::{
+    netstack::TcDir,
     nodestate::{
         links::list_interfaces,
         netlink::{self, TcQdisc},
         programs::{attach_type, foreign_programs, ForeignProgram, TcChain},
     },
-    stack::TcDir,
 };
 
 /// Where in a direction's chain an observer goes.

@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::{
     clock::Timestamp,
     mark::Mark,
-    stack::{serialize_as_display, Family},
+    netstack::{serialize_as_display, Family},
 };
 
 /// Everything `why` reasons with, read in the traced namespace. The lists are shared: a

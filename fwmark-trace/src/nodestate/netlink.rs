@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     mark::{Mark, MarkMatch},
-    stack::{serialize_as_display, Family},
+    netstack::{serialize_as_display, Family},
 };
 
 /// Sends one dump request and collects every reply message until NLMSG_DONE.

@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use crate::{
     mark::{parse_u32, Mark, MarkKind, MarkMatch},
-    stack::{Family, NfHook, NftFamily},
+    netstack::{Family, NfHook, NftFamily},
 };
 
 /// A chain's identity: family, table and name.

@@ -5,7 +5,7 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use serde::{Deserialize, Serialize};
 
 use super::netlink;
-use crate::stack::TcDir;
+use crate::netstack::TcDir;
 
 /// A program of someone else's in a tcx chain, or a classic filter (`id` 0 unless cls_bpf).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

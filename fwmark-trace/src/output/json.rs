@@ -16,11 +16,11 @@ use crate::{
         XfrmRef,
     },
     mark::Mark,
+    netstack::Family,
     nodestate::{links::TunnelKind, pods::ContainerJson},
     output::text::FindingText,
     place::{Encapsulator, Hook, Layer, MarkFate, PointInfo, Segment, Tunnel, TunnelDir},
     registry::Registry,
-    stack::Family,
 };
 
 fn raw<T: Serialize>(v: &T) -> Box<RawValue> {
@@ -307,7 +307,7 @@ struct RecognizedJson<'a> {
     owner: String,
     value: Mark,
     meaning: &'a str,
-    side: crate::attribution::model::Side,
+    side: crate::event::attribution::Side,
 }
 
 struct OwnerJson<'a>(&'a OwnerChange, &'a Registry);

@@ -14,7 +14,7 @@ use crate::{
         observers::Observers,
         tcx::OwnFilter,
     },
-    stack::TcDir,
+    netstack::TcDir,
 };
 
 /// The `ready` record (`kind: "ready"`), written once, after the plan, and flushed at once.

@@ -16,7 +16,7 @@ use crate::{
         tc_placement::{Placement, Reason},
         tcx::{Removal, TcChangeKind, TcObserverChange, TcStartup},
     },
-    stack::{Family, NfHook, TcDir},
+    netstack::{Family, NfHook, TcDir},
 };
 
 /// One line of the start-up report.

@@ -259,7 +259,7 @@ mod tests {
         file::{parse, parse_owner_flag},
         *,
     };
-    use crate::stack::NftFamily;
+    use crate::netstack::NftFamily;
 
     #[test]
     fn detects_owners_by_their_tables_and_chains() {

@@ -11,6 +11,7 @@ use crate::{
     event::{DropReason, EventKind, RouteResult, Tuple},
     flows::{Dir, Flow, Step},
     mark::{Mark, MarkMatch},
+    netstack::{NfHook, Proto},
     nodestate::{
         netlink::{IpRule, RuleAction, XfrmAction, XfrmDir, XfrmPolicy, XfrmState, TABLE_LOCAL},
         nft::{Chain, ChainId},
@@ -18,7 +19,6 @@ use crate::{
     },
     place::{Encapsulator, Hook, Tracepoint, TunnelDir},
     registry::Registry,
-    stack::{NfHook, Proto},
 };
 
 /// What `judge` needs besides the flow.
@@ -382,8 +382,8 @@ fn server_side(
     // the request's mark only with fwmark_reflect=1.
     let sysctls = &cx.state.sysctls;
     let reflect = match flow.family() {
-        crate::stack::Family::Ipv4 => sysctls.fwmark_reflect,
-        crate::stack::Family::Ipv6 => sysctls.fwmark_reflect6,
+        crate::netstack::Family::Ipv4 => sysctls.fwmark_reflect,
+        crate::netstack::Family::Ipv6 => sysctls.fwmark_reflect6,
     };
     let unreflected = (flow.tuple.proto.is_icmp() && reflect == 0 && !request_mark.is_zero())
         .then_some(request_mark);
@@ -805,6 +805,7 @@ mod tests {
     use crate::{
         clock::Timestamp,
         event::RouteLookup,
+        netstack::{Family, NftFamily},
         nodestate::netlink::{XfrmMode, XfrmTemplate},
         nodestate::{
             netlink::{Route, TABLE_MAIN},
@@ -812,7 +813,6 @@ mod tests {
         },
         output::why::summary,
         place::{Between, Layer, PointInfo, Segment, Tunnel},
-        stack::{Family, NftFamily},
     };
 
     fn nf(hook: NfHook, prio: i32) -> Option<(Hook, i32)> {

@@ -1,12 +1,12 @@
 //! What attribution finds, as data: whose bits a transition changed, what they mean, and the
-//! warnings. Owners are registry ids (`OwnerId`, `NameId`): the outputs name them. A leaf the
-//! event model imports; the rules that fill it and the attributor import the event.
+//! warnings. Owners are registry ids (`OwnerId`, `NameId`): the outputs name them. The event
+//! carries it; the rules that fill it and the attributor (attribution/) import the event.
 use std::{collections::BTreeMap, fmt, sync::Arc};
 
 use crate::{
     mark::Mark,
+    netstack::serialize_as_display,
     registry::{NameId, OwnerId, Registry},
-    stack::serialize_as_display,
 };
 
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -1,17 +1,19 @@
 //! The typed event every output is written from: what happened to one packet (or, counted in
 //! the kernel, to many alike), where, with which marks, conntrack state, 5-tuple, drop reason,
 //! routing lookup and owner attribution. Built by `decode` from the kernel's raw records.
+pub(crate) mod attribution;
+
 use std::{fmt, net::IpAddr, str::FromStr, sync::Arc};
 
 use serde::{ser::SerializeStruct, Serialize, Serializer};
 
+use self::attribution::Attribution;
 use crate::{
-    attribution::model::Attribution,
     clock::Timestamp,
     mark::Mark,
+    netstack::{serialize_as_display, Proto},
     nodestate::netlink::XfrmState,
     place::{PointInfo, Segment},
-    stack::{serialize_as_display, Proto},
 };
 
 /// What an event reports.
