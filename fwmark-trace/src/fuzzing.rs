@@ -7,7 +7,7 @@
 use std::{io::BufRead, path::Path, sync::OnceLock};
 
 use crate::{
-    inventory::{self, Finding, Inventory},
+    inventory::{self, Inventory, RawEntry},
     kernel::plan::{NfPlan, PlanMode},
     netstack::Family,
     nodestate::nft,
@@ -156,7 +156,7 @@ pub fn iptables_save(data: &[u8]) {
 }
 
 /// The inventory of `found`: attributed with the built-in registry, its conflicts, printed.
-fn inventory_of(found: Vec<Finding>) {
+fn inventory_of(found: Vec<RawEntry>) {
     let mut inv = Inventory::default();
     inv.add(None, found);
     inv.attribute(builtin());

@@ -73,7 +73,7 @@ impl CapSet {
 
 /// Which network namespaces a command works in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Netns {
+pub(crate) enum WhichNetns {
     /// Its own.
     Own,
     /// One it enters (`--netns`: setns).
@@ -86,8 +86,8 @@ pub(crate) enum Netns {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Command {
     /// `trace` and `why`.
-    Trace(Netns),
-    Inventory(Netns),
+    Trace(WhichNetns),
+    Inventory(WhichNetns),
     /// `demo`, `bench`, `soak`: they build namespaces of their own.
     Lab,
 }
@@ -96,9 +96,9 @@ impl From<&crate::inventory::Namespaces> for Command {
     fn from(which: &crate::inventory::Namespaces) -> Command {
         use crate::inventory::Namespaces;
         Command::Inventory(match which {
-            Namespaces::Current => Netns::Own,
-            Namespaces::One(_) => Netns::Other,
-            Namespaces::All => Netns::Every,
+            Namespaces::Current => WhichNetns::Own,
+            Namespaces::One(_) => WhichNetns::Other,
+            Namespaces::All => WhichNetns::Every,
         })
     }
 }
@@ -189,8 +189,10 @@ fn needs(command: Command, syslog_shows: bool) -> Vec<Need> {
         Command::Lab => vec![LOAD, TRACEPOINTS, HOOKS, ENTER, RUN_NETNS],
     };
     match command {
-        Command::Trace(Netns::Other) | Command::Inventory(Netns::Other) => needs.push(ENTER),
-        Command::Inventory(Netns::Every) => needs.extend([ENTER, PROCESS_NAMESPACES]),
+        Command::Trace(WhichNetns::Other) | Command::Inventory(WhichNetns::Other) => {
+            needs.push(ENTER)
+        }
+        Command::Inventory(WhichNetns::Every) => needs.extend([ENTER, PROCESS_NAMESPACES]),
         Command::Trace(_) | Command::Inventory(_) => needs.push(OTHER_PROGRAMS),
         Command::Lab => {}
     }
@@ -295,15 +297,15 @@ mod tests {
                 .find(|n| n.caps == [Capability::SysAdmin])
                 .map(|n| n.required)
         };
-        assert_eq!(sys_admin(Command::Trace(Netns::Own)), Some(false));
-        assert_eq!(sys_admin(Command::Trace(Netns::Other)), Some(true));
-        assert_eq!(sys_admin(Command::Inventory(Netns::Every)), Some(true));
+        assert_eq!(sys_admin(Command::Trace(WhichNetns::Own)), Some(false));
+        assert_eq!(sys_admin(Command::Trace(WhichNetns::Other)), Some(true));
+        assert_eq!(sys_admin(Command::Inventory(WhichNetns::Every)), Some(true));
         assert_eq!(sys_admin(Command::Lab), Some(true));
     }
 
     #[test]
     fn tracing_requires_bpf_perfmon_and_net_admin_only() {
-        let req: Vec<Capability> = needs(Command::Trace(Netns::Own), true)
+        let req: Vec<Capability> = needs(Command::Trace(WhichNetns::Own), true)
             .into_iter()
             .filter(|n| n.required)
             .flat_map(|n| n.caps.iter().copied())
@@ -334,7 +336,7 @@ mod tests {
         assert!(!instructions_hidden(1, 0, true));
         assert!(instructions_hidden(2, 0, true));
         let syslog = |hidden| {
-            needs(Command::Trace(Netns::Own), hidden)
+            needs(Command::Trace(WhichNetns::Own), hidden)
                 .iter()
                 .any(|n| n.caps == [Capability::Syslog])
         };

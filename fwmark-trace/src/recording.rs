@@ -546,7 +546,7 @@ mod tests {
 
     /// What a recording is made of.
     #[derive(Clone, Debug)]
-    enum Op {
+    enum Step {
         Context,
         Records(u64),
         /// Events lost to the ring buffer, to the counting map, evicted.
@@ -554,7 +554,7 @@ mod tests {
     }
 
     /// A recording of `ops` with events frames of `frame_records` records; the events written.
-    fn recording(ops: &[Op], frame_records: usize) -> (Vec<u8>, Vec<Vec<u8>>) {
+    fn recording(ops: &[Step], frame_records: usize) -> (Vec<u8>, Vec<Vec<u8>>) {
         let mut r = Recorder::to_writer(Vec::new(), frame_records * RECORD).unwrap();
         let d = Decoder::new(
             Topology::default(),
@@ -563,15 +563,15 @@ mod tests {
         let (mut written, mut lost) = (Vec::new(), LostCounts::default());
         for op in ops {
             match op {
-                Op::Context => r.context(&d).unwrap(),
-                Op::Records(n) => {
+                Step::Context => r.context(&d).unwrap(),
+                Step::Records(n) => {
                     for _ in 0..*n {
                         let e = bytes(&event(written.len() as u64));
                         r.record(&e).unwrap();
                         written.push(e);
                     }
                 }
-                Op::Lost(ring, map, evicted) => {
+                Step::Lost(ring, map, evicted) => {
                     lost.ring_full += ring;
                     lost.count_map_full += map;
                     lost.evicted += evicted;
@@ -624,16 +624,16 @@ mod tests {
         out
     }
 
-    const OPS: &[Op] = &[
-        Op::Context,
-        Op::Records(3),
-        Op::Lost(2, 0, 0),
-        Op::Records(4),
-        Op::Context,
-        Op::Records(1),
-        Op::Lost(1, 3, 1),
+    const OPS: &[Step] = &[
+        Step::Context,
+        Step::Records(3),
+        Step::Lost(2, 0, 0),
+        Step::Records(4),
+        Step::Context,
+        Step::Records(1),
+        Step::Lost(1, 3, 1),
         // Nothing more lost: no frame.
-        Op::Lost(0, 0, 0),
+        Step::Lost(0, 0, 0),
     ];
 
     #[test]
@@ -766,7 +766,7 @@ mod tests {
     /// too large, the wrong size for its kind) ends the read there.
     #[test]
     fn lengths_are_bounded_even_with_good_checksums() {
-        let (mut data, _) = recording(&[Op::Context], 2);
+        let (mut data, _) = recording(&[Step::Context], 2);
         // Drop the end frame; append a crafted frame.
         data.truncate(data.len() - HEADER - END_LEN as usize);
         let ok = read(&data).unwrap();
@@ -801,7 +801,7 @@ mod tests {
         let d = read(&bad).unwrap().damage.unwrap();
         assert!(d.what.contains("not a length"), "{d}");
         // An events frame missing from the middle: the end frame's count says so.
-        let (data, _) = recording(&[Op::Context, Op::Records(4)], 2);
+        let (data, _) = recording(&[Step::Context, Step::Records(4)], 2);
         let second = HEADER + 2 * RECORD;
         let ends: Vec<u64> = boundaries(&data).iter().map(|b| b.0).collect();
         let mut cut = data[..ends[2] as usize].to_vec();
@@ -821,11 +821,11 @@ mod tests {
         assert!(read(b"").unwrap().damage.is_some());
     }
 
-    fn op() -> impl Strategy<Value = Op> {
+    fn op() -> impl Strategy<Value = Step> {
         prop_oneof![
-            Just(Op::Context),
-            (0..12u64).prop_map(Op::Records),
-            (0..1000u64, 0..3u64, 0..3u64).prop_map(|(a, b, c)| Op::Lost(a, b, c)),
+            Just(Step::Context),
+            (0..12u64).prop_map(Step::Records),
+            (0..1000u64, 0..3u64, 0..3u64).prop_map(|(a, b, c)| Step::Lost(a, b, c)),
         ]
     }
 
@@ -843,7 +843,7 @@ mod tests {
             flips in proptest::collection::vec(any::<proptest::sample::Index>(), 0..3),
         ) {
             let mut ops = ops;
-            ops.insert(0, Op::Context);
+            ops.insert(0, Step::Context);
             let (data, written) = recording(&ops, frame_records);
             let whole = read(&data).unwrap();
             prop_assert!(whole.damage.is_none());

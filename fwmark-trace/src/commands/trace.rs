@@ -136,10 +136,10 @@ impl TraceConfig {
 
 /// The capabilities tracing needs where `cfg` traces (`privileges`).
 pub(crate) fn require_capabilities(cfg: &TraceConfig) -> Result<()> {
-    use crate::privileges::{check, Command, Netns};
+    use crate::privileges::{check, Command, WhichNetns};
     let netns = match cfg.netns {
-        Some(_) => Netns::Other,
-        None => Netns::Own,
+        Some(_) => WhichNetns::Other,
+        None => WhichNetns::Own,
     };
     check("fwmark-trace trace", Command::Trace(netns))
 }

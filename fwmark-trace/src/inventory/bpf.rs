@@ -19,7 +19,7 @@ use anyhow::{Context, Result};
 use aya_obj::generated::{bpf_cmd, bpf_prog_info, bpf_prog_type};
 
 use super::bits::Bits;
-use super::model::{Access, Attachment, BpfKind, Finding, MarkKind, Place};
+use super::model::{Access, Attachment, BpfKind, MarkKind, Place, RawEntry};
 #[cfg(test)]
 use super::model::{Op, Scope};
 use crate::{
@@ -345,9 +345,9 @@ fn attachments() -> Result<Vec<(u32, Attachment)>> {
     Ok(out)
 }
 
-fn found(p: &Program, attached: Vec<Attachment>) -> Finding {
+fn found(p: &Program, attached: Vec<Attachment>) -> RawEntry {
     let what: Vec<String> = p.access.iter().map(Access::describe).collect();
-    Finding {
+    RawEntry {
         text: format!("{} (id {}): {}", p.name, p.id, what.join("; ")),
         access: p.access.clone(),
         // Matched against the owners' program patterns only (not their chain names).
@@ -362,7 +362,7 @@ fn found(p: &Program, attached: Vec<Attachment>) -> Finding {
 }
 
 /// The tc programs among `programs` attached in this namespace.
-pub(crate) fn tc_here(programs: &[Program]) -> Result<Vec<Finding>> {
+pub(crate) fn tc_here(programs: &[Program]) -> Result<Vec<RawEntry>> {
     let tc: Vec<&Program> = programs
         .iter()
         .filter(|p| matches!(p.kind, BpfKind::SchedCls | BpfKind::SchedAct))
@@ -385,7 +385,7 @@ pub(crate) fn tc_here(programs: &[Program]) -> Result<Vec<Finding>> {
 }
 
 /// cgroup programs: not bound to a namespace.
-pub(crate) fn cgroup(programs: &[Program]) -> Vec<Finding> {
+pub(crate) fn cgroup(programs: &[Program]) -> Vec<RawEntry> {
     programs
         .iter()
         .filter(|p| matches!(p.kind, BpfKind::CgroupSkb | BpfKind::CgroupSock))

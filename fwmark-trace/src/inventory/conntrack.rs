@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 use netlink_sys::protocols;
 
-use super::model::{Access, Finding, MarkKind, Op, Place};
+use super::model::{Access, MarkKind, Op, Place, RawEntry};
 use super::nl::{attrs, RawMessage};
 use crate::nodestate::netlink::dump;
 
@@ -41,11 +41,11 @@ pub(crate) fn count(messages: &[RawMessage]) -> BTreeMap<u32, u64> {
     out
 }
 
-pub(crate) fn read() -> Result<Vec<Finding>> {
+pub(crate) fn read() -> Result<Vec<RawEntry>> {
     let counts = count(&dump(protocols::NETLINK_NETFILTER, request())?);
     Ok(counts
         .into_iter()
-        .map(|(mark, n)| Finding {
+        .map(|(mark, n)| RawEntry {
             place: Place::Conntrack { entries: n },
             text: format!("{n} entries with mark {mark:#x}"),
             access: vec![Access::new(

@@ -3,17 +3,17 @@
 //! mark; `not fwmark` is a negated read.
 use anyhow::Result;
 
-use super::model::{Access, Finding, MarkKind, Place};
+use super::model::{Access, MarkKind, Place, RawEntry};
 #[cfg(test)]
 use crate::netstack::Family;
 use crate::nodestate::netlink::{self, IpRule};
 
-pub(crate) fn found(rules: &[IpRule]) -> Vec<Finding> {
+pub(crate) fn found(rules: &[IpRule]) -> Vec<RawEntry> {
     rules
         .iter()
         .filter_map(|r| {
             let m = r.fwmark?;
-            Some(Finding {
+            Some(RawEntry {
                 text: r.to_string(),
                 access: vec![Access::read(
                     MarkKind::Packet,
@@ -33,7 +33,7 @@ pub(crate) fn found(rules: &[IpRule]) -> Vec<Finding> {
         .collect()
 }
 
-pub(crate) fn read() -> Result<Vec<Finding>> {
+pub(crate) fn read() -> Result<Vec<RawEntry>> {
     Ok(found(&netlink::rules()?))
 }
 

@@ -9,7 +9,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 use super::bits::Bits;
-use super::model::{Access, Finding, MarkKind, Place};
+use super::model::{Access, MarkKind, Place, RawEntry};
 use crate::mark::parse_u32;
 use crate::netstack::Family;
 use crate::nodestate::nft::jump_walk;
@@ -244,7 +244,7 @@ pub(crate) fn reached_from(rules: &[SavedRule]) -> HashMap<(String, String), Vec
 }
 
 /// The rules of an `iptables-save` text that read or write a mark.
-pub(crate) fn found(text: &str, family: Family) -> Vec<Finding> {
+pub(crate) fn found(text: &str, family: Family) -> Vec<RawEntry> {
     let rules = parse_save(text);
     let reach = reached_from(&rules);
     rules
@@ -258,7 +258,7 @@ pub(crate) fn found(text: &str, family: Family) -> Vec<Finding> {
                 .get(&(r.table.clone(), r.chain.clone()))
                 .cloned()
                 .unwrap_or_default();
-            Some(Finding {
+            Some(RawEntry {
                 names: vec![r.chain.clone()],
                 text: r.line,
                 access,

@@ -5,7 +5,7 @@
 //! that changed, then the queries: `owner_names`, `writer_of` — what trace's attribution
 //! asks —, `conflicts`, `by_bit`. `Refresher` keeps one fresh in the background.
 //!
-//! One module per source, each returning `Finding` places: `nft` (nft rules, iptables-nft's
+//! One module per source, each returning `RawEntry` places: `nft` (nft rules, iptables-nft's
 //! included), `iptables` (iptables-legacy tables), `iprule`, `xfrm` (policies and states),
 //! `wireguard` (device fwmarks), `sockets` (SO_MARK), `bpf` (tc and cgroup programs),
 //! `ovs` (Open vSwitch flows), `conntrack` (marks in use). `owners` attributes, `conflicts`
@@ -34,7 +34,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 pub(crate) use conflicts::Conflict;
-pub(crate) use model::{Entry, Finding, MarkKind, Netns, Op, OwnerRef, Place, Scope};
+pub(crate) use model::{Entry, MarkKind, Netns, Op, OwnerRef, Place, RawEntry, Scope};
 pub(crate) use refresher::Refresher;
 
 use crate::{
@@ -93,7 +93,7 @@ impl Source {
         self,
         programs: &[bpf::Program],
         ruleset: Option<&[Value]>,
-    ) -> Vec<(&'static str, Result<Vec<Finding>>)> {
+    ) -> Vec<(&'static str, Result<Vec<RawEntry>>)> {
         use crate::netstack::Family;
         match self {
             Source::Nft => vec![(
@@ -302,7 +302,7 @@ fn namespaces(which: &Namespaces) -> Result<Vec<(Option<PathBuf>, Netns)>> {
 }
 
 /// What a source found, or why not, under the name its note carries.
-type Part = (Source, &'static str, Result<Vec<Finding>>);
+type Part = (Source, &'static str, Result<Vec<RawEntry>>);
 
 /// Reads `sources` in the namespace at `path` (None: the calling thread's) on a thread of its
 /// own, since entering a namespace changes the thread's. Err: the reader panicked; Ok(Err):
@@ -447,7 +447,7 @@ impl Inventory {
     }
 
     /// Adds found places as entries of `netns` (numbered, not yet attributed).
-    pub(crate) fn add(&mut self, netns: Option<Netns>, found: Vec<Finding>) {
+    pub(crate) fn add(&mut self, netns: Option<Netns>, found: Vec<RawEntry>) {
         for f in found {
             self.entries.push(Entry {
                 id: self.entries.len(),
@@ -659,7 +659,7 @@ mod tests {
         });
         let nft_entries = inv.entries.len();
         let ns = inv.namespaces[0].clone();
-        let socket = |port: u16| Finding {
+        let socket = |port: u16| RawEntry {
             place: Place::Socket {
                 proto: model::SockProto::Udp,
                 local: ([0, 0, 0, 0], port).into(),

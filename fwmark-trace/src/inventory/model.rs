@@ -657,7 +657,7 @@ impl Entry {
 /// What a source found at one place, before it is numbered and attributed (what each source
 /// returns).
 #[derive(Clone, Debug, PartialEq)]
-pub(crate) struct Finding {
+pub(crate) struct RawEntry {
     pub(crate) place: Place,
     pub(crate) text: String,
     pub(crate) access: Vec<Access>,

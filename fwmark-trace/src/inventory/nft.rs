@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use super::bits::Bits;
 use super::iptables::{self, SavedRule};
-use super::model::{Access, BaseChain, Finding, MarkKind, Op, Place};
+use super::model::{Access, BaseChain, MarkKind, Op, Place, RawEntry};
 use crate::{
     netstack::{Family, NftFamily},
     nodestate::nft::{
@@ -128,12 +128,12 @@ const IPTABLES_TABLES: [&str; 5] = ["raw", "mangle", "nat", "filter", "security"
 
 /// The mark rules of the current namespace's ruleset (`nft -j`, with each rule's text from
 /// `nft -a`, and iptables-nft's values from iptables-nft-save where nft hides them).
-pub(crate) fn read() -> Result<Vec<Finding>> {
+pub(crate) fn read() -> Result<Vec<RawEntry>> {
     from_items(&crate::nodestate::nft::read_items()?)
 }
 
 /// `read`, with the ruleset's JSON items already listed (`items`).
-pub(super) fn from_items(items: &[Value]) -> Result<Vec<Finding>> {
+pub(super) fn from_items(items: &[Value]) -> Result<Vec<RawEntry>> {
     use crate::nodestate::nft::nft;
     let text = String::from_utf8_lossy(&nft(&["-a", "list", "ruleset"])?).into_owned();
     let mut saves = Vec::new();
@@ -197,7 +197,7 @@ pub(crate) fn found(
     items: &[Value],
     text: &str,
     saves: &[(Family, Vec<SavedRule>)],
-) -> Vec<Finding> {
+) -> Vec<RawEntry> {
     let texts = rule_texts(text);
     let reach = reached_from(items);
     let rules: Vec<&Value> = items.iter().filter_map(|i| i.get("rule")).collect();
@@ -255,7 +255,7 @@ pub(crate) fn found(
             .cloned()
             .or_else(|| line.map(|l| l.line.clone()))
             .unwrap_or_default();
-        out.push(Finding {
+        out.push(RawEntry {
             names: vec![k.table.clone(), k.name.clone()],
             text,
             access,
@@ -415,7 +415,7 @@ mod tests {
           {"rule": {"family": "ip", "table": "mangle", "chain": "PREROUTING", "handle": 2, "expr": [
             {"xt": {"type": "target", "name": "CONNMARK"}}]}}]}"#;
         let items = items(doc.as_bytes()).unwrap();
-        let marks = |f: &[Finding]| -> Vec<(MarkKind, bool)> {
+        let marks = |f: &[RawEntry]| -> Vec<(MarkKind, bool)> {
             f[0].access
                 .iter()
                 .map(|a| (a.mark, matches!(a.op, Op::Write { known: true, .. })))

@@ -16,7 +16,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use super::bits::Bits;
-use super::model::{Access, Finding, MarkKind, Place};
+use super::model::{Access, MarkKind, Place, RawEntry};
 use crate::mark::parse_u32;
 
 /// The OpenFlow versions ovs-ofctl may negotiate: bridges restricted to newer ones
@@ -31,7 +31,7 @@ const STATS: &[&str] = &["duration", "n_packets", "n_bytes", "idle_age", "hard_a
 
 /// One flow of `ovs-ofctl dump-flows`.
 #[derive(Clone, Debug, PartialEq)]
-pub(crate) struct Flow {
+pub(crate) struct OvsFlow {
     pub(crate) table: u8,
     pub(crate) priority: u16,
     pub(crate) cookie: u64,
@@ -183,13 +183,13 @@ fn left_out(token: &str) -> bool {
 /// actions=…`. The fields before the match end with ", ", flags (`reset_counts`) with a
 /// space, the match's fields are joined by ","; table 0, cookie 0 and priority 32768 are not
 /// printed. None for other lines (the `NXST_FLOW reply` header) and flows it cannot read.
-pub(crate) fn parse_flow(line: &str) -> Option<Flow> {
+pub(crate) fn parse_flow(line: &str) -> Option<OvsFlow> {
     let line = line.trim();
     let (head, actions) = match line.strip_prefix("actions=") {
         Some(a) => ("", a),
         None => line.split_once(" actions=")?,
     };
-    let mut flow = Flow {
+    let mut flow = OvsFlow {
         table: 0,
         priority: DEFAULT_PRIORITY,
         cookie: 0,
@@ -223,8 +223,8 @@ pub(crate) fn parse_flow(line: &str) -> Option<Flow> {
 }
 
 /// The entry of a flow of `bridge` that reads or writes a mark.
-fn found(bridge: &str, flow: Flow) -> Option<Finding> {
-    (!flow.access.is_empty()).then(|| Finding {
+fn found(bridge: &str, flow: OvsFlow) -> Option<RawEntry> {
+    (!flow.access.is_empty()).then(|| RawEntry {
         place: Place::OvsFlow {
             bridge: bridge.to_owned(),
             table: flow.table,
@@ -283,7 +283,7 @@ fn here(bridge: &str) -> bool {
 }
 
 /// The flows of one bridge.
-fn flows(bridge: &str) -> Result<Vec<Flow>> {
+fn flows(bridge: &str) -> Result<Vec<OvsFlow>> {
     let args = [
         "--timeout=2",
         "-O",
@@ -338,7 +338,7 @@ pub(crate) fn bridges_here() -> Result<Vec<Bridge>> {
     };
     let mut out = Vec::new();
     for name in bridges.into_iter().filter(|b| here(b)) {
-        let writes_mark = |f: &Flow| {
+        let writes_mark = |f: &OvsFlow| {
             f.access.iter().any(|a| {
                 a.mark == MarkKind::Packet && matches!(a.op, super::model::Op::Write { .. })
             })
@@ -357,7 +357,7 @@ pub(crate) fn bridges_here() -> Result<Vec<Bridge>> {
 }
 
 /// The flows of this namespace's bridges that read or write a mark.
-pub(crate) fn read() -> Result<Vec<Finding>> {
+pub(crate) fn read() -> Result<Vec<RawEntry>> {
     let Some(bridges) = bridges()? else {
         return Ok(Vec::new());
     };
@@ -374,7 +374,7 @@ mod tests {
     use crate::inventory::model::{Op, Scope};
 
     /// Reads and writes as (op, mark, value, mask, scope) for short comparisons.
-    fn summary(f: &Flow) -> Vec<String> {
+    fn summary(f: &OvsFlow) -> Vec<String> {
         f.access
             .iter()
             .map(|a| {
@@ -405,7 +405,7 @@ mod tests {
             .collect()
     }
 
-    fn flow(line: &str) -> Flow {
+    fn flow(line: &str) -> OvsFlow {
         parse_flow(line).unwrap_or_else(|| panic!("not a flow: {line:?}"))
     }
 

@@ -15,7 +15,7 @@ use netlink_packet_sock_diag::{
 };
 use netlink_sys::protocols;
 
-use super::model::{Access, Finding, Place, SockProto};
+use super::model::{Access, Place, RawEntry, SockProto};
 use super::nl::RawMessage;
 use crate::nodestate::netlink::dump;
 
@@ -122,7 +122,7 @@ pub(crate) fn holders(inodes: &HashSet<u32>) -> HashMap<u32, (u32, String)> {
 }
 
 /// Every marked socket of this namespace, with its process.
-pub(crate) fn read() -> Result<Vec<Finding>> {
+pub(crate) fn read() -> Result<Vec<RawEntry>> {
     let mut marked = Vec::new();
     for family in [AF_INET, AF_INET6] {
         for proto in [SockProto::Tcp, SockProto::Udp, SockProto::Raw] {
@@ -147,7 +147,7 @@ pub(crate) fn read() -> Result<Vec<Finding>> {
                 s.mark,
                 comm.as_ref().map(|c| format!(" ({c})")).unwrap_or_default()
             );
-            Finding {
+            RawEntry {
                 names: comm
                     .iter()
                     .map(|c| format!("{}{c}", super::owners::PROCESS))

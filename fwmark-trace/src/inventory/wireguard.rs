@@ -14,7 +14,7 @@ use std::{
 use anyhow::Result;
 use netlink_sys::protocols;
 
-use super::model::{Access, Finding, Place, WgImpl};
+use super::model::{Access, Place, RawEntry, WgImpl};
 use super::nl::{attr, attrs, u16_ne, u32_ne, RawMessage};
 use crate::nodestate::netlink::dump;
 
@@ -188,8 +188,8 @@ fn userspace_devices(skip: &[Device]) -> Vec<Device> {
     out
 }
 
-fn found(d: Device, implementation: WgImpl) -> Option<Finding> {
-    (d.fwmark != 0).then(|| Finding {
+fn found(d: Device, implementation: WgImpl) -> Option<RawEntry> {
+    (d.fwmark != 0).then(|| RawEntry {
         text: format!(
             "interface {}: fwmark {:#x}, listen-port {}",
             d.ifname, d.fwmark, d.listen_port
@@ -206,7 +206,7 @@ fn found(d: Device, implementation: WgImpl) -> Option<Finding> {
 }
 
 /// Every WireGuard device of this namespace that has a fwmark.
-pub(crate) fn read() -> Result<Vec<Finding>> {
+pub(crate) fn read() -> Result<Vec<RawEntry>> {
     let kernel = kernel_devices(&crate::nodestate::links::read()?.wireguard())?;
     let user = userspace_devices(&kernel);
     Ok(kernel

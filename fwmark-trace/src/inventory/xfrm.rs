@@ -5,15 +5,15 @@
 use anyhow::Result;
 
 use super::bits::Bits;
-use super::model::{Access, Finding, MarkKind, Place};
+use super::model::{Access, MarkKind, Place, RawEntry};
 use crate::nodestate::netlink::{self, XfrmState};
 
 /// Policies with a mark selector.
-pub(crate) fn policies() -> Result<Vec<Finding>> {
+pub(crate) fn policies() -> Result<Vec<RawEntry>> {
     Ok(netlink::xfrm_policies()?
         .into_iter()
         .filter(|p| !p.mark.mask.is_zero())
-        .map(|p| Finding {
+        .map(|p| RawEntry {
             text: p.to_string(),
             access: vec![Access::read(
                 MarkKind::Packet,
@@ -34,7 +34,7 @@ pub(crate) fn policies() -> Result<Vec<Finding>> {
 }
 
 /// A state's mark selector and output mark, when it has either.
-pub(crate) fn state(sa: &XfrmState) -> Option<Finding> {
+pub(crate) fn state(sa: &XfrmState) -> Option<RawEntry> {
     let mut access = Vec::new();
     if let Some(m) = sa.mark {
         access.push(Access::read(MarkKind::Packet, m.value.0, m.mask.0, false));
@@ -42,7 +42,7 @@ pub(crate) fn state(sa: &XfrmState) -> Option<Finding> {
     if let Some(m) = sa.output_mark {
         access.extend(Bits::set_mark(m.value.0, m.mask.0).write(MarkKind::Packet));
     }
-    (!access.is_empty()).then(|| Finding {
+    (!access.is_empty()).then(|| RawEntry {
         text: sa.to_string(),
         access,
         names: Vec::new(),
@@ -56,7 +56,7 @@ pub(crate) fn state(sa: &XfrmState) -> Option<Finding> {
 }
 
 /// States (SAs) with a mark selector or an output mark.
-pub(crate) fn states() -> Result<Vec<Finding>> {
+pub(crate) fn states() -> Result<Vec<RawEntry>> {
     Ok(netlink::xfrm_states()?.iter().filter_map(state).collect())
 }
 
@@ -69,7 +69,7 @@ mod tests {
         nlas::mark::Mark, state::ModifyMessage, Address, UserSaInfo, XfrmAttrs, XfrmMessage,
     };
 
-    fn decode_states(messages: Vec<XfrmMessage>) -> Vec<Finding> {
+    fn decode_states(messages: Vec<XfrmMessage>) -> Vec<RawEntry> {
         netlink::decode_xfrm_states(&messages)
             .iter()
             .filter_map(state)

@@ -67,11 +67,11 @@ pub(crate) struct KernelBtf {
     base: Option<Arc<KernelBtf>>,
 }
 
-struct Reader<'a> {
+struct BtfReader<'a> {
     data: &'a [u8],
 }
 
-impl Reader<'_> {
+impl BtfReader<'_> {
     fn u32_at(&self, off: usize) -> Result<u32> {
         let b = self
             .data
@@ -108,7 +108,7 @@ impl KernelBtf {
         if data.len() < 24 || u16::from_le_bytes([data[0], data[1]]) != MAGIC {
             bail!("not raw BTF (bad magic or too short)");
         }
-        let r = Reader { data };
+        let r = BtfReader { data };
         let hdr_len = r.u32_at(4)? as usize;
         let (type_off, type_len) = (r.u32_at(8)? as usize, r.u32_at(12)? as usize);
         let (str_off, str_len) = (r.u32_at(16)? as usize, r.u32_at(20)? as usize);
@@ -136,7 +136,7 @@ impl KernelBtf {
             Ok(String::from_utf8_lossy(&rest[..end]).into_owned())
         };
 
-        let r = Reader { data: types_raw };
+        let r = BtfReader { data: types_raw };
         let mut types = Vec::new();
         if base.is_none() {
             types.push(Type {

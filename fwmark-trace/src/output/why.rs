@@ -530,7 +530,7 @@ impl<'a> PolicyJson<'a> {
 
 /// Where the request went into the tunnel.
 #[derive(Serialize)]
-struct TunnelJson<'a> {
+struct TunnelEntryJson<'a> {
     point: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     spi: Option<String>,
@@ -548,7 +548,7 @@ struct XfrmJson<'a> {
     required: Vec<&'a XfrmTemplate>,
     request_mark: Mark,
     #[serde(skip_serializing_if = "Option::is_none")]
-    request_tunnel: Option<TunnelJson<'a>>,
+    request_tunnel: Option<TunnelEntryJson<'a>>,
     outbound_policies: Vec<PolicyJson<'a>>,
 }
 
@@ -569,7 +569,7 @@ impl<'a> XfrmJson<'a> {
             inbound_policy: PolicyJson::of(policy),
             required: policy.required().collect(),
             request_mark: *request_mark,
-            request_tunnel: request_tunnel.as_ref().map(|t| TunnelJson {
+            request_tunnel: request_tunnel.as_ref().map(|t| TunnelEntryJson {
                 point: StepLabel(&t.step).to_string(),
                 spi: t.spi.map(|s| format!("{s:#x}")),
                 state: t.state.as_ref(),

@@ -55,12 +55,12 @@ struct RawField {
 }
 
 /// A file being parsed: turns byte spans into "file, line N: reason" errors.
-struct Source<'a> {
+struct SourceText<'a> {
     origin: &'a str,
     text: &'a str,
 }
 
-impl Source<'_> {
+impl SourceText<'_> {
     fn line(&self, span: std::ops::Range<usize>) -> usize {
         // Bytes, not a `str` slice: a span inside a character cannot panic.
         let before = self.text.as_bytes().iter().take(span.start);
@@ -110,7 +110,7 @@ impl Source<'_> {
 
 /// Parses one registry file's text: its owners and its optional profile.
 pub(crate) fn parse(text: &str, origin: &str) -> Result<(Vec<Owner>, Option<Vec<String>>)> {
-    let src = Source { origin, text };
+    let src = SourceText { origin, text };
     let raw: RawFile = toml::from_str(text).map_err(|e| {
         let reason = e.message().to_owned();
         match e.span() {

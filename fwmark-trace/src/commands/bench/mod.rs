@@ -291,7 +291,7 @@ struct Comparison {
 }
 
 #[derive(Serialize)]
-struct Report {
+struct BenchReport {
     machine: String,
     kernel: String,
     rounds: usize,
@@ -756,7 +756,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     // One 3-second sample of CPU ticks is coarse: report the median over rounds.
     let cpu: Vec<f64> = samples.iter().filter_map(|s| s.cpu_percent).collect();
     let rss = samples.iter().filter_map(|s| s.rss_kb).max();
-    let report = Report {
+    let report = BenchReport {
         machine: format!(
             "{} cores, {} MiB",
             std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -911,7 +911,7 @@ fn shown(workload: Workload, value: f64) -> String {
     }
 }
 
-fn table(r: &Report) -> String {
+fn table(r: &BenchReport) -> String {
     let against = r.against.as_deref().unwrap_or("before");
     let names: Vec<String> = r.rows.iter().map(|row| row.variant.name(against)).collect();
     let w = names.iter().map(String::len).max().unwrap_or(0).max(26);
