@@ -930,9 +930,9 @@ mod tests {
         )
     }
 
-    #[test]
-    fn unmarked_reply_fails_rp_filter() {
-        let f = flow(vec![
+    /// The request marked 0x4000 at output; its reply, unmarked, dropped by rp_filter.
+    fn unmarked_reply() -> Flow {
+        flow(vec![
             step(
                 Dir::Request,
                 EventKind::Transition,
@@ -948,7 +948,12 @@ mod tests {
                 0,
             ),
             dropped(DropReason::IpRpfilter, 0),
-        ]);
+        ])
+    }
+
+    #[test]
+    fn unmarked_reply_fails_rp_filter() {
+        let f = unmarked_reply();
         let r = judge_with(&f, &state(), &[]);
         let Cause::RpFilter {
             missed,
@@ -1008,23 +1013,7 @@ mod tests {
     fn an_ipv6_reply_misses_ipv6_rules_only() {
         let f = Flow {
             tuple: "udp [fd00::1]:40000 -> [fd00::9]:7".parse().unwrap(),
-            ..flow(vec![
-                step(
-                    Dir::Request,
-                    EventKind::Transition,
-                    nf(NfHook::Output, -149),
-                    0,
-                    0x4000,
-                ),
-                step(
-                    Dir::Reply,
-                    EventKind::Observe,
-                    nf(NfHook::Prerouting, i32::MIN + 1),
-                    0,
-                    0,
-                ),
-                dropped(DropReason::IpRpfilter, 0),
-            ])
+            ..unmarked_reply()
         };
         let missed = |s: &NodeState| -> Vec<String> {
             let r = judge_with(&f, s, &[]);
